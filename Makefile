@@ -1,0 +1,34 @@
+# One entry point for people and CI. `make serve` / `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install serve worker test lint bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)  ## API + one embedded worker on 127.0.0.1:8000, data in ./var (no external server)
+	$(BIN)/secateurs serve
+
+worker: $(STAMP)  ## a production worker (needs SECATEURS_BROKER_URL=redis://...)
+	$(BIN)/secateurs worker
+
+lint: $(STAMP)
+	$(BIN)/ruff check app worker tests bench
+
+test: $(STAMP) lint  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

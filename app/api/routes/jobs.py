@@ -1,0 +1,171 @@
+"""Jobs: create (202 + Location), poll, list, cancel, and the two outputs (metrics JSON, artifact zip)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.api.deps import CeleryDep, SessionDep, StorageDep
+from app.api.presenters import job_out
+from app.api.routes.datasets import get_dataset_or_404
+from app.api.routes.models import ERRORS, get_model_or_404
+from app.api.uploads import send_or_503
+from app.errors import Conflict, NotFound, Unprocessable
+from app.queue import RUN_JOB
+from app.schemas.fit import dataset_fit_errors
+from app.schemas.resources import JobCreate, JobOut, Page
+from app.schemas.spec import unsupported_features
+from app.store import repo
+from app.store.tables import JobRecord
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+def _validate(body: JobCreate, session: SessionDep) -> None:
+    """Everything knowable before a worker touches TensorFlow is refused here, with the field named."""
+    errors: list[dict[str, Any]] = unsupported_features(body.spec)
+    if errors:
+        raise Unprocessable(
+            "the spec asks for features this version does not implement: "
+            + "; ".join(e["msg"] for e in errors),
+            extra={"errors": errors},
+        )
+    model = get_model_or_404(session, body.model_id)
+    if model.status == "invalid":
+        reason = (model.error or {}).get("message", "unknown reason")
+        raise Unprocessable(f"model {model.id} is invalid and cannot be pruned: {reason}")
+    train = get_dataset_or_404(session, body.train_dataset_id) if body.train_dataset_id else None
+    evaluation = get_dataset_or_404(session, body.eval_dataset_id) if body.eval_dataset_id else None
+    if body.spec.needs_train_dataset() and train is None:
+        raise Unprocessable(
+            "this spec trains or needs gradients (fine_tune or a gradient criterion): give train_dataset_id",
+            extra={"errors": [{"loc": "train_dataset_id", "msg": "required by the spec"}]},
+        )
+    if train is not None and not any(k == "y" or k.startswith("y.") for k in train.arrays):
+        raise Unprocessable(
+            f"train dataset {train.id} has no labels: add an array 'y' to the .npz",
+            extra={"errors": [{"loc": "train_dataset_id", "msg": "dataset has no 'y' array"}]},
+        )
+    if model.status == "ready" and model.signatures is not None:
+        for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
+            if dataset is None:
+                continue
+            problems = dataset_fit_errors(model.signatures, body.spec.signature, dataset.arrays)
+            if problems:
+                raise Unprocessable(
+                    f"{loc} {dataset.id} does not fit model {model.id}: " + "; ".join(problems),
+                    extra={"errors": [{"loc": loc, "msg": p} for p in problems]},
+                )
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Start a pruning job")
+async def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response) -> JobOut:
+    _validate(body, session)
+    record = repo.add(
+        session,
+        JobRecord(
+            id=repo.new_id("job"),
+            model_id=body.model_id,
+            train_dataset_id=body.train_dataset_id,
+            eval_dataset_id=body.eval_dataset_id,
+            spec=body.spec.model_dump(mode="json"),
+            status="queued",
+            progress=0.0,
+            attempts=0,
+            cancel_requested=False,
+        ),
+    )
+    session.commit()
+    try:
+        await send_or_503(celery, RUN_JOB, record.id)
+    except BaseException:
+        session.delete(record)
+        session.commit()
+        raise
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    response.headers["Retry-After"] = "2"
+    return job_out(record)
+
+
+def get_job_or_404(session: SessionDep, job_id: str) -> JobRecord:
+    record = session.get(JobRecord, job_id)
+    if record is None:
+        raise NotFound(f"no job with id {job_id!r}; list them with GET /v1/jobs")
+    return record
+
+
+@router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    model_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Page[JobOut]:
+    rows, next_cursor = repo.list_jobs(session, limit, cursor, status=status, model_id=model_id)
+    return Page[JobOut](items=[job_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    return job_out(get_job_or_404(session, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    record = get_job_or_404(session, job_id)
+    if record.status not in ("queued", "running"):
+        raise Conflict(f"job {job_id} already ended with status {record.status!r}; nothing to cancel")
+    repo.request_cancel(session, job_id)
+    session.commit()
+    session.refresh(record)
+    return job_out(record)
+
+
+def _require_success(record: JobRecord) -> None:
+    if record.status != "succeeded":
+        hint = "poll GET /v1/jobs/{id} until status is 'succeeded'"
+        if record.status in ("failed", "canceled"):
+            hint = f"the job ended {record.status!r}; see its 'error'"
+        raise Conflict(f"job {record.id} is {record.status!r}, so it has no output yet: {hint}")
+
+
+@router.get("/{job_id}/metrics", responses=ERRORS, summary="Baseline vs pruned metrics (JSON)")
+def get_metrics(job_id: str, session: SessionDep, storage: StorageDep) -> JSONResponse:
+    record = get_job_or_404(session, job_id)
+    _require_success(record)
+    path = storage.job_dir(job_id) / "metrics.json"
+    if not path.is_file():
+        raise NotFound(f"the metrics of job {job_id} are gone from storage")
+    return JSONResponse(json.loads(path.read_text()))
+
+
+@router.get(
+    "/{job_id}/artifact",
+    responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "the pruned SavedModel"}},
+    summary="Download the pruned SavedModel as a zip",
+)
+def get_artifact(
+    job_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    record = get_job_or_404(session, job_id)
+    _require_success(record)
+    path = storage.job_dir(job_id) / "pruned.zip"
+    if not path.is_file():
+        raise NotFound(f"the artifact of job {job_id} is gone from storage")
+    etag = f'"{record.artifact_sha256}"'
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        path,
+        media_type="application/zip",
+        filename=f"{job_id}-pruned.zip",
+        headers={"ETag": etag},
+    )

@@ -1,0 +1,137 @@
+"""Models: streamed upload, structural checks at once, TensorFlow validation on a worker."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
+from app.api.presenters import model_out
+from app.api.uploads import ensure_free_space, multipart_body, send_or_503
+from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
+from app.config import Settings
+from app.errors import Conflict, NotFound
+from app.queue import VALIDATE_MODEL
+from app.schemas.resources import ModelOut, Page, Problem
+from app.storage import Storage, Upload, receive_upload
+from app.store import repo
+from app.store.db import session_scope
+from app.store.tables import ModelRecord
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+ERRORS = {
+    code: {"model": Problem, "description": desc}
+    for code, desc in (
+        (400, "malformed upload"),
+        (404, "no such model"),
+        (409, "in use"),
+        (413, "too large"),
+        (415, "not multipart or not an accepted archive"),
+        (422, "unsafe or incomplete archive"),
+        (503, "queue down"),
+        (507, "disk full"),
+    )
+}
+SUFFIX = {"zip": "upload.zip", "tar.gz": "upload.tar.gz", "keras": "model.keras"}
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_members=settings.max_archive_members,
+        max_uncompressed_bytes=settings.max_uncompressed_bytes,
+        max_ratio=settings.max_compression_ratio,
+    )
+
+
+def _check_and_register(
+    request: Request, upload: Upload, storage: Storage, settings: Settings
+) -> ModelRecord:
+    try:
+        kind = sniff_format(upload.path, upload.filename)
+        if kind == "keras":
+            inspect_keras(upload.path, archive_limits(settings))
+        else:
+            inspect_archive(upload.path, archive_limits(settings))
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+    model_id = repo.new_id("mdl")
+    upload.commit(storage.model_dir(model_id) / SUFFIX[kind])
+    record = ModelRecord(
+        id=model_id,
+        name=(upload.fields.get("name") or upload.filename or model_id)[:256],
+        format="keras" if kind == "keras" else "saved_model",
+        filename=upload.filename[:256],
+        size_bytes=upload.size,
+        sha256=upload.sha256,
+        status="validating",
+    )
+    with session_scope(request.app.state.session_factory) as session:
+        repo.add(session, record)
+    return record
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses=ERRORS,
+    openapi_extra=multipart_body("a .zip or .tar.gz of a SavedModel directory, or a .keras file"),
+    summary="Upload a SavedModel archive or .keras file",
+)
+async def upload_model(
+    request: Request, response: Response, storage: StorageDep, settings: SettingsDep, celery: CeleryDep
+) -> ModelOut:
+    ensure_free_space(storage, settings)
+    upload = await receive_upload(request, storage.tmp_dir, max_bytes=settings.max_model_bytes)
+    record = await run_in_threadpool(_check_and_register, request, upload, storage, settings)
+    try:
+        await send_or_503(celery, VALIDATE_MODEL, record.id)
+    except BaseException:
+        await run_in_threadpool(_forget, request, storage, record.id)
+        raise
+    response.headers["Location"] = f"/v1/models/{record.id}"
+    return model_out(record)
+
+
+def _forget(request: Request, storage: Storage, model_id: str) -> None:
+    with session_scope(request.app.state.session_factory) as session:
+        record = session.get(ModelRecord, model_id)
+        if record is not None:
+            session.delete(record)
+    storage.remove_model(model_id)
+
+
+@router.get("", response_model=Page[ModelOut], summary="List models, newest first")
+def list_models(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Page[ModelOut]:
+    rows, next_cursor = repo.list_models(session, limit, cursor)
+    return Page[ModelOut](items=[model_out(r) for r in rows], next_cursor=next_cursor)
+
+
+def get_model_or_404(session: SessionDep, model_id: str) -> ModelRecord:
+    record = session.get(ModelRecord, model_id)
+    if record is None:
+        raise NotFound(f"no model with id {model_id!r}; list them with GET /v1/models")
+    return record
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
+def get_model(model_id: str, session: SessionDep) -> ModelOut:
+    return model_out(get_model_or_404(session, model_id))
+
+
+@router.delete("/{model_id}", status_code=204, responses=ERRORS)
+def delete_model(model_id: str, session: SessionDep, storage: StorageDep) -> Response:
+    record = get_model_or_404(session, model_id)
+    if repo.active_jobs_using(session, model_id=model_id):
+        raise Conflict("jobs that use this model are queued or running; cancel them or wait, then delete")
+    session.delete(record)
+    session.commit()
+    storage.remove_model(model_id)
+    return Response(status_code=204)

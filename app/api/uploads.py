@@ -1,0 +1,53 @@
+"""Shared upload plumbing for the models and datasets routes: disk-space guard, OpenAPI body, task sending."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from fastapi.concurrency import run_in_threadpool
+
+from app.config import Settings
+from app.errors import InsufficientStorage, ServiceUnavailable
+from app.queue import send
+from app.storage import Storage, free_bytes
+
+
+def multipart_body(description: str) -> dict[str, Any]:
+    """The request body as OpenAPI sees it; the route streams it itself instead of letting FastAPI spool it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": description},
+                            "name": {"type": "string", "maxLength": 256, "description": "display name"},
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+
+def ensure_free_space(storage: Storage, settings: Settings) -> None:
+    free = free_bytes(storage.root)
+    if free < settings.min_free_bytes:
+        raise InsufficientStorage(
+            f"the server has {free // 2**20} MB of free disk left, below its {settings.min_free_bytes // 2**20} MB "
+            "floor; delete old models/datasets or try again later"
+        )
+
+
+async def send_or_503(celery: Celery, task: str, record_id: str) -> None:
+    try:
+        await run_in_threadpool(send, celery, task, record_id)
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"the job queue did not accept the task ({type(exc).__name__}); nothing was kept, retry shortly",
+            retry_after=10,
+        ) from exc

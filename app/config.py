@@ -1,0 +1,84 @@
+"""One Settings object for the API, the worker and the CLI (environment prefix ``SECATEURS_``).
+
+Bad values are refused at start, not at the first request: a service that boots with a broken setting fails
+later, in front of a user.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SECATEURS_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("./var")
+    database_url: str | None = Field(None, description="default: SQLite in data_dir")
+    broker_url: str | None = Field(
+        None, description="redis://... in production; unset = embedded file-based transport in data_dir"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    max_model_bytes: int = Field(4 * GiB, ge=1)
+    max_dataset_bytes: int = Field(2 * GiB, ge=1)
+    max_uncompressed_bytes: int = Field(8 * GiB, ge=1)
+    max_compression_ratio: float = Field(200.0, gt=1.0)
+    max_archive_members: int = Field(10_000, ge=1)
+    min_free_bytes: int = Field(512 * MiB, ge=0, description="uploads are refused with 507 below this")
+
+    task_soft_time_limit: int = Field(
+        3 * 3600, ge=10, description="seconds; then the job fails with 'timeout'"
+    )
+    task_hard_time_limit: int = Field(3 * 3600 + 300, ge=20)
+    max_attempts: int = Field(3, ge=1, le=20, description="deliveries of one job before it fails")
+    lease_seconds: int = Field(
+        600, ge=30, description="a running job whose worker has not reported for this long may be re-claimed"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.task_hard_time_limit <= self.task_soft_time_limit:
+            raise ValueError("SECATEURS_TASK_HARD_TIME_LIMIT must be above SECATEURS_TASK_SOFT_TIME_LIMIT")
+        if self.environment == "production":
+            if not self.broker_url:
+                raise ValueError("production needs SECATEURS_BROKER_URL (e.g. redis://redis:6379/0)")
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                raise ValueError("production needs SECATEURS_DATABASE_URL pointing at PostgreSQL")
+        if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://")):
+            raise ValueError("SECATEURS_BROKER_URL must be redis://, rediss:// or filesystem://")
+        self.data_dir = self.data_dir.resolve()
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: the file-based transport, and `serve` spawns its own worker child."""
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'secateurs.db'}"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Above the hard limit, so Redis never redelivers a task that is still allowed to run."""
+        return self.task_hard_time_limit + 600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,165 @@
+"""Every exception Secateurs raises on purpose, in one place, so one handler can render them all.
+
+The API renders each as RFC 9457 ``application/problem+json``: ``type`` is ``PROBLEM_BASE + slug``;
+``title`` and ``status`` come from the class; ``detail`` (plain words: what was wrong and what to do) and any
+``extra`` fields come from the instance. Third-party exceptions are mapped to these where they are caught
+(``raise Ours(...) from exc``); nothing outside this module invents HTTP statuses.
+
+SecateursError
+├── BadRequest               400  the request is malformed as HTTP/multipart
+│   └── UploadError          400  the multipart upload is missing a field, has an extra one, or was cut short
+├── NotFound                 404  no such model/dataset/job, or an id that cannot exist
+├── Conflict                 409  the resource is in a state that forbids the action (in use, not finished)
+├── PayloadTooLarge          413  the upload is bigger than the configured limit
+│   └── ArchiveTooLarge      413  the archive expands past the size, member-count or compression-ratio limits
+├── UnsupportedMediaType     415  not multipart/form-data, or the file is none of the accepted formats
+│   └── UnsupportedFormat    415  the uploaded file's bytes are not a zip, tar.gz, .keras or .npz as required
+├── Unprocessable            422  well-formed, but the content cannot be used
+│   ├── ArchiveError         422  unsafe, corrupt or incomplete model archive (zip-slip, links, no model)
+│   └── DatasetError         422  the .npz breaks the dataset rules (names, dtypes, lengths, NaN/inf, pickles)
+├── ServiceUnavailable       503  a dependency (database, broker) is down; carries ``retry_after`` seconds
+└── InsufficientStorage      507  the disk is (nearly) full
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+PROBLEM_BASE = "https://secateurs.dev/problems/"
+
+
+class SecateursError(Exception):
+    """Base of all our errors; never raised itself. Subclasses fix ``status``, ``title`` and ``slug``."""
+
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    slug: ClassVar[str] = "internal"
+    type: ClassVar[str] = PROBLEM_BASE + "internal"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra: dict[str, Any] = dict(extra or {})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive the problem ``type`` URI from ``slug`` so the two can never disagree."""
+        super().__init_subclass__(**kwargs)
+        cls.type = PROBLEM_BASE + cls.slug
+
+    def problem_extra(self) -> dict[str, Any]:
+        """Extension members for the problem body (the handler turns ``retry_after`` into a header)."""
+        return dict(self.extra)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r})"
+
+
+class BadRequest(SecateursError):
+    """Raised when the request cannot be parsed as what the endpoint expects."""
+
+    status = 400
+    title = "Bad request"
+    slug = "bad-request"
+
+
+class UploadError(BadRequest):
+    """Raised by the upload receiver: missing/empty ``file``, unknown or repeated fields, truncated body."""
+
+    title = "Bad upload"
+    slug = "bad-upload"
+
+
+class NotFound(SecateursError):
+    """Raised when an id names nothing we hold (including ids that are not even well-formed)."""
+
+    status = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class Conflict(SecateursError):
+    """Raised when the resource's state forbids the action, e.g. deleting a model a running job uses."""
+
+    status = 409
+    title = "Conflict"
+    slug = "conflict"
+
+
+class PayloadTooLarge(SecateursError):
+    """Raised when an upload exceeds its byte limit; reading stops at once and the partial file is removed."""
+
+    status = 413
+    title = "Payload too large"
+    slug = "payload-too-large"
+
+
+class ArchiveTooLarge(PayloadTooLarge):
+    """Raised when an archive would expand past its limits (total bytes, member count, compression ratio)."""
+
+    title = "Archive too large"
+    slug = "archive-too-large"
+
+
+class UnsupportedMediaType(SecateursError):
+    """Raised when the request body is not ``multipart/form-data`` with a boundary."""
+
+    status = 415
+    title = "Unsupported media type"
+    slug = "unsupported-media-type"
+
+
+class UnsupportedFormat(UnsupportedMediaType):
+    """Raised when the uploaded file's content (magic bytes) is none of the formats the endpoint accepts."""
+
+    title = "Unsupported file format"
+    slug = "unsupported-format"
+
+
+class Unprocessable(SecateursError):
+    """Raised when the request is well-formed but its content cannot be used."""
+
+    status = 422
+    title = "Unprocessable content"
+    slug = "unprocessable"
+
+
+class ArchiveError(Unprocessable):
+    """Raised when a model archive is unsafe (paths, links, devices), corrupt, or lacks its model files."""
+
+    title = "Invalid model archive"
+    slug = "invalid-archive"
+
+
+class DatasetError(Unprocessable):
+    """Raised when an ``.npz`` breaks the dataset rules: names, dtypes, lengths, NaN/inf in ``x``, pickles."""
+
+    title = "Invalid dataset"
+    slug = "invalid-dataset"
+
+
+class ServiceUnavailable(SecateursError):
+    """Raised when the database or broker does not answer; clients may retry after ``retry_after``."""
+
+    status = 503
+    title = "Service unavailable"
+    slug = "service-unavailable"
+
+    def __init__(
+        self, detail: str, *, retry_after: int | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail, extra=extra)
+        self.retry_after = retry_after
+
+    def problem_extra(self) -> dict[str, Any]:
+        out = super().problem_extra()
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+
+class InsufficientStorage(SecateursError):
+    """Raised when the disk is full or below the free-space floor; nothing partial is kept."""
+
+    status = 507
+    title = "Insufficient storage"
+    slug = "insufficient-storage"

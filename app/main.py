@@ -1,0 +1,120 @@
+"""create_app(): routers, problem+json handlers, lifespan. Never imports TensorFlow or worker code."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import datasets, health, jobs, models
+from app.config import Settings, get_settings
+from app.errors import PROBLEM_BASE, SecateursError
+from app.queue import make_celery
+from app.storage import Storage
+from app.store.db import init_db, make_engine, make_session_factory
+from app.store.repo import BadCursor
+
+log = logging.getLogger("secateurs.api")
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, slug: str, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
+    headers = {}
+    if extra.get("retry_after") is not None:
+        headers["Retry-After"] = str(int(extra.pop("retry_after")))
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        out.append({"loc": loc, "msg": err.get("msg", ""), "type": err.get("type", "")})
+    return out
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SecateursError)
+    async def _ours(_: Request, exc: SecateursError) -> JSONResponse:
+        return problem(exc.status, exc.title, exc.detail, exc.slug, **exc.problem_extra())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        summary = "; ".join(f"{e['loc'] or 'body'}: {e['msg']}" for e in errors[:5])
+        return problem(
+            422,
+            "Invalid request",
+            f"the request does not match the API: {summary}",
+            "validation",
+            errors=errors,
+        )
+
+    @app.exception_handler(BadCursor)
+    async def _cursor(_: Request, exc: BadCursor) -> JSONResponse:
+        return problem(400, "Bad cursor", str(exc), "bad-cursor")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "see the API documentation at /docs"
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such endpoint; the API is documented at /docs"
+        return problem(exc.status_code, _reason(exc.status_code), detail, f"http-{exc.status_code}")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "Internal error", "an unexpected error occurred; it was logged", "internal")
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def create_app(settings: Settings | None = None, embedded_worker: Any = None) -> FastAPI:
+    """`embedded_worker` (an app.embedded.EmbeddedWorker) makes /readyz report on the worker child too."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.db_url)
+        init_db(engine)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        app.state.storage = Storage(settings.data_dir)
+        app.state.celery = make_celery(settings)
+        app.state.embedded_worker = embedded_worker
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="Secateurs",
+        version="0.1.0",
+        summary="Prune any TensorFlow SavedModel or .keras file over HTTP.",
+        description=(
+            "Upload a model and `.npz` datasets, post a pruning spec, poll the job, download the pruned "
+            "SavedModel and a metrics JSON. Errors are RFC 9457 `application/problem+json`."
+        ),
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    for router in (health.router, models.router, datasets.router, jobs.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,71 @@
+"""Celery app factory and task names. The API sends tasks BY NAME and never imports worker code.
+
+Production: Redis broker. Embedded default: kombu's ``filesystem://`` transport in the data directory, so one
+process pair (API + worker child) needs no server. Same task code either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.config import Settings
+
+VALIDATE_MODEL = "secateurs.validate_model"
+RUN_JOB = "secateurs.run_job"
+QUEUE = "secateurs"
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    if not settings.embedded:
+        assert settings.broker_url is not None
+        return settings.broker_url, {
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 10,
+        }
+    folders = {name: settings.broker_dir / name for name in ("queue", "processed")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {
+        "data_folder_in": str(folders["queue"]),
+        "data_folder_out": str(folders["queue"]),
+        "processed_folder": str(folders["processed"]),
+        "store_processed": False,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    url, transport_options = broker_options(settings)
+    celery = Celery("secateurs", broker=url)
+    celery.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # the job record in our database is the truth
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_hard_time_limit,
+        worker_hijack_root_logger=False,
+        # Publishing must fail fast so the API can answer 503 instead of hanging a request.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        broker_connection_timeout=5,
+    )
+    return celery
+
+
+def send(celery: Celery, task: str, *args: str) -> None:
+    celery.send_task(task, args=list(args), queue=QUEUE)
+
+
+def broker_ping(celery: Celery) -> None:
+    """Raise if the broker does not answer within a few seconds."""
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)

@@ -1,0 +1,112 @@
+"""Response and request bodies of the Models, Datasets and Jobs resources (API.md names)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.spec import PruneSpec
+
+Item = TypeVar("Item")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class TensorInfo(BaseModel):
+    shape: list[int | None]
+    dtype: str
+
+
+class SignatureInfo(BaseModel):
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    format: Literal["saved_model", "keras"]
+    size_bytes: int
+    sha256: str
+    status: Literal["validating", "ready", "invalid"]
+    created_at: datetime
+    signatures: dict[str, SignatureInfo] | None = None
+    params: int | None = None
+    error: ErrorInfo | None = None
+
+
+class ArrayInfo(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    size_bytes: int
+    sha256: str
+    arrays: dict[str, ArrayInfo]
+    n_samples: int
+    created_at: datetime
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "mdl_0123456789abcdef0123",
+                    "train_dataset_id": "ds_0123456789abcdef0123",
+                    "eval_dataset_id": "ds_abcdef0123456789abcd",
+                    "spec": {
+                        "target_sparsity": 0.8,
+                        "schedule": {"kind": "polynomial"},
+                        "fine_tune": {"epochs": 3},
+                    },
+                }
+            ]
+        },
+    )
+
+    model_id: str = Field(min_length=1, max_length=64)
+    spec: PruneSpec
+    train_dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    eval_dataset_id: str | None = Field(None, min_length=1, max_length=64)
+
+
+class JobOut(BaseModel):
+    id: str
+    model_id: str
+    train_dataset_id: str | None
+    eval_dataset_id: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    stage: str | None
+    progress: float
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: ErrorInfo | None
+    spec: dict[str, Any]
+
+
+class Page(BaseModel, Generic[Item]):
+    items: list[Item]
+    next_cursor: str | None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None

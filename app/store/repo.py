@@ -1,0 +1,249 @@
+"""Small repository functions over the tables. No FastAPI here: the worker uses the same functions.
+
+Job state changes are single conditional UPDATEs, so two workers (or a worker and a cancel request) racing on
+one job cannot both win.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.store.tables import (
+    ACTIVE_JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    DatasetRecord,
+    JobRecord,
+    ModelRecord,
+    utcnow,
+)
+
+Record = TypeVar("Record", ModelRecord, DatasetRecord, JobRecord)
+
+
+class BadCursor(ValueError):
+    """A `cursor` query parameter that this service did not hand out."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# --- pagination -------------------------------------------------------------------------------------------
+
+
+def encode_cursor(record: ModelRecord | DatasetRecord | JobRecord) -> str:
+    created = as_utc(record.created_at)
+    assert created is not None
+    raw = json.dumps([created.isoformat(), record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, record_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(record_id)
+    except (ValueError, TypeError) as exc:
+        raise BadCursor("cursor is not one this service handed out; start again without it") from exc
+
+
+def _page(
+    session: Session, model: type[Record], filters: list[Any], limit: int, cursor: str | None
+) -> tuple[list[Record], str | None]:
+    query = select(model).where(*filters)
+    if cursor:
+        created, record_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(model.created_at < created, and_(model.created_at == created, model.id < record_id))
+        )
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def add(session: Session, record: Record) -> Record:
+    session.add(record)
+    session.flush()
+    return record
+
+
+def get(session: Session, model: type[Record], record_id: str) -> Record | None:
+    return session.get(model, record_id)
+
+
+def list_models(session: Session, limit: int, cursor: str | None) -> tuple[list[ModelRecord], str | None]:
+    return _page(session, ModelRecord, [], limit, cursor)
+
+
+def list_datasets(session: Session, limit: int, cursor: str | None) -> tuple[list[DatasetRecord], str | None]:
+    return _page(session, DatasetRecord, [], limit, cursor)
+
+
+def list_jobs(
+    session: Session, limit: int, cursor: str | None, status: str | None = None, model_id: str | None = None
+) -> tuple[list[JobRecord], str | None]:
+    filters: list[Any] = []
+    if status:
+        filters.append(JobRecord.status == status)
+    if model_id:
+        filters.append(JobRecord.model_id == model_id)
+    return _page(session, JobRecord, filters, limit, cursor)
+
+
+def set_model_result(
+    session: Session,
+    model_id: str,
+    *,
+    status: Literal["ready", "invalid"],
+    signatures: dict[str, Any] | None = None,
+    params: int | None = None,
+    error: dict[str, str] | None = None,
+) -> bool:
+    result = session.execute(
+        update(ModelRecord)
+        .where(ModelRecord.id == model_id)
+        .values(status=status, signatures=signatures, params=params, error=error, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def active_jobs_using(session: Session, *, model_id: str | None = None, dataset_id: str | None = None) -> int:
+    query = select(JobRecord.id).where(JobRecord.status.in_(ACTIVE_JOB_STATUSES))
+    if model_id:
+        query = query.where(JobRecord.model_id == model_id)
+    if dataset_id:
+        query = query.where(
+            or_(JobRecord.train_dataset_id == dataset_id, JobRecord.eval_dataset_id == dataset_id)
+        )
+    return len(list(session.scalars(query.limit(1000))))
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Outcome of a worker asking to run a job: run it, or why not."""
+
+    claimed: bool
+    reason: Literal["claimed", "missing", "terminal", "held", "exhausted"]
+    attempts: int = 0
+
+
+def claim_job(session: Session, job_id: str, *, lease_seconds: int, max_attempts: int) -> Claim:
+    """queued -> running; a running job whose lease ran out (dead worker) may be taken over."""
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_seconds)
+    result = session.execute(
+        update(JobRecord)
+        .where(
+            JobRecord.id == job_id,
+            JobRecord.attempts < max_attempts,
+            or_(
+                JobRecord.status == "queued",
+                and_(JobRecord.status == "running", JobRecord.heartbeat_at < stale),
+            ),
+        )
+        .values(
+            status="running", attempts=JobRecord.attempts + 1, heartbeat_at=now, stage="loading", progress=0.0
+        )
+    )
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        return Claim(False, "missing")
+    session.refresh(job)
+    if result.rowcount == 1:
+        if job.started_at is None:
+            job.started_at = now
+        return Claim(True, "claimed", job.attempts)
+    if job.status in TERMINAL_JOB_STATUSES:
+        return Claim(False, "terminal", job.attempts)
+    if job.attempts >= max_attempts:
+        return Claim(False, "exhausted", job.attempts)
+    return Claim(False, "held", job.attempts)
+
+
+def report_progress(session: Session, job_id: str, stage: str, progress: float) -> tuple[bool, bool]:
+    """Record stage/progress and renew the lease. Returns (still running, cancel requested)."""
+    session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.status == "running")
+        .values(stage=stage, progress=max(0.0, min(1.0, progress)), heartbeat_at=utcnow())
+    )
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        return False, True
+    session.refresh(job)
+    return job.status == "running", job.cancel_requested
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    status: Literal["succeeded", "failed", "canceled"],
+    *,
+    error: dict[str, str] | None = None,
+    artifact_sha256: str | None = None,
+    artifact_bytes: int | None = None,
+    from_statuses: tuple[str, ...] = ("running",),
+) -> bool:
+    values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
+    if status == "succeeded":
+        values.update(
+            progress=1.0, stage=None, artifact_sha256=artifact_sha256, artifact_bytes=artifact_bytes
+        )
+    result = session.execute(
+        update(JobRecord).where(JobRecord.id == job_id, JobRecord.status.in_(from_statuses)).values(**values)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job_id: str) -> None:
+    """A queued job ends at once; a running one at its next stage boundary (the worker checks the flag)."""
+    session.execute(update(JobRecord).where(JobRecord.id == job_id).values(cancel_requested=True))
+    finish_job(
+        session,
+        job_id,
+        "canceled",
+        error={"code": "canceled", "message": "canceled by request before it started"},
+        from_statuses=("queued",),
+    )
+
+
+def recover_interrupted(session: Session, *, max_attempts: int) -> list[str]:
+    """After a restart of the embedded service no worker can hold a job: re-queue running ones (or fail them
+    once their attempts are used up) and return every queued job id so its message can be sent again."""
+    reason = {
+        "code": "interrupted",
+        "message": f"the service stopped while this job ran, {max_attempts} times; "
+        "check the worker log and submit the job again",
+    }
+    session.execute(
+        update(JobRecord)
+        .where(JobRecord.status == "running", JobRecord.attempts >= max_attempts)
+        .values(status="failed", error=reason, finished_at=utcnow())
+    )
+    session.execute(
+        update(JobRecord)
+        .where(JobRecord.status == "running")
+        .values(status="queued", stage=None, progress=0.0, heartbeat_at=None)
+    )
+    return list(session.scalars(select(JobRecord.id).where(JobRecord.status == "queued")))

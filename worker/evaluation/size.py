@@ -1,0 +1,86 @@
+"""On-disk size of a model directory and its zipped form (what a user downloads).
+
+The zip is deterministic -- sorted entries, fixed timestamps, permissions from the files -- so the same
+pruned model always gives the same bytes (stable ETag, comparable sizes between baseline and pruned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import uuid
+import zipfile
+from pathlib import Path
+
+__all__ = ["dir_size", "zip_dir"]
+
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest time a zip can hold
+_CHUNK = 1 << 20
+
+
+def dir_size(path: Path) -> int:
+    """Total bytes of the regular files under ``path``; symlinks are neither followed nor counted."""
+    total = 0
+    for root, _dirs, files in os.walk(path, followlinks=False):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _entries(src_dir: Path) -> list[tuple[Path, str, bool]]:
+    """(path, arcname, is_dir) in sorted order; symlinks and special files are skipped (not ours to ship)."""
+    entries: list[tuple[Path, str, bool]] = []
+    for root, dirs, files in os.walk(src_dir, followlinks=False):
+        dirs.sort()
+        base = Path(root)
+        for name in dirs:
+            path = base / name
+            if not path.is_symlink():
+                entries.append((path, path.relative_to(src_dir).as_posix() + "/", True))
+        for name in sorted(files):
+            path = base / name
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                entries.append((path, path.relative_to(src_dir).as_posix(), False))
+    return sorted(entries, key=lambda entry: entry[1])
+
+
+def zip_dir(src_dir: Path, out_zip: Path, compresslevel: int = 6) -> int:
+    """Zip ``src_dir``'s contents (arcnames relative to it) into ``out_zip``; returns the zip's byte size.
+
+    Written to a temporary name beside ``out_zip`` and renamed, so readers never see a half-written zip.
+    Files are streamed in chunks: SavedModel variables can be larger than memory allows.
+    """
+    src_dir, out_zip = Path(src_dir), Path(out_zip)
+    if not src_dir.is_dir():
+        raise NotADirectoryError(f"{src_dir} is not a directory")
+    if out_zip.resolve().is_relative_to(src_dir.resolve()):
+        raise ValueError("the zip must not be written inside the directory being zipped")
+    tmp = out_zip.with_name(f".{out_zip.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+            for path, arcname, is_dir in _entries(src_dir):
+                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+                mode = stat.S_IMODE(os.lstat(path).st_mode)
+                if is_dir:
+                    info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
+                    zf.writestr(info, b"")
+                    continue
+                info.external_attr = (stat.S_IFREG | mode) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                if hasattr(info, "compress_level"):  # Python >= 3.13
+                    info.compress_level = compresslevel
+                else:  # a ZipInfo passed to open() ignores the ZipFile's level unless set here
+                    info._compresslevel = compresslevel
+                info.file_size = path.stat().st_size  # lets zipfile switch to ZIP64 for files over 2 GiB
+                with path.open("rb") as src, zf.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+        os.replace(tmp, out_zip)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return out_zip.stat().st_size

@@ -1,0 +1,186 @@
+"""Fine-tuning plain ``tf.Variable``s through any forward function (e.g. a restored SavedModel signature).
+
+Why not Keras ``fit``: a restored SavedModel gives plain variables and concrete functions, no Keras model and
+no optimizer, so the optimizers are written here in a few TensorFlow ops (``OPTIMIZERS`` table):
+- ``sgd``: ``w -= lr * g``
+- ``momentum``: Keras-style heavy ball, ``v = 0.9 v - lr * g; w += v``
+- ``adam``: Kingma & Ba with bias correction, beta1 0.9, beta2 0.999, epsilon 1e-7 (Keras' formulation).
+
+The learning rate follows a cosine decay by default (``lr_k = lr * (1 + cos(pi * k / total)) / 2`` for
+step ``k`` of ``total``): large steps first to move off the pruning damage, small ones at the end to settle
+with the final masks. ``lr_decay="constant"`` keeps it flat.
+
+Step counting: ``after_step(k)`` is called after the k-th optimizer step (k = 1, 2, ...), matching the
+schedules' "steps already taken". The pipeline re-applies masks there; whatever it raises propagates
+(cancellation). The full batches share one trace of the train step; a last partial batch costs one more.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+
+from worker.pruning.losses import loss_fn
+
+__all__ = ["OPTIMIZERS", "TrainingDiverged", "count_steps", "fine_tune", "learning_rate_at"]
+
+Forward = Callable[[dict[str, tf.Tensor], bool], tf.Tensor]
+LrDecay = Literal["constant", "cosine"]
+
+
+class TrainingDiverged(ArithmeticError):
+    """Raised when a batch loss becomes NaN or infinite: the learning rate is too high for this model."""
+
+
+class _Optimizer(ABC):
+    """Slots are created eagerly here, before the train step is traced (no variable creation in graphs)."""
+
+    def __init__(self, variables: Sequence[tf.Variable]) -> None:
+        self.variables = list(variables)
+
+    def _slots(self) -> list[tf.Variable]:
+        return [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
+
+    @abstractmethod
+    def apply(self, grads: Sequence[tf.Tensor | None], lr: tf.Tensor) -> None:
+        """One update of every variable that received a gradient (graph-mode safe)."""
+
+
+class _SGD(_Optimizer):
+    def apply(self, grads: Sequence[tf.Tensor | None], lr: tf.Tensor) -> None:
+        for var, grad in zip(self.variables, grads, strict=True):
+            if grad is not None:
+                var.assign_sub(tf.cast(lr, var.dtype) * tf.cast(grad, var.dtype))
+
+
+class _Momentum(_Optimizer):
+    momentum = 0.9
+
+    def __init__(self, variables: Sequence[tf.Variable]) -> None:
+        super().__init__(variables)
+        self.velocity = self._slots()
+
+    def apply(self, grads: Sequence[tf.Tensor | None], lr: tf.Tensor) -> None:
+        for var, vel, grad in zip(self.variables, self.velocity, grads, strict=True):
+            if grad is not None:
+                vel.assign(self.momentum * vel - tf.cast(lr, var.dtype) * tf.cast(grad, var.dtype))
+                var.assign_add(vel)
+
+
+class _Adam(_Optimizer):
+    beta1, beta2, epsilon = 0.9, 0.999, 1e-7
+
+    def __init__(self, variables: Sequence[tf.Variable]) -> None:
+        super().__init__(variables)
+        self.m = self._slots()
+        self.v = self._slots()
+        self.t = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+
+    def apply(self, grads: Sequence[tf.Tensor | None], lr: tf.Tensor) -> None:
+        t = self.t.assign_add(1.0)
+        # Bias correction folded into the step size, as Keras does: alpha = lr * sqrt(1 - b2^t) / (1 - b1^t).
+        alpha = lr * tf.sqrt(1.0 - tf.pow(self.beta2, t)) / (1.0 - tf.pow(self.beta1, t))
+        for var, m, v, grad in zip(self.variables, self.m, self.v, grads, strict=True):
+            if grad is None:
+                continue
+            g = tf.cast(grad, var.dtype)
+            m.assign_add((1.0 - self.beta1) * (g - m))
+            v.assign_add((1.0 - self.beta2) * (tf.square(g) - v))
+            var.assign_sub(tf.cast(alpha, var.dtype) * m / (tf.sqrt(v) + self.epsilon))
+
+
+OPTIMIZERS: dict[str, type[_Optimizer]] = {"sgd": _SGD, "momentum": _Momentum, "adam": _Adam}
+
+
+def count_steps(n_samples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps ``fine_tune`` will take (the last partial batch is kept): for building schedules."""
+    return epochs * math.ceil(n_samples / batch_size)
+
+
+def learning_rate_at(step: int, total_steps: int, base: float, decay: LrDecay = "cosine") -> float:
+    """Learning rate for the optimizer step taken after ``step`` steps (0-based) out of ``total_steps``."""
+    if decay == "constant" or total_steps <= 0:
+        return base
+    if decay == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"unknown learning-rate decay {decay!r}; known: constant, cosine")
+
+
+def fine_tune(
+    forward: Forward,
+    variables: list[tf.Variable],
+    x: dict[str, np.ndarray],
+    y: np.ndarray,
+    *,
+    loss: str,
+    from_logits: bool,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: Literal["adam", "sgd", "momentum"],
+    seed: int,
+    training: bool = False,
+    after_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+    lr_decay: LrDecay = "cosine",
+) -> list[float]:
+    """Train ``variables`` to lower ``loss(y, forward(x, training))``; returns each epoch's mean batch loss.
+
+    ``x`` arrays must already have the dtypes ``forward`` expects. Batches are reshuffled every epoch from
+    ``seed`` (and TensorFlow's global seed is set from it, so dropout in training mode is reproducible).
+    ``on_epoch(epoch, mean_loss)`` receives the 0-based epoch index.
+    """
+    n = len(y)
+    lengths = {name: len(arr) for name, arr in x.items()}
+    if any(length != n for length in lengths.values()):
+        raise ValueError(f"inputs and labels differ in length: {lengths} vs {n} labels")
+    if n == 0 or epochs < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError("need samples, epochs >= 1, batch_size >= 1 and learning_rate > 0")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    if not variables:
+        raise ValueError("no variables to fine-tune")
+
+    compute_loss = loss_fn(loss, from_logits)
+    opt = OPTIMIZERS[optimizer](variables)
+
+    @tf.function
+    def train_step(xb: dict[str, tf.Tensor], yb: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(variables)  # restored variables may be flagged non-trainable
+            value = compute_loss(yb, forward(xb, training))
+        grads = tape.gradient(value, variables, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        if all(g is None for g in grads):
+            raise ValueError("the loss does not depend on any of the variables being fine-tuned")
+        opt.apply([None if g is None else tf.convert_to_tensor(g) for g in grads], lr)
+        return value
+
+    tf.random.set_seed(seed)
+    rng = np.random.default_rng(seed)
+    total = count_steps(n, batch_size, epochs)
+    history: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        loss_sum = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            lr = tf.constant(learning_rate_at(step, total, learning_rate, lr_decay), tf.float32)
+            value = float(train_step({k: tf.constant(v[idx]) for k, v in x.items()}, tf.constant(y[idx]), lr))
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"fine-tuning diverged at step {step + 1} (loss {value}): lower the learning_rate"
+                )
+            loss_sum += value * len(idx)
+            step += 1
+            if after_step is not None:
+                after_step(step)
+        history.append(loss_sum / n)
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return history

@@ -1,0 +1,277 @@
+"""Thin Celery tasks: claim the record, call the pipeline, record stage/progress/result.
+
+The only place in worker/ that touches the store. Every way a task can end leaves the record in a terminal
+state with a reason a person can act on; a redelivered message for a finished job is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.archive import ArchiveLimits, extract_archive
+from app.config import Settings, get_settings
+from app.errors import SecateursError
+from app.queue import RUN_JOB, VALIDATE_MODEL
+from app.schemas.spec import PruneSpec
+from app.storage import Storage
+from app.store import repo
+from app.store.db import init_db, make_engine, make_session_factory, session_scope
+from app.store.tables import DatasetRecord, JobRecord, ModelRecord
+
+log = logging.getLogger("secateurs.worker")
+PROGRESS_INTERVAL_S = 1.0
+
+
+class JobCanceled(Exception):
+    """Raised from the progress callback when the record says stop; unwinds the pipeline at a boundary."""
+
+
+@cache
+def _context() -> tuple[Settings, sessionmaker[Session], Storage]:
+    settings = get_settings()
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    return settings, make_session_factory(engine), Storage(settings.data_dir)
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message[:2000]}
+
+
+def _unexpected(exc: BaseException) -> dict[str, str]:
+    first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    return _error("internal", f"unexpected {type(exc).__name__}: {first_line} (logged on the worker)")
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def prepared_model_dir(record: ModelRecord, storage: Storage, settings: Settings) -> Path:
+    """The SavedModel directory the pipeline reads; extracted (or converted from .keras) once, idempotently."""
+    from worker.models import keras_to_saved_model
+
+    model_dir = storage.model_dir(record.id)
+    target = model_dir / "saved_model"
+    if (target / "saved_model.pb").is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    if record.format == "keras":
+        keras_to_saved_model(model_dir / "model.keras", target)
+        return target
+    upload = next(p for p in (model_dir / "upload.zip", model_dir / "upload.tar.gz") if p.is_file())
+    limits = ArchiveLimits(
+        max_members=settings.max_archive_members,
+        max_uncompressed_bytes=settings.max_uncompressed_bytes,
+        max_ratio=settings.max_compression_ratio,
+    )
+    extract_archive(upload, target, limits)  # re-checks everything; renames into place in one step
+    return target
+
+
+def _validate(model_id: str) -> dict[str, Any] | None:
+    """Load the model with TensorFlow and audit it. Returns the error it recorded, or None when ready."""
+    from worker.errors import PipelineError
+    from worker.models import audit_ops, describe, load_model
+
+    settings, sessions, storage = _context()
+    with session_scope(sessions) as session:
+        record = session.get(ModelRecord, model_id)
+        if record is None:
+            return _error("missing", f"model {model_id} was deleted")
+        if record.status != "validating":
+            return record.error
+        session.expunge(record)
+    error: dict[str, str] | None = None
+    try:
+        handle = load_model(prepared_model_dir(record, storage, settings))
+        denied = audit_ops(handle)
+        if denied:
+            error = _error(
+                "unsafe_model",
+                f"the model's signatures run operations that are not allowed here: {', '.join(sorted(denied))}",
+            )
+        else:
+            info = describe(handle)
+    except PipelineError as exc:
+        error = _error(exc.code, exc.message)
+    except SecateursError as exc:
+        error = _error("invalid_archive", exc.detail)
+    except Exception as exc:
+        log.exception("model %s failed to load", model_id)
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        error = _error(
+            "model_load_failed", f"TensorFlow could not load the model ({type(exc).__name__}: {first})"
+        )
+    with session_scope(sessions) as session:
+        if error:
+            repo.set_model_result(session, model_id, status="invalid", error=error)
+        else:
+            repo.set_model_result(
+                session, model_id, status="ready", signatures=info["signatures"], params=info["params"]
+            )
+    return error
+
+
+@shared_task(name=VALIDATE_MODEL, acks_late=True)
+def validate_model(model_id: str) -> None:
+    _validate(model_id)
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+class _Progress:
+    """The pipeline's report(stage, progress) callback: throttled writes that renew the lease and carry cancel."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
+        self.sessions, self.job_id = sessions, job_id
+        self.stage: str | None = None
+        self.last = 0.0
+
+    def __call__(self, stage: str, progress: float) -> None:
+        now = time.monotonic()
+        if stage == self.stage and now - self.last < PROGRESS_INTERVAL_S:
+            return
+        self.stage, self.last = stage, now
+        with session_scope(self.sessions) as session:
+            running, cancel = repo.report_progress(session, self.job_id, stage, progress)
+        if cancel or not running:
+            raise JobCanceled
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run(job_id: str) -> None:
+    from worker.errors import PipelineError
+    from worker.pipeline import run_pipeline
+
+    settings, sessions, storage = _context()
+    with session_scope(sessions) as session:
+        claim = repo.claim_job(
+            session, job_id, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts
+        )
+        if claim.reason == "exhausted":
+            repo.finish_job(
+                session,
+                job_id,
+                "failed",
+                error=_error(
+                    "attempts_exhausted",
+                    f"the job was started {claim.attempts} times and never "
+                    "finished (worker crashes or restarts); check worker memory/logs and resubmit",
+                ),
+                from_statuses=("queued", "running"),
+            )
+        if not claim.claimed:
+            log.info("job %s not run: %s", job_id, claim.reason)
+            return
+        job = session.get(JobRecord, job_id)
+        assert job is not None
+        model = session.get(ModelRecord, job.model_id)
+        train = session.get(DatasetRecord, job.train_dataset_id) if job.train_dataset_id else None
+        evaluation = session.get(DatasetRecord, job.eval_dataset_id) if job.eval_dataset_id else None
+        for obj in (job, model, train, evaluation):
+            if obj is not None:
+                session.expunge(obj)
+
+    def fail(error: dict[str, str], status: str = "failed") -> None:
+        with session_scope(sessions) as session:
+            repo.finish_job(session, job_id, status, error=error)  # type: ignore[arg-type]
+
+    report = _Progress(sessions, job_id)
+    work = storage.job_dir(job_id) / "work"
+    try:
+        report("loading", 0.0)
+        if model is None:
+            return fail(_error("missing_model", f"model {job.model_id} was deleted before the job ran"))
+        missing = [
+            d
+            for d, rec in ((job.train_dataset_id, train), (job.eval_dataset_id, evaluation))
+            if d and not rec
+        ]
+        if missing:
+            return fail(_error("missing_dataset", f"dataset(s) {missing} were deleted before the job ran"))
+        if model.status == "validating":
+            problem = _validate(model.id)
+            if problem:
+                return fail(_error("invalid_model", f"model {model.id} is invalid: {problem['message']}"))
+        elif model.status == "invalid":
+            return fail(
+                _error("invalid_model", f"model {model.id} is invalid: {(model.error or {}).get('message')}")
+            )
+        spec = PruneSpec.model_validate(job.spec)
+        saved_model = prepared_model_dir(model, storage, settings)
+        train_arrays = _load_npz(storage.dataset_path(train.id)) if train else None
+        eval_arrays = _load_npz(storage.dataset_path(evaluation.id)) if evaluation else None
+        shutil.rmtree(work, ignore_errors=True)  # a re-run overwrites, never duplicates
+        work.mkdir(parents=True)
+        metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report)
+        report("saving", 0.99)
+        job_dir = storage.job_dir(job_id)
+        document = {"job_id": job_id, "model_id": model.id, **metrics}
+        tmp_metrics = work / "metrics.json"
+        tmp_metrics.write_text(json.dumps(document, indent=2, allow_nan=False))
+        artifact = job_dir / "pruned.zip"
+        os.replace(work / "pruned.zip", artifact)
+        os.replace(tmp_metrics, job_dir / "metrics.json")
+        shutil.rmtree(work, ignore_errors=True)
+        with session_scope(sessions) as session:
+            done = repo.finish_job(
+                session,
+                job_id,
+                "succeeded",
+                artifact_sha256=_sha256(artifact),
+                artifact_bytes=artifact.stat().st_size,
+            )
+        if not done:  # canceled while saving: the record already says so; keep nothing half-promised
+            log.info("job %s finished after it was canceled; outputs dropped", job_id)
+    except JobCanceled:
+        fail(_error("canceled", "canceled by request"), "canceled")
+    except SoftTimeLimitExceeded:
+        fail(
+            _error(
+                "timeout",
+                f"the job ran past the {settings.task_soft_time_limit} s limit; "
+                "lower fine_tune.epochs or the dataset size, or raise SECATEURS_TASK_SOFT_TIME_LIMIT",
+            )
+        )
+    except PipelineError as exc:
+        fail(_error(exc.code, exc.message))
+    except SecateursError as exc:
+        fail(_error("invalid_input", exc.detail))
+    except MemoryError:
+        fail(_error("out_of_memory", "the worker ran out of memory; use a smaller batch_size or dataset"))
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        fail(_unexpected(exc))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@shared_task(name=RUN_JOB, acks_late=True)
+def run_job(job_id: str) -> None:
+    _run(job_id)
