@@ -490,6 +490,7 @@ def _fine_tune(job: _Job, prune_at: Callable[[int], None], total: int, report: R
             training=training,
             after_step=after_step,
             on_epoch=on_epoch,
+            lr_decay=ft.lr_schedule,
         )
     except TrainingDiverged as exc:
         raise PipelineError("training_diverged", str(exc)) from exc

@@ -84,7 +84,7 @@ def prepared_model_dir(record: ModelRecord, storage: Storage, settings: Settings
 def _validate(model_id: str) -> dict[str, Any] | None:
     """Load the model with TensorFlow and audit it. Returns the error it recorded, or None when ready."""
     from worker.errors import PipelineError
-    from worker.models import audit_ops, describe, load_model
+    from worker.models import audit_saved_model, describe, load_model
 
     settings, sessions, storage = _context()
     with session_scope(sessions) as session:
@@ -96,15 +96,16 @@ def _validate(model_id: str) -> dict[str, Any] | None:
         session.expunge(record)
     error: dict[str, str] | None = None
     try:
-        handle = load_model(prepared_model_dir(record, storage, settings))
-        denied = audit_ops(handle)
+        saved_model = prepared_model_dir(record, storage, settings)
+        # Audit the graph BEFORE loading: loading already runs the model's initialisers.
+        denied = audit_saved_model(saved_model)
         if denied:
             error = _error(
                 "unsafe_model",
                 f"the model's signatures run operations that are not allowed here: {', '.join(sorted(denied))}",
             )
         else:
-            info = describe(handle)
+            info = describe(load_model(saved_model))
     except PipelineError as exc:
         error = _error(exc.code, exc.message)
     except SecateursError as exc:
