@@ -63,11 +63,16 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(400, "Bad cursor", str(exc), "bad-cursor")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "see the API documentation at /docs"
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such endpoint; the API is documented at /docs"
-        return problem(exc.status_code, _reason(exc.status_code), detail, f"http-{exc.status_code}")
+        headers = dict(exc.headers or {})  # e.g. the Allow header a 405 must carry (RFC 9110 15.5.6)
+        if exc.status_code == 405 and detail == "Method Not Allowed":
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers.get('Allow', '?')}"
+        response = problem(exc.status_code, _reason(exc.status_code), detail, f"http-{exc.status_code}")
+        response.headers.update(headers)
+        return response
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -279,3 +279,24 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def write_demo(out_dir: Path) -> dict[str, Path]:
+    """The README's worked example: a digits CNN SavedModel zip plus train/test datasets."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = build_keras3_export(out_dir / "saved_model", epochs=10)
+    train, test = digits_datasets()
+    return {
+        "model.zip": zip_saved_model(saved, out_dir / "model.zip", top="digits_cnn"),
+        "train.npz": write_npz(out_dir / "train.npz", train),
+        "test.npz": write_npz(out_dir / "test.npz", test),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "demo":
+        sys.exit("usage: python -m tests.model_factory demo OUT_DIR")
+    for name, path in write_demo(Path(sys.argv[2])).items():
+        print(f"{name}: {path}")

@@ -275,6 +275,15 @@ def _prepare(
         job.notes.append("no evaluation dataset: quality metrics are null")
     elif job.evaluation is not None and job.evaluation.y is None:
         job.notes.append(f"the evaluation dataset has no 'y' (or 'y.{output}'): quality metrics are null")
+    job.notes.append(
+        "prunable variables: trainable floating-point variables of rank >= 2 (kernels), "
+        "filtered by include/exclude; biases and normalisation parameters are left dense"
+    )
+    if spec.granularity == "unstructured":
+        job.notes.append(
+            "unstructured zeros shrink the compressed artifact (see size_bytes.zip) but dense TensorFlow "
+            "kernels do not run faster on them: expect pruned latency close to baseline"
+        )
     for pattern in spec.layer_sparsity:
         if not any(re.search(pattern, nv.name) for nv in handle.prunable(spec.include, spec.exclude)):
             job.notes.append(f"layer_sparsity pattern {pattern!r} matches no selected prunable variable")

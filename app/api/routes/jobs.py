@@ -161,7 +161,10 @@ def get_artifact(
     if not path.is_file():
         raise NotFound(f"the artifact of job {job_id} is gone from storage")
     etag = f'"{record.artifact_sha256}"'
-    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+    # RFC 9110 13.1.2: "*" matches any current representation; If-None-Match uses weak comparison.
+    if if_none_match and (
+        if_none_match.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    ):
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(
         path,
