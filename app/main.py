@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.api.routes import datasets, health, jobs, models
 from app.config import Settings, get_settings
@@ -68,8 +69,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such endpoint; the API is documented at /docs"
         headers = dict(exc.headers or {})  # e.g. the Allow header a 405 must carry (RFC 9110 15.5.6)
-        if exc.status_code == 405 and detail == "Method Not Allowed":
-            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers.get('Allow', '?')}"
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route matching the path; list every method it takes.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+            if detail == "Method Not Allowed":
+                detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
         response = problem(exc.status_code, _reason(exc.status_code), detail, f"http-{exc.status_code}")
         response.headers.update(headers)
         return response
@@ -78,6 +82,15 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "Internal error", "an unexpected error occurred; it was logged", "internal")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def _reason(status: int) -> str:

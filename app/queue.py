@@ -25,13 +25,15 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
             "socket_connect_timeout": 5,
             "socket_timeout": 10,
         }
-    folders = {name: settings.broker_dir / name for name in ("queue", "processed")}
+    # control: kombu's exchange tables; its default is ./control in the process's working directory.
+    folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     return "filesystem://", {
         "data_folder_in": str(folders["queue"]),
         "data_folder_out": str(folders["queue"]),
         "processed_folder": str(folders["processed"]),
+        "control_folder": str(folders["control"]),
         "store_processed": False,
     }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from fastapi.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import InsufficientStorage, ServiceUnavailable
@@ -43,9 +42,10 @@ def ensure_free_space(storage: Storage, settings: Settings) -> None:
         )
 
 
-async def send_or_503(celery: Celery, task: str, record_id: str) -> None:
+def send_or_503(celery: Celery, task: str, record_id: str) -> None:
+    """Blocking (the broker may take a second to refuse): call from a sync route or via run_in_threadpool."""
     try:
-        await run_in_threadpool(send, celery, task, record_id)
+        send(celery, task, record_id)
     except Exception as exc:
         raise ServiceUnavailable(
             f"the job queue did not accept the task ({type(exc).__name__}); nothing was kept, retry shortly",

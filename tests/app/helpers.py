@@ -51,7 +51,8 @@ def zip_bytes(entries: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes
     return buf.getvalue()
 
 
-def targz_bytes(entries: dict[str, bytes], *, top: str = "") -> bytes:
+def targz_bytes(entries: dict[str, bytes], *, top: str = "", links: dict[str, str] | None = None) -> bytes:
+    """A gzipped tar of ``entries``, optionally under one ``top`` folder, plus symlinks name -> target."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         if top:
@@ -63,6 +64,11 @@ def targz_bytes(entries: dict[str, bytes], *, top: str = "") -> bytes:
             info = tarfile.TarInfo(f"{top}/{name}" if top else name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            link = tarfile.TarInfo(name)
+            link.type = tarfile.SYMTYPE
+            link.linkname = target
+            tf.addfile(link)
     return buf.getvalue()
 
 
@@ -98,7 +104,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary-xyz") -> tuple[bytes, str]:
+def multipart(
+    parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary-xyz"
+) -> tuple[bytes, str]:
     """A hand-built multipart/form-data body: (field name, filename or None, data) per part."""
     out = io.BytesIO()
     for name, filename, data in parts:
@@ -137,7 +145,11 @@ def sent_tasks(settings: Settings) -> list[Sent]:
     out = []
     for path in sorted(folder.glob("*.msg")) if folder.is_dir() else []:
         envelope = json.loads(path.read_text())
-        body = base64.b64decode(envelope["body"]) if envelope["properties"]["body_encoding"] == "base64" else None
+        body = (
+            base64.b64decode(envelope["body"])
+            if envelope["properties"]["body_encoding"] == "base64"
+            else None
+        )
         args = json.loads(body)[0] if body is not None else []
         out.append(
             Sent(
@@ -195,8 +207,12 @@ def mark_model(
         )
 
 
-def create_job(client: TestClient, model_id: str, spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json={"model_id": model_id, "spec": spec or {"target_sparsity": 0.5}, **extra})
+def create_job(
+    client: TestClient, model_id: str, spec: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    response = client.post(
+        "/v1/jobs", json={"model_id": model_id, "spec": spec or {"target_sparsity": 0.5}, **extra}
+    )
     assert response.status_code == 202, response.text
     return response.json()
 

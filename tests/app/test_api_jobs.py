@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.store import repo
 from app.schemas.spec import NOT_YET_SUPPORTED
+from app.store import repo
 from app.store.db import session_scope
 from app.store.tables import JobRecord
 from tests.app.helpers import (
@@ -196,7 +196,9 @@ SPEC_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 @pytest.mark.parametrize("case", list(SPEC_ERRORS), ids=list(SPEC_ERRORS))
-def test_spec_errors_are_422_with_errors(client: TestClient, settings: Settings, model_id: str, case: str) -> None:
+def test_spec_errors_are_422_with_errors(
+    client: TestClient, settings: Settings, model_id: str, case: str
+) -> None:
     spec, loc = SPEC_ERRORS[case]
     response = client.post("/v1/jobs", json={"model_id": model_id, "spec": spec})
     body = assert_refused(client, settings, response, 422)
@@ -225,7 +227,14 @@ MODEL = "<the uploaded model id>"
         ({"model_id": MODEL, "spec": "prune it"}, "spec"),
         ({"model_id": MODEL, "spec": {"target_sparsity": 0.5}, "train_dataset_id": 7}, "train_dataset_id"),
     ],
-    ids=["unknown-top-level-field", "no-model-id", "no-spec", "empty-model-id", "spec-not-object", "id-not-str"],
+    ids=[
+        "unknown-top-level-field",
+        "no-model-id",
+        "no-spec",
+        "empty-model-id",
+        "spec-not-object",
+        "id-not-str",
+    ],
 )
 def test_request_shape_errors_are_422(
     client: TestClient, settings: Settings, model_id: str, payload: dict[str, Any], loc: str
@@ -235,9 +244,7 @@ def test_request_shape_errors_are_422(
     assert loc in [e["loc"] for e in body["errors"]], body["errors"]
 
 
-@pytest.mark.parametrize(
-    "content", [b"not json", b"[1, 2]", b""], ids=["not-json", "json-array", "empty"]
-)
+@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", b""], ids=["not-json", "json-array", "empty"])
 def test_body_that_is_not_a_job_is_422(client: TestClient, settings: Settings, content: bytes) -> None:
     response = client.post("/v1/jobs", content=content, headers={"content-type": "application/json"})
     assert_refused(client, settings, response, 422)
@@ -263,7 +270,9 @@ def test_not_yet_implemented_values_are_422_naming_the_field(
     client: TestClient, settings: Settings, model_id: str, train_id: str, field: str
 ) -> None:
     spec = {"target_sparsity": 0.5, **NOT_YET[field]}
-    response = client.post("/v1/jobs", json={"model_id": model_id, "train_dataset_id": train_id, "spec": spec})
+    response = client.post(
+        "/v1/jobs", json={"model_id": model_id, "train_dataset_id": train_id, "spec": spec}
+    )
     body = assert_refused(client, settings, response, 422)
     assert field in body["detail"]
     assert "implemented" in body["detail"]
@@ -279,7 +288,9 @@ def test_other_unimplemented_values_are_named_too(
     client: TestClient, model_id: str, train_id: str, field: str, value: str
 ) -> None:
     spec = {"target_sparsity": 0.5, field: value}
-    response = client.post("/v1/jobs", json={"model_id": model_id, "train_dataset_id": train_id, "spec": spec})
+    response = client.post(
+        "/v1/jobs", json={"model_id": model_id, "train_dataset_id": train_id, "spec": spec}
+    )
     body = assert_problem(response, 422)
     assert [e["loc"] for e in body["errors"]] == [f"spec.{field}"]
     assert repr(value) in body["detail"]
@@ -303,9 +314,13 @@ def test_several_unimplemented_fields_are_all_named(client: TestClient, model_id
         assert field in body["detail"]
 
 
-def test_fine_tune_without_train_dataset_is_422(client: TestClient, settings: Settings, model_id: str) -> None:
+def test_fine_tune_without_train_dataset_is_422(
+    client: TestClient, settings: Settings, model_id: str
+) -> None:
     spec = {"target_sparsity": 0.5, "fine_tune": {"epochs": 1}}
-    body = assert_refused(client, settings, client.post("/v1/jobs", json={"model_id": model_id, "spec": spec}), 422)
+    body = assert_refused(
+        client, settings, client.post("/v1/jobs", json={"model_id": model_id, "spec": spec}), 422
+    )
     assert "train_dataset_id" in body["detail"]
     assert [e["loc"] for e in body["errors"]] == ["train_dataset_id"]
 
@@ -341,7 +356,9 @@ def test_dataset_that_does_not_fit_the_model_is_422(
     assert [e["loc"] for e in body["errors"]] == [role]
 
 
-def test_dataset_that_fits_the_model_is_accepted(client: TestClient, ready_model_id: str, train_id: str) -> None:
+def test_dataset_that_fits_the_model_is_accepted(
+    client: TestClient, ready_model_id: str, train_id: str
+) -> None:
     spec = {"target_sparsity": 0.5, "fine_tune": {"epochs": 1}}
     body = create_job(client, ready_model_id, spec, train_dataset_id=train_id, eval_dataset_id=train_id)
     assert body["status"] == "queued"
@@ -360,7 +377,10 @@ def test_multi_input_model_needs_named_arrays(client: TestClient, model_id: str)
     mark_model(app_of(client), model_id, "ready", signatures=signatures)
     single = upload_dataset(client, dataset_arrays(n=3, features=4))["id"]
     body = assert_problem(
-        client.post("/v1/jobs", json={"model_id": model_id, "eval_dataset_id": single, "spec": {"target_sparsity": 0.5}}),
+        client.post(
+            "/v1/jobs",
+            json={"model_id": model_id, "eval_dataset_id": single, "spec": {"target_sparsity": 0.5}},
+        ),
         422,
     )
     assert "x.image" in body["detail"] and "x.meta" in body["detail"]
@@ -377,15 +397,27 @@ def test_multi_input_model_needs_named_arrays(client: TestClient, model_id: str)
     create_job(client, model_id, eval_dataset_id=named)
 
 
-def test_unknown_signature_with_a_dataset_is_422(client: TestClient, ready_model_id: str, train_id: str) -> None:
-    payload = {
+@pytest.mark.parametrize("with_dataset", [False, True], ids=["no-dataset", "with-dataset"])
+def test_signature_the_ready_model_lacks_is_422(
+    client: TestClient, settings: Settings, ready_model_id: str, train_id: str, with_dataset: bool
+) -> None:
+    """The worker always calls spec.signature, so a ready model without it is refused at once."""
+    payload: dict[str, Any] = {
         "model_id": ready_model_id,
-        "eval_dataset_id": train_id,
         "spec": {"target_sparsity": 0.5, "signature": "predict"},
     }
-    body = assert_problem(client.post("/v1/jobs", json=payload), 422)
+    if with_dataset:
+        payload["eval_dataset_id"] = train_id
+    body = assert_refused(client, settings, client.post("/v1/jobs", json=payload), 422)
     assert "'predict'" in body["detail"]
     assert "serving_default" in body["detail"]
+    assert [e["loc"] for e in body["errors"]] == ["spec.signature"]
+
+
+def test_signature_is_not_checked_while_the_model_validates(client: TestClient, model_id: str) -> None:
+    assert (
+        create_job(client, model_id, {"target_sparsity": 0.5, "signature": "predict"})["status"] == "queued"
+    )
 
 
 # --- reading and listing ----------------------------------------------------------------------------------
@@ -394,8 +426,7 @@ def test_unknown_signature_with_a_dataset_is_422(client: TestClient, ready_model
 def test_get_unknown_job_is_404(client: TestClient) -> None:
     body = assert_problem(client.get("/v1/jobs/job_00000000000000000000"), 404)
     assert "GET /v1/jobs" in body["detail"]
-    for suffix in ("cancel",):
-        assert_problem(client.post(f"/v1/jobs/job_00000000000000000000/{suffix}"), 404)
+    assert_problem(client.post("/v1/jobs/job_00000000000000000000/cancel"), 404)
     for suffix in ("metrics", "artifact"):
         assert_problem(client.get(f"/v1/jobs/job_00000000000000000000/{suffix}"), 404)
 
@@ -474,9 +505,12 @@ def claim(app: FastAPI, job_id: str) -> None:
         assert repo.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
 
 
-def test_cancel_running_job_only_requests_it(client: TestClient, model_id: str) -> None:
-    job = create_job(client, model_id)
+def test_cancel_running_job_only_requests_it(client: TestClient, model_id: str, train_id: str) -> None:
+    job = create_job(client, model_id, eval_dataset_id=train_id)
     claim(app_of(client), job["id"])
+    # a running job holds its model and datasets too
+    assert_problem(client.delete(f"/v1/models/{model_id}"), 409)
+    assert_problem(client.delete(f"/v1/datasets/{train_id}"), 409)
 
     body = client.post(f"/v1/jobs/{job['id']}/cancel").json()
     assert body["status"] == "running"

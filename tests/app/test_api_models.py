@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import random
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,12 +16,14 @@ from app.main import create_app
 from tests.app.helpers import (
     RUN_JOB,
     SAVED_MODEL,
+    SIGNATURES,
     VALIDATE_MODEL,
     app_of,
     assert_problem,
     create_job,
     files_under,
     keras_bytes,
+    mark_model,
     multipart,
     saved_model_zip,
     sent_tasks,
@@ -82,6 +85,29 @@ def test_upload_takes_the_optional_name_field(client: TestClient) -> None:
     assert client.get(f"/v1/models/{body['id']}").json()["name"] == "my classifier"
 
 
+def test_long_name_is_cut_to_256_characters(client: TestClient) -> None:
+    assert upload_model(client, name="n" * 300)["name"] == "n" * 256
+
+
+def test_name_longer_than_the_text_limit_is_400(client: TestClient, settings: Settings) -> None:
+    response = client.post(
+        "/v1/models", files={"file": ("m.zip", saved_model_zip())}, data={"name": "n" * 5000}
+    )
+    body = assert_problem(response, 400)
+    assert "'name'" in body["detail"]
+    assert_nothing_kept(client, settings)
+
+
+def test_client_file_path_is_reduced_to_a_display_name(client: TestClient, settings: Settings) -> None:
+    body = upload_model(client, filename="../../etc/cron.d/model.zip")
+    assert body["name"] == "model.zip"
+    stored = files_under(settings.data_dir)
+    assert all(p.is_relative_to(settings.data_dir) for p in stored)
+    assert [p.relative_to(settings.data_dir).as_posix() for p in stored if "models" in p.parts] == [
+        f"models/{body['id']}/upload.zip"
+    ]
+
+
 @pytest.mark.parametrize("top", ["", "export"], ids=["at-root", "in-top-folder"])
 def test_upload_saved_model_tar_gz(client: TestClient, settings: Settings, top: str) -> None:
     data = targz_bytes(SAVED_MODEL, top=top)
@@ -133,8 +159,6 @@ def test_get_model_returns_the_upload(client: TestClient) -> None:
 
 
 def test_get_model_after_worker_verdict_shows_signatures(client: TestClient) -> None:
-    from tests.app.helpers import SIGNATURES, mark_model
-
     created = upload_model(client)
     mark_model(app_of(client), created["id"], "ready", signatures=SIGNATURES)
     got = client.get(f"/v1/models/{created['id']}").json()
@@ -242,6 +266,14 @@ REFUSED_FILES = {
         "saved_model.pb",
     ),
     "corrupt-zip": ("model.zip", saved_model_zip()[:-40], 422, "zip"),
+    "gzip-not-tar": ("model.tar.gz", gzip.compress(b"just some text, not a tar" * 20), 422, "tar"),
+    "tar-symlink": (
+        "model.tar.gz",
+        targz_bytes(SAVED_MODEL, links={"variables/escape": "/etc/passwd"}),
+        422,
+        "symbolic link",
+    ),
+    "zip-bomb": ("model.zip", saved_model_zip(zeros=bytes(4 << 20)), 413, "decompression bomb"),
     "keras-without-config": ("net.keras", zip_bytes({"model.weights.h5": b"w"}), 422, "config.json"),
 }
 
@@ -266,7 +298,9 @@ def test_refused_file_gives_problem_and_keeps_nothing(
     ],
     ids=["json", "raw-zip", "urlencoded", "no-boundary"],
 )
-def test_not_multipart_is_415(client: TestClient, settings: Settings, content: bytes, content_type: str) -> None:
+def test_not_multipart_is_415(
+    client: TestClient, settings: Settings, content: bytes, content_type: str
+) -> None:
     response = client.post("/v1/models", content=content, headers={"content-type": content_type})
     body = assert_problem(response, 415)
     assert "multipart/form-data" in body["detail"]

@@ -49,7 +49,7 @@ def test_register_refuses_duplicate_names() -> None:
     class Other(Criterion):
         name = "magnitude"
 
-        def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
+        def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
             return weight
 
     with pytest.raises(ValueError, match="already registered"):
@@ -192,7 +192,7 @@ class _GradTimesWeight(Criterion):
     name = "test_taylor"
     needs_gradients: ClassVar[bool] = True
 
-    def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
+    def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
         assert grad is not None
         return np.abs(weight * grad)
 
@@ -296,7 +296,7 @@ def test_pruner_gradient_hook_and_shape_checks(tf_vars: dict[str, Any]) -> None:
     np.testing.assert_array_equal(tf_vars["w1"].numpy()[0], w1[0])
 
     class WrongShape(Magnitude):
-        def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
+        def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
             return np.abs(weight).reshape(-1)
 
     with pytest.raises(ValueError, match="shape"):

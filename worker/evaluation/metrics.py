@@ -3,17 +3,25 @@
 Everything returned is a plain ``float``/``int``/``list`` (or ``None`` when a metric is undefined) so the
 metrics JSON can be written as is. ``target_kind`` is the one place that decides what kind of labels these
 are; both the task inference here and the loss inference in ``worker.pruning.losses`` use it.
+
+Entry points, from the most to the least automatic:
+- ``evaluate_outputs``: a multi-output model; every output that has labels (``y.<output>``, or ``y`` for the
+  output plain labels refer to) is evaluated and reported under its name.
+- ``evaluate_output``: one output; infers the task and ``from_logits`` when not given.
+- ``classification_metrics`` / ``regression_metrics``: the task and ``from_logits`` already decided.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Collection, Mapping
+from typing import Any, Literal
 
 import numpy as np
 from scipy.special import expit, softmax
 from sklearn.metrics import (
     accuracy_score,
+    classification_report,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -22,13 +30,24 @@ from sklearn.metrics import (
     precision_score,
     r2_score,
     recall_score,
+    top_k_accuracy_score,
 )
 
 __all__ = [
+    "TOP_K",
     "TargetKind",
+    "Task",
+    "TaskChoice",
+    "class_probabilities",
     "classification_metrics",
+    "evaluate_output",
+    "evaluate_outputs",
+    "infer_from_logits",
     "infer_task",
+    "json_safe",
+    "labels_for_outputs",
     "looks_like_probabilities",
+    "predicted_classes",
     "regression_metrics",
     "target_kind",
     "to_probabilities",
@@ -36,6 +55,8 @@ __all__ = [
 
 TargetKind = Literal["sparse", "onehot", "binary", "multilabel", "regression"]
 Task = Literal["classification", "regression"]
+TaskChoice = Literal["auto", "classification", "regression"]  # API.md's ``evaluation.task``
+TOP_K = 5  # top-k accuracy is reported only when the model outputs more than this many classes
 
 
 def _units(output: np.ndarray) -> int:
@@ -99,6 +120,17 @@ def infer_task(y: np.ndarray, output: np.ndarray) -> Task:
     return "classification" if target_kind(y, output) in ("sparse", "onehot", "binary") else "regression"
 
 
+def infer_from_logits(y: np.ndarray, output: np.ndarray) -> bool:
+    """Whether a classification output holds logits, by the rule ``worker.pruning.losses.infer_loss`` uses.
+
+    Probabilities are values in [0, 1] whose rows sum to ~1 (softmax) for a multi-unit output with class-id
+    or one-hot labels; in [0, 1] alone for a single sigmoid unit. Anything else is treated as logits. Kept
+    here, without TensorFlow, so evaluation decides exactly like fine-tuning without importing it.
+    """
+    kind = target_kind(y, output)
+    return not looks_like_probabilities(output, rows_sum_to_one=kind in ("sparse", "onehot"))
+
+
 def to_probabilities(output: np.ndarray, from_logits: bool) -> np.ndarray:
     """Stable softmax over the last axis (multi-unit) or sigmoid (single unit) when ``from_logits``."""
     out = np.asarray(output, dtype=np.float64)
@@ -107,8 +139,11 @@ def to_probabilities(output: np.ndarray, from_logits: bool) -> np.ndarray:
     return softmax(out, axis=-1) if _units(out) > 1 else expit(out)
 
 
-def _class_probabilities(output: np.ndarray, from_logits: bool) -> np.ndarray:
-    """(N, C) probabilities with rows summing to 1; a single-unit output becomes [1 - p, p]."""
+def class_probabilities(output: np.ndarray, from_logits: bool) -> np.ndarray:
+    """(N, C) probabilities with rows summing to 1; a single-unit output becomes [1 - p, p].
+
+    Outputs with extra axes (e.g. one prediction per pixel, ``(N, H, W, C)``) become one row per prediction.
+    """
     out = np.asarray(output, dtype=np.float64)
     if _units(out) == 1:
         p = np.clip(to_probabilities(out.reshape(-1), from_logits), 0.0, 1.0)
@@ -117,6 +152,14 @@ def _class_probabilities(output: np.ndarray, from_logits: bool) -> np.ndarray:
     sums = probs.sum(axis=1, keepdims=True)
     # float32 softmax outputs rarely sum to exactly 1; all-zero rows become uniform rather than NaN.
     return np.where(sums > 0, probs / np.where(sums > 0, sums, 1.0), 1.0 / probs.shape[1])
+
+
+def predicted_classes(output: np.ndarray, from_logits: bool) -> np.ndarray:
+    """Class ids: argmax of a multi-unit output; ``p > 0.5`` for a single sigmoid unit (Keras' rule)."""
+    probs = class_probabilities(output, from_logits)
+    if _units(np.asarray(output)) == 1:
+        return (probs[:, 1] > 0.5).astype(np.int64)
+    return np.argmax(probs, axis=1)
 
 
 def _labels(y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -128,14 +171,22 @@ def _labels(y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
     return np.rint(y).astype(np.int64).reshape(-1)
 
 
-def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: bool) -> dict[str, object]:
-    """accuracy, macro precision/recall/F1 (zero_division=0), confusion matrix over all classes, log loss.
+def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: bool) -> dict[str, Any]:
+    """Every classification metric of API.md, computed by scikit-learn on one output.
+
+    Keys: ``accuracy``; ``top5_accuracy`` (only when the model outputs more than ``TOP_K`` classes, where it
+    says something accuracy does not); ``precision_macro``/``recall_macro``/``f1_macro`` and their
+    ``_weighted`` twins (zero_division=0); ``classification_report`` (scikit-learn's ``output_dict``: one entry
+    per class id as a string, ``accuracy``, ``macro avg``, ``weighted avg``); ``confusion_matrix`` (rows =
+    true class); ``loss`` (log loss).
 
     A single-unit output is binary: class 1 when its probability is above 0.5 (Keras' binary accuracy rule).
-    Macro scores average over the classes present in labels or predictions (scikit-learn's default); the
-    confusion matrix and the log loss use every class the model can output.
+    The top-level macro/weighted scores average over the classes present in labels or predictions
+    (scikit-learn's default, which clients already rely on); the report, the confusion matrix and the log loss
+    cover every class the model can output, so a class absent from the evaluation data shows support 0 there
+    (and pulls the report's ``macro avg`` down, unlike ``f1_macro``).
     """
-    probs = _class_probabilities(output, from_logits)
+    probs = class_probabilities(output, from_logits)
     n_classes = probs.shape[1]
     labels = _labels(y_true, output)
     if labels.size != probs.shape[0]:
@@ -144,22 +195,31 @@ def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: 
         raise ValueError(
             f"labels range from {labels.min()} to {labels.max()} but there are {n_classes} classes"
         )
-    pred = (
-        (probs[:, 1] > 0.5).astype(np.int64) if _units(np.asarray(output)) == 1 else np.argmax(probs, axis=1)
-    )
+    pred = predicted_classes(output, from_logits)
     classes = list(range(n_classes))
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "precision_macro": float(precision_score(labels, pred, average="macro", zero_division=0)),
-        "recall_macro": float(recall_score(labels, pred, average="macro", zero_division=0)),
-        "f1_macro": float(f1_score(labels, pred, average="macro", zero_division=0)),
-        "confusion_matrix": confusion_matrix(labels, pred, labels=classes).tolist(),
-        "loss": float(log_loss(labels, probs, labels=classes)),
-    }
+    result: dict[str, Any] = {"accuracy": float(accuracy_score(labels, pred))}
+    if n_classes > TOP_K:
+        result[f"top{TOP_K}_accuracy"] = float(top_k_accuracy_score(labels, probs, k=TOP_K, labels=classes))
+    for average in ("macro", "weighted"):
+        result[f"precision_{average}"] = float(
+            precision_score(labels, pred, average=average, zero_division=0)
+        )
+        result[f"recall_{average}"] = float(recall_score(labels, pred, average=average, zero_division=0))
+        result[f"f1_{average}"] = float(f1_score(labels, pred, average=average, zero_division=0))
+    report = classification_report(labels, pred, labels=classes, output_dict=True, zero_division=0)
+    result["classification_report"] = json_safe(report)
+    result["confusion_matrix"] = confusion_matrix(labels, pred, labels=classes).tolist()
+    result["loss"] = float(log_loss(labels, probs, labels=classes))
+    return json_safe(result)
 
 
-def regression_metrics(y_true: np.ndarray, output: np.ndarray) -> dict[str, float | None]:
-    """mse, mae and r2 (averaged uniformly over output units); r2 is None with fewer than two samples."""
+def regression_metrics(y_true: np.ndarray, output: np.ndarray) -> dict[str, Any]:
+    """mse, mae and r2 (averaged uniformly over output units); r2 is None with fewer than two samples.
+
+    With several target columns (an output of shape ``(N, k)``, k > 1, or more axes flattened per sample)
+    ``per_target`` adds the same three metrics per column (scikit-learn's ``multioutput="raw_values"``),
+    because a uniform average can hide one badly damaged target.
+    """
     out = np.asarray(output, dtype=np.float64)
     y = np.asarray(y_true, dtype=np.float64)
     if y.size != out.size:
@@ -167,8 +227,98 @@ def regression_metrics(y_true: np.ndarray, output: np.ndarray) -> dict[str, floa
     n = out.shape[0] if out.ndim else 1
     out2 = out.reshape(n, -1)
     y2 = y.reshape(n, -1)
-    return {
+    result: dict[str, Any] = {
         "mse": float(mean_squared_error(y2, out2)),
         "mae": float(mean_absolute_error(y2, out2)),
         "r2": float(r2_score(y2, out2)) if n >= 2 else None,
     }
+    if out2.shape[1] > 1:
+        result["per_target"] = {
+            "mse": mean_squared_error(y2, out2, multioutput="raw_values").tolist(),
+            "mae": mean_absolute_error(y2, out2, multioutput="raw_values").tolist(),
+            "r2": r2_score(y2, out2, multioutput="raw_values").tolist() if n >= 2 else None,
+        }
+    return json_safe(result)
+
+
+def evaluate_output(
+    y: np.ndarray, output: np.ndarray, task: TaskChoice = "auto", from_logits: bool | None = None
+) -> dict[str, Any]:
+    """Metrics of one output against its labels, plus ``task`` (which set of metrics this is).
+
+    ``task="auto"`` infers it from the labels (``infer_task``); ``from_logits=None`` infers it from labels and
+    outputs (``infer_from_logits``). ``output`` may hold fewer rows than ``y`` (a signature with a fixed batch
+    size scores whole batches only): ``y`` is cut to the outputs' length. Mismatched labels raise ValueError.
+    """
+    output = np.asarray(output)
+    y = np.asarray(y)[: len(output)] if output.ndim else np.asarray(y)
+    chosen: Task = infer_task(y, output) if task == "auto" else task
+    if chosen == "regression":
+        return {"task": chosen, **regression_metrics(y, output)}
+    logits = infer_from_logits(y, output) if from_logits is None else from_logits
+    return {"task": chosen, **classification_metrics(y, output, logits)}
+
+
+def labels_for_outputs(
+    outputs: Collection[str], arrays: Mapping[str, np.ndarray], selected: str | None = None
+) -> dict[str, np.ndarray]:
+    """Which label array belongs to which output (API.md's dataset convention).
+
+    ``y.<output>`` labels that output; plain ``y`` labels ``selected`` (the output the pipeline compares labels
+    with, ``worker.models.select_output``), or the only output. Outputs without labels are left out; other
+    arrays (``x``, ``x.<input>``, ``y.<unknown>``) are ignored.
+    """
+    names = list(outputs)
+    if selected is None and len(names) == 1:
+        selected = names[0]
+    found: dict[str, np.ndarray] = {}
+    for name in sorted(names):
+        key = f"y.{name}"
+        if key in arrays:
+            found[name] = np.asarray(arrays[key])
+        elif name == selected and "y" in arrays:
+            found[name] = np.asarray(arrays["y"])
+    return found
+
+
+def evaluate_outputs(
+    outputs: Mapping[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    selected: str | None = None,
+    task: TaskChoice = "auto",
+    from_logits: bool | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{output name: evaluate_output(...)}`` for every output that has labels in ``arrays``, by name.
+
+    ``outputs`` are a signature's predictions by output name; ``arrays`` the dataset (``y`` and/or
+    ``y.<output>``; see ``labels_for_outputs``). ``task`` and ``from_logits`` apply to every labelled output;
+    ``"auto"``/``None`` decide per output, so a classification head and a regression head of one model each get
+    their own metrics. An empty dict means no output has labels. A ValueError names the output it is about.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for name, y in labels_for_outputs(outputs, arrays, selected).items():
+        try:
+            result[name] = evaluate_output(y, outputs[name], task, from_logits)
+        except ValueError as exc:
+            raise ValueError(f"output {name!r}: {exc}") from exc
+    return result
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays -> Python numbers/lists, NaN/inf -> None, keys -> str.
+
+    The metrics document is strict JSON (``allow_nan=False``); an undefined metric is ``null``, never NaN.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value

@@ -1,7 +1,9 @@
-"""On-disk size of a model directory and its zipped form (what a user downloads).
+"""Model size: on-disk bytes of a model directory, its zipped form (what a user downloads), and weight counts.
 
 The zip is deterministic -- sorted entries, fixed timestamps, permissions from the files -- so the same
 pruned model always gives the same bytes (stable ETag, comparable sizes between baseline and pruned).
+Unstructured zeros do not shrink the SavedModel (variables are stored dense) but deflate well, which is why
+both sizes are reported.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import shutil
 import stat
 import uuid
 import zipfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["dir_size", "zip_dir"]
+import numpy as np
+
+__all__ = ["dir_size", "param_counts", "zip_dir"]
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest time a zip can hold
 _CHUNK = 1 << 20
@@ -84,3 +90,28 @@ def zip_dir(src_dir: Path, out_zip: Path, compresslevel: int = 6) -> int:
             tmp.unlink()
         raise
     return out_zip.stat().st_size
+
+
+def param_counts(arrays: Mapping[str, np.ndarray], prunable: Collection[str]) -> dict[str, Any]:
+    """Weight counts of a model from its variables' values (name -> array) and the prunable names.
+
+    Returns API.md's ``params`` (``total``, ``prunable``, ``nonzero`` -- nonzero over EVERY variable), the
+    ``sparsity`` the spec targets (zeros among prunable weights / prunable weights; 0.0 with none) and
+    ``nonzero_by_name`` (per variable, the ``masks_nonzero`` input of ``flops.estimate_flops``).
+    """
+    unknown = sorted(set(prunable) - set(arrays))
+    if unknown:
+        raise ValueError(f"prunable names {unknown} are not among the variables")
+    sizes = {name: int(np.size(value)) for name, value in arrays.items()}
+    nonzero = {name: int(np.count_nonzero(value)) for name, value in arrays.items()}
+    prunable_size = sum(sizes[name] for name in prunable)
+    prunable_zeros = sum(sizes[name] - nonzero[name] for name in prunable)
+    return {
+        "params": {
+            "total": sum(sizes.values()),
+            "prunable": prunable_size,
+            "nonzero": sum(nonzero.values()),
+        },
+        "sparsity": prunable_zeros / prunable_size if prunable_size else 0.0,
+        "nonzero_by_name": nonzero,
+    }

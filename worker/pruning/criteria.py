@@ -1,8 +1,24 @@
 """Pruning criteria: how important each weight is (higher score = keep).
 
 Like Torch-Pruning's "importance" classes, a criterion is a small object with one scoring method; the pruner
-receives it and never special-cases a particular criterion. Hooks a criterion needs (gradients today) are
-declared on the base class as class variables so the caller can prepare them generically.
+receives it and never special-cases a particular criterion. What a criterion needs from the caller is declared
+on the base class as class variables, so the caller prepares it generically:
+
+- ``needs_gradients``: pass ``grads`` to ``Pruner.prune`` -- a ``GradientStats`` per variable, computed by
+  ``gradients.accumulate_gradients`` over train batches (a plain gradient array is accepted too and read as
+  one batch's gradient).
+- ``regularizer``: ``"l1"`` or ``"l2"``: fine-tune with ``Pruner.penalty(strength)`` added to the loss before
+  pruning (regularisation-driven pruning); the scores themselves are magnitudes.
+
+Registered criteria (the spec's ``criterion``):
+
+- ``magnitude``: ``|w|``.
+- ``gradient``: mean over batches of ``|dL/dw|`` -- how strongly the loss reacts to the weight.
+- ``taylor``: mean over batches of ``|w * dL/dw|``, the first-order Taylor estimate of the loss change when
+  ``w`` is set to zero (Molchanov et al. 2017; SNIP's connection sensitivity, Lee et al. 2019).
+- ``random``: uniform scores from ``(seed, variable name)``: the baseline a real criterion must beat.
+- ``l1`` / ``l2``: magnitude after an L1 (``sum |w|``) or L2 fine-tuning phase; for structured granularities
+  L2 becomes group lasso (``regularization.py``).
 
 Adding a criterion = one class decorated with ``@register`` (its ``name`` is the spec's ``criterion`` value).
 No TensorFlow here: scores are computed from NumPy arrays.
@@ -10,12 +26,48 @@ No TensorFlow here: scores are computed from NumPy arrays.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 
-__all__ = ["CRITERIA", "Criterion", "Magnitude", "get_criterion", "register"]
+__all__ = [
+    "CRITERIA",
+    "L1",
+    "L2",
+    "Criterion",
+    "Gradient",
+    "GradientStats",
+    "Magnitude",
+    "Random",
+    "Regularizer",
+    "Taylor",
+    "get_criterion",
+    "register",
+]
+
+Regularizer = Literal["l1", "l2"]
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """Per-variable gradient statistics over train batches (same shape as the variable).
+
+    ``abs_grad`` = mean of ``|dL/dw|`` and ``abs_taylor`` = mean of ``|w * dL/dw|``, each batch weighted by its
+    number of samples (``L`` is the batch's mean loss). ``connected`` is False when the loss does not depend on
+    the variable at all (e.g. the head of another output): its scores are then all zero and meaningless.
+    """
+
+    abs_grad: np.ndarray
+    abs_taylor: np.ndarray
+    batches: int
+    samples: int
+    connected: bool = True
+
+
+GradInput = GradientStats | np.ndarray
 
 
 class Criterion(ABC):
@@ -23,14 +75,24 @@ class Criterion(ABC):
 
     name: ClassVar[str]
     needs_gradients: ClassVar[bool] = False
+    regularizer: ClassVar[Regularizer | None] = None
 
     def __init__(self, seed: int = 0) -> None:
         # Kept on every criterion so stochastic ones (e.g. random) are reproducible from the spec's seed.
         self.seed = seed
 
+    @property
+    def needs_train_data(self) -> bool:
+        """Whether the criterion cannot run without a labelled train dataset."""
+        return self.needs_gradients or self.regularizer is not None
+
     @abstractmethod
-    def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
-        """Return an array of ``weight``'s shape; higher means more important (kept longer)."""
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
+        """Return an array of ``weight``'s shape; higher means more important (kept longer).
+
+        ``name`` is the variable's name: criteria that draw random numbers derive their stream from it so a
+        variable's scores do not depend on which other variables are pruned with it.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"
@@ -49,14 +111,75 @@ def register(cls: _C) -> _C:
     return cls
 
 
+def _require(grad: GradInput | None, criterion: str) -> GradInput:
+    if grad is None:
+        raise ValueError(f"criterion {criterion!r} needs gradients (gradients.accumulate_gradients)")
+    return grad
+
+
 @register
 class Magnitude(Criterion):
     """|w|: small weights contribute least to the output (Han et al., 2015; tfmot's default)."""
 
     name = "magnitude"
 
-    def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
         return np.abs(np.asarray(weight))
+
+
+@register
+class Gradient(Criterion):
+    """Mean |dL/dw| over batches: weights the loss is insensitive to go first, whatever their size."""
+
+    name = "gradient"
+    needs_gradients = True
+
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
+        grad = _require(grad, self.name)
+        if isinstance(grad, GradientStats):
+            return np.asarray(grad.abs_grad)
+        return np.abs(np.asarray(grad))
+
+
+@register
+class Taylor(Criterion):
+    """Mean |w * dL/dw| over batches: first-order estimate of the loss change caused by zeroing w."""
+
+    name = "taylor"
+    needs_gradients = True
+
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
+        grad = _require(grad, self.name)
+        if isinstance(grad, GradientStats):
+            return np.asarray(grad.abs_taylor)
+        return np.abs(np.asarray(weight) * np.asarray(grad))
+
+
+@register
+class Random(Criterion):
+    """Uniform [0, 1) scores from ``(seed, crc32(name))``: reproducible across processes (no salted hash)."""
+
+    name = "random"
+
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode("utf-8"))])
+        return rng.random(np.shape(weight))
+
+
+@register
+class L1(Magnitude):
+    """Magnitude after fine-tuning with ``strength * sum |w|``: L1 drives unneeded weights to zero first."""
+
+    name = "l1"
+    regularizer = "l1"
+
+
+@register
+class L2(Magnitude):
+    """Magnitude after fine-tuning with an L2 penalty (group lasso for channel/block granularities)."""
+
+    name = "l2"
+    regularizer = "l2"
 
 
 def get_criterion(name: str, seed: int = 0) -> Criterion:

@@ -1,36 +1,92 @@
 """The pruner: scores live ``tf.Variable`` values, turns scores into keep-masks, writes exact zeros.
 
 It works on plain variables (what ``tf.saved_model.load`` gives back for any SavedModel), not Keras layers.
+Each variable has a *kind* (``granularity.infer_kind``: dense, conv, depthwise, ...) and a *granularity*
+(unstructured, channel, N:M, block); a granularity that has no meaning for a kind leaves the variable dense
+and says why (``skipped``), so the pipeline can put the reason in the metrics' notes.
 
 Scopes (``_SCOPES`` table, one entry per spec ``scope``):
-- ``layer``: each variable ``n`` is pruned at ``fraction * targets[n]``.
-- ``global``: variables named in ``fixed`` (the spec's ``layer_sparsity`` overrides) are pruned per layer at
-  ``fraction * fixed[n]``; all the others are ranked together at ``fraction * global_target``.
+- ``layer``: each variable ``n`` is pruned at ``fraction * targets[n]`` by its granularity.
+- ``global``: variables named in ``fixed`` (the spec's ``layer_sparsity`` overrides), and variables whose
+  granularity is not rankable (N:M: a local pattern by definition), are pruned per layer at
+  ``fraction * their target``; all the others are ranked together at ``fraction * global_target``: their
+  groups' scores (elements, channels, blocks) are normalised per variable (``normalization.py``) and pooled.
   ``global_target`` defaults to the value ``targets`` gives the pooled variables (they must agree).
 
 Masks are monotone, as in tfmot: entries pruned earlier get a score of ``-inf`` (so they are the first chosen
 again) and the new mask is AND-ed with the old one, so a schedule whose fraction rises never revives a weight;
-asking for a lower fraction later keeps the higher sparsity already reached.
+asking for a lower fraction later keeps the higher sparsity already reached. With ``channel`` granularity the
+bias entry of a removed channel is masked too (when Keras naming pairs a bias, see ``paired_bias``), and
+``apply_masks`` keeps it zero through fine-tuning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
 
-from worker.pruning.criteria import Criterion
-from worker.pruning.scope import global_masks, layer_masks
+from worker.pruning.criteria import Criterion, GradInput
+from worker.pruning.granularity import (
+    NM,
+    Granularity,
+    Kind,
+    Unstructured,
+    bias_keep_mask,
+    infer_kinds,
+    nm_achieved_sparsity,
+    paired_bias,
+)
+from worker.pruning.normalization import get_normalization
+from worker.pruning.regularization import penalty_fn
+from worker.pruning.scope import select_groups
 
-__all__ = ["Pruner"]
+__all__ = ["Pruner", "VariableReport"]
 
 Scope = Literal["layer", "global"]
 
 
+@dataclass(frozen=True)
+class VariableReport:
+    """What happened to one variable, for the metrics' ``layers`` entry and ``notes``."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Kind
+    granularity: str  # the spec's spelling: "unstructured", "channel", "2:4", "block 4x4"
+    target: float
+    sparsity: float  # measured: exact zeros / size
+    groups_total: int | None = None  # channels or blocks (None for unstructured and N:M)
+    groups_removed: int | None = None
+    group_noun: str | None = None  # "channels" or "blocks"
+    bias: str | None = None  # the paired bias zeroed with removed channels
+    skipped: str | None = None  # why the variable was left dense
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``channels_removed``/``channels_total`` (or ``blocks_*``) only where meaningful."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "granularity": self.granularity,
+            "target": self.target,
+            "sparsity": self.sparsity,
+        }
+        if self.group_noun is not None and self.groups_total is not None:
+            out[f"{self.group_noun}_removed"] = self.groups_removed
+            out[f"{self.group_noun}_total"] = self.groups_total
+        if self.bias is not None:
+            out["bias"] = self.bias
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
+        return out
+
+
 class Pruner:
-    """Holds one keep-mask per variable and keeps the variables consistent with it."""
+    """Holds one keep-mask per variable (and per paired bias) and keeps the variables consistent with it."""
 
     def __init__(
         self,
@@ -41,7 +97,16 @@ class Pruner:
         *,
         global_target: float | None = None,
         fixed: dict[str, float] | None = None,
+        granularity: Granularity | Mapping[str, Granularity] | None = None,
+        normalization: str = "none",
+        kinds: Mapping[str, Kind] | None = None,
+        model_variables: Mapping[str, tf.Variable] | None = None,
+        skip: Mapping[str, str] | None = None,
     ) -> None:
+        """``granularity``: one for all variables or one per variable (default unstructured).
+        ``kinds``: overrides of the inferred kinds. ``model_variables``: every variable of the model by name,
+        where paired biases are looked up (and their shapes refine kind inference). ``skip``: variables to
+        leave dense, with the reason to report (e.g. the output layer under channel granularity)."""
         if scope not in _SCOPES:
             raise ValueError(f"unknown scope {scope!r}; known scopes: {', '.join(sorted(_SCOPES))}")
         missing = [name for name in variables if name not in targets]
@@ -52,11 +117,54 @@ class Pruner:
         self.scope: Scope = scope
         self.criterion = criterion
         self.fixed = {name: float(t) for name, t in (fixed or {}).items()}
-        unknown = [name for name in self.fixed if name not in variables]
+        unknown = [name for name in [*self.fixed, *(skip or {}), *(kinds or {})] if name not in variables]
         if unknown:
-            raise ValueError(f"fixed targets for unknown variable(s): {', '.join(unknown)}")
+            raise ValueError(f"fixed targets, kinds or skips for unknown variable(s): {', '.join(unknown)}")
         self.global_target = self._pooled_target(global_target) if scope == "global" else None
+        self.normalization = normalization
+        self._normalize = get_normalization(normalization)
+
+        if granularity is None or isinstance(granularity, Granularity):
+            single = granularity or Unstructured()
+            self.granularities = {name: single for name in variables}
+        else:
+            absent = [name for name in variables if name not in granularity]
+            if absent:
+                raise ValueError(f"no granularity for variable(s): {', '.join(absent)}")
+            self.granularities = {name: granularity[name] for name in variables}
+
+        others = dict(model_variables or {})
+        shapes = {name: tuple(int(d) for d in var.shape) for name, var in variables.items()}
+        self.shapes = shapes
+        inferred = infer_kinds(shapes, {n: tuple(int(d) for d in v.shape) for n, v in others.items()})
+        self.kinds: dict[str, Kind] = {**inferred, **dict(kinds or {})}
+        self.skipped: dict[str, str] = {}
+        for name in variables:
+            reason = (skip or {}).get(name) or self.granularities[name].skip_reason(
+                self.kinds[name], shapes[name]
+            )
+            if reason is not None:
+                self.skipped[name] = reason
+
+        # Paired biases, only where the granularity removes output channels that own one bias entry each.
+        self.biases: dict[str, str] = {}
+        self._bias_vars: dict[str, tf.Variable] = {}
+        all_names = {*others, *variables}
+        for name in variables:
+            gran, kind = self.granularities[name], self.kinds[name]
+            if name in self.skipped or not gran.zeroes_bias(kind):
+                continue
+            bias = paired_bias(name, all_names)
+            if bias is None or bias in variables:  # a bias being pruned itself keeps its own mask
+                continue
+            bias_var = others[bias]
+            layout = gran.layout(kind, shapes[name])
+            if int(np.prod(bias_var.shape)) == layout.n_groups:
+                self.biases[name] = bias
+                self._bias_vars[bias] = bias_var
+
         self._masks = {name: np.ones(var.shape, dtype=bool) for name, var in variables.items()}
+        self._bias_masks = {bias: np.ones(var.shape, dtype=bool) for bias, var in self._bias_vars.items()}
         self._mask_tensors: dict[str, tf.Tensor] = {}
 
     @property
@@ -64,18 +172,31 @@ class Pruner:
         """Current keep-masks (True = kept), one boolean array per variable, shaped like it."""
         return dict(self._masks)
 
-    def prune(self, fraction: float, grads: dict[str, np.ndarray] | None = None) -> None:
+    @property
+    def bias_masks(self) -> dict[str, np.ndarray]:
+        """Keep-masks of the paired biases (by bias name): False where the channel was removed."""
+        return dict(self._bias_masks)
+
+    @property
+    def active(self) -> list[str]:
+        """Variables that are pruned (not skipped), in the given order."""
+        return [name for name in self.variables if name not in self.skipped]
+
+    def prune(self, fraction: float, grads: Mapping[str, GradInput] | None = None) -> None:
         """Recompute masks at ``fraction`` (0..1) of every target from current values; zero the variables.
 
-        ``grads`` (same names and shapes as the variables) is required by criteria with ``needs_gradients``.
+        ``grads`` (by variable name) is required by criteria with ``needs_gradients``: a ``GradientStats``
+        from ``gradients.accumulate_gradients`` (or a gradient array shaped like the variable).
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be within [0, 1], got {fraction!r}")
         if self.criterion.needs_gradients and grads is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs gradients: pass grads=")
         scores: dict[str, np.ndarray] = {}
-        for name, var in self.variables.items():
-            score = np.asarray(self.criterion.score(var.numpy(), None if grads is None else grads[name]))
+        for name in self.active:
+            var = self.variables[name]
+            grad = None if grads is None else grads[name]
+            score = np.asarray(self.criterion.score(var.numpy(), grad, name=name))
             if score.shape != tuple(var.shape):
                 raise ValueError(
                     f"criterion {self.criterion.name!r} returned shape {score.shape} "
@@ -83,10 +204,19 @@ class Pruner:
                 )
             if not np.issubdtype(score.dtype, np.floating):  # ints, bfloat16: -inf must be representable
                 score = score.astype(np.float32)
+            score = np.where(np.isnan(score), -np.inf, score)  # a NaN weight is the first thing to remove
             scores[name] = np.where(self._masks[name], score, -np.inf)  # pruned stay pruned
         new = _SCOPES[self.scope](self, scores, fraction)
-        self._masks = {name: new[name] & self._masks[name] for name in self.variables}
-        self._mask_tensors = {name: tf.constant(mask) for name, mask in self._masks.items()}
+        for name, mask in new.items():
+            self._masks[name] = mask & self._masks[name]
+            bias = self.biases.get(name)
+            if bias is not None:
+                layout = self.granularities[name].layout(self.kinds[name], self.shapes[name])
+                keep = bias_keep_mask(layout, self._masks[name], self._bias_masks[bias].shape)
+                if keep is not None:
+                    self._bias_masks[bias] &= keep
+        self._mask_tensors = {name: tf.constant(self._masks[name]) for name in self.active}
+        self._mask_tensors.update({bias: tf.constant(mask) for bias, mask in self._bias_masks.items()})
         self.apply_masks()
 
     def apply_masks(self) -> None:
@@ -95,7 +225,9 @@ class Pruner:
         ``tf.where`` rather than ``var * mask``: the result is +0.0 even for inf/NaN or negative weights.
         """
         for name, mask in self._mask_tensors.items():
-            var = self.variables[name]
+            var = self.variables.get(name)
+            if var is None:
+                var = self._bias_vars[name]
             var.assign(tf.where(mask, var, tf.zeros_like(var)))
 
     def sparsity(self) -> dict[str, float]:
@@ -106,6 +238,75 @@ class Pruner:
             nonzero = int(tf.math.count_nonzero(var).numpy()) if size else 0
             result[name] = (size - nonzero) / size if size else 0.0
         return result
+
+    def penalty(self, strength: float) -> Callable[[], tf.Tensor] | None:
+        """The criterion's regularisation penalty over the pruned variables, for ``fine_tune(penalty=...)``.
+
+        None when the criterion has no ``regularizer``. ``l2`` acts on the same groups the granularity removes
+        (group lasso on channels/blocks; ridge for unstructured and N:M).
+        """
+        regularizer = self.criterion.regularizer
+        if regularizer is None:
+            return None
+        names = self.active
+        layouts = [self.granularities[n].penalty_layout(self.kinds[n], self.shapes[n]) for n in names]
+        return penalty_fn(regularizer, [self.variables[n] for n in names], layouts, strength)
+
+    def report(self) -> list[VariableReport]:
+        """One ``VariableReport`` per variable, in the given order, measured from the current values."""
+        sparsity = self.sparsity()
+        reports = []
+        for name in self.variables:
+            gran, kind, shape = self.granularities[name], self.kinds[name], self.shapes[name]
+            common: dict[str, Any] = {
+                "name": name,
+                "shape": shape,
+                "kind": kind,
+                "granularity": gran.label,
+                "target": self.targets[name],
+                "sparsity": sparsity[name],
+            }
+            if name in self.skipped:
+                reports.append(VariableReport(**common, skipped=self.skipped[name]))
+                continue
+            notes: list[str] = []
+            total = removed = None
+            if gran.group_noun is not None:
+                layout = gran.layout(kind, shape)
+                total = layout.n_groups
+                removed = int(layout.removed(self._masks[name]).sum())
+            if isinstance(gran, NM):
+                axis = gran.axis(kind)
+                assert axis is not None
+                length = shape[axis]
+                if length % gran.m:
+                    achieved = nm_achieved_sparsity(gran.n, gran.m, length)
+                    notes.append(
+                        f"{name}: input axis of {length} is not a multiple of {gran.m}; its last group of "
+                        f"{length % gran.m} keeps at most {gran.n}: {gran.label} reaches {achieved:.4g} here, "
+                        f"not {1 - gran.n / gran.m:.4g}"
+                    )
+            reports.append(
+                VariableReport(
+                    **common,
+                    groups_total=total,
+                    groups_removed=removed,
+                    group_noun=gran.group_noun,
+                    bias=self.biases.get(name),
+                    notes=notes,
+                )
+            )
+        return reports
+
+    def notes(self) -> list[str]:
+        """Human-readable lines for the metrics' ``notes``: skipped variables and partial N:M patterns."""
+        lines = [
+            f"{name} left dense under {self.granularities[name].label} granularity: {reason}"
+            for name, reason in self.skipped.items()
+        ]
+        for report in self.report():
+            lines.extend(report.notes)
+        return lines
 
     def _pooled_target(self, global_target: float | None) -> float:
         if global_target is not None:
@@ -118,13 +319,34 @@ class Pruner:
             )
         return pooled.pop() if pooled else 0.0
 
+    def _own_mask(self, name: str, score: np.ndarray, target: float) -> np.ndarray:
+        return self.granularities[name].mask(score, self.kinds[name], target)
+
     def _layer(self, scores: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
-        return layer_masks(scores, {name: fraction * t for name, t in self.targets.items()})
+        return {name: self._own_mask(name, s, fraction * self.targets[name]) for name, s in scores.items()}
 
     def _global(self, scores: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
         assert self.global_target is not None
-        fixed = {name: fraction * t for name, t in self.fixed.items()}
-        return global_masks(scores, fraction * self.global_target, fixed)
+        masks: dict[str, np.ndarray] = {}
+        group_scores: dict[str, np.ndarray] = {}
+        group_sizes: dict[str, np.ndarray] = {}
+        layouts = {}
+        for name, score in scores.items():
+            gran = self.granularities[name]
+            if name in self.fixed or not gran.rankable:
+                target = self.fixed.get(name, self.targets[name])
+                masks[name] = self._own_mask(name, score, fraction * target)
+                continue
+            layout = gran.layout(self.kinds[name], self.shapes[name])
+            values, sizes = layout.group_scores(score, gran.reduce)
+            layouts[name] = layout
+            group_scores[name] = self._normalize(values, sizes)
+            group_sizes[name] = np.ones(values.size, np.int64) if sizes is None else sizes
+        unit = all(bool((s == 1).all()) for s in group_sizes.values())
+        keep = select_groups(group_scores, fraction * self.global_target, None if unit else group_sizes)
+        for name, flags in keep.items():
+            masks[name] = layouts[name].expand(flags)
+        return masks
 
 
 _SCOPES: dict[str, Callable[[Pruner, dict[str, np.ndarray], float], dict[str, np.ndarray]]] = {

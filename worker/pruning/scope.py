@@ -13,15 +13,29 @@ Ties are broken deterministically: among equal scores, the lower flat (C-order) 
 global scope variables are concatenated in sorted name order, so ties also prefer the alphabetically first
 variable. NaN scores rank lowest (a NaN weight is the first thing to remove). Already-pruned entries can be
 given a score of ``-inf`` by the caller so that masks only ever grow (the pruner does this).
+
+Groups (channels, blocks; see ``granularity.py``) are ranked the same way by ``select_groups``: each group
+has a score and a size (its number of elements); the lowest-scoring groups go first, and the number taken is
+the one whose element count is nearest ``round(target * elements)`` (ties: fewer). With one-element groups
+this is exactly the element rule above, so ``layer_masks``/``global_masks`` are ``select_groups`` on elements.
+The guard protects each variable's best *group*.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["global_masks", "layer_masks", "prune_count", "resolve_targets", "select_variables"]
+__all__ = [
+    "global_masks",
+    "layer_masks",
+    "prune_count",
+    "resolve_targets",
+    "select_groups",
+    "select_variables",
+]
 
 
 def select_variables(names: list[str], include: list[str], exclude: list[str]) -> list[str]:
@@ -59,13 +73,10 @@ def layer_masks(scores: dict[str, np.ndarray], targets: dict[str, float]) -> dic
     missing = [name for name in scores if name not in targets]
     if missing:
         raise ValueError(f"no target for variable(s): {', '.join(missing)}")
-    masks: dict[str, np.ndarray] = {}
-    for name, score in scores.items():
-        flat = _sanitized(score)
-        keep = np.ones(flat.size, dtype=bool)
-        keep[_lowest(flat, prune_count(targets[name], flat.size))] = False
-        masks[name] = keep.reshape(np.shape(score))
-    return masks
+    return {
+        name: select_groups({name: np.reshape(score, -1)}, targets[name])[name].reshape(np.shape(score))
+        for name, score in scores.items()
+    }
 
 
 def global_masks(
@@ -82,32 +93,69 @@ def global_masks(
     if unknown:
         raise ValueError(f"fixed targets for unknown variable(s): {', '.join(unknown)}")
     masks = layer_masks({n: scores[n] for n in fixed}, fixed)
+    pooled = {n: np.reshape(s, -1) for n, s in scores.items() if n not in fixed}
+    for name, keep in select_groups(pooled, target).items():
+        masks[name] = keep.reshape(np.shape(scores[name]))
+    return {name: masks[name] for name in scores}
 
+
+def select_groups(
+    scores: Mapping[str, np.ndarray], target: float, sizes: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """One ranking over the groups of all ``scores`` (1-D, one score per group); returns keep flags per group.
+
+    ``sizes`` (elements per group, same shapes; None = every group is one element) make the target a
+    fraction of *elements*: the lowest-ranked groups are taken while their element count gets nearer
+    ``round(target * total elements)``. Below a target of 1.0, each variable's best group (the last of its
+    maxima) is kept out of the ranking. Ties go to the alphabetically first variable, then the lower index.
+    """
     _check_target(target)
-    pooled = sorted(n for n in scores if n not in fixed)
-    flats = {n: _sanitized(scores[n]) for n in pooled}
-    total = sum(f.size for f in flats.values())
-    # Below 1.0, each non-empty pooled variable keeps its best entry out of the ranking: none is emptied.
-    # "Best" = the last of its maxima, i.e. the entry the tie rule would prune last.
-    protected = {
-        n: f.size - 1 - int(np.argmax(f[::-1])) for n, f in flats.items() if f.size > 0 and target < 1.0
+    names = sorted(scores)
+    flats = {n: _sanitized(scores[n]) for n in names}
+    unit = sizes is None
+    group_sizes = {
+        n: np.ones(flats[n].size, np.int64) if sizes is None else np.asarray(sizes[n], np.int64).reshape(-1)
+        for n in names
     }
-    segments = [np.delete(flats[n], protected[n]) if n in protected else flats[n] for n in pooled]
+    for n in names:
+        if group_sizes[n].shape != flats[n].shape or (group_sizes[n] < 1).any():
+            raise ValueError(f"sizes of {n} must be positive, one per group")
+    total = int(sum(int(s.sum()) for s in group_sizes.values()))
+    protected = {n: f.size - 1 - int(np.argmax(f[::-1])) for n, f in flats.items() if f.size and target < 1.0}
+    segments = [np.delete(flats[n], protected[n]) if n in protected else flats[n] for n in names]
     pool = np.concatenate(segments) if segments else np.empty(0)
-    k = min(round(target * total), pool.size)
-    pruned = np.sort(_lowest(pool, k))
+    wanted = round(target * total)
+    if unit:
+        pruned = np.sort(_lowest(pool, min(wanted, pool.size)))
+    else:
+        seg_sizes = [
+            np.delete(group_sizes[n], protected[n]) if n in protected else group_sizes[n] for n in names
+        ]
+        pool_sizes = np.concatenate(seg_sizes) if seg_sizes else np.empty(0, np.int64)
+        order = np.argsort(pool, kind="stable")
+        pruned = np.sort(order[: _nearest_prefix(np.cumsum(pool_sizes[order]), wanted)])
 
+    keep: dict[str, np.ndarray] = {}
     offset = 0
-    for name, segment in zip(pooled, segments, strict=True):
+    for name, segment in zip(names, segments, strict=True):
         lo, hi = np.searchsorted(pruned, [offset, offset + segment.size])
         local = pruned[lo:hi] - offset
         if name in protected:  # map back from "protected entry deleted" coordinates
             local = local + (local >= protected[name])
-        keep = np.ones(flats[name].size, dtype=bool)
-        keep[local] = False
-        masks[name] = keep.reshape(np.shape(scores[name]))
+        flags = np.ones(flats[name].size, dtype=bool)
+        flags[local] = False
+        keep[name] = flags
         offset += segment.size
-    return {name: masks[name] for name in scores}
+    return {name: keep[name] for name in scores}
+
+
+def _nearest_prefix(cumulative: np.ndarray, wanted: int) -> int:
+    """How many of the ranked groups to take so their element count is nearest ``wanted`` (ties: fewer)."""
+    idx = int(np.searchsorted(cumulative, wanted, side="left"))  # groups whose running total stays < wanted
+    if idx >= cumulative.size:
+        return int(cumulative.size)
+    below = int(cumulative[idx - 1]) if idx > 0 else 0
+    return idx + 1 if int(cumulative[idx]) - wanted < wanted - below else idx
 
 
 def _check_target(target: float) -> float:

@@ -13,7 +13,7 @@ from app.queue import broker_ping
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 

@@ -51,6 +51,9 @@ def _validate(body: JobCreate, session: SessionDep) -> None:
             extra={"errors": [{"loc": "train_dataset_id", "msg": "dataset has no 'y' array"}]},
         )
     if model.status == "ready" and model.signatures is not None:
+        if body.spec.signature not in model.signatures:  # the worker needs it even without datasets
+            msg = f"model {model.id} has no signature {body.spec.signature!r}; it has {sorted(model.signatures)}"
+            raise Unprocessable(msg, extra={"errors": [{"loc": "spec.signature", "msg": msg}]})
         for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
             if dataset is None:
                 continue
@@ -63,7 +66,7 @@ def _validate(body: JobCreate, session: SessionDep) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Start a pruning job")
-async def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response) -> JobOut:
+def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response) -> JobOut:
     _validate(body, session)
     record = repo.add(
         session,
@@ -81,7 +84,7 @@ async def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, re
     )
     session.commit()
     try:
-        await send_or_503(celery, RUN_JOB, record.id)
+        send_or_503(celery, RUN_JOB, record.id)
     except BaseException:
         session.delete(record)
         session.commit()
@@ -163,7 +166,8 @@ def get_artifact(
     etag = f'"{record.artifact_sha256}"'
     # RFC 9110 13.1.2: "*" matches any current representation; If-None-Match uses weak comparison.
     if if_none_match and (
-        if_none_match.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+        if_none_match.strip() == "*"
+        or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     ):
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(

@@ -88,7 +88,7 @@ async def upload_model(
     upload = await receive_upload(request, storage.tmp_dir, max_bytes=settings.max_model_bytes)
     record = await run_in_threadpool(_check_and_register, request, upload, storage, settings)
     try:
-        await send_or_503(celery, VALIDATE_MODEL, record.id)
+        await run_in_threadpool(send_or_503, celery, VALIDATE_MODEL, record.id)
     except BaseException:
         await run_in_threadpool(_forget, request, storage, record.id)
         raise

@@ -1,0 +1,182 @@
+"""The metrics document (``GET /v1/jobs/{id}/metrics``) as pydantic models, and its published JSON Schema.
+
+Clients integrate against this document, so its shape is written down once here and real outputs are tested
+against it. Keys API.md names are required; everything else is optional. Models where the document is
+expected to grow (new metrics, new per-layer columns, new sections) allow extra keys, so adding a field never
+breaks validation -- renaming or removing a required one does. No TensorFlow here: the API serves this.
+
+Quality ``metrics`` of one side are one of: null (no labelled evaluation data); classification or regression
+metrics of the output the labels refer to (API.md's flat keys); or ``{output name: those metrics}`` for a
+multi-output model evaluated per output.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "ClassificationMetrics",
+    "CrossValidation",
+    "Fidelity",
+    "LatencyStats",
+    "Layer",
+    "MetricsDocument",
+    "Params",
+    "PrunedSide",
+    "RegressionMetrics",
+    "Side",
+    "SizeBytes",
+    "Timings",
+    "Versions",
+    "metrics_json_schema",
+]
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+BatchSize = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*$")]
+
+
+class _Open(BaseModel):
+    """Named keys are checked; any other key is kept as is (the document grows by adding fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ClassificationMetrics(_Open):
+    """API.md's classification keys (required) and the ones added since (optional)."""
+
+    task: str | None = Field(None, description="'classification' when present")
+    accuracy: Probability
+    precision_macro: Probability
+    recall_macro: Probability
+    f1_macro: Probability
+    confusion_matrix: list[list[Annotated[int, Field(ge=0)]]] = Field(description="rows: true class")
+    loss: float | None = Field(description="log loss; null if undefined")
+    top5_accuracy: Probability | None = Field(None, description="only when the model has more than 5 classes")
+    precision_weighted: Probability | None = None
+    recall_weighted: Probability | None = None
+    f1_weighted: Probability | None = None
+    classification_report: dict[str, Any] | None = Field(
+        None,
+        description="scikit-learn's classification_report(output_dict=True), every class the model outputs",
+    )
+
+
+class RegressionMetrics(_Open):
+    task: str | None = Field(None, description="'regression' when present")
+    mse: float | None
+    mae: float | None
+    r2: float | None = Field(description="null with fewer than two samples")
+    per_target: dict[str, list[float | None] | None] | None = Field(
+        None, description="mse/mae/r2 per target column, when an output has several"
+    )
+
+
+QualityMetrics = ClassificationMetrics | RegressionMetrics
+
+
+class Params(_Open):
+    total: Annotated[int, Field(ge=0)]
+    prunable: Annotated[int, Field(ge=0)]
+    nonzero: Annotated[int, Field(ge=0)]
+
+
+class SizeBytes(_Open):
+    saved_model: Annotated[int, Field(ge=0)]
+    zip: Annotated[int, Field(ge=0)] = Field(description="deflate-compressed artifact")
+
+
+class LatencyStats(_Open):
+    """Milliseconds per call at one batch size; samples_per_s = batch size / mean latency."""
+
+    p50: float
+    p95: float
+    mean: float | None = None
+    samples_per_s: float | None = None
+
+
+class Fidelity(_Open):
+    """Agreement of pruned with baseline predictions (no labels needed)."""
+
+    mean_abs_output_diff: float | None
+    max_abs_output_diff: float | None = None
+    top1_agreement: Probability | None = Field(None, description="classification outputs only")
+    kl_divergence: float | None = Field(None, description="mean KL(baseline || pruned), classification only")
+
+
+class Side(_Open):
+    """One model (baseline or pruned) as measured."""
+
+    metrics: QualityMetrics | dict[str, QualityMetrics] | None
+    params: Params
+    sparsity: Probability = Field(description="zeros among prunable weights / prunable weights")
+    size_bytes: SizeBytes
+    latency_ms: dict[BatchSize, LatencyStats] = Field(
+        description="keyed by batch size",
+        json_schema_extra={"additionalProperties": False},  # as strict as pydantic: only batch-size keys
+    )
+
+
+class PrunedSide(Side):
+    fidelity: Fidelity | dict[str, Fidelity] | None = Field(
+        None, description="agreement with the baseline; per output name for multi-output models"
+    )
+
+
+class Layer(_Open):
+    """One prunable variable; extra columns (target, kind, dense_macs, effective_macs, ...) are allowed."""
+
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    params: Annotated[int, Field(ge=0)]
+    sparsity: Probability
+
+
+class Timings(_Open):
+    """Seconds per stage."""
+
+    load: float
+    baseline: float
+    prune: float
+    fine_tune: float
+    evaluate: float
+    save: float
+    total: float
+
+
+class Versions(_Open):
+    secateurs: str
+    tensorflow: str
+
+
+class CrossValidation(_Open):
+    """K-fold results: per-fold metrics and mean/std per metric."""
+
+    folds: Annotated[int, Field(ge=2, le=10)]
+    per_fold: list[dict[str, Any]]
+    summary: dict[str, Any] = Field(description='{"baseline": {metric: {"mean", "std"}}, "pruned": ...}')
+    stratified: bool | None = None
+
+
+class MetricsDocument(_Open):
+    """``GET /v1/jobs/{id}/metrics``."""
+
+    job_id: str
+    model_id: str
+    spec: dict[str, Any]
+    baseline: Side
+    pruned: PrunedSide
+    delta: dict[str, float | dict[str, float | None] | None] = Field(
+        description="pruned - baseline per numeric metric (per output when metrics are per output)"
+    )
+    layers: list[Layer]
+    timings_s: Timings
+    notes: list[str]
+    versions: Versions
+    cross_validation: CrossValidation | None = None
+
+
+def metrics_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12, as pydantic writes it) of the metrics document, for publishing."""
+    return MetricsDocument.model_json_schema()

@@ -1,0 +1,438 @@
+"""API job vs the floor: one-shot 80% magnitude pruning of a ResNet-50 SavedModel (random weights, ~100 MB).
+
+FLOOR = what a user would script with bare TensorFlow, run as a fresh ``python -c`` subprocess: import
+TensorFlow, ``tf.saved_model.load``, a per-variable numpy magnitude mask at 80% on every trainable floating
+variable of rank >= 2 the signatures use (the service's default selection), ``assign``, ``tf.saved_model.save``
+with the original signatures, zip the directory with deflate. Its wall time includes interpreter start and the
+TensorFlow import, because a script always pays them; the in-process phases it prints (import, load, prune,
+save, zip) give the floor without them too, and both ratios are reported.
+
+API = the documented HTTP flow against ``secateurs serve`` (embedded default: API + one worker child) started
+fresh for each repeat. Server start-up is not part of the job: timing begins after ``/readyz`` answers AND after
+an untimed warm-up upload of a tiny model has been validated -- the embedded worker imports TensorFlow lazily,
+in its first task, so without the warm-up the first upload of every fresh server would carry that import (the
+warm-up time is reported separately). Timed: upload the zip -> poll the model until ready -> POST /v1/jobs ->
+poll until succeeded (every 0.2 s) -> download the artifact. Creating the input zip on the client is not timed
+(it is reported once, when the cached model is built).
+
+Repeats alternate the order (floor first, then API first, ...) so drift on a noisy machine hits both.
+Both outputs are verified: unzip, ``tf.saved_model.load``, same signature names, sparsity 0.8 +- 0.01 overall
+and per variable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    OUT_DIR,
+    Api,
+    BenchError,
+    Server,
+    checkpoint_sparsity,
+    fmt_s,
+    md_table,
+    mean_std,
+    server_time,
+    signature_names,
+    subprocess_env,
+    unzip,
+    verify_pruned,
+)
+
+TARGET = 0.8
+JOB_SPEC: dict[str, Any] = {"target_sparsity": TARGET, "criterion": "magnitude", "schedule": {"kind": "one_shot"}}
+PIPELINE_STAGES = ("load", "baseline", "prune", "fine_tune", "evaluate", "save")
+
+# The floor, as a user would write it. argv: saved_model_dir out_dir out_zip target_sparsity.
+FLOOR_SCRIPT = r"""
+import json, os, resource, sys, time, zipfile
+t0 = time.perf_counter()
+import numpy as np
+import tensorflow as tf
+t_import = time.perf_counter()
+src, out, out_zip, target = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+obj = tf.saved_model.load(src)
+t_load = time.perf_counter()
+variables = {}
+for fn in obj.signatures.values():
+    for v in fn.variables:
+        variables.setdefault(id(v), v)
+pruned = 0
+for v in variables.values():
+    if v.trainable and v.dtype.is_floating and v.shape.rank is not None and v.shape.rank >= 2:
+        w = v.numpy()
+        k = int(round(target * w.size))
+        mask = np.ones(w.size, dtype=bool)
+        if k > 0:
+            mask[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = False
+        v.assign(np.where(mask.reshape(w.shape), w, np.zeros_like(w)))
+        pruned += 1
+t_prune = time.perf_counter()
+tf.saved_model.save(obj, out, signatures=obj.signatures)
+t_save = time.perf_counter()
+with zipfile.ZipFile(out_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    for root, _dirs, files in os.walk(out):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            zf.write(path, os.path.relpath(path, out))
+t_zip = time.perf_counter()
+print(json.dumps({
+    "import": t_import - t0, "load": t_load - t_import, "prune": t_prune - t_load,
+    "save": t_save - t_prune, "zip": t_zip - t_save, "pruned_variables": pruned,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+}))
+"""
+
+
+# -- inputs (cached) -----------------------------------------------------------------------------------------
+
+
+def _build_cached(cache_dir: Path, name: str, build: Any) -> dict[str, Any]:
+    """``cache_dir/name/{saved_model, model.zip, meta.json}``, built once by ``build(saved_model_dir)``."""
+    from tests.model_factory import zip_saved_model
+
+    root = cache_dir / name
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+        meta.update(saved_model=root / "saved_model", zip=root / "model.zip", cached=True)
+        return meta
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    tick = time.perf_counter()
+    build(root / "saved_model")
+    built = time.perf_counter() - tick
+    tick = time.perf_counter()
+    zip_saved_model(root / "saved_model", root / "model.zip")
+    zipped = time.perf_counter() - tick
+    meta = {
+        "name": name,
+        "build_export_s": built,
+        "client_zip_s": zipped,
+        "saved_model_bytes": sum(p.stat().st_size for p in (root / "saved_model").rglob("*") if p.is_file()),
+        "zip_bytes": (root / "model.zip").stat().st_size,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    meta.update(saved_model=root / "saved_model", zip=root / "model.zip", cached=False)
+    return meta
+
+
+def _export_resnet50(out_dir: Path) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
+    model.export(str(out_dir), verbose=False)
+    del model
+    keras.backend.clear_session()
+
+
+def _export_small_cnn(out_dir: Path) -> None:
+    """The smoke stand-in: a small Keras 3 CNN (same export path as ResNet-50, ~50k parameters)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(32, 32, 3), name="image"),
+            layers.Conv2D(16, 3, padding="same", name="conv1"),
+            layers.BatchNormalization(name="bn1"),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", name="conv2"),
+            layers.BatchNormalization(name="bn2"),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(64, activation="relu", name="fc1"),
+            layers.Dense(10, activation="softmax", name="predictions"),
+        ],
+        name="small_cnn",
+    )
+    model.export(str(out_dir), verbose=False)
+    keras.backend.clear_session()
+
+
+def _export_warmup(out_dir: Path) -> None:
+    """A tiny plain tf.Module: the untimed first upload that makes the fresh worker import TensorFlow."""
+    import tensorflow as tf
+
+    class Tiny(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(tf.ones([4, 2]), name="w")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"y": tf.matmul(x, self.w)}
+
+    tiny = Tiny()
+    tf.saved_model.save(tiny, str(out_dir), signatures={"serving_default": tiny.serve})
+
+
+# -- the two contenders --------------------------------------------------------------------------------------
+
+
+def run_floor(saved_model: Path, work: Path, target: float = TARGET) -> dict[str, Any]:
+    """The bare-TensorFlow script in a fresh subprocess; wall time and its in-process phases."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out_dir, out_zip = work / "saved_model", work / "pruned.zip"
+    args = [sys.executable, "-c", FLOOR_SCRIPT, str(saved_model), str(out_dir), str(out_zip), str(target)]
+    tick = time.perf_counter()
+    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - tick
+    if done.returncode != 0:
+        raise BenchError(f"floor script failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    phases = json.loads(done.stdout.strip().splitlines()[-1])
+    in_process = sum(phases[k] for k in ("load", "prune", "save", "zip"))
+    return {
+        "wall_s": wall,
+        "phases_s": {k: phases[k] for k in ("import", "load", "prune", "save", "zip")},
+        "in_process_s": in_process,
+        "process_overhead_s": wall - in_process - phases["import"],
+        "pruned_variables": phases["pruned_variables"],
+        "peak_rss_mb": phases["peak_rss_mb"],
+        "zip_bytes": out_zip.stat().st_size,
+        "output_dir": out_dir,
+    }
+
+
+def run_api(model_zip: Path, warmup_zip: Path, work: Path, target: float = TARGET) -> dict[str, Any]:
+    """Fresh ``secateurs serve``; untimed warm-up; then the timed upload -> job -> download flow."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    artifact = work / "pruned.zip"
+    spec = {**JOB_SPEC, "target_sparsity": target}
+    with Server(work / "server") as server, Api(server.base_url) as api:
+        tick = time.perf_counter()
+        api.wait_model(api.upload("/v1/models", warmup_zip, name="warmup")["id"])
+        warmup = time.perf_counter() - tick
+
+        t0 = time.time()
+        model = api.upload("/v1/models", model_zip, name="bench")
+        t_uploaded = time.time()
+        api.wait_model(model["id"])
+        t_ready = time.time()
+        job, submitted = api.submit_job({"model_id": model["id"], "spec": spec})
+        run = api.wait_job(job["id"], submitted)
+        api.download(job["id"], artifact)
+        t_end = time.time()
+
+        metrics = api.get(f"/v1/jobs/{job['id']}/metrics")
+        worker_rss = server.worker_peak_rss_mb()
+        ready_s = server.ready_s
+
+    body = run.body
+    created, started, finished = (server_time(body[k]) for k in ("created_at", "started_at", "finished_at"))
+    assert created is not None and started is not None and finished is not None
+    timings = metrics["timings_s"]
+    running = finished - started
+    segments = {
+        "upload": t_uploaded - t0,
+        "validation until ready": t_ready - t_uploaded,
+        "submit + queue wait": started - t_ready,
+        "running (started_at -> finished_at)": running,
+        "finished -> seen by poll": run.seen_done_at - finished,
+        "download": t_end - run.seen_done_at,
+    }
+    return {
+        "total_s": t_end - t0,
+        "segments_s": segments,
+        "queue_wait_s": started - created,
+        "job_timings_s": timings,
+        "worker_outside_pipeline_s": running - timings["total"],
+        "stages_seen": [(stage, at - t0) for stage, at in run.stages],
+        "server_ready_s": ready_s,
+        "warmup_s": warmup,
+        "worker_peak_rss_mb": worker_rss,
+        "artifact_bytes": artifact.stat().st_size,
+        "metrics_sparsity": metrics["pruned"]["sparsity"],
+        "metrics_size_bytes": {"baseline": metrics["baseline"]["size_bytes"], "pruned": metrics["pruned"]["size_bytes"]},
+        "notes": metrics["notes"],
+        "artifact": artifact,
+    }
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------
+
+
+def run_resnet(
+    smoke: bool = False, repeats: int | None = None, cache_dir: Path | None = None, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """Build (or reuse) the model, run floor and API ``repeats`` times alternating the order, verify both.
+
+    Returns a dict with per-repeat results, a summary and ``markdown``.
+    """
+    cache_dir = cache_dir or OUT_DIR / "cache"
+    work_dir = work_dir or OUT_DIR / ("resnet-smoke" if smoke else "resnet")
+    repeats = repeats or (1 if smoke else 2)
+    name = "small_cnn" if smoke else "resnet50"
+    model = _build_cached(cache_dir, name, _export_small_cnn if smoke else _export_resnet50)
+    warmup = _build_cached(cache_dir, "warmup_module", _export_warmup)
+    expected_signatures = signature_names(model["saved_model"])
+    input_checkpoint = checkpoint_sparsity(model["saved_model"])
+
+    results: list[dict[str, Any]] = []
+    for i in range(repeats):
+        order = ("floor", "api") if i % 2 == 0 else ("api", "floor")
+        print(f"[resnet] repeat {i + 1}/{repeats}: {' then '.join(order)}", file=sys.stderr, flush=True)
+        rep: dict[str, Any] = {"order": list(order)}
+        for which in order:
+            where = work_dir / f"repeat{i + 1}" / which
+            if which == "floor":
+                rep["floor"] = run_floor(model["saved_model"], where)
+            else:
+                rep["api"] = run_api(model["zip"], warmup["zip"], where)
+            print(f"[resnet]   {which}: done", file=sys.stderr, flush=True)
+        floor_check = verify_pruned(rep["floor"].pop("output_dir"), expected_signatures, TARGET)
+        api_dir = unzip(rep["api"].pop("artifact"), work_dir / f"repeat{i + 1}" / "api" / "unzipped")
+        api_check = verify_pruned(api_dir, expected_signatures, TARGET)
+        if not floor_check["ok"]:
+            raise BenchError(f"the floor's output failed verification: {floor_check}")
+        if not api_check["ok"]:
+            raise BenchError(f"the API's artifact failed verification: {api_check}")
+        rep["verify"] = {"floor": floor_check, "api": api_check}
+        rep["ratio_wall"] = rep["api"]["total_s"] / rep["floor"]["wall_s"]
+        rep["ratio_in_process"] = rep["api"]["total_s"] / rep["floor"]["in_process_s"]
+        results.append(rep)
+        if not smoke:  # ~400 MB per repeat; keep the logs
+            for sub in ("floor", "api"):
+                for path in (work_dir / f"repeat{i + 1}" / sub).iterdir():
+                    if path.name != "server":
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(work_dir / f"repeat{i + 1}" / sub / "server" / "data", ignore_errors=True)
+
+    summary = {
+        "api_total_s": mean_std([r["api"]["total_s"] for r in results]),
+        "floor_wall_s": mean_std([r["floor"]["wall_s"] for r in results]),
+        "floor_in_process_s": mean_std([r["floor"]["in_process_s"] for r in results]),
+        "ratio_wall": mean_std([r["ratio_wall"] for r in results]),
+        "ratio_in_process": mean_std([r["ratio_in_process"] for r in results]),
+    }
+    result = {
+        "model": {k: (str(v) if isinstance(v, Path) else v) for k, v in model.items()},
+        "input_checkpoint": input_checkpoint,
+        "smoke": smoke,
+        "repeats": results,
+        "summary": summary,
+    }
+    result["markdown"] = render(result)
+    return result
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def _row(label: str, values: list[float | None], mean: bool = True) -> list[str]:
+    cells = [fmt_s(v) for v in values]
+    known = [v for v in values if v is not None]
+    if mean:
+        cells.append(fmt_s(sum(known) / len(known)) if known else "n/a")
+    return [label, *cells]
+
+
+def render(result: dict[str, Any]) -> str:
+    reps = result["repeats"]
+    model = result["model"]
+    heads = ["", *[f"repeat {i + 1} ({' -> '.join(r['order'])})" for i, r in enumerate(reps)], "mean"]
+    lines = [
+        f"### API job vs the floor: {model['name']}, one-shot magnitude pruning to {TARGET:.0%}\n",
+        f"Input: SavedModel {model['saved_model_bytes'] / 1e6:.1f} MB, upload zip {model['zip_bytes'] / 1e6:.1f} MB "
+        f"(Keras `model.export`, random weights). Building/exporting it took {model['build_export_s']:.1f} s and "
+        f"zipping it on the client {model['client_zip_s']:.1f} s (once, cached; not in the totals below).\n",
+        "**Totals (seconds) and ratios** (both sides measured in the same run, order alternated per repeat):\n",
+        md_table(
+            heads,
+            [
+                _row("API total: upload -> ready -> job -> download", [r["api"]["total_s"] for r in reps]),
+                _row("floor: subprocess wall time (incl. interpreter + TF import)", [r["floor"]["wall_s"] for r in reps]),
+                _row("floor: in-process load+prune+save+zip", [r["floor"]["in_process_s"] for r in reps]),
+                _row("**ratio API / floor wall**", [r["ratio_wall"] for r in reps]),
+                _row("ratio API / floor in-process", [r["ratio_in_process"] for r in reps]),
+            ],
+        ),
+        "**Where the API's time goes** (contiguous segments on one clock; the job's own `timings_s` from the "
+        "metrics JSON split the running segment):\n",
+    ]
+    api_rows: list[list[str]] = []
+    for seg in reps[0]["api"]["segments_s"]:
+        api_rows.append(_row(seg, [r["api"]["segments_s"][seg] for r in reps]))
+        if seg.startswith("submit"):
+            api_rows.append(_row("&nbsp;&nbsp;of which queue wait (created_at -> started_at)", [r["api"]["queue_wait_s"] for r in reps]))
+        if seg.startswith("running"):
+            for stage in PIPELINE_STAGES:
+                api_rows.append(
+                    _row(f"&nbsp;&nbsp;timings_s.{stage}", [r["api"]["job_timings_s"].get(stage) for r in reps])
+                )
+            api_rows.append(_row("&nbsp;&nbsp;timings_s.total", [r["api"]["job_timings_s"].get("total") for r in reps]))
+            api_rows.append(
+                _row("&nbsp;&nbsp;worker outside the pipeline", [r["api"]["worker_outside_pipeline_s"] for r in reps])
+            )
+    api_rows.append(_row("**total**", [r["api"]["total_s"] for r in reps]))
+    lines.append(md_table(heads, api_rows))
+    lines.append("**The floor's phases** (printed by the script):\n")
+    floor_rows = [_row(k, [r["floor"]["phases_s"][k] for r in reps]) for k in reps[0]["floor"]["phases_s"]]
+    floor_rows.append(_row("interpreter start/exit, rest", [r["floor"]["process_overhead_s"] for r in reps]))
+    floor_rows.append(_row("**wall**", [r["floor"]["wall_s"] for r in reps]))
+    lines.append(md_table(heads, floor_rows))
+    lines.append("**Other facts:**\n")
+    facts = [
+        _row("server start until /readyz (not timed)", [r["api"]["server_ready_s"] for r in reps]),
+        _row("warm-up: first (tiny) model validated by the fresh worker (not timed)", [r["api"]["warmup_s"] for r in reps]),
+        _row("peak RSS, worker child (MiB)", [r["api"]["worker_peak_rss_mb"] for r in reps]),
+        _row("peak RSS, floor process (MiB)", [r["floor"]["peak_rss_mb"] for r in reps]),
+        _row("API artifact zip (MB)", [r["api"]["artifact_bytes"] / 1e6 for r in reps]),
+        _row("floor output zip (MB)", [r["floor"]["zip_bytes"] / 1e6 for r in reps]),
+        [*_row("sparsity of pruned variables, API artifact", [r["verify"]["api"]["sparsity"] for r in reps], mean=False), ""],
+        [*_row("sparsity of pruned variables, floor output", [r["verify"]["floor"]["sparsity"] for r in reps], mean=False), ""],
+    ]
+    for who, label in (("api", "API artifact"), ("floor", "floor output")):
+        facts.append(
+            [
+                f"{label}: checkpoint tensors (float, rank >= 2) left dense / all",
+                *[
+                    f"{r['verify'][who]['checkpoint']['dense_tensors']} / {r['verify'][who]['checkpoint']['tensors']}"
+                    f" ({r['verify'][who]['checkpoint']['dense_params']:,} dense weights)"
+                    for r in reps
+                ],
+                "",
+            ]
+        )
+        facts.append(
+            _row(
+                f"{label}: zero fraction over the whole checkpoint",
+                [r["verify"][who]["checkpoint"]["zero_fraction"] for r in reps],
+            )
+        )
+    lines.append(md_table(heads, facts))
+    check = reps[0]["verify"]["api"]
+    lines.append(
+        f"Verified (every repeat, both outputs): unzip + `tf.saved_model.load`, signatures {check['signatures']} "
+        f"as the input, {check['prunable_variables']} pruned variables ({check['prunable_params']:,} weights), "
+        f"sparsity {TARGET} +- 0.01 overall and per variable.\n"
+    )
+    ckpt = result["input_checkpoint"]
+    lines.append(
+        f"The input's variables checkpoint holds {ckpt['tensors']} float tensors of rank >= 2 "
+        f"({ckpt['params']:,} weights) while its signatures use {check['prunable_variables']} prunable variables "
+        f"({check['prunable_params']:,} weights).\n"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    cli = parser.parse_args()
+    print(run_resnet(smoke=cli.smoke, repeats=cli.repeats)["markdown"])

@@ -1,0 +1,81 @@
+"""The benchmark's smoke variant end to end (real `secateurs serve` subprocess, real HTTP, real floor
+subprocess), run in-process through bench.run's functions. Asserts structure and correctness only: no timing
+thresholds, the machine is shared."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import run as bench_run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.tf]
+
+
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("bench")
+    results = bench_run.run_sections(smoke=True, cache_dir=root / "cache", work_dir=root / "work")
+    results["report"] = bench_run.write_results(
+        {k: v for k, v in results.items() if k in bench_run.SECTIONS}, smoke=True, path=root / "RESULTS.md"
+    )
+    return results
+
+
+def test_resnet_smoke_compares_api_and_floor(smoke: dict[str, Any]) -> None:
+    result = smoke["resnet"]
+    assert result["smoke"] is True and len(result["repeats"]) == 1
+    for key in ("api_total_s", "floor_wall_s", "floor_in_process_s", "ratio_wall", "ratio_in_process"):
+        mean, std = result["summary"][key]
+        assert _positive_finite(mean), key
+        assert math.isfinite(std) and std >= 0, key
+    rep = result["repeats"][0]
+    assert rep["order"] == ["floor", "api"]
+    for side in ("api", "floor"):
+        check = rep["verify"][side]
+        assert check["ok"] and check["signatures_match"], check
+        assert check["sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert check["prunable_variables"] > 0
+    api = rep["api"]
+    # the segments tile the API's total on one clock, and the job's stages are all there
+    assert sum(api["segments_s"].values()) == pytest.approx(api["total_s"], abs=1e-6)
+    assert all(math.isfinite(v) and v >= -0.01 for v in api["segments_s"].values()), api["segments_s"]
+    assert set(api["job_timings_s"]) >= {"load", "baseline", "prune", "evaluate", "save", "total"}
+    assert api["metrics_sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert api["artifact_bytes"] > 0
+    floor = rep["floor"]
+    assert set(floor["phases_s"]) == {"import", "load", "prune", "save", "zip"}
+    assert floor["pruned_variables"] == rep["verify"]["floor"]["prunable_variables"]
+    assert "| API total" in result["markdown"]
+
+
+def test_digits_smoke_reports_accuracies(smoke: dict[str, Any]) -> None:
+    result = smoke["digits"]
+    base = result["baseline"]
+    assert 0.0 <= base["accuracy_api"] <= 1.0 and 0.0 <= base["accuracy_local"] <= 1.0
+    assert base["accuracy_api"] == pytest.approx(base["accuracy_local"], abs=1.5 / base["n_test"])
+    assert base["consistent_across_jobs"]
+    assert len(result["cells"]) == 1
+    for cell in result["cells"]:
+        assert cell["verified"]
+        assert 0.0 <= cell["accuracy"] <= 1.0
+        # the metrics JSON describes the artifact actually shipped (one flipped sample allowed)
+        assert cell["accuracy"] == pytest.approx(cell["local_accuracy"], abs=1.5 / base["n_test"])
+        assert cell["sparsity_measured"] == pytest.approx(cell["sparsity"], abs=0.01)
+    (row,) = result["summary"]
+    assert row["n"] == 1 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
+
+
+def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
+    report: Path = smoke["report"]
+    text = report.read_text()
+    assert text.startswith("# Secateurs benchmarks (SMOKE")
+    assert "TensorFlow" in text and "CPUs" in text
+    assert "ResNet-50: API job vs the floor" in text and "Digits: quality after pruning" in text
