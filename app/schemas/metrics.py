@@ -22,6 +22,7 @@ __all__ = [
     "Fidelity",
     "LatencyStats",
     "Layer",
+    "Macs",
     "MetricsDocument",
     "Params",
     "PrunedSide",
@@ -105,6 +106,17 @@ class Fidelity(_Open):
     kl_divergence: float | None = Field(None, description="mean KL(baseline || pruned), classification only")
 
 
+class Macs(_Open):
+    """Multiply-accumulates per sample summed over the layers whose count is known (worker.evaluation.flops)."""
+
+    dense_macs: Annotated[int, Field(ge=0)]
+    effective_macs: Annotated[int, Field(ge=0)] = Field(
+        description="nonzero weights only: what a sparse kernel could skip; dense TF kernels do not"
+    )
+    effective_fraction: Probability | None = None
+    uncounted: list[str] = Field(default_factory=list, description="layers whose MACs are unknown")
+
+
 class Side(_Open):
     """One model (baseline or pruned) as measured."""
 
@@ -116,12 +128,17 @@ class Side(_Open):
         description="keyed by batch size",
         json_schema_extra={"additionalProperties": False},  # as strict as pydantic: only batch-size keys
     )
+    metrics_by_output: dict[str, QualityMetrics] | None = Field(
+        None, description="every labelled output of a multi-output signature, by output name"
+    )
+    macs: Macs | None = None
 
 
 class PrunedSide(Side):
     fidelity: Fidelity | dict[str, Fidelity] | None = Field(
         None, description="agreement with the baseline; per output name for multi-output models"
     )
+    fidelity_by_output: dict[str, Fidelity] | None = None
 
 
 class Layer(_Open):

@@ -90,6 +90,8 @@ def test_rare_class_falls_back_to_kfold_and_says_why() -> None:
     assert plan.note is not None and "[2]" in plan.note and "fewer than 3" in plan.note
     assert_partition(plan.folds, len(y), 3)
     assert plan_folds(y, len(y), 2, "classification", seed=0).stratified  # 2 members suffice for 2 folds
+    many = plan_folds(np.arange(40) % 20, 40, 3, "classification", seed=0)  # 20 classes of 2
+    assert many.note is not None and "and 10 more" in many.note
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,7 @@ def test_cross_validation_report_matches_sklearn_cross_val_score(
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     x, y = digits
-    plan = plan_folds(y, len(y), 5, "classification", seed=0)
+    plan = plan_folds(y, len(y), 3, "classification", seed=0)
     per_fold = []
     for train, test in plan.folds:
         model = LogisticRegression(max_iter=300, C=0.05).fit(x[train], y[train])
@@ -152,7 +154,7 @@ def test_cross_validation_report_matches_sklearn_cross_val_score(
         LogisticRegression(max_iter=300, C=0.05),
         x,
         y,
-        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
         scoring="accuracy",
     )
     accuracies = [row["baseline"]["accuracy"] for row in report["per_fold"]]
@@ -164,12 +166,12 @@ def test_cross_validation_report_matches_sklearn_cross_val_score(
         np.mean([row["pruned"]["f1_macro"] for row in report["per_fold"]])
     )
     assert "confusion_matrix" not in summary["pruned"]
-    assert report["folds"] == 5 and report["stratified"] is True and "note" not in report
-    assert [row["fold"] for row in report["per_fold"]] == [0, 1, 2, 3, 4]
+    assert report["folds"] == 3 and report["stratified"] is True and "note" not in report
+    assert [row["fold"] for row in report["per_fold"]] == [0, 1, 2]
     assert sum(row["n_test"] for row in report["per_fold"]) == len(y)
     assert all(row["n_train"] + row["n_test"] == len(y) for row in report["per_fold"])
     json.dumps(report, allow_nan=False)
-    with pytest.raises(ValueError, match="4 fold results for 5 folds"):
-        cross_validation_report(plan, per_fold[:4])
+    with pytest.raises(ValueError, match="2 fold results for 3 folds"):
+        cross_validation_report(plan, per_fold[:2])
     fallback = FoldPlan(plan.folds, stratified=False, note="why")
     assert cross_validation_report(fallback, per_fold)["note"] == "why"

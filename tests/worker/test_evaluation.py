@@ -536,10 +536,10 @@ def _document(metrics: object = None) -> dict[str, object]:
 def test_schema_accepts_everything_the_evaluation_library_produces(
     digits_lr: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    from app.schemas.metrics import ClassificationMetrics, MetricsDocument, RegressionMetrics
+    from app.schemas.metrics import ClassificationMetrics, Fidelity, Macs, MetricsDocument, RegressionMetrics
     from worker.evaluation.crossval import cross_validation_report, plan_folds
     from worker.evaluation.fidelity import fidelity, fidelity_by_output
-    from worker.evaluation.flops import estimate_flops
+    from worker.evaluation.flops import estimate_flops, flops_totals
 
     labels, probs, logits = digits_lr
     flat = evaluate_output(labels, probs)
@@ -554,10 +554,13 @@ def test_schema_accepts_everything_the_evaluation_library_produces(
             "pruned"
         ],
     }
-    doc["layers"] = [
-        {**row, "sparsity": 0.5, "target": 0.5}
-        for row in estimate_flops([{"name": "dense/kernel", "shape": [64, 10]}], {"dense/kernel": 320})
-    ]
+    rows = estimate_flops([{"name": "dense/kernel", "shape": [64, 10]}], {"dense/kernel": 320})
+    doc["layers"] = [{**row, "sparsity": 0.5, "target": 0.5} for row in rows]
+    doc["pruned"]["metrics_by_output"] = per_output  # type: ignore[index]
+    doc["pruned"]["fidelity_by_output"] = fidelity_by_output(  # type: ignore[index]
+        {"probs": probs, "score": probs[:, :1]}, {"probs": probs, "score": probs[:, :1] * 0.5}
+    )
+    doc["pruned"]["macs"] = flops_totals(rows)  # type: ignore[index]
     plan = plan_folds(labels, len(labels), 2, "classification", seed=0)
     doc["cross_validation"] = cross_validation_report(
         plan,
@@ -570,6 +573,10 @@ def test_schema_accepts_everything_the_evaluation_library_produces(
     assert isinstance(parsed.pruned.metrics["score"], RegressionMetrics)
     assert parsed.pruned.latency_ms["8"].samples_per_s > 0  # type: ignore[operator]
     assert parsed.model_dump()["flops"] == {"dense_macs": 640}
+    assert isinstance(parsed.pruned.macs, Macs) and parsed.pruned.macs.effective_fraction == 0.5
+    assert isinstance(parsed.pruned.fidelity, Fidelity)
+    assert set(parsed.pruned.fidelity_by_output or {}) == {"probs", "score"}
+    assert isinstance((parsed.pruned.metrics_by_output or {})["probs"], ClassificationMetrics)
     # Per-output fidelity and regression metrics fit too.
     doc["pruned"]["fidelity"] = fidelity_by_output({"probs": probs}, {"probs": probs})  # type: ignore[index]
     doc["baseline"] = _side(evaluate_output(np.linspace(0, 1, 20), np.linspace(0, 1, 20)))
@@ -646,3 +653,21 @@ def test_a_real_pipeline_document_validates(tf_module_dir: Path, digits_flat: tu
     del document["baseline"]
     with pytest.raises(ValidationError, match="baseline"):
         MetricsDocument.model_validate(document)
+
+
+def test_evaluation_library_and_schema_import_no_heavy_dependencies() -> None:
+    """The library runs in any process (API included): importing it must not pull TensorFlow or the service."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import app.schemas.metrics\n"
+        "from worker.evaluation import crossval, fidelity, flops, latency, metrics, size\n"
+        "banned = ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.store')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned or m.startswith('app.store')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -19,6 +19,7 @@ def test_pure_modules_import_no_tensorflow_or_service_stack() -> None:
     code = (
         "import sys\n"
         "import worker.pruning.criteria, worker.pruning.scope, worker.pruning.schedules\n"
+        "import worker.pruning.granularity, worker.pruning.normalization\n"
         "import worker.evaluation.metrics, worker.evaluation.latency, worker.evaluation.size\n"
         "bad = [m for m in ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.store')"
         " if m in sys.modules]\n"
@@ -49,7 +50,7 @@ def test_register_refuses_duplicate_names() -> None:
     class Other(Criterion):
         name = "magnitude"
 
-        def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
+        def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
             return weight
 
     with pytest.raises(ValueError, match="already registered"):
@@ -192,7 +193,7 @@ class _GradTimesWeight(Criterion):
     name = "test_taylor"
     needs_gradients: ClassVar[bool] = True
 
-    def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
+    def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
         assert grad is not None
         return np.abs(weight * grad)
 
@@ -296,7 +297,7 @@ def test_pruner_gradient_hook_and_shape_checks(tf_vars: dict[str, Any]) -> None:
     np.testing.assert_array_equal(tf_vars["w1"].numpy()[0], w1[0])
 
     class WrongShape(Magnitude):
-        def score(self, weight: np.ndarray, grad: Any = None, *, name: str = "") -> np.ndarray:
+        def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
             return np.abs(weight).reshape(-1)
 
     with pytest.raises(ValueError, match="shape"):
@@ -305,3 +306,242 @@ def test_pruner_gradient_hook_and_shape_checks(tf_vars: dict[str, Any]) -> None:
         Pruner(tf_vars, {"w1": 0.5}, "layer", Magnitude())
     with pytest.raises(ValueError, match="fraction"):
         Pruner(tf_vars, {"w1": 0.5, "w2": 0.5}, "layer", Magnitude()).prune(1.5)
+
+
+# ---------------------------------------------------------------- pruner: granularities, biases, reports
+
+
+def _conv_out(kind: str, kernel: Any, bias: Any, x: Any) -> np.ndarray:
+    """The layer's output computed with TensorFlow ops, as the restored Keras layer would."""
+    import tensorflow as tf
+
+    if kind == "conv":
+        out = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+    elif kind == "depthwise":
+        out = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding="SAME")
+    else:
+        shape = [int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(kernel.shape[-2])]
+        out = tf.nn.conv2d_transpose(x, kernel, shape, strides=1, padding="SAME")
+    return (out + bias).numpy()
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize(
+    ("name", "shape", "channels"),
+    [
+        ("conv2d/kernel", (3, 3, 2, 4), 4),  # [kh, kw, in, out]
+        ("depthwise_conv2d/kernel", (3, 3, 2, 2), 4),  # [kh, kw, in, mult]: in * mult outputs
+        ("conv2d_transpose/kernel", (3, 3, 4, 2), 4),  # [kh, kw, out, in]
+    ],
+)
+def test_channel_pruning_removes_output_channels_with_their_bias(
+    name: str, shape: tuple[int, ...], channels: int
+) -> None:
+    import tensorflow as tf
+
+    from worker.pruning.granularity import Channel
+    from worker.pruning.pruner import Pruner
+
+    rng = np.random.default_rng(0)
+    kernel = tf.Variable(rng.normal(size=shape).astype(np.float32))
+    bias_name = name.replace("kernel", "bias")
+    bias = tf.Variable(rng.normal(size=channels).astype(np.float32) + 3.0)
+    x = tf.constant(
+        rng.normal(size=(1, 5, 5, shape[-1] if "transpose" in name else shape[2])).astype(np.float32)
+    )
+    pruner = Pruner(
+        {name: kernel},
+        {name: 0.5},
+        "layer",
+        Magnitude(),
+        granularity=Channel(),
+        model_variables={bias_name: bias},
+    )
+    kind = pruner.kinds[name]
+    before = _conv_out(kind, kernel, bias, x)
+    pruner.prune(1.0)
+    after = _conv_out(kind, kernel, bias, x)
+    removed = ~pruner.bias_masks[bias_name]
+    assert pruner.biases == {name: bias_name} and int(removed.sum()) == channels // 2
+    np.testing.assert_array_equal(after[..., removed], 0.0)  # removed channels output exactly 0
+    np.testing.assert_allclose(after[..., ~removed], before[..., ~removed], rtol=1e-5, atol=1e-5)
+    report = pruner.report()[0]
+    assert (report.groups_removed, report.groups_total, report.bias) == (channels // 2, channels, bias_name)
+    assert report.sparsity == 0.5
+    # An optimizer step revives the bias: apply_masks zeroes it again.
+    bias.assign_add(np.ones(channels, np.float32))
+    pruner.apply_masks()
+    np.testing.assert_array_equal(bias.numpy()[removed], 0.0)
+
+
+@pytest.mark.tf
+def test_channel_masks_grow_whole_channels_over_a_schedule() -> None:
+    import tensorflow as tf
+
+    from worker.pruning.granularity import Channel
+    from worker.pruning.pruner import Pruner
+
+    kernel = tf.Variable(np.random.default_rng(1).normal(size=(3, 3, 2, 8)).astype(np.float32))
+    pruner = Pruner({"c/kernel": kernel}, {"c/kernel": 0.75}, "layer", Magnitude(), granularity=Channel())
+    pruner.prune(0.5)  # 37.5% -> 3 channels
+    first = pruner.masks["c/kernel"]
+    kernel.assign(np.where(first, kernel.numpy(), 50.0).astype(np.float32))  # training revives them big
+    pruner.prune(1.0)  # 75% -> 6 channels
+    second = pruner.masks["c/kernel"]
+    assert not (second & ~first).any()
+    per_channel = second.reshape(-1, 8)
+    assert (per_channel.all(axis=0) | ~per_channel.any(axis=0)).all()  # whole channels only
+    assert int((~per_channel.any(axis=0)).sum()) == 6
+    assert pruner.report()[0].to_dict() == {
+        "name": "c/kernel",
+        "kind": "conv",
+        "granularity": "channel",
+        "target": 0.75,
+        "sparsity": 0.75,
+        "channels_removed": 6,
+        "channels_total": 8,
+    }
+
+
+@pytest.mark.tf
+def test_nm_pruner_exact_pattern_tail_note_and_skipped_variables() -> None:
+    import tensorflow as tf
+
+    from worker.pruning.granularity import NM
+    from worker.pruning.pruner import Pruner
+
+    rng = np.random.default_rng(2)
+    variables = {
+        "dense/kernel": tf.Variable(rng.normal(size=(8, 3)).astype(np.float32)),
+        "dense_1/kernel": tf.Variable(rng.normal(size=(6, 3)).astype(np.float32)),
+        "conv2d/kernel": tf.Variable(rng.normal(size=(3, 3, 1, 4)).astype(np.float32)),  # one input channel
+    }
+    before = {n: v.numpy().copy() for n, v in variables.items()}
+    targets = dict.fromkeys(variables, 0.5)
+    pruner = Pruner(variables, targets, "global", Magnitude(), granularity=NM(2, 4))
+    pruner.prune(1.0)
+    sparsity = pruner.sparsity()
+    assert sparsity["dense/kernel"] == 0.5
+    assert (variables["dense/kernel"].numpy().reshape(2, 4, 3) != 0).sum(axis=1).max() == 2
+    assert sparsity["dense_1/kernel"] == pytest.approx(2 / 6)  # groups [4] + tail [2]: the tail keeps both
+    np.testing.assert_array_equal(variables["conv2d/kernel"].numpy(), before["conv2d/kernel"])
+    assert "conv2d/kernel" in pruner.skipped and "length 1" in pruner.skipped["conv2d/kernel"]
+    notes = pruner.notes()
+    assert any(n.startswith("conv2d/kernel left dense under 2:4") for n in notes)
+    assert any("dense_1/kernel: input axis of 6" in n for n in notes)
+    report = {r.name: r for r in pruner.report()}
+    assert report["conv2d/kernel"].to_dict()["skipped"] == pruner.skipped["conv2d/kernel"]
+    assert report["dense/kernel"].groups_total is None
+
+
+@pytest.mark.tf
+def test_global_lamp_through_the_pruner_spares_a_small_layer() -> None:
+    import tensorflow as tf
+
+    from worker.pruning.pruner import Pruner
+
+    def build() -> dict[str, Any]:
+        rng = np.random.default_rng(4)
+        return {
+            "big/kernel": tf.Variable(rng.normal(scale=1.0, size=(20, 20)).astype(np.float32)),
+            "small/kernel": tf.Variable(rng.normal(scale=0.01, size=(4, 5)).astype(np.float32)),
+        }
+
+    sparsity = {}
+    for normalization in ("none", "lamp"):
+        variables = build()
+        pruner = Pruner(
+            variables, dict.fromkeys(variables, 0.5), "global", Magnitude(), normalization=normalization
+        )
+        pruner.prune(1.0)
+        sparsity[normalization] = pruner.sparsity()
+        zeros = sum(int((v.numpy() == 0).sum()) for v in variables.values())
+        assert zeros == round(0.5 * 420)
+    assert sparsity["none"]["small/kernel"] == pytest.approx(19 / 20)
+    assert sparsity["lamp"]["small/kernel"] < 0.75
+    with pytest.raises(ValueError, match="normalization"):
+        Pruner(build(), {"big/kernel": 0.5, "small/kernel": 0.5}, "global", Magnitude(), normalization="l2")
+
+
+@pytest.mark.tf
+def test_global_channel_ranking_pools_layers_of_different_channel_sizes() -> None:
+    import tensorflow as tf
+
+    from worker.pruning.granularity import Block, Channel
+    from worker.pruning.pruner import Pruner
+
+    rng = np.random.default_rng(5)
+    variables = {
+        "conv2d/kernel": tf.Variable(rng.normal(size=(3, 3, 1, 8)).astype(np.float32)),  # 9 weights/channel
+        "conv2d_1/kernel": tf.Variable(rng.normal(size=(3, 3, 8, 16)).astype(np.float32)),  # 72
+        "dense/kernel": tf.Variable(rng.normal(size=(64, 4)).astype(np.float32)),
+    }
+    targets = dict.fromkeys(variables, 0.6)
+    granularity = {"conv2d/kernel": Channel(), "conv2d_1/kernel": Channel(), "dense/kernel": Block((8, 2))}
+    pruner = Pruner(variables, targets, "global", Magnitude(), granularity=granularity, normalization="lamp")
+    pruner.prune(1.0)
+    total = sum(int(np.prod(v.shape)) for v in variables.values())
+    zeros = sum(int((v.numpy() == 0).sum()) for v in variables.values())
+    assert abs(zeros - round(0.6 * total)) <= 72 // 2  # whole groups: within half the largest group
+    reports = {r.name: r for r in pruner.report()}
+    for name in ("conv2d/kernel", "conv2d_1/kernel"):
+        r = reports[name]
+        assert r.groups_removed is not None and r.groups_total is not None
+        assert 0 < r.groups_removed < r.groups_total  # both layers lose some, none is emptied
+        assert r.sparsity == pytest.approx(r.groups_removed / r.groups_total)
+    assert reports["dense/kernel"].group_noun == "blocks"
+
+
+@pytest.mark.tf
+def test_random_and_taylor_criteria_through_the_pruner() -> None:
+    import tensorflow as tf
+
+    from worker.pruning.criteria import GradientStats, Random, Taylor
+    from worker.pruning.pruner import Pruner
+
+    def masks(seed: int) -> np.ndarray:
+        var = tf.Variable(np.arange(1.0, 21.0, dtype=np.float32).reshape(4, 5))
+        pruner = Pruner({"w": var}, {"w": 0.5}, "layer", Random(seed=seed))
+        pruner.prune(1.0)
+        return pruner.masks["w"]
+
+    np.testing.assert_array_equal(masks(1), masks(1))
+    assert not np.array_equal(masks(1), masks(2))
+    assert masks(1).sum() == 10
+
+    var = tf.Variable(np.ones((2, 2), np.float32))
+    head = tf.Variable(np.ones((2, 2), np.float32))  # another output's head: no gradient reaches it
+    taylor = np.array([[4.0, 1.0], [3.0, 2.0]])
+    stats = {
+        "w": GradientStats(abs_grad=np.zeros((2, 2)), abs_taylor=taylor, batches=1, samples=8),
+        "head": GradientStats(np.zeros((2, 2)), np.zeros((2, 2)), batches=1, samples=8, connected=False),
+    }
+    pruner = Pruner({"w": var, "head": head}, {"w": 0.5, "head": 0.5}, "layer", Taylor())
+    pruner.prune(1.0, grads=stats)
+    np.testing.assert_array_equal(pruner.masks["w"], [[True, False], [True, False]])
+    np.testing.assert_array_equal(head.numpy(), 1.0)  # left dense, not pruned by ties
+    assert "does not depend" in pruner.skipped["head"] and pruner.active == ["w"]
+
+
+@pytest.mark.tf
+def test_pruner_skip_kinds_and_argument_checks(tf_vars: dict[str, Any]) -> None:
+    from worker.pruning.granularity import Channel
+    from worker.pruning.pruner import Pruner
+
+    targets = {"w1": 0.5, "w2": 0.5}
+    w1 = tf_vars["w1"].numpy().copy()
+    pruner = Pruner(tf_vars, targets, "layer", Magnitude(), skip={"w1": "the output layer"})
+    pruner.prune(1.0)
+    np.testing.assert_array_equal(tf_vars["w1"].numpy(), w1)
+    assert pruner.active == ["w2"] and pruner.notes() == [
+        "w1 left dense under unstructured granularity: the output layer"
+    ]
+    # w2 is rank 1: channel has no meaning for it and it is left dense with the reason.
+    channel = Pruner(tf_vars, targets, "layer", Magnitude(), granularity=Channel())
+    assert channel.kinds == {"w1": "dense", "w2": "vector"} and "rank-0/1" in channel.skipped["w2"]
+    overridden = Pruner(tf_vars, targets, "layer", Magnitude(), granularity=Channel(), kinds={"w1": "bias"})
+    assert "w1" in overridden.skipped
+    with pytest.raises(ValueError, match="zzz"):
+        Pruner(tf_vars, targets, "layer", Magnitude(), skip={"zzz": "x"})
+    with pytest.raises(ValueError, match="granularity"):
+        Pruner(tf_vars, targets, "layer", Magnitude(), granularity={"w1": Channel()})

@@ -79,8 +79,9 @@ def plan_folds(
             splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
             return FoldPlan(_sorted(splitter.split(placeholder, classes)), stratified=True)
         rare = [v.item() for v, c in zip(values, counts, strict=True) if c < k]
+        shown = f"{rare}" if len(rare) <= 10 else f"{rare[:10]} and {len(rare) - 10} more"
         note = (
-            f"cross-validation folds are not stratified: classes {rare} have fewer than {k} samples, so "
+            f"cross-validation folds are not stratified: classes {shown} have fewer than {k} samples, so "
             "stratified folds could not each hold every class; plain shuffled K-fold was used"
         )
     splitter_plain = KFold(n_splits=k, shuffle=True, random_state=seed)

@@ -9,6 +9,8 @@ on the base class as class variables, so the caller prepares it generically:
   one batch's gradient).
 - ``regularizer``: ``"l1"`` or ``"l2"``: fine-tune with ``Pruner.penalty(strength)`` added to the loss before
   pruning (regularisation-driven pruning); the scores themselves are magnitudes.
+- ``uses_name``: ``score`` is called with ``name=<variable name>`` (random streams per variable). Off by
+  default, so criteria written against ``score(weight, grad)`` keep working unchanged.
 
 Registered criteria (the spec's ``criterion``):
 
@@ -76,6 +78,7 @@ class Criterion(ABC):
     name: ClassVar[str]
     needs_gradients: ClassVar[bool] = False
     regularizer: ClassVar[Regularizer | None] = None
+    uses_name: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         # Kept on every criterion so stochastic ones (e.g. random) are reproducible from the spec's seed.
@@ -90,8 +93,8 @@ class Criterion(ABC):
     def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
         """Return an array of ``weight``'s shape; higher means more important (kept longer).
 
-        ``name`` is the variable's name: criteria that draw random numbers derive their stream from it so a
-        variable's scores do not depend on which other variables are pruned with it.
+        ``name`` (passed only when ``uses_name``) is the variable's name: criteria that draw random numbers
+        derive their stream from it, so a variable's scores do not depend on which others are pruned with it.
         """
 
     def __repr__(self) -> str:
@@ -160,6 +163,7 @@ class Random(Criterion):
     """Uniform [0, 1) scores from ``(seed, crc32(name))``: reproducible across processes (no salted hash)."""
 
     name = "random"
+    uses_name = True
 
     def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode("utf-8"))])

@@ -13,6 +13,10 @@ with the final masks. ``lr_decay="constant"`` keeps it flat.
 Step counting: ``after_step(k)`` is called after the k-th optimizer step (k = 1, 2, ...), matching the
 schedules' "steps already taken". The pipeline re-applies masks there; whatever it raises propagates
 (cancellation). The full batches share one trace of the train step; a last partial batch costs one more.
+
+``penalty`` (regularisation-driven criteria ``l1``/``l2``, see ``regularization.py``) is a zero-argument
+callable traced into the same compiled step and added to the batch loss before differentiating; the returned
+history is the data loss alone, so runs with and without a penalty compare on the task's loss.
 """
 
 from __future__ import annotations
@@ -128,8 +132,10 @@ def fine_tune(
     after_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     lr_decay: LrDecay = "cosine",
+    penalty: Callable[[], tf.Tensor] | None = None,
 ) -> list[float]:
-    """Train ``variables`` to lower ``loss(y, forward(x, training))``; returns each epoch's mean batch loss.
+    """Train ``variables`` to lower ``loss(y, forward(x, training)) [+ penalty()]``; returns each epoch's mean
+    batch data loss (without the penalty).
 
     ``x`` arrays must already have the dtypes ``forward`` expects. Batches are reshuffled every epoch from
     ``seed`` (and TensorFlow's global seed is set from it, so dropout in training mode is reproducible).
@@ -150,15 +156,16 @@ def fine_tune(
     opt = OPTIMIZERS[optimizer](variables)
 
     @tf.function
-    def train_step(xb: dict[str, tf.Tensor], yb: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+    def train_step(xb: dict[str, tf.Tensor], yb: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             tape.watch(variables)  # restored variables may be flagged non-trainable
-            value = compute_loss(yb, forward(xb, training))
-        grads = tape.gradient(value, variables, unconnected_gradients=tf.UnconnectedGradients.NONE)
+            data = compute_loss(yb, forward(xb, training))
+            total = data if penalty is None else data + tf.cast(penalty(), data.dtype)
+        grads = tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.NONE)
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any of the variables being fine-tuned")
         opt.apply([None if g is None else tf.convert_to_tensor(g) for g in grads], lr)
-        return value
+        return data, total
 
     tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
@@ -171,10 +178,15 @@ def fine_tune(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             lr = tf.constant(learning_rate_at(step, total, learning_rate, lr_decay), tf.float32)
-            value = float(train_step({k: tf.constant(v[idx]) for k, v in x.items()}, tf.constant(y[idx]), lr))
-            if not math.isfinite(value):
+            data, total_loss = train_step(
+                {k: tf.constant(v[idx]) for k, v in x.items()}, tf.constant(y[idx]), lr
+            )
+            value = float(data)
+            if not (math.isfinite(value) and math.isfinite(float(total_loss))):
                 raise TrainingDiverged(
-                    f"fine-tuning diverged at step {step + 1} (loss {value}): lower the learning_rate"
+                    f"fine-tuning diverged at step {step + 1} (loss {value}, with penalty "
+                    f"{float(total_loss)}): lower the learning_rate"
+                    + ("" if penalty is None else " or the regularization strength")
                 )
             loss_sum += value * len(idx)
             step += 1

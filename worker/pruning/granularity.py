@@ -112,7 +112,7 @@ Reduce = Literal["sum", "mean"]
 # ---------------------------------------------------------------- kinds
 
 _SUFFIX = re.compile(r":\d+$")
-_RECURRENT = re.compile(r"(^|_)(lstm|gru|rnn)(_\d+)?$|_cell$|^cell$")
+_RECURRENT = re.compile(r"(^|_)(lstm|gru|rnn)([123]d)?(_\d+)?$|_cell$|^cell$")
 _EINSUM = re.compile(r"einsum|attention|^(query|key|value)(_\d+)?$")
 
 
@@ -490,7 +490,7 @@ class NM(Granularity):
         if axis is None:
             return _STRUCTURELESS.get(kind, f"no input axis for a {kind} variable")
         if shape[axis] <= self.n:
-            return f"its input axis has {shape[axis]} entries, not more than N={self.n}: nothing to remove"
+            return f"its input axis has length {shape[axis]} <= N={self.n}: no group can lose a weight"
         return None
 
     def layout(self, kind: Kind, shape: Sequence[int]) -> TileLayout:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from worker.pruning.criteria import Criterion, GradInput
+from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import (
     NM,
     Granularity,
@@ -186,17 +186,29 @@ class Pruner:
         """Recompute masks at ``fraction`` (0..1) of every target from current values; zero the variables.
 
         ``grads`` (by variable name) is required by criteria with ``needs_gradients``: a ``GradientStats``
-        from ``gradients.accumulate_gradients`` (or a gradient array shaped like the variable).
+        from ``gradients.accumulate_gradients`` (or a gradient array shaped like the variable). A variable
+        whose statistics say the loss does not depend on it (``connected=False``, e.g. another output's head)
+        cannot be ranked by gradients: it is left dense and reported as skipped rather than pruned by ties.
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be within [0, 1], got {fraction!r}")
         if self.criterion.needs_gradients and grads is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs gradients: pass grads=")
+        if self.criterion.needs_gradients and grads is not None:
+            for name in self.active:
+                stats = grads.get(name)
+                if isinstance(stats, GradientStats) and not stats.connected and self._masks[name].all():
+                    self.skipped[name] = (
+                        f"the loss does not depend on it: criterion {self.criterion.name!r} cannot score it"
+                    )
         scores: dict[str, np.ndarray] = {}
         for name in self.active:
             var = self.variables[name]
             grad = None if grads is None else grads[name]
-            score = np.asarray(self.criterion.score(var.numpy(), grad, name=name))
+            if self.criterion.uses_name:
+                score = np.asarray(self.criterion.score(var.numpy(), grad, name=name))
+            else:
+                score = np.asarray(self.criterion.score(var.numpy(), grad))
             if score.shape != tuple(var.shape):
                 raise ValueError(
                     f"criterion {self.criterion.name!r} returned shape {score.shape} "
