@@ -25,6 +25,7 @@ from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
 from app.errors import SecateursError
 from app.queue import RUN_JOB, VALIDATE_MODEL
+from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from app.storage import Storage
 from app.store import repo
@@ -234,6 +235,7 @@ def _run(job_id: str) -> None:
         report("saving", 0.99)
         job_dir = storage.job_dir(job_id)
         document = {"job_id": job_id, "model_id": model.id, **metrics}
+        MetricsDocument.model_validate(document)  # what GET /v1/schemas/metrics promises, checked per job
         tmp_metrics = work / "metrics.json"
         tmp_metrics.write_text(json.dumps(document, indent=2, allow_nan=False))
         artifact = job_dir / "pruned.zip"

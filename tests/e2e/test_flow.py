@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
@@ -87,6 +88,8 @@ def _run_readme_flow(base: str, files: dict[str, Path], tmp_path: Path) -> dict[
         etag = artifact.headers["etag"]
         assert http.get(f"{location}/artifact", headers={"If-None-Match": etag}).status_code == 304
         metrics = http.get(f"{location}/metrics").json()
+        schema = http.get("/v1/schemas/metrics").json()
+    jsonschema.validate(metrics, schema)  # the published schema holds for a real job's document
     out = tmp_path / "pruned"
     zipfile.ZipFile(io.BytesIO(artifact.content)).extractall(out)
     return {"metrics": metrics, "artifact_dir": out, "job": job}
