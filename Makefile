@@ -27,8 +27,11 @@ lint: $(STAMP)
 test: $(STAMP) lint  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## full benchmarks (~5-10 min), writes bench/RESULTS.md
 	$(BIN)/python -m bench.run
+
+bench-smoke: $(STAMP)  ## tiny stand-ins, < 1 min
+	$(BIN)/python -m bench.run --smoke
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -255,6 +255,7 @@ def run_api(model_zip: Path, warmup_zip: Path, work: Path, target: float = TARGE
         "worker_peak_rss_mb": worker_rss,
         "artifact_bytes": artifact.stat().st_size,
         "metrics_sparsity": metrics["pruned"]["sparsity"],
+        "latency_ms": {"baseline": metrics["baseline"]["latency_ms"], "pruned": metrics["pruned"]["latency_ms"]},
         "metrics_size_bytes": {"baseline": metrics["baseline"]["size_bytes"], "pruned": metrics["pruned"]["size_bytes"]},
         "notes": metrics["notes"],
         "artifact": artifact,
@@ -378,6 +379,17 @@ def render(result: dict[str, Any]) -> str:
             )
     api_rows.append(_row("**total**", [r["api"]["total_s"] for r in reps]))
     lines.append(md_table(heads, api_rows))
+    stage_means = {
+        stage: sum(r["api"]["job_timings_s"].get(stage, 0.0) for r in reps) / len(reps) for stage in PIPELINE_STAGES
+    }
+    top = max(stage_means, key=lambda k: stage_means[k])
+    api_mean = sum(r["api"]["total_s"] for r in reps) / len(reps)
+    floor_mean = sum(r["floor"]["wall_s"] for r in reps) / len(reps)
+    lines.append(
+        f"Largest part: `timings_s.{top}` = {stage_means[top]:.1f} s, {stage_means[top] / api_mean:.0%} of the API "
+        f"total. Without it the API would take {api_mean - stage_means[top]:.1f} s "
+        f"({(api_mean - stage_means[top]) / floor_mean:.1f}x the floor's wall time).\n"
+    )
     lines.append("**The floor's phases** (printed by the script):\n")
     floor_rows = [_row(k, [r["floor"]["phases_s"][k] for r in reps]) for k in reps[0]["floor"]["phases_s"]]
     floor_rows.append(_row("interpreter start/exit, rest", [r["floor"]["process_overhead_s"] for r in reps]))
@@ -394,6 +406,18 @@ def render(result: dict[str, Any]) -> str:
         [*_row("sparsity of pruned variables, API artifact", [r["verify"]["api"]["sparsity"] for r in reps], mean=False), ""],
         [*_row("sparsity of pruned variables, floor output", [r["verify"]["floor"]["sparsity"] for r in reps], mean=False), ""],
     ]
+    for batch in sorted(reps[0]["api"]["latency_ms"]["baseline"], key=int):
+        facts.append(
+            [
+                f"job's latency measurement, batch {batch}: p50 baseline / pruned (ms)",
+                *[
+                    f"{r['api']['latency_ms']['baseline'][batch]['p50']:.0f} / "
+                    f"{r['api']['latency_ms']['pruned'][batch]['p50']:.0f}"
+                    for r in reps
+                ],
+                "",
+            ]
+        )
     for who, label in (("api", "API artifact"), ("floor", "floor output")):
         facts.append(
             [

@@ -28,7 +28,7 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 SMOKE_RESULTS = OUT_DIR / "RESULTS.smoke.md"
 SECTIONS = ("resnet", "digits")
 HOW = (
-    "Reproduce: `.venv/bin/python -m bench.run` (both, ~10 min on 2 cores), `--only resnet|digits`, "
+    "Reproduce: `.venv/bin/python -m bench.run` (both, ~5 min on 2 cores, plus ~30 s the first time to build the cached models), `--only resnet|digits`, "
     "`--repeats N` (ResNet), `--smoke` (tiny stand-ins, < 1 min, writes bench/out/RESULTS.smoke.md). "
     "Method and fairness choices: the docstrings of bench/resnet_job.py and bench/digits_quality.py.\n"
 )

@@ -292,3 +292,21 @@ def test_select_output_rules() -> None:
     assert label_key("score", ["y", "y.score"]) == "y.score"
     assert label_key("probs", ["y"]) == "y"
     assert label_key("probs", ["x"]) is None
+
+
+@pytest.mark.tf
+def test_keras3_export_shadow_copies_are_pruned_too(tmp_path: Path, keras3_export_dir: Path) -> None:
+    """Keras 3 exports store each weight twice; the saved artifact must not keep a dense duplicate."""
+    import numpy as np
+    import tensorflow as tf
+
+    handle = load_model(keras3_export_dir)
+    pairs = handle.shadow_copies()
+    assert pairs, "Keras 3 export no longer duplicates variables: drop shadow_copies()"
+    for nv in handle.prunable():
+        nv.var.assign(tf.zeros_like(nv.var))
+    out = handle.save(tmp_path / "saved")
+    reader = tf.train.load_checkpoint(str(out / "variables" / "variables"))
+    kernels = [k for k, shape in reader.get_variable_to_shape_map().items() if len(shape) >= 2]
+    assert len(kernels) >= 2 * len(handle.prunable())  # both copies are in the checkpoint ...
+    assert all(not np.any(reader.get_tensor(k)) for k in kernels)  # ... and both are pruned

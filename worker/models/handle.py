@@ -198,8 +198,29 @@ class ModelHandle:
         out = fn(**tensors)
         return dict(out) if isinstance(out, Mapping) else {"output_0": out}
 
+    def shadow_copies(self) -> list[tuple[tf.Variable, tf.Variable]]:
+        """(copy, used) pairs: variables the object tracks but no signature reads, twinned by name and shape
+        with one a signature does read. Keras 3 `model.export()` stores every weight twice (the endpoints'
+        captures and an `_all_variables` list): saving only the pruned copy would ship the dense weights too."""
+        used = {id(nv.var) for nv in self._variables}
+        by_key: dict[tuple[str, tuple[int, ...], str], list[tf.Variable]] = {}
+        for nv in self._variables:
+            key = (nv.var.name, tuple(nv.var.shape.as_list()), nv.var.dtype.name)
+            by_key.setdefault(key, []).append(nv.var)
+        pairs = []
+        for trackable in tf.train.TrackableView(self.obj).descendants():
+            if not isinstance(trackable, tf.Variable) or id(trackable) in used:
+                continue
+            twins = by_key.get((trackable.name, tuple(trackable.shape.as_list()), trackable.dtype.name), [])
+            if len(twins) == 1:
+                pairs.append((trackable, twins[0]))
+        return pairs
+
     def save(self, out_dir: Path) -> Path:
-        """Write the (pruned) object as a SavedModel with the original signatures."""
+        """Write the (pruned) object as a SavedModel with the original signatures; shadow copies of the
+        weights take the pruned values first, so the artifact holds no dense duplicate."""
+        for copy, used in self.shadow_copies():
+            copy.assign(used)
         tf.saved_model.save(self.obj, str(out_dir), signatures=dict(self._functions))
         return out_dir
 
