@@ -4,10 +4,26 @@ No Celery, no database: ``worker.tasks`` passes arrays, an output directory and 
 callback. ``report`` is called at every stage boundary and periodically while fine-tuning; whatever it raises
 (cancellation) propagates untouched. User-actionable problems are ``PipelineError``; anything else is a bug.
 
-Stages (``progress`` is the whole job's, 0..1): loading (audit, load, bind datasets), baseline (predictions,
-metrics, sizes), pruning, fine_tuning, evaluating (metrics; latency of the original and the pruned model run
-interleaved so machine noise hits both alike), saving (SavedModel with the original signatures, reload check,
-``pruned.zip``).
+Stages (``progress`` is the whole job's, 0..1): loading (audit, load, bind datasets, preprocessing), baseline
+(predictions, metrics, sizes), pruning, fine_tuning, evaluating (metrics; latency of the original and the
+pruned model run interleaved so machine noise hits both alike), saving (SavedModel with the original
+signatures, reload check, ``pruned.zip``).
+
+How the spec reaches the pruning engine (``worker.pruning``):
+
+- Variables: trainable floating rank >= 2 variables matching include/exclude, with a *kind* each
+  (``granularity.infer_kinds``). Embedding tables are left out unless an ``include`` regex names them: their
+  rows are vocabulary entries, and zeroing a row silently maps a token to the zero vector.
+- Granularity: ``get_granularity`` (``block_shape`` for ``block``). Under ``channel``, the kernel(s) producing
+  a signature output directly are left dense (``_output_heads``): their channels ARE the output's units, and
+  removing one deletes a class or a regression target. Variables a granularity cannot handle (e.g. N:M on a
+  depthwise kernel) are left dense by the pruner with the reason in ``notes`` and in ``layers``.
+- Criterion hooks (``Criterion.needs_gradients`` / ``regularizer``), never special-cased by name:
+  gradient statistics (``gradients.accumulate_gradients``) over train batches before every scheduled prune
+  step; a regulariser fine-tunes with ``Pruner.penalty`` before pruning (one-shot: the first half of the
+  fine-tuning epochs, or one default epoch without ``fine_tune``; polynomial: during the sparsity ramp).
+- ``preprocessing`` rewrites the bound train/eval inputs once, before the baseline, and is reported as
+  ``metrics["preprocessing"]``: the artifact does not contain it.
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from app.schemas.spec import Latency, PolynomialSchedule, PruneSpec
+from app.schemas.spec import FineTune, Latency, PolynomialSchedule, Preprocessing, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.latency import interleaved_latency
 from worker.evaluation.metrics import classification_metrics, infer_task, regression_metrics
@@ -41,17 +57,33 @@ from worker.models import (
     load_model,
     select_output,
 )
-from worker.pruning.criteria import get_criterion
+from worker.pruning.criteria import GradientStats, get_criterion
 from worker.pruning.finetune import TrainingDiverged, count_steps, fine_tune
-from worker.pruning.losses import infer_loss, loss_fn
+from worker.pruning.gradients import accumulate_gradients
+from worker.pruning.granularity import (
+    Channel,
+    Granularity,
+    Kind,
+    check_nm_target,
+    get_granularity,
+    infer_kinds,
+    parse_nm,
+)
+from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
-from worker.pruning.schedules import build_schedule
+from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
 
 Report = Callable[[str, float], None]
 
 PREDICT_BATCH = 256
-GRADIENT_SAMPLES = 512  # train samples whose summed gradients feed gradient-based criteria
+# Gradient criteria: per-batch |g| statistics over at most GRADIENT_SAMPLES train samples in batches of
+# GRADIENT_BATCH. Re-collected at every scheduled prune step of a gradual schedule, on at most as many samples
+# as were trained on since the previous step, so the statistics at most double the fine-tuning work.
+GRADIENT_SAMPLES = 1024
+GRADIENT_BATCH = 64
+# l1/l2 without fine_tune: one epoch of regularised training with these settings before pruning.
+DEFAULT_REGULARIZATION = FineTune(epochs=1)
 LATENCY_WARMUP = 2
 INFERENCE_MODE_NOTE = "fine-tuned in inference mode: BatchNorm statistics frozen, dropout off"
 TRAINING_MODE_NOTE = "fine-tuned in training mode (Keras __call__): BatchNorm statistics updated, dropout on"
@@ -91,6 +123,14 @@ class _Job:
     evaluation: _Data | None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
+    loss: tuple[str, bool] | None = None  # inferred once, see _loss
+    gradient_passes: list[int] = field(default_factory=list)  # samples per gradient-statistics pass
+
+    def note(self, text: str) -> None:
+        """Append a note once (phases that run twice must not repeat themselves)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def forward(self, x: Mapping[str, tf.Tensor], training: bool) -> tf.Tensor:
         return self.handle.call(self.spec.signature, x, training=training)[self.output]
@@ -109,6 +149,7 @@ def run_pipeline(
     started = time.perf_counter()
     _seed_everything(spec.seed)
     _refuse_unimplemented(spec)
+    granularity = _granularity(spec)
 
     report("loading", _PROGRESS["loading"])
     tick = time.perf_counter()
@@ -130,46 +171,25 @@ def run_pipeline(
 
     report("baseline", _PROGRESS["baseline"])
     tick = time.perf_counter()
-    prunable = job.handle.prunable(spec.include, spec.exclude)
-    if not prunable:
-        raise PipelineError(
-            "invalid_spec",
-            f"no prunable variable matches include={spec.include} / exclude={spec.exclude}; prunable "
-            f"variables (trainable, floating, rank >= 2): {[nv.name for nv in job.handle.prunable()]}",
-        )
+    prunable, kinds = _select(job)
     baseline = _measure(job, prunable)
     baseline["size_bytes"] = _sizes(model_dir, out_dir / "baseline.zip", keep_zip=False)
     job.timings["baseline"] = time.perf_counter() - tick
 
     report("pruning", _PROGRESS["pruning"])
     tick = time.perf_counter()
-    pruner = _make_pruner(job, prunable)
-    total_steps = 0
-    if spec.fine_tune is not None and job.train is not None:
-        total_steps = count_steps(job.train.n, spec.fine_tune.batch_size, spec.fine_tune.epochs)
-    schedule = build_schedule(spec.schedule.model_dump(), spec.target_sparsity, total_steps)
-    if isinstance(spec.schedule, PolynomialSchedule):
-        job.notes.append(f"polynomial schedule over {total_steps} fine-tuning steps: {schedule.get_config()}")
-
-    def prune_at(step: int) -> None:
-        should, sparsity = schedule(step)
-        if should:
-            pruner.prune(min(1.0, sparsity / spec.target_sparsity), _gradients(job, pruner))
-        else:
-            pruner.apply_masks()
-
-    prune_at(0)
+    pruner = _make_pruner(job, prunable, kinds, granularity)
     job.timings["prune"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    if spec.fine_tune is not None:
-        _fine_tune(job, prune_at, total_steps, report)
-    job.timings["fine_tune"] = time.perf_counter() - tick
+    job.timings["fine_tune"] = 0.0
+    _prune_and_fine_tune(job, pruner, report)
 
     report("evaluating", _PROGRESS["evaluating"])
     tick = time.perf_counter()
     pruned = _measure(job, prunable)
     layers = _layers(prunable, pruner)
+    for line in pruner.notes():
+        job.note(line)
+    job.notes.extend(_unpaired_bias_notes(pruner))
     latency = _latency(job, model_dir)
     baseline["latency_ms"], pruned["latency_ms"] = latency["baseline"], latency["pruned"]
     job.timings["evaluate"] = time.perf_counter() - tick
@@ -182,18 +202,19 @@ def run_pipeline(
     job.timings["save"] = time.perf_counter() - tick
     job.timings["total"] = time.perf_counter() - started
 
-    return _finite(
-        {
-            "spec": spec.model_dump(mode="json"),
-            "baseline": baseline,
-            "pruned": pruned,
-            "delta": _delta(baseline["metrics"], pruned["metrics"]),
-            "layers": layers,
-            "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
-            "notes": job.notes,
-            "versions": {"secateurs": _version(), "tensorflow": tf.__version__},
-        }
-    )
+    document: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "baseline": baseline,
+        "pruned": pruned,
+        "delta": _delta(baseline["metrics"], pruned["metrics"]),
+        "layers": layers,
+        "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
+        "notes": job.notes,
+        "versions": {"secateurs": _version(), "tensorflow": tf.__version__},
+    }
+    if job.preprocessing is not None:
+        document["preprocessing"] = job.preprocessing
+    return _finite(document)
 
 
 # -- loading -------------------------------------------------------------------------------------------------
@@ -208,16 +229,22 @@ def _seed_everything(seed: int) -> None:
 def _refuse_unimplemented(spec: PruneSpec) -> None:
     """The API refuses these with 422 already; a job that slips through must fail, never ignore them."""
     problems = []
-    if spec.granularity != "unstructured":
-        problems.append(f"granularity={spec.granularity!r}")
-    if spec.normalization != "none":
-        problems.append(f"normalization={spec.normalization!r}")
-    if spec.preprocessing is not None:
-        problems.append("preprocessing")
     if spec.evaluation is not None and spec.evaluation.cross_validation is not None:
         problems.append("evaluation.cross_validation")
     if problems:
         raise PipelineError("invalid_spec", f"not implemented by this worker: {', '.join(problems)}")
+
+
+def _granularity(spec: PruneSpec) -> Granularity:
+    """The spec's granularity object; an N:M target that is not 1 - N/M fails (the API refuses it already)."""
+    try:
+        nm = parse_nm(spec.granularity)
+        if nm is not None:
+            check_nm_target(spec.target_sparsity, *nm)
+        block = spec.resolved_block_shape() if spec.granularity == "block" else None
+        return get_granularity(spec.granularity, block_shape=block)
+    except ValueError as exc:
+        raise PipelineError("invalid_spec", str(exc)) from exc
 
 
 def _bind(sig: SignatureInfo, arrays: dict[str, np.ndarray] | None, output: str, role: str) -> _Data | None:
@@ -264,7 +291,7 @@ def _prepare(
         criterion = get_criterion(spec.criterion, spec.seed)
     except ValueError as exc:
         raise PipelineError("invalid_spec", str(exc)) from exc
-    needs_labels = spec.fine_tune is not None or criterion.needs_gradients
+    needs_labels = spec.fine_tune is not None or criterion.needs_train_data
     if needs_labels and (job.train is None or job.train.y is None):
         why = "fine_tune" if spec.fine_tune is not None else f"criterion {spec.criterion!r}"
         raise PipelineError(
@@ -279,15 +306,80 @@ def _prepare(
         "prunable variables: trainable floating-point variables of rank >= 2 (kernels), "
         "filtered by include/exclude; biases and normalisation parameters are left dense"
     )
-    if spec.granularity == "unstructured":
-        job.notes.append(
-            "unstructured zeros shrink the compressed artifact (see size_bytes.zip) but dense TensorFlow "
-            "kernels do not run faster on them: expect pruned latency close to baseline"
-        )
+    job.notes.append(_LATENCY_NOTES.get(spec.granularity, _LATENCY_NOTES["N:M"]))
     for pattern in spec.layer_sparsity:
         if not any(re.search(pattern, nv.name) for nv in handle.prunable(spec.include, spec.exclude)):
             job.notes.append(f"layer_sparsity pattern {pattern!r} matches no selected prunable variable")
+    if spec.preprocessing is not None:
+        job.preprocessing = _preprocess(job, spec.preprocessing)
     return job
+
+
+# What zeros buy at run time, per granularity: the tensors keep their shapes in the artifact.
+_LATENCY_NOTES = {
+    "unstructured": "unstructured zeros shrink the compressed artifact (see size_bytes.zip) but dense TensorFlow "
+    "kernels do not run faster on them: expect pruned latency close to baseline",
+    "channel": "channel pruning zeroes whole output channels but keeps every tensor's shape: latency stays close "
+    "to baseline until the channels are physically removed; the compressed artifact shrinks",
+    "block": "block sparsity needs block-sparse kernels to run faster; TensorFlow's dense kernels do not skip "
+    "zero blocks: expect pruned latency close to baseline",
+    "N:M": "N:M sparsity runs faster only on hardware/runtimes with N:M sparse kernels (e.g. 2:4 on NVIDIA "
+    "Ampere+ via TensorRT); TensorFlow's dense kernels do not skip the zeros",
+}
+
+
+def _preprocess(job: _Job, pre: Preprocessing) -> dict[str, Any]:
+    """Rewrite the bound train/eval inputs per ``pre``; return what was done, for ``metrics["preprocessing"]``.
+
+    ``min_max`` statistics come from the train dataset (the eval dataset when there is none): fitting on the
+    data being evaluated would leak it, but a job without a train set has nothing else. Per feature = per
+    entry of the inputs' last axis, over every other axis (Keras ``Normalization``'s ``axis=-1``).
+    """
+    integer = {k: v["dtype"] for k, v in job.sig.inputs.items() if not tf.as_dtype(v["dtype"]).is_floating}
+    if integer:
+        raise PipelineError(
+            "invalid_spec",
+            f"preprocessing scales floating-point inputs, but signature {job.sig.name!r} has non-float inputs "
+            f"{integer}: remove 'preprocessing' from the spec (token ids and other integers cannot be scaled)",
+        )
+    datasets = [d for d in (job.train, job.evaluation) if d is not None]
+    applied_to = [role for role, d in (("train", job.train), ("eval", job.evaluation)) if d is not None]
+    if pre.min_max is None:
+        scale = 1.0 if pre.scale is None else pre.scale
+        offset = 0.0 if pre.offset is None else pre.offset
+        for data in datasets:
+            data.x = {k: (v.astype(np.float64) * scale + offset).astype(v.dtype) for k, v in data.x.items()}
+        job.notes.append(
+            f"preprocessing: inputs x -> x * {scale:g} + {offset:g} on {applied_to or 'no'} data before the "
+            "model; the artifact does not contain it: apply it when serving"
+        )
+        return {"kind": "scale_offset", "scale": scale, "offset": offset, "applied_to": applied_to}
+
+    lo, hi = pre.min_max
+    source = job.train or job.evaluation
+    result: dict[str, Any] = {"kind": "min_max", "range": [lo, hi], "applied_to": applied_to}
+    if source is None:
+        job.notes.append("preprocessing: min_max has no dataset to fit on or apply to; nothing was changed")
+        return {**result, "fitted_on": None, "features": {}}
+    fitted_on = "train" if source is job.train else "eval"
+    features: dict[str, dict[str, list[float]]] = {}
+    for name, array in source.x.items():
+        axes = tuple(range(array.ndim - 1)) if array.ndim > 1 else (0,)
+        low = array.min(axis=axes).astype(np.float64)
+        span = array.max(axis=axes).astype(np.float64) - low
+        features[name] = {"min": low.tolist(), "max": (low + span).tolist()}
+        factor = np.divide(hi - lo, span, out=np.zeros_like(span), where=span > 0)  # constant -> lo
+        for data in datasets:
+            x = data.x[name]
+            data.x[name] = (lo + (x.astype(np.float64) - low) * factor).astype(x.dtype)
+    job.notes.append(
+        f"preprocessing: per-feature min-max onto [{lo:g}, {hi:g}] fitted on the {fitted_on} dataset "
+        f"(last input axis; constant features -> {lo:g}), applied to {applied_to}; the artifact does not "
+        "contain it: apply the same scaling (metrics 'preprocessing') when serving"
+    )
+    if fitted_on == "eval":
+        job.notes.append("preprocessing: no train dataset, so min_max was fitted on the evaluation dataset")
+    return {**result, "fitted_on": fitted_on, "features": features}
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
@@ -409,78 +501,309 @@ def _latency_inputs(sig: SignatureInfo, data: _Data | None, batch: int) -> dict[
 # -- pruning and fine-tuning ---------------------------------------------------------------------------------
 
 
-def _make_pruner(job: _Job, prunable: list[NamedVariable]) -> Pruner:
+# Kinds left out of the prunable set unless an ``include`` regex names the variable, and why.
+_EXCLUDED_BY_DEFAULT: dict[str, str] = {
+    "embedding": "embedding tables (a row is one vocabulary entry, and a zeroed row silently maps its token "
+    "to the zero vector)",
+    "bias": "biases of rank 2 (e.g. a GRU's [2, 3 * units] bias; like every bias it is left dense)",
+}
+
+
+def _select(job: _Job) -> tuple[list[NamedVariable], dict[str, Kind]]:
+    """The variables the spec prunes and their kinds; embedding tables and rank-2 biases only when an
+    ``include`` regex names them (``_EXCLUDED_BY_DEFAULT``)."""
+    spec = job.spec
+    candidates = job.handle.prunable(spec.include, spec.exclude)
+    shapes = {nv.name: nv.shape for nv in candidates}
+    kinds = infer_kinds(shapes, {nv.name: nv.shape for nv in job.handle.variables()})
+    prunable: list[NamedVariable] = []
+    left_out: dict[str, list[str]] = {}
+    for nv in candidates:
+        kind = kinds[nv.name]
+        if kind in _EXCLUDED_BY_DEFAULT and not any(re.search(p, nv.name) for p in spec.include):
+            left_out.setdefault(kind, []).append(nv.name)
+        else:
+            prunable.append(nv)
+    for kind, names in left_out.items():
+        job.notes.append(
+            f"left dense by default: {_EXCLUDED_BY_DEFAULT[kind]}: {names}; name them in 'include' to prune them"
+        )
+    if not prunable:
+        hint = "".join(
+            f"; {names} are pruned only when an include regex names them" for names in left_out.values()
+        )
+        raise PipelineError(
+            "invalid_spec",
+            f"no prunable variable matches include={spec.include} / exclude={spec.exclude}; prunable "
+            f"variables (trainable, floating, rank >= 2): {[nv.name for nv in job.handle.prunable()]}{hint}",
+        )
+    return prunable, {nv.name: kinds[nv.name] for nv in prunable}
+
+
+def _output_heads(
+    job: _Job, prunable: list[NamedVariable], kinds: Mapping[str, Kind], granularity: Granularity
+) -> dict[str, str]:
+    """Under ``channel``: the kernel(s) whose channels are a signature output's units, with the skip reason.
+
+    Rule (simple, documented, conservative): for every output of the signature whose last dimension is
+    known, the LAST prunable variable in the handle's order whose channel count equals that dimension. The
+    handle's order is the order the signature captures variables, which is the call order (checked on
+    Sequential, functional multi-output and subclassed Keras 3 models, and on tf_keras): the head comes last
+    even when a subclass creates it first. Zeroing one of its channels zeroes an output unit (a class, a
+    target) for every input, which no accuracy number would excuse.
+
+    Limits, all on the safe side (a variable left dense, with a note, never one pruned wrongly): a hidden
+    layer exactly as wide as an output and captured after the real head would be kept instead of it; an
+    output not computed by a kernel (e.g. pooled features) keeps the last kernel of that width.
+    """
+    if not isinstance(granularity, Channel):
+        return {}
+    channels: dict[str, int] = {}
+    for nv in prunable:
+        kind = kinds[nv.name]
+        if granularity.skip_reason(kind, nv.shape) is None:
+            channels[nv.name] = granularity.layout(kind, nv.shape).n_groups
+    heads: dict[str, list[str]] = {}
+    for output, info in sorted(job.sig.outputs.items()):
+        shape = info["shape"]
+        units = shape[-1] if shape else None
+        if units is None:
+            continue
+        matching = [name for name, n in channels.items() if n == units]
+        if matching:
+            heads.setdefault(matching[-1], []).append(output)
+    return {
+        name: f"its channels are the units of output(s) {outputs} of signature {job.sig.name!r}: removing "
+        "one would delete an output unit (a class or a target) for every input"
+        for name, outputs in heads.items()
+    }
+
+
+def _make_pruner(
+    job: _Job, prunable: list[NamedVariable], kinds: dict[str, Kind], granularity: Granularity
+) -> Pruner:
     spec = job.spec
     names = [nv.name for nv in prunable]
     targets = resolve_targets(names, spec.target_sparsity, spec.layer_sparsity)
     criterion = get_criterion(spec.criterion, spec.seed)
+    common: dict[str, Any] = {
+        "granularity": granularity,
+        "normalization": spec.normalization,
+        "kinds": kinds,
+        "model_variables": {nv.name: nv.var for nv in job.handle.variables()},
+        "skip": _output_heads(job, prunable, kinds, granularity),
+    }
     variables = {nv.name: nv.var for nv in prunable}
     if spec.scope == "global":
         fixed = {n: targets[n] for n in names if any(re.search(p, n) for p in spec.layer_sparsity)}
         return Pruner(
-            variables, targets, "global", criterion, global_target=spec.target_sparsity, fixed=fixed
+            variables, targets, "global", criterion, global_target=spec.target_sparsity, fixed=fixed, **common
         )
-    return Pruner(variables, targets, "layer", criterion)
+    if spec.normalization != "none":
+        job.notes.append(
+            f"normalization {spec.normalization!r} changes how layers compare in a global ranking; with scope "
+            "'layer' every variable is ranked on its own, so it has no effect"
+        )
+    return Pruner(variables, targets, "layer", criterion, **common)
 
 
-def _gradients(job: _Job, pruner: Pruner) -> dict[str, np.ndarray] | None:
-    """Summed gradients of the loss over up to ``GRADIENT_SAMPLES`` train samples, for gradient criteria."""
+@dataclass
+class _Progress:
+    """Maps optimizer steps of all training phases (regularisation, fine-tuning) onto the job's progress."""
+
+    report: Report
+    total_steps: int
+    done: int = 0
+
+    def at(self, step: int) -> None:
+        span = _PROGRESS["evaluating"] - _PROGRESS["fine_tuning"]
+        fraction = (self.done + step) / self.total_steps if self.total_steps else 1.0
+        self.report("fine_tuning", _PROGRESS["fine_tuning"] + span * min(1.0, fraction))
+
+
+def _prune_and_fine_tune(job: _Job, pruner: Pruner, report: Report) -> None:
+    """Regularise (l1/l2), prune per the schedule (with fresh gradient statistics when the criterion needs
+    them), fine-tune with masks re-applied after every step. Times go to ``timings_s`` prune / fine_tune."""
+    spec, ft = job.spec, job.spec.fine_tune
+    regularizer = pruner.criterion.regularizer
+    polynomial = isinstance(spec.schedule, PolynomialSchedule)
+    n_train = job.train.n if job.train is not None else 0
+
+    # One-shot l1/l2: a regularised phase first (half the epochs, or one default epoch), pruning after it.
+    regularize: FineTune | None = None
+    reg_epochs = 0
+    tune_epochs = ft.epochs if ft is not None else 0
+    if regularizer is not None and not polynomial:
+        regularize = ft or DEFAULT_REGULARIZATION
+        reg_epochs = max(1, ft.epochs // 2) if ft is not None else DEFAULT_REGULARIZATION.epochs
+        tune_epochs = ft.epochs - reg_epochs if ft is not None else 0
+    reg_steps = count_steps(n_train, regularize.batch_size, reg_epochs) if regularize else 0
+    tune_steps = count_steps(n_train, ft.batch_size, tune_epochs) if ft is not None and tune_epochs else 0
+    progress = _Progress(report, reg_steps + tune_steps)
+    schedule = build_schedule(spec.schedule.model_dump(), spec.target_sparsity, tune_steps)
+    if polynomial:
+        job.notes.append(f"polynomial schedule over {tune_steps} fine-tuning steps: {schedule.get_config()}")
+    strength = spec.regularization_strength()
+
+    last_prune = [0]
+
+    def prune_at(step: int) -> None:
+        should, sparsity = schedule(step)
+        if should:
+            tick = time.perf_counter()
+            budget = GRADIENT_SAMPLES if step == 0 else (step - last_prune[0]) * (ft.batch_size if ft else 1)
+            pruner.prune(min(1.0, sparsity / spec.target_sparsity), _gradients(job, pruner, step, budget))
+            last_prune[0] = step
+            if step == 0:  # later steps run inside fine-tuning and count as fine_tune time
+                job.timings["prune"] += time.perf_counter() - tick
+        else:
+            pruner.apply_masks()
+
+    if regularize is not None:
+        penalty = pruner.penalty(strength)
+        history = _train(job, regularize, reg_epochs, progress, after_step=None, penalty=penalty)
+        job.notes.append(
+            f"criterion {spec.criterion!r}: {reg_epochs} epoch(s) of fine-tuning with the {_penalty_name(pruner)} "
+            f"penalty (strength {strength:g}) before pruning by magnitude, then {tune_epochs} recovery epoch(s) "
+            f"with the masks fixed; regularised data loss per epoch: {[round(v, 5) for v in history]}"
+            + (
+                ""
+                if ft is not None
+                else " (no fine_tune in the spec: default regularisation phase of 1 epoch)"
+            )
+        )
+    prune_at(0)
+    if ft is not None and tune_epochs:
+        _fine_tune_pruned(job, pruner, ft, tune_epochs, progress, schedule, prune_at)
+    if job.gradient_passes:
+        passes = job.gradient_passes
+        job.notes.append(
+            f"criterion {spec.criterion!r}: gradient statistics (inference mode, batches of {GRADIENT_BATCH}) "
+            f"collected {len(passes)} time(s), before each prune step, over {sorted(set(passes))} train samples"
+        )
+
+
+def _fine_tune_pruned(
+    job: _Job,
+    pruner: Pruner,
+    ft: FineTune,
+    epochs: int,
+    progress: _Progress,
+    schedule: Schedule,
+    prune_at: Callable[[int], None],
+) -> None:
+    """Fine-tuning after (one-shot) or while (polynomial) pruning; l1/l2 penalise during a polynomial ramp
+    (after a one-shot prune, these epochs only recover: the penalised phase came before pruning)."""
+    spec = job.spec
+    strength = spec.regularization_strength()
+
+    penalty: Callable[[], tf.Tensor] | None = None
+    gate: tf.Variable | None = None
+    end = getattr(schedule, "end_step", 0)
+    ramp = isinstance(spec.schedule, PolynomialSchedule)
+    if pruner.criterion.regularizer is not None and ramp:  # pull weights down while the sparsity ramps up
+        gate = tf.Variable(1.0, trainable=False, dtype=tf.float32)
+        base = pruner.penalty(strength)
+        assert base is not None
+        penalty = _gated(gate, base)
+        job.notes.append(
+            f"criterion {spec.criterion!r}: the {_penalty_name(pruner)} penalty (strength {strength:g}) is added "
+            f"to the loss during the sparsity ramp (steps 1..{end}), not during the recovery steps after it"
+        )
+
+    def after_step(step: int) -> None:
+        if gate is not None and step >= end:
+            gate.assign(0.0)
+        prune_at(step)  # recomputes masks when the schedule says so; always re-applies them
+
+    history = _train(job, ft, epochs, progress, after_step=after_step, penalty=penalty)
+    job.notes.append(f"fine-tuning loss per epoch: {[round(v, 5) for v in history]}")
+
+
+def _gated(gate: tf.Variable, penalty: Callable[[], tf.Tensor]) -> Callable[[], tf.Tensor]:
+    """``gate * penalty()``: traced once into the train step, the gate variable switches it off later."""
+    return lambda: gate * penalty()
+
+
+def _penalty_name(pruner: Pruner) -> str:
+    """How the criterion's penalty reads in notes (l2 is group lasso on channel/block groups)."""
+    if pruner.criterion.regularizer == "l1":
+        return "L1 (sum |w|)"
+    grouped = any(
+        pruner.granularities[n].penalty_layout(pruner.kinds[n], pruner.shapes[n]) for n in pruner.active
+    )
+    return "group-lasso (sum of group L2 norms)" if grouped else "L2 (sum w^2)"
+
+
+def _gradients(job: _Job, pruner: Pruner, step: int, budget: int) -> dict[str, GradientStats] | None:
+    """Gradient statistics of the active variables over up to ``min(budget, GRADIENT_SAMPLES)`` train samples
+    (a permutation seeded by ``seed + step``), for criteria with ``needs_gradients``; else None."""
     if not pruner.criterion.needs_gradients:
         return None
     assert job.train is not None and job.train.y is not None  # checked in _prepare
     loss_name, from_logits = _loss(job)
-    compute = loss_fn(loss_name, from_logits)
-    names = list(pruner.variables)
-    variables = [pruner.variables[n] for n in names]
-    total = [np.zeros(v.shape, dtype=np.float64) for v in variables]
-    n = min(job.train.n, GRADIENT_SAMPLES)
-    for start in range(0, n, PREDICT_BATCH):
-        stop = min(n, start + PREDICT_BATCH)
-        with tf.GradientTape() as tape:
-            out = job.forward({k: v[start:stop] for k, v in job.train.x.items()}, False)
-            value = compute(job.train.y[start:stop], out) * (stop - start)
-        for acc, grad in zip(total, tape.gradient(value, variables), strict=True):
-            if grad is not None:
-                acc += grad.numpy()
-    return {name: acc / n for name, acc in zip(names, total, strict=True)}
+    samples = max(GRADIENT_BATCH, min(budget, GRADIENT_SAMPLES, job.train.n))
+    stats = accumulate_gradients(
+        job.forward,
+        {name: pruner.variables[name] for name in pruner.active},
+        job.train.x,
+        job.train.y,
+        loss=loss_name,
+        from_logits=from_logits,
+        batch_size=GRADIENT_BATCH,
+        max_batches=math.ceil(samples / GRADIENT_BATCH),
+        seed=job.spec.seed + step,
+    )
+    first = next(iter(stats.values()), None)
+    if first is not None:
+        job.gradient_passes.append(first.samples)
+    return stats
 
 
 def _loss(job: _Job) -> tuple[str, bool]:
-    """Loss name and from_logits: the spec's, else inferred from train labels and a sample of outputs."""
+    """Loss name and from_logits: the spec's, else inferred once from train labels and a sample of outputs."""
     assert job.train is not None and job.train.y is not None
     spec = job.spec
     if spec.loss is not None and spec.from_logits is not None:
         return spec.loss, spec.from_logits
-    sample = {k: v[:PREDICT_BATCH] for k, v in job.train.x.items()}
-    output = job.forward(sample, False).numpy()
-    try:
-        inferred, logits = infer_loss(job.train.y[: len(output)], output)
-    except ValueError as exc:
-        raise PipelineError(
-            "dataset_mismatch", f"train labels do not fit output {job.output!r}: {exc}"
-        ) from exc
-    return spec.loss or inferred, logits if spec.from_logits is None else spec.from_logits
+    if job.loss is None:
+        sample = {k: v[:PREDICT_BATCH] for k, v in job.train.x.items()}
+        output = job.forward(sample, False).numpy()
+        try:
+            inferred, logits = infer_loss(job.train.y[: len(output)], output)
+        except ValueError as exc:
+            raise PipelineError(
+                "dataset_mismatch", f"train labels do not fit output {job.output!r}: {exc}"
+            ) from exc
+        job.loss = (spec.loss or inferred, logits if spec.from_logits is None else spec.from_logits)
+        job.note(f"training loss: {job.loss[0]} (from_logits={job.loss[1]})")
+    return job.loss
 
 
-def _fine_tune(job: _Job, prune_at: Callable[[int], None], total: int, report: Report) -> None:
-    spec, ft = job.spec, job.spec.fine_tune
-    assert ft is not None and job.train is not None and job.train.y is not None
-    report("fine_tuning", _PROGRESS["fine_tuning"])
+def _train(
+    job: _Job,
+    settings: FineTune,
+    epochs: int,
+    progress: _Progress,
+    after_step: Callable[[int], None] | None,
+    penalty: Callable[[], tf.Tensor] | None,
+) -> list[float]:
+    """``epochs`` of training on the train set (a regularisation or a fine-tuning phase); loss per epoch."""
+    spec = job.spec
+    assert job.train is not None and job.train.y is not None
+    tick = time.perf_counter()
+    progress.at(0)
     training = job.handle.supports_training(spec.signature)
-    job.notes.append(TRAINING_MODE_NOTE if training else INFERENCE_MODE_NOTE)
+    job.note(TRAINING_MODE_NOTE if training else INFERENCE_MODE_NOTE)
     loss_name, from_logits = _loss(job)
-    if spec.loss is None or spec.from_logits is None:
-        job.notes.append(f"fine-tuning loss: {loss_name} (from_logits={from_logits})")
-    span = _PROGRESS["evaluating"] - _PROGRESS["fine_tuning"]
-    every = max(1, total // 50)
+    steps = count_steps(job.train.n, settings.batch_size, epochs)
+    every = max(1, progress.total_steps // 50)
 
-    def after_step(step: int) -> None:
-        prune_at(step)  # recomputes masks when the schedule says so; always re-applies them
+    def step_hook(step: int) -> None:
+        if after_step is not None:
+            after_step(step)
         if step % every == 0:
-            report("fine_tuning", _PROGRESS["fine_tuning"] + span * step / total)
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        report("fine_tuning", _PROGRESS["fine_tuning"] + span * (epoch + 1) / ft.epochs)
+            progress.at(step)
 
     variables = [nv.var for nv in job.handle.variables() if nv.var.trainable]
     try:
@@ -491,45 +814,67 @@ def _fine_tune(job: _Job, prune_at: Callable[[int], None], total: int, report: R
             job.train.y,
             loss=loss_name,
             from_logits=from_logits,
-            epochs=ft.epochs,
-            batch_size=ft.batch_size,
-            learning_rate=ft.learning_rate,
-            optimizer=ft.optimizer,
-            seed=spec.seed,
+            epochs=epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            optimizer=settings.optimizer,
+            seed=spec.seed + progress.done,  # a second phase reshuffles differently
             training=training,
-            after_step=after_step,
-            on_epoch=on_epoch,
-            lr_decay=ft.lr_schedule,
+            after_step=step_hook,
+            on_epoch=lambda epoch, loss: progress.at(min(steps, (epoch + 1) * steps // epochs)),
+            lr_decay=settings.lr_schedule,
+            penalty=penalty,
         )
     except TrainingDiverged as exc:
         raise PipelineError("training_diverged", str(exc)) from exc
-    job.notes.append(f"fine-tuning loss per epoch: {[round(v, 5) for v in history]}")
+    progress.done += steps
+    job.timings["fine_tune"] += time.perf_counter() - tick
+    return history
 
 
 # -- results -------------------------------------------------------------------------------------------------
 
 
 def _layers(prunable: list[NamedVariable], pruner: Pruner) -> list[dict[str, Any]]:
-    sparsity = pruner.sparsity()
-    return [
-        {
+    """API.md's per-variable rows plus the pruner's report: kind, granularity, channels/blocks removed,
+    the bias zeroed with removed channels, and why a variable was left dense (``skipped``)."""
+    reports = {r.name: r.to_dict() for r in pruner.report()}
+    rows = []
+    for nv in prunable:
+        row: dict[str, Any] = {
             "name": nv.name,
             "shape": nv.shape,
             "params": nv.size,
-            "sparsity": sparsity[nv.name],
+            "sparsity": reports[nv.name]["sparsity"],
             "target": pruner.targets[nv.name],
         }
-        for nv in prunable
-    ]
+        row.update({k: v for k, v in reports[nv.name].items() if k not in row})
+        rows.append(row)
+    return rows
+
+
+def _unpaired_bias_notes(pruner: Pruner) -> list[str]:
+    """Channel-pruned kernels whose bias naming is unknown: a bias there would still output act(bias)."""
+    notes = []
+    for name in pruner.active:
+        gran, kind = pruner.granularities[name], pruner.kinds[name]
+        leaf = name.rpartition("/")[2].split(":")[0]
+        if gran.zeroes_bias(kind) and name not in pruner.biases and not leaf.endswith("kernel"):
+            notes.append(
+                f"{name}: no bias is paired with it by name (Keras '<layer>/kernel' + '<layer>/bias'); if its "
+                "layer adds a bias, each removed channel still outputs the constant act(bias)"
+            )
+    return notes
 
 
 def _verify_artifact(job: _Job, saved: Path, pruner: Pruner) -> None:
-    """The artifact must load with the same signatures and hold exact zeros wherever a mask prunes."""
+    """The artifact must load with the same signatures and hold exact zeros wherever a mask prunes (kernels
+    and the biases of removed channels)."""
     reloaded = load_model(saved)
     if reloaded.signatures != job.handle.signatures:
         raise RuntimeError("the saved model's signatures differ from the input's")
     values = {nv.name: nv.var.numpy() for nv in reloaded.variables()}
-    for name, mask in pruner.masks.items():
+    for name, mask in [*pruner.masks.items(), *pruner.bias_masks.items()]:
         if name not in values or np.any(values[name][~mask] != 0):
             raise RuntimeError(f"pruned variable {name} is not exactly zero where masked in the saved model")
 

@@ -3,6 +3,12 @@
 The schema describes every field of API.md's spec table so that clients see the whole contract in OpenAPI.
 What this version does not implement yet is listed in ``NOT_YET_SUPPORTED`` and refused with 422 naming the
 field (``unsupported_features``) -- never silently ignored. Later issues delete entries from that table.
+
+Everything knowable from the spec alone is refused here (422 with the field's location), so a job never
+fails minutes later for a reason the API could have given at once: an N:M granularity whose sparsity is not
+the requested ``target_sparsity``, a ``block_shape`` without ``granularity: block``, a ``regularization``
+for a criterion that does not regularise, a ``preprocessing`` that is ambiguous. The N:M arithmetic is
+repeated here (not imported from ``worker.pruning.granularity``): ``app`` never imports the worker.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random"]
 Loss = Literal[
@@ -19,6 +25,9 @@ Loss = Literal[
 Optimizer = Literal["adam", "sgd", "momentum"]
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+NM_TOLERANCE = 1e-9  # |target_sparsity - (1 - N/M)| allowed for an N:M granularity
+REGULARIZING_CRITERIA = ("l1", "l2")
+DEFAULT_BLOCK_SHAPE = (4, 4)
 
 
 class _Strict(BaseModel):
@@ -62,10 +71,49 @@ class FineTune(_Strict):
     )
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class Preprocessing(_Strict):
-    scale: float | None = None
-    offset: float | None = None
-    min_max: tuple[float, float] | None = None
+    """Applied to every input array (train and eval) before the model sees it; recorded in the metrics.
+
+    Either an affine map ``x * scale + offset`` (either may be omitted: scale 1, offset 0), or ``min_max``:
+    each feature (the inputs' last axis, as Keras ``Normalization`` does) is mapped linearly from its
+    [min, max] on the train dataset (the eval dataset when the job has none) onto [lo, hi]; a constant feature
+    maps to lo. Float inputs only. The artifact does not contain it: serve the pruned model with the same
+    preprocessing.
+    """
+
+    scale: Finite | None = Field(None, description="x * scale + offset; not 0")
+    offset: Finite | None = Field(None, description="x * scale + offset")
+    min_max: tuple[Finite, Finite] | None = Field(
+        None, description="[lo, hi], lo < hi: per-feature min-max scaling fitted on the train dataset"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Preprocessing:
+        affine = self.scale is not None or self.offset is not None
+        if affine and self.min_max is not None:
+            raise ValueError("give either scale/offset or min_max, not both")
+        if not affine and self.min_max is None:
+            raise ValueError('give scale and/or offset (e.g. {"scale": 0.00392}) or min_max (e.g. [0, 1])')
+        if self.scale == 0:
+            raise ValueError("scale 0 would turn every input into the offset")
+        if self.min_max is not None and not self.min_max[0] < self.min_max[1]:
+            raise ValueError(f"min_max needs lo < hi, got {list(self.min_max)}")
+        return self
+
+
+class Regularization(_Strict):
+    """The penalty of the regularisation-driven criteria ``l1`` and ``l2`` during fine-tuning."""
+
+    strength: float = Field(
+        1e-3,
+        gt=0.0,
+        le=10.0,
+        description="multiplies the penalty added to the loss: sum |w| (l1), sum w^2 (l2 unstructured / N:M), "
+        "or the sum of the L2 norms of the channels/blocks (l2 with channel/block granularity: group lasso)",
+    )
 
 
 class CrossValidation(_Strict):
@@ -91,9 +139,28 @@ class PruneSpec(_Strict):
     target_sparsity: float = Field(
         gt=0.0, lt=1.0, description="fraction of prunable weights that end exactly zero"
     )
-    criterion: Criterion = "magnitude"
+    criterion: Criterion = Field(
+        "magnitude",
+        description="magnitude |w|; gradient mean |dL/dw| and taylor mean |w dL/dw| over train batches; l1 / l2: "
+        "fine-tune with a penalty (see `regularization`), then prune by magnitude; random: seeded baseline. "
+        "All but magnitude and random need train_dataset_id",
+    )
+    regularization: Regularization | None = Field(
+        None,
+        description='only with criterion l1 or l2; null = {"strength": 0.001}',
+    )
     granularity: str = Field(
-        "unstructured", description="`unstructured`, `channel`, `N:M` (e.g. `2:4`), `block`"
+        "unstructured",
+        description="`unstructured`; `channel` (whole output channels/units with their bias); `N:M` such as "
+        "`2:4` (at most N non-zero in every M consecutive weights along the input axis: target_sparsity must be "
+        "1 - N/M); `block` (see `block_shape`)",
+    )
+    block_shape: tuple[Annotated[int, Field(ge=1, le=1024)], Annotated[int, Field(ge=1, le=1024)]] | None = (
+        Field(
+            None,
+            description="[rows, cols] of the blocks removed together, only with granularity `block`; "
+            "null = [4, 4]. Conv kernels are viewed as the matrix [prod(kernel dims but the last), out]",
+        )
     )
     scope: Literal["layer", "global"] = "layer"
     normalization: Literal["none", "lamp"] = "none"
@@ -126,13 +193,24 @@ class PruneSpec(_Strict):
                     "layer_sparsity": {"dense_1": 0.5},
                     "seed": 7,
                 },
+                {"target_sparsity": 0.9, "scope": "global", "normalization": "lamp"},
+                {"target_sparsity": 0.5, "granularity": "2:4", "fine_tune": {"epochs": 2}},
+                {"target_sparsity": 0.5, "granularity": "channel", "criterion": "taylor"},
+                {"target_sparsity": 0.75, "granularity": "block", "block_shape": [2, 8]},
+                {
+                    "target_sparsity": 0.8,
+                    "criterion": "l1",
+                    "regularization": {"strength": 0.0005},
+                    "fine_tune": {"epochs": 4},
+                },
+                {"target_sparsity": 0.5, "preprocessing": {"min_max": [0.0, 1.0]}},
             ]
         },
     )
 
     @field_validator("granularity")
     @classmethod
-    def _granularity(cls, value: str) -> str:
+    def _granularity(cls, value: str, info: ValidationInfo) -> str:
         if value in ("unstructured", "channel", "block"):
             return value
         match = _NM.match(value)
@@ -141,6 +219,31 @@ class PruneSpec(_Strict):
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m <= 64:
             raise ValueError("N:M needs 0 < N < M <= 64")
+        target = info.data.get("target_sparsity")  # absent when it failed its own validation
+        if target is not None:
+            check_nm_target(target, n, m)
+        return value
+
+    @field_validator("regularization")
+    @classmethod
+    def _regularization(cls, value: Regularization | None, info: ValidationInfo) -> Regularization | None:
+        criterion = info.data.get("criterion")
+        if value is not None and criterion is not None and criterion not in REGULARIZING_CRITERIA:
+            raise ValueError(
+                f"only criteria {' and '.join(REGULARIZING_CRITERIA)} fine-tune with a penalty; "
+                f"criterion {criterion!r} has no regularization: remove it or use criterion 'l1' / 'l2'"
+            )
+        return value
+
+    @field_validator("block_shape")
+    @classmethod
+    def _block_shape(cls, value: tuple[int, int] | None, info: ValidationInfo) -> tuple[int, int] | None:
+        granularity = info.data.get("granularity")
+        if value is not None and granularity is not None and granularity != "block":
+            raise ValueError(
+                f"block_shape only applies to granularity 'block' (got {granularity!r}): "
+                "remove it or set granularity to 'block'"
+            )
         return value
 
     @field_validator("include", "exclude")
@@ -170,7 +273,30 @@ class PruneSpec(_Strict):
         return self
 
     def needs_train_dataset(self) -> bool:
-        return self.fine_tune is not None or self.criterion in ("gradient", "taylor", "l1", "l2")
+        """Fine-tuning, gradient criteria (gradient, taylor) and penalty criteria (l1, l2) train on labels."""
+        return self.fine_tune is not None or self.criterion in ("gradient", "taylor", *REGULARIZING_CRITERIA)
+
+    def resolved_block_shape(self) -> tuple[int, int]:
+        """``block_shape`` or its default (meaningful with granularity ``block``)."""
+        return self.block_shape if self.block_shape is not None else DEFAULT_BLOCK_SHAPE
+
+    def regularization_strength(self) -> float:
+        """``regularization.strength`` or its default (meaningful with criterion ``l1`` / ``l2``)."""
+        return (self.regularization or Regularization()).strength
+
+
+def check_nm_target(target_sparsity: float, n: int, m: int) -> None:
+    """ValueError unless ``|target_sparsity - (1 - N/M)| <= NM_TOLERANCE``; the message names the value to use.
+
+    N:M keeps exactly N of every M weights, so its sparsity is not a free choice: a mismatching target would be
+    either silently ignored or unreachable. Same rule as ``worker.pruning.granularity.check_nm_target``.
+    """
+    expected = 1.0 - n / m
+    if abs(target_sparsity - expected) > NM_TOLERANCE:
+        raise ValueError(
+            f"granularity {n}:{m} keeps {n} of every {m} weights, i.e. sparsity 1 - {n}/{m} = {expected:.10g}: "
+            f"set target_sparsity to {expected:.10g} (got {target_sparsity!r})"
+        )
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -184,13 +310,6 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 # field path -> (predicate on the spec, message). A predicate true means "this spec uses something not built yet".
 NOT_YET_SUPPORTED: dict[str, tuple[Any, str]] = {
-    "criterion": (lambda s: s.criterion != "magnitude", "only 'magnitude' is implemented in this version"),
-    "granularity": (
-        lambda s: s.granularity != "unstructured",
-        "only 'unstructured' is implemented in this version",
-    ),
-    "normalization": (lambda s: s.normalization != "none", "only 'none' is implemented in this version"),
-    "preprocessing": (lambda s: s.preprocessing is not None, "not implemented in this version"),
     "evaluation.cross_validation": (
         lambda s: s.evaluation is not None and s.evaluation.cross_validation is not None,
         "K-fold cross-validation is not implemented in this version",

@@ -251,12 +251,8 @@ def test_body_that_is_not_a_job_is_422(client: TestClient, settings: Settings, c
 
 
 # One example value per entry of NOT_YET_SUPPORTED, as a spec fragment. When a feature lands, its entry leaves
-# the table and this test says to move the example into an accepted-spec test.
+# the table and this test says to move the example into an accepted-spec test (ENGINE_SPECS below).
 NOT_YET: dict[str, dict[str, Any]] = {
-    "criterion": {"criterion": "gradient"},
-    "granularity": {"granularity": "2:4"},
-    "normalization": {"normalization": "lamp"},
-    "preprocessing": {"preprocessing": {"scale": 0.00392}},
     "evaluation.cross_validation": {"evaluation": {"cross_validation": {"folds": 5}}},
 }
 
@@ -280,20 +276,135 @@ def test_not_yet_implemented_values_are_422_naming_the_field(
     assert field in body["errors"][0]["msg"]
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("criterion", "taylor"), ("granularity", "channel"), ("granularity", "block")],
-)
-def test_other_unimplemented_values_are_named_too(
-    client: TestClient, model_id: str, train_id: str, field: str, value: str
+# Every value of the pruning engine's spec fields (issue 3) is accepted and stored as given.
+ENGINE_SPECS: dict[str, dict[str, Any]] = {
+    "gradient": {"target_sparsity": 0.5, "criterion": "gradient"},
+    "taylor-channel": {"target_sparsity": 0.5, "criterion": "taylor", "granularity": "channel"},
+    "random": {"target_sparsity": 0.5, "criterion": "random", "seed": 3},
+    "l1-default-strength": {"target_sparsity": 0.5, "criterion": "l1"},
+    "l2-strength": {"target_sparsity": 0.5, "criterion": "l2", "regularization": {"strength": 0.01}},
+    "2:4": {"target_sparsity": 0.5, "granularity": "2:4"},
+    "1:4": {"target_sparsity": 0.75, "granularity": "1:4"},
+    "4:8": {"target_sparsity": 0.5, "granularity": "4:8"},
+    "1:3": {"target_sparsity": 1 - 1 / 3, "granularity": "1:3"},
+    "block-default": {"target_sparsity": 0.5, "granularity": "block"},
+    "block-shape": {"target_sparsity": 0.5, "granularity": "block", "block_shape": [2, 8]},
+    "global-lamp": {"target_sparsity": 0.9, "scope": "global", "normalization": "lamp"},
+    "scale": {"target_sparsity": 0.5, "preprocessing": {"scale": 0.00392}},
+    "scale-offset": {"target_sparsity": 0.5, "preprocessing": {"scale": 2.0, "offset": -1.0}},
+    "offset": {"target_sparsity": 0.5, "preprocessing": {"offset": -0.5}},
+    "min-max": {"target_sparsity": 0.5, "preprocessing": {"min_max": [-1.0, 1.0]}},
+}
+
+
+def _stored_as_given(given: Any, stored: Any) -> bool:
+    """Every key the client gave comes back with its value (defaults may fill in the rest)."""
+    if isinstance(given, dict):
+        return all(_stored_as_given(value, stored[key]) for key, value in given.items())
+    return bool(stored == given)
+
+
+@pytest.mark.parametrize("case", list(ENGINE_SPECS), ids=list(ENGINE_SPECS))
+def test_engine_spec_values_are_accepted(client: TestClient, model_id: str, train_id: str, case: str) -> None:
+    spec = ENGINE_SPECS[case]
+    body = create_job(client, model_id, spec, train_dataset_id=train_id)
+    assert _stored_as_given(spec, body["spec"]), body["spec"]
+    assert body["spec"]["block_shape"] == spec.get("block_shape")  # null means [4, 4] for block
+    assert body["spec"]["regularization"] == spec.get("regularization")
+
+
+ENGINE_SPEC_ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "2:4-at-0.6": (
+        {"target_sparsity": 0.6, "granularity": "2:4"},
+        "spec.granularity",
+        "target_sparsity to 0.5",
+    ),
+    "1:4-at-0.5": (
+        {"target_sparsity": 0.5, "granularity": "1:4"},
+        "spec.granularity",
+        "target_sparsity to 0.75",
+    ),
+    "1:3-rounded": (
+        {"target_sparsity": 0.667, "granularity": "1:3"},
+        "spec.granularity",
+        "target_sparsity to 0.6666666667",
+    ),
+    "block-shape-without-block": (
+        {"target_sparsity": 0.5, "block_shape": [2, 2]},
+        "spec.block_shape",
+        "granularity 'block'",
+    ),
+    "block-shape-with-channel": (
+        {"target_sparsity": 0.5, "granularity": "channel", "block_shape": [2, 2]},
+        "spec.block_shape",
+        "'channel'",
+    ),
+    "block-shape-zero": (
+        {"target_sparsity": 0.5, "granularity": "block", "block_shape": [0, 4]},
+        "spec.block_shape.0",
+        "",
+    ),
+    "block-shape-three": (
+        {"target_sparsity": 0.5, "granularity": "block", "block_shape": [2, 2, 2]},
+        "spec.block_shape",
+        "",
+    ),
+    "regularization-with-magnitude": (
+        {"target_sparsity": 0.5, "regularization": {"strength": 0.01}},
+        "spec.regularization",
+        "'magnitude'",
+    ),
+    "regularization-with-taylor": (
+        {"target_sparsity": 0.5, "criterion": "taylor", "regularization": {}},
+        "spec.regularization",
+        "'taylor'",
+    ),
+    "regularization-zero": (
+        {"target_sparsity": 0.5, "criterion": "l1", "regularization": {"strength": 0}},
+        "spec.regularization.strength",
+        "",
+    ),
+    "preprocessing-empty": ({"target_sparsity": 0.5, "preprocessing": {}}, "spec.preprocessing", "min_max"),
+    "preprocessing-both": (
+        {"target_sparsity": 0.5, "preprocessing": {"scale": 2.0, "min_max": [0, 1]}},
+        "spec.preprocessing",
+        "not both",
+    ),
+    "min-max-reversed": (
+        {"target_sparsity": 0.5, "preprocessing": {"min_max": [1, 0]}},
+        "spec.preprocessing",
+        "lo < hi",
+    ),
+    "min-max-equal": (
+        {"target_sparsity": 0.5, "preprocessing": {"min_max": [1, 1]}},
+        "spec.preprocessing",
+        "lo < hi",
+    ),
+    "scale-zero": ({"target_sparsity": 0.5, "preprocessing": {"scale": 0}}, "spec.preprocessing", "scale 0"),
+    "unknown-normalization": ({"target_sparsity": 0.5, "normalization": "zscore"}, "spec.normalization", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_SPEC_ERRORS), ids=list(ENGINE_SPEC_ERRORS))
+def test_engine_spec_errors_are_422_saying_what_to_change(
+    client: TestClient, settings: Settings, model_id: str, train_id: str, case: str
 ) -> None:
-    spec = {"target_sparsity": 0.5, field: value}
-    response = client.post(
-        "/v1/jobs", json={"model_id": model_id, "train_dataset_id": train_id, "spec": spec}
+    spec, loc, hint = ENGINE_SPEC_ERRORS[case]
+    payload = {"model_id": model_id, "train_dataset_id": train_id, "spec": spec}
+    body = assert_refused(client, settings, client.post("/v1/jobs", json=payload), 422)
+    assert loc in [e["loc"] for e in body["errors"]], body["errors"]
+    assert hint in body["detail"]
+
+
+@pytest.mark.parametrize("criterion", ["gradient", "taylor", "l1", "l2"])
+def test_data_driven_criteria_need_a_train_dataset(
+    client: TestClient, settings: Settings, model_id: str, criterion: str
+) -> None:
+    spec = {"target_sparsity": 0.5, "criterion": criterion}
+    body = assert_refused(
+        client, settings, client.post("/v1/jobs", json={"model_id": model_id, "spec": spec}), 422
     )
-    body = assert_problem(response, 422)
-    assert [e["loc"] for e in body["errors"]] == [f"spec.{field}"]
-    assert repr(value) in body["detail"]
+    assert [e["loc"] for e in body["errors"]] == ["train_dataset_id"]
 
 
 def test_evaluation_without_cross_validation_is_accepted(client: TestClient, model_id: str) -> None:

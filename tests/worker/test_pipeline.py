@@ -11,8 +11,8 @@ import pytest
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
 from worker.models import describe, load_model
-from worker.pipeline import INFERENCE_MODE_NOTE, TRAINING_MODE_NOTE, run_pipeline
-from worker.pruning.criteria import CRITERIA, Criterion
+from worker.pipeline import GRADIENT_SAMPLES, INFERENCE_MODE_NOTE, TRAINING_MODE_NOTE, run_pipeline
+from worker.pruning.criteria import CRITERIA, Criterion, GradientStats, GradInput
 
 pytestmark = pytest.mark.tf
 
@@ -237,9 +237,10 @@ def test_actionable_errors(
         run(file_reading_dir, {"target_sparsity": 0.5}, digits_flat, tmp_path / "e")
     assert _code(unsafe) == "unsafe_model" and "ReadFile" in unsafe.value.message
 
+    cross_validation = {"target_sparsity": 0.5, "evaluation": {"cross_validation": {"folds": 3}}}
     with pytest.raises(PipelineError) as unimplemented:
-        run(keras2_dir, {"target_sparsity": 0.5, "granularity": "2:4"}, digits_cnn, tmp_path / "f")
-    assert _code(unimplemented) == "invalid_spec" and "granularity" in unimplemented.value.message
+        run(keras2_dir, cross_validation, digits_cnn, tmp_path / "f")
+    assert _code(unimplemented) == "invalid_spec" and "cross_validation" in unimplemented.value.message
 
 
 class Cancel(Exception):
@@ -263,16 +264,16 @@ def test_report_exceptions_propagate_untouched(keras2_dir: Path, digits_cnn: tup
 
 
 class GradientTimesWeight(Criterion):
-    """A gradient criterion for the test (|w * dL/dw|); records the gradients the pipeline passes in."""
+    """A gradient criterion for the test (|w * dL/dw|); records the statistics the pipeline passes in."""
 
     name = "taylor"
     needs_gradients = True
-    received: ClassVar[list[np.ndarray]] = []
+    received: ClassVar[list[GradientStats]] = []
 
-    def score(self, weight: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
-        assert grad is not None and grad.shape == weight.shape
+    def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
+        assert isinstance(grad, GradientStats) and grad.abs_taylor.shape == weight.shape
         type(self).received.append(grad)
-        return np.abs(weight * grad)
+        return grad.abs_taylor
 
 
 def test_gradient_criteria_get_train_gradients(
@@ -282,8 +283,10 @@ def test_gradient_criteria_get_train_gradients(
     monkeypatch.setattr(GradientTimesWeight, "received", [])
     metrics = run(keras3_export_dir, {"target_sparsity": 0.5, "criterion": "taylor"}, digits_cnn, tmp_path)
     assert all(abs(layer["sparsity"] - 0.5) <= 0.01 for layer in metrics["layers"])
-    assert len(GradientTimesWeight.received) >= len(metrics["layers"])
-    assert all(np.abs(g).sum() > 0 for g in GradientTimesWeight.received)
+    assert len(GradientTimesWeight.received) == len(metrics["layers"])  # one-shot: one statistics pass
+    # Statistics over GRADIENT_SAMPLES train samples (the train split has 1347), every variable connected.
+    assert {(s.samples, s.connected) for s in GradientTimesWeight.received} == {(GRADIENT_SAMPLES, True)}
+    assert all(s.abs_taylor.sum() > 0 for s in GradientTimesWeight.received)
 
     with pytest.raises(PipelineError) as no_train:
         run(

@@ -40,6 +40,9 @@ def accumulate_gradients(
 ) -> dict[str, GradientStats]:
     """``GradientStats`` per variable of the mean batch loss ``loss(y_b, forward(x_b, training))``.
 
+    ``connected`` is False for a variable whose gradient is exactly zero on every sample used (no path from
+    it to the loss, or none active on these samples): its scores would rank nothing but ties.
+
     Samples are visited in a permutation drawn from ``seed`` (None: dataset order) -- train sets are often
     sorted by class, and the first few batches must not all be one class. At most ``max_batches`` batches of
     ``batch_size`` are used (None: all samples). Each batch is weighted by its number of samples.
@@ -91,13 +94,15 @@ def accumulate_gradients(
             acc += len(idx) * value.numpy()
         batches += 1
     samples = int(order.size)
+    # A restored SavedModel function returns zeros, not None, for variables its loss does not reach (e.g.
+    # another output's head), so "never a non-zero gradient" is what "not connected" means in practice.
     return {
         name: GradientStats(
             abs_grad=grad_sums[i] / samples,
             abs_taylor=taylor_sums[i] / samples,
             batches=batches,
             samples=samples,
-            connected=i not in unconnected,
+            connected=i not in unconnected and bool(grad_sums[i].any()),
         )
         for i, name in enumerate(names)
     }

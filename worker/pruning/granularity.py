@@ -13,18 +13,22 @@ kind                shape                            recognised by (first rule t
 ``vector``          rank 0 or 1                      rank (biases, BatchNorm gamma/beta, ...)
 ``bias``            any rank                         ``bias`` in ``leaf`` (GRU's bias is ``[2, 3*units]``)
 ``other``           rank > 5                         rank: no known kernel layout
-``recurrent``       ``[k..., in, gates*units]``      ``leaf == "recurrent_kernel"`` or an ``lstm``/``gru``/
-                                                     ``rnn``/``*_cell`` path component (LSTM/GRU, ConvLSTM)
-``embedding``       ``[vocab, dim]``                 rank 2 and ``embedding`` in the name
+``recurrent``       ``[k..., in, gates*units]``      ``leaf == "recurrent_kernel"`` or ``layer`` is an
+                                                     ``lstm``/``gru``/``rnn``/``*_cell`` (LSTM/GRU, ConvLSTM)
+``embedding``       ``[vocab, dim]``                 rank 2 and ``embedding`` in ``leaf`` (or in ``layer``
+                                                     when ``leaf`` is not ``kernel``)
 ``dense``           ``[in, out]``                    any other rank 2 (also plain ``tf.Module`` matrices)
-``einsum``          rank 3-5                         ``einsum``/``attention``/``query|key|value`` in the
-                                                     path: EinsumDense / MultiHeadAttention, axis roles
-                                                     unknown
+``einsum``          rank 3-5                         ``einsum``/``attention``/``query|key|value`` in
+                                                     ``layer`` or ``leaf``: EinsumDense /
+                                                     MultiHeadAttention, axis roles unknown
 ``depthwise``       ``[k..., in, mult]``             ``depthwise`` in ``leaf``, or ``leaf == "kernel"`` and
                                                      ``depthwise`` in ``layer`` (Keras 3 names it ``kernel``)
 ``conv_transpose``  ``[k..., out, in]``              ``transpose``/``deconv`` in ``layer``
 ``conv``            ``[k..., in, out]``              any other rank 3-5 (Conv1D/2D/3D, pointwise kernels)
 ==================  ===============================  ======================================================
+
+Only ``layer`` and ``leaf`` are read, never outer components: those name the model, and
+``embedding_model/dense/kernel`` is a Dense kernel, ``my_lstm/dense/kernel`` is not recurrent.
 
 When a rank 3-5 kernel would be ``conv`` by name but its paired bias (``paired_bias``) has ``in * mult``
 entries instead of ``out``, it is ``depthwise``; with ``shape[-2]`` entries it is ``conv_transpose`` -- this
@@ -140,13 +144,15 @@ def infer_kind(name: str, shape: Sequence[int], bias_shape: Sequence[int] | None
         return "bias"
     if rank > 5:
         return "other"
-    if leaf == "recurrent_kernel" or any(_RECURRENT.search(p) for p in parts):
+    # Only the owning layer and the leaf are read: outer components name the model, and a model called
+    # "embedding_classifier" or "my_lstm" says nothing about the Dense layers inside it.
+    if leaf == "recurrent_kernel" or _RECURRENT.search(layer):
         return "recurrent"  # also ConvLSTM's [k..., in, gates*filters]
     if rank == 2:
-        if "embedding" in name.lower():
+        if "embedding" in leaf or ("embedding" in layer and leaf != "kernel"):
             return "embedding"
         return "dense"
-    if any(_EINSUM.search(p) for p in [*parts, leaf]):
+    if _EINSUM.search(layer) or _EINSUM.search(leaf):
         return "einsum"
     if "depthwise" in leaf or (leaf == "kernel" and "depthwise" in layer):
         return "depthwise"
