@@ -45,12 +45,24 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(
         600, ge=30, description="a running job whose worker has not reported for this long may be re-claimed"
     )
+    auth: Literal["auto", "required", "disabled"] = Field(
+        "auto",
+        description=(
+            "API keys: 'auto' requires a key once any active key exists (always in production); "
+            "'required' always; 'disabled' never (everyone is tenant 'default'; refused in production)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.task_hard_time_limit <= self.task_soft_time_limit:
             raise ValueError("SECATEURS_TASK_HARD_TIME_LIMIT must be above SECATEURS_TASK_SOFT_TIME_LIMIT")
         if self.environment == "production":
+            if self.auth == "disabled":
+                raise ValueError(
+                    "production refuses SECATEURS_AUTH=disabled: every caller would act as tenant 'default'; "
+                    "create keys with `secateurs keys create --tenant NAME`"
+                )
             if not self.broker_url:
                 raise ValueError("production needs SECATEURS_BROKER_URL (e.g. redis://redis:6379/0)")
             if not self.database_url or self.database_url.startswith("sqlite"):

@@ -5,18 +5,25 @@ The API renders each as RFC 9457 ``application/problem+json``: ``type`` is ``PRO
 ``extra`` fields come from the instance. Third-party exceptions are mapped to these where they are caught
 (``raise Ours(...) from exc``); nothing outside this module invents HTTP statuses.
 
+Any of them may carry ``retry_after`` (seconds, sent as the ``Retry-After`` header, RFC 9110 10.2.3) and extra
+response ``headers`` (e.g. ``WWW-Authenticate`` on a 401).
+
 SecateursError
 ├── BadRequest               400  the request is malformed as HTTP/multipart
-│   └── UploadError          400  the multipart upload is missing a field, has an extra one, or was cut short
-├── NotFound                 404  no such model/dataset/job, or an id that cannot exist
+│   ├── UploadError          400  the multipart upload is missing a field, has an extra one, or was cut short
+│   └── BadIdempotencyKey    400  the Idempotency-Key header is empty, too long or not printable ASCII
+├── Unauthorized             401  no API key, or one that is unknown or revoked, while keys are required
+├── NotFound                 404  no such model/dataset/job, an id that cannot exist, or another tenant's
 ├── Conflict                 409  the resource is in a state that forbids the action (in use, not finished)
+│   └── IdempotencyKeyInUse  409  the first request with this Idempotency-Key is still being processed
 ├── PayloadTooLarge          413  the upload is bigger than the configured limit
 │   └── ArchiveTooLarge      413  the archive expands past the size, member-count or compression-ratio limits
 ├── UnsupportedMediaType     415  not multipart/form-data, or the file is none of the accepted formats
 │   └── UnsupportedFormat    415  the uploaded file's bytes are not a zip, tar.gz, .keras or .npz as required
 ├── Unprocessable            422  well-formed, but the content cannot be used
 │   ├── ArchiveError         422  unsafe, corrupt or incomplete model archive (zip-slip, links, no model)
-│   └── DatasetError         422  the .npz breaks the dataset rules (names, dtypes, lengths, NaN/inf, pickles)
+│   ├── DatasetError         422  the .npz breaks the dataset rules (names, dtypes, lengths, NaN/inf, pickles)
+│   └── IdempotencyKeyReused 422  an Idempotency-Key sent again with a different payload or endpoint
 ├── ServiceUnavailable       503  a dependency (database, broker) is down; carries ``retry_after`` seconds
 └── InsufficientStorage      507  the disk is (nearly) full
 """
@@ -36,10 +43,19 @@ class SecateursError(Exception):
     slug: ClassVar[str] = "internal"
     type: ClassVar[str] = PROBLEM_BASE + "internal"
 
-    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra: dict[str, Any] = dict(extra or {})
+        self.retry_after = retry_after
+        self.headers: dict[str, str] = dict(headers or {})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Derive the problem ``type`` URI from ``slug`` so the two can never disagree."""
@@ -47,8 +63,23 @@ class SecateursError(Exception):
         cls.type = PROBLEM_BASE + cls.slug
 
     def problem_extra(self) -> dict[str, Any]:
-        """Extension members for the problem body (the handler turns ``retry_after`` into a header)."""
+        """Extension members for the problem body (``retry_after`` travels as a header, not in here)."""
         return dict(self.extra)
+
+    def problem_headers(self) -> dict[str, str]:
+        """Response headers the problem needs: ``Retry-After`` and whatever the raiser added."""
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(int(self.retry_after))
+        return headers
+
+    def problem_body(self) -> dict[str, Any]:
+        """The RFC 9457 body; kept here (not in the HTTP layer) so a stored idempotent response and the
+        handler's response cannot drift apart."""
+        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
+        body["detail"] = self.detail
+        body.update({k: v for k, v in self.problem_extra().items() if v is not None})
+        return body
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.detail!r})"
@@ -69,6 +100,31 @@ class UploadError(BadRequest):
     slug = "bad-upload"
 
 
+class BadIdempotencyKey(BadRequest):
+    """Raised when ``Idempotency-Key`` is empty, longer than 255 characters or not printable ASCII."""
+
+    title = "Bad Idempotency-Key"
+    slug = "bad-idempotency-key"
+
+
+class Unauthorized(SecateursError):
+    """Raised when keys are required and the request has none, or an unknown, malformed or revoked one.
+
+    Always carries ``WWW-Authenticate: Bearer`` (RFC 9110 11.6.1 requires it on a 401; RFC 6750 3 gives the
+    ``error="invalid_token"`` parameter for a key that was presented but is no good).
+    """
+
+    status = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+    def __init__(self, detail: str, *, invalid_token: bool = False) -> None:
+        challenge = 'Bearer realm="secateurs"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
 class NotFound(SecateursError):
     """Raised when an id names nothing we hold (including ids that are not even well-formed)."""
 
@@ -83,6 +139,13 @@ class Conflict(SecateursError):
     status = 409
     title = "Conflict"
     slug = "conflict"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """Raised when a request repeats an Idempotency-Key whose first request has not finished (retry later)."""
+
+    title = "Idempotency-Key in use"
+    slug = "idempotency-key-in-use"
 
 
 class PayloadTooLarge(SecateursError):
@@ -137,24 +200,19 @@ class DatasetError(Unprocessable):
     slug = "invalid-dataset"
 
 
+class IdempotencyKeyReused(Unprocessable):
+    """Raised when an Idempotency-Key comes back with a different payload or on another endpoint."""
+
+    title = "Idempotency-Key reused"
+    slug = "idempotency-key-reused"
+
+
 class ServiceUnavailable(SecateursError):
     """Raised when the database or broker does not answer; clients may retry after ``retry_after``."""
 
     status = 503
     title = "Service unavailable"
     slug = "service-unavailable"
-
-    def __init__(
-        self, detail: str, *, retry_after: int | None = None, extra: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(detail, extra=extra)
-        self.retry_after = retry_after
-
-    def problem_extra(self) -> dict[str, Any]:
-        out = super().problem_extra()
-        if self.retry_after is not None:
-            out["retry_after"] = self.retry_after
-        return out
 
 
 class InsufficientStorage(SecateursError):

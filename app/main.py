@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, schemas
 from app.config import Settings, get_settings
 from app.errors import PROBLEM_BASE, SecateursError
@@ -34,6 +35,13 @@ def problem(status: int, title: str, detail: str, slug: str, **extra: Any) -> JS
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def problem_response(exc: SecateursError) -> JSONResponse:
+    """One of our errors as its problem+json response, with its headers (Retry-After, WWW-Authenticate)."""
+    return JSONResponse(
+        exc.problem_body(), status_code=exc.status, media_type=PROBLEM, headers=exc.problem_headers()
+    )
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
@@ -45,7 +53,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(SecateursError)
     async def _ours(_: Request, exc: SecateursError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.detail, exc.slug, **exc.problem_extra())
+        return problem_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -114,6 +122,7 @@ def create_app(settings: Settings | None = None, embedded_worker: Any = None) ->
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.idempotency = IdempotencyStore(app.state.session_factory)
         app.state.storage = Storage(settings.data_dir)
         app.state.celery = make_celery(settings)
         app.state.embedded_worker = embedded_worker

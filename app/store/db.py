@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 from app.store.tables import Base
 
@@ -34,8 +36,45 @@ def make_engine(url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create missing tables (idempotent; migrations come with the first schema change after v1)."""
+    """Create missing tables, then add what later pre-release versions added to existing ones.
+
+    Idempotent. There are no migrations before v1: ``create_all`` makes new tables but never touches existing
+    ones, so ``_add_missing_columns`` adds columns that are nullable or have a server default (e.g. ``tenant``,
+    whose default puts old rows in tenant ``default``) and the indexes that go with them. Anything else (a
+    changed type, a new NOT NULL column without a default) is refused with a message, not guessed at.
+    """
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """The API, the embedded worker and production workers all call init_db at start, possibly at once: each
+    ALTER runs in its own transaction and losing the race to another process (the column is there now) is
+    fine."""
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in have]
+        for column in missing:
+            if column.server_default is None and not column.nullable:
+                raise RuntimeError(
+                    f"the database's table {table.name!r} predates column {column.name!r}, which cannot be "
+                    "added automatically; start with an empty data directory / database"
+                )
+            ddl = CreateColumn(column).compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+            except DBAPIError:
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+        if missing:
+            for index in table.indexes:
+                try:
+                    with engine.begin() as conn:
+                        index.create(conn, checkfirst=True)
+                except DBAPIError:
+                    if index.name not in {i["name"] for i in inspect(engine).get_indexes(table.name)}:
+                        raise
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -1,7 +1,8 @@
 """Small repository functions over the tables. No FastAPI here: the worker uses the same functions.
 
 Job state changes are single conditional UPDATEs, so two workers (or a worker and a cancel request) racing on
-one job cannot both win.
+one job cannot both win. Reads on behalf of a caller take its ``tenant``: a row of another tenant is simply not
+found, so the API answers 404 and never confirms that someone else's id exists.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.store.tables import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
+    ApiKeyRecord,
     DatasetRecord,
+    IdempotencyRecord,
     JobRecord,
     ModelRecord,
     utcnow,
@@ -89,18 +93,41 @@ def get(session: Session, model: type[Record], record_id: str) -> Record | None:
     return session.get(model, record_id)
 
 
-def list_models(session: Session, limit: int, cursor: str | None) -> tuple[list[ModelRecord], str | None]:
-    return _page(session, ModelRecord, [], limit, cursor)
+def get_owned(session: Session, model: type[Record], record_id: str, tenant: str) -> Record | None:
+    """The record if it exists AND belongs to ``tenant``; None otherwise (the two are indistinguishable)."""
+    record = session.get(model, record_id)
+    return record if record is not None and record.tenant == tenant else None
 
 
-def list_datasets(session: Session, limit: int, cursor: str | None) -> tuple[list[DatasetRecord], str | None]:
-    return _page(session, DatasetRecord, [], limit, cursor)
+def _tenant_filter(model: type[Record], tenant: str | None) -> list[Any]:
+    return [] if tenant is None else [model.tenant == tenant]
+
+
+def list_models(
+    session: Session, limit: int, cursor: str | None, *, tenant: str | None = None
+) -> tuple[list[ModelRecord], str | None]:
+    """``tenant=None`` lists across tenants (operators, tests); the API always passes the caller's."""
+    return _page(session, ModelRecord, _tenant_filter(ModelRecord, tenant), limit, cursor)
+
+
+def list_datasets(
+    session: Session, limit: int, cursor: str | None, *, tenant: str | None = None
+) -> tuple[list[DatasetRecord], str | None]:
+    """``tenant=None`` lists across tenants (operators, tests); the API always passes the caller's."""
+    return _page(session, DatasetRecord, _tenant_filter(DatasetRecord, tenant), limit, cursor)
 
 
 def list_jobs(
-    session: Session, limit: int, cursor: str | None, status: str | None = None, model_id: str | None = None
+    session: Session,
+    limit: int,
+    cursor: str | None,
+    status: str | None = None,
+    model_id: str | None = None,
+    *,
+    tenant: str | None = None,
 ) -> tuple[list[JobRecord], str | None]:
-    filters: list[Any] = []
+    """``tenant=None`` lists across tenants (operators, tests); the API always passes the caller's."""
+    filters = _tenant_filter(JobRecord, tenant)
     if status:
         filters.append(JobRecord.status == status)
     if model_id:
@@ -247,3 +274,204 @@ def recover_interrupted(session: Session, *, max_attempts: int) -> list[str]:
         .values(status="queued", stage=None, progress=0.0, heartbeat_at=None)
     )
     return list(session.scalars(select(JobRecord.id).where(JobRecord.status == "queued")))
+
+
+# --- API keys -------------------------------------------------------------------------------------------------
+
+# last_used_at is informational: writing it on every request would make every read a write (and, on SQLite,
+# contend with the worker), so it is refreshed at most once per this many seconds per key.
+KEY_TOUCH_EVERY_S = 60
+
+
+def add_api_key(
+    session: Session, *, key_id: str, tenant: str, prefix: str, secret_sha256: str
+) -> ApiKeyRecord:
+    record = ApiKeyRecord(id=key_id, tenant=tenant, prefix=prefix, secret_sha256=secret_sha256)
+    session.add(record)
+    session.flush()
+    return record
+
+
+def find_api_key(session: Session, prefix: str) -> ApiKeyRecord | None:
+    return session.scalars(select(ApiKeyRecord).where(ApiKeyRecord.prefix == prefix)).one_or_none()
+
+
+def list_api_keys(session: Session) -> list[ApiKeyRecord]:
+    return list(session.scalars(select(ApiKeyRecord).order_by(ApiKeyRecord.created_at, ApiKeyRecord.id)))
+
+
+def any_active_api_key(session: Session) -> bool:
+    return (
+        session.scalars(select(ApiKeyRecord.id).where(ApiKeyRecord.revoked_at.is_(None)).limit(1)).first()
+        is not None
+    )
+
+
+def revoke_api_key(session: Session, key_id: str) -> bool:
+    """True if this call revoked it; False if there is no such key or it was already revoked."""
+    result = session.execute(
+        update(ApiKeyRecord)
+        .where(ApiKeyRecord.id == key_id, ApiKeyRecord.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def touch_api_key(session: Session, key_id: str) -> None:
+    now = utcnow()
+    session.execute(
+        update(ApiKeyRecord)
+        .where(
+            ApiKeyRecord.id == key_id,
+            or_(
+                ApiKeyRecord.last_used_at.is_(None),
+                ApiKeyRecord.last_used_at < now - timedelta(seconds=KEY_TOUCH_EVERY_S),
+            ),
+        )
+        .values(last_used_at=now)
+        # SQLite hands back naive datetimes: comparing them in Python with ``now`` would fail, and nothing
+        # reads the loaded key's last_used_at after this anyway.
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --- idempotency keys -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """Outcome of asking for an Idempotency-Key: we hold it now, or the row that someone else made."""
+
+    outcome: Literal["claimed", "in_flight", "done"]
+    existing: IdempotencyRecord | None = None
+
+
+def claim_idempotency_key(
+    session: Session,
+    *,
+    tenant: str,
+    key: str,
+    endpoint: str,
+    fingerprint: str | None,
+    owner: str,
+    lock_seconds: int,
+    ttl_seconds: int,
+) -> KeyClaim:
+    """Insert an ``in_flight`` row for (tenant, key), race-safely; COMMITS (give it a session of its own).
+
+    The hold must be visible to a concurrent request at once, so this commits instead of joining the caller's
+    transaction. Two requests inserting at once: the unique constraint lets one win, the loser reads the
+    winner's row. An expired row is deleted and the insert retried; an ``in_flight`` row whose lock ran out (its
+    process died mid-request) is taken over with a conditional UPDATE, so only one taker wins.
+    """
+    existing: IdempotencyRecord | None = None
+    for _ in range(5):
+        now = utcnow()
+        try:
+            session.add(
+                IdempotencyRecord(
+                    tenant=tenant,
+                    key=key,
+                    endpoint=endpoint,
+                    fingerprint=fingerprint,
+                    status="in_flight",
+                    owner=owner,
+                    locked_until=now + timedelta(seconds=lock_seconds),
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=ttl_seconds),
+                )
+            )
+            session.commit()
+            return KeyClaim("claimed")
+        except IntegrityError:
+            session.rollback()
+        existing = session.scalars(
+            select(IdempotencyRecord).where(IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == key)
+        ).one_or_none()
+        if existing is None:  # deleted (expired, released) between our insert and this read: insert again
+            continue
+        if as_utc(existing.expires_at) <= now:  # type: ignore[operator]
+            session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == existing.id))
+            session.commit()
+            continue
+        if existing.status == "in_flight" and as_utc(existing.locked_until) <= now:  # type: ignore[operator]
+            taken = session.execute(
+                update(IdempotencyRecord)
+                .where(IdempotencyRecord.id == existing.id, IdempotencyRecord.owner == existing.owner)
+                .values(
+                    owner=owner,
+                    endpoint=endpoint,
+                    fingerprint=fingerprint,
+                    locked_until=now + timedelta(seconds=lock_seconds),
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=ttl_seconds),
+                )
+            )
+            session.commit()
+            if taken.rowcount == 1:
+                return KeyClaim("claimed")
+            continue
+        session.commit()  # end the read transaction: the caller keeps no lock
+        return KeyClaim("done" if existing.status == "done" else "in_flight", existing)
+    return KeyClaim("in_flight", existing)  # the row kept changing under us: a live competitor holds it
+
+
+def set_idempotency_fingerprint(
+    session: Session, *, tenant: str, key: str, owner: str, fingerprint: str
+) -> bool:
+    """Record an upload's fingerprint once its body has been received (it is unknown at claim time)."""
+    result = session.execute(
+        update(IdempotencyRecord)
+        .where(
+            IdempotencyRecord.tenant == tenant,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.owner == owner,
+            IdempotencyRecord.status == "in_flight",
+        )
+        .values(fingerprint=fingerprint)
+    )
+    return result.rowcount == 1
+
+
+def complete_idempotency_key(
+    session: Session,
+    *,
+    tenant: str,
+    key: str,
+    owner: str,
+    status_code: int,
+    headers: dict[str, str],
+    body: dict[str, Any],
+) -> bool:
+    """``in_flight`` -> ``done`` with the response to replay. Call inside the transaction that creates the
+    resource, so the resource and its idempotent response are committed together or not at all."""
+    result = session.execute(
+        update(IdempotencyRecord)
+        .where(
+            IdempotencyRecord.tenant == tenant,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.owner == owner,
+            IdempotencyRecord.status == "in_flight",
+        )
+        .values(status="done", response_status=status_code, response_headers=headers, response_body=body)
+    )
+    return result.rowcount == 1
+
+
+def release_idempotency_key(session: Session, *, tenant: str, key: str, owner: str) -> bool:
+    """Forget the key (whatever its status) if ``owner`` still holds it, so a retry runs the request afresh."""
+    result = session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == key, IdempotencyRecord.owner == owner
+        )
+    )
+    return result.rowcount == 1
+
+
+def purge_expired_idempotency_keys(session: Session) -> int:
+    result = session.execute(
+        delete(IdempotencyRecord)
+        .where(IdempotencyRecord.expires_at <= utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount

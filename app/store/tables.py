@@ -1,16 +1,29 @@
-"""The job records. The database is the truth about a job; the Celery result backend is not used."""
+"""The records. The database is the truth about a job; the Celery result backend is not used.
+
+Every model, dataset and job belongs to a ``tenant`` (the owner of the API key that created it; ``default``
+when keys are not in use). Lists are ``WHERE tenant = ? ORDER BY created_at DESC, id DESC``, so the list
+indexes lead with the tenant.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+DEFAULT_TENANT = "default"
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _tenant_column() -> Mapped[str]:
+    """Indexed by the ``(tenant, created_at, id)`` list index; ``server_default`` so that adding the column to
+    a database created before tenants existed (``init_db``) puts the old rows in ``default``."""
+    return mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
 
 
 class Base(DeclarativeBase):
@@ -21,6 +34,7 @@ class ModelRecord(Base):
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     name: Mapped[str] = mapped_column(String(256))
     format: Mapped[str] = mapped_column(String(16))  # saved_model | keras
     filename: Mapped[str] = mapped_column(String(256))
@@ -33,13 +47,17 @@ class ModelRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (Index("ix_models_created", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_models_created", "created_at", "id"),
+        Index("ix_models_tenant_created", "tenant", "created_at", "id"),
+    )
 
 
 class DatasetRecord(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     name: Mapped[str] = mapped_column(String(256))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -47,13 +65,17 @@ class DatasetRecord(Base):
     n_samples: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (Index("ix_datasets_created", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_datasets_created", "created_at", "id"),
+        Index("ix_datasets_tenant_created", "tenant", "created_at", "id"),
+    )
 
 
 class JobRecord(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     model_id: Mapped[str] = mapped_column(String(64), index=True)
     train_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     eval_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -71,7 +93,55 @@ class JobRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    __table_args__ = (Index("ix_jobs_created", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+    )
+
+
+class ApiKeyRecord(Base):
+    """An API key. Only the SHA-256 of the whole key is kept: the plaintext is shown once, at creation.
+
+    Keys look like ``sk_<prefix>_<secret>``; ``prefix`` (unique, not secret) finds the row, then the hashes are
+    compared in constant time. A fast hash is right here: the secret is 256 random bits, not a password.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """One Idempotency-Key of one tenant: held while its first request runs, then the response to replay.
+
+    ``owner`` is a random token of the request holding the key, so a request whose hold was taken over (it
+    looked abandoned) cannot overwrite the new holder's outcome. ``fingerprint`` is NULL while an upload is
+    still streaming (its hash is known only at the end).
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(300))  # "POST /v1/jobs"
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))  # in_flight | done
+    owner: Mapped[str] = mapped_column(String(64))
+    locked_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_headers: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    __table_args__ = (UniqueConstraint("tenant", "key", name="uq_idempotency_tenant_key"),)
 
 
 ACTIVE_JOB_STATUSES = ("queued", "running")

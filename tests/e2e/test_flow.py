@@ -15,6 +15,8 @@ import jsonschema
 import numpy as np
 import pytest
 
+from app.auth import create_key
+from app.config import Settings
 from tests import model_factory
 from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
 
@@ -34,8 +36,11 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _run_readme_flow(base: str, files: dict[str, Path], tmp_path: Path) -> dict[str, Any]:
-    with httpx.Client(base_url=base, timeout=60) as http:
+def _run_readme_flow(
+    base: str, files: dict[str, Path], tmp_path: Path, api_key: str | None = None
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(base_url=base, timeout=60, headers=headers) as http:
         with files["model.zip"].open("rb") as fh:
             model = http.post("/v1/models", files={"file": ("model.zip", fh)}, data={"name": "digits"})
         assert model.status_code == 201, model.text
@@ -147,10 +152,14 @@ def test_readme_flow_on_redis_and_postgres(
         SECATEURS_BROKER_URL=redis_url,
         SECATEURS_DATABASE_URL=postgres_url,
     )
+    # production always requires an API key (there is no default one)
+    _, api_key = create_key(
+        Settings(environment="production", broker_url=redis_url, database_url=postgres_url), "e2e"
+    )
     api = start_service(["serve", "--port", str(port)], env, "api")
     worker = start_service(["worker"], env, "worker")
     wait_ready(f"http://127.0.0.1:{port}", [api, worker])
-    result = _run_readme_flow(f"http://127.0.0.1:{port}", digits_files, tmp_path)
+    result = _run_readme_flow(f"http://127.0.0.1:{port}", digits_files, tmp_path, api_key)
     _check_artifact(result, digits_files["saved_model"])
     assert "celery@" in worker.tail(400) or "ready" in worker.tail(400)
 

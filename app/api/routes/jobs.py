@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from app.api.deps import CeleryDep, SessionDep, StorageDep
+from app.api.artifacts import ArtifactResponse, repr_digest
+from app.api.deps import (
+    CeleryDep,
+    IdempotencyDep,
+    IdempotencyKeyDep,
+    JsonFingerprintDep,
+    SessionDep,
+    StorageDep,
+    TenantDep,
+)
+from app.api.paging import set_next_link
 from app.api.presenters import job_out
 from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
@@ -16,17 +27,22 @@ from app.api.uploads import send_or_503
 from app.errors import Conflict, NotFound, Unprocessable
 from app.queue import RUN_JOB
 from app.schemas.fit import dataset_fit_errors
-from app.schemas.resources import JobCreate, JobOut, Page
+from app.schemas.resources import JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
 from app.store.tables import JobRecord
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+# Seconds a client should wait before polling a job it just created or asked to cancel (RFC 9110 10.2.3).
+POLL_AFTER_S = 2
 
 
-def _validate(body: JobCreate, session: SessionDep) -> None:
-    """Everything knowable before a worker touches TensorFlow is refused here, with the field named."""
+def _validate(body: JobCreate, session: Session, tenant: str) -> None:
+    """Everything knowable before a worker touches TensorFlow is refused here, with the field named.
+
+    Models and datasets are looked up within the caller's tenant: another tenant's id is 404, as if unknown.
+    """
     errors: list[dict[str, Any]] = unsupported_features(body.spec)
     if errors:
         raise Unprocessable(
@@ -34,12 +50,12 @@ def _validate(body: JobCreate, session: SessionDep) -> None:
             + "; ".join(e["msg"] for e in errors),
             extra={"errors": errors},
         )
-    model = get_model_or_404(session, body.model_id)
+    model = get_model_or_404(session, body.model_id, tenant)
     if model.status == "invalid":
         reason = (model.error or {}).get("message", "unknown reason")
         raise Unprocessable(f"model {model.id} is invalid and cannot be pruned: {reason}")
-    train = get_dataset_or_404(session, body.train_dataset_id) if body.train_dataset_id else None
-    evaluation = get_dataset_or_404(session, body.eval_dataset_id) if body.eval_dataset_id else None
+    train = get_dataset_or_404(session, body.train_dataset_id, tenant) if body.train_dataset_id else None
+    evaluation = get_dataset_or_404(session, body.eval_dataset_id, tenant) if body.eval_dataset_id else None
     if body.spec.needs_train_dataset() and train is None:
         raise Unprocessable(
             "this spec trains or needs gradients (fine_tune or a gradient criterion): give train_dataset_id",
@@ -66,66 +82,93 @@ def _validate(body: JobCreate, session: SessionDep) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Start a pruning job")
-def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response) -> JobOut:
-    _validate(body, session)
-    record = repo.add(
-        session,
-        JobRecord(
-            id=repo.new_id("job"),
-            model_id=body.model_id,
-            train_dataset_id=body.train_dataset_id,
-            eval_dataset_id=body.eval_dataset_id,
-            spec=body.spec.model_dump(mode="json"),
-            status="queued",
-            progress=0.0,
-            attempts=0,
-            cancel_requested=False,
-        ),
-    )
-    session.commit()
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    celery: CeleryDep,
+    tenant: TenantDep,
+    idempotency: IdempotencyDep,
+    key: IdempotencyKeyDep,
+    fingerprint: JsonFingerprintDep,
+) -> JSONResponse:
+    attempt = idempotency.begin(tenant, key, "POST /v1/jobs", fingerprint)
+    if attempt.previous is not None:
+        return attempt.replay(fingerprint)
     try:
-        send_or_503(celery, RUN_JOB, record.id)
-    except BaseException:
-        session.delete(record)
+        _validate(body, session, tenant)
+        record = repo.add(
+            session,
+            JobRecord(
+                id=repo.new_id("job"),
+                tenant=tenant,
+                model_id=body.model_id,
+                train_dataset_id=body.train_dataset_id,
+                eval_dataset_id=body.eval_dataset_id,
+                spec=body.spec.model_dump(mode="json"),
+                status="queued",
+                progress=0.0,
+                attempts=0,
+                cancel_requested=False,
+            ),
+        )
+        payload = job_out(record).model_dump(mode="json")
+        headers = {"Location": f"/v1/jobs/{record.id}", "Retry-After": str(POLL_AFTER_S)}
+        attempt.complete(session, 202, payload, headers)  # same transaction as the job
         session.commit()
+        try:
+            send_or_503(celery, RUN_JOB, record.id)
+        except BaseException:
+            session.delete(record)
+            session.commit()
+            raise
+    except BaseException as exc:
+        attempt.fail(exc)
         raise
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
-    response.headers["Retry-After"] = "2"
-    return job_out(record)
+    return JSONResponse(payload, status_code=202, headers=headers)
 
 
-def get_job_or_404(session: SessionDep, job_id: str) -> JobRecord:
-    record = session.get(JobRecord, job_id)
+def get_job_or_404(session: Session, job_id: str, tenant: str) -> JobRecord:
+    """Another tenant's job is 404 like a missing one: its existence is not theirs to learn."""
+    record = repo.get_owned(session, JobRecord, job_id, tenant)
     if record is None:
         raise NotFound(f"no job with id {job_id!r}; list them with GET /v1/jobs")
     return record
 
 
-@router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
+@router.get("", response_model=Page[JobOut], responses=ERRORS, summary="List jobs, newest first")
 def list_jobs(
+    request: Request,
+    response: Response,
     session: SessionDep,
+    tenant: TenantDep,
     status: JobStatus | None = None,
     model_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Page[JobOut]:
-    rows, next_cursor = repo.list_jobs(session, limit, cursor, status=status, model_id=model_id)
+    rows, next_cursor = repo.list_jobs(
+        session, limit, cursor, status=status, model_id=model_id, tenant=tenant
+    )
+    set_next_link(request, response, next_cursor, limit)
     return Page[JobOut](items=[job_out(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
-    return job_out(get_job_or_404(session, job_id))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return job_out(get_job_or_404(session, job_id, tenant))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
-    record = get_job_or_404(session, job_id)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, response: Response) -> JobOut:
+    """202 with Retry-After: a running job stops at its next stage boundary, so the client polls for it."""
+    record = get_job_or_404(session, job_id, tenant)
     if record.status not in ("queued", "running"):
         raise Conflict(f"job {job_id} already ended with status {record.status!r}; nothing to cancel")
     repo.request_cancel(session, job_id)
     session.commit()
     session.refresh(record)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Retry-After"] = str(POLL_AFTER_S)
     return job_out(record)
 
 
@@ -138,8 +181,8 @@ def _require_success(record: JobRecord) -> None:
 
 
 @router.get("/{job_id}/metrics", responses=ERRORS, summary="Baseline vs pruned metrics (JSON)")
-def get_metrics(job_id: str, session: SessionDep, storage: StorageDep) -> JSONResponse:
-    record = get_job_or_404(session, job_id)
+def get_metrics(job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> JSONResponse:
+    record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
     path = storage.job_dir(job_id) / "metrics.json"
     if not path.is_file():
@@ -149,30 +192,39 @@ def get_metrics(job_id: str, session: SessionDep, storage: StorageDep) -> JSONRe
 
 @router.get(
     "/{job_id}/artifact",
-    responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "the pruned SavedModel"}},
+    responses={
+        **ERRORS,
+        200: {"content": {"application/zip": {}}, "description": "the pruned SavedModel"},
+        206: {"description": "the requested byte range(s) of the zip (Range, If-Range)"},
+        304: {"description": "If-None-Match matched the ETag"},
+        416: {"model": Problem, "description": "no requested range lies inside the file"},
+    },
     summary="Download the pruned SavedModel as a zip",
 )
 def get_artifact(
     job_id: str,
     session: SessionDep,
     storage: StorageDep,
+    tenant: TenantDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    record = get_job_or_404(session, job_id)
+    """ETag and Repr-Digest (RFC 9530: the SHA-256 of the whole zip, also on a 206, so a client that resumed
+    a download with Range can check what it assembled); Range/If-Range for resumable downloads."""
+    record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
     path = storage.job_dir(job_id) / "pruned.zip"
     if not path.is_file():
         raise NotFound(f"the artifact of job {job_id} is gone from storage")
     etag = f'"{record.artifact_sha256}"'
+    validators = {"ETag": etag}
+    if record.artifact_sha256:
+        validators["Repr-Digest"] = repr_digest(record.artifact_sha256)
     # RFC 9110 13.1.2: "*" matches any current representation; If-None-Match uses weak comparison.
     if if_none_match and (
         if_none_match.strip() == "*"
         or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     ):
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
-        path,
-        media_type="application/zip",
-        filename=f"{job_id}-pruned.zip",
-        headers={"ETag": etag},
+        return Response(status_code=304, headers=validators)
+    return ArtifactResponse(
+        path, media_type="application/zip", filename=f"{job_id}-pruned.zip", headers=validators
     )
