@@ -15,6 +15,7 @@ from app.api.idempotency import IdempotencyStore
 from app.auth import request_tenant
 from app.config import Settings
 from app.storage import Storage
+from app.store.db import session_scope
 
 
 def _settings(request: Request) -> Settings:
@@ -22,15 +23,8 @@ def _settings(request: Request) -> Settings:
 
 
 def _session(request: Request) -> Iterator[Session]:
-    session: Session = request.app.state.session_factory()
-    try:
+    with session_scope(request.app.state.session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def _storage(request: Request) -> Storage:
