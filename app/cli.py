@@ -1,9 +1,9 @@
 """`secateurs` console script.
 
-Server side: ``serve`` (API, plus the embedded worker when no broker is set) and ``worker``; ``keys`` is an admin
-command that works on the database directly (it runs where the server's settings are). Client side: ``prune``,
-``jobs``, ``models`` talk HTTP through :mod:`app.client` only, exactly as any other service would, so the CLI is
-also the client's first user.
+Server side: ``serve`` (API, plus the embedded worker when no broker is set) and ``worker``; ``keys`` and
+``webhooks`` are admin commands that work on the database directly (they run where the server's settings are).
+Client side: ``prune``, ``jobs``, ``models`` talk HTTP through :mod:`app.client` only, exactly as any other
+service would, so the CLI is also the client's first user.
 
 The CLI launches workers as processes; nothing under app/ imports worker/.
 """
@@ -570,6 +570,46 @@ def keys_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- webhooks (admin, direct database) ----------------------------------------------------------------------
+
+
+def webhooks_secret(args: argparse.Namespace) -> int:
+    from app.auth import check_tenant
+    from app.webhooks.tenants import admin_secret
+
+    settings = _settings(args)
+    try:
+        check_tenant(args.tenant)
+    except ValueError as exc:
+        print(f"secateurs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = admin_secret(settings, args.tenant, rotate_it=args.rotate)
+    text = f"webhook signing secret of tenant {args.tenant!r}:\n\n    {out.secret}\n"
+    if out.previous_secret_expires_at is not None:
+        text += f"\nThe previous secret also signs deliveries until {out.previous_secret_expires_at:%Y-%m-%d %H:%M:%S} UTC."
+    Output(args.json).result({"tenant": args.tenant, **out.model_dump(mode="json")}, text)
+    return EXIT_OK
+
+
+def webhooks_set_url(args: argparse.Namespace) -> int:
+    from app.auth import check_tenant
+    from app.webhooks.tenants import admin_set_url
+
+    settings = _settings(args)
+    if (args.url is None) == (not args.clear):
+        print("secateurs: give a URL or --clear (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_tenant(args.tenant)
+        url = admin_set_url(settings, args.tenant, None if args.clear else args.url)
+    except ValueError as exc:  # a bad tenant name, or UnsafeWebhookUrl (a ValueError) saying why
+        print(f"secateurs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    text = f"tenant {args.tenant!r}: " + (f"new jobs report to {url}" if url else "no default webhook URL")
+    Output(args.json).result({"tenant": args.tenant, "default_url": url}, text)
+    return EXIT_OK
+
+
 # --- the parser ---------------------------------------------------------------------------------------------
 
 
@@ -702,6 +742,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_revoke.set_defaults(func=keys_revoke)
     p_klist = keys_sub.add_parser("list", parents=[admin], help="keys (never their secret)")
     p_klist.set_defaults(func=keys_list)
+
+    p_hooks = sub.add_parser(
+        "webhooks", help="admin: a tenant's webhook signing secret and default URL (on the server's database)"
+    )
+    hooks_sub = p_hooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+    p_secret = hooks_sub.add_parser(
+        "secret", parents=[admin], help="show the tenant's signing secret (made if missing)"
+    )
+    p_secret.add_argument("--tenant", required=True, help="the tenant whose webhooks it signs")
+    p_secret.add_argument(
+        "--rotate", action="store_true", help="replace it first; the old one co-signs for 24 h"
+    )
+    p_secret.set_defaults(func=webhooks_secret)
+    p_url = hooks_sub.add_parser(
+        "set-url", parents=[admin], help="the URL that jobs created without webhook_url report to"
+    )
+    p_url.add_argument("--tenant", required=True)
+    p_url.add_argument(
+        "url", metavar="URL", nargs="?", default=None, help="http(s) URL, checked like the API does"
+    )
+    p_url.add_argument("--clear", action="store_true", help="remove the default URL")
+    p_url.set_defaults(func=webhooks_set_url)
     return parser
 
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -52,6 +52,35 @@ class Settings(BaseSettings):
             "'required' always; 'disabled' never (everyone is tenant 'default'; refused in production)"
         ),
     )
+
+    webhook_allow: str = Field(
+        "",
+        description=(
+            "comma-separated host names and IP addresses/CIDRs that webhooks may reach although they are "
+            "loopback, private, link-local, ... (e.g. '127.0.0.1/32' for a receiver on this machine)"
+        ),
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="deliveries of one webhook before giving up"
+    )
+    webhook_backoff_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="first retry delay; later ones are x3, x12, x60, x360 of it (10 s -> 30 s, 2 min, 10 min, 1 h)",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, ge=0.5, le=60, description="per connect / read / write of a delivery"
+    )
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _parse_allow_list(cls, value: str) -> str:
+        """Parsed here only to refuse a typo at start; the guard parses it again where it is used."""
+        from app.webhooks.guard import AllowList
+
+        AllowList.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.idempotency import IdempotencyStore
-from app.api.routes import datasets, health, jobs, models, schemas
+from app.api.routes import datasets, health, jobs, models, schemas, webhooks
 from app.config import Settings, get_settings
 from app.errors import PROBLEM_BASE, SecateursError
 from app.queue import make_celery
@@ -142,6 +142,13 @@ def create_app(settings: Settings | None = None, embedded_worker: Any = None) ->
         lifespan=lifespan,
     )
     install_problem_handlers(app)
-    for router in (health.router, models.router, datasets.router, jobs.router, schemas.router):
+    for router in (
+        health.router,
+        models.router,
+        datasets.router,
+        jobs.router,
+        webhooks.router,
+        schemas.router,
+    ):
         app.include_router(router)
     return app

@@ -14,6 +14,7 @@ from app.config import Settings
 
 VALIDATE_MODEL = "secateurs.validate_model"
 RUN_JOB = "secateurs.run_job"
+DELIVER_WEBHOOK = "secateurs.deliver_webhook"  # args: message id, attempt number (worker/webhook_tasks.py)
 QUEUE = "secateurs"
 
 
@@ -64,8 +65,9 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def send(celery: Celery, task: str, *args: str) -> None:
-    celery.send_task(task, args=list(args), queue=QUEUE)
+def send(celery: Celery, task: str, *args: str | int, countdown: float | None = None) -> None:
+    """Publish ``task`` by name; ``countdown`` (seconds) holds it back that long (webhook retries)."""
+    celery.send_task(task, args=list(args), queue=QUEUE, countdown=countdown)
 
 
 def broker_ping(celery: Celery) -> None:

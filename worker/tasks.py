@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery import shared_task
+from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,6 +31,7 @@ from app.storage import Storage
 from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
+from app.webhooks.delivery import publish_for_job
 
 log = logging.getLogger("secateurs.worker")
 PROGRESS_INTERVAL_S = 1.0
@@ -275,6 +276,14 @@ def _run(job_id: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@shared_task(name=RUN_JOB, acks_late=True)
-def run_job(job_id: str) -> None:
-    _run(job_id)
+@shared_task(name=RUN_JOB, bind=True, acks_late=True)
+def run_job(self: Task, job_id: str) -> None:
+    try:
+        _run(job_id)
+    finally:
+        # Every way _run ends the job records its webhook message in that same transaction (finish_job);
+        # publish its first attempt now that it is committed. A no-op without a webhook or when the message
+        # was published already (a queued job canceled by the API).
+        _, sessions, _ = _context()
+        with session_scope(sessions) as session:
+            publish_for_job(self.app, session, job_id)

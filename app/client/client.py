@@ -205,13 +205,18 @@ class Client:
         train_dataset_id: str | None = None,
         eval_dataset_id: str | None = None,
         idempotency_key: str | None = None,
+        webhook_url: str | None = None,
     ) -> Job:
-        """Queue a pruning job (202). With the same ``idempotency_key`` a retry returns the original job."""
+        """Queue a pruning job (202). With the same ``idempotency_key`` a retry returns the original job.
+        ``webhook_url`` receives the signed job.succeeded / job.failed / job.canceled event (verify it with
+        :meth:`webhook_secret`); without it the tenant's default URL, if any, does."""
         body: dict[str, Any] = {"model_id": model_id, "spec": spec}
         if train_dataset_id:
             body["train_dataset_id"] = train_dataset_id
         if eval_dataset_id:
             body["eval_dataset_id"] = eval_dataset_id
+        if webhook_url:
+            body["webhook_url"] = webhook_url
         response = self._send("POST", "/v1/jobs", json=body, headers=self._idempotency(idempotency_key))
         return self._job(response)
 
@@ -244,6 +249,23 @@ class Client:
         if target.is_dir():
             target = target / f"{job_id}-pruned.zip"
         return download_to(self._http, f"/v1/jobs/{job_id}/artifact", target, max_resumes=max_resumes)
+
+    # --- webhooks -------------------------------------------------------------------------------------------
+
+    def webhook_secret(self, rotate: bool = False) -> str:
+        """The ``whsec_...`` secret that signs this tenant's webhooks (Standard Webhooks); made on first ask.
+        ``rotate=True`` replaces it; the old one keeps co-signing deliveries for 24 h."""
+        if rotate:
+            return str(self._json("POST", "/v1/webhooks/secret/rotate")["secret"])
+        return str(self._json("GET", "/v1/webhooks/secret")["secret"])
+
+    def default_webhook_url(self) -> str | None:
+        """The URL that jobs created without ``webhook_url`` report to, if the tenant set one."""
+        return self._json("GET", "/v1/webhooks").get("default_url")
+
+    def set_default_webhook_url(self, url: str | None) -> str | None:
+        """Set (or clear, with None) the tenant's default webhook URL; Unprocessable names why one is refused."""
+        return self._json("PUT", "/v1/webhooks", json={"default_url": url}).get("default_url")
 
     def wait_job(
         self,

@@ -119,6 +119,11 @@ class Job:
     spec: dict[str, Any]
     train_dataset_id: str | None = None
     eval_dataset_id: str | None = None
+    # The job's webhook: its URL, then once the job ended the message's status (pending, sending, delivered,
+    # failed, gone) and every delivery attempt ({attempt, at, status_code, error, next_retry_at, ...}).
+    webhook_url: str | None = None
+    webhook_status: str | None = None
+    webhook_deliveries: list[dict[str, Any]] = field(default_factory=list, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     client: Client | None = field(default=None, repr=False, compare=False)
     # The Retry-After (seconds) of the answer this state came in, e.g. 2 on a create's 202: when to look again.
@@ -141,6 +146,9 @@ class Job:
             spec=dict(data.get("spec") or {}),
             train_dataset_id=data.get("train_dataset_id"),
             eval_dataset_id=data.get("eval_dataset_id"),
+            webhook_url=data.get("webhook_url"),
+            webhook_status=data.get("webhook_status"),
+            webhook_deliveries=list(data.get("webhook_deliveries") or []),
             raw=dict(data),
             client=client,
             retry_after=retry_after,

@@ -8,6 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.spec import PruneSpec
+from app.webhooks.guard import MAX_URL_LENGTH
 
 Item = TypeVar("Item")
 
@@ -78,6 +79,25 @@ class JobCreate(BaseModel):
     spec: PruneSpec
     train_dataset_id: str | None = Field(None, min_length=1, max_length=64)
     eval_dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL to POST a signed job.succeeded / job.failed / job.canceled event to when the "
+        "job ends (Standard Webhooks). Absent: the tenant's default URL, if any; null: no webhook.",
+    )
+
+
+class WebhookDeliveryOut(BaseModel):
+    """One attempt to deliver the job's webhook. ``status_code`` is the receiver's answer (null if none came);
+    ``error`` says why the attempt did not count as delivered; ``next_retry_at`` is when the next one runs."""
+
+    attempt: int
+    at: datetime
+    status_code: int | None
+    error: str | None
+    next_retry_at: datetime | None
+    duration_ms: int | None
 
 
 class JobOut(BaseModel):
@@ -95,6 +115,29 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: ErrorInfo | None
     spec: dict[str, Any]
+    webhook_url: str | None = None
+    webhook_id: str | None = Field(
+        None, description="the webhook-id header of the job's event, once it ended"
+    )
+    webhook_status: Literal["pending", "sending", "delivered", "failed", "gone"] | None = None
+    webhook_deliveries: list[WebhookDeliveryOut] = Field(default_factory=list)
+
+
+class WebhookSecretOut(BaseModel):
+    """The tenant's webhook signing secret. ``previous_secret_expires_at``: after a rotation, deliveries
+    carry a second signature made with the old secret until then."""
+
+    secret: str
+    created_at: datetime
+    previous_secret_expires_at: datetime | None = None
+
+
+class WebhookSettings(BaseModel):
+    """The tenant's webhook settings: ``default_url`` is used by jobs created without ``webhook_url``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_url: str | None = Field(None, min_length=1, max_length=MAX_URL_LENGTH)
 
 
 class Page(BaseModel, Generic[Item]):

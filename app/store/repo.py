@@ -26,6 +26,7 @@ from app.store.tables import (
     IdempotencyRecord,
     JobRecord,
     ModelRecord,
+    WebhookMessageRecord,
     utcnow,
 )
 
@@ -240,7 +241,37 @@ def finish_job(
     result = session.execute(
         update(JobRecord).where(JobRecord.id == job_id, JobRecord.status.in_(from_statuses)).values(**values)
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    _add_webhook_message(session, job_id, status)
+    return True
+
+
+def _add_webhook_message(session: Session, job_id: str, status: str) -> None:
+    """The job just ended: if it has a webhook URL, write its message (an outbox row) in this same
+    transaction, so the event is recorded exactly when the status changes and cannot be lost in between.
+    Publishing the delivery task is the caller's part, after commit (app.webhooks.delivery.publish_for_job);
+    a message that was never published is picked up by the sweep when a worker starts."""
+    row = session.execute(
+        select(JobRecord.webhook_url, JobRecord.tenant).where(JobRecord.id == job_id)
+    ).one_or_none()
+    if row is None or not row.webhook_url:
+        return
+    now = utcnow()
+    session.add(
+        WebhookMessageRecord(
+            id=new_id("msg"),
+            job_id=job_id,
+            tenant=row.tenant,
+            event_type=f"job.{status}",
+            url=row.webhook_url,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+    session.flush()
 
 
 def request_cancel(session: Session, job_id: str) -> None:
@@ -263,11 +294,11 @@ def recover_interrupted(session: Session, *, max_attempts: int) -> list[str]:
         "message": f"the service stopped while this job ran, {max_attempts} times; "
         "check the worker log and submit the job again",
     }
-    session.execute(
-        update(JobRecord)
-        .where(JobRecord.status == "running", JobRecord.attempts >= max_attempts)
-        .values(status="failed", error=reason, finished_at=utcnow())
-    )
+    exhausted = session.scalars(
+        select(JobRecord.id).where(JobRecord.status == "running", JobRecord.attempts >= max_attempts)
+    ).all()
+    for job_id in exhausted:  # one by one through finish_job, so each ending records its webhook message
+        finish_job(session, job_id, "failed", error=reason)
     session.execute(
         update(JobRecord)
         .where(JobRecord.status == "running")

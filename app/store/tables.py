@@ -92,6 +92,8 @@ class JobRecord(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Where to POST the job.<status> webhook when it ends: the request's URL, else the tenant's default then.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "id"),
@@ -142,6 +144,69 @@ class IdempotencyRecord(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
     __table_args__ = (UniqueConstraint("tenant", "key", name="uq_idempotency_tenant_key"),)
+
+
+class TenantWebhookRecord(Base):
+    """A tenant's webhook signing secret (and the one it replaced, still signing until it expires) and its
+    default webhook URL for new jobs.
+
+    The secret is stored as is: the sender needs it to compute HMACs, so a hash would not do. Whoever reads
+    the database can therefore forge this tenant's webhooks; see app.webhooks.tenants for the threat model.
+    """
+
+    __tablename__ = "tenant_webhooks"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    secret_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    previous_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    default_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookMessageRecord(Base):
+    """One webhook message: a job's terminal event, to be delivered to ``url`` (an outbox row).
+
+    Written in the same transaction that ends the job, so an event cannot be lost between the status change
+    and the publishing of its delivery task. ``status``: ``pending`` (attempt ``attempts + 1`` is due at
+    ``next_attempt_at``), ``sending`` (attempt ``attempts`` is in flight since ``sending_since``),
+    ``delivered``, ``gone`` (the receiver answered 410) or ``failed`` (attempts used up).
+    """
+
+    __tablename__ = "webhook_messages"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the webhook-id header
+    job_id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.canceled
+    url: Mapped[str] = mapped_column(String(2048))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sending_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_messages_status", "status", "next_attempt_at"),)
+
+
+class WebhookDeliveryRecord(Base):
+    """One attempt to deliver a message. Inserted before the request is sent (``at``), completed after."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    next_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    # Two workers can never both record (and so send) attempt N of one message.
+    __table_args__ = (UniqueConstraint("message_id", "attempt", name="uq_webhook_delivery_attempt"),)
 
 
 ACTIVE_JOB_STATUSES = ("queued", "running")

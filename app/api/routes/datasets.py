@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 from app.api.deps import IdempotencyDep, IdempotencyKeyDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
 from app.api.paging import set_next_link
-from app.api.presenters import dataset_out
 from app.api.routes.models import ERRORS
 from app.api.uploads import ensure_free_space, multipart_body
 from app.config import Settings
 from app.errors import Conflict, NotFound
 from app.npz import NpzLimits, inspect_npz
+from app.presenters import dataset_out
 from app.schemas.resources import DatasetOut, Page
 from app.storage import Storage, Upload, receive_upload
 from app.store import repo

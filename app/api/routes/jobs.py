@@ -16,21 +16,26 @@ from app.api.deps import (
     IdempotencyKeyDep,
     JsonFingerprintDep,
     SessionDep,
+    SettingsDep,
     StorageDep,
     TenantDep,
 )
 from app.api.paging import set_next_link
-from app.api.presenters import job_out
 from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
+from app.config import Settings
 from app.errors import Conflict, NotFound, Unprocessable
+from app.presenters import job_out
 from app.queue import RUN_JOB
 from app.schemas.fit import dataset_fit_errors
 from app.schemas.resources import JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
+from app.store import webhooks as webhook_store
 from app.store.tables import JobRecord
+from app.webhooks import delivery, tenants
+from app.webhooks.guard import AllowList, UnsafeWebhookUrl, check_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -81,21 +86,41 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
                 )
 
 
+def _webhook_url(body: JobCreate, session: Session, tenant: str, settings: Settings) -> str | None:
+    """The job's webhook URL: the one in the request (checked now: 422 naming why it is refused), else the
+    tenant's default (checked when it was set). An explicit ``"webhook_url": null`` opts out of the default."""
+    if "webhook_url" not in body.model_fields_set:
+        return tenants.default_url(session, tenant)
+    if body.webhook_url is None:
+        return None
+    try:
+        check_url(body.webhook_url, AllowList.parse(settings.webhook_allow))
+    except UnsafeWebhookUrl as exc:
+        raise Unprocessable(
+            f"webhook_url is refused: {exc}", extra={"errors": [{"loc": "webhook_url", "msg": str(exc)}]}
+        ) from exc
+    return body.webhook_url
+
+
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Start a pruning job")
 def create_job(
     body: JobCreate,
     session: SessionDep,
     celery: CeleryDep,
     tenant: TenantDep,
+    settings: SettingsDep,
     idempotency: IdempotencyDep,
     key: IdempotencyKeyDep,
     fingerprint: JsonFingerprintDep,
 ) -> JSONResponse:
+    """With a ``webhook_url`` (or the tenant's default, see /v1/webhooks) the job's ending is POSTed there,
+    signed per Standard Webhooks; attempts show in ``webhook_deliveries``."""
     attempt = idempotency.begin(tenant, key, "POST /v1/jobs", fingerprint)
     if attempt.previous is not None:
         return attempt.replay(fingerprint)
     try:
         _validate(body, session, tenant)
+        webhook_url = _webhook_url(body, session, tenant, settings)
         record = repo.add(
             session,
             JobRecord(
@@ -109,6 +134,7 @@ def create_job(
                 progress=0.0,
                 attempts=0,
                 cancel_requested=False,
+                webhook_url=webhook_url,
             ),
         )
         payload = job_out(record).model_dump(mode="json")
@@ -150,26 +176,36 @@ def list_jobs(
         session, limit, cursor, status=status, model_id=model_id, tenant=tenant
     )
     set_next_link(request, response, next_cursor, limit)
-    return Page[JobOut](items=[job_out(r) for r in rows], next_cursor=next_cursor)
+    states = webhook_store.states_for_jobs(session, [r.id for r in rows])
+    return Page[JobOut](items=[job_out(r, states.get(r.id)) for r in rows], next_cursor=next_cursor)
+
+
+def _job_body(session: Session, record: JobRecord) -> JobOut:
+    return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id))
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return job_out(get_job_or_404(session, job_id, tenant))
+    return _job_body(session, get_job_or_404(session, job_id, tenant))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, response: Response) -> JobOut:
-    """202 with Retry-After: a running job stops at its next stage boundary, so the client polls for it."""
+def cancel_job(
+    job_id: str, session: SessionDep, celery: CeleryDep, tenant: TenantDep, response: Response
+) -> JobOut:
+    """202 with Retry-After: a running job stops at its next stage boundary, so the client polls for it.
+    A queued job ends here, and no worker will touch it again: its webhook is published from here."""
     record = get_job_or_404(session, job_id, tenant)
     if record.status not in ("queued", "running"):
         raise Conflict(f"job {job_id} already ended with status {record.status!r}; nothing to cancel")
     repo.request_cancel(session, job_id)
     session.commit()
     session.refresh(record)
+    if record.status == "canceled":
+        delivery.publish_for_job(celery, session, job_id)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     response.headers["Retry-After"] = str(POLL_AFTER_S)
-    return job_out(record)
+    return _job_body(session, record)
 
 
 def _require_success(record: JobRecord) -> None:

@@ -20,11 +20,11 @@ from app.api.deps import (
 )
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
 from app.api.paging import set_next_link
-from app.api.presenters import model_out
 from app.api.uploads import ensure_free_space, multipart_body, send_or_503
 from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
 from app.config import Settings
 from app.errors import Conflict, NotFound
+from app.presenters import model_out
 from app.queue import VALIDATE_MODEL
 from app.schemas.resources import ModelOut, Page, Problem
 from app.storage import Storage, Upload, receive_upload

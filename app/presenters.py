@@ -1,10 +1,15 @@
-"""Records -> response bodies. One place, so the three resources render timestamps and errors alike."""
+"""Records -> response bodies. One place, so the three resources render timestamps and errors alike.
+
+Outside app/api because the webhook delivery (run by the worker, which never imports app.api) sends the job
+body exactly as GET /v1/jobs/{id} renders it.
+"""
 
 from __future__ import annotations
 
 from app.schemas.resources import DatasetOut, JobOut, ModelOut
 from app.store.repo import as_utc
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
+from app.store.webhooks import WebhookState
 
 
 def model_out(record: ModelRecord) -> ModelOut:
@@ -38,7 +43,10 @@ def dataset_out(record: DatasetRecord) -> DatasetOut:
     )
 
 
-def job_out(record: JobRecord) -> JobOut:
+def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
+    """``webhook``: the job's webhook message and attempts, once it ended (see app.store.webhooks)."""
+    message = webhook.message if webhook else None
+    deliveries = webhook.deliveries if webhook else []
     return JobOut.model_validate(
         {
             "id": record.id,
@@ -55,5 +63,19 @@ def job_out(record: JobRecord) -> JobOut:
             "finished_at": as_utc(record.finished_at),
             "error": record.error,
             "spec": record.spec,
+            "webhook_url": record.webhook_url,
+            "webhook_id": message.id if message else None,
+            "webhook_status": message.status if message else None,
+            "webhook_deliveries": [
+                {
+                    "attempt": d.attempt,
+                    "at": as_utc(d.at),
+                    "status_code": d.status_code,
+                    "error": d.error,
+                    "next_retry_at": as_utc(d.next_retry_at),
+                    "duration_ms": d.duration_ms,
+                }
+                for d in deliveries
+            ],
         }
     )
