@@ -95,6 +95,10 @@ class LatencyStats(_Open):
     p95: float
     mean: float | None = None
     samples_per_s: float | None = None
+    runs: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="timed calls made per model (fewer than asked when the time budget cut them)"
+    )
+    warmup: Annotated[int, Field(ge=0)] | None = Field(None, description="untimed calls made per model first")
 
 
 class Fidelity(_Open):
@@ -148,6 +152,14 @@ class Layer(_Open):
     shape: list[Annotated[int, Field(ge=0)]]
     params: Annotated[int, Field(ge=0)]
     sparsity: Probability
+    positions: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="where the kernel is applied per sample (output pixels of a convolution); null: unknown",
+    )
+    dense_macs: Annotated[int, Field(ge=0)] | None = None
+    effective_macs: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="nonzero weights x positions"
+    )
 
 
 class Timings(_Open):
@@ -160,6 +172,7 @@ class Timings(_Open):
     evaluate: float
     save: float
     total: float
+    cross_validation: float | None = Field(None, description="all folds, when cross-validation ran")
 
 
 class Versions(_Open):
@@ -171,9 +184,14 @@ class CrossValidation(_Open):
     """K-fold results: per-fold metrics and mean/std per metric."""
 
     folds: Annotated[int, Field(ge=2, le=10)]
-    per_fold: list[dict[str, Any]]
+    per_fold: list[dict[str, Any]] = Field(
+        description='one row per fold: "fold", "n_train", "n_test", "baseline" and "pruned" metrics, "fidelity", '
+        '"sparsity", "seconds"'
+    )
     summary: dict[str, Any] = Field(description='{"baseline": {metric: {"mean", "std"}}, "pruned": ...}')
     stratified: bool | None = None
+    note: str | None = Field(None, description="why the folds are not stratified, when they are not")
+    task: str | None = Field(None, description="the task the folds were planned for")
 
 
 class MetricsDocument(_Open):
@@ -186,6 +204,10 @@ class MetricsDocument(_Open):
     pruned: PrunedSide
     delta: dict[str, float | dict[str, float | None] | None] = Field(
         description="pruned - baseline per numeric metric (per output when metrics are per output)"
+    )
+    delta_by_output: dict[str, dict[str, float | None]] | None = Field(
+        None,
+        description="pruned - baseline per numeric metric of every labelled output (multi-output models)",
     )
     layers: list[Layer]
     timings_s: Timings

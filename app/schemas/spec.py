@@ -117,18 +117,39 @@ class Regularization(_Strict):
 
 
 class CrossValidation(_Strict):
-    folds: int = Field(5, ge=2, le=10)
+    """K-fold cross-validation over the train dataset (which must have labels).
+
+    Every fold restarts from the uploaded model, prunes (and fine-tunes) on the other k-1 folds and evaluates
+    baseline and pruned on the held-out fold; folds are stratified for classification. The artifact is still
+    the model pruned on the whole train dataset. Costs about k extra pruning runs.
+    """
+
+    folds: int = Field(5, ge=2, le=10, description="k: the train dataset is split into k folds")
 
 
 class Latency(_Strict):
+    """Per batch size: baseline and pruned called alternately, within a time budget (both models together)."""
+
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [1, 32], max_length=8
     )
-    runs: int = Field(20, ge=1, le=1000)
+    runs: int = Field(20, ge=1, le=1000, description="timed calls per model and batch size, at most")
+    warmup: int = Field(2, ge=0, le=100, description="untimed calls per model first (at least 1 if > 0)")
+    budget_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds per batch size for both models, warm-up included; once spent, measurement "
+        "stops after at least 3 timed runs each (fewer if runs < 3). Rows record the runs done",
+    )
 
 
 class Evaluation(_Strict):
-    task: Literal["auto", "classification", "regression"] = "auto"
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto",
+        description="auto: integer or one-hot labels (and 0/1 labels of a single sigmoid unit) are "
+        "classification, other float targets regression; applies to the output the labels refer to",
+    )
     cross_validation: CrossValidation | None = None
     latency: Latency | None = None
 
@@ -273,8 +294,14 @@ class PruneSpec(_Strict):
         return self
 
     def needs_train_dataset(self) -> bool:
-        """Fine-tuning, gradient criteria (gradient, taylor) and penalty criteria (l1, l2) train on labels."""
-        return self.fine_tune is not None or self.criterion in ("gradient", "taylor", *REGULARIZING_CRITERIA)
+        """Fine-tuning, gradient criteria (gradient, taylor), penalty criteria (l1, l2) and K-fold
+        cross-validation (which prunes on the train folds and scores the held-out one) need labelled train data.
+        """
+        return (
+            self.fine_tune is not None
+            or self.criterion in ("gradient", "taylor", *REGULARIZING_CRITERIA)
+            or (self.evaluation is not None and self.evaluation.cross_validation is not None)
+        )
 
     def resolved_block_shape(self) -> tuple[int, int]:
         """``block_shape`` or its default (meaningful with granularity ``block``)."""
@@ -309,12 +336,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 # field path -> (predicate on the spec, message). A predicate true means "this spec uses something not built yet".
-NOT_YET_SUPPORTED: dict[str, tuple[Any, str]] = {
-    "evaluation.cross_validation": (
-        lambda s: s.evaluation is not None and s.evaluation.cross_validation is not None,
-        "K-fold cross-validation is not implemented in this version",
-    ),
-}
+# Empty since K-fold cross-validation landed; kept so the next unfinished feature is refused, not ignored.
+NOT_YET_SUPPORTED: dict[str, tuple[Any, str]] = {}
 
 
 def _value(spec: PruneSpec, dotted: str) -> Any:

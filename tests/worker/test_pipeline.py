@@ -65,7 +65,10 @@ def test_one_shot_layer_scope_on_every_kind(
     assert report.stages == ["loading", "baseline", "pruning", "evaluating", "saving"]
     progress = [p for _, p in report.calls]
     assert progress == sorted(progress) and progress[0] >= 0.0 and progress[-1] < 1.0
-    assert set(metrics) == {"spec", "baseline", "pruned", "delta", "layers", "timings_s", "notes", "versions"}
+    optional = {"delta_by_output"} if model_kind == "tf_module" else set()  # two outputs: logits, probs
+    assert set(metrics) == {
+        "spec", "baseline", "pruned", "delta", "layers", "timings_s", "notes", "versions", *optional
+    }  # fmt: skip
     assert set(metrics["baseline"]) >= SIDE_KEYS and set(metrics["pruned"]) >= SIDE_KEYS
     assert metrics["spec"]["target_sparsity"] == 0.5 and metrics["versions"]["tensorflow"]
     assert set(metrics["timings_s"]) >= {
@@ -238,9 +241,10 @@ def test_actionable_errors(
     assert _code(unsafe) == "unsafe_model" and "ReadFile" in unsafe.value.message
 
     cross_validation = {"target_sparsity": 0.5, "evaluation": {"cross_validation": {"folds": 3}}}
-    with pytest.raises(PipelineError) as unimplemented:
-        run(keras2_dir, cross_validation, digits_cnn, tmp_path / "f")
-    assert _code(unimplemented) == "invalid_spec" and "cross_validation" in unimplemented.value.message
+    with pytest.raises(PipelineError) as no_train_labels:
+        run(keras2_dir, cross_validation, unlabelled_train, tmp_path / "f")
+    assert _code(no_train_labels) == "dataset_mismatch"
+    assert "evaluation.cross_validation" in no_train_labels.value.message
 
 
 class Cancel(Exception):

@@ -63,7 +63,8 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
     evaluation = get_dataset_or_404(session, body.eval_dataset_id, tenant) if body.eval_dataset_id else None
     if body.spec.needs_train_dataset() and train is None:
         raise Unprocessable(
-            "this spec trains or needs gradients (fine_tune or a gradient criterion): give train_dataset_id",
+            "this spec needs labelled training data (fine_tune, criterion gradient/taylor/l1/l2, or "
+            "evaluation.cross_validation): give train_dataset_id",
             extra={"errors": [{"loc": "train_dataset_id", "msg": "required by the spec"}]},
         )
     if train is not None and not any(k == "y" or k.startswith("y.") for k in train.arrays):

@@ -1,0 +1,180 @@
+"""K-fold cross-validation of a pruning spec: k independent prune (+ fine-tune) runs, each scored on held-out data.
+
+One held-out split says little on small datasets; k folds give every train sample one turn in a test fold
+and a spread (mean +- std) to judge a pruning spec by. For fold i (``crossval.plan_folds``: stratified for
+classification, plain shuffled K-fold otherwise, with the reason in ``note``):
+
+1. start again from the uploaded model: ``load_model(model_dir)``, a fresh handle (nothing of the main run
+   or an earlier fold leaks in), with the seeds reset to the spec's;
+2. ``prepare`` it with the other k-1 folds as train data and fold i as evaluation data, so preprocessing,
+   checks and loss inference behave as in a normal job (``min_max`` is fitted on the k-1 folds);
+3. score the unpruned model on fold i, prune (+ fine-tune) on the k-1 folds exactly as the main run does,
+   score the pruned model on fold i, plus fidelity and sparsity.
+
+The main run (the artifact, pruned on the whole train set) is separate and unaffected: seeds are reset before
+it prunes. Progress: each fold reports API.md's stages (``pruning``, ``fine_tuning``, ``evaluating``) through
+its own slice of the job's progress, so progress only grows; ``report`` raising (cancellation) stops the
+loop at the next report, at the latest at the next fold's start.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.schemas.spec import PruneSpec
+from worker.errors import PipelineError
+from worker.evaluate_stage import fidelity_section, score
+from worker.evaluation.crossval import cross_validation_report, plan_folds
+from worker.evaluation.metrics import TaskChoice, infer_task
+from worker.job import Job, Window, predict
+from worker.load_stage import prepare, seed_everything
+from worker.models import load_model
+from worker.prune_stage import make_pruner, prune_and_fine_tune, select
+from worker.pruning.granularity import Granularity
+
+__all__ = ["FOLD_DETAIL_CLASSES", "run_cross_validation"]
+
+# Per-fold metrics keep their confusion matrix and per-class report up to this many classes; beyond, the
+# per-fold rows would dwarf the document (k matrices of classes^2 entries) and only the scores are kept.
+FOLD_DETAIL_CLASSES = 32
+# Where a fold's evaluation starts inside its slice of progress (pruning and fine-tuning fill the rest).
+_FOLD_EVALUATING = 0.9
+
+
+def _decide_task(job: Job) -> TaskChoice:
+    """The task of the labelled output: the spec's, else inferred from labels and a sample of outputs."""
+    assert job.train is not None and job.train.y is not None
+    evaluation = job.spec.evaluation
+    if evaluation is not None and evaluation.task != "auto":
+        return evaluation.task
+    sample = {k: v[:256] for k, v in job.train.x.items()}
+    output = job.forward(sample, False).numpy()
+    try:
+        return infer_task(job.train.y[: len(output)], output)
+    except ValueError as exc:
+        raise PipelineError(
+            "dataset_mismatch", f"train labels do not fit output {job.output!r}: {exc}"
+        ) from exc
+
+
+def _detailed(metrics: dict[str, Any] | None) -> bool:
+    return metrics is None or len(metrics.get("confusion_matrix") or []) <= FOLD_DETAIL_CLASSES
+
+
+def _compact(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Drop the per-class detail of a fold's metrics when there are more than ``FOLD_DETAIL_CLASSES``."""
+    if _detailed(metrics):
+        return metrics
+    assert metrics is not None
+    return {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "classification_report")}
+
+
+def _fold_arrays(arrays: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """The dataset arrays (``x``/``x.*``/``y``/``y.*``) restricted to the samples at ``index``."""
+    keys = [k for k in arrays if k in ("x", "y") or k.startswith(("x.", "y."))]
+    return {k: np.asarray(arrays[k])[index] for k in keys}
+
+
+def _one_fold(
+    model_dir: Path,
+    spec: PruneSpec,
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    granularity: Granularity,
+    window: Window,
+) -> tuple[dict[str, Any], bool]:
+    """One fold's row (see the module docstring) and whether per-class detail was dropped from it."""
+    tick = time.perf_counter()
+    seed_everything(spec.seed)
+    job = prepare(load_model(model_dir), spec, train, test)
+    assert job.evaluation is not None
+    prunable, kinds = select(job)
+    baseline_outputs = predict(job, job.evaluation)
+    baseline = score(job, job.evaluation, baseline_outputs)
+    pruner = make_pruner(job, prunable, kinds, granularity)
+    prune_and_fine_tune(job, pruner, window.sub(0.0, _FOLD_EVALUATING))
+    window("evaluating", _FOLD_EVALUATING)
+    pruned_outputs = predict(job, job.evaluation)
+    pruned = score(job, job.evaluation, pruned_outputs)
+    agreement = fidelity_section(job, baseline_outputs, pruned_outputs, baseline.settings)
+    zeros = sum(nv.size - int(np.count_nonzero(nv.var.numpy())) for nv in prunable)
+    row: dict[str, Any] = {
+        "baseline": _compact(baseline.flat),
+        "pruned": _compact(pruned.flat),
+        "fidelity": agreement.get(job.output),
+        "sparsity": zeros / sum(nv.size for nv in prunable),
+    }
+    if len(job.sig.outputs) > 1:
+        row["baseline_by_output"] = {k: _compact(v) for k, v in baseline.by_output.items()}
+        row["pruned_by_output"] = {k: _compact(v) for k, v in pruned.by_output.items()}
+    row["seconds"] = time.perf_counter() - tick
+    dropped = not all(_detailed(m) for m in (*baseline.by_output.values(), *pruned.by_output.values()))
+    return row, dropped
+
+
+def run_cross_validation(
+    model_dir: Path,
+    job: Job,
+    train_arrays: Mapping[str, np.ndarray],
+    granularity: Granularity,
+    window: Window,
+) -> dict[str, Any]:
+    """The metrics document's ``cross_validation`` section for ``job.spec`` over ``train_arrays``.
+
+    ``job`` is the main run's (bound train labels decide stratification and the task); ``train_arrays`` the
+    raw train dataset every fold is cut from. Notes go to ``job``.
+    """
+    spec = job.spec
+    assert spec.evaluation is not None and spec.evaluation.cross_validation is not None
+    if job.train is None or job.train.y is None:  # prepare() refuses this already
+        raise PipelineError("dataset_mismatch", "cross-validation needs a train dataset with labels")
+    k = spec.evaluation.cross_validation.folds
+    task = _decide_task(job)
+    try:
+        plan = plan_folds(job.train.y, job.train.n, k, task, spec.seed)
+    except ValueError as exc:
+        raise PipelineError("dataset_mismatch", f"evaluation.cross_validation: {exc}") from exc
+    per_fold = []
+    compacted = False
+    for i, (train_index, test_index) in enumerate(plan.folds):
+        fold_window = window.sub(i / k, (i + 1) / k)
+        fold_window("pruning", 0.0)  # a cancellation point between folds
+        row, dropped = _one_fold(
+            model_dir,
+            spec,
+            _fold_arrays(train_arrays, train_index),
+            _fold_arrays(train_arrays, test_index),
+            granularity,
+            fold_window,
+        )
+        per_fold.append(row)
+        compacted = compacted or dropped
+        gc.collect()  # the fold's model handle and pruner go before the next fold loads another
+    report = cross_validation_report(plan, per_fold)
+    report["task"] = task
+    job.note(
+        f"cross-validation: {k} folds of the {job.train.n} train samples "
+        f"({'stratified' if plan.stratified else 'not stratified'}, seed {spec.seed}); every fold restarts "
+        "from the uploaded model, prunes (and fine-tunes) on the other folds and scores baseline and pruned "
+        "on its held-out fold. summary = mean and population std (ddof=0) over folds; the artifact and the "
+        "top-level metrics are of the model pruned on the whole train set"
+    )
+    job.note(
+        "cross-validation: held-out folds are unseen by the pruning and fine-tuning of their fold, not "
+        "necessarily by the uploaded model: if it was trained on this train dataset, the baseline fold scores "
+        "are training scores (optimistic) and baseline - pruned overstates the loss pruning causes"
+    )
+    if plan.note:
+        job.note(plan.note)
+    if compacted:
+        job.note(
+            "cross-validation: per-fold metrics omit confusion matrices and per-class reports of outputs "
+            f"with more than {FOLD_DETAIL_CLASSES} classes"
+        )
+    return report

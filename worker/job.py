@@ -1,0 +1,120 @@
+"""What the pipeline's stages share: the bound datasets, the job state and the progress window.
+
+Kept apart from the stages so that the K-fold runner (``worker.crossval_run``) can build one ``Job`` per fold
+with the same loading, pruning and evaluation code as the main run, without import cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from app.schemas.spec import PruneSpec
+from worker.errors import PipelineError
+from worker.models import ModelHandle, SignatureInfo
+
+Report = Callable[[str, float], None]
+
+PREDICT_BATCH = 256
+
+
+@dataclass
+class Data:
+    """A dataset bound to the signature: inputs by name, labels of the selected output (``y``, or None) and
+    labels of every output that has some (``labels``: ``y.<output>``, or ``y`` for the selected output)."""
+
+    x: dict[str, np.ndarray]
+    y: np.ndarray | None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.x.values())))
+
+    def subset(self, index: np.ndarray) -> Data:
+        """The samples at ``index`` (a sorted index array), inputs and labels alike."""
+        return Data(
+            x={k: v[index] for k, v in self.x.items()},
+            y=None if self.y is None else self.y[index],
+            labels={k: v[index] for k, v in self.labels.items()},
+        )
+
+
+@dataclass
+class Job:
+    """What the stages of one run share (the main run, or one cross-validation fold)."""
+
+    spec: PruneSpec
+    handle: ModelHandle
+    sig: SignatureInfo
+    output: str
+    train: Data | None
+    evaluation: Data | None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
+    loss: tuple[str, bool] | None = None  # inferred once, see prune_stage.loss_of
+    gradient_passes: list[int] = field(default_factory=list)  # samples per gradient-statistics pass
+
+    def note(self, text: str) -> None:
+        """Append a note once (phases that run twice must not repeat themselves)."""
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def forward(self, x: Mapping[str, tf.Tensor], training: bool) -> tf.Tensor:
+        """The selected output: what labels, losses and gradients refer to."""
+        return self.handle.call(self.spec.signature, x, training=training)[self.output]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A slice ``[lo, hi]`` of the job's progress: ``window(stage, f)`` reports ``lo + f * (hi - lo)``.
+
+    The main run and every cross-validation fold report through windows of one job-wide ``report``, so the
+    progress a client polls only grows while the stage names stay API.md's.
+    """
+
+    report: Report
+    lo: float = 0.0
+    hi: float = 1.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        self.report(stage, self.lo + (self.hi - self.lo) * min(1.0, max(0.0, fraction)))
+
+    def sub(self, lo: float, hi: float) -> Window:
+        """The part ``[lo, hi]`` (fractions of this window) as a window of the same report."""
+        span = self.hi - self.lo
+        return Window(self.report, self.lo + span * lo, self.lo + span * hi)
+
+
+def fixed_batch(sig: SignatureInfo) -> int | None:
+    """The batch size a signature insists on (a static first dimension), or None."""
+    dims = {spec["shape"][0] for spec in sig.inputs.values() if spec["shape"]}
+    fixed = [d for d in dims if d is not None]
+    return int(fixed[0]) if fixed else None
+
+
+def predict(job: Job, data: Data) -> dict[str, np.ndarray]:
+    """Every output of the signature on ``data``, in inference mode, in batches of ``PREDICT_BATCH``.
+
+    A signature with a fixed batch size scores whole batches only (the remainder is left out; metrics cut
+    the labels to the predictions' length).
+    """
+    fixed = fixed_batch(job.sig)
+    batch = fixed or PREDICT_BATCH
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, data.n, batch):
+        chunk = {k: v[start : start + batch] for k, v in data.x.items()}
+        if fixed and len(next(iter(chunk.values()))) != fixed:
+            break
+        for name, value in job.handle.call(job.spec.signature, chunk).items():
+            parts.setdefault(name, []).append(value.numpy())
+    if not parts:
+        raise PipelineError(
+            "dataset_mismatch", f"the signature needs batches of {fixed}; the dataset is smaller"
+        )
+    return {name: np.concatenate(values) for name, values in parts.items()}

@@ -1,0 +1,128 @@
+"""Latency of the original and the pruned model, interleaved per batch size and bounded by a time budget.
+
+Why a budget: ``runs`` calls per model per batch size is cheap on a small model and ruinous on a big one (a
+ResNet-50 at batch 32 takes ~1.4 s a call on 2 cores: the default 2 warm-up + 20 timed rounds of both models
+took 75 of a 97 s job). Each batch size gets ``budget_s`` seconds of wall time for both models together,
+warm-up included: rounds (one call of each model, alternately, so machine noise hits both alike) continue
+until ``runs`` timed rounds are done or the budget is spent, but at least one warm-up round (the first call
+traces and allocates) and ``MIN_RUNS`` timed rounds always run, so p50/p95 are never read off one sample.
+Every row records the ``runs`` and ``warmup`` rounds actually done; ``notes`` say where the budget cut.
+
+Both models run in this process and thread, so they share TensorFlow's thread pools: neither is favoured.
+The statistics are those of ``worker.evaluation.latency.interleaved_latency`` (p50, p95, mean in ms;
+``samples_per_s`` = batch / mean); that function has no budget, hence this loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from app.schemas.spec import Latency
+from worker.job import Data, fixed_batch
+from worker.models import ModelHandle, SignatureInfo
+
+__all__ = ["MIN_RUNS", "budgeted_latency", "measure_latency"]
+
+MIN_RUNS = 3
+
+
+def budgeted_latency(
+    fns: Mapping[str, Callable[[], object]], runs: int, warmup: int, budget_s: float, batch_size: int
+) -> tuple[dict[str, dict[str, float]], int, int]:
+    """``({name: {"p50", "p95", "mean", "samples_per_s", "runs", "warmup"}}, runs done, warm-up rounds done)``.
+
+    Rounds call every function once, in order; the budget is checked before each round after the guaranteed
+    ones (1 warm-up if ``warmup`` > 0, ``min(runs, MIN_RUNS)`` timed), so one round may end past it.
+    """
+    if runs < 1 or warmup < 0 or budget_s <= 0:
+        raise ValueError(f"need runs >= 1, warmup >= 0, budget_s > 0; got {runs}, {warmup}, {budget_s}")
+    start = time.perf_counter()
+
+    def spent() -> bool:
+        return time.perf_counter() - start > budget_s
+
+    done_warmup = 0
+    while done_warmup < warmup and not (done_warmup >= 1 and spent()):
+        for fn in fns.values():
+            fn()
+        done_warmup += 1
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    done = 0
+    while done < runs and not (done >= MIN_RUNS and spent()):
+        for name, fn in fns.items():
+            tick = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - tick) * 1000.0)
+        done += 1
+    stats = {}
+    for name, times in samples.items():
+        mean = float(np.mean(times))
+        stats[name] = {
+            "p50": float(np.percentile(times, 50)),
+            "p95": float(np.percentile(times, 95)),
+            "mean": mean,
+            "samples_per_s": batch_size * 1000.0 / mean if mean > 0 else float("nan"),
+            "runs": done,
+            "warmup": done_warmup,
+        }
+    return stats, done, done_warmup
+
+
+def _timed_call(handle: ModelHandle, signature: str, inputs: dict[str, tf.Tensor]) -> Callable[[], object]:
+    """A call that blocks until every output is computed (``.numpy()``), as latency must."""
+    return lambda: [t.numpy() for t in handle.call(signature, inputs).values()]
+
+
+def _inputs(sig: SignatureInfo, data: Data | None, batch: int) -> dict[str, tf.Tensor] | None:
+    """``batch`` samples cycled from the dataset, else zeros shaped like the signature (None dims -> 1)."""
+    if data is not None:
+        idx = np.arange(batch) % data.n
+        return {k: tf.constant(v[idx]) for k, v in data.x.items()}
+    out: dict[str, tf.Tensor] = {}
+    for name, spec in sig.inputs.items():
+        if spec["shape"] is None:
+            return None
+        shape = [batch, *[1 if d is None else d for d in spec["shape"][1:]]]
+        out[name] = tf.zeros(shape, dtype=tf.as_dtype(spec["dtype"]))
+    return out
+
+
+def measure_latency(
+    candidates: Mapping[str, ModelHandle],
+    sig: SignatureInfo,
+    settings: Latency,
+    source: Data | None,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """``({candidate: {str(batch): stats}}, notes)`` for every batch size the signature accepts."""
+    fixed = fixed_batch(sig)
+    result: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in candidates}
+    skipped: list[int] = []
+    cut: list[str] = []
+    for batch in settings.batch_sizes:
+        inputs = None if fixed is not None and batch != fixed else _inputs(sig, source, batch)
+        if inputs is None:
+            skipped.append(batch)
+            continue
+        fns = {name: _timed_call(handle, sig.name, inputs) for name, handle in candidates.items()}
+        stats, runs, warmup = budgeted_latency(fns, settings.runs, settings.warmup, settings.budget_s, batch)
+        for name, row in stats.items():
+            result[name][str(batch)] = row
+        if runs < settings.runs or warmup < settings.warmup:
+            cut.append(
+                f"batch {batch}: {runs} of {settings.runs} runs, {warmup} of {settings.warmup} warm-up"
+            )
+    notes = []
+    if skipped:
+        notes.append(f"latency not measured at batch sizes {skipped}: no inputs of that batch size fit")
+    if cut:
+        notes.append(
+            f"latency measurement cut by its time budget of {settings.budget_s:g} s per batch size "
+            f"(evaluation.latency.budget_s; at least {MIN_RUNS} runs each): {'; '.join(cut)}. "
+            "latency_ms rows record the runs done; p95 of few runs is close to the maximum"
+        )
+    return result, notes
