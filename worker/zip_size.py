@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import threading
-import zipfile
 from pathlib import Path
 
+from worker.evaluation.size import ZipCanceled, write_zip
+
 __all__ = ["ZipSizeInBackground", "deflate_zip_size"]
-
-_EPOCH = (1980, 1, 1, 0, 0, 0)  # as worker.evaluation.size
-_CHUNK = 1 << 20
-
-
-class _Canceled(Exception):
-    pass
 
 
 class _CountingSink(io.RawIOBase):
@@ -56,48 +49,13 @@ class _CountingSink(io.RawIOBase):
         return self.position
 
 
-def _entries(src_dir: Path) -> list[tuple[Path, str, bool]]:
-    """(path, arcname, is_dir) sorted by arcname; symlinks and special files skipped (as ``zip_dir``)."""
-    entries: list[tuple[Path, str, bool]] = []
-    for root, dirs, files in os.walk(src_dir, followlinks=False):
-        base = Path(root)
-        for name in dirs:
-            path = base / name
-            if not path.is_symlink():
-                entries.append((path, path.relative_to(src_dir).as_posix() + "/", True))
-        for name in files:
-            path = base / name
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                entries.append((path, path.relative_to(src_dir).as_posix(), False))
-    return sorted(entries, key=lambda entry: entry[1])
-
-
 def deflate_zip_size(src_dir: Path, compresslevel: int = 6, stop: threading.Event | None = None) -> int:
-    """Bytes of ``zip_dir(src_dir, ...)``'s zip, without writing it; raises ``_Canceled`` once ``stop`` is set."""
+    """Bytes of ``zip_dir(src_dir, ...)``'s zip, without writing it; raises ``ZipCanceled`` once ``stop`` is set."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise NotADirectoryError(f"{src_dir} is not a directory")
     sink = _CountingSink()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
-        for path, arcname, is_dir in _entries(src_dir):
-            info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-            mode = stat.S_IMODE(os.lstat(path).st_mode)
-            if is_dir:
-                info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
-                zf.writestr(info, b"")
-                continue
-            info.external_attr = (stat.S_IFREG | mode) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            if hasattr(info, "compress_level"):  # Python >= 3.13
-                info.compress_level = compresslevel
-            else:
-                info._compresslevel = compresslevel  # type: ignore[attr-defined]
-            info.file_size = path.stat().st_size
-            with path.open("rb") as src, zf.open(info, "w") as dst:
-                while chunk := src.read(_CHUNK):
-                    if stop is not None and stop.is_set():
-                        raise _Canceled
-                    dst.write(chunk)
+    write_zip(src_dir, sink, compresslevel, stop)  # type: ignore[arg-type]
     return sink.size
 
 
@@ -116,7 +74,7 @@ class ZipSizeInBackground:
     def _run(self, src_dir: Path, compresslevel: int) -> None:
         try:
             self._size = deflate_zip_size(src_dir, compresslevel, self._stop)
-        except _Canceled:
+        except ZipCanceled:
             pass
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc

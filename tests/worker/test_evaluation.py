@@ -10,6 +10,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -473,10 +474,11 @@ def test_failed_zip_leaves_nothing_visible(
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
-    def broken_copy(*args: object, **kwargs: object) -> None:
+    def broken_write(src_dir: Path, fileobj: Any, *args: object) -> None:
+        fileobj.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
-    monkeypatch.setattr(size_mod.shutil, "copyfileobj", broken_copy)
+    monkeypatch.setattr(size_mod, "write_zip", broken_write)
     with pytest.raises(OSError, match="disk full"):
         zip_dir(model_tree, out_dir / "model.zip")
     assert os.listdir(out_dir) == []

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
+import threading
 import uuid
 import zipfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["dir_size", "param_counts", "zip_dir"]
+__all__ = ["ZipCanceled", "dir_size", "param_counts", "write_zip", "zip_dir"]
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest time a zip can hold
 _CHUNK = 1 << 20
@@ -67,29 +67,45 @@ def zip_dir(src_dir: Path, out_zip: Path, compresslevel: int = 6) -> int:
         raise ValueError("the zip must not be written inside the directory being zipped")
     tmp = out_zip.with_name(f".{out_zip.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
-            for path, arcname, is_dir in _entries(src_dir):
-                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-                mode = stat.S_IMODE(os.lstat(path).st_mode)
-                if is_dir:
-                    info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
-                    zf.writestr(info, b"")
-                    continue
-                info.external_attr = (stat.S_IFREG | mode) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                if hasattr(info, "compress_level"):  # Python >= 3.13
-                    info.compress_level = compresslevel
-                else:  # a ZipInfo passed to open() ignores the ZipFile's level unless set here
-                    info._compresslevel = compresslevel
-                info.file_size = path.stat().st_size  # lets zipfile switch to ZIP64 for files over 2 GiB
-                with path.open("rb") as src, zf.open(info, "w") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+        with tmp.open("wb") as fh:
+            write_zip(src_dir, fh, compresslevel)
         os.replace(tmp, out_zip)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     return out_zip.stat().st_size
+
+
+class ZipCanceled(Exception):
+    """``write_zip`` was told to stop (its ``stop`` event was set)."""
+
+
+def write_zip(
+    src_dir: Path, fileobj: BinaryIO, compresslevel: int = 6, stop: threading.Event | None = None
+) -> None:
+    """The deterministic zip of ``src_dir`` into a seekable binary file; files streamed in chunks (variables
+    can be larger than memory). ``stop`` set -> ``ZipCanceled`` within one chunk."""
+    with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+        for path, arcname, is_dir in _entries(src_dir):
+            info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if is_dir:
+                info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
+                zf.writestr(info, b"")
+                continue
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if hasattr(info, "compress_level"):  # Python >= 3.13
+                info.compress_level = compresslevel
+            else:  # a ZipInfo passed to open() ignores the ZipFile's level unless set here
+                info._compresslevel = compresslevel  # type: ignore[attr-defined]
+            info.file_size = path.stat().st_size  # lets zipfile switch to ZIP64 for files over 2 GiB
+            with path.open("rb") as src, zf.open(info, "w") as dst:
+                while chunk := src.read(_CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise ZipCanceled
+                    dst.write(chunk)
 
 
 def param_counts(arrays: Mapping[str, np.ndarray], prunable: Collection[str]) -> dict[str, Any]:
