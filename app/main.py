@@ -110,6 +110,25 @@ def _reason(status: int) -> str:
         return "Error"
 
 
+def declare_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what the handlers send: every 4xx/5xx body is ``application/problem+json``.
+
+    FastAPI files each ``responses={code: {"model": Problem}}`` under the route's own media type
+    (``application/json``), and leaves responses declared by description only without a body. Both would tell
+    clients (and schema-conformance checks) the wrong Content-Type, so error responses are rewritten here, once.
+    """
+    problem_schema = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if not (code.isdigit() and int(code) >= 400):
+                    continue
+                content = response.get("content") or {}
+                body = content.pop("application/json", None) or content.pop(PROBLEM, None)
+                response["content"] = {**content, PROBLEM: body or {"schema": problem_schema}}
+    return schema
+
+
 def create_app(settings: Settings | None = None, embedded_worker: Any = None) -> FastAPI:
     """`embedded_worker` (an app.embedded.EmbeddedWorker) makes /readyz report on the worker child too."""
     settings = settings or get_settings()
@@ -151,4 +170,12 @@ def create_app(settings: Settings | None = None, embedded_worker: Any = None) ->
         schemas.router,
     ):
         app.include_router(router)
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_problem_responses(fastapi_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

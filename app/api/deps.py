@@ -58,7 +58,14 @@ def _idempotency_key(
         Header(
             alias=idempotency.HEADER,
             description="optional; a unique value (e.g. a UUID) that makes a retried POST safe: the first "
-            "response is replayed for 24 h",
+            "response is replayed for 24 h. 1-255 printable ASCII characters, bare or as a quoted "
+            "structured-field string; anything else is 400",
+            # Documented, not enforced by FastAPI: parse_key refuses a bad key with 400 and says why.
+            json_schema_extra={
+                "minLength": 1,
+                "maxLength": idempotency.MAX_KEY_LENGTH,
+                "pattern": idempotency.KEY_PATTERN,
+            },
         ),
     ] = None,
 ) -> str | None:

@@ -53,6 +53,8 @@ log = logging.getLogger("secateurs.idempotency")
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
+# The bare form as OpenAPI documents it: printable ASCII, no surrounding blanks, not starting with a quote.
+KEY_PATTERN = rf"^[!#-~]([ -~]{{0,{MAX_KEY_LENGTH - 2}}}[!-~])?$"
 TTL_S = 24 * 3600
 JSON_LOCK_S = 5 * 60
 UPLOAD_LOCK_S = 3600
