@@ -32,6 +32,7 @@ class Settings(BaseSettings):
 
     max_model_bytes: int = Field(4 * GiB, ge=1)
     max_dataset_bytes: int = Field(2 * GiB, ge=1)
+    max_json_bytes: int = Field(1 * MiB, ge=1024, description="non-upload request bodies (413 above)")
     max_uncompressed_bytes: int = Field(8 * GiB, ge=1)
     max_compression_ratio: float = Field(200.0, gt=1.0)
     max_archive_members: int = Field(10_000, ge=1)

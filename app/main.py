@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.api.body_limit import JsonBodyLimit
 from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, schemas, webhooks
 from app.config import Settings, get_settings
@@ -161,6 +162,7 @@ def create_app(settings: Settings | None = None, embedded_worker: Any = None) ->
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     for router in (
         health.router,
         models.router,
