@@ -58,7 +58,7 @@ _CORRUPT: tuple[type[BaseException], ...] = (
     EOFError,
     OSError,
     ValueError,
-    NotImplementedError,
+    NotImplementedError,  # zipfile's answer to a compression method it cannot read
     struct.error,
 )
 
