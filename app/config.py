@@ -43,8 +43,57 @@ class Settings(BaseSettings):
     )
     task_hard_time_limit: int = Field(3 * 3600 + 300, ge=20)
     max_attempts: int = Field(3, ge=1, le=20, description="deliveries of one job before it fails")
-    lease_seconds: int = Field(
-        600, ge=30, description="a running job whose worker has not reported for this long may be re-claimed"
+    heartbeat_seconds: float = Field(
+        10.0, ge=0.2, le=300, description="a running job's worker renews its lease this often (a thread)"
+    )
+    lease_seconds: float = Field(
+        60.0,
+        ge=1.0,
+        description=(
+            "a running job whose worker has not renewed its lease for this long is taken as dead: the reaper "
+            "re-queues it (or fails it after max_attempts); at least 3 heartbeats"
+        ),
+    )
+    reaper_interval_s: float = Field(
+        15.0,
+        ge=0.2,
+        le=3600,
+        description="how often the API process looks for dead jobs, lost messages, expired data",
+    )
+    redispatch_after_s: float = Field(
+        900.0,
+        ge=1.0,
+        description=(
+            "a job still 'queued' this long after its message was sent is sent again (a broker restart that "
+            "lost messages is detected and answered at once; duplicates are harmless)"
+        ),
+    )
+    worker_max_memory_per_child: int = Field(
+        6144,
+        ge=0,
+        description=(
+            "MiB (Celery's own setting counts KiB); after a task that leaves the worker child above this, the "
+            "child exits and its supervisor starts a fresh one; 0 = never"
+        ),
+    )
+    max_active_jobs_per_tenant: int = Field(
+        20, ge=1, description="queued + running jobs one tenant may have; more are refused with 429"
+    )
+    model_ttl_days: float = Field(
+        30.0,
+        ge=0,
+        description="uploaded models are deleted this long after upload (unless a job is active); 0 = keep",
+    )
+    dataset_ttl_days: float = Field(30.0, ge=0, description="likewise for datasets; 0 = keep")
+    artifact_ttl_days: float = Field(
+        14.0,
+        ge=0,
+        description="a finished job's artifact and metrics are deleted this long after it ended; 0 = keep",
+    )
+    tmp_ttl_s: float = Field(
+        6 * 3600,
+        ge=60,
+        description="leftover temporary upload files (a killed API) untouched this long are removed",
     )
     auth: Literal["auto", "required", "disabled"] = Field(
         "auto",
@@ -87,6 +136,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.task_hard_time_limit <= self.task_soft_time_limit:
             raise ValueError("SECATEURS_TASK_HARD_TIME_LIMIT must be above SECATEURS_TASK_SOFT_TIME_LIMIT")
+        if self.lease_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                "SECATEURS_LEASE_SECONDS must be at least 3 x SECATEURS_HEARTBEAT_SECONDS, or a live worker "
+                "that misses one heartbeat would lose its job"
+            )
         if self.environment == "production":
             if self.auth == "disabled":
                 raise ValueError(
