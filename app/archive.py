@@ -155,8 +155,13 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits = ArchiveLimit
     kind = _kind_by_magic(path)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"extraction target {dest} exists and is not an empty directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    except OSError as exc:  # no room even for the staging folder: the same 507 as a full disk mid-write
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the disk is full: the model cannot be extracted") from exc
+        raise
     try:
         members = _Members(limits, path.stat().st_size)
         made: set[Path] = {staging}
@@ -543,7 +548,7 @@ def _write_member(
                 members.wrote(len(chunk))
                 out.write(chunk)
     except OSError as exc:  # read-side OSErrors were turned into ArchiveError above; these are the disk's
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage("the disk filled up while extracting the model") from exc
         raise
     if written != declared:

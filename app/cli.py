@@ -146,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
         worker = EmbeddedWorker(settings)
         worker.start()
         log.info("embedded mode: data in %s, one worker child process, no external server", settings.data_dir)
-    app = create_app(settings, embedded_worker=worker)
+    app = create_app(settings, embedded_worker=worker, maintenance=True)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the default action that kills
     # this process before the `finally` below, orphaning the worker child. Turn it into SystemExit instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -163,7 +163,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from app.embedded import settings_env, worker_command
+    from app.embedded import EmbeddedWorker
 
     settings = _settings(args)
     if settings.embedded and not settings.broker_url:
@@ -172,9 +172,20 @@ def worker(args: argparse.Namespace) -> int:
             f"{settings.broker_dir}",
             file=sys.stderr,
         )
-    command = worker_command(concurrency=args.concurrency, loglevel=args.loglevel)
-    os.execve(sys.executable, command, settings_env(settings))
-    return 0  # pragma: no cover  (execve does not return)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    supervisor = EmbeddedWorker(
+        settings, loglevel=args.loglevel, concurrency=args.concurrency, hostname="secateurs@%h"
+    )
+
+    def _stop(signum: int, frame: object) -> None:
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    supervisor.start()
+    supervisor.wait()
+    supervisor.stop()
+    return EXIT_OK
 
 
 # --- output -------------------------------------------------------------------------------------------------
@@ -610,6 +621,28 @@ def webhooks_set_url(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- cleanup (admin, direct database) -----------------------------------------------------------------------
+
+
+def cleanup(args: argparse.Namespace) -> int:
+    """One retention pass now, as the API's maintenance loop runs it every SECATEURS_REAPER_INTERVAL_S."""
+    from app.retention import sweep
+    from app.storage import Storage
+    from app.store.db import init_db, make_engine, make_session_factory
+
+    settings = _settings(args)
+    storage = Storage(settings.data_dir)  # creates the data directory, where SQLite's file lives
+    engine = make_engine(settings.db_url)
+    try:
+        init_db(engine)
+        report = sweep(settings, make_session_factory(engine), storage)
+    finally:
+        engine.dispose()
+    counts = report.as_dict()
+    Output(args.json).result(counts, "removed: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    return EXIT_OK
+
+
 # --- the parser ---------------------------------------------------------------------------------------------
 
 
@@ -764,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_url.add_argument("--clear", action="store_true", help="remove the default URL")
     p_url.set_defaults(func=webhooks_set_url)
+
+    p_cleanup = sub.add_parser(
+        "cleanup",
+        parents=[admin],
+        help="admin: delete models, datasets and job outputs past their retention period (SECATEURS_*_TTL_*)",
+    )
+    p_cleanup.set_defaults(func=cleanup)
     return parser
 
 

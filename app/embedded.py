@@ -78,14 +78,21 @@ def recover(settings: Settings) -> tuple[int, int]:
 
 
 class EmbeddedWorker:
-    """Starts the worker child and restarts it if it dies (e.g. killed for memory), with a backoff."""
+    """Starts a worker child and restarts it whenever it exits: a crash, a kill for memory, the hard time limit
+    or the memory recycling after a task (worker/celery_worker.py). Used by `secateurs serve` (embedded) and
+    `secateurs worker` (production), so both get the same recovery."""
 
-    def __init__(self, settings: Settings, loglevel: str = "INFO") -> None:
+    def __init__(
+        self, settings: Settings, loglevel: str = "INFO", concurrency: int = 1, hostname: str = "embedded@%h"
+    ) -> None:
         self.settings = settings
         self.loglevel = loglevel
+        self.concurrency = concurrency
+        self.hostname = hostname
         self.process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._spawned_at = 0.0
         self.restarts = 0
 
     def start(self) -> None:
@@ -94,23 +101,28 @@ class EmbeddedWorker:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(
-            worker_command(loglevel=self.loglevel, hostname="embedded@%h"), env=settings_env(self.settings)
-        )
-        log.info("embedded worker started (pid %s)", self.process.pid)
+        command = worker_command(self.concurrency, loglevel=self.loglevel, hostname=self.hostname)
+        self.process = subprocess.Popen(command, env=settings_env(self.settings))
+        self._spawned_at = time.monotonic()
+        log.info("worker started (pid %s)", self.process.pid)
 
     def _watch(self) -> None:
         backoff = 1.0
-        while not self._stopping.wait(1.0):
+        while not self._stopping.wait(0.5):
             if self.process is not None and self.process.poll() is not None and not self._stopping.is_set():
-                log.warning(
-                    "embedded worker exited with %s; restarting in %.0f s", self.process.returncode, backoff
-                )
+                if time.monotonic() - self._spawned_at > 60:
+                    backoff = 1.0  # it ran a while: a recycle or a one-off crash, not a crash loop
+                log.warning("worker exited with %s; restarting in %.0f s", self.process.returncode, backoff)
                 if self._stopping.wait(backoff):
                     return
                 self.restarts += 1
                 self._spawn()
                 backoff = min(backoff * 2, 60.0)
+
+    def wait(self) -> None:
+        """Block until stop() (the `secateurs worker` foreground)."""
+        while not self._stopping.wait(1.0):
+            pass
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -119,7 +131,7 @@ class EmbeddedWorker:
         self._stopping.set()
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()  # Celery's warm shutdown: finishes nothing long, the job is re-queued on start
+        self.process.terminate()  # Celery's warm shutdown; an unfinished job is re-queued by the reaper/start
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -16,6 +16,8 @@ SecateursError
 ├── NotFound                 404  no such model/dataset/job, an id that cannot exist, or another tenant's
 ├── Conflict                 409  the resource is in a state that forbids the action (in use, not finished)
 │   └── IdempotencyKeyInUse  409  the first request with this Idempotency-Key is still being processed
+├── Gone                     410  it existed, and was deleted on purpose (for good: do not retry)
+│   └── ArtifactExpired      410  a job's artifact and metrics were deleted under the retention policy
 ├── PayloadTooLarge          413  the upload is bigger than the configured limit
 │   └── ArchiveTooLarge      413  the archive expands past the size, member-count or compression-ratio limits
 ├── UnsupportedMediaType     415  not multipart/form-data, or the file is none of the accepted formats
@@ -24,6 +26,7 @@ SecateursError
 │   ├── ArchiveError         422  unsafe, corrupt or incomplete model archive (zip-slip, links, no model)
 │   ├── DatasetError         422  the .npz breaks the dataset rules (names, dtypes, lengths, NaN/inf, pickles)
 │   └── IdempotencyKeyReused 422  an Idempotency-Key sent again with a different payload or endpoint
+├── TooManyRequests          429  the tenant already has its maximum of active jobs; carries ``retry_after``
 ├── ServiceUnavailable       503  a dependency (database, broker) is down; carries ``retry_after`` seconds
 └── InsufficientStorage      507  the disk is (nearly) full
 """
@@ -148,6 +151,21 @@ class IdempotencyKeyInUse(Conflict):
     slug = "idempotency-key-in-use"
 
 
+class Gone(SecateursError):
+    """Raised when what was asked for existed and was deleted on purpose: unlike 404, retrying cannot help."""
+
+    status = 410
+    title = "Gone"
+    slug = "gone"
+
+
+class ArtifactExpired(Gone):
+    """Raised when a job's outputs were deleted by the retention sweep; ``expired_at`` says when."""
+
+    title = "Artifact expired"
+    slug = "artifact-expired"
+
+
 class PayloadTooLarge(SecateursError):
     """Raised when an upload exceeds its byte limit; reading stops at once and the partial file is removed."""
 
@@ -205,6 +223,14 @@ class IdempotencyKeyReused(Unprocessable):
 
     title = "Idempotency-Key reused"
     slug = "idempotency-key-reused"
+
+
+class TooManyRequests(SecateursError):
+    """A per-tenant quota is full (active jobs); retry when one ends."""
+
+    status = 429
+    title = "Too many requests"
+    slug = "too-many-requests"
 
 
 class ServiceUnavailable(SecateursError):

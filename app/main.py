@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -18,8 +19,9 @@ from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, schemas, webhooks
 from app.config import Settings, get_settings
 from app.errors import PROBLEM_BASE, SecateursError
+from app.maintenance import Maintenance
 from app.queue import make_celery
-from app.storage import Storage
+from app.storage import Storage, is_disk_full
 from app.store.db import init_db, make_engine, make_session_factory
 from app.store.repo import BadCursor
 
@@ -87,6 +89,29 @@ def install_problem_handlers(app: FastAPI) -> None:
         response.headers.update(headers)
         return response
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        """The database restarted or is unreachable (or SQLite stayed locked): retryable, not a bug. A full
+        disk under the database is not retryable as is: 507, like a full disk under an upload."""
+        if is_disk_full(exc):
+            log.error("database disk full on %s %s: %s", request.method, request.url.path, exc)
+            return problem(
+                507,
+                "Insufficient Storage",
+                "the database's disk is full; nothing was recorded. Free space (or delete old jobs, "
+                "models and datasets), then retry",
+                "insufficient-storage",
+            )
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem(
+            503,
+            "Service unavailable",
+            "the database did not answer; retry shortly",
+            "service-unavailable",
+            retry_after=5,
+        )
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -130,8 +155,11 @@ def declare_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def create_app(settings: Settings | None = None, embedded_worker: Any = None) -> FastAPI:
-    """`embedded_worker` (an app.embedded.EmbeddedWorker) makes /readyz report on the worker child too."""
+def create_app(
+    settings: Settings | None = None, embedded_worker: Any = None, maintenance: bool = False
+) -> FastAPI:
+    """`embedded_worker` (an app.embedded.EmbeddedWorker) makes /readyz report on the worker child too;
+    `maintenance` runs the reaper thread (app.maintenance) — `secateurs serve` turns it on, tests opt in."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -146,9 +174,17 @@ def create_app(settings: Settings | None = None, embedded_worker: Any = None) ->
         app.state.storage = Storage(settings.data_dir)
         app.state.celery = make_celery(settings)
         app.state.embedded_worker = embedded_worker
+        app.state.maintenance = None
+        if maintenance:
+            app.state.maintenance = Maintenance(
+                settings, app.state.celery, app.state.session_factory, app.state.storage
+            )
+            app.state.maintenance.start()
         try:
             yield
         finally:
+            if app.state.maintenance is not None:
+                app.state.maintenance.stop()
             engine.dispose()
 
     app = FastAPI(

@@ -64,6 +64,7 @@ def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
             "error": record.error,
             "spec": record.spec,
             "webhook_url": record.webhook_url,
+            "expired_at": as_utc(record.expired_at),
             "webhook_id": message.id if message else None,
             "webhook_status": message.status if message else None,
             "webhook_deliveries": [

@@ -74,3 +74,14 @@ def broker_ping(celery: Celery) -> None:
     """Raise if the broker does not answer within a few seconds."""
     with celery.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=3)
+
+
+def broker_identity(celery: Celery) -> str | None:
+    """Redis's run_id, which changes when the server restarts: Redis may then have lost every message
+    (this machine's Redis keeps nothing on disk). None for transports whose messages survive a restart."""
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+        client = getattr(conn.default_channel, "client", None)
+        if client is None or not hasattr(client, "info"):
+            return None
+        return str(client.info("server").get("run_id"))

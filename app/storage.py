@@ -40,6 +40,30 @@ _FRAMING_ALLOWANCE = 64 << 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# A full disk, or the service account's quota used up: either way nothing more can be written.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+_PG_DISK_FULL = "53100"  # SQLSTATE disk_full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` is a full disk however it surfaced: an OSError from a write, or a database driver's
+    error (SQLite's SQLITE_FULL, PostgreSQL's SQLSTATE 53100), also when wrapped (SQLAlchemy's ``.orig``,
+    ``raise ... from``). Such a failure deserves 507 and "free some space", not 503 "retry shortly"."""
+    current: BaseException | None = exc
+    for _ in range(8):  # a short chain; never loops on a cycle
+        if current is None:
+            return False
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if getattr(current, "sqlstate", None) == _PG_DISK_FULL:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem holding ``path``, so uploads are refused (507) before the disk fills."""
     return shutil.disk_usage(path).free
@@ -88,15 +112,22 @@ class Storage:
             trash.unlink(missing_ok=True)
 
     def sweep_tmp(self, older_than_s: float = 24 * 3600) -> int:
-        """Delete temp entries left by crashed uploads/deletes (call at startup); returns how many went."""
+        """Delete temp entries left by crashed uploads/deletes, untouched for ``older_than_s``; returns how many
+        went. An upload in flight rewrites its file every flush, so only a stalled or orphaned one is old.
+
+        Another process may sweep (or finish a delete) at the same moment: an entry that vanishes under us is
+        simply not counted, never an error.
+        """
         cutoff = time.time() - older_than_s
         removed = 0
-        for entry in self.tmp_dir.iterdir():
+        for entry in list(self.tmp_dir.iterdir()):
             try:
                 if entry.lstat().st_mtime >= cutoff:
                     continue
                 if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+                    if entry.exists():
+                        continue  # not ours to force (permissions); left for the operator to see
                 else:
                     entry.unlink()
                 removed += 1
@@ -178,8 +209,10 @@ async def receive_upload(
             raise UploadError("the client disconnected before the upload finished; nothing was kept") from exc
         if isinstance(exc, FormParserError):
             raise UploadError(f"the multipart body is malformed ({exc}); nothing was kept") from exc
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise InsufficientStorage("the server's disk filled up while receiving the upload") from exc
+        if is_disk_full(exc):
+            raise InsufficientStorage(
+                "the server's disk filled up while receiving the upload; nothing was kept, retry later"
+            ) from exc
         raise
 
 

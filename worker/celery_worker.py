@@ -4,8 +4,10 @@ once the worker is ready, in the process that runs the tasks (solo or threads po
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
-from celery.signals import worker_ready
+from celery.signals import task_postrun, worker_ready
 
 from app.config import get_settings
 from app.queue import make_celery
@@ -36,3 +38,25 @@ def _warm_up(**_: object) -> None:
     """Import TensorFlow once the worker is up (solo pool: no fork follows), so the first job does not pay
     the ~4 s import."""
     import worker.pipeline  # noqa: F401
+
+
+def _rss_mib() -> float:
+    """Current (not peak) resident memory: TensorFlow's allocator keeps what a large model took."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+@task_postrun.connect
+def _recycle_when_bloated(**_: object) -> None:
+    """Celery's worker_max_memory_per_child only exists for the prefork pool, and TensorFlow needs solo: so
+    after a task that leaves this process above SECATEURS_WORKER_MAX_MEMORY_PER_CHILD (MiB) it asks itself for
+    a warm shutdown (the task is done and acknowledged first) and the supervisor starts a fresh process."""
+    limit = get_settings().worker_max_memory_per_child
+    if not limit:
+        return
+    rss = _rss_mib()
+    if rss > limit:
+        log.warning(
+            "worker uses %.0f MiB > %d MiB after a task: exiting so a fresh worker starts", rss, limit
+        )
+        os.kill(os.getpid(), signal.SIGTERM)

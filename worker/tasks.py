@@ -6,18 +6,20 @@ state with a reason a person can act on; a redelivered message for a finished jo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery import Task, shared_task
+from celery import Task, current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +34,7 @@ from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from app.webhooks.delivery import publish_for_job
+from worker.lease import JobLease
 
 log = logging.getLogger("secateurs.worker")
 PROGRESS_INTERVAL_S = 1.0
@@ -86,7 +89,7 @@ def prepared_model_dir(record: ModelRecord, storage: Storage, settings: Settings
 def _validate(model_id: str) -> dict[str, Any] | None:
     """Load the model with TensorFlow and audit it. Returns the error it recorded, or None when ready."""
     from worker.errors import PipelineError
-    from worker.models import audit_saved_model, describe, load_model
+    from worker.models import audit_saved_model, describe, keep_for_next_job, load_model
 
     settings, sessions, storage = _context()
     with session_scope(sessions) as session:
@@ -107,7 +110,10 @@ def _validate(model_id: str) -> dict[str, Any] | None:
                 f"the model's signatures run operations that are not allowed here: {', '.join(sorted(denied))}",
             )
         else:
-            info = describe(load_model(saved_model))
+            handle = load_model(saved_model)
+            info = describe(handle)
+            keep_for_next_job(saved_model, handle)
+            del handle
     except PipelineError as exc:
         error = _error(exc.code, exc.message)
     except SecateursError as exc:
@@ -144,18 +150,22 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 class _Progress:
     """The pipeline's report(stage, progress) callback: throttled writes that renew the lease and carry cancel."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
-        self.sessions, self.job_id = sessions, job_id
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, lease: JobLease) -> None:
+        self.sessions, self.job_id, self.lease = sessions, job_id, lease
         self.stage: str | None = None
         self.last = 0.0
 
     def __call__(self, stage: str, progress: float) -> None:
+        self.lease.entered(stage)
+        self.lease.check_time()
+        if self.lease.lost:
+            raise JobCanceled
         now = time.monotonic()
         if stage == self.stage and now - self.last < PROGRESS_INTERVAL_S:
             return
         self.stage, self.last = stage, now
         with session_scope(self.sessions) as session:
-            running, cancel = repo.report_progress(session, self.job_id, stage, progress)
+            running, cancel = repo.report_progress(session, self.job_id, stage, progress, self.lease.attempt)
         if cancel or not running:
             raise JobCanceled
 
@@ -169,10 +179,7 @@ def _sha256(path: Path) -> str:
 
 
 def _run(job_id: str) -> None:
-    from worker.errors import PipelineError
-    from worker.pipeline import run_pipeline
-
-    settings, sessions, storage = _context()
+    settings, sessions, _ = _context()
     with session_scope(sessions) as session:
         claim = repo.claim_job(
             session, job_id, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts
@@ -203,9 +210,38 @@ def _run(job_id: str) -> None:
 
     def fail(error: dict[str, str], status: str = "failed") -> None:
         with session_scope(sessions) as session:
-            repo.finish_job(session, job_id, status, error=error)  # type: ignore[arg-type]
+            repo.finish_job(session, job_id, status, error=error, attempt=claim.attempts)  # type: ignore[arg-type]
 
-    report = _Progress(sessions, job_id)
+    def hard_limit(timings: str) -> None:
+        fail(
+            _error(
+                "timeout",
+                f"the job ran past the {settings.task_hard_time_limit} s hard limit inside one operation and "
+                f"its worker was restarted (timings so far: {timings}); lower fine_tune.epochs or the dataset "
+                "size, or raise SECATEURS_TASK_SOFT_TIME_LIMIT / SECATEURS_TASK_HARD_TIME_LIMIT",
+            )
+        )
+        with session_scope(sessions) as session:
+            publish_for_job(current_app, session, job_id)
+
+    with JobLease(sessions, job_id, claim.attempts, settings, hard_limit) as lease:
+        _run_claimed(job_id, job, model, train, evaluation, lease, fail)
+
+
+def _run_claimed(
+    job_id: str,
+    job: JobRecord,
+    model: ModelRecord | None,
+    train: DatasetRecord | None,
+    evaluation: DatasetRecord | None,
+    lease: JobLease,
+    fail: Callable[..., None],
+) -> None:
+    from worker.errors import PipelineError
+    from worker.pipeline import run_pipeline
+
+    settings, sessions, storage = _context()
+    report = _Progress(sessions, job_id, lease)
     work = storage.job_dir(job_id) / "work"
     try:
         report("loading", 0.0)
@@ -240,6 +276,8 @@ def _run(job_id: str) -> None:
         tmp_metrics = work / "metrics.json"
         tmp_metrics.write_text(json.dumps(document, indent=2, allow_nan=False))
         artifact = job_dir / "pruned.zip"
+        if not lease.confirm():  # a worker the reaper gave up on must not replace the new run's files
+            raise JobCanceled
         os.replace(work / "pruned.zip", artifact)
         os.replace(tmp_metrics, job_dir / "metrics.json")
         shutil.rmtree(work, ignore_errors=True)
@@ -250,19 +288,33 @@ def _run(job_id: str) -> None:
                 "succeeded",
                 artifact_sha256=_sha256(artifact),
                 artifact_bytes=artifact.stat().st_size,
+                attempt=lease.attempt,
             )
-        if not done:  # canceled while saving: the record already says so; keep nothing half-promised
-            log.info("job %s finished after it was canceled; outputs dropped", job_id)
+        if not done:  # canceled (or taken over) while saving: the record already says so
+            log.info("job %s finished after it was canceled or taken over; not recorded", job_id)
     except JobCanceled:
         fail(_error("canceled", "canceled by request"), "canceled")
     except SoftTimeLimitExceeded:
         fail(
             _error(
                 "timeout",
-                f"the job ran past the {settings.task_soft_time_limit} s limit; "
-                "lower fine_tune.epochs or the dataset size, or raise SECATEURS_TASK_SOFT_TIME_LIMIT",
+                f"the job ran past the {settings.task_soft_time_limit} s limit (timings so far: "
+                f"{lease.timings()}); lower fine_tune.epochs or the dataset size, or raise "
+                "SECATEURS_TASK_SOFT_TIME_LIMIT",
             )
         )
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            log.exception("job %s failed", job_id)
+            fail(_unexpected(exc))
+        else:
+            fail(
+                _error(
+                    "disk_full",
+                    "the worker's disk filled up while the job wrote its outputs (nothing was kept); "
+                    "free space or delete old jobs/models, then submit the job again",
+                )
+            )
     except PipelineError as exc:
         fail(_error(exc.code, exc.message))
     except SecateursError as exc:

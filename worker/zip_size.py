@@ -10,6 +10,7 @@ test compares them), so baseline and pruned sizes stay comparable. ``cancel`` st
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -49,23 +50,38 @@ class _CountingSink(io.RawIOBase):
         return self.position
 
 
-def deflate_zip_size(src_dir: Path, compresslevel: int = 6, stop: threading.Event | None = None) -> int:
+def deflate_zip_size(
+    src_dir: Path,
+    compresslevel: int = 6,
+    stop: threading.Event | None = None,
+    gate: threading.Event | None = None,
+) -> int:
     """Bytes of ``zip_dir(src_dir, ...)``'s zip, without writing it; raises ``ZipCanceled`` once ``stop`` is set."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise NotADirectoryError(f"{src_dir} is not a directory")
     sink = _CountingSink()
-    write_zip(src_dir, sink, compresslevel, stop)  # type: ignore[arg-type]
+    write_zip(src_dir, sink, compresslevel, stop, gate)  # type: ignore[arg-type]
     return sink.size
 
 
-class ZipSizeInBackground:
-    """``deflate_zip_size(src_dir)`` in a daemon thread: ``result()`` waits for it, ``cancel()`` stops it."""
+def cache_path(src_dir: Path, compresslevel: int) -> Path:
+    """Beside the directory (an uploaded model's extracted SavedModel never changes), so every later job on
+    the same model reads the number instead of compressing hundreds of MB again."""
+    return src_dir.parent / f".{src_dir.name}.zip-size-{compresslevel}"
 
-    def __init__(self, src_dir: Path, compresslevel: int = 6) -> None:
+
+class ZipSizeInBackground:
+    """``deflate_zip_size(src_dir)`` in a daemon thread: ``result()`` waits for it, ``cancel()`` stops it.
+    With ``cache``, a size computed before for this directory is read back, and a new one is written."""
+
+    def __init__(self, src_dir: Path, compresslevel: int = 6, cache: bool = False) -> None:
         self._stop = threading.Event()
+        self._gate = threading.Event()
+        self._gate.set()
         self._size: int | None = None
         self._error: BaseException | None = None
+        self._cache = cache_path(Path(src_dir), compresslevel) if cache else None
         self._thread = threading.Thread(
             target=self._run, args=(Path(src_dir), compresslevel), name="zip-size", daemon=True
         )
@@ -73,14 +89,33 @@ class ZipSizeInBackground:
 
     def _run(self, src_dir: Path, compresslevel: int) -> None:
         try:
-            self._size = deflate_zip_size(src_dir, compresslevel, self._stop)
+            if self._cache is not None and self._cache.is_file():
+                with contextlib.suppress(ValueError):
+                    self._size = int(self._cache.read_text())
+                    return
+            self._size = deflate_zip_size(src_dir, compresslevel, self._stop, self._gate)
+            if self._cache is not None:
+                tmp = self._cache.with_name(f"{self._cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(str(self._size))
+                os.replace(tmp, self._cache)  # two workers may race: both write the same number
         except ZipCanceled:
             pass
+        except OSError as exc:
+            if self._size is None:  # a cache we could not write is no reason to fail the job
+                self._error = exc
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
 
+    def pause(self) -> None:
+        """Hold the thread at its next chunk (while latency is measured: a busy core would be noise)."""
+        self._gate.clear()
+
+    def resume(self) -> None:
+        self._gate.set()
+
     def result(self) -> int:
         """The zip size; re-raises whatever the thread raised."""
+        self._gate.set()
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -7,22 +7,35 @@ ETag) and ``Content-Length``. Two of its answers break our contract, so they are
   server ignores such a header (MUST, for an unknown unit), so it is dropped and the whole file is sent (200);
 - an unsatisfiable range gets a plain-text 416 there; here it is problem+json like every other error, still with
   ``Content-Range: bytes */<size>`` (RFC 9110 15.5.17).
+
+The route opens the file itself (:func:`open_output`) and the response reads from that descriptor, never from
+the path again: retention may delete a job's outputs at any time, and a download that already opened its file
+then still finishes (POSIX keeps an unlinked file readable), while one that comes later gets 410 Gone.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import BinaryIO
 
-import anyio.to_thread
+import anyio
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from app.errors import PROBLEM_BASE
+from app.config import Settings
+from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
+from app.storage import Storage
+from app.store.repo import as_utc
+from app.store.tables import JobRecord
 
 PROBLEM = "application/problem+json"
+PATHSEND = "http.response.pathsend"  # an ASGI extension that sends by path: not for a file we hold open
 
 
 def repr_digest(sha256_hex: str) -> str:
@@ -31,26 +44,48 @@ def repr_digest(sha256_hex: str) -> str:
 
 
 class ArtifactResponse(FileResponse):
-    """A FileResponse whose Range edge cases follow RFC 9110 and our problem+json contract (module docstring)."""
+    """A FileResponse over an already open file whose Range edge cases follow RFC 9110 and our problem+json
+    contract (module docstring). It owns ``file`` and closes it once sent."""
+
+    def __init__(
+        self, file: BinaryIO, *, media_type: str, filename: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self._file = file
+        # Size and Last-Modified from the descriptor, so the path is never looked at again.
+        super().__init__(
+            file.name,
+            media_type=media_type,
+            filename=filename,
+            headers=headers,
+            stat_result=os.fstat(file.fileno()),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.stat_result is None:  # the validators (ETag, Last-Modified) are needed to judge If-Range
-            self.stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
-            self.set_stat_headers(self.stat_result)
-        headers = Headers(scope=scope)
-        http_range = headers.get("range")
-        if_range = headers.get("if-range")
-        if http_range is not None and (if_range is None or self._should_use_range(if_range)):
-            size = self.stat_result.st_size
-            try:
-                # Starlette's own parser, so this check and the response it then builds cannot disagree.
-                self._parse_range_header(http_range, size)
-            except MalformedRangeHeader:
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
-            except RangeNotSatisfiable:
-                await self._unsatisfiable(size)(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+        try:
+            extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != PATHSEND}
+            scope = {**scope, "extensions": extensions}
+            assert self.stat_result is not None  # set in __init__
+            headers = Headers(scope=scope)
+            http_range = headers.get("range")
+            if_range = headers.get("if-range")
+            if http_range is not None and (if_range is None or self._should_use_range(if_range)):
+                size = self.stat_result.st_size
+                try:
+                    # Starlette's own parser, so this check and the response it then builds cannot disagree.
+                    self._parse_range_header(http_range, size)
+                except MalformedRangeHeader:
+                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+                except RangeNotSatisfiable:
+                    await self._unsatisfiable(size)(scope, receive, send)
+                    return
+            await super().__call__(scope, receive, send)
+        finally:
+            self._file.close()
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        """Starlette opens ``self.path`` here; we hand it the descriptor the route opened instead."""
+        yield anyio.AsyncFile(self._file)
 
     def _unsatisfiable(self, size: int) -> JSONResponse:
         body = {
@@ -65,3 +100,37 @@ class ArtifactResponse(FileResponse):
             if name in self.headers:
                 headers[name] = self.headers[name]
         return JSONResponse(body, status_code=416, media_type=PROBLEM, headers=headers)
+
+
+def ensure_kept(record: JobRecord, settings: Settings) -> None:
+    """410 once retention deleted the job's outputs: they existed and will not come back (404 would suggest
+    a wrong id, and a client might keep retrying)."""
+    expired_at = as_utc(record.expired_at)
+    if expired_at is None:
+        return
+    policy = "SECATEURS_ARTIFACT_TTL_DAYS"
+    if settings.artifact_ttl_days > 0:
+        policy = f"a finished job's outputs are kept {settings.artifact_ttl_days:g} days, {policy}"
+    raise ArtifactExpired(
+        f"the artifact and metrics of job {record.id} were deleted on {expired_at:%Y-%m-%d %H:%M} UTC under the "
+        f"retention policy ({policy}); run the job again for new ones, and download them sooner",
+        extra={"expired_at": expired_at.isoformat().replace("+00:00", "Z")},  # as the job body writes it
+    )
+
+
+def open_output(
+    session: Session, record: JobRecord, storage: Storage, name: str, settings: Settings
+) -> BinaryIO:
+    """Open one of a succeeded job's output files for reading, or raise 410 (expired) / 404 (missing).
+
+    The file is opened here, once: if retention removes it a moment later, the open descriptor still reads it
+    whole. If it is already gone, the record is read again, since the sweep marks it expired before it deletes
+    the files: a download racing the sweep then answers 410 too, not 404.
+    """
+    ensure_kept(record, settings)
+    try:
+        return (storage.job_dir(record.id) / name).open("rb")
+    except FileNotFoundError:
+        session.refresh(record)
+        ensure_kept(record, settings)
+        raise NotFound(f"the {name} of job {record.id} is gone from storage; run the job again") from None

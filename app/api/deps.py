@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import os
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
 
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
 from celery import Celery
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -48,6 +52,59 @@ def _tenant(
     return request_tenant(app.state.settings, app.state.session_factory, request.headers.get("authorization"))
 
 
+T = TypeVar("T")
+# Threads one process gives to TenantRead at a time. The work is short and CPU-bound (SQLite runs in-process,
+# 2 cores), so more threads only add GIL and pool contention; a burst waits for a token on the event loop
+# instead, holding nothing. At most one pooled connection per thread, below the pool's 5 + 10: never waits on it.
+READ_THREADS = int(os.environ.get("EXP_READ_THREADS", "4"))
+
+
+_READ_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("secateurs_read_limiter")
+
+
+def _read_limiter() -> anyio.CapacityLimiter:
+    """One per event loop (a limiter belongs to the loop it was made in), like anyio's default one."""
+    try:
+        return _READ_LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(READ_THREADS)
+        _READ_LIMITER.set(limiter)
+        return limiter
+
+
+class TenantRead:
+    """Authenticate, then run one read in its own short transaction: both in ONE worker-thread hop.
+
+    For hot read endpoints (status polls). With ``TenantDep`` + ``SessionDep`` + a sync route, one request
+    takes four thread hops (tenant, session enter, route, response validation) and holds its pooled
+    connection between the last two; under a few hundred concurrent polls every thread then waited for a
+    connection held by a request waiting for a thread, until the pool timeout (500 after 30 s). Here the
+    connection is checked out and returned inside one thread call, and the caller renders the body there too.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    async def __call__(self, read: Callable[[Session, str], T]) -> T:
+        """``read(session, tenant)`` in a worker thread after authentication; its exceptions propagate."""
+        state = self._request.app.state
+        authorization = self._request.headers.get("authorization")
+
+        def work() -> T:
+            tenant = request_tenant(state.settings, state.session_factory, authorization)
+            with session_scope(state.session_factory) as session:
+                return read(session, tenant)
+
+        return await anyio.to_thread.run_sync(work, limiter=_read_limiter())
+
+
+async def _tenant_read(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> TenantRead:
+    """Async on purpose: no thread hop here; ``_credentials`` only declares the bearer scheme in OpenAPI."""
+    return TenantRead(request)
+
+
 def _idempotency_store(request: Request) -> IdempotencyStore:
     return request.app.state.idempotency
 
@@ -82,6 +139,7 @@ SessionDep = Annotated[Session, Depends(_session)]
 StorageDep = Annotated[Storage, Depends(_storage)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
 TenantDep = Annotated[str, Depends(_tenant)]
+TenantReadDep = Annotated[TenantRead, Depends(_tenant_read)]
 IdempotencyDep = Annotated[IdempotencyStore, Depends(_idempotency_store)]
 IdempotencyKeyDep = Annotated[str | None, Depends(_idempotency_key)]
 JsonFingerprintDep = Annotated[str, Depends(_json_fingerprint)]

@@ -15,6 +15,8 @@ SecateursClientError               base of everything below; ``except SecateursC
 │   ├── NotFound              404  no such model/dataset/job (also: it belongs to another tenant)
 │   ├── Conflict              409  the state forbids it: metrics before success, deleting a model in use,
 │   │                              an Idempotency-Key whose first request is still being processed
+│   ├── Gone                  410  deleted on purpose, for good: a job's artifact/metrics past the retention
+│   │                              period (``body["expired_at"]`` says when); retrying cannot help
 │   ├── PayloadTooLarge       413  the upload is over the server's limit (or expands past it)
 │   ├── UnsupportedMediaType  415  the file is not a zip / tar.gz / .keras / .npz as required
 │   ├── Unprocessable         422  well-formed but unusable: spec errors, unsafe archive, bad dataset,
@@ -51,6 +53,7 @@ __all__ = [
     "ConnectionFailed",
     "DigestMismatch",
     "Forbidden",
+    "Gone",
     "InsufficientStorage",
     "JobCanceled",
     "JobError",
@@ -141,6 +144,12 @@ class Conflict(ApiError):
     status_code = 409
 
 
+class Gone(ApiError):
+    """410: it existed and was deleted on purpose, e.g. an artifact past the server's retention period."""
+
+    status_code = 410
+
+
 class PayloadTooLarge(ApiError):
     """413: the upload (or what it expands to) is over the server's limit."""
 
@@ -185,6 +194,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
         Forbidden,
         NotFound,
         Conflict,
+        Gone,
         PayloadTooLarge,
         UnsupportedMediaType,
         Unprocessable,

@@ -121,6 +121,13 @@ class JobOut(BaseModel):
     )
     webhook_status: Literal["pending", "sending", "delivered", "failed", "gone"] | None = None
     webhook_deliveries: list[WebhookDeliveryOut] = Field(default_factory=list)
+    expired_at: datetime | None = Field(
+        None,
+        description=(
+            "when the retention policy (SECATEURS_ARTIFACT_TTL_DAYS) deleted the job's artifact and metrics; "
+            "their downloads then answer 410 Gone. Null while they are kept"
+        ),
+    )
 
 
 class WebhookSecretOut(BaseModel):

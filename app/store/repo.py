@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -176,7 +177,7 @@ class Claim:
     attempts: int = 0
 
 
-def claim_job(session: Session, job_id: str, *, lease_seconds: int, max_attempts: int) -> Claim:
+def claim_job(session: Session, job_id: str, *, lease_seconds: float, max_attempts: int) -> Claim:
     """queued -> running; a running job whose lease ran out (dead worker) may be taken over."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_seconds)
@@ -209,18 +210,29 @@ def claim_job(session: Session, job_id: str, *, lease_seconds: int, max_attempts
     return Claim(False, "held", job.attempts)
 
 
-def report_progress(session: Session, job_id: str, stage: str, progress: float) -> tuple[bool, bool]:
-    """Record stage/progress and renew the lease. Returns (still running, cancel requested)."""
-    session.execute(
+def _ours(job_id: str, attempt: int | None) -> list[Any]:
+    """Fencing: a worker passes the attempt it claimed, so a worker the reaper gave up on (alive after all,
+    e.g. cut off from the database for longer than the lease) cannot write over the run that replaced it."""
+    where = [JobRecord.id == job_id]
+    if attempt is not None:
+        where.append(JobRecord.attempts == attempt)
+    return where
+
+
+def report_progress(
+    session: Session, job_id: str, stage: str, progress: float, attempt: int | None = None
+) -> tuple[bool, bool]:
+    """Record stage/progress and renew the lease. Returns (still ours and running, cancel requested)."""
+    result = session.execute(
         update(JobRecord)
-        .where(JobRecord.id == job_id, JobRecord.status == "running")
+        .where(*_ours(job_id, attempt), JobRecord.status == "running")
         .values(stage=stage, progress=max(0.0, min(1.0, progress)), heartbeat_at=utcnow())
     )
     job = session.get(JobRecord, job_id)
     if job is None:
         return False, True
     session.refresh(job)
-    return job.status == "running", job.cancel_requested
+    return result.rowcount == 1, job.cancel_requested
 
 
 def finish_job(
@@ -232,6 +244,7 @@ def finish_job(
     artifact_sha256: str | None = None,
     artifact_bytes: int | None = None,
     from_statuses: tuple[str, ...] = ("running",),
+    attempt: int | None = None,
 ) -> bool:
     values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
     if status == "succeeded":
@@ -239,7 +252,7 @@ def finish_job(
             progress=1.0, stage=None, artifact_sha256=artifact_sha256, artifact_bytes=artifact_bytes
         )
     result = session.execute(
-        update(JobRecord).where(JobRecord.id == job_id, JobRecord.status.in_(from_statuses)).values(**values)
+        update(JobRecord).where(*_ours(job_id, attempt), JobRecord.status.in_(from_statuses)).values(**values)
     )
     if result.rowcount != 1:
         return False
@@ -305,6 +318,102 @@ def recover_interrupted(session: Session, *, max_attempts: int) -> list[str]:
         .values(status="queued", stage=None, progress=0.0, heartbeat_at=None)
     )
     return list(session.scalars(select(JobRecord.id).where(JobRecord.status == "queued")))
+
+
+def renew_lease(session: Session, job_id: str, attempt: int | None = None) -> bool:
+    """The worker's heartbeat: True while the job is still running as ``attempt`` (not canceled, failed, or
+    re-queued and taken over after the reaper gave this worker up)."""
+    result = session.execute(
+        update(JobRecord)
+        .where(*_ours(job_id, attempt), JobRecord.status == "running")
+        .values(heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def count_active_jobs(session: Session, tenant: str) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(JobRecord)
+            .where(JobRecord.tenant == tenant, JobRecord.status.in_(ACTIVE_JOB_STATUSES))
+        )
+        or 0
+    )
+
+
+@dataclass
+class Reaped:
+    """What one reaper pass changed, and which messages must be (re-)published."""
+
+    requeued: list[str]  # running jobs whose worker stopped renewing its lease
+    failed: list[str]  # ... that had used up their attempts
+    resend_jobs: list[str]  # queued jobs to publish again (including the requeued ones)
+    resend_models: list[str]  # models still validating to publish again
+
+
+def reap(
+    session: Session,
+    *,
+    lease_seconds: float,
+    max_attempts: int,
+    redispatch_after_s: float,
+    resend_all_queued: bool = False,
+) -> Reaped:
+    """Find jobs a dead worker left 'running' and messages a broker lost; return what to publish.
+
+    Every change is a conditional UPDATE, so two API processes reaping at once cannot both act on one job
+    (the loser's rowcount is 0); a duplicate message is harmless anyway because claims are conditional too.
+    ``resend_all_queued``: the broker restarted (its run id changed) and may have lost every message.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_seconds)
+    reason = {
+        "code": "interrupted",
+        "message": f"the worker running this job stopped (crash, out of memory or killed) {max_attempts} "
+        "times; check the worker log and memory, then submit the job again",
+    }
+    dead = session.execute(
+        select(JobRecord.id, JobRecord.attempts).where(
+            JobRecord.status == "running",
+            or_(JobRecord.heartbeat_at < stale, JobRecord.heartbeat_at.is_(None)),
+        )
+    ).all()
+    requeued: list[str] = []
+    failed: list[str] = []
+    for job_id, attempts in dead:
+        guard = (JobRecord.id == job_id, JobRecord.status == "running", JobRecord.attempts == attempts)
+        if attempts >= max_attempts:
+            if finish_job(session, job_id, "failed", error=reason):
+                failed.append(job_id)
+            continue
+        result = session.execute(
+            update(JobRecord)
+            .where(*guard, or_(JobRecord.heartbeat_at < stale, JobRecord.heartbeat_at.is_(None)))
+            .values(status="queued", stage=None, progress=0.0, heartbeat_at=None, dispatched_at=None)
+        )
+        if result.rowcount == 1:
+            requeued.append(job_id)
+    due = now - timedelta(seconds=redispatch_after_s)
+    job_filter = [JobRecord.status == "queued"]
+    model_filter = [ModelRecord.status == "validating"]
+    if not resend_all_queued:
+        job_filter.append(or_(JobRecord.dispatched_at.is_(None), JobRecord.dispatched_at < due))
+        model_filter.append(or_(ModelRecord.dispatched_at.is_(None), ModelRecord.dispatched_at < due))
+    resend_jobs = list(
+        session.scalars(select(JobRecord.id).where(*job_filter).order_by(JobRecord.created_at))
+    )
+    resend_models = list(session.scalars(select(ModelRecord.id).where(*model_filter)))
+    return Reaped(requeued, failed, resend_jobs, resend_models)
+
+
+def mark_dispatched(session: Session, *, job_ids: Sequence[str] = (), model_ids: Sequence[str] = ()) -> None:
+    """Record that these messages were published just now (so the reaper waits before sending them again)."""
+    now = utcnow()
+    if job_ids:
+        session.execute(update(JobRecord).where(JobRecord.id.in_(job_ids)).values(dispatched_at=now))
+    if model_ids:
+        session.execute(update(ModelRecord).where(ModelRecord.id.in_(model_ids)).values(dispatched_at=now))
 
 
 # --- API keys -------------------------------------------------------------------------------------------------

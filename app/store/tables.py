@@ -46,6 +46,8 @@ class ModelRecord(Base):
     params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # When its validation message was last published: the reaper re-sends one a broker lost (see app.maintenance).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         Index("ix_models_created", "created_at", "id"),
@@ -92,12 +94,18 @@ class JobRecord(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When its run message was last published: a queued job whose message a broker lost is sent again.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Where to POST the job.<status> webhook when it ends: the request's URL, else the tenant's default then.
     webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # Set when retention (app.retention) deleted the job's artifact and metrics: downloads then answer 410
+    # instead of a puzzling 404, and the record itself is kept. Nullable, so init_db adds it to old databases.
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_retention", "expired_at", "finished_at"),  # the sweep: not yet expired, ended before X
     )
 
 

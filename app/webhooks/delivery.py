@@ -85,7 +85,7 @@ def stale_after_s(settings: Settings) -> float:
 
 def event_body(job: JobRecord, message: WebhookMessageRecord) -> bytes:
     data = job_out(job, store.WebhookState(message)).model_dump(
-        mode="json", exclude={"webhook_status", "webhook_deliveries"}
+        mode="json", exclude={"webhook_status", "webhook_deliveries", "expired_at"}
     )
     payload = {"type": message.event_type, "timestamp": data["finished_at"], "data": data}
     return json.dumps(payload, separators=(",", ":")).encode()

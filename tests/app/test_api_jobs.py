@@ -424,7 +424,7 @@ def test_evaluation_without_cross_validation_is_accepted(client: TestClient, mod
         "batch_sizes": [1, 8],
         "runs": 5,
         "warmup": 2,
-        "budget_s": 5.0,
+        "budget_s": 2.0,
     }
     assert body["spec"]["evaluation"]["cross_validation"] is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,18 @@ def test_keras3_export_shadow_copies_are_pruned_too(tmp_path: Path, keras3_expor
     kernels = [k for k, shape in reader.get_variable_to_shape_map().items() if len(shape) >= 2]
     assert len(kernels) >= 2 * len(handle.prunable())  # both copies are in the checkpoint ...
     assert all(not np.any(reader.get_tensor(k)) for k in kernels)  # ... and both are pruned
+
+
+def test_a_validated_model_is_handed_to_the_next_job_once(keras3_export_dir: Path, tmp_path: Path) -> None:
+    from worker.models import keep_for_next_job, load_model, load_model_once
+
+    validated = load_model(keras3_export_dir)
+    keep_for_next_job(keras3_export_dir, validated)
+    assert load_model_once(keras3_export_dir) is validated  # no second load
+    assert load_model_once(keras3_export_dir) is not validated  # taken: a later job loads its own
+
+    keep_for_next_job(keras3_export_dir, validated)
+    other = tmp_path / "other"
+    shutil.copytree(keras3_export_dir, other)
+    assert load_model_once(other) is not validated  # another model: loaded, and the kept one dropped
+    assert load_model_once(keras3_export_dir) is not validated

@@ -101,7 +101,7 @@ def test_one_shot_layer_scope_on_every_kind(
     assert metrics["delta"]["accuracy"] == pytest.approx(
         after["metrics"]["accuracy"] - base["metrics"]["accuracy"]
     )
-    assert set(base["latency_ms"]) == set(after["latency_ms"]) == {"1", "32"}
+    assert set(base["latency_ms"]) == set(after["latency_ms"]) == {"1"}  # the default: batch 1 only
     assert all(v["p50"] > 0 and v["p95"] >= v["p50"] for v in after["latency_ms"].values())
 
 
@@ -192,7 +192,7 @@ def test_without_evaluation_labels_metrics_are_null(
     assert (tmp_path / "pruned.zip").is_file()
 
     bare = run(keras_file, {"target_sparsity": 0.5}, None, tmp_path / "bare")
-    assert bare["pruned"]["metrics"] is None and set(bare["pruned"]["latency_ms"]) == {"1", "32"}
+    assert bare["pruned"]["metrics"] is None and set(bare["pruned"]["latency_ms"]) == {"1"}
 
 
 def test_runs_are_reproducible(keras3_export_dir: Path, digits_cnn: tuple, tmp_path: Path) -> None:

@@ -82,10 +82,15 @@ class ZipCanceled(Exception):
 
 
 def write_zip(
-    src_dir: Path, fileobj: BinaryIO, compresslevel: int = 6, stop: threading.Event | None = None
+    src_dir: Path,
+    fileobj: BinaryIO,
+    compresslevel: int = 6,
+    stop: threading.Event | None = None,
+    gate: threading.Event | None = None,
 ) -> None:
     """The deterministic zip of ``src_dir`` into a seekable binary file; files streamed in chunks (variables
-    can be larger than memory). ``stop`` set -> ``ZipCanceled`` within one chunk."""
+    can be larger than memory). ``stop`` set -> ``ZipCanceled`` within one chunk; ``gate`` cleared -> waits
+    before the next chunk (paused) until it is set again or ``stop`` is."""
     with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
         for path, arcname, is_dir in _entries(src_dir):
             info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
@@ -103,6 +108,9 @@ def write_zip(
             info.file_size = path.stat().st_size  # lets zipfile switch to ZIP64 for files over 2 GiB
             with path.open("rb") as src, zf.open(info, "w") as dst:
                 while chunk := src.read(_CHUNK):
+                    while gate is not None and not gate.wait(0.05):
+                        if stop is not None and stop.is_set():
+                            raise ZipCanceled
                     if stop is not None and stop.is_set():
                         raise ZipCanceled
                     dst.write(chunk)

@@ -3,7 +3,7 @@
 from worker.models.audit import DENIED_OPS, audit_ops, audit_saved_model
 from worker.models.handle import ModelHandle, NamedVariable, SignatureInfo, TensorInfo, describe
 from worker.models.inputs import PREFERRED_OUTPUTS, bind_inputs, label_key, select_output
-from worker.models.loader import keras_to_saved_model, load_model
+from worker.models.loader import keep_for_next_job, keras_to_saved_model, load_model, load_model_once
 
 __all__ = [
     "DENIED_OPS",
@@ -16,8 +16,10 @@ __all__ = [
     "audit_saved_model",
     "bind_inputs",
     "describe",
+    "keep_for_next_job",
     "keras_to_saved_model",
     "label_key",
     "load_model",
+    "load_model_once",
     "select_output",
 ]

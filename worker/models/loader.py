@@ -78,3 +78,25 @@ def keras_to_saved_model(keras_file: Path, out_dir: Path) -> Path:
 def _short(exc: BaseException, limit: int = 500) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# One loaded model handed from a validation to the job that follows it in the same worker process: a solo
+# worker usually validates a model and then runs its first job, and loading a 200 MB SavedModel takes ~2 s.
+_kept: tuple[Path, ModelHandle] | None = None
+
+
+def keep_for_next_job(path: Path, handle: ModelHandle) -> None:
+    """Only an untouched handle (a validation only reads it); replaces whatever was kept."""
+    global _kept
+    _kept = (path.resolve(), handle)
+
+
+def load_model_once(path: Path) -> ModelHandle:
+    """The kept handle of ``path`` if there is one (taken: one job mutates it), else a fresh load. Anything
+    kept for another model is dropped here, so at most one idle model stays in memory, and not for long."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None and kept[0] == path.resolve():
+        return kept[1]
+    del kept
+    return load_model(path)

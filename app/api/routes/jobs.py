@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from app.api.artifacts import ArtifactResponse, repr_digest
+from app.api.artifacts import ArtifactResponse, ensure_kept, open_output, repr_digest
 from app.api.deps import (
     CeleryDep,
     IdempotencyDep,
@@ -19,13 +19,14 @@ from app.api.deps import (
     SettingsDep,
     StorageDep,
     TenantDep,
+    TenantReadDep,
 )
 from app.api.paging import set_next_link
 from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
 from app.config import Settings
-from app.errors import Conflict, NotFound, Unprocessable
+from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.presenters import job_out
 from app.queue import RUN_JOB
 from app.schemas.fit import dataset_fit_errors
@@ -103,7 +104,31 @@ def _webhook_url(body: JobCreate, session: Session, tenant: str, settings: Setti
     return body.webhook_url
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Start a pruning job")
+CREATE_ERRORS = {
+    **ERRORS,
+    429: {
+        "model": Problem,
+        "description": "the tenant has max_active_jobs_per_tenant jobs queued or running",
+    },
+}
+
+
+def _check_quota(session: Session, tenant: str, settings: Settings) -> None:
+    """A per-tenant cap on queued + running jobs, so one caller cannot fill the queue for everyone."""
+    active = repo.count_active_jobs(session, tenant)
+    if active >= settings.max_active_jobs_per_tenant:
+        raise TooManyRequests(
+            f"tenant {tenant!r} already has {active} queued or running jobs (the limit, "
+            "SECATEURS_MAX_ACTIVE_JOBS_PER_TENANT, is "
+            f"{settings.max_active_jobs_per_tenant}); wait for one to end or cancel one, then retry",
+            retry_after=POLL_AFTER_S * 5,
+            extra={"active_jobs": active, "limit": settings.max_active_jobs_per_tenant},
+        )
+
+
+@router.post(
+    "", status_code=202, response_model=JobOut, responses=CREATE_ERRORS, summary="Start a pruning job"
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -121,6 +146,7 @@ def create_job(
         return attempt.replay(fingerprint)
     try:
         _validate(body, session, tenant)
+        _check_quota(session, tenant, settings)
         webhook_url = _webhook_url(body, session, tenant, settings)
         record = repo.add(
             session,
@@ -136,6 +162,7 @@ def create_job(
                 attempts=0,
                 cancel_requested=False,
                 webhook_url=webhook_url,
+                dispatched_at=repo.utcnow(),
             ),
         )
         payload = job_out(record).model_dump(mode="json")
@@ -186,8 +213,15 @@ def _job_body(session: Session, record: JobRecord) -> JobOut:
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return _job_body(session, get_job_or_404(session, job_id, tenant))
+async def get_job(job_id: str, read: TenantReadDep) -> Response:
+    """The status poll, the hottest endpoint: authentication, both queries and the JSON rendering run in one
+    worker-thread hop (see TenantRead), and the body goes out as rendered, not validated a second time
+    against ``response_model`` (which stays for the OpenAPI document)."""
+
+    def render(session: Session, tenant: str) -> bytes:
+        return _job_body(session, get_job_or_404(session, job_id, tenant)).model_dump_json().encode()
+
+    return Response(await read(render), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=ERRORS)
@@ -217,14 +251,19 @@ def _require_success(record: JobRecord) -> None:
         raise Conflict(f"job {record.id} is {record.status!r}, so it has no output yet: {hint}")
 
 
-@router.get("/{job_id}/metrics", responses=ERRORS, summary="Baseline vs pruned metrics (JSON)")
-def get_metrics(job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> JSONResponse:
+EXPIRED = {
+    410: {"model": Problem, "description": "deleted under the retention policy (`expired_at` says when)"}
+}
+
+
+@router.get("/{job_id}/metrics", responses={**ERRORS, **EXPIRED}, summary="Baseline vs pruned metrics (JSON)")
+def get_metrics(
+    job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep, settings: SettingsDep
+) -> JSONResponse:
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
-    path = storage.job_dir(job_id) / "metrics.json"
-    if not path.is_file():
-        raise NotFound(f"the metrics of job {job_id} are gone from storage")
-    return JSONResponse(json.loads(path.read_text()))
+    with open_output(session, record, storage, "metrics.json", settings) as file:
+        return JSONResponse(json.load(file))
 
 
 @router.get(
@@ -235,6 +274,7 @@ def get_metrics(job_id: str, session: SessionDep, storage: StorageDep, tenant: T
         206: {"description": "the requested byte range(s) of the zip (Range, If-Range)"},
         304: {"description": "If-None-Match matched the ETag"},
         416: {"model": Problem, "description": "no requested range lies inside the file"},
+        **EXPIRED,
     },
     summary="Download the pruned SavedModel as a zip",
 )
@@ -243,15 +283,14 @@ def get_artifact(
     session: SessionDep,
     storage: StorageDep,
     tenant: TenantDep,
+    settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """ETag and Repr-Digest (RFC 9530: the SHA-256 of the whole zip, also on a 206, so a client that resumed
     a download with Range can check what it assembled); Range/If-Range for resumable downloads."""
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
-    path = storage.job_dir(job_id) / "pruned.zip"
-    if not path.is_file():
-        raise NotFound(f"the artifact of job {job_id} is gone from storage")
+    ensure_kept(record, settings)  # before the 304: an expired artifact is no longer "current"
     etag = f'"{record.artifact_sha256}"'
     validators = {"ETag": etag}
     if record.artifact_sha256:
@@ -262,6 +301,7 @@ def get_artifact(
         or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     ):
         return Response(status_code=304, headers=validators)
+    file = open_output(session, record, storage, "pruned.zip", settings)
     return ArtifactResponse(
-        path, media_type="application/zip", filename=f"{job_id}-pruned.zip", headers=validators
+        file, media_type="application/zip", filename=f"{job_id}-pruned.zip", headers=validators
     )

@@ -82,6 +82,7 @@ def _check_and_register(
         size_bytes=upload.size,
         sha256=upload.sha256,
         status="validating",
+        dispatched_at=repo.utcnow(),
     )
     try:
         with session_scope(request.app.state.session_factory) as session:
