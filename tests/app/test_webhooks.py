@@ -460,7 +460,9 @@ def test_a_delivery_is_signed_per_the_spec_and_carries_the_job_body(
     assert request.headers["host"] == f"127.0.0.1:{receiver.port}"
     job = hooks.get(f"/v1/jobs/{job_id}").json()
     assert payload["type"] == "job.succeeded" and payload["timestamp"] == job["finished_at"]
-    expected = {k: v for k, v in job.items() if k not in ("webhook_status", "webhook_deliveries", "expired_at")}
+    expected = {
+        k: v for k, v in job.items() if k not in ("webhook_status", "webhook_deliveries", "expired_at")
+    }
     assert payload["data"] == expected
     assert job["webhook_status"] == "delivered"
     (record,) = job["webhook_deliveries"]

@@ -126,3 +126,30 @@ def test_select_groups_ties_fewer_and_unit_sizes_match_elements() -> None:
         unit, sized = select_groups(scores, target), select_groups(scores, target, ones)
         for n in scores:
             np.testing.assert_array_equal(unit[n], sized[n])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_unit_path_selects_exactly_what_the_general_path_selects(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-element groups take a threshold shortcut (scope._unit_keep); with it switched off the general
+    index-list path must give the same masks: ties, NaN, -inf (pruned before), several variables, protection."""
+    from worker.pruning import scope
+
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for i in range(int(rng.integers(1, 4))):
+        size = int(rng.integers(0, 40))
+        values = rng.integers(0, 6, size).astype(np.float32)  # few distinct values: many ties
+        values[rng.random(size) < 0.1] = np.nan
+        values[rng.random(size) < 0.1] = -np.inf
+        if seed % 4 == 0:  # +inf scores can tie with protected entries: the shortcut must step aside
+            values[rng.random(size) < 0.3] = np.inf
+        scores[f"v{i}"] = values
+    target = float(rng.choice([0.0, 0.3, 0.5, 0.8, 0.95, 0.999]))
+    fast = select_groups(scores, target)
+    monkeypatch.setattr(scope, "_unit_keep", lambda *_: None)
+    general = select_groups(scores, target)
+    assert fast.keys() == general.keys()
+    for name in scores:
+        np.testing.assert_array_equal(fast[name], general[name])
