@@ -61,7 +61,7 @@ from worker.prune_stage import (
 )
 from worker.pruning.granularity import Granularity
 from worker.pruning.pruner import Pruner
-from worker.zip_size import ZipSizeInBackground
+from worker.zip_size import ZipSizeInBackground, shared_zip_size
 
 __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run_pipeline"]
 
@@ -204,28 +204,39 @@ def _run(
 
 
 class _BaselineZip:
-    """The input's deflate size, in a thread (zlib and reads release the GIL), cached beside the model so a
-    model's later jobs read it. When it starts: one-shot jobs are short and this is their longest part on a big
-    model (~7 s of a 207 MB ResNet-50), so it starts right after loading and uses the core that pruning, batch-1
-    latency and saving leave idle; with fine-tuning it waits until saving, so it neither steals a core from
-    training nor adds noise to latency."""
+    """The input's deflate size (~7 s of CPU for a 207 MB ResNet-50 at level 6, the same level as the artifact
+    so the two sizes compare), in a thread (zlib and reads release the GIL), cached beside the model so a
+    model's later jobs read it. For an upload it is the process's shared computation, which the model's
+    validation already started (``worker.tasks``). One-shot jobs are short and this would be their longest
+    part, so it runs on the core that loading, pruning and saving leave idle (``early``); with fine-tuning it
+    is held until saving, so it steals no core from training; it is always held while latency is measured."""
 
     def __init__(self, model_dir: Path, *, cache: bool, early: bool) -> None:
-        self.model_dir, self.cache = model_dir, cache
+        self.model_dir, self.shared, self.early = model_dir, cache, early
         self.thread: ZipSizeInBackground | None = None
-        if early:
-            self.start()
+        if cache:
+            self.thread = shared_zip_size(model_dir)
+            if early:
+                self.thread.resume()
+            else:
+                self.thread.pause()
+        elif early:
+            self.thread = ZipSizeInBackground(model_dir)
 
     def start(self) -> None:
+        """Saving begins: run now, whatever the job kind."""
+        self.early = True
         if self.thread is None:
-            self.thread = ZipSizeInBackground(self.model_dir, cache=self.cache)
+            self.thread = ZipSizeInBackground(self.model_dir)
+        self.thread.resume()
 
     def pause(self) -> None:
         if self.thread is not None:
             self.thread.pause()
 
     def resume(self) -> None:
-        if self.thread is not None:
+        """After a latency measurement: back to what the job kind allows."""
+        if self.thread is not None and self.early:
             self.thread.resume()
 
     def result(self) -> int:
@@ -234,7 +245,12 @@ class _BaselineZip:
         return self.thread.result()
 
     def cancel(self) -> None:
-        if self.thread is not None:
+        """On failure: stop a private thread; a shared one goes on (the model's next job reads it)."""
+        if self.thread is None:
+            return
+        if self.shared:
+            self.thread.resume()
+        else:
             self.thread.cancel()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from worker.evaluation.size import ZipCanceled, write_zip
 
-__all__ = ["ZipSizeInBackground", "deflate_zip_size"]
+__all__ = ["ZipSizeInBackground", "deflate_zip_size", "shared_zip_size"]
 
 
 class _CountingSink(io.RawIOBase):
@@ -106,6 +106,14 @@ class ZipSizeInBackground:
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
 
+    @property
+    def canceled(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def pause(self) -> None:
         """Hold the thread at its next chunk (while latency is measured: a busy core would be noise)."""
         self._gate.clear()
@@ -127,3 +135,24 @@ class ZipSizeInBackground:
         """Stop the thread at its next chunk and wait for it (idempotent; harmless once finished)."""
         self._stop.set()
         self._thread.join()
+
+
+# One computation per model directory per process, shared: a validation starts it (the model is known to be
+# worth measuring, and the worker is otherwise idle until the job arrives), the job attaches to it.
+_shared: dict[Path, ZipSizeInBackground] = {}
+_shared_lock = threading.Lock()
+_SHARED_MAX = 4
+
+
+def shared_zip_size(src_dir: Path, compresslevel: int = 6) -> ZipSizeInBackground:
+    """The process's cached computation for ``src_dir`` (running or done), or a new one; a canceled or
+    failed one is replaced. Always ``cache=True``: only for directories that never change (uploads)."""
+    key = Path(src_dir).resolve()
+    with _shared_lock:
+        current = _shared.get(key)
+        if current is None or current.canceled or current.failed:
+            current = ZipSizeInBackground(key, compresslevel, cache=True)
+            _shared[key] = current
+            while len(_shared) > _SHARED_MAX:
+                _shared.pop(next(iter(_shared)))
+        return current

@@ -30,7 +30,7 @@ from worker.errors import PipelineError
 from worker.evaluation.size import zip_dir
 from worker.latency_run import MIN_RUNS, budgeted_latency
 from worker.pipeline import run_pipeline
-from worker.zip_size import ZipSizeInBackground, cache_path, deflate_zip_size
+from worker.zip_size import ZipSizeInBackground, cache_path, deflate_zip_size, shared_zip_size
 
 pytestmark = pytest.mark.tf
 
@@ -534,3 +534,17 @@ def test_a_canceled_background_zip_leaves_no_thread_behind(keras3_export_dir: Pa
     before = threading.active_count()
     ZipSizeInBackground(keras3_export_dir).cancel()
     assert threading.active_count() == before
+
+
+def test_shared_zip_size_is_one_computation_per_model(keras3_export_dir: Path, tmp_path: Path) -> None:
+    """A validation starts it, the job attaches to it; a canceled one is replaced, not reused."""
+    model = tmp_path / "saved_model"
+    shutil.copytree(keras3_export_dir, model)
+    first = shared_zip_size(model)
+    assert shared_zip_size(model) is first
+    first.pause()
+    first.resume()
+    assert first.result() == deflate_zip_size(model) and cache_path(model, 6).is_file()
+    first.cancel()
+    again = shared_zip_size(model)
+    assert again is not first and again.result() == first.result()  # read back from the cache file
