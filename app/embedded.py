@@ -110,8 +110,10 @@ class EmbeddedWorker:
         backoff = 1.0
         while not self._stopping.wait(0.5):
             if self.process is not None and self.process.poll() is not None and not self._stopping.is_set():
-                if time.monotonic() - self._spawned_at > 60:
-                    backoff = 1.0  # it ran a while: a recycle or a one-off crash, not a crash loop
+                if time.monotonic() - self._spawned_at > 60 or self.process.returncode == 0:
+                    # it ran a while, or it exited cleanly (the memory recycle after a task: a warm shutdown
+                    # exits 0): not a crash loop, so short tasks do not push the restart delay up to 60 s
+                    backoff = 1.0
                 log.warning("worker exited with %s; restarting in %.0f s", self.process.returncode, backoff)
                 if self._stopping.wait(backoff):
                     return

@@ -4,9 +4,9 @@ Every ``reaper_interval_s`` it
 - re-queues jobs whose worker stopped renewing its lease (SIGKILL, out of memory, a lost machine) — or fails
   them with ``interrupted`` once ``max_attempts`` are used — instead of waiting hours for Redis's visibility
   timeout to redeliver the message;
-- re-publishes queued jobs and validating models whose message a broker lost: at once when Redis's run id
-  changed (a restart of a Redis that keeps nothing on disk drops every message), else once their message is
-  ``redispatch_after_s`` old;
+- re-publishes queued jobs and validating models whose message a broker lost: at once when Redis lost our
+  marker key (a restart of a Redis that keeps nothing on disk drops every message and the marker with them),
+  else once their message is ``redispatch_after_s`` old;
 - runs the retention sweep (app.retention).
 
 Every change is a conditional UPDATE and every task claims its record conditionally, so several API processes
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import retention
 from app.config import Settings
-from app.queue import RUN_JOB, VALIDATE_MODEL, broker_identity, send
+from app.queue import RUN_JOB, VALIDATE_MODEL, broker_lost_messages, send
 from app.retention import RetentionReport
 from app.storage import Storage
 from app.store import repo
@@ -52,7 +52,6 @@ class Maintenance:
         self, settings: Settings, celery: Celery, sessions: sessionmaker[Session], storage: Storage
     ) -> None:
         self.settings, self.celery, self.sessions, self.storage = settings, celery, sessions, storage
-        self._broker_id: str | None = None
         self._resend_all = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,18 +75,16 @@ class Maintenance:
                 log.exception("maintenance pass failed")
 
     def _check_broker(self, report: PassReport) -> bool:
-        """True when the broker answers. A changed Redis run id means it restarted and may have lost messages:
-        everything queued is re-sent (until one pass manages to send it all)."""
+        """True when the broker answers. If it may have lost its messages (its marker key is gone: Redis
+        restarted without persistence), everything queued is re-sent, until one pass manages to send it all."""
         try:
-            identity = broker_identity(self.celery)
+            lost = broker_lost_messages(self.celery)
         except Exception as exc:
             report.errors.append(f"broker: {type(exc).__name__}: {exc}")
             return False
-        if identity is not None and self._broker_id is not None and identity != self._broker_id:
-            log.warning("the broker restarted (run id changed): re-sending every queued job and validation")
+        if lost:
+            log.warning("the broker restarted or was flushed: re-sending every queued job and validation")
             self._resend_all = True
-        if identity is not None:
-            self._broker_id = identity
         report.broker_restarted = self._resend_all
         return True
 

@@ -76,12 +76,18 @@ def broker_ping(celery: Celery) -> None:
         conn.ensure_connection(max_retries=1, timeout=3)
 
 
-def broker_identity(celery: Celery) -> str | None:
-    """Redis's run_id, which changes when the server restarts: Redis may then have lost every message
-    (this machine's Redis keeps nothing on disk). None for transports whose messages survive a restart."""
+BROKER_MARKER = "secateurs:broker-alive"
+
+
+def broker_lost_messages(celery: Celery) -> bool:
+    """True when the broker may have lost its messages since it was last asked: a Redis restarted without
+    persistence (this machine's keeps nothing on disk) or flushed comes back without our marker key. The first
+    caller to find it missing sets it again (SET NX), so among several API processes one answers True; a
+    freshly started API after a joint restart (compose restart, a reboot) notices too. False for transports
+    whose messages live in files. Raises if the broker does not answer."""
     with celery.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=3)
         client = getattr(conn.default_channel, "client", None)
-        if client is None or not hasattr(client, "info"):
-            return None
-        return str(client.info("server").get("run_id"))
+        if client is None or not hasattr(client, "set"):
+            return False
+        return bool(client.set(BROKER_MARKER, "1", nx=True))

@@ -244,7 +244,9 @@ def _run_claimed(
 
     settings, sessions, storage = _context()
     report = _Progress(sessions, job_id, lease)
-    work = storage.job_dir(job_id) / "work"
+    # One work directory per attempt: a worker the reaper gave up on (frozen, not dead) may still be writing
+    # or cleaning up its own; it must not delete the directory of the attempt that replaced it.
+    work = storage.job_dir(job_id) / f"work-{lease.attempt}"
     try:
         report("loading", 0.0)
         if model is None:
@@ -268,7 +270,10 @@ def _run_claimed(
         saved_model = prepared_model_dir(model, storage, settings)
         train_arrays = _load_npz(storage.dataset_path(train.id)) if train else None
         eval_arrays = _load_npz(storage.dataset_path(evaluation.id)) if evaluation else None
-        shutil.rmtree(work, ignore_errors=True)  # a re-run overwrites, never duplicates
+        for stale in storage.job_dir(job_id).glob(
+            "work*"
+        ):  # earlier attempts' leftovers: a re-run overwrites
+            shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
         metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report)
         report("saving", 0.99)

@@ -163,21 +163,38 @@ def test_maintenance_resends_everything_after_a_broker_restart(
     sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(data_dir=tmp_path, redispatch_after_s=3600, lease_seconds=30, heartbeat_seconds=1)
-    identities = iter(["run-a", "run-a", "run-b", "run-b"])
-    monkeypatch.setattr(maintenance, "broker_identity", lambda _celery: next(identities))
+    marker_missing = iter([False, False, True, False])
+    monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: next(marker_missing))
     celery = FakeCelery()
     loop = Maintenance(settings, celery, sessions, Storage(tmp_path))  # type: ignore[arg-type]
     with session_scope(sessions) as s:
         job_id = _job(s, dispatched_at=utcnow())
         dead = _job(s, "running", attempts=1, heartbeat_at=utcnow() - timedelta(seconds=31))
 
-    first = loop.run_once()  # learns run-a; re-queues the dead worker's job and sends it
+    first = loop.run_once()  # re-queues the dead worker's job and sends it
     assert first.requeued == [dead] and celery.sent == [("secateurs.run_job", dead)]
-    assert loop.run_once().sent_jobs == []  # same Redis: the fresh message is trusted
+    assert loop.run_once().sent_jobs == []  # the marker is there: the fresh message is trusted
     celery.sent.clear()
-    third = loop.run_once()  # run-b: Redis restarted and may have lost both messages
+    third = loop.run_once()  # the marker is gone: Redis restarted and may have lost both messages
     assert third.broker_restarted and sorted(third.sent_jobs) == sorted([job_id, dead])
     assert loop.run_once().sent_jobs == []  # sent once; back to trusting the broker
+
+
+@pytest.mark.redis
+def test_the_broker_marker_is_missing_once_per_loss(data_dir: Path, redis_url: str) -> None:
+    """Against the real Redis: the first caller after a loss is told, the next ones are not."""
+    import redis
+
+    from app.queue import BROKER_MARKER, broker_lost_messages, make_celery
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+    client.delete(BROKER_MARKER)
+    celery = make_celery(Settings(data_dir=data_dir, broker_url=redis_url))
+    assert broker_lost_messages(celery) is True
+    assert broker_lost_messages(celery) is False
+    client.delete(BROKER_MARKER)  # what a restart without persistence (or a flush) does
+    assert broker_lost_messages(celery) is True
+    assert broker_lost_messages(make_celery(Settings(data_dir=data_dir))) is False  # files keep messages
 
 
 def test_maintenance_keeps_going_while_the_broker_is_down(
@@ -185,17 +202,17 @@ def test_maintenance_keeps_going_while_the_broker_is_down(
 ) -> None:
     settings = Settings(data_dir=tmp_path, redispatch_after_s=1)
 
-    def unreachable(_celery: Any) -> str:
+    def unreachable(_celery: Any) -> bool:
         raise ConnectionRefusedError("no broker")
 
-    monkeypatch.setattr(maintenance, "broker_identity", unreachable)
+    monkeypatch.setattr(maintenance, "broker_lost_messages", unreachable)
     celery = FakeCelery()
     loop = Maintenance(settings, celery, sessions, Storage(tmp_path))  # type: ignore[arg-type]
     with session_scope(sessions) as s:
         job_id = _job(s, dispatched_at=utcnow() - timedelta(seconds=5))
     report = loop.run_once()
     assert report.errors and "broker" in report.errors[0] and celery.sent == []
-    monkeypatch.setattr(maintenance, "broker_identity", lambda _celery: "run-a")
+    monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: False)
     assert loop.run_once().sent_jobs == [job_id]
     with session_scope(sessions) as s:
         job = s.get(JobRecord, job_id)
@@ -247,7 +264,7 @@ def test_database_outage_is_503_with_retry_after(client: TestClient, monkeypatch
 
 def test_serve_runs_the_reaper_thread(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(data_dir=data_dir, min_free_bytes=0, reaper_interval_s=0.2)
-    monkeypatch.setattr(maintenance, "broker_identity", lambda _celery: None)
+    monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: False)
     with TestClient(create_app(settings, maintenance=True)) as client:
         app = app_of(client)
         with session_scope(app.state.session_factory) as s:
