@@ -3,7 +3,6 @@ database outage gets. The real-process versions (SIGKILLed worker, Redis restart
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,14 @@ from app.main import create_app
 from app.maintenance import Maintenance
 from app.storage import Storage
 from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
+from app.store.db import session_scope
 from app.store.tables import JobRecord, ModelRecord, WebhookMessageRecord, utcnow
 from tests.app.helpers import app_of, assert_problem, create_job, mark_model, sent_tasks, upload_model
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    engine = make_engine(url)
-    init_db(engine)
-    if request.param == "postgres":  # one database per session: start each test empty
-        with engine.begin() as conn:
-            for table in ("webhook_messages", "jobs", "models", "datasets"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
-    yield make_session_factory(engine)
-    engine.dispose()
+@pytest.fixture
+def sessions(store_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return store_sessions
 
 
 def _job(session: Session, status: str = "queued", **values: Any) -> str:

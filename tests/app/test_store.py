@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
+from app.store.db import session_scope
 from app.store.tables import JobRecord, ModelRecord, utcnow
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    engine = make_engine(url)
-    init_db(engine)
-    if request.param == "postgres":  # one database per session: start each test empty
-        with engine.begin() as conn:
-            for table in ("jobs", "models", "datasets"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
-    yield make_session_factory(engine)
-    engine.dispose()
+@pytest.fixture
+def sessions(store_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return store_sessions
 
 
 def _job(session: Session, job_id: str | None = None, model_id: str = "mdl_x") -> JobRecord:
