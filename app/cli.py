@@ -11,6 +11,7 @@ The CLI launches workers as processes; nothing under app/ imports worker/.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import logging
@@ -150,6 +151,10 @@ def serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the default action that kills
     # this process before the `finally` below, orphaning the worker child. Turn it into SystemExit instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Start-up leaves ~130,000 long-lived objects (FastAPI, pydantic, SQLAlchemy); full collections walking
+    # them took 67-244 ms under load, the slowest 1% of status polls. Frozen, they are never scanned again.
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
@@ -53,10 +52,10 @@ def _tenant(
 
 
 T = TypeVar("T")
-# Threads one process gives to TenantRead at a time. The work is short and CPU-bound (SQLite runs in-process,
-# 2 cores), so more threads only add GIL and pool contention; a burst waits for a token on the event loop
-# instead, holding nothing. At most one pooled connection per thread, below the pool's 5 + 10: never waits on it.
-READ_THREADS = int(os.environ.get("EXP_READ_THREADS", "4"))
+# Worker threads TenantRead uses at once (per event loop). Its work is short and, on SQLite, CPU-bound under the
+# GIL: more threads add contention, not throughput (4 still overlap PostgreSQL round trips). A burst waits for
+# a token on the event loop holding nothing; each thread holds at most one of the pool's 5 connections at a time.
+READ_THREADS = 4
 
 
 _READ_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("secateurs_read_limiter")

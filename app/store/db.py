@@ -16,7 +16,11 @@ from app.store.tables import Base
 
 
 def make_engine(url: str) -> Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # max_overflow=-1: a checkout never waits. Sync routes hold their connection while they wait for a thread
+    # to close the session; with a bounded pool, ~55 concurrent requests left every thread waiting for a
+    # connection held by a request waiting for a thread, until the pool timeout (a 500 after 30 s). Unbounded,
+    # a burst past the database's own connection limit gets its error instead (503 with Retry-After).
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": -1}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:

@@ -366,7 +366,7 @@ def test_sigterm_stops_serve_and_its_embedded_worker(tmp_path: Path) -> None:
     group = os.getpgid(service.process.pid)
     try:
         wait_ready(f"http://127.0.0.1:{port}", [service])
-        found = re.search(r"embedded worker started \(pid (\d+)\)", service.tail(400))
+        found = re.search(r"worker started \(pid (\d+)\)", service.tail(400))
         assert found, service.tail()
         worker_pid = int(found.group(1))
         os.kill(worker_pid, 0)  # alive now
@@ -374,6 +374,33 @@ def test_sigterm_stops_serve_and_its_embedded_worker(tmp_path: Path) -> None:
         assert service.process.wait(60) == 128 + signal.SIGTERM
         with pytest.raises(ProcessLookupError):
             os.kill(worker_pid, 0)  # stopped and reaped by serve, not left to init
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        service.stop()
+
+
+def test_worker_supervisor_restarts_a_killed_child_and_stops_it_on_sigterm(tmp_path: Path) -> None:
+    """`secateurs worker` supervises its Celery process: a dead child is replaced, SIGTERM stops both."""
+    service = Service(
+        [sys.executable, "-m", "app.cli", "worker"], base_env(tmp_path / "d"), tmp_path / "w.log"
+    )
+    group = os.getpgid(service.process.pid)
+    try:
+        pids: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = [int(p) for p in re.findall(r"worker started \(pid (\d+)\)", service.tail(400))]
+            if len(pids) == 1:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids[0], signal.SIGKILL)  # a crash: the supervisor must start another
+            time.sleep(0.2)
+        assert len(pids) >= 2 and pids[0] != pids[1], service.tail()
+        assert "exited with -9; restarting" in service.tail(400)
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[-1], 0)  # the current child stopped and reaped too
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)

@@ -34,7 +34,7 @@ from app.schemas.resources import JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
 from app.store import webhooks as webhook_store
-from app.store.tables import JobRecord
+from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord
 from app.webhooks import delivery, tenants
 from app.webhooks.guard import AllowList, UnsafeWebhookUrl, check_url
 
@@ -209,15 +209,18 @@ def list_jobs(
 
 
 def _job_body(session: Session, record: JobRecord) -> JobOut:
+    """A job has a webhook message only once it ended, and only with a URL (written in the same transaction
+    as its ending: repo.finish_job), so polls of running jobs or jobs without webhooks skip that query."""
+    if not record.webhook_url or record.status not in TERMINAL_JOB_STATUSES:
+        return job_out(record)
     return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id))
 
 
+# The status poll, the hottest endpoint (no docstring: it would become the public OpenAPI description).
+# Authentication, the queries and the JSON rendering run in one worker-thread hop (see TenantRead), and the
+# body goes out as rendered, not validated a second time against response_model (kept for the OpenAPI doc).
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
 async def get_job(job_id: str, read: TenantReadDep) -> Response:
-    """The status poll, the hottest endpoint: authentication, both queries and the JSON rendering run in one
-    worker-thread hop (see TenantRead), and the body goes out as rendered, not validated a second time
-    against ``response_model`` (which stays for the OpenAPI document)."""
-
     def render(session: Session, tenant: str) -> bytes:
         return _job_body(session, get_job_or_404(session, job_id, tenant)).model_dump_json().encode()
 
