@@ -27,10 +27,10 @@ lint: $(STAMP)
 test: $(STAMP) lint  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## full benchmarks (~5-10 min), writes bench/RESULTS.md
-	$(BIN)/python -m bench.run
+bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot
+	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY))
 
-bench-smoke: $(STAMP)  ## tiny stand-ins, < 1 min
+bench-smoke: $(STAMP)  ## tiny stand-ins (~1-2 min), writes bench/out/RESULTS.smoke.md
 	$(BIN)/python -m bench.run --smoke
 
 clean:

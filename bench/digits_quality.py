@@ -131,7 +131,9 @@ def run_digits(
                         "spec": spec,
                     }
                 )
-                cells.append({"sparsity": sparsity, "seed": seed, "job_id": job["id"], "submitted": submitted})
+                cells.append(
+                    {"sparsity": sparsity, "seed": seed, "job_id": job["id"], "submitted": submitted}
+                )
         print(f"[digits] {len(cells)} job(s) queued", file=sys.stderr, flush=True)
         for cell in cells:  # the one worker runs them in order; wait for each in turn
             run = api.wait_job(cell.pop("job_id"), cell.pop("submitted"))

@@ -47,7 +47,11 @@ from bench.common import (
 )
 
 TARGET = 0.8
-JOB_SPEC: dict[str, Any] = {"target_sparsity": TARGET, "criterion": "magnitude", "schedule": {"kind": "one_shot"}}
+JOB_SPEC: dict[str, Any] = {
+    "target_sparsity": TARGET,
+    "criterion": "magnitude",
+    "schedule": {"kind": "one_shot"},
+}
 PIPELINE_STAGES = ("load", "baseline", "prune", "fine_tune", "evaluate", "save")
 
 # The floor, as a user would write it. argv: saved_model_dir out_dir out_zip target_sparsity.
@@ -255,8 +259,14 @@ def run_api(model_zip: Path, warmup_zip: Path, work: Path, target: float = TARGE
         "worker_peak_rss_mb": worker_rss,
         "artifact_bytes": artifact.stat().st_size,
         "metrics_sparsity": metrics["pruned"]["sparsity"],
-        "latency_ms": {"baseline": metrics["baseline"]["latency_ms"], "pruned": metrics["pruned"]["latency_ms"]},
-        "metrics_size_bytes": {"baseline": metrics["baseline"]["size_bytes"], "pruned": metrics["pruned"]["size_bytes"]},
+        "latency_ms": {
+            "baseline": metrics["baseline"]["latency_ms"],
+            "pruned": metrics["pruned"]["latency_ms"],
+        },
+        "metrics_size_bytes": {
+            "baseline": metrics["baseline"]["size_bytes"],
+            "pruned": metrics["pruned"]["size_bytes"],
+        },
         "notes": metrics["notes"],
         "artifact": artifact,
     }
@@ -266,7 +276,10 @@ def run_api(model_zip: Path, warmup_zip: Path, work: Path, target: float = TARGE
 
 
 def run_resnet(
-    smoke: bool = False, repeats: int | None = None, cache_dir: Path | None = None, work_dir: Path | None = None
+    smoke: bool = False,
+    repeats: int | None = None,
+    cache_dir: Path | None = None,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the model, run floor and API ``repeats`` times alternating the order, verify both.
 
@@ -354,7 +367,10 @@ def render(result: dict[str, Any]) -> str:
             heads,
             [
                 _row("API total: upload -> ready -> job -> download", [r["api"]["total_s"] for r in reps]),
-                _row("floor: subprocess wall time (incl. interpreter + TF import)", [r["floor"]["wall_s"] for r in reps]),
+                _row(
+                    "floor: subprocess wall time (incl. interpreter + TF import)",
+                    [r["floor"]["wall_s"] for r in reps],
+                ),
                 _row("floor: in-process load+prune+save+zip", [r["floor"]["in_process_s"] for r in reps]),
                 _row("**ratio API / floor wall**", [r["ratio_wall"] for r in reps]),
                 _row("ratio API / floor in-process", [r["ratio_in_process"] for r in reps]),
@@ -367,20 +383,33 @@ def render(result: dict[str, Any]) -> str:
     for seg in reps[0]["api"]["segments_s"]:
         api_rows.append(_row(seg, [r["api"]["segments_s"][seg] for r in reps]))
         if seg.startswith("submit"):
-            api_rows.append(_row("&nbsp;&nbsp;of which queue wait (created_at -> started_at)", [r["api"]["queue_wait_s"] for r in reps]))
+            api_rows.append(
+                _row(
+                    "&nbsp;&nbsp;of which queue wait (created_at -> started_at)",
+                    [r["api"]["queue_wait_s"] for r in reps],
+                )
+            )
         if seg.startswith("running"):
             for stage in PIPELINE_STAGES:
                 api_rows.append(
-                    _row(f"&nbsp;&nbsp;timings_s.{stage}", [r["api"]["job_timings_s"].get(stage) for r in reps])
+                    _row(
+                        f"&nbsp;&nbsp;timings_s.{stage}", [r["api"]["job_timings_s"].get(stage) for r in reps]
+                    )
                 )
-            api_rows.append(_row("&nbsp;&nbsp;timings_s.total", [r["api"]["job_timings_s"].get("total") for r in reps]))
             api_rows.append(
-                _row("&nbsp;&nbsp;worker outside the pipeline", [r["api"]["worker_outside_pipeline_s"] for r in reps])
+                _row("&nbsp;&nbsp;timings_s.total", [r["api"]["job_timings_s"].get("total") for r in reps])
+            )
+            api_rows.append(
+                _row(
+                    "&nbsp;&nbsp;worker outside the pipeline",
+                    [r["api"]["worker_outside_pipeline_s"] for r in reps],
+                )
             )
     api_rows.append(_row("**total**", [r["api"]["total_s"] for r in reps]))
     lines.append(md_table(heads, api_rows))
     stage_means = {
-        stage: sum(r["api"]["job_timings_s"].get(stage, 0.0) for r in reps) / len(reps) for stage in PIPELINE_STAGES
+        stage: sum(r["api"]["job_timings_s"].get(stage, 0.0) for r in reps) / len(reps)
+        for stage in PIPELINE_STAGES
     }
     top = max(stage_means, key=lambda k: stage_means[k])
     api_mean = sum(r["api"]["total_s"] for r in reps) / len(reps)
@@ -398,13 +427,30 @@ def render(result: dict[str, Any]) -> str:
     lines.append("**Other facts:**\n")
     facts = [
         _row("server start until /readyz (not timed)", [r["api"]["server_ready_s"] for r in reps]),
-        _row("warm-up: first (tiny) model validated by the fresh worker (not timed)", [r["api"]["warmup_s"] for r in reps]),
+        _row(
+            "warm-up: first (tiny) model validated by the fresh worker (not timed)",
+            [r["api"]["warmup_s"] for r in reps],
+        ),
         _row("peak RSS, worker child (MiB)", [r["api"]["worker_peak_rss_mb"] for r in reps]),
         _row("peak RSS, floor process (MiB)", [r["floor"]["peak_rss_mb"] for r in reps]),
         _row("API artifact zip (MB)", [r["api"]["artifact_bytes"] / 1e6 for r in reps]),
         _row("floor output zip (MB)", [r["floor"]["zip_bytes"] / 1e6 for r in reps]),
-        [*_row("sparsity of pruned variables, API artifact", [r["verify"]["api"]["sparsity"] for r in reps], mean=False), ""],
-        [*_row("sparsity of pruned variables, floor output", [r["verify"]["floor"]["sparsity"] for r in reps], mean=False), ""],
+        [
+            *_row(
+                "sparsity of pruned variables, API artifact",
+                [r["verify"]["api"]["sparsity"] for r in reps],
+                mean=False,
+            ),
+            "",
+        ],
+        [
+            *_row(
+                "sparsity of pruned variables, floor output",
+                [r["verify"]["floor"]["sparsity"] for r in reps],
+                mean=False,
+            ),
+            "",
+        ],
     ]
     for batch in sorted(reps[0]["api"]["latency_ms"]["baseline"], key=int):
         facts.append(

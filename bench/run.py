@@ -1,81 +1,139 @@
-"""Run the benchmarks and write the results: ``python -m bench.run [--only resnet|digits] [--smoke]``.
+"""Run the benchmarks and write the results: ``python -m bench.run [--only NAME ...] [--smoke]``.
+
+Sections (``SECTIONS``):
 
 - ``resnet``: API job vs the floor (bench/resnet_job.py), ResNet-50 SavedModel, ``--repeats`` (default 2).
 - ``digits``: accuracy after pruning through the API (bench/digits_quality.py).
+- ``tfmot``: quality vs tfmot at 50-95% sparsity, 3 and 10 epochs, 3 seeds, plus zip sizes and the plot
+  ``bench/plots/tfmot_quality.png`` (bench/tfmot_quality.py; tfmot itself runs in bench/tfmot_side.py).
+- ``throughput``: our fine-tuning loop vs Keras ``model.fit`` (bench/finetune_throughput.py).
+- ``service``: ``GET /v1/jobs/{id}`` latency under 50 and 200 clients, 1 GiB upload throughput and API memory
+  (bench/service_load.py).
 
-The full run writes ``bench/RESULTS.md`` (date, machine, versions, the tables). With ``--only``, the other
-section is taken from its last full run (``bench/out/section-<name>.md``, which carries its own date) when there
-is one. ``--smoke`` runs tiny stand-ins through the same code paths (real server subprocess, real HTTP, real
-floor subprocess: a small CNN instead of ResNet-50, 1 repeat, one sparsity, one seed) and writes
-``bench/out/RESULTS.smoke.md`` instead, never ``bench/RESULTS.md``.
+``bench/RESULTS.md`` is edited, not regenerated: every section lives between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->`` markers and carries its own date, machine and versions, so ``--only tfmot`` rewrites
+that block and leaves everything else in the file (other sections, text written by hand) as it was. A section
+without markers yet is appended. ``--smoke`` runs tiny stand-ins through the same code paths (real server
+subprocess, real HTTP, real tfmot and floor subprocesses) and writes a fresh ``bench/out/RESULTS.smoke.md``
+instead, never ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.common import OUT_DIR, ROOT, machine, versions
-from bench.digits_quality import run_digits
-from bench.resnet_job import run_resnet
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SMOKE_RESULTS = OUT_DIR / "RESULTS.smoke.md"
-SECTIONS = ("resnet", "digits")
+
+# name -> (title, runner(smoke, repeats, cache_dir, work_dir)); runners import their module lazily.
+Runner = Callable[[bool, int | None, Path | None, Path | None], dict[str, Any]]
+
+
+def _resnet(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.resnet_job import run_resnet
+
+    return run_resnet(smoke=smoke, repeats=repeats, cache_dir=cache_dir, work_dir=work_dir)
+
+
+def _digits(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.digits_quality import run_digits
+
+    return run_digits(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
+def _tfmot(smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None) -> dict[str, Any]:
+    from bench.tfmot_quality import run_tfmot_quality
+
+    return run_tfmot_quality(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
+def _throughput(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.finetune_throughput import run_throughput
+
+    return run_throughput(smoke=smoke, cache_dir=cache_dir)
+
+
+def _service(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.service_load import run_service_load
+
+    return run_service_load(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
+SECTIONS: dict[str, tuple[str, Runner]] = {
+    "resnet": ("ResNet-50: API job vs the floor", _resnet),
+    "digits": ("Digits: quality after pruning", _digits),
+    "tfmot": ("Digits: Secateurs vs tfmot (quality and size)", _tfmot),
+    "throughput": ("Fine-tuning throughput", _throughput),
+    "service": ("Service: status polls under load, 1 GiB upload", _service),
+}
 HOW = (
-    "Reproduce: `.venv/bin/python -m bench.run` (both, ~5 min on 2 cores, plus ~30 s the first time to build the cached models), `--only resnet|digits`, "
-    "`--repeats N` (ResNet), `--smoke` (tiny stand-ins, < 1 min, writes bench/out/RESULTS.smoke.md). "
-    "Method and fairness choices: the docstrings of bench/resnet_job.py and bench/digits_quality.py.\n"
+    "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
+    "build the cached models; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
+    f"({', '.join(SECTIONS)}; rewrites only those sections of this file), `--repeats N` (ResNet), `--smoke` "
+    "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
+    "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
+    "bench/finetune_throughput.py, bench/service_load.py.\n"
 )
 
 
 def run_sections(
-    only: str | None = None,
+    only: str | list[str] | None = None,
     smoke: bool = False,
     repeats: int | None = None,
     cache_dir: Path | None = None,
     work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the selected benchmarks; returns ``{"resnet": {...}, "digits": {...}}`` (each with ``markdown``)."""
+    """Run the selected benchmarks; returns ``{name: {..., "markdown", "bench_wall_s"}}``."""
+    selected = [only] if isinstance(only, str) else list(only or SECTIONS)
+    unknown = [name for name in selected if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
     results: dict[str, Any] = {}
-    for name in SECTIONS:
-        if only and name != only:
+    for name, (_, runner) in SECTIONS.items():
+        if name not in selected:
             continue
         tick = time.perf_counter()
-        if name == "resnet":
-            results[name] = run_resnet(
-                smoke=smoke,
-                repeats=repeats,
-                cache_dir=cache_dir,
-                work_dir=None if work_dir is None else work_dir / "resnet",
-            )
-        else:
-            results[name] = run_digits(
-                smoke=smoke, cache_dir=cache_dir, work_dir=None if work_dir is None else work_dir / "digits"
-            )
+        results[name] = runner(smoke, repeats, cache_dir, None if work_dir is None else work_dir / name)
         results[name]["bench_wall_s"] = time.perf_counter() - tick
         print(f"[run] {name}: {results[name]['bench_wall_s']:.0f} s", file=sys.stderr, flush=True)
     return results
 
 
+def _facts() -> str:
+    facts, ver = machine(), versions()
+    return (
+        f"{facts['nproc']} CPUs ({facts['cpu']}), {facts['ram']} RAM, {facts['os']}; Python {ver['python']}, "
+        f"TensorFlow {ver['tensorflow']}, Keras {ver['keras']}, NumPy {ver['numpy']}, secateurs {ver['secateurs']}"
+    )
+
+
 def header(smoke: bool) -> str:
-    facts = machine()
-    ver = versions()
     title = "# Secateurs benchmarks" + (" (SMOKE: tiny stand-ins, numbers mean nothing)" if smoke else "")
     return "\n".join(
         [
             title,
             "",
-            f"Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
-            f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['ram']} RAM, {facts['os']}; shared and noisy, "
-            "so compare numbers measured side by side in one run, not across runs.  ",
-            f"Versions: Python {ver['python']}, TensorFlow {ver['tensorflow']}, Keras {ver['keras']}, "
-            f"NumPy {ver['numpy']}, secateurs {ver['secateurs']}.",
+            f"Last written: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {_facts()}. Each section says "
+            "when, where and with which versions it ran: the machine is shared and noisy, so compare numbers "
+            "measured side by side in one run, not across runs.",
             "",
             HOW,
         ]
@@ -84,36 +142,45 @@ def header(smoke: bool) -> str:
 
 def section_markdown(name: str, result: dict[str, Any]) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"## {'ResNet-50: API job vs the floor' if name == 'resnet' else 'Digits: quality after pruning'}\n\n" + (
-        f"_Run {stamp}, benchmark wall time {result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
+    return (
+        f"## {SECTIONS[name][0]}\n\n_Run {stamp} on {_facts()}; benchmark wall time "
+        f"{result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
     )
 
 
+def replace_block(text: str, name: str, body: str, at_start: bool = False) -> str:
+    """``text`` with the block between ``<!-- bench:NAME -->`` markers replaced by ``body`` (markers kept);
+    a missing block is added at the end (or at the start with ``at_start``)."""
+    block = f"<!-- bench:{name} -->\n{body.rstrip()}\n<!-- /bench:{name} -->\n"
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->\n.*?<!-- /bench:{re.escape(name)} -->\n?", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    if at_start:
+        return block + ("\n" + text if text else "")
+    return (text.rstrip() + "\n\n" if text.strip() else "") + block
+
+
 def write_results(results: dict[str, Any], smoke: bool, path: Path | None = None) -> Path:
-    """Write the markdown report; full runs also keep each section (and its JSON) under bench/out/."""
+    """Update the report in place (fresh file for smoke runs); full runs also keep each section's JSON
+    under bench/out/."""
     path = path or (SMOKE_RESULTS if smoke else RESULTS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    parts = [header(smoke)]
+    text = path.read_text() if path.is_file() and not smoke else ""
+    text = replace_block(text, "header", header(smoke), at_start=True)
     for name in SECTIONS:
-        cached = OUT_DIR / f"section-{name}.md"
-        if name in results:
-            text = section_markdown(name, results[name])
-            if not smoke:
-                cached.write_text(text)
-                (OUT_DIR / f"section-{name}.json").write_text(
-                    json.dumps(results[name], indent=2, default=str)
-                )
-            parts.append(text)
-        elif not smoke and cached.is_file():
-            parts.append(cached.read_text() + "\n_(from an earlier run: not re-run this time)_\n")
+        if name not in results:
+            continue
+        text = replace_block(text, name, section_markdown(name, results[name]))
+        if not smoke:
+            (OUT_DIR / f"section-{name}.json").write_text(json.dumps(results[name], indent=2, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
+    path.write_text(text)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description="Secateurs benchmarks")
-    parser.add_argument("--only", choices=SECTIONS, default=None)
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny stand-ins through the same code paths")
     parser.add_argument("--repeats", type=int, default=None, help="ResNet repeats (default 2; smoke 1)")
     args = parser.parse_args(argv)

@@ -13,6 +13,8 @@ How the spec reaches the pruning engine (``worker.pruning``):
   gradient statistics (``gradients.accumulate_gradients``) over train batches before every scheduled prune
   step; a regulariser fine-tunes with ``Pruner.penalty`` before pruning (one-shot: the first half of the
   fine-tuning epochs, or one default epoch without ``fine_tune``; polynomial: during the sparsity ramp).
+- ``fine_tune.distill``: the unpruned model's outputs on the train set are computed before anything is pruned
+  (``_distillation``) and become the soft targets of every training phase (``finetune.Distillation``).
 
 Progress: ``prune_and_fine_tune`` reports through a ``Window`` (the main run's, or one fold's): ``pruning`` at
 its start, then ``fine_tuning`` as optimizer steps of every training phase complete.
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from app.schemas.spec import FineTune, PolynomialSchedule
@@ -34,7 +37,7 @@ from worker.errors import PipelineError
 from worker.job import Job, Window
 from worker.models import NamedVariable
 from worker.pruning.criteria import GradientStats, get_criterion
-from worker.pruning.finetune import TrainingDiverged, count_steps, fine_tune
+from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
 from worker.pruning.gradients import accumulate_gradients
 from worker.pruning.granularity import Channel, Granularity, Kind, infer_kinds
 from worker.pruning.losses import infer_loss
@@ -203,6 +206,7 @@ def prune_and_fine_tune(job: Job, pruner: Pruner, window: Window) -> None:
     if polynomial:
         job.notes.append(f"polynomial schedule over {tune_steps} fine-tuning steps: {schedule.get_config()}")
     strength = spec.regularization_strength()
+    distill = _distillation(job, ft)  # the dense model's outputs: before anything is pruned
 
     last_prune = [0]
 
@@ -220,7 +224,7 @@ def prune_and_fine_tune(job: Job, pruner: Pruner, window: Window) -> None:
 
     if regularize is not None:
         penalty = pruner.penalty(strength)
-        history = _train(job, regularize, reg_epochs, progress, after_step=None, penalty=penalty)
+        history = _train(job, regularize, reg_epochs, progress, None, penalty, distill)
         job.notes.append(
             f"criterion {spec.criterion!r}: {reg_epochs} epoch(s) of fine-tuning with the {_penalty_name(pruner)} "
             f"penalty (strength {strength:g}) before pruning by magnitude, then {tune_epochs} recovery epoch(s) "
@@ -233,7 +237,7 @@ def prune_and_fine_tune(job: Job, pruner: Pruner, window: Window) -> None:
         )
     prune_at(0)
     if ft is not None and tune_epochs:
-        _fine_tune_pruned(job, pruner, ft, tune_epochs, progress, schedule, prune_at)
+        _fine_tune_pruned(job, pruner, ft, tune_epochs, progress, schedule, prune_at, distill)
     if job.gradient_passes:
         passes = job.gradient_passes
         job.notes.append(
@@ -250,6 +254,7 @@ def _fine_tune_pruned(
     progress: _Progress,
     schedule: Schedule,
     prune_at: Callable[[int], None],
+    distill: Distillation | None,
 ) -> None:
     """Fine-tuning after (one-shot) or while (polynomial) pruning; l1/l2 penalise during a polynomial ramp
     (after a one-shot prune, these epochs only recover: the penalised phase came before pruning)."""
@@ -275,8 +280,29 @@ def _fine_tune_pruned(
             gate.assign(0.0)
         prune_at(step)  # recomputes masks when the schedule says so; always re-applies them
 
-    history = _train(job, ft, epochs, progress, after_step=after_step, penalty=penalty)
+    history = _train(job, ft, epochs, progress, after_step, penalty, distill)
     job.notes.append(f"fine-tuning loss per epoch: {[round(v, 5) for v in history]}")
+
+
+def _distillation(job: Job, ft: FineTune | None) -> Distillation | None:
+    """With ``fine_tune.distill``: the unpruned model's outputs on every train sample (inference mode, in
+    batches), the soft targets of every training phase (``finetune.Distillation``)."""
+    if ft is None or ft.distill is None:
+        return None
+    assert job.train is not None
+    x = job.train.x
+    teacher = np.concatenate(
+        [
+            job.forward({k: v[i : i + PREDICT_SAMPLE] for k, v in x.items()}, False).numpy()
+            for i in range(0, job.train.n, PREDICT_SAMPLE)
+        ]
+    )
+    job.note(
+        f"fine-tuning distils from the unpruned model: loss = {1 - ft.distill.alpha:g} x task loss + "
+        f"{ft.distill.alpha:g} x distillation term (temperature {ft.distill.temperature:g}); the dense "
+        "outputs on the train set were computed once before pruning"
+    )
+    return Distillation(teacher, ft.distill.alpha, ft.distill.temperature)
 
 
 def _gated(gate: tf.Variable, penalty: Callable[[], tf.Tensor]) -> Callable[[], tf.Tensor]:
@@ -346,6 +372,7 @@ def _train(
     progress: _Progress,
     after_step: Callable[[int], None] | None,
     penalty: Callable[[], tf.Tensor] | None,
+    distill: Distillation | None = None,
 ) -> list[float]:
     """``epochs`` of training on the train set (a regularisation or a fine-tuning phase); loss per epoch."""
     spec = job.spec
@@ -383,6 +410,7 @@ def _train(
             on_epoch=lambda epoch, loss: progress.at(min(steps, (epoch + 1) * steps // epochs)),
             lr_decay=settings.lr_schedule,
             penalty=penalty,
+            distill=distill,
         )
     except TrainingDiverged as exc:
         raise PipelineError("training_diverged", str(exc)) from exc

@@ -46,7 +46,13 @@ class PolynomialSchedule(_Strict):
     kind: Literal["polynomial"]
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     power: float = Field(3.0, gt=0.0, le=10.0)
-    frequency: int = Field(10, ge=1, le=100_000, description="optimizer steps between mask updates")
+    frequency: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="optimizer steps between mask updates; null = about 100 updates over the ramp "
+        "(ceil(ramp steps / 100): every step in short runs)",
+    )
     end_fraction: float = Field(
         0.75,
         gt=0.0,
@@ -59,6 +65,22 @@ class PolynomialSchedule(_Strict):
 Schedule = Annotated[OneShotSchedule | PolynomialSchedule, Field(discriminator="kind")]
 
 
+class Distill(_Strict):
+    """Knowledge distillation from the unpruned model while fine-tuning (the service holds both models).
+
+    The dense model's outputs on the train set are computed once before pruning; the fine-tuning objective
+    becomes ``(1 - alpha) * task loss + alpha * distillation term``: ``T^2 * KL`` between the temperature-softened
+    output distributions for the cross-entropy losses, mse / mae to the dense outputs for regression.
+    """
+
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the distillation term (1 = teacher only)"
+    )
+    temperature: float = Field(
+        2.0, gt=0.0, le=100.0, description="softens both distributions; ignored by regression losses"
+    )
+
+
 class FineTune(_Strict):
     epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
@@ -67,7 +89,12 @@ class FineTune(_Strict):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
         description="learning rate over the fine-tuning steps; constant recovers best in short budgets "
-        "(digits CNN, 80%, 3 epochs: 0.90 vs 0.71 accuracy with cosine)",
+        "(digits CNN, 80%, 3 epochs, 3 seeds: 0.944 vs 0.873 test accuracy with cosine)",
+    )
+    distill: Distill | None = Field(
+        None,
+        description='distillation from the unpruned model, e.g. {"alpha": 0.5, "temperature": 2}; null = '
+        "labels only",
     )
 
 

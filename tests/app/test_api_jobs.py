@@ -136,7 +136,7 @@ def test_create_fine_tuning_job_fills_nested_defaults(
         "kind": "polynomial",
         "initial_sparsity": 0.0,
         "power": 3.0,
-        "frequency": 10,
+        "frequency": None,
         "end_fraction": 0.75,
     }
     assert run_tasks(settings) == [[body["id"]]]

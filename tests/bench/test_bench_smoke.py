@@ -73,9 +73,56 @@ def test_digits_smoke_reports_accuracies(smoke: dict[str, Any]) -> None:
     assert row["n"] == 1 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
 
 
+def test_tfmot_smoke_compares_from_identical_weights(smoke: dict[str, Any]) -> None:
+    result = smoke["tfmot"]
+    base = result["baseline"]
+    # One set of weights on both sides: tf_keras, its Keras 3 twin and the service score the same.
+    assert base["accuracy_tf_keras"] == base["accuracy_keras3"]
+    assert base["accuracy_service"] == pytest.approx(base["accuracy_keras3"], abs=1.5 / base["n_test"])
+    (row,) = result["rows"]
+    for side in ("tfmot", "ours", "ours_layer", "ours_layer_f10", "ours_lamp"):
+        assert 0.0 < row[side]["mean"] <= 1.0 and row[side]["std"] == 0.0
+    assert _positive_finite(row["ours"]["ratio"])
+    assert row["ours"]["ratio"] == pytest.approx(row["ours"]["mean"] / row["tfmot"]["mean"])
+    (theirs,) = result["tfmot"]["cells"]
+    assert theirs["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
+    assert all(s == pytest.approx(0.8, abs=0.01) for s in theirs["kernel_sparsity"].values())
+    # tfmot got our default schedule's end step and update frequency.
+    from bench.tfmot_quality import schedule_of
+
+    ours_schedule = schedule_of(theirs["epochs"], base["n_train"])
+    assert (theirs["end_step"], theirs["frequency"]) == (
+        ours_schedule["end_step"],
+        ours_schedule["frequency"],
+    )
+    runs = result["ours"]["runs"]
+    assert {r["variant"] for r in runs} == {"ours", "ours_layer", "ours_layer_f10", "ours_lamp"}
+    for run in runs:
+        assert run["verified"]
+        assert run["accuracy"] == pytest.approx(run["local_accuracy"], abs=1.5 / base["n_test"])
+        assert run["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
+    assert runs[0]["spec"]["fine_tune"]["distill"] == {"alpha": 0.5, "temperature": 2.0}
+    dense, pruned = result["sizes"]
+    assert dense["ours_ratio"] == 1.0 and 0.0 < pruned["ours_ratio"] < 1.0
+    assert 0.0 < pruned["tfmot_h5_ratio"] < 1.0 and 0.0 < pruned["tfmot_saved_model_ratio"] < 1.0
+    assert result["goals"]["zip_ratio_80"] == pruned["ours_ratio"] and result["goals"]["drop_points"] is None
+    assert Path(result["plot"]).read_bytes().startswith(b"\x89PNG")
+    assert "| 80% | 1 |" in result["markdown"]
+
+
+def test_throughput_smoke_measures_every_variant(smoke: dict[str, Any]) -> None:
+    rows = {r["variant"]: r for r in smoke["throughput"]["rows"]}
+    assert set(rows) == {"keras.fit", "ours", "ours + masks", "ours + masks + distill"}
+    assert rows["keras.fit"]["ratio_to_keras_fit"] == 1.0
+    for row in rows.values():
+        assert _positive_finite(row["samples_per_s_median"]) and _positive_finite(row["ratio_to_keras_fit"])
+
+
 def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
     report: Path = smoke["report"]
     text = report.read_text()
-    assert text.startswith("# Secateurs benchmarks (SMOKE")
+    assert text.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
     assert "TensorFlow" in text and "CPUs" in text
-    assert "ResNet-50: API job vs the floor" in text and "Digits: quality after pruning" in text
+    for name, (title, _) in bench_run.SECTIONS.items():
+        assert f"<!-- bench:{name} -->\n## {title}" in text
+        assert f"<!-- /bench:{name} -->" in text

@@ -64,7 +64,7 @@ def test_upload_was_measured_and_cleaned_up(smoke: tuple[dict[str, Any], Path]) 
 def test_markdown_has_both_tables(smoke: tuple[dict[str, Any], Path]) -> None:
     result, _ = smoke
     text = result["markdown"]
-    assert text.startswith("## Service load (SMOKE")
+    assert text.startswith("### Service load (SMOKE")
     assert "| request | clients | client model |" in text and "`GET /v1/jobs/{id}`" in text
     assert "**API RSS growth**" in text and "CPUs" in text and "uvicorn" in text
     assert text == service_load.render(result)

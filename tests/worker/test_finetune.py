@@ -12,8 +12,14 @@ pytestmark = pytest.mark.tf
 tf = pytest.importorskip("tensorflow")
 
 from worker.pruning.criteria import Magnitude  # noqa: E402
-from worker.pruning.finetune import TrainingDiverged, count_steps, fine_tune, learning_rate_at  # noqa: E402
-from worker.pruning.losses import infer_loss, loss_fn  # noqa: E402
+from worker.pruning.finetune import (  # noqa: E402
+    Distillation,
+    TrainingDiverged,
+    count_steps,
+    fine_tune,
+    learning_rate_at,
+)
+from worker.pruning.losses import distill_fn, infer_loss, loss_fn  # noqa: E402
 from worker.pruning.pruner import Pruner  # noqa: E402
 
 
@@ -308,4 +314,135 @@ def test_divergence_and_bad_arguments_are_reported() -> None:
             learning_rate=0.1,
             optimizer="sgd",
             seed=0,
+        )
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+
+
+def test_softmax_distillation_is_t_squared_kl_of_softened_outputs_by_hand() -> None:
+    teacher = np.array([[3.0, 1.0, -2.0], [0.0, 2.0, 0.5]], dtype=np.float32)
+    student = np.array([[1.0, 1.5, -1.0], [0.5, 0.0, 1.0]], dtype=np.float32)
+    for temperature in (1.0, 2.0, 4.0):
+        t, s = teacher.astype(np.float64) / temperature, student.astype(np.float64) / temperature
+        expected = temperature**2 * _kl(_softmax(t), _softmax(s))
+        for name in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+            value = float(distill_fn(name, True, temperature)(teacher, student))
+            assert value == pytest.approx(expected, rel=1e-5)
+            # The same models emitting probabilities give the same term (log p = logits + a row constant).
+            probs = float(distill_fn(name, False, temperature)(_softmax(teacher), _softmax(student)))
+            assert probs == pytest.approx(expected, rel=1e-4)
+    assert float(distill_fn("sparse_categorical_crossentropy", True, 2.0)(teacher, teacher)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_binary_distillation_and_regression_distillation_by_hand() -> None:
+    teacher = np.array([[2.0], [-1.0], [0.3]], dtype=np.float32)
+    student = np.array([[0.5], [0.5], [-0.2]], dtype=np.float32)
+    temperature = 3.0
+    pt, ps = _sigmoid(teacher / temperature), _sigmoid(student / temperature)
+    per_unit = pt * np.log(pt / ps) + (1 - pt) * np.log((1 - pt) / (1 - ps))
+    expected = temperature**2 * float(np.mean(per_unit))
+    assert float(distill_fn("binary_crossentropy", True, temperature)(teacher, student)) == pytest.approx(
+        expected, rel=1e-4
+    )
+    from_probs = distill_fn("binary_crossentropy", False, temperature)(_sigmoid(teacher), _sigmoid(student))
+    assert float(from_probs) == pytest.approx(expected, rel=1e-3)
+    # Regression: the task's own loss against the dense outputs; the temperature plays no part.
+    for temperature in (1.0, 5.0):
+        mse = float(distill_fn("mse", False, temperature)(teacher, student))
+        assert mse == pytest.approx(float(np.mean((teacher - student) ** 2)), rel=1e-5)
+        mae = float(distill_fn("mae", False, temperature)(teacher.reshape(-1), student))  # (N,) vs (N, 1)
+        assert mae == pytest.approx(float(np.mean(np.abs(teacher - student))), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        distill_fn("mse", False, 0.0)
+    with pytest.raises(ValueError, match="hinge"):
+        distill_fn("hinge", False, 1.0)
+
+
+def _distill_run(
+    teacher_model: _Linear, alpha: float | None, y: np.ndarray, x: np.ndarray
+) -> tuple[_Linear, list[float]]:
+    """A fresh student trained on (x, y) with soft targets from ``teacher_model`` (``alpha`` None: none)."""
+    student = _Linear(64, 10, seed=1)
+    teacher = teacher_model.forward({"x": tf.constant(x)}, False).numpy()
+    history = fine_tune(
+        student.forward,
+        [student.w, student.b],
+        {"x": x},
+        y,
+        loss="sparse_categorical_crossentropy",
+        from_logits=True,
+        epochs=8,
+        batch_size=64,
+        learning_rate=0.05,
+        optimizer="adam",
+        seed=0,
+        lr_decay="constant",
+        distill=None if alpha is None else Distillation(teacher, alpha=alpha, temperature=2.0),
+    )
+    return student, history
+
+
+def test_distillation_pulls_the_student_to_the_teacher_not_to_the_labels(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = digits
+    teacher = _Linear(64, 10)
+    fine_tune(
+        teacher.forward,
+        [teacher.w, teacher.b],
+        {"x": x},
+        y,
+        loss="sparse_categorical_crossentropy",
+        from_logits=True,
+        epochs=10,
+        batch_size=64,
+        learning_rate=0.05,
+        optimizer="adam",
+        seed=0,
+    )
+    wrong = np.random.default_rng(0).permutation(y)  # labels that carry no information
+
+    def agreement(model: _Linear) -> float:
+        ours = model.forward({"x": tf.constant(x)}, False).numpy().argmax(axis=1)
+        return float(np.mean(ours == teacher.forward({"x": tf.constant(x)}, False).numpy().argmax(axis=1)))
+
+    labels_only, _ = _distill_run(teacher, None, wrong, x)
+    teacher_only, history = _distill_run(teacher, 1.0, wrong, x)
+    assert agreement(teacher_only) > 0.9 > 0.5 > agreement(labels_only)
+    # The history is the task loss on the (wrong) labels, whatever the objective: comparable across runs.
+    assert history[-1] > 1.5
+    # alpha 0 is exactly the labels-only objective.
+    zero, _ = _distill_run(teacher, 0.0, wrong, x)
+    np.testing.assert_allclose(zero.w.numpy(), labels_only.w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_arguments_are_checked(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    model = _Linear(64, 10)
+    options: dict = {
+        "loss": "sparse_categorical_crossentropy",
+        "from_logits": True,
+        "epochs": 1,
+        "batch_size": 64,
+        "learning_rate": 0.01,
+        "optimizer": "sgd",
+        "seed": 0,
+    }
+    with pytest.raises(ValueError, match="teacher outputs for 5 samples"):
+        fine_tune(model.forward, [model.w], {"x": x}, y, distill=Distillation(np.zeros((5, 10))), **options)
+    with pytest.raises(ValueError, match="alpha"):
+        fine_tune(
+            model.forward,
+            [model.w],
+            {"x": x},
+            y,
+            distill=Distillation(np.zeros((len(y), 10)), 1.5),
+            **options,
         )

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from worker.pruning.schedules import SCHEDULES, OneShot, PolynomialDecay, Schedule, build_schedule
+from worker.pruning.schedules import (
+    AUTO_MASK_UPDATES,
+    SCHEDULES,
+    OneShot,
+    PolynomialDecay,
+    Schedule,
+    auto_frequency,
+    build_schedule,
+)
 
 
 def test_one_shot_prunes_once_at_step_zero() -> None:
@@ -108,8 +116,14 @@ def test_build_schedule_from_spec_dicts() -> None:
         total_steps=100,
     )
     assert s == PolynomialDecay(0.1, 0.8, begin_step=0, end_step=75, power=2.0, frequency=5)
-    # Defaults match the spec's: cubic, every 10 steps, final at 75% of the steps.
-    assert build_schedule({"kind": "polynomial"}, 0.5, total_steps=40) == PolynomialDecay(0.0, 0.5, 0, 30)
+    # Defaults match the spec's: cubic, final at 75% of the steps, masks updated every step on a short ramp.
+    assert build_schedule({"kind": "polynomial"}, 0.5, total_steps=40) == PolynomialDecay(
+        0.0, 0.5, 0, 30, frequency=1
+    )
+    # The spec's null frequency is the default, not an error.
+    assert build_schedule({"kind": "polynomial", "frequency": None}, 0.5, 40) == build_schedule(
+        {"kind": "polynomial"}, 0.5, 40
+    )
     with pytest.raises(ValueError, match="unknown schedule kind"):
         build_schedule({"kind": "cosine"}, 0.5, total_steps=10)
 
@@ -121,3 +135,28 @@ def test_build_schedule_reaches_final_within_short_runs(total_steps: int) -> Non
     assert prune_steps[0] == 0
     assert s(prune_steps[-1]) == (True, 0.6)
     assert prune_steps[-1] <= total_steps
+
+
+@pytest.mark.parametrize(
+    ("ramp_steps", "frequency"), [(0, 1), (1, 1), (97, 1), (100, 1), (101, 2), (323, 4), (7500, 75)]
+)
+def test_auto_frequency_spreads_at_most_a_hundred_updates_over_the_ramp(
+    ramp_steps: int, frequency: int
+) -> None:
+    assert AUTO_MASK_UPDATES == 100
+    assert auto_frequency(ramp_steps) == frequency
+    updates = len(range(0, ramp_steps + 1, frequency))
+    if ramp_steps <= AUTO_MASK_UPDATES:
+        assert updates == ramp_steps + 1  # every step
+    else:
+        assert AUTO_MASK_UPDATES // 2 < updates <= AUTO_MASK_UPDATES + 1
+
+
+def test_default_schedule_of_the_benchmark_budgets() -> None:
+    """The digits benchmark's budgets (1347 samples, batch 32): 3 epochs = 129 steps, 10 epochs = 430."""
+    short = build_schedule({"kind": "polynomial"}, 0.9, total_steps=129)
+    long = build_schedule({"kind": "polynomial"}, 0.9, total_steps=430)
+    assert (short.end_step, short.frequency) == (97, 1)  # type: ignore[attr-defined]
+    assert (long.end_step, long.frequency) == (323, 4)  # type: ignore[attr-defined]
+    assert [step for step in range(431) if long(step)[0]][-2:] == [320, 323]  # the end step off the grid too
+    assert long(323) == (True, 0.9)

@@ -17,6 +17,13 @@ schedules' "steps already taken". The pipeline re-applies masks there; whatever 
 ``penalty`` (regularisation-driven criteria ``l1``/``l2``, see ``regularization.py``) is a zero-argument
 callable traced into the same compiled step and added to the batch loss before differentiating; the returned
 history is the data loss alone, so runs with and without a penalty compare on the task's loss.
+
+``distill`` (``Distillation``): the dense model's outputs on every train sample, computed once before pruning,
+become soft targets: the objective is ``(1 - alpha) * task + alpha * distill_fn(teacher, student)``
+(``losses.distill_fn``). Why: a pruned network recovering on a small train set overfits the hard labels the
+dense model already fits perfectly; the dense model's full output distribution carries more information per
+sample ("dark knowledge") and pulls the pruned model back toward the function it replaces. Precomputed
+outputs cost one inference pass and ``n x output size`` floats, and no second model in the training step.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import tensorflow as tf
 
-from worker.pruning.losses import loss_fn
+from worker.pruning.losses import distill_fn, loss_fn
 
-__all__ = ["OPTIMIZERS", "TrainingDiverged", "count_steps", "fine_tune", "learning_rate_at"]
+__all__ = ["OPTIMIZERS", "Distillation", "TrainingDiverged", "count_steps", "fine_tune", "learning_rate_at"]
 
 Forward = Callable[[dict[str, tf.Tensor], bool], tf.Tensor]
 LrDecay = Literal["constant", "cosine"]
@@ -39,6 +47,19 @@ LrDecay = Literal["constant", "cosine"]
 
 class TrainingDiverged(ArithmeticError):
     """Raised when a batch loss becomes NaN or infinite: the learning rate is too high for this model."""
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Soft targets from the dense model: ``teacher[i]`` is its output for train sample ``i``.
+
+    ``alpha`` weighs the distillation term against the task loss (0 = labels only, 1 = teacher only);
+    ``temperature`` softens both distributions (classification losses only).
+    """
+
+    teacher: np.ndarray
+    alpha: float = 0.5
+    temperature: float = 2.0
 
 
 class _Optimizer(ABC):
@@ -133,9 +154,11 @@ def fine_tune(
     on_epoch: Callable[[int, float], None] | None = None,
     lr_decay: LrDecay = "cosine",
     penalty: Callable[[], tf.Tensor] | None = None,
+    distill: Distillation | None = None,
 ) -> list[float]:
-    """Train ``variables`` to lower ``loss(y, forward(x, training)) [+ penalty()]``; returns each epoch's mean
-    batch data loss (without the penalty).
+    """Train ``variables`` to lower ``loss(y, forward(x, training)) [+ penalty()]`` (mixed with the
+    distillation term when ``distill`` is given); returns each epoch's mean batch task loss (labels only:
+    without the penalty or the distillation term, so runs with and without them compare).
 
     ``x`` arrays must already have the dtypes ``forward`` expects. Batches are reshuffled every epoch from
     ``seed`` (and TensorFlow's global seed is set from it, so dropout in training mode is reproducible).
@@ -151,16 +174,27 @@ def fine_tune(
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     if not variables:
         raise ValueError("no variables to fine-tune")
+    if distill is not None:
+        if len(distill.teacher) != n:
+            raise ValueError(f"teacher outputs for {len(distill.teacher)} samples, but {n} train samples")
+        if not 0.0 <= distill.alpha <= 1.0:
+            raise ValueError(f"distillation alpha must be within [0, 1], got {distill.alpha!r}")
 
     compute_loss = loss_fn(loss, from_logits)
+    soft = None if distill is None else distill_fn(loss, from_logits, distill.temperature)
+    alpha = 0.0 if distill is None else float(distill.alpha)
     opt = OPTIMIZERS[optimizer](variables)
 
     @tf.function
-    def train_step(xb: dict[str, tf.Tensor], yb: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def train_step(
+        xb: dict[str, tf.Tensor], yb: tf.Tensor, tb: tf.Tensor, lr: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             tape.watch(variables)  # restored variables may be flagged non-trainable
-            data = compute_loss(yb, forward(xb, training))
-            total = data if penalty is None else data + tf.cast(penalty(), data.dtype)
+            out = forward(xb, training)
+            data = compute_loss(yb, out)
+            objective = data if soft is None else (1.0 - alpha) * data + alpha * soft(tb, out)
+            total = objective if penalty is None else objective + tf.cast(penalty(), objective.dtype)
         grads = tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.NONE)
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any of the variables being fine-tuned")
@@ -178,8 +212,12 @@ def fine_tune(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             lr = tf.constant(learning_rate_at(step, total, learning_rate, lr_decay), tf.float32)
+            yb = tf.constant(y[idx])
             data, total_loss = train_step(
-                {k: tf.constant(v[idx]) for k, v in x.items()}, tf.constant(y[idx]), lr
+                {k: tf.constant(v[idx]) for k, v in x.items()},
+                yb,
+                yb if distill is None else tf.constant(distill.teacher[idx]),  # unused without distill
+                lr,
             )
             value = float(data)
             if not (math.isfinite(value) and math.isfinite(float(total_loss))):

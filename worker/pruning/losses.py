@@ -3,6 +3,10 @@
 Each loss returns the mean over the batch as a float32 scalar. Labels are reshaped to the prediction's shape
 when they hold the same number of values, so ``y`` of shape (N,) against outputs (N, 1) never broadcasts into
 an (N, N) matrix -- the classic silent bug. Probabilities are clipped to [1e-7, 1 - 1e-7] like Keras does.
+
+``distill_fn`` is the matching knowledge-distillation term (Hinton et al. 2015): how far the pruned model's
+outputs are from the dense model's on the same inputs, in the task's own terms -- KL divergence between
+temperature-softened distributions for the cross-entropies, the regression loss itself for mse/mae.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import tensorflow as tf
 
 from worker.evaluation.metrics import looks_like_probabilities, target_kind
 
-__all__ = ["LOSSES", "LossFn", "infer_loss", "loss_fn"]
+__all__ = ["LOSSES", "LossFn", "distill_fn", "infer_loss", "loss_fn"]
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 _EPS = 1e-7
@@ -83,6 +87,68 @@ def loss_fn(name: str, from_logits: bool) -> LossFn:
         return tf.reduce_mean(per_item(tf.convert_to_tensor(y_true), y_pred, from_logits))
 
     compute.__name__ = name
+    return compute
+
+
+def _log_probs(output: tf.Tensor, from_logits: bool) -> tf.Tensor:
+    """Logits as they are; probabilities as clipped log-probabilities (the logits up to a per-row constant,
+    which softmax ignores), so softened distributions can be formed from either kind of output."""
+    if from_logits:
+        return output
+    probs = output / tf.reduce_sum(output, axis=-1, keepdims=True)
+    return tf.math.log(tf.clip_by_value(probs, _EPS, 1.0))
+
+
+def _softmax_kl(teacher: tf.Tensor, student: tf.Tensor, from_logits: bool, temperature: float) -> tf.Tensor:
+    t = tf.nn.log_softmax(_log_probs(teacher, from_logits) / temperature, axis=-1)
+    s = tf.nn.log_softmax(_log_probs(student, from_logits) / temperature, axis=-1)
+    return tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
+
+
+def _bernoulli_kl(teacher: tf.Tensor, student: tf.Tensor, from_logits: bool, temperature: float) -> tf.Tensor:
+    """Every unit as a two-class softmax over logits ``[0, z]``: ``sigmoid(z / T)`` is its softened probability."""
+
+    def logit(z: tf.Tensor) -> tf.Tensor:
+        if from_logits:
+            return z
+        p = tf.clip_by_value(z, _EPS, 1.0 - _EPS)
+        return tf.math.log(p) - tf.math.log(1.0 - p)
+
+    pair = lambda z: tf.stack([tf.zeros_like(z), logit(z)], axis=-1)  # noqa: E731
+    return _softmax_kl(pair(teacher), pair(student), True, temperature)
+
+
+_DISTILL: dict[str, Callable[[tf.Tensor, tf.Tensor, bool, float], tf.Tensor]] = {
+    "sparse_categorical_crossentropy": _softmax_kl,
+    "categorical_crossentropy": _softmax_kl,
+    "binary_crossentropy": _bernoulli_kl,
+    "mse": lambda teacher, student, from_logits, temperature: tf.math.squared_difference(teacher, student),
+    "mae": lambda teacher, student, from_logits, temperature: tf.abs(teacher - student),
+}
+
+
+def distill_fn(name: str, from_logits: bool, temperature: float) -> LossFn:
+    """``(teacher_output, student_output) -> scalar``: the distillation term for task loss ``name``.
+
+    Cross-entropies: ``T**2 * KL(softmax(t / T) || softmax(s / T))`` per sample (sigmoid units as two-class
+    softmaxes), averaged -- the ``T**2`` keeps its gradients on the scale of the task loss as ``T`` grows, so
+    one mixing weight serves every temperature. Regression losses ignore ``temperature`` and compare the
+    outputs with the task loss itself (mse/mae to the dense model's predictions).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    try:
+        per_item = _DISTILL[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+    scale = 1.0 if name in ("mse", "mae") else temperature**2
+
+    def compute(teacher: tf.Tensor, student: tf.Tensor) -> tf.Tensor:
+        student = tf.cast(student, tf.float32)
+        teacher = tf.reshape(tf.cast(teacher, tf.float32), tf.shape(student))
+        return scale * tf.reduce_mean(per_item(teacher, student, from_logits, temperature))
+
+    compute.__name__ = f"distill_{name}"
     return compute
 
 

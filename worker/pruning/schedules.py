@@ -18,7 +18,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["SCHEDULES", "OneShot", "PolynomialDecay", "Schedule", "build_schedule"]
+__all__ = [
+    "AUTO_MASK_UPDATES",
+    "SCHEDULES",
+    "OneShot",
+    "PolynomialDecay",
+    "Schedule",
+    "auto_frequency",
+    "build_schedule",
+]
+
+# A polynomial schedule without a ``frequency`` updates the masks at most this many times over its ramp.
+AUTO_MASK_UPDATES = 100
 
 
 class Schedule(ABC):
@@ -174,15 +185,17 @@ class PolynomialDecay(Schedule):
         cls, spec_schedule: Mapping[str, Any], target_sparsity: float, total_steps: int
     ) -> PolynomialDecay:
         """Ramp from step 0 to ``ceil(end_fraction * total_steps)`` (clamped to [1, total_steps]); the
-        remaining steps recover accuracy at the final sparsity."""
+        remaining steps recover accuracy at the final sparsity. No ``frequency`` (or null): ``auto_frequency``."""
         end_fraction = float(spec_schedule.get("end_fraction", 0.75))
+        end_step = min(total_steps, max(1, math.ceil(end_fraction * total_steps)))
+        frequency = spec_schedule.get("frequency")
         return cls(
             initial_sparsity=float(spec_schedule.get("initial_sparsity", 0.0)),
             final_sparsity=target_sparsity,
             begin_step=0,
-            end_step=min(total_steps, max(1, math.ceil(end_fraction * total_steps))),
+            end_step=end_step,
             power=float(spec_schedule.get("power", 3.0)),
-            frequency=int(spec_schedule.get("frequency", 10)),
+            frequency=auto_frequency(end_step) if frequency is None else int(frequency),
         )
 
     def _params(self) -> dict[str, Any]:
@@ -194,6 +207,19 @@ class PolynomialDecay(Schedule):
             "power": self.power,
             "frequency": self.frequency,
         }
+
+
+def auto_frequency(ramp_steps: int) -> int:
+    """Steps between mask updates giving at most ``AUTO_MASK_UPDATES`` (and more than half as many) updates
+    over a ramp of ``ramp_steps``: every step when the ramp is that short.
+
+    Why not a fixed count of steps: a short fine-tuning run (3 epochs of 1347 samples: a 97-step ramp) pruned
+    every 10 steps removes a tenth of the remaining weights at a time, too abruptly to recover from (digits CNN,
+    layer scope, 90%, 3 epochs: 0.63 -> 0.78 test accuracy with every step; see README), while a long run
+    updated every step would re-rank all weights thousands of times for no gain. About 100 smooth steps are
+    what the ramp needs, whatever its length.
+    """
+    return max(1, math.ceil(ramp_steps / AUTO_MASK_UPDATES))
 
 
 def build_schedule(spec_schedule: Mapping[str, Any], target_sparsity: float, total_steps: int) -> Schedule:
