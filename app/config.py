@@ -58,7 +58,13 @@ class Settings(BaseSettings):
         15.0,
         ge=0.2,
         le=3600,
-        description="how often the API process looks for dead jobs, lost messages, expired data",
+        description="how often the API process looks for dead jobs and lost messages",
+    )
+    retention_interval_s: float = Field(
+        600.0,
+        ge=0.2,
+        le=86400,
+        description="how often that loop also runs the retention sweep (it lists the data directory; TTLs are days)",
     )
     redispatch_after_s: float = Field(
         900.0,

@@ -7,7 +7,7 @@ Every ``reaper_interval_s`` it
 - re-publishes queued jobs and validating models whose message a broker lost: at once when Redis lost our
   marker key (a restart of a Redis that keeps nothing on disk drops every message and the marker with them),
   else once their message is ``redispatch_after_s`` old;
-- runs the retention sweep (app.retention).
+- every ``retention_interval_s``, runs the retention sweep (app.retention).
 
 Every change is a conditional UPDATE and every task claims its record conditionally, so several API processes
 may run this at once and a duplicate message is a no-op. Errors (the database or broker down) are logged and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -53,6 +54,7 @@ class Maintenance:
     ) -> None:
         self.settings, self.celery, self.sessions, self.storage = settings, celery, sessions, storage
         self._resend_all = False
+        self._next_retention = 0.0  # the first pass sweeps (e.g. temp files a killed API left behind)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -114,7 +116,9 @@ class Maintenance:
                 repo.mark_dispatched(session, job_ids=report.sent_jobs, model_ids=report.sent_models)
             if not report.errors:
                 self._resend_all = False
-        report.retention = self._retention(report)
+        if self._next_retention <= time.monotonic():  # listing the data directory every 15 s would be waste
+            self._next_retention = time.monotonic() + self.settings.retention_interval_s
+            report.retention = self._retention(report)
         self.passes += 1
         self.last = report
         if report.sent_jobs or report.sent_models:

@@ -54,6 +54,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Declared for pools that enforce them; the solo pool does not, so worker/lease.py does.
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_hard_time_limit,
         worker_hijack_root_logger=False,

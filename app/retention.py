@@ -1,6 +1,6 @@
 """Retention: delete what has been kept long enough, so the data directory does not grow without bound.
 
-:func:`sweep` is called every ``reaper_interval_s`` by the API process (app.maintenance) and once by
+:func:`sweep` is called every ``retention_interval_s`` by the API process (app.maintenance) and once by
 ``secateurs cleanup``. Each pass, for every TTL that is not 0 (0 = keep forever):
 
 - models older than ``model_ttl_days`` (since upload) go, record and files, unless a queued or running job

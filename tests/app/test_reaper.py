@@ -297,3 +297,23 @@ def test_a_worker_given_up_on_cannot_write_over_the_run_that_replaced_it(
         assert job.stage == "loading"  # attempt 1's progress report did not land either
     with session_scope(sessions) as s:
         assert repo.finish_job(s, job_id, "succeeded", artifact_sha256="b" * 64, artifact_bytes=2, attempt=2)
+
+
+def test_retention_runs_on_the_first_pass_then_at_its_own_interval(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: False)
+    monkeypatch.setattr(maintenance.retention, "sweep", lambda *_args: calls.append(1))
+    loop = Maintenance(
+        Settings(data_dir=tmp_path, retention_interval_s=3600),
+        FakeCelery(),
+        sessions,
+        Storage(tmp_path),  # type: ignore[arg-type]
+    )
+    for _ in range(3):
+        loop.run_once()
+    assert len(calls) == 1  # the reaper passes go on; the directory listing waits an hour
+    loop._next_retention = 0.0  # the interval has passed
+    loop.run_once()
+    assert len(calls) == 2

@@ -166,6 +166,7 @@ def fault_env(data_dir: Path, **extra: str) -> dict[str, str]:
             "SECATEURS_HEARTBEAT_SECONDS": "0.5",
             "SECATEURS_LEASE_SECONDS": "3",
             "SECATEURS_REAPER_INTERVAL_S": "0.5",
+            "SECATEURS_RETENTION_INTERVAL_S": "0.5",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
     )
