@@ -36,6 +36,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,11 +224,19 @@ class Attempt:
 
 
 class IdempotencyStore:
-    """Claims keys for requests and, every ``PURGE_EVERY_S`` seconds per process, deletes expired ones."""
+    """Claims keys for requests and, every ``PURGE_EVERY_S`` seconds per process, deletes expired ones.
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    ``clock`` is a monotonic clock (tests pass a fake one). Its origin is arbitrary (``time.monotonic`` counts
+    from boot), so "never purged" is ``None``, not 0: a start value of 0 skipped the purge for the first
+    ``PURGE_EVERY_S`` seconds of the machine's uptime.
+    """
+
+    def __init__(
+        self, session_factory: sessionmaker[Session], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.session_factory = session_factory
-        self._last_purge = 0.0
+        self._clock = clock
+        self._last_purge: float | None = None  # None: this process has not purged yet, so the next call does
         self._purge_lock = threading.Lock()
 
     def begin(
@@ -292,8 +301,9 @@ class IdempotencyStore:
 
     def purge_now_and_then(self) -> int:
         """Delete expired keys at most every PURGE_EVERY_S seconds in this process; returns how many went."""
-        now = time.monotonic()
-        if now - self._last_purge < PURGE_EVERY_S or not self._purge_lock.acquire(blocking=False):
+        now = self._clock()
+        last = self._last_purge
+        if (last is not None and now - last < PURGE_EVERY_S) or not self._purge_lock.acquire(blocking=False):
             return 0
         try:
             self._last_purge = now

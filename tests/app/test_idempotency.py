@@ -472,9 +472,23 @@ def test_claim_complete_release_cycle(sessions: sessionmaker[Session]) -> None:
     assert claim(sessions, "d").outcome == "claimed"
 
 
-def test_expired_keys_are_purged_now_and_then(sessions: sessionmaker[Session]) -> None:
-    """Every PURGE_EVERY_S per process, on the way into a request, not on every request."""
-    store = IdempotencyStore(sessions)
+class FakeClock:
+    """A monotonic clock the test moves by hand; ``time.monotonic``'s origin (boot) is arbitrary too."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# 5 s: a process on a machine booted seconds ago (the purge used to wait until 600 s of uptime); 1e6: long up.
+@pytest.mark.parametrize("uptime", [0.0, 5.0, PURGE_EVERY_S - 1.0, 1e6])
+def test_expired_keys_are_purged_now_and_then(sessions: sessionmaker[Session], uptime: float) -> None:
+    """Every PURGE_EVERY_S per process, on the way into a request, not on every request; the first chance
+    after start purges whatever the clock reads."""
+    clock = FakeClock(uptime)
+    store = IdempotencyStore(sessions, clock=clock)
     for owner in ("a", "b"):
         assert claim(sessions, owner, key=owner).outcome == "claimed"
     with session_scope(sessions) as session:
@@ -488,5 +502,7 @@ def test_expired_keys_are_purged_now_and_then(sessions: sessionmaker[Session]) -
         assert sorted(session.scalars(select(IdempotencyRecord.key))) == ["b", "c"]
         session.execute(update(IdempotencyRecord).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert store.purge_now_and_then() == 0  # too soon after the last purge
-    store._last_purge -= PURGE_EVERY_S
+    clock.now += PURGE_EVERY_S - 1.0
+    assert store.purge_now_and_then() == 0  # still too soon
+    clock.now += 1.0
     assert store.purge_now_and_then() == 2
