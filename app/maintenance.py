@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -49,12 +50,22 @@ class PassReport:
 
 
 class Maintenance:
+    """The reaper loop. ``clock`` is monotonic with an arbitrary origin (tests pass a fake one), so "never
+    swept" is ``None`` rather than a number that happens to lie in the clock's past."""
+
     def __init__(
-        self, settings: Settings, celery: Celery, sessions: sessionmaker[Session], storage: Storage
+        self,
+        settings: Settings,
+        celery: Celery,
+        sessions: sessionmaker[Session],
+        storage: Storage,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings, self.celery, self.sessions, self.storage = settings, celery, sessions, storage
+        self._clock = clock
         self._resend_all = False
-        self._next_retention = 0.0  # the first pass sweeps (e.g. temp files a killed API left behind)
+        self._last_retention: float | None = None  # None: the first pass sweeps (a killed API's temp files)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -116,8 +127,9 @@ class Maintenance:
                 repo.mark_dispatched(session, job_ids=report.sent_jobs, model_ids=report.sent_models)
             if not report.errors:
                 self._resend_all = False
-        if self._next_retention <= time.monotonic():  # listing the data directory every 15 s would be waste
-            self._next_retention = time.monotonic() + self.settings.retention_interval_s
+        now = self._clock()  # listing the data directory every reaper pass (15 s) would be waste
+        if self._last_retention is None or now - self._last_retention >= self.settings.retention_interval_s:
+            self._last_retention = now
             report.retention = self._retention(report)
         self.passes += 1
         self.last = report

@@ -299,21 +299,29 @@ def test_a_worker_given_up_on_cannot_write_over_the_run_that_replaced_it(
         assert repo.finish_job(s, job_id, "succeeded", artifact_sha256="b" * 64, artifact_bytes=2, attempt=2)
 
 
+# A monotonic clock's origin is arbitrary (boot on Linux): the first pass must sweep whatever it reads.
+@pytest.mark.parametrize("clock_start", [-1e4, 0.0, 5.0, 1e6])
 def test_retention_runs_on_the_first_pass_then_at_its_own_interval(
-    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock_start: float
 ) -> None:
     calls: list[int] = []
+    now = [clock_start]
     monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: False)
     monkeypatch.setattr(maintenance.retention, "sweep", lambda *_args: calls.append(1))
     loop = Maintenance(
         Settings(data_dir=tmp_path, retention_interval_s=3600),
-        FakeCelery(),
+        FakeCelery(),  # type: ignore[arg-type]
         sessions,
-        Storage(tmp_path),  # type: ignore[arg-type]
+        Storage(tmp_path),
+        clock=lambda: now[0],
     )
     for _ in range(3):
         loop.run_once()
+        now[0] += 15.0
     assert len(calls) == 1  # the reaper passes go on; the directory listing waits an hour
-    loop._next_retention = 0.0  # the interval has passed
+    now[0] = clock_start + 3599.0
+    loop.run_once()
+    assert len(calls) == 1
+    now[0] = clock_start + 3600.0  # the interval has passed
     loop.run_once()
     assert len(calls) == 2
