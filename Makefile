@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install serve worker test lint bench bench-smoke clean
+.PHONY: install serve worker test lint docs bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ worker: $(STAMP)  ## a production worker (needs SECATEURS_BROKER_URL=redis://...
 lint: $(STAMP)
 	$(BIN)/ruff check app worker tests bench
 
-test: $(STAMP) lint  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
+docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a broken link or anchor fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
+test: $(STAMP) lint docs  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot
@@ -34,4 +37,4 @@ bench-smoke: $(STAMP)  ## tiny stand-ins (~1-2 min), writes bench/out/RESULTS.sm
 	$(BIN)/python -m bench.run --smoke
 
 clean:
-	rm -rf var .pytest_cache .ruff_cache
+	rm -rf var site .pytest_cache .ruff_cache
