@@ -11,6 +11,10 @@ on the base class as class variables, so the caller prepares it generically:
   pruning (regularisation-driven pruning); the scores themselves are magnitudes.
 - ``uses_name``: ``score`` is called with ``name=<variable name>`` (random streams per variable). Off by
   default, so criteria written against ``score(weight, grad)`` keep working unchanged.
+- ``group_reduce``: how element scores of one coupled channel (all its members' slices, ``groups.py``)
+  combine into the channel's score: ``"l2"`` (root of the summed squares: the L2 norm of the channel's
+  weights, for magnitude-like criteria), ``"sum"`` (additive estimates: Taylor's loss change of removing
+  every weight of the channel, summed gradients) or ``"mean"`` (random: stays uniform whatever the size).
 
 Registered criteria (the spec's ``criterion``):
 
@@ -42,6 +46,7 @@ __all__ = [
     "Criterion",
     "Gradient",
     "GradientStats",
+    "GroupReduce",
     "Magnitude",
     "Random",
     "Regularizer",
@@ -51,6 +56,7 @@ __all__ = [
 ]
 
 Regularizer = Literal["l1", "l2"]
+GroupReduce = Literal["l2", "sum", "mean"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Criterion(ABC):
     needs_gradients: ClassVar[bool] = False
     regularizer: ClassVar[Regularizer | None] = None
     uses_name: ClassVar[bool] = False
+    group_reduce: ClassVar[GroupReduce] = "sum"
 
     def __init__(self, seed: int = 0) -> None:
         # Kept on every criterion so stochastic ones (e.g. random) are reproducible from the spec's seed.
@@ -125,6 +132,7 @@ class Magnitude(Criterion):
     """|w|: small weights contribute least to the output (Han et al., 2015; tfmot's default)."""
 
     name = "magnitude"
+    group_reduce = "l2"
 
     def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
         return np.abs(np.asarray(weight))
@@ -164,6 +172,7 @@ class Random(Criterion):
 
     name = "random"
     uses_name = True
+    group_reduce = "mean"
 
     def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode("utf-8"))])
