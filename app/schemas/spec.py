@@ -227,6 +227,14 @@ class PruneSpec(_Strict):
     preprocessing: Preprocessing | None = None
     evaluation: Evaluation | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    preset: Literal["fast", "recommended"] | None = Field(
+        None,
+        description="a measured recipe (app/schemas/presets.py): `fast` = one-shot, no fine-tuning; "
+        "`recommended` = global LAMP ranking, polynomial schedule, 3 epochs of fine-tuning with distillation "
+        "(needs train_dataset_id). Every field given explicitly overrides the preset's value. Absent: "
+        "`recommended` with a train dataset and no `schedule`/`fine_tune`, `fast` without a train dataset. "
+        "The job's spec shows the resolved values (null = no preset: the spec as given)",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -315,7 +323,9 @@ class PruneSpec(_Strict):
     @model_validator(mode="after")
     def _schedule_needs_steps(self) -> PruneSpec:
         if isinstance(self.schedule, PolynomialSchedule):
-            if self.fine_tune is None:
+            # A preset may still supply fine_tune (app/schemas/presets.py checks the resolved spec again).
+            preset_fills = self.preset is not None and "fine_tune" not in self.model_fields_set
+            if self.fine_tune is None and not preset_fills:
                 raise ValueError(
                     "schedule 'polynomial' raises sparsity during fine-tuning steps: add 'fine_tune' "
                     '(e.g. {"epochs": 3}) or use {"kind": "one_shot"}'

@@ -30,6 +30,7 @@ from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.presenters import job_out
 from app.queue import RUN_JOB
 from app.schemas.fit import dataset_fit_errors
+from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
@@ -145,6 +146,9 @@ def create_job(
     if attempt.previous is not None:
         return attempt.replay(fingerprint)
     try:
+        # The preset is resolved here, once: the record, the job body and the metrics show what runs.
+        spec = resolve_preset(body.spec, has_train=body.train_dataset_id is not None)
+        body = body.model_copy(update={"spec": spec})
         _validate(body, session, tenant)
         _check_quota(session, tenant, settings)
         webhook_url = _webhook_url(body, session, tenant, settings)

@@ -1,0 +1,117 @@
+"""Spec presets: measured recipes that fill in every field the user did not give, resolved once by the API.
+
+Why: the contract defaults (layer scope, one-shot, no fine-tuning) keep a model only at low sparsity; a user who
+uploads training data expects it to be used well without reading the spec table. So a job's spec is resolved
+at creation (``resolve``), the resolved spec is what the job record, the job body and the metrics show, and the
+worker runs it as stored (it never resolves again: ``preset`` in a stored spec is only a record).
+
+Rules:
+- Which preset: the spec's ``preset`` if given; else ``fast`` without a train dataset; else ``recommended``
+  unless the spec names ``schedule`` or ``fine_tune`` (an explicit recipe: taken as given, ``preset`` null) or
+  asks for a per-variable ``sensitivity`` sweep (one-shot by definition: ``fast``).
+- Explicit wins: every field in ``model_fields_set`` (nested ones too, e.g. only ``fine_tune.epochs``)
+  overrides the preset; an explicit ``null`` (``"fine_tune": null``) too. A nested model of another ``kind``
+  (``schedule: {"kind": "one_shot"}``) replaces the preset's instead of merging.
+- ``recommended`` fine-tunes, so asking for it without a train dataset is a 422 naming what to do.
+
+The numbers behind ``recommended`` are in bench/RESULTS.md ("Digits: Secateurs vs tfmot") and docs/presets.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.errors import Unprocessable
+from app.schemas.spec import PruneSpec
+
+# preset -> values, in the spec's JSON spelling. Every value is one the measurements chose (docs/presets.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "schedule": {"kind": "one_shot"},
+        "fine_tune": None,
+    },
+    "recommended": {
+        "scope": "global",
+        "normalization": "lamp",
+        "schedule": {"kind": "polynomial"},
+        "fine_tune": {
+            "epochs": 3,
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "optimizer": "adam",
+            "lr_schedule": "constant",
+            "distill": {"alpha": 0.5, "temperature": 2.0},
+        },
+    },
+}
+NEEDS_TRAIN_DATA = frozenset({"recommended"})
+# Spec fields that make a recipe explicit: naming one turns the default preset off (with a train dataset).
+RECIPE_FIELDS = frozenset({"schedule", "fine_tune"})
+# Job kinds that prune one-shot by definition: they get ``fast`` by default.
+ONE_SHOT_KINDS = frozenset({"sensitivity"})
+
+
+def explicit_fields(spec: PruneSpec) -> dict[str, Any]:
+    """The values the user gave, JSON-spelled: ``model_fields_set`` of the spec and, recursively, of every
+    nested model (``exclude_unset``); an explicit null stays, defaults are left out."""
+    return spec.model_dump(mode="json", exclude_unset=True)
+
+
+def choose(spec: PruneSpec, has_train: bool) -> str | None:
+    """The preset that applies to ``spec`` (None: none, the spec as given) -- the default rule above."""
+    if spec.preset is not None:
+        return spec.preset
+    given = spec.model_fields_set
+    if not has_train or given & ONE_SHOT_KINDS:
+        return "fast"
+    if given & RECIPE_FIELDS:
+        return None
+    return "recommended"
+
+
+def _overlay(base: Any, given: Any) -> Any:
+    """``given`` over ``base``; dicts merge key by key unless their ``kind`` differs (another model)."""
+    if not (isinstance(base, dict) and isinstance(given, dict)) or base.get("kind") != given.get("kind"):
+        return given
+    merged = dict(base)
+    for key, value in given.items():
+        merged[key] = _overlay(base[key], value) if key in base else value
+    return merged
+
+
+def resolve(spec: PruneSpec, has_train: bool) -> PruneSpec:
+    """The spec that will run: the chosen preset's values under every explicit field, ``preset`` recorded.
+
+    Raises Unprocessable (422) for ``recommended`` without a train dataset, and when the preset's values and
+    the explicit fields do not form a valid spec together (e.g. ``recommended`` with ``"fine_tune": null``
+    keeps the polynomial schedule, which needs fine-tuning steps), naming the preset.
+    """
+    name = choose(spec, has_train)
+    if name is None:
+        return spec
+    if name in NEEDS_TRAIN_DATA and not has_train:
+        msg = (
+            f"preset {name!r} fine-tunes on training data: give train_dataset_id, or use preset 'fast' "
+            "(one-shot, no fine-tuning)"
+        )
+        raise Unprocessable(
+            msg,
+            extra={"errors": [{"loc": "train_dataset_id", "msg": msg}, {"loc": "spec.preset", "msg": msg}]},
+        )
+    values = _overlay(PRESETS[name], explicit_fields(spec))
+    values["preset"] = name
+    try:
+        return PruneSpec.model_validate(values)
+    except ValidationError as exc:
+        errors = [
+            {"loc": ".".join(["spec", *map(str, e["loc"])]), "msg": e["msg"]}
+            for e in exc.errors(include_url=False)
+        ]
+        raise Unprocessable(
+            f"preset {name!r} ({PRESETS[name]}) and the fields given do not fit together: "
+            + "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
+            + "; set the conflicting field explicitly or choose another preset",
+            extra={"errors": errors},
+        ) from exc
