@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.errors import Unauthorized
+from app.observability.logs import bind
 from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DEFAULT_TENANT, ApiKeyRecord
@@ -191,8 +192,17 @@ def request_tenant(
     """The tenant a request acts as, from its ``Authorization`` header; raises Unauthorized.
 
     Uses a short transaction of its own rather than the route's session: an upload route streams for minutes,
-    and on SQLite a write (``last_used_at``) held open that long would block the worker.
+    and on SQLite a write (``last_used_at``) held open that long would block the worker. The tenant goes into
+    the request's log context (JSON logs' ``tenant`` field).
     """
+    tenant = _resolve_tenant(settings, session_factory, authorization)
+    bind(tenant=tenant)
+    return tenant
+
+
+def _resolve_tenant(
+    settings: Settings, session_factory: sessionmaker[Session], authorization: str | None
+) -> str:
     if settings.auth == "disabled":
         return DEFAULT_TENANT
     if authorization is not None and authorization.strip():

@@ -131,7 +131,9 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     host = args.host or settings.host
     port = args.port or settings.port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.observability.logs import configure_logging
+
+    configure_logging(settings.log_format)
     log = logging.getLogger("secateurs")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     may_start, banner = auth_banner(settings, host)
@@ -156,7 +158,11 @@ def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+        # JSON logs: uvicorn's own log config would put its text handlers back; without one it uses the root's.
+        log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+        uvicorn.run(
+            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10, log_config=log_config
+        )
     finally:
         if worker is not None:
             worker.stop()
@@ -177,7 +183,9 @@ def worker(args: argparse.Namespace) -> int:
             f"{settings.broker_dir}",
             file=sys.stderr,
         )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.observability.logs import configure_logging
+
+    configure_logging(settings.log_format)
     supervisor = EmbeddedWorker(
         settings, loglevel=args.loglevel, concurrency=args.concurrency, hostname="secateurs@%h"
     )

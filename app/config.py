@@ -109,6 +109,32 @@ class Settings(BaseSettings):
         ),
     )
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per log line, with job_id, tenant and stage (docs/operations.md)"
+    )
+    metrics_token: str | None = Field(
+        None,
+        min_length=16,
+        description=(
+            "GET /metrics needs 'Authorization: Bearer <token>' when set; unset, it answers loopback clients only"
+        ),
+    )
+    storage_url: str | None = Field(
+        None, description="blob store: unset = data_dir (local); s3://bucket/prefix for S3-compatible storage"
+    )
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://seaweedfs:8333; unset = AWS")
+    s3_region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
+    presigned_downloads: bool = Field(
+        False, description="downloads answer 302 to a short-lived presigned URL of the store (S3 only)"
+    )
+    presign_expiry_s: int = Field(300, ge=10, le=7 * 86400, description="lifetime of a presigned download URL")
+    cache_dir: Path | None = Field(
+        None, description="the worker's content-addressed blob cache; default data_dir/cache"
+    )
+    cache_max_bytes: int = Field(
+        20 * GiB, ge=0, description="the cache evicts least recently used blobs above this; 0 = no cap"
+    )
+
     webhook_allow: str = Field(
         "",
         description=(
@@ -159,6 +185,12 @@ class Settings(BaseSettings):
                 raise ValueError("production needs SECATEURS_DATABASE_URL pointing at PostgreSQL")
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://")):
             raise ValueError("SECATEURS_BROKER_URL must be redis://, rediss:// or filesystem://")
+        if self.storage_url and not self.storage_url.startswith(("s3://", "file://")):
+            raise ValueError(
+                "SECATEURS_STORAGE_URL must be s3://bucket[/prefix] (or file:///path); unset = SECATEURS_DATA_DIR"
+            )
+        if self.presigned_downloads and not (self.storage_url or "").startswith("s3://"):
+            raise ValueError("SECATEURS_PRESIGNED_DOWNLOADS=true needs an s3:// SECATEURS_STORAGE_URL")
         self.data_dir = self.data_dir.resolve()
         return self
 

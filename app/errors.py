@@ -13,6 +13,7 @@ SecateursError
 │   ├── UploadError          400  the multipart upload is missing a field, has an extra one, or was cut short
 │   └── BadIdempotencyKey    400  the Idempotency-Key header is empty, too long or not printable ASCII
 ├── Unauthorized             401  no API key, or one that is unknown or revoked, while keys are required
+├── Forbidden                403  the caller may not see this at all (GET /metrics from another host, no token)
 ├── NotFound                 404  no such model/dataset/job, an id that cannot exist, or another tenant's
 ├── Conflict                 409  the resource is in a state that forbids the action (in use, not finished)
 │   └── IdempotencyKeyInUse  409  the first request with this Idempotency-Key is still being processed
@@ -126,6 +127,14 @@ class Unauthorized(SecateursError):
         if invalid_token:
             challenge += ', error="invalid_token"'
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(SecateursError):
+    """Raised when who is asking rules the request out, whatever they send (e.g. /metrics off loopback)."""
+
+    status = 403
+    title = "Forbidden"
+    slug = "forbidden"
 
 
 class NotFound(SecateursError):

@@ -16,10 +16,11 @@ from starlette.routing import Match
 
 from app.api.body_limit import JsonBodyLimit
 from app.api.idempotency import IdempotencyStore
-from app.api.routes import datasets, health, jobs, models, schemas, webhooks
+from app.api.routes import datasets, health, jobs, models, prometheus, schemas, webhooks
 from app.config import Settings, get_settings
 from app.errors import PROBLEM_BASE, SecateursError
 from app.maintenance import Maintenance
+from app.observability.prometheus import Metrics, ObservabilityMiddleware
 from app.queue import make_celery
 from app.storage import Storage, is_disk_full
 from app.store.db import init_db, make_engine, make_session_factory
@@ -170,6 +171,7 @@ def create_app(
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.metrics.attach_store(app.state.session_factory)
         app.state.idempotency = IdempotencyStore(app.state.session_factory)
         app.state.storage = Storage(settings.data_dir)
         app.state.celery = make_celery(settings)
@@ -198,7 +200,10 @@ def create_app(
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.state.metrics = Metrics()
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
+    # Outermost: counts every answer, the body limit's 413s included, under the route that matched.
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics.http)
     for router in (
         health.router,
         models.router,
@@ -206,6 +211,7 @@ def create_app(
         jobs.router,
         webhooks.router,
         schemas.router,
+        prometheus.router,
     ):
         app.include_router(router)
     fastapi_openapi = app.openapi

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from celery.signals import task_postrun, worker_ready
+from celery.signals import setup_logging, task_postrun, worker_ready
 
 from app.config import get_settings
 from app.queue import make_celery
@@ -18,6 +18,17 @@ import worker.tasks  # noqa: E402  (registers the tasks on `app`)
 import worker.webhook_tasks  # noqa: E402  (registers secateurs.deliver_webhook)
 
 log = logging.getLogger("secateurs.worker")
+
+
+if get_settings().log_format == "json":
+
+    @setup_logging.connect
+    def _json_logs(loglevel: int | str | None = None, **_: object) -> None:
+        """Connected, this signal replaces Celery's own logging set-up: JSON lines with job_id/tenant/stage."""
+        from app.observability.logs import configure_logging
+
+        level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else (loglevel or logging.INFO)
+        configure_logging("json", level if isinstance(level, int) else logging.INFO)
 
 
 @worker_ready.connect

@@ -74,6 +74,17 @@ class JobLease:
         if time.monotonic() > self.soft_deadline:
             raise SoftTimeLimitExceeded()
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage so far, and ``total``: recorded on the job when it ends (GET /metrics)."""
+        now = time.monotonic()
+        out: dict[str, float] = {}
+        for i, (stage, started) in enumerate(self.stages):
+            ended = self.stages[i + 1][1] if i + 1 < len(self.stages) else now
+            out[stage] = round(out.get(stage, 0.0) + ended - started, 3)
+        if self.stages:
+            out["total"] = round(now - self.stages[0][1], 3)
+        return out
+
     def timings(self) -> str:
         """'loading 1.2 s, pruning 3.4 s, fine_tuning 50.0 s (interrupted)' — what ran before a limit hit."""
         now = time.monotonic()

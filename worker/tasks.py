@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from functools import cache
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
 from app.errors import SecateursError
+from app.observability.logs import bind, log_context
 from app.queue import RUN_JOB, VALIDATE_MODEL
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
@@ -51,6 +53,11 @@ def _context() -> tuple[Settings, sessionmaker[Session], Storage]:
     engine = make_engine(settings.db_url)
     init_db(engine)
     return settings, make_session_factory(engine), Storage(settings.data_dir)
+
+
+def _worker_name() -> str:
+    """Which process holds a job, for the operators' heartbeat metric (GET /metrics)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _error(code: str, message: str) -> dict[str, str]:
@@ -99,6 +106,7 @@ def _validate(model_id: str) -> dict[str, Any] | None:
             return _error("missing", f"model {model_id} was deleted")
         if record.status != "validating":
             return record.error
+        bind(tenant=record.tenant)
         session.expunge(record)
     error: dict[str, str] | None = None
     try:
@@ -138,7 +146,8 @@ def _validate(model_id: str) -> dict[str, Any] | None:
 
 @shared_task(name=VALIDATE_MODEL, acks_late=True)
 def validate_model(model_id: str) -> None:
-    _validate(model_id)
+    with log_context(model_id=model_id, stage="validating"):
+        _validate(model_id)
 
 
 # --- jobs ---------------------------------------------------------------------------------------------------
@@ -158,6 +167,7 @@ class _Progress:
         self.last = 0.0
 
     def __call__(self, stage: str, progress: float) -> None:
+        bind(stage=stage)
         self.lease.entered(stage)
         self.lease.check_time()
         if self.lease.lost:
@@ -184,7 +194,11 @@ def _run(job_id: str) -> None:
     settings, sessions, _ = _context()
     with session_scope(sessions) as session:
         claim = repo.claim_job(
-            session, job_id, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts
+            session,
+            job_id,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            worker=_worker_name(),
         )
         if claim.reason == "exhausted":
             repo.finish_job(
@@ -203,6 +217,7 @@ def _run(job_id: str) -> None:
             return
         job = session.get(JobRecord, job_id)
         assert job is not None
+        bind(tenant=job.tenant)
         model = session.get(ModelRecord, job.model_id)
         train = session.get(DatasetRecord, job.train_dataset_id) if job.train_dataset_id else None
         evaluation = session.get(DatasetRecord, job.eval_dataset_id) if job.eval_dataset_id else None
@@ -210,9 +225,14 @@ def _run(job_id: str) -> None:
             if obj is not None:
                 session.expunge(obj)
 
+    leases: list[JobLease] = []  # the lease, once it exists: its stage timings go on the record
+
     def fail(error: dict[str, str], status: str = "failed") -> None:
+        timings = leases[0].stage_seconds() if leases else None
         with session_scope(sessions) as session:
-            repo.finish_job(session, job_id, status, error=error, attempt=claim.attempts)  # type: ignore[arg-type]
+            repo.finish_job(
+                session, job_id, status, error=error, attempt=claim.attempts, timings=timings  # type: ignore[arg-type]
+            )
 
     def hard_limit(timings: str) -> None:
         fail(
@@ -227,6 +247,7 @@ def _run(job_id: str) -> None:
             publish_for_job(current_app, session, job_id)
 
     with JobLease(sessions, job_id, claim.attempts, settings, hard_limit) as lease:
+        leases.append(lease)
         _run_claimed(job_id, job, model, train, evaluation, lease, fail)
 
 
@@ -296,6 +317,7 @@ def _run_claimed(
                 artifact_sha256=_sha256(artifact),
                 artifact_bytes=artifact.stat().st_size,
                 attempt=lease.attempt,
+                timings=lease.stage_seconds(),
             )
         if not done:  # canceled (or taken over) while saving: the record already says so
             log.info("job %s finished after it was canceled or taken over; not recorded", job_id)
@@ -338,7 +360,8 @@ def _run_claimed(
 @shared_task(name=RUN_JOB, bind=True, acks_late=True)
 def run_job(self: Task, job_id: str) -> None:
     try:
-        _run(job_id)
+        with log_context(job_id=job_id):
+            _run(job_id)
     finally:
         # Every way _run ends the job records its webhook message in that same transaction (finish_job);
         # publish its first attempt now that it is committed. A no-op without a webhook or when the message

@@ -177,8 +177,11 @@ class Claim:
     attempts: int = 0
 
 
-def claim_job(session: Session, job_id: str, *, lease_seconds: float, max_attempts: int) -> Claim:
-    """queued -> running; a running job whose lease ran out (dead worker) may be taken over."""
+def claim_job(
+    session: Session, job_id: str, *, lease_seconds: float, max_attempts: int, worker: str | None = None
+) -> Claim:
+    """queued -> running; a running job whose lease ran out (dead worker) may be taken over. ``worker``
+    ("host:pid") is recorded for the operators' heartbeat metric."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_seconds)
     result = session.execute(
@@ -192,7 +195,12 @@ def claim_job(session: Session, job_id: str, *, lease_seconds: float, max_attemp
             ),
         )
         .values(
-            status="running", attempts=JobRecord.attempts + 1, heartbeat_at=now, stage="loading", progress=0.0
+            status="running",
+            attempts=JobRecord.attempts + 1,
+            heartbeat_at=now,
+            stage="loading",
+            progress=0.0,
+            worker=worker,
         )
     )
     job = session.get(JobRecord, job_id)
@@ -245,8 +253,11 @@ def finish_job(
     artifact_bytes: int | None = None,
     from_statuses: tuple[str, ...] = ("running",),
     attempt: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> bool:
     values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
+    if timings is not None:
+        values["timings"] = timings
     if status == "succeeded":
         values.update(
             progress=1.0, stage=None, artifact_sha256=artifact_sha256, artifact_bytes=artifact_bytes

@@ -101,9 +101,14 @@ class JobRecord(Base):
     # Set when retention (app.retention) deleted the job's artifact and metrics: downloads then answer 410
     # instead of a puzzling 404, and the record itself is kept. Nullable, so init_db adds it to old databases.
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Operators' view (GET /metrics): which worker process holds the job ("host:pid", set at each claim), and
+    # the seconds each stage took, written when the worker ends the job ({"loading": 1.2, ..., "total": 9.9}).
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_finished", "finished_at"),  # /metrics reads the jobs finished since its last scrape
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_retention", "expired_at", "finished_at"),  # the sweep: not yet expired, ended before X
     )

@@ -1,0 +1,1 @@
+"""What operators watch: Prometheus metrics (``prometheus``) and structured log lines (``logs``)."""
