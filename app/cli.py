@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from app.drop_warning import DEFAULT_WARN_DROP, drop_warning, spec_line
+
 if TYPE_CHECKING:
     from app.client import Client, Job
     from app.config import Settings
@@ -428,6 +430,10 @@ def _finish(
     report["job"] = job.raw
     metrics = client.metrics(job.id)
     report["summary"] = metrics_summary(metrics)
+    warning = drop_warning(job.raw, metrics, getattr(args, "warn_drop", DEFAULT_WARN_DROP))
+    if warning is not None:  # advice only: stderr, exit code unchanged
+        output.note(f"secateurs: {warning}")
+        report["warning"] = warning
     lines = [f"job {job.id} succeeded: {report['summary']}"]
     if args.output is not None:
         path = client.download_artifact(job.id, args.output)
@@ -445,6 +451,8 @@ def _finish(
 def prune(args: argparse.Namespace) -> int:
     def run(client: Client, output: Output) -> int:
         spec = _read_spec(_existing(args.spec, "--spec"), args.sparsity)
+        if args.preset is not None:
+            spec["preset"] = args.preset
         train = _existing(args.train, "--train")
         evaluation = _existing(args.eval, "--eval")
         report: dict[str, Any] = {}
@@ -465,6 +473,7 @@ def prune(args: argparse.Namespace) -> int:
                 report[f"{role}_dataset"] = dataset.raw
                 dataset_ids[role] = dataset.id
         job = client.create_job(model_id, spec, dataset_ids["train"], dataset_ids["eval"])
+        output.note(spec_line(job.raw.get("spec")))  # what will run, presets resolved by the API
         report["job"] = job.raw
         if not (args.wait or args.output is not None or args.metrics is not None):
             output.result(
@@ -669,6 +678,13 @@ def _sparsity(value: str) -> float:
     return sparsity
 
 
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return number
+
+
 def _positive(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -721,6 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
     waiting.add_argument(
         "--poll", type=_positive, default=1.0, help="first poll interval in seconds; it grows to 10 s"
     )
+    waiting.add_argument(
+        "--warn-drop",
+        type=_non_negative,
+        default=DEFAULT_WARN_DROP,
+        metavar="POINTS",
+        help="warn on stderr when accuracy (or R^2) falls by more than this, absolute "
+        f"(default {DEFAULT_WARN_DROP}; 1 never warns); the exit code is unchanged",
+    )
 
     p_prune = sub.add_parser(
         "prune",
@@ -743,6 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", type=Path, default=None, help="JSON pruning spec; --sparsity overrides its target"
     )
     p_prune.add_argument("--name", default=None, help="display name of the uploaded model")
+    p_prune.add_argument(
+        "--preset",
+        choices=("fast", "recommended"),
+        default=None,
+        help="fast: one-shot, no fine-tuning; recommended: fine-tuning with distillation (needs --train). "
+        "Default: recommended with --train and no schedule/fine_tune in --spec, else fast",
+    )
     p_prune.add_argument("--wait", action="store_true", help="wait for the job, showing stage and percent")
     p_prune.set_defaults(func=prune)
 
