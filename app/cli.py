@@ -40,6 +40,7 @@ EXIT_TIMEOUT = 4  # --wait ran past --timeout (the job goes on running)
 EXIT_INTERRUPTED = 130
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+EXPORT_FORMATS = ("float32", "float16", "dynamic_range", "int8")  # app.schemas.spec.TFLiteFormat
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 EPILOG = """\
@@ -435,7 +436,17 @@ def _finish(
         output.note(f"secateurs: {warning}")
         report["warning"] = warning
     lines = [f"job {job.id} succeeded: {report['summary']}"]
-    if args.output is not None:
+    if args.output is not None and (job.raw.get("spec") or {}).get("export"):
+        # with exports, -o is a directory that receives every file of the job (SavedModel zip first)
+        args.output.mkdir(parents=True, exist_ok=True)
+        report["artifacts"] = {}
+        for item in client.list_artifacts(job.id):
+            path = client.download_artifact(job.id, args.output, name=item["name"])
+            report["artifacts"][item["name"]] = str(path)
+            size = _size(path.stat().st_size)
+            lines.append(f"{item['name']}: {path} ({size}, length and sha-256 verified)")
+        lines.extend(_export_lines(metrics))
+    elif args.output is not None:
         path = client.download_artifact(job.id, args.output)
         report["artifact"] = str(path)
         lines.append(f"artifact: {path} ({_size(path.stat().st_size)}, length and sha-256 verified)")
@@ -448,9 +459,44 @@ def _finish(
     return EXIT_OK
 
 
+def _export_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per export: size, zip size and accuracy (or the converter's reason)."""
+    lines = []
+    for name, entry in (metrics.get("exports") or {}).items():
+        if "error" in entry:
+            lines.append(f"{name}: not produced: {entry['error']}")
+            continue
+        quality = entry.get("metrics") or {}
+        accuracy = f", accuracy {quality['accuracy']:.4f}" if "accuracy" in quality else ""
+        lines.append(f"{name}: {_size(entry['size_bytes'])}, zipped {_size(entry['zip_bytes'])}{accuracy}")
+    return lines
+
+
+def _with_exports(spec: dict[str, Any], exports: list[str] | None) -> dict[str, Any]:
+    """``--export tflite:int8`` (repeatable) added to the spec's ``export.tflite`` (other keys kept)."""
+    if not exports:
+        return spec
+    export = dict(spec.get("export") or {})
+    formats = list(export.get("tflite") or [])
+    for item in exports:
+        if item not in formats:
+            formats.append(item)
+    return {**spec, "export": {**export, "tflite": formats}}
+
+
+def _export_format(value: str) -> str:
+    kind, _, fmt = value.partition(":")
+    if kind != "tflite" or fmt not in EXPORT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected tflite:FORMAT with FORMAT one of {', '.join(EXPORT_FORMATS)}"
+        )
+    return fmt
+
+
 def prune(args: argparse.Namespace) -> int:
     def run(client: Client, output: Output) -> int:
         spec = _read_spec(_existing(args.spec, "--spec"), args.sparsity)
+        spec = _with_exports(spec, args.export)
         if args.preset is not None:
             spec["preset"] = args.preset
         train = _existing(args.train, "--train")
@@ -520,6 +566,18 @@ def jobs_cancel(args: argparse.Namespace) -> int:
         else:
             text = f"job {job.id} is {job.status}; it stops at its next stage boundary"
         output.result(job.raw, text)
+        return EXIT_OK
+
+    return _run_client(args, run)
+
+
+def jobs_download(args: argparse.Namespace) -> int:
+    def run(client: Client, output: Output) -> int:
+        path = client.download_artifact(args.job_id, args.output, name=args.artifact)
+        output.result(
+            {"job_id": args.job_id, "artifact": args.artifact, "path": str(path)},
+            f"{args.artifact}: {path} ({_size(path.stat().st_size)}, length and sha-256 verified)",
+        )
         return EXIT_OK
 
     return _run_client(args, run)
@@ -768,6 +826,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_prune.add_argument("--name", default=None, help="display name of the uploaded model")
     p_prune.add_argument(
+        "--export",
+        action="append",
+        type=_export_format,
+        default=None,
+        metavar="tflite:FORMAT",
+        help=f"also convert the pruned model (repeatable; FORMAT: {', '.join(EXPORT_FORMATS)}); "
+        "-o is then a directory receiving every file",
+    )
+    p_prune.add_argument(
         "--preset",
         choices=("fast", "recommended"),
         default=None,
@@ -797,6 +864,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_wait.add_argument("job_id", metavar="ID")
     p_wait.set_defaults(func=jobs_wait)
+    p_download = jobs_sub.add_parser(
+        "download", parents=[common], help="download one file of a succeeded job (see its artifacts)"
+    )
+    p_download.add_argument("job_id", metavar="ID")
+    p_download.add_argument(
+        "--artifact",
+        default="saved_model",
+        help="saved_model (default), tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, ...",
+    )
+    p_download.add_argument(
+        "-o", "--output", type=Path, default=Path("."), help="file or existing directory (default .)"
+    )
+    p_download.set_defaults(func=jobs_download)
 
     p_models = sub.add_parser("models", help="list models")
     models_sub = p_models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -45,6 +45,7 @@ from worker.crossval_run import run_cross_validation
 from worker.errors import PipelineError
 from worker.evaluate_stage import Scores, Weights, delta, fidelity_section, reference_data, score
 from worker.evaluation.size import dir_size, zip_dir
+from worker.export_stage import run_exports
 from worker.job import Job, Report, Window, predict
 from worker.latency_run import measure_latency
 from worker.load_stage import prepare, resolve_granularity, seed_everything
@@ -68,6 +69,7 @@ __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run
 # Overall progress at the start of each stage. Pruning and fine-tuning (and the cross-validation folds,
 # which come first and take k/(k+1) of the span) fill PRUNING..EVALUATING.
 LOADING, BASELINE, PRUNING, EVALUATING, SAVING = 0.0, 0.05, 0.15, 0.85, 0.93
+EXPORTING = 0.95  # TFLite conversions (spec.export) after saving, up to 0.98
 
 
 def run_pipeline(
@@ -182,6 +184,22 @@ def _run(
     pruned["size_bytes"] = {"saved_model": dir_size(saved), "zip": zip_dir(saved, out_dir / "pruned.zip")}
     baseline["size_bytes"] = {"saved_model": dir_size(model_dir), "zip": baseline_zip.result()}
     job.timings["save"] = time.perf_counter() - tick
+    exports = None
+    if spec.export is not None:  # converts the directory saved above: the artifact as downloaded
+        tick = time.perf_counter()
+        stage = window.sub(EXPORTING, 0.98)
+        stage("exporting", 0.0)
+        exports = run_exports(
+            job,
+            spec.export,
+            saved,
+            out_dir,
+            reference,
+            pruned_outputs,
+            after.settings,
+            progress=lambda fraction: stage("exporting", fraction),
+        )
+        job.timings["export"] = time.perf_counter() - tick
 
     document: dict[str, Any] = {
         "spec": spec.model_dump(mode="json"),
@@ -198,6 +216,8 @@ def _run(
         }
     if cross_validation is not None:
         document["cross_validation"] = cross_validation
+    if exports is not None:
+        document["exports"] = exports
     if job.preprocessing is not None:
         document["preprocessing"] = job.preprocessing
     return document

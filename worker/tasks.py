@@ -24,6 +24,7 @@ from celery import Task, current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import job_files
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
 from app.errors import SecateursError
@@ -190,6 +191,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _move_extra_files(work: Path, job_dir: Path) -> list[dict[str, Any]]:
+    """The pipeline's other downloadable files (``work/artifacts/<name>.<ext>``: TFLite exports, ...) into
+    ``job_dir/artifacts/``, replacing an earlier attempt's, and their entries for ``JobRecord.artifacts``."""
+    source, target = work / "artifacts", job_dir / "artifacts"
+    shutil.rmtree(target, ignore_errors=True)
+    if not source.is_dir():
+        return []
+    os.replace(source, target)
+    return [
+        job_files.entry(path.stem, f"artifacts/{path.name}", path.stat().st_size, _sha256(path))
+        for path in sorted(target.iterdir())
+        if path.is_file()
+    ]
+
+
 def _run(job_id: str) -> None:
     settings, sessions, _ = _context()
     with session_scope(sessions) as session:
@@ -307,17 +323,22 @@ def _run_claimed(
         if not lease.confirm():  # a worker the reaper gave up on must not replace the new run's files
             raise JobCanceled
         os.replace(work / "pruned.zip", artifact)
+        extra_files = _move_extra_files(work, job_dir)
         os.replace(tmp_metrics, job_dir / "metrics.json")
         shutil.rmtree(work, ignore_errors=True)
+        artifact_sha256 = _sha256(artifact)
+        size = artifact.stat().st_size
+        files = [job_files.entry(job_files.SAVED_MODEL, "pruned.zip", size, artifact_sha256), *extra_files]
         with session_scope(sessions) as session:
             done = repo.finish_job(
                 session,
                 job_id,
                 "succeeded",
-                artifact_sha256=_sha256(artifact),
-                artifact_bytes=artifact.stat().st_size,
+                artifact_sha256=artifact_sha256,
+                artifact_bytes=size,
                 attempt=lease.attempt,
                 timings=lease.stage_seconds(),
+                artifacts=files,
             )
         if not done:  # canceled (or taken over) while saving: the record already says so
             log.info("job %s finished after it was canceled or taken over; not recorded", job_id)

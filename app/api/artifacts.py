@@ -19,10 +19,10 @@ import base64
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
+from app.job_files import download_filename
 from app.storage import Storage
 from app.store.repo import as_utc
 from app.store.tables import JobRecord
@@ -134,3 +135,32 @@ def open_output(
         session.refresh(record)
         ensure_kept(record, settings)
         raise NotFound(f"the {name} of job {record.id} is gone from storage; run the job again") from None
+
+
+def serve_file(
+    session: Session,
+    record: JobRecord,
+    storage: Storage,
+    settings: Settings,
+    item: dict[str, Any],
+    if_none_match: str | None,
+) -> Response:
+    """One recorded file of a succeeded job (``app.job_files`` entry): 410 once expired, 304 when
+    ``If-None-Match`` matches, else the file with ``ETag`` (its SHA-256), ``Repr-Digest`` (RFC 9530: the digest
+    of the whole file, also on a 206, so a client that resumed with Range can check what it assembled) and
+    Range/If-Range. ``/artifact`` and ``/artifacts/{name}`` both answer through here."""
+    ensure_kept(record, settings)  # before the 304: an expired artifact is no longer "current"
+    etag = '"' + str(item["sha256"]) + '"'
+    validators = {"ETag": etag}
+    if item["sha256"]:
+        validators["Repr-Digest"] = repr_digest(item["sha256"])
+    # RFC 9110 13.1.2: "*" matches any current representation; If-None-Match uses weak comparison.
+    if if_none_match and (
+        if_none_match.strip() == "*"
+        or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    ):
+        return Response(status_code=304, headers=validators)
+    file = open_output(session, record, storage, item["file"], settings)
+    return ArtifactResponse(
+        file, media_type=item["media_type"], filename=download_filename(record.id, item), headers=validators
+    )

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 
-from app.client.download import download_to
+from app.client.download import artifact_filename, download_to
 from app.client.errors import (
     JobCanceled,
     JobFailed,
@@ -242,13 +243,22 @@ class Client:
         """The metrics document (baseline vs pruned); Conflict before the job succeeded."""
         return self._json("GET", f"/v1/jobs/{job_id}/metrics")
 
-    def download_artifact(self, job_id: str, dest: Path | str, *, max_resumes: int = 3) -> Path:
-        """Stream the pruned SavedModel zip to ``dest`` (a file path, or an existing directory to put
-        ``<job_id>-pruned.zip`` in), verifying length and SHA-256 and resuming with Range when cut."""
+    def list_artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's files: ``[{"name", "media_type", "size_bytes", "sha256", "href"}]``, the SavedModel
+        zip (``saved_model``) first; Conflict before the job succeeded."""
+        return list(self._json("GET", f"/v1/jobs/{job_id}/artifacts")["items"])
+
+    def download_artifact(
+        self, job_id: str, dest: Path | str, *, name: str = "saved_model", max_resumes: int = 3
+    ) -> Path:
+        """Stream the job's file ``name`` (default the pruned SavedModel zip; ``tflite_int8``, ... for
+        exports) to ``dest`` (a file path, or an existing directory to put ``artifact_filename`` in),
+        verifying length and SHA-256 and resuming with Range when cut. NotFound names the job's files."""
         target = Path(dest)
         if target.is_dir():
-            target = target / f"{job_id}-pruned.zip"
-        return download_to(self._http, f"/v1/jobs/{job_id}/artifact", target, max_resumes=max_resumes)
+            target = target / artifact_filename(job_id, name)
+        url = f"/v1/jobs/{job_id}/artifacts/{quote(name, safe='')}"
+        return download_to(self._http, url, target, max_resumes=max_resumes)
 
     # --- webhooks -------------------------------------------------------------------------------------------
 

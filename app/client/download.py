@@ -82,6 +82,16 @@ def verify(expected: Expected, size: int, sha256_hex: str) -> list[str]:
     return problems
 
 
+def artifact_filename(job_id: str, name: str) -> str:
+    """The file name a download of artifact ``name`` gets in a directory (what the server's
+    Content-Disposition says): ``<job>-pruned.zip``, ``<job>-tflite_int8.tflite``, ``<job>-<name>`` else."""
+    if name == "saved_model":
+        return f"{job_id}-pruned.zip"
+    if name.startswith("tflite_"):
+        return f"{job_id}-{name}.tflite"
+    return f"{job_id}-{name.replace('/', '_')}"
+
+
 def download_to(http: httpx.Client, url: str, dest: Path, *, max_resumes: int = 3) -> Path:
     """GET ``url`` into ``dest`` (streamed, verified, resumed up to ``max_resumes`` times). Returns ``dest``.
 

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 __all__ = [
     "ClassificationMetrics",
     "CrossValidation",
+    "ExportFailure",
+    "ExportFile",
     "Fidelity",
     "LatencyStats",
     "Layer",
@@ -194,6 +196,31 @@ class CrossValidation(_Open):
     task: str | None = Field(None, description="the task the folds were planned for")
 
 
+class ExportFile(_Open):
+    """One converted file (``exports.tflite_int8``, ...) as the LiteRT runtime ran it, batch 1, on the same
+    reference data as ``pruned`` (docs/exports.md)."""
+
+    size_bytes: Annotated[int, Field(ge=0)]
+    zip_bytes: Annotated[int, Field(ge=0)] = Field(
+        description="the file deflated in a zip, like size_bytes.zip"
+    )
+    metrics: QualityMetrics | None = Field(description="from the runtime's outputs; null without labels")
+    fidelity: Fidelity | None = Field(
+        description="against the pruned SavedModel's outputs; null without data"
+    )
+    latency_ms: dict[BatchSize, LatencyStats] = Field(description='{"1": ...}: one runtime call per sample')
+    io_types: dict[str, str] | None = Field(None, description="dtype of every input:/output: tensor")
+    n_samples: Annotated[int, Field(ge=0)] | None = Field(None, description="samples the runtime scored")
+    seconds: float | None = Field(None, description="conversion and evaluation time")
+
+
+class ExportFailure(_Open):
+    """A format the converter (or the runtime) refused: its reason on one line, then what to try."""
+
+    error: str
+    seconds: float | None = None
+
+
 class MetricsDocument(_Open):
     """``GET /v1/jobs/{id}/metrics``."""
 
@@ -214,6 +241,9 @@ class MetricsDocument(_Open):
     notes: list[str]
     versions: Versions
     cross_validation: CrossValidation | None = None
+    exports: dict[str, ExportFile | ExportFailure] | None = Field(
+        None, description="TFLite files by artifact name (tflite_float32, ..., tflite_int8), when spec.export"
+    )
 
 
 def metrics_json_schema() -> dict[str, Any]:

@@ -147,6 +147,22 @@ class WebhookSettings(BaseModel):
     default_url: str | None = Field(None, min_length=1, max_length=MAX_URL_LENGTH)
 
 
+class ArtifactItem(BaseModel):
+    """One downloadable file of a succeeded job (``GET /v1/jobs/{id}/artifacts``)."""
+
+    name: str = Field(
+        description="saved_model, tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, ..."
+    )
+    media_type: str
+    size_bytes: int
+    sha256: str = Field(description="hex SHA-256 of the file: its download's ETag and Repr-Digest")
+    href: str
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactItem]
+
+
 class Page(BaseModel, Generic[Item]):
     items: list[Item]
     next_cursor: str | None

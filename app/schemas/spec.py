@@ -185,6 +185,46 @@ class Evaluation(_Strict):
     latency: Latency | None = None
 
 
+TFLiteFormat = Literal["float32", "float16", "dynamic_range", "int8"]
+
+
+class Export(_Strict):
+    """Converted files of the final model (the artifact as saved, compacted when compaction ran), each
+    evaluated by the LiteRT runtime on the eval data; a format the converter refuses is an ``error`` entry in
+    ``metrics.exports``, never a failed job (docs/exports.md)."""
+
+    tflite: list[TFLiteFormat] = Field(
+        min_length=1,
+        max_length=4,
+        description="any subset of float32, float16 (float16 weights), dynamic_range (int8 weights) and int8 "
+        "(full-integer post-training quantization calibrated on the train dataset: needs train_dataset_id)",
+    )
+    representative_samples: int = Field(
+        200, ge=1, le=100_000, description="train samples (preprocessed) that calibrate int8, seeded choice"
+    )
+    int8_io: bool = Field(
+        False, description="int8 input/output tensors for the int8 file (default float I/O, quantized inside)"
+    )
+
+    @field_validator("tflite")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            raise ValueError(f"each format once: {repeated} repeated")
+        return formats
+
+    @model_validator(mode="after")
+    def _int8_io_needs_int8(self) -> Export:
+        if self.int8_io and "int8" not in self.tflite:
+            raise ValueError('int8_io applies to the int8 file only: add "int8" to tflite or drop int8_io')
+        return self
+
+    def needs_train_dataset(self) -> bool:
+        """int8 is calibrated on train inputs (labels not needed)."""
+        return "int8" in self.tflite
+
+
 class PruneSpec(_Strict):
     """What to prune and how. Defaults are the ones API.md documents."""
 
@@ -227,6 +267,9 @@ class PruneSpec(_Strict):
     preprocessing: Preprocessing | None = None
     evaluation: Evaluation | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    export: Export | None = Field(
+        None, description='converted files, e.g. {"tflite": ["float32", "int8"]}; null = SavedModel only'
+    )
     preset: Literal["fast", "recommended"] | None = Field(
         None,
         description="a measured recipe (app/schemas/presets.py): `fast` = one-shot, no fine-tuning; "

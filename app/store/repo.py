@@ -254,13 +254,18 @@ def finish_job(
     from_statuses: tuple[str, ...] = ("running",),
     attempt: int | None = None,
     timings: dict[str, float] | None = None,
+    artifacts: list[dict[str, Any]] | None = None,
 ) -> bool:
     values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
     if timings is not None:
         values["timings"] = timings
     if status == "succeeded":
         values.update(
-            progress=1.0, stage=None, artifact_sha256=artifact_sha256, artifact_bytes=artifact_bytes
+            progress=1.0,
+            stage=None,
+            artifact_sha256=artifact_sha256,
+            artifact_bytes=artifact_bytes,
+            artifacts=artifacts,
         )
     result = session.execute(
         update(JobRecord).where(*_ours(job_id, attempt), JobRecord.status.in_(from_statuses)).values(**values)

@@ -101,6 +101,11 @@ class JobRecord(Base):
     # Set when retention (app.retention) deleted the job's artifact and metrics: downloads then answer 410
     # instead of a puzzling 404, and the record itself is kept. Nullable, so init_db adds it to old databases.
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Every file a succeeded job offers (GET /v1/jobs/{id}/artifacts): [{"name", "file" (path in the job's
+    # storage), "media_type", "size_bytes", "sha256"}], the SavedModel zip first. A list, not columns, so new
+    # kinds (TFLite exports, sweep points) need no schema change; NULL for jobs finished before it existed
+    # (their only file is artifact_sha256/artifact_bytes' pruned.zip). Nullable: init_db adds it to old databases.
+    artifacts: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     # Operators' view (GET /metrics): which worker process holds the job ("host:pid", set at each claim), and
     # the seconds each stage took, written when the worker ends the job ({"loading": 1.2, ..., "total": 9.9}).
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from app.api.artifacts import ArtifactResponse, ensure_kept, open_output, repr_digest
+from app.api.artifacts import ensure_kept, open_output, serve_file
 from app.api.deps import (
     CeleryDep,
     IdempotencyDep,
@@ -27,11 +27,12 @@ from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
 from app.config import Settings
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
 from app.queue import RUN_JOB
 from app.schemas.fit import dataset_fit_errors
 from app.schemas.presets import resolve as resolve_preset
-from app.schemas.resources import JobCreate, JobOut, Page, Problem
+from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
 from app.store import webhooks as webhook_store
@@ -68,6 +69,12 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
             "this spec needs labelled training data (fine_tune, criterion gradient/taylor/l1/l2, or "
             "evaluation.cross_validation): give train_dataset_id",
             extra={"errors": [{"loc": "train_dataset_id", "msg": "required by the spec"}]},
+        )
+    if body.spec.export is not None and body.spec.export.needs_train_dataset() and train is None:
+        msg = "int8 export is calibrated on train inputs: give train_dataset_id, or drop int8 from export.tflite"
+        raise Unprocessable(
+            f"export.tflite asks for int8, which needs a train dataset ({msg})",
+            extra={"errors": [{"loc": "train_dataset_id", "msg": msg}]},
         )
     if train is not None and not any(k == "y" or k.startswith("y.") for k in train.arrays):
         raise Unprocessable(
@@ -297,18 +304,74 @@ def get_artifact(
     a download with Range can check what it assembled); Range/If-Range for resumable downloads."""
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
-    ensure_kept(record, settings)  # before the 304: an expired artifact is no longer "current"
-    etag = f'"{record.artifact_sha256}"'
-    validators = {"ETag": etag}
-    if record.artifact_sha256:
-        validators["Repr-Digest"] = repr_digest(record.artifact_sha256)
-    # RFC 9110 13.1.2: "*" matches any current representation; If-None-Match uses weak comparison.
-    if if_none_match and (
-        if_none_match.strip() == "*"
-        or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
-    ):
-        return Response(status_code=304, headers=validators)
-    file = open_output(session, record, storage, "pruned.zip", settings)
-    return ArtifactResponse(
-        file, media_type="application/zip", filename=f"{job_id}-pruned.zip", headers=validators
+    return serve_file(session, record, storage, settings, _job_file(record, SAVED_MODEL), if_none_match)
+
+
+def _job_file(record: JobRecord, name: str) -> dict[str, Any]:
+    item = find_file(record, name)
+    if item is None:
+        names = [f["name"] for f in job_files(record)]
+        raise NotFound(
+            f"job {record.id} has no artifact {name[:80]!r}; it has {names} (GET /v1/jobs/{record.id}/artifacts)",
+            extra={"artifacts": names},
+        )
+    return item
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactList,
+    responses={**ERRORS, **EXPIRED},
+    summary="Every downloadable file of the job",
+)
+def list_artifacts(
+    job_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+) -> ArtifactList:
+    """The SavedModel zip (``saved_model``) first, then the job's other files (``tflite_int8``, ...), each
+    with the SHA-256 its download's ETag and Repr-Digest carry."""
+    record = get_job_or_404(session, job_id, tenant)
+    _require_success(record)
+    ensure_kept(record, settings)
+    return ArtifactList(
+        items=[
+            ArtifactItem(
+                name=f["name"],
+                media_type=f["media_type"],
+                size_bytes=f["size_bytes"],
+                sha256=f["sha256"],
+                href=f"/v1/jobs/{job_id}/artifacts/{f['name']}",
+            )
+            for f in job_files(record)
+        ]
     )
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"application/zip": {}, "application/octet-stream": {}},
+            "description": "the file (saved_model: the zip; tflite_*: the .tflite flatbuffer)",
+        },
+        206: {"description": "the requested byte range(s) (Range, If-Range)"},
+        304: {"description": "If-None-Match matched the ETag"},
+        416: {"model": Problem, "description": "no requested range lies inside the file"},
+        **EXPIRED,
+    },
+    summary="Download one file of the job by name",
+)
+def get_named_artifact(
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Same headers as ``/artifact``; 404 (listing the job's names) for a name the job does not have."""
+    record = get_job_or_404(session, job_id, tenant)
+    _require_success(record)
+    ensure_kept(record, settings)
+    return serve_file(session, record, storage, settings, _job_file(record, name), if_none_match)
