@@ -1,0 +1,104 @@
+"""Shared checks for the structure tests: mask groups the way the pruner does, compact, compare, reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RELOAD = r"""
+import json, sys, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+obj = tf.saved_model.load(sys.argv[1])
+sigs = {}
+for name, fn in obj.signatures.items():
+    _, kw = fn.structured_input_signature
+    sigs[name] = {
+        "inputs": {k: [s.dtype.name, s.shape.as_list()] for k, s in kw.items()},
+        "outputs": sorted(fn.structured_outputs),
+    }
+shapes = {}
+for fn in obj.signatures.values():
+    for v in fn.variables:
+        shapes[v.name.split(":")[0]] = v.shape.as_list()
+print(json.dumps({"signatures": sigs, "shapes": shapes}))
+"""
+
+
+def randomize(handle: Any, seed: int = 0) -> None:
+    """Non-zero biases, BatchNorm shifts and statistics, so removed channels leave real constants behind."""
+    rng = np.random.default_rng(seed)
+    for nv in handle.variables():
+        value = nv.var.numpy()
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        noise = rng.standard_normal(value.shape).astype(value.dtype)
+        if "variance" in nv.name:
+            nv.var.assign(np.abs(noise) + 0.5)
+        elif value.ndim <= 1:
+            nv.var.assign(noise * 0.3 + (1.0 if "gamma" in nv.name else 0.0))
+        else:
+            nv.var.assign(noise * np.sqrt(2.0 / max(1, int(np.prod(value.shape[:-1])))))
+
+
+def mask_groups(
+    handle: Any,
+    analysis: Any,
+    fraction: float = 0.5,
+    carriers: bool = True,
+    only: set[str] | None = None,
+    seed: int = 1,
+) -> dict[str, np.ndarray]:
+    """Zero ``fraction`` of the channels of every prunable group: producers always, carriers (bias,
+    BatchNorm) when ``carriers``. Returns the keep vectors."""
+    rng = np.random.default_rng(seed)
+    variables = {nv.name: nv.var for nv in handle.variables()}
+    keep: dict[str, np.ndarray] = {}
+    for group in analysis.groups:
+        if not group.prunable or (only is not None and group.id not in only):
+            continue
+        k = np.ones(group.channels, dtype=bool)
+        k[rng.choice(group.channels, size=int(group.channels * fraction), replace=False)] = False
+        keep[group.id] = k
+        drop = np.flatnonzero(~k)
+        for m in group.members:
+            if m.role == "consumer" or (m.role == "carrier" and not carriers):
+                continue
+            var = variables[m.variable]
+            value = np.moveaxis(var.numpy(), m.axis, 0).copy()
+            value[m.indices(drop)] = 0
+            var.assign(np.moveaxis(value, 0, m.axis))
+    return keep
+
+
+def reload_in_subprocess(path: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_artifact(handle: Any, result: Any, tol: float = 1e-5) -> dict[str, Any]:
+    """Equivalence recorded by compact, then a fresh process: same signatures, the smaller shapes."""
+    assert result.max_abs_diff, "compact did not verify"
+    for key, diff in result.max_abs_diff.items():
+        assert diff <= tol, (key, diff)
+    reloaded = reload_in_subprocess(result.out_dir)
+    for name, info in handle.signatures.items():
+        got = reloaded["signatures"][name]
+        assert set(got["inputs"]) == set(info.inputs), name
+        for key, spec in info.inputs.items():
+            assert got["inputs"][key] == [spec["dtype"], spec["shape"]], (name, key)
+        assert got["outputs"] == sorted(info.outputs), name
+    assert set(reloaded["signatures"]) == set(handle.signatures)
+    shapes = reloaded["shapes"]
+    for var, (_, after) in result.shapes.items():
+        base = next(nv.var.name.split(":")[0] for nv in handle.variables() if nv.name == var)
+        assert shapes.get(base) == after, (var, shapes.get(base), after)
+    return reloaded

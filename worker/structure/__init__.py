@@ -1,0 +1,20 @@
+"""Channel groups read from a signature's graph, and the rewrite into a smaller SavedModel.
+
+A library like ``worker/pruning``: a ``ModelHandle`` and arrays in, a model directory out; no Celery, no store.
+``find_groups`` says which channels must go together (and which cannot go, and why); ``compact`` writes the
+SavedModel without the channels a keep vector drops, computing what the masked model computes.
+"""
+
+from worker.structure.compact import CompactResult, compact, max_abs_diff, probe_inputs
+from worker.structure.groups import ChannelGroup, GroupAnalysis, Member, find_groups
+
+__all__ = [
+    "ChannelGroup",
+    "CompactResult",
+    "GroupAnalysis",
+    "Member",
+    "compact",
+    "find_groups",
+    "max_abs_diff",
+    "probe_inputs",
+]

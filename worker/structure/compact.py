@@ -1,0 +1,528 @@
+"""Physical removal: rewrite every signature's frozen graph with the removed channels gone.
+
+Per channel group, ``keep`` says which channels stay. A channel is only removed when the masked model makes it
+input-independent (all its producers' slices are exactly zero) and every kernel reading it can absorb its value:
+zero, or a constant folded into that kernel's bias (``sigmoid(0) = 0.5``, a BatchNorm shift). Constants are
+read off the masked model itself on probe inputs; a constant that meets zero padding (a SAME conv wider than 1x1)
+cannot be folded exactly, so that channel stays and the notes say so.
+
+The rebuilt model keeps the weights as ``tf.Variable``s: each weight node of the skeleton graph is a
+``Placeholder`` fed by ``var.read_value()`` inside a ``tf.function`` that imports the graph
+(``tf.graph_util.import_graph_def(input_map=..., return_elements=...)``) under the original input names, and
+the module is saved with every signature of the input. The compact model is then reloaded and compared with the
+masked one; a mismatch raises rather than ships.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from worker.errors import PipelineError
+from worker.models.handle import ModelHandle
+from worker.structure.frozen import FrozenSignature, run_skeleton
+from worker.structure.groups import ConsumerUse, GroupAnalysis, Key
+from worker.structure.layout import Layout
+
+RTOL = 1e-5
+
+
+@dataclass
+class CompactResult:
+    out_dir: Path
+    channels: dict[str, tuple[int, int]]  # group id -> (before, after)
+    params_before: int
+    params_after: int
+    notes: list[str] = field(default_factory=list)
+    max_abs_diff: dict[str, float] = field(
+        default_factory=dict
+    )  # "<signature>/<output>" -> vs the masked model
+    shapes: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # variable -> before, after
+    folded: int = 0  # removed channels whose constant value went into a bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": {k: {"before": b, "after": a} for k, (b, a) in self.channels.items()},
+            "params": {"before": self.params_before, "after": self.params_after},
+            "max_abs_diff": dict(self.max_abs_diff),
+            "folded_channels": self.folded,
+            "notes": list(self.notes),
+        }
+
+
+def probe_inputs(
+    sig: FrozenSignature, batch: int = 2, free: int = 16, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Deterministic random inputs for a signature (unknown dims: ``batch`` first, ``free`` elsewhere, large
+    enough that padding effects show)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, spec in sig.input_specs.items():
+        if spec.shape.rank is None:
+            raise PipelineError("structure_failed", f"input {key!r} of {sig.name!r} has an unknown rank")
+        shape = [(batch if i == 0 else free) if d is None else d for i, d in enumerate(spec.shape.as_list())]
+        if spec.dtype.is_floating:
+            out[key] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
+        else:
+            out[key] = rng.integers(0, 2, size=shape).astype(spec.dtype.as_numpy_dtype)
+    return out
+
+
+def _removed_in(analysis: GroupAnalysis, layout: Layout, removed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Indices along a layout's axis that belong to removed channels."""
+    parts = []
+    for seg in layout.segments:
+        gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
+        if gid is None or gid not in removed:
+            continue
+        mask = removed[gid]
+        if mask.any():
+            parts.append(seg.positions[mask].ravel())
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def compact(
+    handle: ModelHandle,
+    analysis: GroupAnalysis,
+    keep: Mapping[str, np.ndarray],
+    out_dir: Path,
+    inputs: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> CompactResult:
+    """Write a SavedModel at ``out_dir`` without the channels ``keep`` drops (group id -> bool, True = keep),
+    computing what ``handle`` (the masked model) computes. ``inputs`` (for ``analysis.signature``) are the probe
+    batch for constant folding and the final check; other signatures get random probes."""
+    notes: list[str] = []
+    values = {nv.name: nv.var.numpy() for nv in handle.variables()}
+    named = {nv.name: nv.var for nv in handle.variables()}
+    removed = _decide_removed(analysis, keep, values, notes)
+
+    probes = {
+        name: (dict(inputs) if inputs is not None and name == analysis.signature else probe_inputs(sig))
+        for name, sig in analysis.frozen.items()
+    }
+    consts = _consumer_constants(analysis, removed, values, probes)
+    folds = _fold_plan(analysis, removed, consts, values, notes)
+
+    # Slice every bound weight axis (original index space) and collect the new shapes.
+    before = {k: list(np.shape(v)) for k, v in values.items()}
+    graph_consts: dict[tuple[str, str], np.ndarray] = {}
+    for (wkey, axis), layout in analysis.bindings.items():
+        idx = _removed_in(analysis, layout, removed)
+        if idx.size == 0:
+            continue
+        if wkey.startswith("const:"):
+            _, sig_name, node = wkey.split(":", 2)
+            arr = graph_consts.get((sig_name, node))
+            if arr is None:
+                arr = tf.make_ndarray(_node(analysis.frozen[sig_name].graph_def, node).attr["value"].tensor)
+            graph_consts[(sig_name, node)] = np.delete(arr, idx, axis=axis)
+        else:
+            values[wkey] = np.delete(values[wkey], idx, axis=axis)
+    new_len: dict[int, int] = {}
+
+    def length(layout: Layout) -> int:
+        if id(layout) not in new_len:
+            new_len[id(layout)] = layout.length - _removed_in(analysis, layout, removed).size
+        return new_len[id(layout)]
+
+    graph_defs = {}
+    for name, sig in analysis.frozen.items():
+        gdef = graph_pb2.GraphDef()
+        gdef.CopyFrom(sig.graph_def)
+        nodes = {n.name: n for n in gdef.node}
+        for (sname, node), arr in graph_consts.items():
+            if sname == name:
+                nodes[node].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(arr))
+        patched: dict[tuple[str, int | None], int] = {}
+        for patch in analysis.patches:
+            if patch.signature != name:
+                continue
+            value = patch.multiplier * length(patch.layout)
+            slot = (patch.node, patch.index)
+            if patched.get(slot, value) != value:
+                raise PipelineError(
+                    "structure_failed", f"shape constant {patch.node} is shared by two groups"
+                )
+            patched[slot] = value
+            arr = tf.make_ndarray(nodes[patch.node].attr["value"].tensor).copy()
+            if patch.index is None:
+                arr = np.asarray(value, dtype=arr.dtype)
+            else:
+                arr[patch.index] = value
+            nodes[patch.node].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(arr))
+        for node_name, var_name in sig.weights.items():
+            nodes[node_name].attr["shape"].shape.CopyFrom(tf.TensorShape(values[var_name].shape).as_proto())
+        fold_feeds: dict[str, str] = {}
+        for fold in folds:
+            if fold.signature == name and fold.variable is not None:
+                fold_feeds[_insert_add(gdef, nodes, fold.op, fold.dtype)] = fold.variable
+        for n in gdef.node:
+            if "_output_shapes" in n.attr:
+                del n.attr["_output_shapes"]
+        graph_defs[name] = (gdef, fold_feeds)
+
+    extra: dict[str, np.ndarray] = {}
+    for fold in folds:
+        if fold.variable is not None and fold.variable not in extra:
+            out_idx = _removed_in(analysis, analysis.bindings[fold.out_key], removed)
+            extra[fold.variable] = np.delete(fold.delta, out_idx).astype(fold.dtype.as_numpy_dtype)
+
+    module = _build_module(analysis, graph_defs, values, named, extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    signatures = {name: getattr(module, _attr_name(name)).get_concrete_function() for name in analysis.frozen}
+    tf.saved_model.save(module, str(out_dir), signatures=signatures)
+
+    used = {v for sig in analysis.frozen.values() for v in sig.weights.values()}
+    params_before = sum(int(np.prod(before[v])) for v in used)
+    params_after = sum(int(values[v].size) for v in used) + sum(int(a.size) for a in extra.values())
+    channels = {
+        g.id: (g.channels, g.channels - int(removed.get(g.id, np.zeros(0, bool)).sum()))
+        for g in analysis.groups
+    }
+    result = CompactResult(
+        out_dir=out_dir,
+        channels=channels,
+        params_before=params_before,
+        params_after=params_after,
+        notes=notes,
+        shapes={
+            v: (before[v], list(values[v].shape)) for v in sorted(used) if before[v] != list(values[v].shape)
+        },
+        folded=sum(f.channels for f in folds),
+    )
+    if verify:
+        diffs: dict[str, float] = {}
+        for name in analysis.frozen:
+            for key, d in max_abs_diff(handle, out_dir, probes[name], signature=name).items():
+                diffs[f"{name}/{key}"] = d
+        result.max_abs_diff = diffs
+        reference = {name: _reference_scale(handle, name, probes[name]) for name in analysis.frozen}
+        for full, d in diffs.items():
+            name, key = full.split("/", 1)
+            if d > RTOL * max(1.0, reference[name].get(key, 1.0)):
+                raise PipelineError(
+                    "structure_failed",
+                    f"the compact model differs from the masked model on {full} by {d:.3g}; not writing it",
+                )
+    return result
+
+
+def _reference_scale(handle: ModelHandle, signature: str, inputs: Mapping[str, Any]) -> dict[str, float]:
+    out = handle.call(signature, {k: np.asarray(v) for k, v in inputs.items()})
+    return {k: float(np.max(np.abs(v.numpy()))) if np.size(v) else 0.0 for k, v in out.items()}
+
+
+def _decide_removed(
+    analysis: GroupAnalysis,
+    keep: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray],
+    notes: list[str],
+) -> dict[str, np.ndarray]:
+    removed: dict[str, np.ndarray] = {}
+    known = {g.id for g in analysis.groups}
+    for gid in keep:
+        if gid not in known:
+            raise PipelineError("structure_failed", f"no channel group {gid!r} in the analysis")
+    for group in analysis.groups:
+        if group.id not in keep:
+            continue
+        k = np.asarray(keep[group.id], dtype=bool)
+        if k.shape != (group.channels,):
+            raise PipelineError(
+                "structure_failed", f"keep vector of {group.id} has shape {k.shape}, want ({group.channels},)"
+            )
+        drop = ~k
+        if not drop.any():
+            continue
+        if not group.prunable:
+            notes.append(f"{group.id} left whole: {group.reason}")
+            continue
+        live = np.zeros_like(drop)
+        for m in group.producers:
+            arr = np.moveaxis(values[m.variable], m.axis, 0)
+            for c in np.flatnonzero(drop):
+                if np.any(arr[m.indices(np.array([c]))] != 0):
+                    live[c] = True
+        if live.any():
+            notes.append(
+                f"{group.id}: {int(live.sum())} channel(s) to remove are not zero in the masked model; kept"
+            )
+            drop &= ~live
+        if drop.all():
+            first = int(np.flatnonzero(drop)[0])
+            drop[first] = False
+            notes.append(
+                f"{group.id}: every channel was to go; channel {first} kept so the layer stays valid"
+            )
+        if drop.any():
+            removed[group.id] = drop
+    return removed
+
+
+@dataclass
+class _Constants:
+    use: ConsumerUse
+    channels: dict[tuple[str, int], np.ndarray]  # (group id, channel) -> values at the channel's positions
+
+
+def _consumer_constants(
+    analysis: GroupAnalysis,
+    removed: dict[str, np.ndarray],
+    values: Mapping[str, np.ndarray],
+    probes: Mapping[str, Mapping[str, Any]],
+) -> list[_Constants]:
+    """What each kernel reading a removed channel sees there in the masked model (None = not constant)."""
+    wanted: dict[str, list[ConsumerUse]] = {}
+    for use in analysis.consumers:
+        if _removed_in(analysis, analysis.bindings[use.in_key], removed).size:
+            wanted.setdefault(use.signature, []).append(use)
+    found: list[_Constants] = []
+    for name, uses in wanted.items():
+        sig = analysis.frozen[name]
+        tensors = sorted({u.input_tensor for u in uses})
+        arrays = dict(zip(tensors, run_skeleton(sig, values, probes[name], tensors), strict=True))
+        for use in uses:
+            arr = arrays[use.input_tensor]
+            flat = arr.reshape(-1, arr.shape[-1])
+            per: dict[tuple[str, int], np.ndarray] = {}
+            for seg in analysis.bindings[use.in_key].segments:
+                gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
+                if gid not in removed:
+                    continue
+                for c in np.flatnonzero(removed[gid]):
+                    cols = flat[:, seg.positions[c]]
+                    spread = cols.max(axis=0) - cols.min(axis=0) if cols.size else np.zeros(0)
+                    ok = np.all(spread <= 1e-6 * (1.0 + np.abs(cols[0]))) if cols.size else True
+                    per[(gid, int(c))] = cols[0] if ok else None  # type: ignore[assignment]
+            found.append(_Constants(use, per))
+    return found
+
+
+@dataclass
+class _Fold:
+    signature: str
+    op: str
+    out_key: Key
+    delta: np.ndarray
+    dtype: tf.DType
+    channels: int
+    variable: str | None = None  # a new bias variable added after the op
+    bias: str | None = None  # an existing bias variable the delta went into
+
+
+def _fold_plan(
+    analysis: GroupAnalysis,
+    removed: dict[str, np.ndarray],
+    consts: list[_Constants],
+    values: dict[str, np.ndarray],
+    notes: list[str],
+) -> list[_Fold]:
+    """Keep channels whose value cannot be folded; fold the others' non-zero constants into biases."""
+    blocked: set[tuple[str, int]] = set()
+    for found in consts:
+        for ch, v in found.channels.items():
+            if v is None or (np.any(v != 0) and not found.use.exact):
+                blocked.add(ch)
+    for gid, c in sorted(blocked):
+        removed[gid][c] = False
+        notes.append(
+            f"{gid}: channel {c} kept: its value in the masked model is not a constant that folds exactly "
+            "into the next layer's bias"
+        )
+    for gid in [g for g, m in removed.items() if not m.any()]:
+        del removed[gid]
+
+    folds: list[_Fold] = []
+    done: dict[tuple[str, str], _Fold] = {}
+    for found in consts:
+        use = found.use
+        kernel = values[use.in_key[0]]
+        in_ax, out_ax = use.in_key[1], use.out_key[1]
+        delta = np.zeros(kernel.shape[out_ax], dtype=np.float64)
+        count = 0
+        for seg in analysis.bindings[use.in_key].segments:
+            gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
+            if gid not in removed:
+                continue
+            for c in np.flatnonzero(removed[gid]):
+                v = found.channels.get((gid, int(c)))
+                if v is None or not np.any(v != 0):
+                    continue
+                count += 1
+                for p, val in zip(seg.positions[c], v, strict=True):
+                    w = np.take(kernel, int(p), axis=in_ax)  # drops in_ax
+                    o = out_ax - (1 if out_ax > in_ax else 0)
+                    w = np.moveaxis(w, o, -1).reshape(-1, w.shape[o])
+                    delta += float(val) * w.sum(axis=0, dtype=np.float64)
+        if count == 0:
+            continue
+        slot = (use.in_key[0], use.op)
+        if slot in done:
+            continue
+        sig = analysis.frozen[use.signature]
+        op = sig.op(use.op)
+        fold = _Fold(use.signature, use.op, use.out_key, delta, op.outputs[0].dtype, count)
+        bias = _existing_bias(analysis, sig, op, use.out_key)
+        if bias is not None:
+            values[bias] = (values[bias].astype(np.float64) + delta).astype(values[bias].dtype)
+            fold.bias = bias
+        else:
+            fold.variable = f"secateurs_fold/{use.in_key[0]}"
+            for other in analysis.frozen.values():  # the same op in the other signatures gets the same bias
+                if other.name != use.signature and _has_op(other, use.op):
+                    folds.append(_Fold(other.name, use.op, use.out_key, delta, fold.dtype, 0, fold.variable))
+        done[slot] = fold
+        folds.append(fold)
+    return folds
+
+
+def _has_op(sig: FrozenSignature, name: str) -> bool:
+    try:
+        sig.op(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _existing_bias(
+    analysis: GroupAnalysis, sig: FrozenSignature, op: tf.Operation, out_key: Key
+) -> str | None:
+    """A bias variable added right after ``op`` and bound to its output channels (so slicing agrees)."""
+    users = op.outputs[0].consumers()
+    if len(users) != 1 or users[0].type not in ("BiasAdd", "Add", "AddV2"):
+        return None
+    other = [t for t in users[0].inputs if t is not op.outputs[0]]
+    if len(other) != 1:
+        return None
+    t = other[0]
+    while t.op.type in ("Identity", "Reshape", "Squeeze", "ExpandDims") and t.op.name not in sig.weights:
+        t = t.op.inputs[0]
+    var = sig.weights.get(t.op.name)
+    if var is None or t.shape.rank != 1 or (var, 0) not in analysis.bindings:
+        return None
+    uses = sum(1 for s in analysis.frozen.values() for v in s.weights.values() if v == var)
+    if uses != len(analysis.frozen) or len([1 for n in sig.weights.values() if n == var]) != 1:
+        return None
+    a, b = analysis.bindings[(var, 0)], analysis.bindings[out_key]
+    roots = [analysis.spaces.find(s.space) for s in a.segments]
+    if roots != [analysis.spaces.find(s.space) for s in b.segments]:
+        return None
+    return var
+
+
+def _insert_add(gdef: graph_pb2.GraphDef, nodes: dict[str, Any], op: str, dtype: tf.DType) -> str:
+    """Route ``op``'s output through ``AddV2(op, placeholder)``; returns the placeholder to feed the bias."""
+    ph_name = f"{op}/secateurs_fold_bias"
+    add_name = f"{op}/secateurs_fold"
+    if add_name in nodes:
+        return ph_name
+    for n in gdef.node:
+        for i, inp in enumerate(n.input):
+            if inp in (op, f"{op}:0"):
+                n.input[i] = add_name
+    ph = gdef.node.add()
+    ph.name, ph.op = ph_name, "Placeholder"
+    ph.attr["dtype"].type = dtype.as_datatype_enum
+    ph.attr["shape"].shape.CopyFrom(tf.TensorShape([None]).as_proto())
+    add = gdef.node.add()
+    add.name, add.op = add_name, "AddV2"
+    add.input.extend([op, ph_name])
+    add.attr["T"].type = dtype.as_datatype_enum
+    nodes[ph_name], nodes[add_name] = ph, add
+    return ph_name
+
+
+def _node(gdef: graph_pb2.GraphDef, name: str) -> Any:
+    for n in gdef.node:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def _attr_name(signature: str) -> str:
+    return "signature_" + re.sub(r"\W", "_", signature)
+
+
+class CompactModule(tf.Module):
+    """The rebuilt model: sliced weights as variables, one tf.function per signature."""
+
+
+def _build_module(
+    analysis: GroupAnalysis,
+    graph_defs: dict[str, tuple[graph_pb2.GraphDef, dict[str, str]]],
+    values: Mapping[str, np.ndarray],
+    named: Mapping[str, tf.Variable],
+    extra: Mapping[str, np.ndarray],
+) -> CompactModule:
+    module = CompactModule(name="secateurs_compact")
+    used = sorted({v for sig in analysis.frozen.values() for v in sig.weights.values()})
+    variables: dict[str, tf.Variable] = {}
+    for name in used:
+        base = named[name].name.split(":")[0]
+        variables[name] = tf.Variable(values[name], trainable=named[name].trainable, name=base)
+    for name, arr in extra.items():
+        variables[name] = tf.Variable(arr, trainable=True, name=name)
+    module.weights_by_name = variables  # tracked: saved under variables/
+    for sig_name, sig in analysis.frozen.items():
+        gdef, fold_feeds = graph_defs[sig_name]
+        setattr(module, _attr_name(sig_name), _signature_function(sig, gdef, variables, fold_feeds))
+    return module
+
+
+def _signature_function(
+    sig: FrozenSignature,
+    gdef: graph_pb2.GraphDef,
+    variables: Mapping[str, tf.Variable],
+    fold_vars: Mapping[str, str],
+) -> Any:
+    keys = sorted(sig.inputs)
+    out_keys = sorted(sig.outputs)
+    returns = [sig.outputs[k] for k in out_keys]
+    params = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in keys]
+    signature = inspect.Signature(params)
+
+    def body(*args: Any, **kwargs: Any) -> dict[str, tf.Tensor]:
+        bound = signature.bind(*args, **kwargs)
+        feed: dict[str, Any] = {sig.inputs[k]: bound.arguments[k] for k in keys}
+        for node, var_name in sig.weights.items():
+            feed[f"{node}:0"] = variables[var_name].read_value()
+        for node, var_name in fold_vars.items():
+            feed[f"{node}:0"] = variables[var_name].read_value()
+        outs = tf.graph_util.import_graph_def(gdef, input_map=feed, return_elements=returns, name="compact")
+        return {k: tf.identity(t, name=k) for k, t in zip(out_keys, outs, strict=True)}
+
+    body.__signature__ = signature  # type: ignore[attr-defined]
+    specs = [tf.TensorSpec(sig.input_specs[k].shape, sig.input_specs[k].dtype, name=k) for k in keys]
+    return tf.function(body, input_signature=specs)
+
+
+def max_abs_diff(
+    reference: ModelHandle | Callable[..., Mapping[str, Any]],
+    compact_dir: Path,
+    inputs: Mapping[str, Any],
+    signature: str = "serving_default",
+) -> dict[str, float]:
+    """Max absolute difference of every output of ``signature`` between ``reference`` (a handle, or a
+    callable taking the inputs as keywords) and the SavedModel at ``compact_dir``."""
+    loaded = tf.saved_model.load(str(compact_dir))
+    fn = loaded.signatures[signature]
+    _, specs = fn.structured_input_signature
+    tensors = {k: tf.constant(np.asarray(v, dtype=specs[k].dtype.as_numpy_dtype)) for k, v in inputs.items()}
+    got = fn(**tensors)
+    want = reference.call(signature, tensors) if isinstance(reference, ModelHandle) else reference(**tensors)
+    want = dict(want) if isinstance(want, Mapping) else {"output_0": want}
+    return {
+        k: float(np.max(np.abs(np.asarray(got[k], np.float64) - np.asarray(want[k], np.float64))))
+        if np.size(want[k])
+        else 0.0
+        for k in sorted(want)
+    }

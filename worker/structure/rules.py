@@ -1,0 +1,549 @@
+"""One rule per op type: how the channels (last axis, NHWC) flow through it.
+
+``RULES`` maps an op type to a function ``(walker, op)`` that sets the layouts of the op's outputs and binds the
+weight axes the op indexes by channel:
+
+- producers (Conv1D/2D/3D, MatMul/Dense, BatchMatMul with a 2-D weight, Einsum with a clean 2-D weight, the
+  pointwise half of a separable conv): the kernel's output axis starts a space, its input axis is a *consumer*
+  slice of the input's layout;
+- depthwise convs tie their input channels to their output channels (multiplier ``m``: channel ``c`` is outputs
+  ``c*m .. c*m+m-1``);
+- carriers keep the layout (activations, bias, BatchNorm fused or lowered, pooling, padding, casts, reductions
+  over spatial axes, resizes); element-wise binary ops couple their operands (residual Add, squeeze-excite Mul);
+- ConcatV2 on the channel axis concatenates layouts; Reshape either keeps the channel axis or flattens it;
+- anything else is ``unknown``: its inputs' channels are frozen with the op's type and name.
+
+Weights reach ops through const-only subgraphs (Keras 3: ``ReadVariableOp -> Reshape -> Squeeze -> BiasAdd``,
+lowered BatchNorm ``Rsqrt(var + eps) * gamma``); ``const_view`` traces those back to the weights and the axis
+each tensor axis comes from, and records the shape constants a compaction must rewrite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from worker.structure.frozen import const_value
+from worker.structure.groups import ConsumerUse, ShapePatch, Source, Walker, last_dim
+from worker.structure.layout import Layout
+
+Rule = Callable[[Walker, tf.Operation], None]
+
+UNARY = {
+    "Identity", "Snapshot", "StopGradient", "PreventGradient", "Cast", "CheckNumerics",
+    "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign", "Erf", "Erfc",
+    "Exp", "Expm1", "Log", "Log1p", "Neg", "Abs", "Square", "Sqrt", "Rsqrt", "Reciprocal", "Inv", "Sign",
+    "Floor", "Ceil", "Round", "Rint", "Sin", "Cos", "Atan", "Tan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+    "IsNan", "ZerosLike", "OnesLike",
+}  # fmt: skip
+BINARY = {
+    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "Maximum", "Minimum",
+    "SquaredDifference", "Pow", "FloorDiv", "FloorMod", "AddN", "ClipByValue", "SelectV2", "BiasAdd",
+}  # fmt: skip
+SPATIAL = {
+    "MaxPool", "AvgPool", "MaxPool3D", "AvgPool3D", "MaxPoolV2", "ResizeBilinear", "ResizeNearestNeighbor",
+    "ResizeBicubic", "ResizeArea",
+}  # fmt: skip
+REDUCTIONS = {"Mean", "Max", "Min", "Sum", "Prod"}
+NORMALISED = {"Softmax", "LogSoftmax"}
+
+
+def _where(op: tf.Operation) -> str:
+    return f"{op.type} at {op.name}"
+
+
+def _attr(op: tf.Operation, name: str, default: object = None) -> object:
+    try:
+        return op.get_attr(name)
+    except ValueError:
+        return default
+
+
+def _const_int(walker: Walker, t: tf.Tensor) -> np.ndarray | None:
+    """The integer value of a const-derived tensor (axes, paddings, perms) or None."""
+    value = tf.get_static_value(t)
+    if value is not None:
+        return np.asarray(value)
+    if t.op.type == "Const":
+        return const_value(t.op)
+    return None
+
+
+# --- const subgraphs --------------------------------------------------------------------------------------
+
+
+def _non_one(shape: list[int | None]) -> list[int]:
+    return [i for i, d in enumerate(shape) if d != 1]
+
+
+def const_view(walker: Walker, t: tf.Tensor) -> list[Source] | None:
+    """Trace a const-derived tensor to the weights it reads; None through an op it cannot map."""
+    op = t.op
+    shape = t.shape
+    if shape.rank is None:
+        return None
+    if op.type == "Const" or (walker.sig is not None and op.name in walker.sig.weights):
+        return [Source(walker.key_of(op), tuple(range(shape.rank)))]
+    if op.type in UNARY or op.type in ("ReadVariableOp",):
+        return walker.view(op.inputs[0])
+    if op.type in BINARY and op.type != "BiasAdd":
+        sources: list[Source] = []
+        for inp in op.inputs:
+            srcs = walker.view(inp)
+            if srcs is None:
+                return None
+            sources.extend(_broadcast(srcs, inp.shape, shape))
+        return sources
+    if op.type in ("Reshape", "Squeeze", "ExpandDims"):
+        srcs = walker.view(op.inputs[0])
+        in_shape = op.inputs[0].shape
+        if srcs is None or in_shape.rank is None or not in_shape.is_fully_defined():
+            return None
+        ins, outs = _non_one(in_shape.as_list()), _non_one(shape.as_list())
+        if [in_shape[i] for i in ins] != [shape[i] for i in outs]:
+            return None
+        mapped = []
+        for src in srcs:
+            axes: list[int | None] = [None] * shape.rank
+            for i_in, i_out in zip(ins, outs, strict=True):
+                axes[i_out] = src.axes[i_in]
+            mapped.append(Source(src.key, tuple(axes)))
+        if op.type == "Reshape" and mapped:
+            target = op.inputs[1]
+            if target.op.type != "Const":
+                return None
+            for j in outs:
+                src = next((s for s in mapped if s.axes[j] is not None), None)
+                if src is None:
+                    return None
+                layout = walker.key_layout((src.key, src.axes[j]), int(shape[j]), "carrier")
+                walker.patches.append(ShapePatch(walker.sig.name, target.op.name, j, 1, layout))
+        return mapped
+    if op.type == "Transpose":
+        srcs = walker.view(op.inputs[0])
+        perm = _const_int(walker, op.inputs[1])
+        if srcs is None or perm is None:
+            return None
+        return [Source(s.key, tuple(s.axes[int(p)] for p in perm)) for s in srcs]
+    return None
+
+
+def _broadcast(srcs: list[Source], in_shape: tf.TensorShape, out_shape: tf.TensorShape) -> list[Source]:
+    """Axis maps of an operand broadcast (right-aligned) to the output shape."""
+    if in_shape.rank is None or out_shape.rank is None:
+        return srcs
+    out = []
+    offset = out_shape.rank - in_shape.rank
+    for src in srcs:
+        axes: list[int | None] = [None] * out_shape.rank
+        for i in range(in_shape.rank):
+            if in_shape[i] != 1:
+                axes[i + offset] = src.axes[i]
+        out.append(Source(src.key, tuple(axes)))
+    return out
+
+
+def _single_source(walker: Walker, t: tf.Tensor) -> Source | None:
+    srcs = walker.view(t) if walker.is_const(t) else None
+    if not srcs or len(srcs) != 1 or any(a is None for a in srcs[0].axes):
+        return None
+    return srcs[0]
+
+
+# --- rules ----------------------------------------------------------------------------------------------
+
+
+def unknown(walker: Walker, op: tf.Operation, reason: str | None = None) -> None:
+    """No rule: freeze every channel the op touches, and every weight it reads."""
+    why = reason or f"unknown op {op.type} at {op.name}"
+    for inp in op.inputs:
+        if walker.is_const(inp):
+            walker.untrack_all(inp, _where(op))
+        else:
+            walker.spaces.freeze_layout(walker.layout(inp), why)
+    for out in op.outputs:
+        walker.set_layout(out, None, why)
+
+
+def carrier(walker: Walker, op: tf.Operation) -> None:
+    """Output channels are the input's (activations, pooling, casts); other inputs must be const params."""
+    x = op.inputs[0]
+    for extra in op.inputs[1:]:
+        if not walker.is_const(extra):
+            return unknown(walker, op)
+    if last_dim(op.outputs[0]) != last_dim(x):
+        return unknown(walker, op)
+    walker.set_layout(op.outputs[0], walker.layout(x))
+    for out in op.outputs[1:]:
+        walker.set_layout(out, None, f"unknown op output {op.name}")
+
+
+def elementwise(walker: Walker, op: tf.Operation) -> None:
+    """Broadcasting element-wise ops: operands with the output's channels are coupled one to one."""
+    if op.type == "BiasAdd" and _attr(op, "data_format", b"NHWC") not in (b"NHWC", "NHWC"):
+        return unknown(walker, op)
+    out = op.outputs[0]
+    width = last_dim(out)
+    if width is None:
+        return unknown(walker, op)
+    layouts: list[Layout] = []
+    pending: list[tuple[str, int]] = []
+    for inp in op.inputs:
+        w = last_dim(inp)
+        if walker.is_const(inp):
+            srcs = walker.view(inp)
+            if srcs is None:
+                return unknown(walker, op, f"unknown op {op.type} at {op.name} (untraceable constant)")
+            aligned = _broadcast(srcs, inp.shape, out.shape) if inp.shape.rank is not None else srcs
+            tracked = set()
+            for src in aligned:
+                ax = src.axes[-1] if src.axes and w == width and width > 1 else None
+                if ax is not None:
+                    pending.append((src.key, ax))
+                    tracked.add((src.key, ax))
+            walker.mark_untracked(srcs, tracked, _where(op))
+            continue
+        if w == width and width > 1:
+            layout = walker.layout(inp)
+            if layout is None:
+                return unknown(walker, op)
+            layouts.append(layout)
+    if width <= 1:
+        walker.set_layout(out, None)
+        return None
+    if layouts:
+        result = layouts[0]
+        for other in layouts[1:]:
+            result = walker.unify(result, other, _where(op))
+    elif pending:
+        result = walker.key_layout(pending[0], width, "carrier")
+    else:
+        walker.set_layout(out, None)
+        return None
+    for key in pending:
+        result = walker.bind(key, result, "carrier", _where(op))
+    walker.set_layout(out, result)
+    return None
+
+
+def _conv_exact(op: tf.Operation, kernel: tf.Tensor, spatial: int) -> bool:
+    """A constant input channel adds a constant to every output only if no zero padding meets the window."""
+    padding = _attr(op, "padding", b"VALID")
+    padding = padding.decode() if isinstance(padding, bytes) else str(padding)
+    window = kernel.shape.as_list()[:spatial]
+    return padding == "VALID" or all(d == 1 for d in window)
+
+
+def _produce(
+    walker: Walker, op: tf.Operation, x: tf.Tensor, src: Source, in_ax: int, out_ax: int, exact: bool
+) -> None:
+    in_key, out_key = (src.key, src.axes[in_ax]), (src.key, src.axes[out_ax])
+    kernel_shape = op.inputs[1].shape if len(op.inputs) > 1 else None
+    lx = walker.layout(x)
+    if lx is not None:
+        walker.bind(in_key, lx, "consumer", _where(op))
+        walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, out_key, exact))
+    elif kernel_shape is not None and last_dim(x) not in (1, None):
+        return unknown(walker, op)
+    width = last_dim(op.outputs[0])
+    if width is None:
+        return unknown(walker, op)
+    walker.set_layout(op.outputs[0], walker.key_layout(out_key, width, "producer"))
+    return None
+
+
+def conv(walker: Walker, op: tf.Operation) -> None:
+    x, k = op.inputs[0], op.inputs[1]
+    fmt = _attr(op, "data_format", b"NHWC")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    src = _single_source(walker, k)
+    if src is None or walker.is_const(x) or not fmt.endswith("C") or k.shape.rank is None:
+        return unknown(walker, op)
+    r = k.shape.rank
+    if last_dim(x) != k.shape[r - 2]:  # grouped convolution
+        return unknown(walker, op, f"grouped convolution at {op.name}")
+    walker.mark_untracked([src], {(src.key, src.axes[r - 2]), (src.key, src.axes[r - 1])}, _where(op))
+    return _produce(walker, op, x, src, r - 2, r - 1, _conv_exact(op, k, r - 2))
+
+
+def matmul(walker: Walker, op: tf.Operation) -> None:
+    a, b = op.inputs[0], op.inputs[1]
+    ta = bool(_attr(op, "transpose_a", False) or _attr(op, "adj_x", False))
+    tb = bool(_attr(op, "transpose_b", False) or _attr(op, "adj_y", False))
+    src = _single_source(walker, b)
+    if src is None or walker.is_const(a) or ta or b.shape.rank != 2:
+        return unknown(walker, op)
+    in_ax, out_ax = (1, 0) if tb else (0, 1)
+    walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
+    return _produce(walker, op, a, src, in_ax, out_ax, True)
+
+
+def einsum(walker: Walker, op: tf.Operation) -> None:
+    """``...x,xy->...y``-shaped equations with a 2-D weight; anything else is unknown."""
+    eq = _attr(op, "equation", b"")
+    eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+    if len(op.inputs) != 2 or "->" not in eq:
+        return unknown(walker, op)
+    lhs, out = eq.replace(" ", "").split("->")
+    parts = lhs.split(",")
+    x, w = op.inputs
+    if walker.is_const(x) and not walker.is_const(w):
+        x, w, parts = w, x, parts[::-1]
+    src = _single_source(walker, w)
+    xs, ws = parts
+    if src is None or len(ws) != 2 or not xs or not out:
+        return unknown(walker, op)
+    c_in, c_out = xs[-1], out[-1]
+    if c_in not in ws or c_out not in ws or c_in == c_out or c_in in out or c_out in xs:
+        return unknown(walker, op)
+    if xs[:-1] != out[:-1]:
+        return unknown(walker, op)
+    in_ax, out_ax = ws.index(c_in), ws.index(c_out)
+    walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
+    return _produce(walker, op, x, src, in_ax, out_ax, True)
+
+
+def depthwise(walker: Walker, op: tf.Operation) -> None:
+    x, k = op.inputs[0], op.inputs[1]
+    src = _single_source(walker, k)
+    fmt = _attr(op, "data_format", b"NHWC")
+    if src is None or walker.is_const(x) or fmt not in (b"NHWC", "NHWC") or k.shape.rank != 4:
+        return unknown(walker, op)
+    lx = walker.layout(x)
+    mult = int(k.shape[3])
+    walker.mark_untracked([src], {(src.key, src.axes[2])}, _where(op))
+    if lx is None:
+        return walker.set_layout(op.outputs[0], None, f"depthwise input of unknown channels at {op.name}")
+    walker.bind((src.key, src.axes[2]), lx, "producer", _where(op))
+    layout = lx if mult == 1 else lx.multiplied(mult)
+    walker.set_layout(op.outputs[0], layout)
+    return None
+
+
+def fused_batch_norm(walker: Walker, op: tf.Operation) -> None:
+    fmt = _attr(op, "data_format", b"NHWC")
+    if _attr(op, "is_training", False) or fmt not in (b"NHWC", "NHWC", b"NDHWC", "NDHWC"):
+        return unknown(walker, op)
+    x = op.inputs[0]
+    lx = walker.layout(x)
+    if lx is None:
+        return unknown(walker, op)
+    for param in op.inputs[1:5]:
+        src = _single_source(walker, param)
+        if src is None or param.shape.rank != 1:
+            return unknown(walker, op)
+        lx = walker.bind((src.key, src.axes[0]), lx, "carrier", _where(op))
+    walker.set_layout(op.outputs[0], lx)
+    for out in op.outputs[1:]:
+        walker.set_layout(out, None)
+    return None
+
+
+def spatial(walker: Walker, op: tf.Operation) -> None:
+    fmt = _attr(op, "data_format", b"NHWC")
+    if fmt not in (b"NHWC", "NHWC", b"NDHWC", "NDHWC"):
+        return unknown(walker, op)
+    return carrier(walker, op)
+
+
+def reduction(walker: Walker, op: tf.Operation) -> None:
+    x = op.inputs[0]
+    axes = _const_int(walker, op.inputs[1])
+    rank = x.shape.rank
+    if axes is None or rank is None:
+        return unknown(walker, op)
+    axes = {int(a) % rank for a in np.atleast_1d(axes)}
+    if rank - 1 in axes:
+        if walker.layout(x) is not None:
+            walker.spaces.freeze_layout(
+                walker.layout(x), f"reduced or normalised across channels ({op.type} at {op.name})"
+            )
+        return walker.set_layout(op.outputs[0], None, f"reduction over channels at {op.name}")
+    walker.set_layout(op.outputs[0], walker.layout(x))
+    return None
+
+
+def normalised(walker: Walker, op: tf.Operation) -> None:
+    x = op.inputs[0]
+    why = f"normalised across channels ({op.type} at {op.name})"
+    walker.spaces.freeze_layout(walker.layout(x), why)
+    walker.set_layout(op.outputs[0], walker.layout(x), why)
+
+
+def pad(walker: Walker, op: tf.Operation) -> None:
+    paddings = _const_int(walker, op.inputs[1])
+    if paddings is None or paddings.ndim != 2 or any(int(v) != 0 for v in paddings[-1]):
+        return unknown(walker, op)
+    if len(op.inputs) > 2 and not walker.is_const(op.inputs[2]):
+        return unknown(walker, op)
+    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    return None
+
+
+def squeeze_expand(walker: Walker, op: tf.Operation) -> None:
+    x, out = op.inputs[0], op.outputs[0]
+    if x.shape.rank is None or out.shape.rank is None or last_dim(x) != last_dim(out):
+        return unknown(walker, op)
+    if op.type == "ExpandDims":
+        axis = _const_int(walker, op.inputs[1])
+        if axis is None or int(axis) % out.shape.rank == out.shape.rank - 1:
+            return unknown(walker, op)
+    walker.set_layout(out, walker.layout(x))
+    return None
+
+
+def transpose(walker: Walker, op: tf.Operation) -> None:
+    perm = _const_int(walker, op.inputs[1])
+    if perm is None or int(perm[-1]) != len(perm) - 1:
+        return unknown(walker, op)
+    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    return None
+
+
+def tile(walker: Walker, op: tf.Operation) -> None:
+    multiples = _const_int(walker, op.inputs[1])
+    if multiples is None or int(multiples[-1]) != 1:
+        return unknown(walker, op)
+    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    return None
+
+
+def _shape_last(walker: Walker, target: tf.Tensor) -> tuple[str, int | None, int] | None:
+    """Where the last element of a reshape target lives: (Const node, index or None, value)."""
+    op = target.op
+    if op.type == "Const":
+        value = const_value(op)
+        if value.ndim != 1 or value.size == 0:
+            return None
+        return op.name, value.size - 1, int(value[-1])
+    if op.type == "Pack" and op.inputs:
+        last = op.inputs[-1]
+        if last.op.type == "Const":
+            value = const_value(last.op)
+            if value.ndim == 0:
+                return last.op.name, None, int(value)
+    return None
+
+
+def reshape(walker: Walker, op: tf.Operation) -> None:
+    x, out = op.inputs[0], op.outputs[0]
+    lx = walker.layout(x)
+    if lx is None:
+        if last_dim(out) in (None, 1) or (last_dim(x) == 1 and x.shape.rank is not None):
+            walker.set_layout(out, None)
+            return None
+        return unknown(walker, op)
+    in_shape, out_shape = x.shape, out.shape
+    if in_shape.rank is None or out_shape.rank is None or out_shape[-1] is None:
+        return unknown(walker, op)
+    where = _shape_last(walker, op.inputs[1])
+    if where is None:
+        return unknown(walker, op, f"unknown op {op.type} at {op.name} (dynamic target shape)")
+    node, index, value = where
+    if out_shape[-1] == in_shape[-1]:
+        if value != -1:
+            walker.patches.append(ShapePatch(walker.sig.name, node, index, 1, lx))
+        walker.set_layout(out, lx)
+        return None
+    dims = in_shape.as_list()
+    for start in range(len(dims) - 1, 0, -1):
+        tail = dims[start:]
+        if any(d is None for d in tail):
+            break
+        if int(np.prod(tail)) == out_shape[-1]:
+            repeats = int(np.prod(tail[:-1]))
+            if value != -1:
+                walker.patches.append(ShapePatch(walker.sig.name, node, index, repeats, lx))
+            walker.set_layout(out, lx.tiled(repeats))
+            return None
+    return unknown(walker, op, f"unknown op {op.type} at {op.name} (reshape across the channel axis)")
+
+
+def concat(walker: Walker, op: tf.Operation) -> None:
+    values, axis_t = op.inputs[:-1], op.inputs[-1]
+    out = op.outputs[0]
+    axis = _const_int(walker, axis_t)
+    if axis is None or out.shape.rank is None:
+        return unknown(walker, op)
+    rank = out.shape.rank
+    if int(axis) % rank != rank - 1:
+        layouts = []
+        for v in values:
+            if walker.is_const(v):
+                return unknown(walker, op)
+            if walker.layout(v) is not None:
+                layouts.append(walker.layout(v))
+        result = layouts[0] if layouts else None
+        for other in layouts[1:]:
+            result = walker.unify(result, other, _where(op))
+        walker.set_layout(out, result)
+        return None
+    segments = []
+    offset = 0
+    for v in values:
+        width = last_dim(v)
+        if width is None:
+            return unknown(walker, op)
+        if walker.is_const(v):
+            src = _single_source(walker, v)
+            if src is None:
+                return unknown(walker, op)
+            walker.mark_untracked([src], {(src.key, src.axes[-1])}, _where(op))
+            layout = walker.key_layout((src.key, src.axes[-1]), width, "carrier")
+        else:
+            layout = walker.layout(v)
+            if layout is None:
+                layout = walker.spaces.identity(
+                    width, f"concatenated channels of unknown origin at {op.name}"
+                )
+        segments.extend(layout.shifted(offset))
+        offset += width
+    walker.set_layout(out, Layout(offset, tuple(segments)))
+    return None
+
+
+def identity_n(walker: Walker, op: tf.Operation) -> None:
+    for inp, out in zip(op.inputs, op.outputs, strict=True):
+        walker.set_layout(out, None if walker.is_const(inp) else walker.layout(inp))
+
+
+def shape_only(walker: Walker, op: tf.Operation) -> None:
+    """Reads a tensor's shape, not its values: the channels do not flow on."""
+    for out in op.outputs:
+        walker.set_layout(out, None)
+
+
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(UNARY, carrier),
+    **dict.fromkeys(BINARY, elementwise),
+    **dict.fromkeys(SPATIAL, spatial),
+    **dict.fromkeys(REDUCTIONS, reduction),
+    **dict.fromkeys(NORMALISED, normalised),
+    "Conv2D": conv,
+    "Conv3D": conv,
+    "MatMul": matmul,
+    "BatchMatMul": matmul,
+    "BatchMatMulV2": matmul,
+    "BatchMatMulV3": matmul,
+    "Einsum": einsum,
+    "DepthwiseConv2dNative": depthwise,
+    "FusedBatchNorm": fused_batch_norm,
+    "FusedBatchNormV2": fused_batch_norm,
+    "FusedBatchNormV3": fused_batch_norm,
+    "Pad": pad,
+    "PadV2": pad,
+    "MirrorPad": pad,
+    "Reshape": reshape,
+    "Squeeze": squeeze_expand,
+    "ExpandDims": squeeze_expand,
+    "Transpose": transpose,
+    "Tile": tile,
+    "ConcatV2": concat,
+    "IdentityN": identity_n,
+    "Shape": shape_only,
+    "Size": shape_only,
+    "Rank": shape_only,
+    "NoOp": shape_only,
+}
