@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.body_limit import JsonBodyLimit
+from app.api.docs_page import install_docs
 from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, prometheus, schemas, webhooks
 from app.config import Settings, get_settings
@@ -198,6 +199,8 @@ def create_app(
             "SavedModel and a metrics JSON. Errors are RFC 9457 `application/problem+json`."
         ),
         lifespan=lifespan,
+        docs_url=None,  # /docs comes from install_docs: local assets, no CDN
+        redoc_url=None,
     )
     install_problem_handlers(app)
     app.state.metrics = Metrics()
@@ -214,6 +217,7 @@ def create_app(
         prometheus.router,
     ):
         app.include_router(router)
+    install_docs(app)
     fastapi_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
