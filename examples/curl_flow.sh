@@ -31,6 +31,6 @@ python3 - <<'PY'
 import json
 m = json.load(open("metrics.json"))
 b, p = m["baseline"], m["pruned"]
-print("accuracy %.3f -> %.3f, sparsity %.2f, zip %d KB -> %d KB" % (b["metrics"]["accuracy"],
-      p["metrics"]["accuracy"], p["sparsity"], b["size_bytes"]["zip"] // 1000, p["size_bytes"]["zip"] // 1000))
+print("accuracy %.3f -> %.3f, sparsity %.2f, zip %.1f KB -> %.1f KB" % (b["metrics"]["accuracy"],
+      p["metrics"]["accuracy"], p["sparsity"], b["size_bytes"]["zip"] / 1024, p["size_bytes"]["zip"] / 1024))
 PY

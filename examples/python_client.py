@@ -30,5 +30,5 @@ Path("metrics.json").write_text(json.dumps(metrics, indent=2))  # baseline vs pr
 
 base, pruned = metrics["baseline"], metrics["pruned"]
 print(f"accuracy {base['metrics']['accuracy']:.3f} -> {pruned['metrics']['accuracy']:.3f},",
-      f"sparsity {pruned['sparsity']:.2f}, zip {base['size_bytes']['zip'] // 1000} KB ->",
-      f"{pruned['size_bytes']['zip'] // 1000} KB")
+      f"sparsity {pruned['sparsity']:.2f}, zip {base['size_bytes']['zip'] / 1024:.1f} KB ->",
+      f"{pruned['size_bytes']['zip'] / 1024:.1f} KB")
