@@ -563,7 +563,7 @@ class CutFirstArtifact(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self.inner.handle_request(request)
-        if not request.url.path.endswith("/artifact"):
+        if "/artifacts/" not in request.url.path:  # download_artifact: /v1/jobs/{id}/artifacts/{name}
             return response
         self.seen.append((dict(request.headers), response.status_code, dict(response.headers)))
         if len(self.seen) > 1:
