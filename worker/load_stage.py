@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from app.schemas.fit import loss_label_problem
 from app.schemas.spec import Preprocessing, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.metrics import labels_for_outputs
@@ -107,6 +108,17 @@ def prepare(
             "dataset_mismatch",
             f"{why} needs a train dataset with labels: pass train_dataset_id with arrays 'x' and 'y'",
         )
+    if spec.loss is not None and train is not None and job.train is not None and job.train.y is not None:
+        # The signature's shapes (None = any size); prune_stage.loss_of checks again with the real output.
+        problem = loss_label_problem(
+            spec.loss,
+            job.train.y.shape,
+            sig.outputs[output]["shape"],
+            labels=f"the train dataset's labels {label_key(output, train)!r}",
+            output_name=output,
+        )
+        if problem:
+            raise PipelineError("invalid_spec", problem)
     if evaluation is None:
         job.notes.append("no evaluation dataset: quality metrics are null")
     elif job.evaluation is not None and job.evaluation.y is None:

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from app.schemas.fit import loss_label_problem
 from app.schemas.spec import FineTune, PolynomialSchedule
 from worker.errors import PipelineError
-from worker.job import Job, Window
+from worker.job import Job, Window, fixed_batch
 from worker.models import NamedVariable
 from worker.pruning.criteria import GradientStats, get_criterion
 from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
@@ -346,22 +347,46 @@ def _gradients(job: Job, pruner: Pruner, step: int, budget: int) -> dict[str, Gr
 
 
 def loss_of(job: Job) -> tuple[str, bool]:
-    """Loss name and from_logits: the spec's, else inferred once from train labels and a sample of outputs."""
+    """Loss name and from_logits: the spec's, else inferred once from train labels and a sample of outputs.
+
+    Either way the loss is checked once against the labels and the real output (the signature may leave
+    sizes unknown, which load_stage could not check): a mismatch would otherwise surface as a reshape error
+    deep inside training, reported as an internal error instead of the user's mistake.
+    """
     assert job.train is not None and job.train.y is not None
     spec = job.spec
-    if spec.loss is not None and spec.from_logits is not None:
-        return spec.loss, spec.from_logits
     if job.loss is None:
-        sample = {k: v[:PREDICT_SAMPLE] for k, v in job.train.x.items()}
-        output = job.forward(sample, False).numpy()
-        try:
-            inferred, logits = infer_loss(job.train.y[: len(output)], output)
-        except ValueError as exc:
+        fixed = fixed_batch(job.sig)
+        if fixed is not None and job.train.n < fixed:
             raise PipelineError(
-                "dataset_mismatch", f"train labels do not fit output {job.output!r}: {exc}"
-            ) from exc
-        job.loss = (spec.loss or inferred, logits if spec.from_logits is None else spec.from_logits)
-        job.note(f"training loss: {job.loss[0]} (from_logits={job.loss[1]})")
+                "dataset_mismatch",
+                f"the train dataset has {job.train.n} samples; signature {job.sig.name!r} takes batches of "
+                f"exactly {fixed}",
+            )
+        sample = {k: v[: fixed or PREDICT_SAMPLE] for k, v in job.train.x.items()}
+        output = job.forward(sample, False).numpy()
+        if spec.loss is not None and spec.from_logits is not None:
+            resolved = (spec.loss, spec.from_logits)
+        else:
+            try:
+                inferred, logits = infer_loss(job.train.y[: len(output)], output)
+            except ValueError as exc:
+                raise PipelineError(
+                    "dataset_mismatch", f"train labels do not fit output {job.output!r}: {exc}"
+                ) from exc
+            resolved = (spec.loss or inferred, logits if spec.from_logits is None else spec.from_logits)
+            job.note(f"training loss: {resolved[0]} (from_logits={resolved[1]})")
+        problem = loss_label_problem(
+            resolved[0],
+            job.train.y.shape,
+            output.shape,
+            labels="the train labels",
+            output_name=job.output,
+            inferred=spec.loss is None,
+        )
+        if problem:  # the user's loss is wrong, or (inferred) no loss fits these labels
+            raise PipelineError("invalid_spec" if spec.loss is not None else "dataset_mismatch", problem)
+        job.loss = resolved
     return job.loss
 
 

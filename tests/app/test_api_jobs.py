@@ -547,6 +547,74 @@ def test_signature_is_not_checked_while_the_model_validates(client: TestClient, 
     )
 
 
+@pytest.mark.parametrize(
+    ("loss", "labels", "hint"),
+    [
+        ("mse", "ids", "sparse_categorical_crossentropy"),  # the newcomer's mistake of issue 11
+        ("mae", "ids", "sparse_categorical_crossentropy"),
+        ("categorical_crossentropy", "ids", "sparse_categorical_crossentropy"),
+        ("sparse_categorical_crossentropy", "onehot", "'categorical_crossentropy'"),
+        ("binary_crossentropy", "column", "sparse_categorical_crossentropy"),  # (N, 1) would broadcast
+    ],
+)
+def test_explicit_loss_the_labels_cannot_train_is_422_naming_both_shapes(
+    client: TestClient, settings: Settings, ready_model_id: str, loss: str, labels: str, hint: str
+) -> None:
+    """Labels against spec.loss and the ready model's output (probs: (None, 10)), refused before any worker."""
+    arrays = dataset_arrays(n=12)
+    arrays["y"] = {
+        "ids": arrays["y"],
+        "onehot": np.eye(10, dtype=np.float32)[arrays["y"]],
+        "column": arrays["y"][:, None] % 2,
+    }[labels]
+    train = upload_dataset(client, arrays)["id"]
+    spec = {"target_sparsity": 0.5, "loss": loss, "fine_tune": {"epochs": 1}}
+    payload = {"model_id": ready_model_id, "spec": spec, "train_dataset_id": train}
+    body = assert_refused(client, settings, client.post("/v1/jobs", json=payload), 422)
+    shape = {"ids": "(12,)", "onehot": "(12, 10)", "column": "(12, 1)"}[labels]
+    assert f"shape {shape}" in body["detail"] and "shape (None, 10)" in body["detail"]
+    assert f"'{loss}'" in body["detail"] and hint in body["detail"]
+    assert [e["loc"] for e in body["errors"]] == ["spec.loss"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "labels"),
+    [("sparse_categorical_crossentropy", "ids"), ("categorical_crossentropy", "onehot"), (None, "ids")],
+)
+def test_loss_that_fits_the_labels_is_accepted(
+    client: TestClient, ready_model_id: str, loss: str | None, labels: str
+) -> None:
+    arrays = dataset_arrays(n=12)
+    if labels == "onehot":
+        arrays["y"] = np.eye(10, dtype=np.float32)[arrays["y"]]
+    train = upload_dataset(client, arrays)["id"]
+    spec = {"target_sparsity": 0.5, "loss": loss, "fine_tune": {"epochs": 1}}
+    assert create_job(client, ready_model_id, spec, train_dataset_id=train)["status"] == "queued"
+
+
+def test_loss_is_checked_against_the_named_output_of_a_multi_output_model(
+    client: TestClient, settings: Settings, model_id: str
+) -> None:
+    signatures = {
+        "serving_default": {
+            "inputs": {"features": {"shape": [None, 64], "dtype": "float32"}},
+            "outputs": {
+                "probs": {"shape": [None, 10], "dtype": "float32"},
+                "score": {"shape": [None, 1], "dtype": "float32"},
+            },
+        }
+    }
+    mark_model(app_of(client), model_id, "ready", signatures=signatures)
+    arrays = dataset_arrays(n=12)
+    arrays["y.score"] = arrays.pop("y").astype(np.float32)[:, None]
+    train = upload_dataset(client, arrays)["id"]
+    spec: dict[str, Any] = {"target_sparsity": 0.5, "fine_tune": {"epochs": 1}}
+    create_job(client, model_id, {**spec, "loss": "mse"}, train_dataset_id=train)
+    payload = {"model_id": model_id, "spec": {**spec, "loss": "sparse_categorical_crossentropy"}}
+    body = assert_problem(client.post("/v1/jobs", json={**payload, "train_dataset_id": train}), 422)
+    assert "'y.score'" in body["detail"] and "'score'" in body["detail"]
+
+
 # --- reading and listing ----------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
 from app.queue import RUN_JOB
-from app.schemas.fit import dataset_fit_errors
+from app.schemas.fit import dataset_fit_errors, label_loss_errors
 from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
@@ -93,6 +93,14 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
                 raise Unprocessable(
                     f"{loc} {dataset.id} does not fit model {model.id}: " + "; ".join(problems),
                     extra={"errors": [{"loc": loc, "msg": p} for p in problems]},
+                )
+        if train is not None:  # an explicit loss the labels cannot train with (mse on class ids, ...)
+            problems = label_loss_errors(model.signatures, body.spec.signature, train.arrays, body.spec.loss)
+            if problems:
+                raise Unprocessable(
+                    f"train_dataset_id {train.id} does not fit spec.loss for model {model.id}: "
+                    + "; ".join(problems),
+                    extra={"errors": [{"loc": "spec.loss", "msg": p} for p in problems]},
                 )
 
 
