@@ -29,6 +29,7 @@ SecateursError
 │   └── IdempotencyKeyReused 422  an Idempotency-Key sent again with a different payload or endpoint
 ├── TooManyRequests          429  the tenant already has its maximum of active jobs; carries ``retry_after``
 ├── ServiceUnavailable       503  a dependency (database, broker) is down; carries ``retry_after`` seconds
+│   └── StoreUnavailable     503  the blob store (S3) does not answer
 └── InsufficientStorage      507  the disk is (nearly) full
 """
 
@@ -248,6 +249,12 @@ class ServiceUnavailable(SecateursError):
     status = 503
     title = "Service unavailable"
     slug = "service-unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """Raised when the blob store (S3) cannot be reached or keeps answering 5xx; nothing was half-written."""
+
+    slug = "store-unavailable"
 
 
 class InsufficientStorage(SecateursError):

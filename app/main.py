@@ -19,11 +19,12 @@ from app.api.docs_page import install_docs
 from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, prometheus, schemas, webhooks
 from app.config import Settings, get_settings
-from app.errors import PROBLEM_BASE, SecateursError
+from app.errors import PROBLEM_BASE, SecateursError, StoreUnavailable
 from app.maintenance import Maintenance
 from app.observability.prometheus import Metrics, ObservabilityMiddleware
 from app.queue import make_celery
 from app.storage import Storage, is_disk_full
+from app.storage.blobs import StoreMisconfigured
 from app.store.db import init_db, make_engine, make_session_factory
 from app.store.repo import BadCursor
 
@@ -157,6 +158,18 @@ def declare_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def check_store(storage: Storage) -> None:
+    """At start: a store that refuses us (credentials, bucket) stops the start with a message naming the setting;
+    one that does not answer yet is only logged (/readyz reports it, uploads answer 503 meanwhile)."""
+    try:
+        storage.check()
+    except StoreMisconfigured as exc:
+        log.error("blob store misconfigured: %s", exc)
+        raise SystemExit(f"secateurs: refusing to start: {exc}") from exc
+    except StoreUnavailable as exc:
+        log.warning("blob store not reachable at start (the API starts anyway): %s", exc.detail)
+
+
 def create_app(
     settings: Settings | None = None, embedded_worker: Any = None, maintenance: bool = False
 ) -> FastAPI:
@@ -174,7 +187,8 @@ def create_app(
         app.state.session_factory = make_session_factory(engine)
         app.state.metrics.attach_store(app.state.session_factory)
         app.state.idempotency = IdempotencyStore(app.state.session_factory)
-        app.state.storage = Storage(settings.data_dir)
+        app.state.storage = Storage.from_settings(settings)
+        check_store(app.state.storage)
         app.state.celery = make_celery(settings)
         app.state.embedded_worker = embedded_worker
         app.state.maintenance = None

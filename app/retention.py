@@ -25,12 +25,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.errors import StoreUnavailable
 from app.storage import ID_PATTERN, Storage
 from app.store.db import session_scope
 from app.store.tables import (
@@ -175,6 +177,10 @@ def _sweep_leftovers(sessions: sessionmaker[Session], storage: Storage, unchange
         blobs = list(
             _blobs(folder, suffix)
         )  # listed first: removing while scanning a directory is unspecified
+        if storage.remote:  # the store's objects too: a delete the store missed (an outage) is found here
+            stored = storage.stored_ids(f"{Path(folder).name}/", suffix)
+            local = dict(blobs)
+            blobs = [(i, max(local.get(i, 0.0), stored.get(i, 0.0))) for i in sorted({*local, *stored})]
         for batch in _chunks(blobs, _BATCH):
             ids = [blob_id for blob_id, _ in batch]
             with session_scope(sessions) as session:
@@ -237,7 +243,7 @@ def _remove(remove: Callable[[str], None], blob_id: str) -> bool:
     leftovers, so one bad entry does not stop the sweep."""
     try:
         remove(blob_id)
-    except OSError:
+    except (OSError, StoreUnavailable):
         log.warning("retention: could not remove the files of %s; will retry", blob_id, exc_info=True)
         return False
     return True

@@ -27,16 +27,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import job_files
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
-from app.errors import SecateursError
+from app.errors import SecateursError, StoreUnavailable
 from app.observability.logs import bind, log_context
 from app.queue import RUN_JOB, VALIDATE_MODEL
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from app.storage import Storage
+from app.storage.blobs import StoreMisconfigured
+from app.storage.cache import CorruptBlob
 from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from app.webhooks.delivery import publish_for_job
+from worker.blobs import dataset_file, model_source, publish_job_files
 from worker.lease import JobLease
 from worker.zip_size import shared_zip_size
 
@@ -53,7 +56,7 @@ def _context() -> tuple[Settings, sessionmaker[Session], Storage]:
     settings = get_settings()
     engine = make_engine(settings.db_url)
     init_db(engine)
-    return settings, make_session_factory(engine), Storage(settings.data_dir)
+    return settings, make_session_factory(engine), Storage.from_settings(settings, worker=True)
 
 
 def _worker_name() -> str:
@@ -83,9 +86,9 @@ def prepared_model_dir(record: ModelRecord, storage: Storage, settings: Settings
         return target
     shutil.rmtree(target, ignore_errors=True)
     if record.format == "keras":
-        keras_to_saved_model(model_dir / "model.keras", target)
+        keras_to_saved_model(model_source(record, storage), target)
         return target
-    upload = next(p for p in (model_dir / "upload.zip", model_dir / "upload.tar.gz") if p.is_file())
+    upload = model_source(record, storage)  # the data directory's file, or the host cache's copy from S3
     limits = ArchiveLimits(
         max_members=settings.max_archive_members,
         max_uncompressed_bytes=settings.max_uncompressed_bytes,
@@ -127,6 +130,8 @@ def _validate(model_id: str) -> dict[str, Any] | None:
             shared_zip_size(saved_model)  # the baseline zip size its jobs report, meanwhile (worker.zip_size)
     except PipelineError as exc:
         error = _error(exc.code, exc.message)
+    except StoreUnavailable:
+        raise  # not the model's fault: it stays 'validating' and is validated again (validate_model)
     except SecateursError as exc:
         error = _error("invalid_archive", exc.detail)
     except Exception as exc:
@@ -148,7 +153,10 @@ def _validate(model_id: str) -> dict[str, Any] | None:
 @shared_task(name=VALIDATE_MODEL, acks_late=True)
 def validate_model(model_id: str) -> None:
     with log_context(model_id=model_id, stage="validating"):
-        _validate(model_id)
+        try:
+            _validate(model_id)
+        except StoreUnavailable as exc:  # the reaper re-sends a validation left 'validating' (app.maintenance)
+            log.error("model %s not validated, the blob store did not answer: %s", model_id, exc.detail)
 
 
 # --- jobs ---------------------------------------------------------------------------------------------------
@@ -305,8 +313,8 @@ def _run_claimed(
             )
         spec = PruneSpec.model_validate(job.spec)
         saved_model = prepared_model_dir(model, storage, settings)
-        train_arrays = _load_npz(storage.dataset_path(train.id)) if train else None
-        eval_arrays = _load_npz(storage.dataset_path(evaluation.id)) if evaluation else None
+        train_arrays = _load_npz(dataset_file(train, storage)) if train else None
+        eval_arrays = _load_npz(dataset_file(evaluation, storage)) if evaluation else None
         for stale in storage.job_dir(job_id).glob(
             "work*"
         ):  # earlier attempts' leftovers: a re-run overwrites
@@ -329,6 +337,8 @@ def _run_claimed(
         artifact_sha256 = _sha256(artifact)
         size = artifact.stat().st_size
         files = [job_files.entry(job_files.SAVED_MODEL, "pruned.zip", size, artifact_sha256), *extra_files]
+        # In the store before the record says succeeded: a succeeded job never lacks a file.
+        publish_job_files(storage, job_id, [f["file"] for f in files] + ["metrics.json"])
         with session_scope(sessions) as session:
             done = repo.finish_job(
                 session,
@@ -367,6 +377,10 @@ def _run_claimed(
             )
     except PipelineError as exc:
         fail(_error(exc.code, exc.message))
+    except StoreUnavailable as exc:
+        fail(_error("store_unavailable", f"{exc.detail}; nothing was recorded as done: submit the job again"))
+    except (StoreMisconfigured, CorruptBlob) as exc:
+        fail(_error("store_error", str(exc)))
     except SecateursError as exc:
         fail(_error("invalid_input", exc.detail))
     except MemoryError:

@@ -16,7 +16,6 @@ then still finishes (POSIX keeps an unlinked file readable), while one that come
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, BinaryIO
@@ -32,6 +31,7 @@ from app.config import Settings
 from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
 from app.job_files import download_filename
 from app.storage import Storage
+from app.storage.blobs import file_stat
 from app.store.repo import as_utc
 from app.store.tables import JobRecord
 
@@ -58,7 +58,7 @@ class ArtifactResponse(FileResponse):
             media_type=media_type,
             filename=filename,
             headers=headers,
-            stat_result=os.fstat(file.fileno()),
+            stat_result=file_stat(file),  # a local file's fstat, or a remote object's size and time
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,7 +130,7 @@ def open_output(
     """
     ensure_kept(record, settings)
     try:
-        return (storage.job_dir(record.id) / name).open("rb")
+        return storage.open_blob(storage.job_key(record.id, name))
     except FileNotFoundError:
         session.refresh(record)
         ensure_kept(record, settings)
@@ -160,7 +160,32 @@ def serve_file(
         or etag in [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     ):
         return Response(status_code=304, headers=validators)
+    if settings.presigned_downloads and storage.remote:
+        return presigned_redirect(session, record, storage, item, settings, validators)
     file = open_output(session, record, storage, item["file"], settings)
     return ArtifactResponse(
         file, media_type=item["media_type"], filename=download_filename(record.id, item), headers=validators
     )
+
+
+def presigned_redirect(
+    session: Session,
+    record: JobRecord,
+    storage: Storage,
+    item: dict[str, Any],
+    settings: Settings,
+    validators: dict[str, str],
+) -> Response:
+    """``SECATEURS_PRESIGNED_DOWNLOADS``: 302 to a short-lived URL of the object itself, so the bytes go from
+    the store to the client without passing through the API. The redirect carries the ETag and Repr-Digest,
+    so the client checks what the store sent against the digest the worker recorded."""
+    key = storage.job_key(record.id, item["file"])
+    try:
+        storage.blobs.head(key)  # a missing object is our 404/410, not the store's XML error after the redirect
+    except FileNotFoundError:
+        session.refresh(record)
+        ensure_kept(record, settings)
+        raise NotFound(f"the {item['file']} of job {record.id} is gone from storage; run the job again") from None
+    url = storage.blobs.presign_get(key, settings.presign_expiry_s, download_filename(record.id, item))
+    headers = {**validators, "Location": str(url), "Cache-Control": "private, no-store"}
+    return Response(status_code=302, headers=headers)

@@ -56,7 +56,7 @@ def test_readyz_on_the_embedded_default(client: TestClient) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ready"
-    assert body["checks"] == {"database": "ok", "broker": "ok"}
+    assert body["checks"] == {"database": "ok", "broker": "ok", "store": "ok"}
 
 
 def test_readyz_reports_a_dead_embedded_worker(settings: Settings) -> None:

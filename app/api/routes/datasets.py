@@ -37,7 +37,7 @@ def _check_and_register(
         upload.path.unlink(missing_ok=True)
         raise
     dataset_id = repo.new_id("ds")
-    upload.commit(storage.dataset_path(dataset_id))
+    storage.commit_upload(upload, storage.dataset_key(dataset_id))  # a rename, or a streamed put into S3
     record = DatasetRecord(
         id=dataset_id,
         tenant=tenant,

@@ -36,6 +36,15 @@ def _check_broker(request: Request) -> str | None:
     return None
 
 
+def _check_store(request: Request) -> str | None:
+    try:
+        request.app.state.storage.check()
+    except Exception as exc:
+        detail = getattr(exc, "detail", None) or str(exc)
+        return f"store: {detail}"[:300]
+    return None
+
+
 @router.get("/readyz", responses={503: {"description": "a dependency is down (problem+json)"}})
 async def readyz(request: Request) -> JSONResponse:
     down = [
@@ -43,6 +52,7 @@ async def readyz(request: Request) -> JSONResponse:
         for d in (
             await run_in_threadpool(_check_database, request),
             await run_in_threadpool(_check_broker, request),
+            await run_in_threadpool(_check_store, request),
         )
         if d
     ]
@@ -62,4 +72,4 @@ async def readyz(request: Request) -> JSONResponse:
             media_type="application/problem+json",
             headers={"Retry-After": "5"},
         )
-    return JSONResponse({"status": "ready", "checks": {"database": "ok", "broker": "ok"}})
+    return JSONResponse({"status": "ready", "checks": {"database": "ok", "broker": "ok", "store": "ok"}})

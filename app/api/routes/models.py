@@ -72,7 +72,7 @@ def _check_and_register(
         upload.path.unlink(missing_ok=True)
         raise
     model_id = repo.new_id("mdl")
-    upload.commit(storage.model_dir(model_id) / SUFFIX[kind])
+    storage.commit_upload(upload, storage.model_key(model_id, SUFFIX[kind]))  # a rename, or a put into S3
     record = ModelRecord(
         id=model_id,
         tenant=tenant,

@@ -1,4 +1,10 @@
-"""Blob storage in the data directory, and the streamed multipart upload receiver.
+"""Blob storage (the data directory, or a remote store) and the streamed multipart upload receiver.
+
+:class:`Storage` is the one object routes, retention and workers use: the data directory's layout (uploads in
+flight, a worker's scratch space) and, behind it, the blob store ``SECATEURS_STORAGE_URL`` chooses
+(``app.storage.blobs``): with none, blobs are the data directory's files as they always were; with
+``s3://...``, the API and workers share no disk and blobs travel through the store (workers keep a
+content-addressed cache, ``app.storage.cache``).
 
 Paths are built only from ids we generated (checked against ``ID_PATTERN``), never from user input.
 Uploads go straight from ``request.stream()`` through python-multipart's low-level ``MultipartParser`` into a
@@ -19,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 import anyio.to_thread
 from python_multipart.exceptions import FormParserError
@@ -27,6 +33,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import InsufficientStorage, NotFound, PayloadTooLarge, UnsupportedMediaType, UploadError
+from app.storage.blobs import BlobStore, LocalBlobStore, open_blob_store
+from app.storage.cache import BlobCache
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -70,10 +81,15 @@ def free_bytes(path: Path) -> int:
 
 
 class Storage:
-    """The data directory's layout: models/<id>/, datasets/<id>.npz, jobs/<id>/, tmp/ (uploads in flight)."""
+    """The data directory's layout: models/<id>/, datasets/<id>.npz, jobs/<id>/, tmp/ (uploads in flight),
+    and the blob store behind it (local: these same files; remote: the keys below, named the same way)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(
+        self, root: Path | str, blobs: BlobStore | None = None, cache: BlobCache | None = None
+    ) -> None:
         self.root = Path(root).resolve()
+        self.blobs: BlobStore = blobs if blobs is not None else LocalBlobStore(self.root)
+        self.cache = cache
         self.models_dir = self.root / "models"
         self.datasets_dir = self.root / "datasets"
         self.jobs_dir = self.root / "jobs"
@@ -90,14 +106,104 @@ class Storage:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / _checked_id(job_id, "job")
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, worker: bool = False) -> Storage:
+        """The configured store; ``worker`` adds the blob cache a remote store needs."""
+        blobs = open_blob_store(settings)
+        cache = None
+        if worker and not isinstance(blobs, LocalBlobStore):
+            cache = BlobCache(settings.cache_dir or settings.data_dir / "cache", settings.cache_max_bytes)
+        return cls(settings.data_dir, blobs, cache)
+
+    @property
+    def remote(self) -> bool:
+        """Blobs live elsewhere than this host's data directory (then nothing here is shared)."""
+        return not (isinstance(self.blobs, LocalBlobStore) and self.blobs.root == self.root)
+
+    # --- keys: relative, built from our ids only --------------------------------------------------------
+
+    def model_key(self, model_id: str, filename: str) -> str:
+        return f"models/{_checked_id(model_id, 'model')}/{filename}"
+
+    def dataset_key(self, dataset_id: str) -> str:
+        return f"datasets/{_checked_id(dataset_id, 'dataset')}.npz"
+
+    def job_key(self, job_id: str, file: str) -> str:
+        return f"jobs/{_checked_id(job_id, 'job')}/{file}"
+
+    # --- blobs ------------------------------------------------------------------------------------------
+
+    def commit_upload(self, upload: Upload, key: str) -> None:
+        """Keep a received (and checked) upload under ``key``: a rename into the data directory, or a streamed
+        multipart upload into the remote store (the temp file goes either way)."""
+        if not self.remote:
+            upload.commit(self.root / key)
+            return
+        try:
+            self.blobs.put_file(key, upload.path)
+        finally:
+            upload.discard()
+        upload.committed = True
+
+    def open_blob(self, key: str) -> BinaryIO:
+        """A reader over a stored blob; FileNotFoundError when it is not there, StoreUnavailable when the
+        store does not answer."""
+        return self.blobs.open(key)
+
+    def local_blob(self, key: str, sha256: str, suffix: str = "") -> Path:
+        """A path on this host holding ``key``'s bytes: the data directory's file, or the worker cache's copy
+        (fetched once per host, checked against ``sha256``)."""
+        if not self.remote:
+            return self.root / key
+        if self.cache is None:
+            raise RuntimeError(
+                "a remote blob store needs a cache to read blobs as files (Storage.from_settings)"
+            )
+        return self.cache.get(self.blobs, key, sha256, suffix)
+
+    def publish(self, key: str, path: Path) -> None:
+        """A worker's result file into the store under ``key`` (moved when the store is the data directory)."""
+        if not self.remote:
+            dest = self.root / key
+            if dest != path:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+            return
+        self.blobs.put_file(key, path)
+
+    def stored_ids(self, prefix: str, suffix: str = "") -> dict[str, float]:
+        """{id: last write} of the remote store's ``<prefix><id><suffix>`` entries (files or ``<id>/``
+        folders), for retention's leftover sweep; ids that are not ours are skipped."""
+        found: dict[str, float] = {}
+        for blob in self.blobs.list(prefix):
+            rest = blob.key[len(prefix) :]
+            name = rest.split("/", 1)[0]
+            if suffix:
+                if "/" in rest or not name.endswith(suffix):
+                    continue
+                name = name[: -len(suffix)]
+            if ID_PATTERN.fullmatch(name):
+                found[name] = max(found.get(name, 0.0), blob.modified)
+        return found
+
+    def check(self) -> None:
+        """For start-up and /readyz: StoreMisconfigured (refuse to start) or StoreUnavailable (not ready)."""
+        self.blobs.check()
+
     def remove_model(self, model_id: str) -> None:
         self._remove(self.model_dir(model_id))
+        if self.remote:
+            self.blobs.delete_prefix(f"models/{model_id}/")
 
     def remove_dataset(self, dataset_id: str) -> None:
         self._remove(self.dataset_path(dataset_id))
+        if self.remote:
+            self.blobs.delete_prefix(self.dataset_key(dataset_id))
 
     def remove_job(self, job_id: str) -> None:
         self._remove(self.job_dir(job_id))
+        if self.remote:
+            self.blobs.delete_prefix(f"jobs/{job_id}/")
 
     def _remove(self, path: Path) -> None:
         """Rename into tmp/ first, so readers see the whole blob or nothing, then delete; missing is fine."""

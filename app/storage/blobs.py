@@ -1,0 +1,424 @@
+"""The blob store: one small interface, a local-directory and an S3 implementation chosen by URL scheme.
+
+``SECATEURS_STORAGE_URL`` unset (or ``file://``) -> :class:`LocalBlobStore` over the data directory: keys are
+paths below it (``models/<id>/upload.zip``, ``datasets/<id>.npz``, ``jobs/<id>/pruned.zip``), exactly the files
+the embedded default always wrote, moved into place with one atomic rename. ``s3://bucket/prefix`` ->
+:class:`S3BlobStore`, on obstore (streamed multipart uploads with bounded memory, ranged reads, presigned URLs;
+it retries connection errors and 5xx answers itself). The database holds keys (relative, never host paths),
+sizes and SHA-256 digests; the store holds bytes.
+
+Errors are mapped here, once:
+
+- a missing key -> ``FileNotFoundError`` (what the local store raises too, so callers handle one thing);
+- the store unreachable or answering 5xx after obstore's retries -> :class:`app.errors.StoreUnavailable`
+  (503 with Retry-After at the API; a retried, then failed job at the worker);
+- wrong credentials or a missing bucket -> :class:`StoreMisconfigured`, whose message names the setting to fix
+  (the API and workers refuse to start with it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
+
+from app.config import Settings
+from app.errors import StoreUnavailable
+
+_PART_BYTES = 8 << 20  # multipart part size: memory per upload is about part size x concurrency
+_PUT_CONCURRENCY = 4
+_READ_BUFFER = 4 << 20  # ranged GETs of this size behind a download's reads
+
+
+class StoreMisconfigured(RuntimeError):
+    """The store answered, and said no: wrong credentials, no such bucket. Retrying will not help."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified: float = 0.0  # POSIX time of the last write
+
+
+class BlobStore(Protocol):
+    """What the API and workers need from a blob store. Keys are ``/``-separated, relative, ours (never user
+    input). Every method raises FileNotFoundError for a missing key and StoreUnavailable when it cannot ask."""
+
+    url: str
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Store the file at ``path`` under ``key`` (whole or not at all) and consume it (the caller's temp file
+        is moved, or deleted once uploaded)."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A seekable reader with ``.name`` and ``size_bytes``: local files are opened, S3 objects read in
+        ranged GETs as the reader advances (bounded memory, Range requests are seeks)."""
+
+    def head(self, key: str) -> BlobInfo: ...
+
+    def list(self, prefix: str) -> list[BlobInfo]: ...
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a ``models/<id>/``-style directory, or one key); returns how
+        many went. Missing is fine."""
+
+    def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
+        """A short-lived URL a client may GET without credentials; None where the store has none (local)."""
+
+    def check(self) -> None:
+        """Raise StoreMisconfigured / StoreUnavailable unless the store answers a cheap request."""
+
+
+def file_stat(file: IO[bytes]) -> os.stat_result:
+    """What a download response needs to know of an open blob (size, modification time): the descriptor's
+    own for a local file, the object's metadata for a remote one."""
+    size = getattr(file, "size_bytes", None)
+    if size is None:
+        return os.fstat(file.fileno())
+    mtime = float(getattr(file, "mtime", 0.0))
+    return os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, int(size), mtime, mtime, mtime))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# local
+
+
+class LocalBlobStore:
+    """Keys are paths below ``root``: today's data directory layout, unchanged."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = self.root.as_uri()
+        self._tmp = self.root / "tmp"
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"blob key {key!r} leaves the store")
+        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, dest)  # same filesystem (uploads land in root/tmp): atomic
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")  # another filesystem: copy, rename
+            try:
+                shutil.copyfile(path, part)
+                os.replace(part, dest)
+            finally:
+                part.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+
+    def open(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def head(self, key: str) -> BlobInfo:
+        st = self.path(key).stat()
+        return BlobInfo(key, st.st_size, max(st.st_mtime, st.st_ctime))
+
+    def list(self, prefix: str) -> list[BlobInfo]:
+        base = self.path(prefix.rstrip("/"))
+        if base.is_file():
+            return [self.head(prefix)]
+        if not base.is_dir():
+            return []
+        out = []
+        for p in sorted(base.rglob("*")):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if p.is_file():
+                out.append(
+                    BlobInfo(p.relative_to(self.root).as_posix(), st.st_size, max(st.st_mtime, st.st_ctime))
+                )
+        return out
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Rename into tmp/ first, so readers see the whole blob or nothing, then delete."""
+        path = self.path(prefix.rstrip("/"))
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        trash = self._tmp / f"trash-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return 0
+        if trash.is_dir():
+            count = sum(1 for p in trash.rglob("*") if p.is_file())
+            shutil.rmtree(trash, ignore_errors=True)
+            return count
+        trash.unlink(missing_ok=True)
+        return 1
+
+    def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
+        return None
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StoreMisconfigured(f"the data directory {self.root} (SECATEURS_DATA_DIR) is not writable")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# S3
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Connection trouble or a 5xx after obstore's own retries (rather than an answer that says no)."""
+    text = str(exc)
+    return (
+        "error sending request" in text
+        or ("after " in text and " retries" in text)
+        or "connection" in text.lower()
+        or "timed out" in text.lower()
+        or any(f"status code: {code}" in text for code in ("500", "502", "503", "504"))
+    )
+
+
+class S3BlobStore:
+    """An S3-compatible bucket (AWS, SeaweedFS, MinIO, R2, ...) under an optional key prefix, via obstore."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_retries: int = 3,
+        retry_timeout_s: float = 15.0,
+    ) -> None:
+        from obstore.store import S3Store
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise StoreMisconfigured(f"SECATEURS_STORAGE_URL {url!r} is not s3://bucket[/prefix]")
+        self.url = url
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.endpoint_url = endpoint_url
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        kwargs: dict[str, Any] = {"region": region}
+        if endpoint_url:
+            kwargs["endpoint"] = endpoint_url
+        client_options: dict[str, Any] = {"connect_timeout": "5s", "timeout": "120s"}
+        if endpoint_url and endpoint_url.startswith("http://"):
+            client_options["allow_http"] = True
+        self._store = S3Store(
+            self.bucket,
+            prefix=self.prefix or None,
+            client_options=client_options,  # type: ignore[arg-type]
+            retry_config={
+                "max_retries": max_retries,
+                "retry_timeout": timedelta(seconds=retry_timeout_s),
+                "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=5)},
+            },
+            **kwargs,
+        )
+
+    def _where(self) -> str:
+        return f"{self.url} (SECATEURS_S3_ENDPOINT_URL={self.endpoint_url or 'AWS'})"
+
+    def _map(self, exc: Exception, key: str) -> Exception:
+        """obstore's exception as ours (module docstring); FileNotFoundError passes through."""
+        if isinstance(exc, FileNotFoundError) and "NoSuchBucket" not in str(exc):
+            return exc
+        text = str(exc)
+        if "NoSuchBucket" in text:
+            return StoreMisconfigured(
+                f"the bucket {self.bucket!r} of SECATEURS_STORAGE_URL={self.url} does not exist at "
+                f"{self.endpoint_url or 'AWS'}; create it or fix SECATEURS_STORAGE_URL"
+            )
+        if any(
+            code in text
+            for code in (
+                "SignatureDoesNotMatch",
+                "InvalidAccessKeyId",
+                "AccessDenied",
+                "403 Forbidden",
+                "401 Unauthorized",
+            )
+        ):
+            return StoreMisconfigured(
+                f"the store {self._where()} refused our credentials for {key or 'the bucket'!r}: check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance's role) and the bucket policy"
+            )
+        if _is_unavailable(exc):
+            return StoreUnavailable(
+                f"the blob store {self._where()} did not answer; nothing was changed, retry shortly",
+                retry_after=5,
+            )
+        return exc
+
+    def put_file(self, key: str, path: Path) -> None:
+        import obstore
+
+        try:
+            with path.open("rb") as fh:
+                obstore.put(
+                    self._store,
+                    key,
+                    fh,
+                    chunk_size=_PART_BYTES,
+                    max_concurrency=_PUT_CONCURRENCY,
+                    use_multipart=path.stat().st_size > _PART_BYTES,
+                )
+        except Exception as exc:
+            raise self._map(exc, key) from exc
+        path.unlink(missing_ok=True)
+
+    def open(self, key: str) -> BinaryIO:
+        import obstore
+
+        try:
+            meta = obstore.head(self._store, key)
+            reader = obstore.open_reader(self._store, key, buffer_size=_READ_BUFFER)
+        except Exception as exc:
+            raise self._map(exc, key) from exc
+        return _RemoteFile(reader, key, self, meta["last_modified"].timestamp())  # type: ignore[return-value]
+
+    def head(self, key: str) -> BlobInfo:
+        import obstore
+
+        try:
+            meta = obstore.head(self._store, key)
+        except Exception as exc:
+            raise self._map(exc, key) from exc
+        return BlobInfo(key, int(meta["size"]), meta["last_modified"].timestamp())
+
+    def list(self, prefix: str) -> list[BlobInfo]:
+        import obstore
+
+        try:
+            out = []
+            for chunk in obstore.list(self._store, prefix):
+                out.extend(
+                    BlobInfo(self._relative(str(m["path"])), int(m["size"]), m["last_modified"].timestamp())
+                    for m in chunk
+                )
+            return out
+        except Exception as exc:
+            raise self._map(exc, prefix) from exc
+
+    def _relative(self, path: str) -> str:
+        """obstore lists paths below the store's prefix already; strip it should a version not."""
+        if self.prefix and path.startswith(self.prefix + "/"):
+            return path[len(self.prefix) + 1 :]
+        return path
+
+    def delete_prefix(self, prefix: str) -> int:
+        import obstore
+
+        keys = [b.key for b in self.list(prefix)]
+        if not keys:
+            return 0
+        try:
+            for start in range(0, len(keys), 1000):
+                obstore.delete(self._store, keys[start : start + 1000])
+        except Exception as exc:
+            raise self._map(exc, prefix) from exc
+        return len(keys)
+
+    def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str:
+        """SigV4 query-string signature, computed locally (no request). ``filename`` is not signed in: S3's
+        response-content-disposition parameter would have to be, and the API's redirect says the name."""
+        import obstore
+
+        try:
+            return str(obstore.sign(self._store, "GET", key, timedelta(seconds=expires_s)))
+        except Exception as exc:
+            raise self._map(exc, key) from exc
+
+    def check(self) -> None:
+        import obstore
+
+        try:
+            next(iter(obstore.list(self._store, None, chunk_size=1)), None)
+        except Exception as exc:
+            mapped = self._map(exc, "")
+            if mapped is exc:
+                raise StoreUnavailable(
+                    f"the blob store {self._where()} answered unexpectedly: {str(exc).splitlines()[0][:300]}",
+                    retry_after=5,
+                ) from exc
+            raise mapped from exc
+
+
+class _RemoteFile:
+    """obstore's ReadableFile (ranged GETs behind a buffer) with what the download path asks of a file:
+    ``name``, ``size_bytes``, seek/read/close; errors mid-read mapped like the store's."""
+
+    def __init__(self, reader: Any, key: str, store: S3BlobStore, mtime: float) -> None:
+        self._reader, self.name, self._store, self.mtime = reader, key, store, mtime
+        self.size_bytes = int(reader.size)
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        """Exactly ``size`` bytes unless the object ends first (Starlette takes a short read for the end)."""
+        try:
+            if size is None or size < 0:
+                return bytes(self._reader.readall())
+            parts, wanted = [], size
+            while wanted > 0:
+                data = bytes(self._reader.read(wanted))
+                if not data:
+                    break
+                parts.append(data)
+                wanted -= len(data)
+            return b"".join(parts)
+        except Exception as exc:
+            raise self._store._map(exc, self.name) from exc
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._reader.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._reader.tell())
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._reader.close()
+
+    def __enter__(self) -> _RemoteFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(1 << 20):
+            yield chunk
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The store ``SECATEURS_STORAGE_URL`` names (module docstring)."""
+    url = settings.storage_url
+    if not url:
+        return LocalBlobStore(settings.data_dir)
+    if url.startswith("file://"):
+        path = urlsplit(url).path
+        if not path:
+            raise StoreMisconfigured(f"SECATEURS_STORAGE_URL {url!r} names no directory (file:///abs/path)")
+        return LocalBlobStore(Path(path))
+    return S3BlobStore(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
