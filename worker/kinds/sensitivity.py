@@ -1,0 +1,144 @@
+"""Per-variable sensitivity: the eval metric when only one variable is pruned, one-shot, at each level.
+
+Distiller's sensitivity analysis (archived) and NNI's (removed) in one job: for every prunable variable and
+every level of ``spec.sensitivity.sparsities``, the dense weights are written back (``DenseCopy``), that one
+variable is pruned one-shot with the spec's criterion and granularity (every other variable dense), and the
+eval set is scored. No fine-tuning: it measures how much each variable's weights matter, not how well
+training recovers them.
+
+The result (``metrics.sensitivity``): per variable, most sensitive first (mean drop over the levels), the
+metric and its drop at each level and the highest level whose drop (and every lower level's) stays within
+``spec.sensitivity_max_drop``; plus ``layer_sparsity``: that level per variable, as ``^name$`` regexes a user
+can paste into the next job's spec. The document's ``pruned`` side is that suggestion applied one-shot, run
+through the ordinary pipeline so every number is measured as in any job; the job keeps no artifact (each
+variable was judged alone, so their drops do not simply add up: the suggestion is a starting point).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec
+from worker.errors import PipelineError
+from worker.evaluate_stage import score
+from worker.job import Data, Job, Window, predict
+from worker.kinds import RunPrune
+from worker.kinds.weights import DenseCopy
+from worker.load_stage import resolve_granularity, seed_everything
+from worker.prune_stage import make_pruner, prune_and_fine_tune, select
+
+SWEEP_SPAN = 0.75  # fraction of the job's progress the per-variable sweep fills
+NO_ARTIFACT_NOTE = (
+    "sensitivity jobs keep no model: 'pruned' is the suggested layer_sparsity applied one-shot, measured and "
+    "discarded; run a job with that layer_sparsity (and fine-tuning) for an artifact"
+)
+
+
+def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> dict[str, Any]:
+    original: PruneSpec = job.spec
+    section = original.sensitivity
+    assert section is not None
+    tick = time.perf_counter()
+    data = job.evaluation
+    if data is None or data.y is None:
+        raise PipelineError(
+            "dataset_mismatch", "a sensitivity job scores the eval dataset: give eval_dataset_id with labels 'y'"
+        )
+    levels = list(section.sparsities)
+    job.spec = _level_spec(original, levels[0], {})
+    granularity = resolve_granularity(job.spec)
+    prunable, kinds = select(job)
+    metric = section.metric or _default_metric(job, data)
+    dense = DenseCopy(job.handle)
+    baseline = _metric(job, data, metric)
+    lower = metric in LOWER_IS_BETTER
+    sweep = window.sub(0.0, SWEEP_SPAN)
+    total = len(prunable) * len(levels)
+    rows: list[dict[str, Any]] = []
+    for index, nv in enumerate(prunable):
+        values: list[float | None] = []
+        for step, level in enumerate(levels):
+            sweep("pruning", (index * len(levels) + step) / total)
+            dense.restore()
+            seed_everything(original.seed)
+            job.spec = _level_spec(original, level, {})
+            pruner = make_pruner(job, [nv], {nv.name: kinds[nv.name]}, granularity)
+            prune_and_fine_tune(job, pruner, sweep.sub(0.0, 0.0))  # one-shot: no training steps to report
+            values.append(_metric(job, data, metric))
+        drops = [None if v is None else (v - baseline if lower else baseline - v) for v in values]
+        within = 0.0
+        for level, drop in zip(levels, drops, strict=True):
+            if drop is None or drop > original.sensitivity_max_drop:
+                break
+            within = level
+        finite = [d for d in drops if d is not None]
+        rows.append(
+            {
+                "name": nv.name,
+                "params": nv.size,
+                "metrics": values,
+                "drops": drops,
+                "mean_drop": float(np.mean(finite)) if finite else None,
+                "max_sparsity_within_drop": within,
+            }
+        )
+    dense.restore()
+    rows.sort(key=lambda r: (-(r["mean_drop"] if r["mean_drop"] is not None else np.inf), r["name"]))
+    suggestion = {f"^{re.escape(r['name'])}$": r["max_sparsity_within_drop"] for r in rows}
+    seconds = time.perf_counter() - tick
+
+    job.spec = _level_spec(original, levels[0], suggestion)
+    document = run_prune(window.sub(SWEEP_SPAN, 1.0), out_dir)
+    document["spec"] = original.model_dump(mode="json")
+    document["sensitivity"] = {
+        "metric": metric,
+        "lower_is_better": lower,
+        "baseline": baseline,
+        "sparsities": levels,
+        "max_drop": original.sensitivity_max_drop,
+        "seconds": round(seconds, 3),
+        "ranking": [r["name"] for r in rows],
+        "variables": rows,
+        "layer_sparsity": suggestion,
+    }
+    job.notes.append(
+        f"sensitivity: {len(rows)} variables x {len(levels)} levels, each pruned alone one-shot, in "
+        f"{seconds:.1f} s; most sensitive: {rows[0]['name'] if rows else 'none'}"
+    )
+    job.notes.append(NO_ARTIFACT_NOTE)
+    return document
+
+
+def _level_spec(spec: PruneSpec, level: float, layer_sparsity: dict[str, float]) -> PruneSpec:
+    """A one-shot prune at ``level`` per variable (layer scope: each variable ranked on its own)."""
+    return spec.model_copy(
+        update={
+            "target_sparsity": float(level),
+            "sensitivity": None,
+            "scope": "layer",
+            "schedule": OneShotSchedule(),
+            "fine_tune": None,
+            "layer_sparsity": layer_sparsity,
+        }
+    )
+
+
+def _default_metric(job: Job, data: Data) -> str:
+    flat = score(job, data, predict(job, data)).flat or {}
+    return "accuracy" if "accuracy" in flat else "mse"
+
+
+def _metric(job: Job, data: Data, name: str) -> float | None:
+    flat = score(job, data, predict(job, data)).flat or {}
+    value = flat.get(name)
+    if value is None and name not in flat:
+        available = sorted(k for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        raise PipelineError(
+            "invalid_spec", f"sensitivity.metric {name!r} is not a metric of this task; use one of {available}"
+        )
+    return None if value is None else float(value)
