@@ -6,8 +6,9 @@ Exception
 ```
 
 The tasks layer turns a ``PipelineError`` into the record's ``error`` ``{"code", "message"}``. Any other
-exception escaping the worker is a bug and is reported as ``internal``. Third-party exceptions (TensorFlow,
-Keras) are mapped to a ``PipelineError`` in the one place that calls them (``raise ... from exc``).
+exception escaping the worker is a bug (or an outage) and is reported as ``internal_error``, its message
+pointing at the worker log (see worker.tasks). Third-party exceptions (TensorFlow, Keras) are mapped to a
+``PipelineError`` in the one place that calls them (``raise ... from exc``).
 
 Codes in use:
 - ``model_load_failed``: the SavedModel / .keras file cannot be loaded or converted.
@@ -15,7 +16,8 @@ Codes in use:
 - ``signature_not_found``: the spec names a signature the model does not have.
 - ``input_mismatch``: tensors given to a signature do not match its inputs.
 - ``dataset_mismatch``: dataset arrays do not fit the signature (names, shapes, lengths, labels).
-- ``invalid_spec``: the spec asks for something this model/dataset combination cannot do.
+- ``invalid_spec``: the spec asks for something this model/dataset combination cannot do (e.g. a ``loss``
+  the labels' shape does not fit: app.schemas.fit.loss_label_problem).
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ from worker.zip_size import shared_zip_size
 
 log = logging.getLogger("secateurs.worker")
 PROGRESS_INTERVAL_S = 1.0
+SAME_DATASET_NOTE = (
+    "the evaluation dataset is the training dataset: the eval scores are on training data, so they overstate "
+    "how the model does on data it has not seen; pass a held-out eval_dataset_id for an honest estimate"
+)
 
 
 class JobCanceled(Exception):
@@ -68,9 +72,15 @@ def _error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message[:2000]}
 
 
-def _unexpected(exc: BaseException) -> dict[str, str]:
+def _unexpected(exc: BaseException, job_id: str, tries: int = 1) -> dict[str, str]:
+    """``internal_error``: a bug or an outage, not the user's mistake; the message points at the traceback."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-    return _error("internal", f"unexpected {type(exc).__name__}: {first_line} (logged on the worker)")
+    times = f" in each of {tries} tries" if tries > 1 else ""
+    return _error(
+        "internal_error",
+        f"unexpected {type(exc).__name__}{times}: {first_line}; the traceback is in the worker log (search it "
+        f"for {job_id}); submit the job again, and report it with that traceback if it fails the same way",
+    )
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -173,7 +183,7 @@ class _Progress:
     def __init__(self, sessions: sessionmaker[Session], job_id: str, lease: JobLease) -> None:
         self.sessions, self.job_id, self.lease = sessions, job_id, lease
         self.stage: str | None = None
-        self.last = 0.0
+        self.last: float | None = None  # monotonic time of the last write; None: nothing written yet
 
     def __call__(self, stage: str, progress: float) -> None:
         bind(stage=stage)
@@ -182,7 +192,7 @@ class _Progress:
         if self.lease.lost:
             raise JobCanceled
         now = time.monotonic()
-        if stage == self.stage and now - self.last < PROGRESS_INTERVAL_S:
+        if stage == self.stage and self.last is not None and now - self.last < PROGRESS_INTERVAL_S:
             return
         self.stage, self.last = stage, now
         with session_scope(self.sessions) as session:
@@ -215,6 +225,35 @@ def _move_extra_files(work: Path, job_dir: Path) -> list[dict[str, Any]]:
 
 
 def _run(job_id: str) -> None:
+    """One delivery of the job. An exception ``_run_once`` could not record (while claiming, or around the
+    pipeline: a bug or an outage) ends this try here, so no job stays queued or running forever: it is
+    re-queued for the reaper to re-send, and fails with ``internal_error`` once ``max_attempts`` tries are used.
+    """
+    settings, sessions, _ = _context()
+    claimed: list[int] = []
+    try:
+        _run_once(job_id, claimed)
+    except Exception as exc:
+        log.exception("job %s: unexpected error outside the pipeline", job_id)
+        attempt = claimed[0] if claimed else None
+        try:
+            with session_scope(sessions) as session:
+                record = session.get(JobRecord, job_id)
+                tries = attempt if attempt is not None else (record.attempts + 1 if record else 1)
+                outcome = repo.end_crashed_try(
+                    session,
+                    job_id,
+                    attempt=attempt,
+                    max_attempts=settings.max_attempts,
+                    error=_unexpected(exc, job_id, tries),
+                )
+            log.warning("job %s: this try ended by an unexpected error; %s", job_id, outcome)
+        except Exception:  # the database is down too: the reaper re-sends the job once it is back
+            log.exception("job %s: could not record the unexpected error", job_id)
+
+
+def _run_once(job_id: str, claimed: list[int]) -> None:
+    """Claim the job and run it; ``claimed`` gets the attempt number once the claim is committed."""
     settings, sessions, _ = _context()
     with session_scope(sessions) as session:
         claim = repo.claim_job(
@@ -236,18 +275,21 @@ def _run(job_id: str) -> None:
                 ),
                 from_statuses=("queued", "running"),
             )
-        if not claim.claimed:
-            log.info("job %s not run: %s", job_id, claim.reason)
-            return
+    if not claim.claimed:
+        log.info("job %s not run: %s", job_id, claim.reason)
+        return
+    claimed.append(claim.attempts)  # committed: from here on this try counts
+    with session_scope(sessions) as session:
         job = session.get(JobRecord, job_id)
         assert job is not None
         bind(tenant=job.tenant)
         model = session.get(ModelRecord, job.model_id)
         train = session.get(DatasetRecord, job.train_dataset_id) if job.train_dataset_id else None
         evaluation = session.get(DatasetRecord, job.eval_dataset_id) if job.eval_dataset_id else None
-        for obj in (job, model, train, evaluation):
-            if obj is not None:
-                session.expunge(obj)
+        # One train/eval dataset is one object in the session: expunge each object once (twice raised
+        # InvalidRequestError, which rolled the claim back and left the job queued forever).
+        for obj in {id(o): o for o in (job, model, train, evaluation) if o is not None}.values():
+            session.expunge(obj)
 
     leases: list[JobLease] = []  # the lease, once it exists: its stage timings go on the record
 
@@ -314,13 +356,19 @@ def _run_claimed(
         spec = PruneSpec.model_validate(job.spec)
         saved_model = prepared_model_dir(model, storage, settings)
         train_arrays = _load_npz(dataset_file(train, storage)) if train else None
-        eval_arrays = _load_npz(dataset_file(evaluation, storage)) if evaluation else None
+        same_data = train is not None and evaluation is not None and train.id == evaluation.id
+        if same_data:
+            eval_arrays = train_arrays  # loaded once; the stages only read the arrays
+        else:
+            eval_arrays = _load_npz(dataset_file(evaluation, storage)) if evaluation else None
         for stale in storage.job_dir(job_id).glob(
             "work*"
         ):  # earlier attempts' leftovers: a re-run overwrites
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
         metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report)
+        if same_data:
+            metrics.setdefault("notes", []).append(SAME_DATASET_NOTE)
         report("saving", 0.99)
         job_dir = storage.job_dir(job_id)
         document = {"job_id": job_id, "model_id": model.id, **metrics}
@@ -366,7 +414,7 @@ def _run_claimed(
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             log.exception("job %s failed", job_id)
-            fail(_unexpected(exc))
+            fail(_unexpected(exc, job_id))
         else:
             fail(
                 _error(
@@ -387,7 +435,7 @@ def _run_claimed(
         fail(_error("out_of_memory", "the worker ran out of memory; use a smaller batch_size or dataset"))
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        fail(_unexpected(exc))
+        fail(_unexpected(exc, job_id))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

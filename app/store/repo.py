@@ -218,6 +218,41 @@ def claim_job(
     return Claim(False, "held", job.attempts)
 
 
+def end_crashed_try(
+    session: Session, job_id: str, *, attempt: int | None, max_attempts: int, error: dict[str, str]
+) -> Literal["requeued", "failed", "untouched"]:
+    """A try of the job raised where the task could not record why (while claiming, or around the pipeline).
+
+    ``attempt``: the try the worker's committed claim counted, or None when the claim never committed (then
+    this counts the try). Below ``max_attempts`` tries the job is re-queued with no dispatch time, so the
+    reaper re-sends it on its next pass; at ``max_attempts`` it fails with ``error``. Conditional, so another
+    worker's live claim (a duplicate message) and a job that already ended are left alone.
+    """
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        return "untouched"
+    session.refresh(job)
+    if attempt is None:
+        where = [JobRecord.id == job_id, JobRecord.status == "queued", JobRecord.attempts == job.attempts]
+        tries, status = job.attempts + 1, "queued"
+    else:
+        where = [*_ours(job_id, attempt), JobRecord.status == "running"]
+        tries, status = attempt, "running"
+    if tries >= max_attempts:
+        if session.execute(update(JobRecord).where(*where).values(attempts=tries)).rowcount != 1:
+            return "untouched"
+        finish_job(session, job_id, "failed", error=error, from_statuses=(status,), attempt=tries)
+        return "failed"
+    result = session.execute(
+        update(JobRecord)
+        .where(*where)
+        .values(
+            status="queued", attempts=tries, stage=None, progress=0.0, heartbeat_at=None, dispatched_at=None
+        )
+    )
+    return "requeued" if result.rowcount == 1 else "untouched"
+
+
 def _ours(job_id: str, attempt: int | None) -> list[Any]:
     """Fencing: a worker passes the attempt it claimed, so a worker the reaper gave up on (alive after all,
     e.g. cut off from the database for longer than the lease) cannot write over the run that replaced it."""
