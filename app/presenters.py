@@ -65,6 +65,12 @@ def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
             "spec": record.spec,
             "webhook_url": record.webhook_url,
             "expired_at": as_utc(record.expired_at),
+            "links": {
+                "self": f"/v1/jobs/{record.id}",
+                "metrics": f"/v1/jobs/{record.id}/metrics",
+                "artifact": f"/v1/jobs/{record.id}/artifact",
+                "report": f"/v1/jobs/{record.id}/report",
+            },
             "webhook_id": message.id if message else None,
             "webhook_status": message.status if message else None,
             "webhook_deliveries": [

@@ -243,6 +243,10 @@ class Client:
         """The metrics document (baseline vs pruned); Conflict before the job succeeded."""
         return self._json("GET", f"/v1/jobs/{job_id}/metrics")
 
+    def report(self, job_id: str) -> str:
+        """The job's self-contained HTML report; Conflict before the job succeeded."""
+        return self._send("GET", f"/v1/jobs/{job_id}/report").text
+
     def list_artifacts(self, job_id: str) -> list[dict[str, Any]]:
         """The job's files: ``[{"name", "media_type", "size_bytes", "sha256", "href"}]``, the SavedModel
         zip (``saved_model``) first; Conflict before the job succeeded."""

@@ -128,6 +128,11 @@ class JobOut(BaseModel):
             "their downloads then answer 410 Gone. Null while they are kept"
         ),
     )
+    links: dict[str, str] = Field(
+        default_factory=dict,
+        description="related resources: self, metrics, artifact, report (the HTML page); the outputs answer "
+        "409 until the job succeeded",
+    )
 
 
 class WebhookSecretOut(BaseModel):

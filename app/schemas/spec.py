@@ -225,11 +225,99 @@ class Export(_Strict):
         return "int8" in self.tflite
 
 
+SearchMetric = Literal[
+    "accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+    "recall_weighted", "f1_weighted", "loss", "mse", "mae", "r2",
+]
+LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
+Sparsity = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Search(_Strict):
+    """The highest sparsity whose metric stays within ``max_drop`` of the baseline (docs/search.md): one-shot
+    probes bracket it, then trials with the rest of the spec (schedule, fine-tuning) halve the step."""
+
+    metric: SearchMetric = Field(
+        "accuracy", description="a metric of the task; loss, mse and mae are lower-is-better (a drop = a rise)"
+    )
+    max_drop: float = Field(0.01, ge=0.0, le=1e9, description="allowed loss of the metric vs the baseline")
+    relative: bool = Field(False, description="max_drop is a fraction of the baseline's value, not absolute")
+    min_sparsity: float = Field(0.3, gt=0.0, lt=1.0)
+    max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
+    budget_s: float = Field(
+        900.0, gt=0.0, le=86_400.0, description="seconds for the trials; the best passing trial so far wins"
+    )
+    validation_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=0.5,
+        description="choose on this stratified fraction of the train set (and fine-tune on the rest), so the "
+        "eval dataset stays unbiased; null = choose on the eval dataset",
+    )
+    resolution: float = Field(
+        0.01, ge=0.001, le=0.2, description="the search stops refining once the step is below this"
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> Search:
+        if not self.min_sparsity < self.max_sparsity:
+            raise ValueError(
+                f"min_sparsity ({self.min_sparsity}) must be below max_sparsity ({self.max_sparsity})"
+            )
+        return self
+
+
+class Sweep(_Strict):
+    """The spec once per target; per target: metric, params, MACs, zip size, latency, Pareto flag."""
+
+    targets: list[Sparsity] = Field(min_length=1, max_length=20, description="distinct sparsities, 0 < s < 1")
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, targets: list[float]) -> list[float]:
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"each target once: {targets}")
+        return sorted(targets)
+
+
+class Sensitivity(_Strict):
+    """Per prunable variable, one-shot at every level with the rest dense, no fine-tuning; no artifact."""
+
+    sparsities: list[Sparsity] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, max_length=20
+    )
+    metric: SearchMetric | None = Field(None, description="null = accuracy (classification) or mse (regression)")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _distinct(cls, values: list[float]) -> list[float]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"each sparsity once: {values}")
+        return sorted(values)
+
+
+JOB_KINDS = ("target_sparsity", "search", "sweep", "sensitivity")
+
+
 class PruneSpec(_Strict):
     """What to prune and how. Defaults are the ones API.md documents."""
 
-    target_sparsity: float = Field(
-        gt=0.0, lt=1.0, description="fraction of prunable weights that end exactly zero"
+    target_sparsity: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of prunable weights that end exactly zero; exactly one of target_sparsity, "
+        "search, sweep, sensitivity",
+    )
+    search: Search | None = Field(
+        None, description='instead of target_sparsity: e.g. {"metric": "accuracy", "max_drop": 0.01}'
+    )
+    sweep: Sweep | None = Field(None, description='instead of target_sparsity: {"targets": [0.5, 0.8, 0.9]}')
+    sensitivity: Sensitivity | None = Field(
+        None, description='instead of target_sparsity: {"sparsities": [0.1, 0.5, 0.9]}; no artifact'
+    )
+    sensitivity_max_drop: float = Field(
+        0.01, ge=0.0, le=1e9, description="the drop the suggested layer_sparsity map of a sensitivity job allows"
     )
     criterion: Criterion = Field(
         "magnitude",
@@ -253,6 +341,13 @@ class PruneSpec(_Strict):
             description="[rows, cols] of the blocks removed together, only with granularity `block`; "
             "null = [4, 4]. Conv kernels are viewed as the matrix [prod(kernel dims but the last), out]",
         )
+    )
+    compact: bool | None = Field(
+        None,
+        description="physically remove pruned channels: the artifact's variables get smaller shapes (fewer "
+        "parameters, bytes, MACs, lower latency) with the same signatures, checked against the masked model on "
+        "the job's data. null = true with granularity `channel`, false otherwise (the job shows the resolved "
+        "value); true with another granularity removes the channels that ended all zero",
     )
     scope: Literal["layer", "global"] = "layer"
     normalization: Literal["none", "lamp"] = "none"
@@ -364,6 +459,64 @@ class PruneSpec(_Strict):
         return mapping
 
     @model_validator(mode="after")
+    def _one_kind(self) -> PruneSpec:
+        """Exactly one of target_sparsity / search / sweep / sensitivity, and what each kind cannot combine with."""
+        given = [k for k in JOB_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(JOB_KINDS)} (got {given or 'none'}): e.g. "
+                '{"target_sparsity": 0.8} or {"search": {"metric": "accuracy", "max_drop": 0.01}}'
+            )
+        kind = given[0]
+        if kind != "target_sparsity" and _NM.match(self.granularity):
+            raise ValueError(
+                f"granularity {self.granularity} fixes the sparsity at 1 - N/M: {kind} has nothing to vary; "
+                "use target_sparsity"
+            )
+        folds = self.evaluation is not None and self.evaluation.cross_validation is not None
+        if kind == "sweep" and folds:
+            raise ValueError("sweep with evaluation.cross_validation would run k folds per target: drop one")
+        if kind == "sensitivity":
+            extra = [
+                name
+                for name, used in (
+                    ("fine_tune", self.fine_tune is not None),
+                    ("schedule", isinstance(self.schedule, PolynomialSchedule)),
+                    ("evaluation.cross_validation", folds),
+                    ("export", getattr(self, "export", None) is not None),
+                    ("layer_sparsity", bool(self.layer_sparsity)),
+                )
+                if used
+            ]
+            if extra:
+                raise ValueError(
+                    f"sensitivity prunes one variable at a time, one-shot, and keeps no model: remove {extra}"
+                )
+        return self
+
+    def lowest_sparsity(self) -> float:
+        """The smallest sparsity this spec prunes at (target, search minimum, smallest sweep target...)."""
+        if self.target_sparsity is not None:
+            return self.target_sparsity
+        if self.search is not None:
+            return self.search.min_sparsity
+        if self.sweep is not None:
+            return self.sweep.targets[0]
+        return self.sensitivity.sparsities[0] if self.sensitivity is not None else 0.0
+
+    def kind(self) -> str:
+        """prune, search, sweep or sensitivity: which worker.kinds module runs the job."""
+        return next(
+            (k for k in ("search", "sweep", "sensitivity") if getattr(self, k) is not None), "prune"
+        )
+
+    def needs_eval_dataset(self) -> bool:
+        """A search decides on the eval metric (unless validation_fraction), a sensitivity sweep measures it."""
+        return (self.search is not None and self.search.validation_fraction is None) or (
+            self.sensitivity is not None
+        )
+
+    @model_validator(mode="after")
     def _schedule_needs_steps(self) -> PruneSpec:
         if isinstance(self.schedule, PolynomialSchedule):
             # A preset may still supply fine_tune (app/schemas/presets.py checks the resolved spec again).
@@ -373,8 +526,17 @@ class PruneSpec(_Strict):
                     "schedule 'polynomial' raises sparsity during fine-tuning steps: add 'fine_tune' "
                     '(e.g. {"epochs": 3}) or use {"kind": "one_shot"}'
                 )
-            if self.schedule.initial_sparsity >= self.target_sparsity:
-                raise ValueError("schedule.initial_sparsity must be below target_sparsity")
+            if self.schedule.initial_sparsity >= self.lowest_sparsity():
+                raise ValueError(
+                    "schedule.initial_sparsity must be below target_sparsity (the lowest sparsity pruned at)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_compact(self) -> PruneSpec:
+        """``compact: null`` -> true with channel granularity (its groups are removable), else false."""
+        if self.compact is None:
+            self.compact = self.granularity == "channel"
         return self
 
     def needs_train_dataset(self) -> bool:
@@ -421,7 +583,10 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 # field path -> (predicate on the spec, message). A predicate true means "this spec uses something not built yet".
 # Empty since K-fold cross-validation landed; kept so the next unfinished feature is refused, not ignored.
-NOT_YET_SUPPORTED: dict[str, tuple[Any, str]] = {}
+NOT_YET_SUPPORTED: dict[str, tuple[Any, str]] = {
+    "sweep": (lambda s: s.sweep is not None, "sparsity sweeps are not built yet"),
+    "sensitivity": (lambda s: s.sensitivity is not None, "sensitivity analysis is not built yet"),
+}
 
 
 def _value(spec: PruneSpec, dotted: str) -> Any:

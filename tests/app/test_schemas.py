@@ -49,7 +49,10 @@ def test_metrics_schema_accepts_a_document_and_rejects_a_missing_side(client: Te
 
 def test_spec_schema_is_published(client: TestClient) -> None:
     schema = client.get("/v1/schemas/spec").json()
-    assert "target_sparsity" in schema["required"]
+    assert {"target_sparsity", "search", "sweep", "sensitivity"} <= set(schema["properties"])
     jsonschema.validate({"target_sparsity": 0.5}, schema)
+    jsonschema.validate({"search": {"metric": "accuracy", "max_drop": 0.01}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"search": {"max_drop": -1}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"target_sparsity": 1.5}, schema)

@@ -30,13 +30,14 @@ from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
 from app.queue import RUN_JOB
+from app.report import CONTENT_SECURITY_POLICY, render_report  # matplotlib is imported per report
 from app.schemas.fit import dataset_fit_errors, label_loss_errors
 from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.store import repo
 from app.store import webhooks as webhook_store
-from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord
+from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord
 from app.webhooks import delivery, tenants
 from app.webhooks.guard import AllowList, UnsafeWebhookUrl, check_url
 
@@ -76,6 +77,7 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
             f"export.tflite asks for int8, which needs a train dataset ({msg})",
             extra={"errors": [{"loc": "train_dataset_id", "msg": msg}]},
         )
+    _check_kind_datasets(body, train, evaluation)
     if train is not None and not any(k == "y" or k.startswith("y.") for k in train.arrays):
         raise Unprocessable(
             f"train dataset {train.id} has no labels: add an array 'y' to the .npz",
@@ -102,6 +104,26 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
                     + "; ".join(problems),
                     extra={"errors": [{"loc": "spec.loss", "msg": p} for p in problems]},
                 )
+
+
+def _check_kind_datasets(body: JobCreate, train: Any, evaluation: Any) -> None:
+    """Searches and sensitivity sweeps decide on a labelled metric: the data they choose on must exist."""
+    spec, kind = body.spec, body.spec.kind()
+    choose_on_train = spec.search is not None and spec.search.validation_fraction is not None
+    if choose_on_train and train is None:
+        msg = "search.validation_fraction splits the train dataset: give train_dataset_id (with labels)"
+        raise Unprocessable(msg, extra={"errors": [{"loc": "train_dataset_id", "msg": msg}]})
+    if spec.needs_eval_dataset():
+        if evaluation is None:
+            msg = (
+                f"a {kind} job compares a metric with the baseline's on labelled data: give eval_dataset_id "
+                "(arrays 'x' and 'y')"
+                + (" or set search.validation_fraction to choose on part of the train set" if kind == "search" else "")
+            )
+            raise Unprocessable(msg, extra={"errors": [{"loc": "eval_dataset_id", "msg": msg}]})
+        if not any(k == "y" or k.startswith("y.") for k in evaluation.arrays):
+            msg = f"eval dataset {evaluation.id} has no labels, which a {kind} job needs: add an array 'y'"
+            raise Unprocessable(msg, extra={"errors": [{"loc": "eval_dataset_id", "msg": msg}]})
 
 
 def _webhook_url(body: JobCreate, session: Session, tenant: str, settings: Settings) -> str | None:
@@ -312,6 +334,12 @@ def get_artifact(
     a download with Range can check what it assembled); Range/If-Range for resumable downloads."""
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
+    if (record.spec or {}).get("sensitivity") is not None:
+        raise Conflict(
+            f"job {job_id} is a sensitivity analysis: it measures each variable and keeps no model, so it has no "
+            "artifact; read its metrics (sensitivity.layer_sparsity) or report, and run a job with that "
+            "layer_sparsity for a pruned model"
+        )
     return serve_file(session, record, storage, settings, _job_file(record, SAVED_MODEL), if_none_match)
 
 
@@ -383,3 +411,36 @@ def get_named_artifact(
     _require_success(record)
     ensure_kept(record, settings)
     return serve_file(session, record, storage, settings, _job_file(record, name), if_none_match)
+
+
+@router.get(
+    "/{job_id}/report",
+    responses={
+        **ERRORS,
+        200: {"content": {"text/html": {}}, "description": "one self-contained HTML page"},
+        **EXPIRED,
+    },
+    summary="The job's report: one self-contained HTML page",
+)
+def get_report(
+    job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep, settings: SettingsDep
+) -> Response:
+    """Rendered from the metrics document (no TensorFlow): spec, baseline vs pruned, confusion matrices,
+    per-layer sparsity, sizes/MACs/latency, notes, and the search/sweep/sensitivity plots. No script, no outside
+    resource: served with a strict Content-Security-Policy."""
+    record = get_job_or_404(session, job_id, tenant)
+    _require_success(record)
+    with open_output(session, record, storage, "metrics.json", settings) as file:
+        document = json.load(file)
+    model = repo.get_owned(session, ModelRecord, record.model_id, tenant)
+    page = render_report(document, title=model.name if model is not None else None)
+    return Response(
+        page,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "private, no-cache",
+        },
+    )
