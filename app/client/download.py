@@ -13,6 +13,10 @@ What is verified (RFC 9110 / RFC 9530):
 
 Without a strong ETag a resume sends Range alone; the digest check above is then what would catch a file that
 changed between the two requests.
+
+A redirect (a server with ``SECATEURS_PRESIGNED_DOWNLOADS``: 302 to a presigned URL of its object store) is
+followed by hand: the digests come from the redirect (the server's record), the bytes and the ETag used for
+``If-Range`` from the store, and the API key is not sent to the store.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import base64
 import binascii
 import hashlib
 import re
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -118,6 +123,8 @@ def _fetch(http: httpx.Client, url: str, fh: BinaryIO, *, max_resumes: int, dest
     hasher = hashlib.sha256()
     written = 0
     expected: Expected | None = None
+    promised: Expected | None = None  # what a redirect said about the file it points at
+    target, redirects = url, 0
     attempts = 0
     while True:
         attempts += 1
@@ -128,7 +135,14 @@ def _fetch(http: httpx.Client, url: str, fh: BinaryIO, *, max_resumes: int, dest
             if expected.etag:
                 headers["If-Range"] = expected.etag
         try:
-            with http.stream("GET", url, headers=headers) as response:
+            with _open(http, target, headers, foreign=target != url) as response:
+                if response.is_redirect and "location" in response.headers and redirects < 3:
+                    response.read()
+                    promised = Expected.from_headers(response.headers)
+                    target = str(response.url.join(response.headers["location"]))
+                    redirects += 1
+                    attempts -= 1  # not a failed attempt
+                    continue
                 if response.status_code >= 400:
                     response.read()
                     raise_for_problem(response)
@@ -138,7 +152,7 @@ def _fetch(http: httpx.Client, url: str, fh: BinaryIO, *, max_resumes: int, dest
                         raise ConnectionFailed(
                             f"GET {url} answered {response.status_code}, expected 200", url=url
                         )
-                    expected = Expected.from_headers(response.headers)
+                    expected = _with_promised(Expected.from_headers(response.headers), promised)
                     fh.seek(0)
                     fh.truncate()
                     hasher, written = hashlib.sha256(), 0
@@ -174,6 +188,26 @@ def _fetch(http: httpx.Client, url: str, fh: BinaryIO, *, max_resumes: int, dest
     problems = verify(expected, written, hasher.hexdigest())
     if problems:
         raise DigestMismatch(f"download of {url} to {dest} is corrupt: " + "; ".join(problems))
+
+
+def _open(http: httpx.Client, url: str, headers: dict[str, str], *, foreign: bool) -> closing[httpx.Response]:
+    """A streamed GET; to a redirect's target (another host: the object store) without our Authorization."""
+    request = http.build_request("GET", url, headers=headers)
+    if foreign:
+        request.headers.pop("authorization", None)
+    return closing(http.send(request, stream=True))
+
+
+def _with_promised(got: Expected, promised: Expected | None) -> Expected:
+    """The store's answer, checked against the digests the redirect (the API's record) promised."""
+    if promised is None:
+        return got
+    return replace(
+        got,
+        sha256_digest=promised.sha256_digest or got.sha256_digest,
+        sha256_etag=promised.sha256_etag,  # the store's own ETag (an MD5 or so) is only good for If-Range
+        size=got.size if got.size is not None else promised.size,
+    )
 
 
 def _range_start(response: httpx.Response) -> int | None:

@@ -320,6 +320,15 @@ class S3BlobStore:
     def delete_prefix(self, prefix: str) -> int:
         import obstore
 
+        if not prefix.endswith("/"):  # one key (obstore lists below a prefix's '/' only)
+            try:
+                self.head(prefix)
+                obstore.delete(self._store, prefix)
+            except FileNotFoundError:
+                return 0
+            except Exception as exc:
+                raise self._map(exc, prefix) from exc
+            return 1
         keys = [b.key for b in self.list(prefix)]
         if not keys:
             return 0
