@@ -9,6 +9,8 @@ Sections (``SECTIONS``):
 - ``throughput``: our fine-tuning loop vs Keras ``model.fit`` (bench/finetune_throughput.py).
 - ``service``: ``GET /v1/jobs/{id}`` latency under 50 and 200 clients, 1 GiB upload throughput and API memory
   (bench/service_load.py).
+- ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
+  CNN at 80% (and 50% channels, compacted) (bench/exports.py).
 
 ``bench/RESULTS.md`` is edited, not regenerated: every section lives between ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->`` markers and carries its own date, machine and versions, so ``--only tfmot`` rewrites
@@ -77,12 +79,21 @@ def _service(
     return run_service_load(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _exports(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.exports import run_exports
+
+    return run_exports(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 SECTIONS: dict[str, tuple[str, Runner]] = {
     "resnet": ("ResNet-50: API job vs the floor", _resnet),
     "digits": ("Digits: quality after pruning", _digits),
     "tfmot": ("Digits: Secateurs vs tfmot (quality and size)", _tfmot),
     "throughput": ("Fine-tuning throughput", _throughput),
     "service": ("Service: status polls under load, 1 GiB upload", _service),
+    "exports": ("Exports: TFLite files of the pruned digits CNN", _exports),
 }
 HOW = (
     "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
@@ -90,7 +101,7 @@ HOW = (
     f"({', '.join(SECTIONS)}; rewrites only those sections of this file), `--repeats N` (ResNet), `--smoke` "
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
     "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
-    "bench/finetune_throughput.py, bench/service_load.py.\n"
+    "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py.\n"
 )
 
 

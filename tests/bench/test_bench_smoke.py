@@ -118,6 +118,26 @@ def test_throughput_smoke_measures_every_variant(smoke: dict[str, Any]) -> None:
         assert _positive_finite(row["samples_per_s_median"]) and _positive_finite(row["ratio_to_keras_fit"])
 
 
+def test_exports_smoke_reports_every_file_beside_the_saved_models(smoke: dict[str, Any]) -> None:
+    result = smoke["exports"]
+    assert set(result["runs"]) == {"unstructured", "channels"}
+    for run in result["runs"].values():
+        rows = {row["model"].split()[-1]: row for row in run["rows"]}
+        assert set(rows) == {"SavedModel", "tflite_float32", "tflite_int8"}  # dense and pruned share a suffix
+        dense = run["rows"][0]
+        assert dense["model"] == "dense SavedModel" and dense["zip_ratio"] == 1.0
+        for row in run["rows"][1:]:
+            assert "error" not in row, row
+            assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["zip_ratio"] < 1.0
+        int8 = rows["tflite_int8"]
+        assert int8["local_accuracy"] == int8["accuracy"]  # the downloaded file scores what the job said
+        assert int8["zip"] < rows["tflite_float32"]["zip"]
+    assert result["runs"]["channels"]["compact"] is True
+    assert result["runs"]["channels"]["params_total"] < result["runs"]["channels"]["params_dense"]
+    assert set(result["goal"]) == {"zip_ratio", "accuracy_drop", "met"}
+    assert "| dense SavedModel |" in result["markdown"]
+
+
 def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
     report: Path = smoke["report"]
     text = report.read_text()
