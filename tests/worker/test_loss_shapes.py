@@ -54,7 +54,9 @@ def _data(n: int = 48, classes: int = 4, seed: int = 0) -> Arrays:
 
 
 def _run(model: Path, spec: dict[str, Any], train: Arrays, tmp_path: Path) -> dict[str, Any]:
-    full = PruneSpec.model_validate({"evaluation": FAST, "fine_tune": {"epochs": 1, "batch_size": 16}, **spec})
+    full = PruneSpec.model_validate(
+        {"evaluation": FAST, "fine_tune": {"epochs": 1, "batch_size": 16}, **spec}
+    )
     return run_pipeline(model, full, train, None, tmp_path, lambda _stage, _progress: None)
 
 
@@ -159,7 +161,8 @@ def test_the_api_pairs_labels_with_outputs_by_name_only_when_it_can() -> None:
     assert label_loss_errors(one, "serving_default", ids, None) == []  # no explicit loss: inferred later
     assert "'probs'" in label_loss_errors(one, "serving_default", ids, "mse")[0]
     two = {"serving_default": {"outputs": {"a": {"shape": [None, 10]}, "b": {"shape": [None, 1]}}}}
-    assert label_loss_errors(two, "serving_default", ids, "mse") == []  # 'y' with two outputs: the worker decides
+    # plain 'y' with two outputs: which one it labels is the worker's choice (PREFERRED_OUTPUTS), not checked here
+    assert label_loss_errors(two, "serving_default", ids, "mse") == []
     named = {"x": {"shape": [9, 64]}, "y.b": {"shape": [9]}}
     assert label_loss_errors(two, "serving_default", named, "mse") == []
     assert "'y.b'" in label_loss_errors(two, "serving_default", named, "categorical_crossentropy")[0]
