@@ -3,6 +3,7 @@ a database created before it existed (old jobs then list their one zip)."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,3 +63,18 @@ def test_init_db_adds_the_column_to_an_older_database(store_sessions: sessionmak
         record = session.get(JobRecord, job_id)
         assert record is not None and record.artifacts is None
         assert job_files.job_files(record) == [job_files.entry("saved_model", "pruned.zip", 1234, "a" * 64)]
+
+
+def test_entries_refuse_names_and_paths_that_could_escape() -> None:
+    for name in ("", "../x", "Tflite", "a/b", "x" * 65):
+        with pytest.raises(ValueError, match="artifact name"):
+            job_files.entry(name, "pruned.zip", 1, "a" * 64)
+    for file in ("/etc/passwd", "../other-job/pruned.zip", "artifacts/../../x"):
+        with pytest.raises(ValueError, match="relative path"):
+            job_files.entry("saved_model", file, 1, "a" * 64)
+    assert job_files.entry("sparsity-0.80", "artifacts/sparsity-0.80.zip", 1, "c" * 64)["media_type"] == (
+        "application/zip"
+    )
+    tflite = job_files.entry("tflite_int8", "artifacts/tflite_int8.tflite", 1, "d" * 64)
+    assert job_files.download_filename("job_1", tflite) == "job_1-tflite_int8.tflite"
+    assert job_files.download_filename("job_1", FILES[0]) == "job_1-pruned.zip"
