@@ -168,6 +168,10 @@ def compact(
         for n in gdef.node:
             if "_output_shapes" in n.attr:
                 del n.attr["_output_shapes"]
+            # A custom gradient (Keras' silu/swish wraps its forward ops in IdentityN) names a Python
+            # function that the rebuilt graph cannot reach; the forward ops are differentiable as they are.
+            if "_gradient_op_type" in n.attr:
+                del n.attr["_gradient_op_type"]
         graph_defs[name] = (gdef, fold_feeds)
 
     extra: dict[str, np.ndarray] = {}
@@ -467,8 +471,8 @@ def _build_module(
     used = sorted({v for sig in analysis.frozen.values() for v in sig.weights.values()})
     variables: dict[str, tf.Variable] = {}
     for name in used:
-        base = named[name].name.split(":")[0]
-        variables[name] = tf.Variable(values[name], trainable=named[name].trainable, name=base)
+        # The handle's unique name: a reloaded compact model names its variables as the input's handle did.
+        variables[name] = tf.Variable(values[name], trainable=named[name].trainable, name=name)
     for name, arr in extra.items():
         variables[name] = tf.Variable(arr, trainable=True, name=name)
     module.weights_by_name = variables  # tracked: saved under variables/

@@ -366,11 +366,13 @@ def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature])
             )
             member = Member(key[0], key[1], walker.roles[key], None if identity else pos)
             (members if key[0] in variables else constants).append(member)
+        if not members:  # constants only (shape vectors, folded-in tensors): nothing a user can prune
+            continue
         producers = [m for m in members if m.role == "producer"]
         reasons = spaces.reasons(root)
         if not reasons and not producers:
             reasons = ["no layer's weights produce these channels"]
-        label = (producers or members or constants)[0].variable
+        label = (producers or members)[0].variable
         gid = f"g{len(groups)}:{label}"
         group_of_space[root] = gid
         groups.append(

@@ -146,8 +146,9 @@ def _broadcast(srcs: list[Source], in_shape: tf.TensorShape, out_shape: tf.Tenso
 
 
 def _single_source(walker: Walker, t: tf.Tensor) -> Source | None:
+    """The one weight a kernel-like operand reads; axes it inserts (Conv1D's ExpandDims) map to None."""
     srcs = walker.view(t) if walker.is_const(t) else None
-    if not srcs or len(srcs) != 1 or any(a is None for a in srcs[0].axes):
+    if not srcs or len(srcs) != 1:
         return None
     return srcs[0]
 
@@ -262,6 +263,8 @@ def conv(walker: Walker, op: tf.Operation) -> None:
     if src is None or walker.is_const(x) or not fmt.endswith("C") or k.shape.rank is None:
         return unknown(walker, op)
     r = k.shape.rank
+    if src.axes[r - 2] is None or src.axes[r - 1] is None:
+        return unknown(walker, op)
     if last_dim(x) != k.shape[r - 2]:  # grouped convolution
         return unknown(walker, op, f"grouped convolution at {op.name}")
     walker.mark_untracked([src], {(src.key, src.axes[r - 2]), (src.key, src.axes[r - 1])}, _where(op))
@@ -276,6 +279,8 @@ def matmul(walker: Walker, op: tf.Operation) -> None:
     if src is None or walker.is_const(a) or ta or b.shape.rank != 2:
         return unknown(walker, op)
     in_ax, out_ax = (1, 0) if tb else (0, 1)
+    if None in src.axes:
+        return unknown(walker, op)
     walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
     return _produce(walker, op, a, src, in_ax, out_ax, True)
 
@@ -301,6 +306,8 @@ def einsum(walker: Walker, op: tf.Operation) -> None:
     if xs[:-1] != out[:-1]:
         return unknown(walker, op)
     in_ax, out_ax = ws.index(c_in), ws.index(c_out)
+    if None in src.axes:
+        return unknown(walker, op)
     walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
     return _produce(walker, op, x, src, in_ax, out_ax, True)
 
@@ -309,7 +316,13 @@ def depthwise(walker: Walker, op: tf.Operation) -> None:
     x, k = op.inputs[0], op.inputs[1]
     src = _single_source(walker, k)
     fmt = _attr(op, "data_format", b"NHWC")
-    if src is None or walker.is_const(x) or fmt not in (b"NHWC", "NHWC") or k.shape.rank != 4:
+    if (
+        src is None
+        or walker.is_const(x)
+        or fmt not in (b"NHWC", "NHWC")
+        or k.shape.rank != 4
+        or src.axes[2] is None
+    ):
         return unknown(walker, op)
     lx = walker.layout(x)
     mult = int(k.shape[3])
@@ -332,7 +345,7 @@ def fused_batch_norm(walker: Walker, op: tf.Operation) -> None:
         return unknown(walker, op)
     for param in op.inputs[1:5]:
         src = _single_source(walker, param)
-        if src is None or param.shape.rank != 1:
+        if src is None or param.shape.rank != 1 or src.axes[0] is None:
             return unknown(walker, op)
         lx = walker.bind((src.key, src.axes[0]), lx, "carrier", _where(op))
     walker.set_layout(op.outputs[0], lx)
@@ -488,7 +501,7 @@ def concat(walker: Walker, op: tf.Operation) -> None:
             return unknown(walker, op)
         if walker.is_const(v):
             src = _single_source(walker, v)
-            if src is None:
+            if src is None or src.axes[-1] is None:
                 return unknown(walker, op)
             walker.mark_untracked([src], {(src.key, src.axes[-1])}, _where(op))
             layout = walker.key_layout((src.key, src.axes[-1]), width, "carrier")

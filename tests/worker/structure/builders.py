@@ -44,3 +44,166 @@ def keras3_resnet(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(4, activation="softmax", name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_densenet(out_dir: Path) -> Path:
+    """DenseNet-like: every block concatenates its input with new features; BN over the concatenation."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((10, 10, 3), name="image")
+    x = keras.layers.ReLU()(_conv_bn(inp, 6, 3, "stem"))
+    for i in range(2):
+        y = keras.layers.ReLU()(keras.layers.BatchNormalization(name=f"pre{i}_bn")(x))
+        y = keras.layers.Conv2D(4, 3, padding="same", name=f"grow{i}")(y)
+        x = keras.layers.Concatenate(name=f"cat{i}")([x, y])
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="trans_bn")(x))
+    x = keras.layers.Conv2D(8, 1, name="trans")(x)
+    x = keras.layers.AveragePooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_mobilenet(out_dir: Path) -> Path:
+    """Inverted residuals: expand 1x1 -> depthwise 3x3 -> project 1x1, residual Add when shapes match."""
+    import keras
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.ReLU(6.0)(_conv_bn(inp, 8, 3, "stem", strides=2))
+
+    def block(x: Any, expand: int, out: int, name: str, strides: int = 1) -> Any:
+        y = keras.layers.ReLU(6.0)(_conv_bn(x, expand, 1, f"{name}_expand"))
+        y = keras.layers.DepthwiseConv2D(
+            3, strides=strides, padding="same", use_bias=False, name=f"{name}_dw"
+        )(y)
+        y = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization(name=f"{name}_dw_bn")(y))
+        y = _conv_bn(y, out, 1, f"{name}_project")
+        if strides == 1 and x.shape[-1] == out:
+            y = keras.layers.Add(name=f"{name}_add")([x, y])
+        return y
+
+    x = block(x, 16, 8, "b1")
+    x = block(x, 24, 12, "b2", strides=2)
+    x = block(x, 24, 12, "b3")
+    x = keras.layers.SeparableConv2D(10, 3, padding="same", name="sep")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(4, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_squeeze_excite(out_dir: Path) -> Path:
+    """EfficientNet-like: swish, squeeze-excite gate (GAP -> 1x1 reduce -> 1x1 expand -> sigmoid -> Mul)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Activation("swish")(_conv_bn(inp, 12, 3, "stem"))
+    s = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)
+    s = keras.layers.Conv2D(4, 1, activation="relu", name="se_reduce")(s)
+    s = keras.layers.Conv2D(12, 1, activation="sigmoid", name="se_expand")(s)
+    x = keras.layers.Multiply()([x, s])
+    x = _conv_bn(x, 8, 1, "project")
+    x = keras.layers.Activation("gelu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_conv1d(out_dir: Path) -> Path:
+    """Conv1D stack on sequences (Keras lowers it to ExpandDims + Conv2D + Squeeze), Flatten, Dense."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((12, 4), name="signal")
+    x = keras.layers.Conv1D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = keras.layers.Conv1D(6, 3, padding="valid", activation="tanh", name="c2")(x)
+    x = keras.layers.MaxPooling1D(2)(x)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+def keras2_fused_bn(out_dir: Path) -> Path:
+    """tf_keras (Keras 2) CNN with BatchNorm (FusedBatchNormV3 in the graph), saved with model.save."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(5)
+    layers = tf_keras.layers
+    inp = layers.Input((8, 8, 2), name="image")
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inp)
+    x = layers.ReLU()(layers.BatchNormalization(name="bn")(x))
+    y = layers.Conv2D(8, 1, name="conv_b")(x)
+    x = layers.Add()([x, y])
+    x = layers.Conv2D(6, 3, padding="valid", activation="relu", name="conv_c")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(10, activation="relu", name="dense")(x)
+    out = layers.Dense(3, activation="softmax", name="out")(x)
+    model = tf_keras.Model(inp, out)
+    model.save(str(out_dir))
+    return out_dir
+
+
+def tf_module_dict(out_dir: Path) -> Path:
+    """A plain tf.Module whose signatures take and return dicts: two inputs, two outputs, two signatures."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.3, name=name)
+
+    class Model(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = var([6, 10], "Variable")
+            self.b1 = var([10], "Variable")
+            self.w2 = var([10, 8], "Variable")
+            self.scale = var([8], "Variable")
+            self.w3 = var([8 + 3, 4], "Variable")
+
+        def trunk(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+            h = tf.nn.elu(tf.matmul(a, self.w1) + self.b1)
+            h = tf.nn.relu(tf.matmul(h, self.w2) * self.scale)
+            return tf.matmul(tf.concat([h, b], axis=-1), self.w3)
+
+    module = Model()
+    specs = {
+        "a": tf.TensorSpec([None, 6], tf.float32, name="a"),
+        "b": tf.TensorSpec([None, 3], tf.float32, name="b"),
+    }
+
+    @tf.function(input_signature=[specs])
+    def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        logits = module.trunk(inputs["a"], inputs["b"])
+        return {"logits": logits, "probs": tf.nn.softmax(logits)}
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 6], tf.float32, name="a"),
+            tf.TensorSpec([None, 3], tf.float32, name="b"),
+        ]
+    )
+    def score(a: tf.Tensor, b: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"score": tf.reduce_sum(module.trunk(a, b), axis=-1)}
+
+    module.serve, module.score = serve, score
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve, "score": score})
+    return out_dir
+
+
+def keras3_sequence(out_dir: Path) -> Path:
+    """Embedding-free sequence model: Dense -> LSTM -> self-attention -> LayerNorm -> Dense."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((6, 5), name="tokens")
+    x = keras.layers.Dense(8, activation="relu", name="embed")(inp)
+    x = keras.layers.LSTM(8, return_sequences=True, name="lstm")(x)
+    a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="attn")(x, x)
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([x, a]))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)

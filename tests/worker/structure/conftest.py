@@ -22,3 +22,31 @@ def mlp_dir(structure_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def resnet_dir(structure_root: Path) -> Path:
     return builders.keras3_resnet(structure_root / "resnet")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(structure_root: Path) -> dict[str, Path]:
+    """Lazily built directories of the coverage models, by kind."""
+    return _Lazy(structure_root)
+
+
+class _Lazy(dict):
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, kind: str) -> Path:
+        path = BUILDERS[kind](self.root / kind)
+        self[kind] = path
+        return path
+
+
+BUILDERS = {
+    "densenet": builders.keras3_densenet,
+    "mobilenet": builders.keras3_mobilenet,
+    "squeeze_excite": builders.keras3_squeeze_excite,
+    "conv1d": builders.keras3_conv1d,
+    "keras2_fused_bn": builders.keras2_fused_bn,
+    "tf_module_dict": builders.tf_module_dict,
+    "sequence": builders.keras3_sequence,
+}

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[3]
+
 RELOAD = r"""
 import json, sys, os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -22,10 +24,10 @@ for name, fn in obj.signatures.items():
         "inputs": {k: [s.dtype.name, s.shape.as_list()] for k, s in kw.items()},
         "outputs": sorted(fn.structured_outputs),
     }
-shapes = {}
-for fn in obj.signatures.values():
-    for v in fn.variables:
-        shapes[v.name.split(":")[0]] = v.shape.as_list()
+sys.path.insert(0, sys.argv[2])
+from worker.models import load_model
+handle = load_model(__import__("pathlib").Path(sys.argv[1]))
+shapes = {nv.name: nv.shape for nv in handle.variables()}
 print(json.dumps({"signatures": sigs, "shapes": shapes}))
 """
 
@@ -78,7 +80,11 @@ def mask_groups(
 
 def reload_in_subprocess(path: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(path)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", RELOAD, str(path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,6 +105,5 @@ def check_artifact(handle: Any, result: Any, tol: float = 1e-5) -> dict[str, Any
     assert set(reloaded["signatures"]) == set(handle.signatures)
     shapes = reloaded["shapes"]
     for var, (_, after) in result.shapes.items():
-        base = next(nv.var.name.split(":")[0] for nv in handle.variables() if nv.name == var)
-        assert shapes.get(base) == after, (var, shapes.get(base), after)
+        assert shapes.get(var) == after, (var, shapes.get(var), after)
     return reloaded

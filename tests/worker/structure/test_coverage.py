@@ -1,0 +1,166 @@
+"""Every graph family of the issue: groups found from the graph, compaction exact vs the masked model,
+the artifact reloaded in a fresh process with the same signatures and the smaller variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.worker.structure.helpers import check_artifact, mask_groups, randomize
+from worker.models import keras_to_saved_model, load_model
+from worker.structure import compact, find_groups, probe_inputs
+
+pytestmark = pytest.mark.tf
+
+
+def _group(analysis, variable: str, role: str = "producer"):
+    return next(
+        g for g in analysis.groups if any(m.variable == variable and m.role == role for m in g.members)
+    )
+
+
+def _roles(group) -> set[tuple[str, int, str]]:
+    return {(m.variable, m.axis, m.role) for m in group.members}
+
+
+def _compact(handle, analysis, tmp_path: Path, carriers: bool, **kw):
+    keep = mask_groups(handle, analysis, carriers=carriers, **kw)
+    assert keep, "no prunable group"
+    inputs = probe_inputs(analysis.frozen[analysis.signature], batch=3, seed=7)
+    result = compact(handle, analysis, keep, tmp_path / "compact", inputs=inputs)
+    check_artifact(handle, result)
+    assert result.params_after < result.params_before
+    return result
+
+
+@pytest.mark.parametrize("carriers", [True, False], ids=["zeroed", "constants-folded"])
+def test_densenet_concat(model_dirs, tmp_path: Path, carriers: bool) -> None:
+    handle = load_model(model_dirs["densenet"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    stem, grow0 = _group(analysis, "stem/kernel"), _group(analysis, "grow0/kernel")
+    # The stem's channels sit at offset 0 of both concats, grow0's at offset 6: BN over the concat and the
+    # transition conv read them at those positions.
+    trans_in = next(m for m in grow0.members if m.variable == "trans/kernel")
+    assert trans_in.role == "consumer" and trans_in.positions[:, 0].tolist() == [6, 7, 8, 9]
+    assert next(m for m in stem.members if m.variable == "trans_bn/gamma").positions[:, 0].tolist() == list(
+        range(6)
+    )
+    head_in = next(m for m in _group(analysis, "trans/kernel").members if m.variable == "head/kernel")
+    assert head_in.positions.shape == (8, 25)  # flatten of 5x5 positions
+    result = _compact(handle, analysis, tmp_path, carriers)
+    assert result.shapes["trans/kernel"][1][2] < 14
+    if not carriers:
+        assert result.folded > 0
+
+
+@pytest.mark.parametrize("carriers", [True, False], ids=["zeroed", "constants-folded"])
+def test_mobilenet_inverted_residual(model_dirs, tmp_path: Path, carriers: bool) -> None:
+    handle = load_model(model_dirs["mobilenet"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    expand = _group(analysis, "b1_expand/kernel")
+    assert ("b1_dw/kernel", 2, "producer") in _roles(expand)  # depthwise ties in to out
+    assert ("b1_project/kernel", 2, "consumer") in _roles(expand)
+    residual = _group(analysis, "b2_project/kernel")
+    assert ("b3_project/kernel", 3, "producer") in _roles(residual)  # coupled by the Add
+    assert ("sep/depthwise_kernel", 2, "producer") in _roles(residual)
+    assert ("sep/pointwise_kernel", 2, "consumer") in _roles(residual)
+    result = _compact(handle, analysis, tmp_path, carriers)
+    assert result.shapes["b1_dw/kernel"] == ([3, 3, 16, 1], [3, 3, 8, 1])
+
+
+def test_squeeze_excite(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["squeeze_excite"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    main = _group(analysis, "stem/kernel")
+    # The gate multiplies per channel: the expand conv's outputs are the stem's channels.
+    assert {("se_expand/kernel", 3, "producer"), ("se_reduce/kernel", 2, "consumer")} <= _roles(main)
+    assert _group(analysis, "se_reduce/kernel").prunable
+    # Producers only: a removed channel's gate is sigmoid(bias), swish(BN shift) * gate folds into project.
+    result = _compact(handle, analysis, tmp_path, carriers=False)
+    assert result.folded > 0
+    assert result.shapes["se_expand/kernel"][1][3] == 6
+
+
+def test_conv1d(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["conv1d"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    c1 = _group(analysis, "c1/kernel")
+    assert _roles(c1) == {
+        ("c1/kernel", 2, "producer"),
+        ("c1/bias", 0, "carrier"),
+        ("c2/kernel", 1, "consumer"),
+    }
+    result = _compact(handle, analysis, tmp_path, carriers=False)  # c2 is VALID: constants fold exactly
+    assert result.shapes["c1/kernel"] == ([3, 4, 8], [3, 4, 4])
+    assert result.shapes["head/kernel"] == ([30, 2], [15, 2])
+
+
+def test_keras2_fused_batchnorm(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["keras2_fused_bn"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    ops = {n.op for n in analysis.frozen["serving_default"].graph_def.node}
+    assert "FusedBatchNormV3" in ops
+    group = _group(analysis, "conv/kernel")
+    assert {
+        ("bn/gamma", 0, "carrier"),
+        ("bn/moving_variance", 0, "carrier"),
+        ("conv_b/kernel", 3, "producer"),
+    } <= _roles(group)
+    result = _compact(handle, analysis, tmp_path, carriers=False)
+    assert result.shapes["bn/beta"] == ([8], [4])
+
+
+def test_tf_module_dict_signatures(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["tf_module_dict"])
+    analysis = find_groups(handle, "serving_default")
+    assert _group(analysis, "w1").prunable and _group(analysis, "w2").prunable
+    scale = _group(analysis, "w2")
+    w3 = next(m for m in scale.members if m.variable == "w3")
+    assert w3.role == "consumer" and w3.positions[:, 0].tolist() == list(range(8))  # concat offset 0
+    b_input = next(
+        g
+        for g in analysis.groups
+        if any(m.variable == "w3" and m.positions is not None and m.positions[0, 0] == 8 for m in g.members)
+    )
+    assert not b_input.prunable and "signature input 'b'" in b_input.reason
+    result = _compact(handle, analysis, tmp_path, carriers=False)
+    assert result.shapes["w3"] == ([11, 4], [7, 4])
+
+
+def test_keras_file_upload(tmp_path: Path, structure_root: Path) -> None:
+    from tests import model_factory as mf
+
+    exported = keras_to_saved_model(
+        mf.build_keras3_file(structure_root / "upload.keras", epochs=1), tmp_path / "sm"
+    )
+    handle = load_model(exported)
+    analysis = find_groups(handle, "serving_default")
+    conv = _group(analysis, "conv2d/kernel")
+    flat = next(m for m in conv.members if m.variable == "dense/kernel")
+    assert flat.positions.shape == (8, 64)  # 8x8 positions of each channel in the flatten
+    result = _compact(handle, analysis, tmp_path, carriers=True)
+    assert result.shapes["dense/kernel"] == ([512, 32], [256, 16])
+
+
+def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
+    """LSTM (While loop, gates split from one kernel), attention (Einsum between activations), LayerNorm:
+    every group touching them is left whole with the reason; the artifact is still the same model."""
+    handle = load_model(model_dirs["sequence"])
+    analysis = find_groups(handle, "serving_default")
+    assert not any(g.prunable for g in analysis.groups)
+    reasons = " ".join(g.reason or "" for g in analysis.groups)
+    assert "While" in reasons and "Einsum" in reasons
+    ln = next(g for g in analysis.groups if any(m.variable == "ln/gamma" for m in g.members))
+    assert not ln.prunable
+    keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups}
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    assert all(before == after for before, after in result.channels.values())
+    assert any("left whole" in n for n in result.notes)
+    check_artifact(handle, result, tol=1e-6)
