@@ -127,7 +127,10 @@ def prepare(
         "prunable variables: trainable floating-point variables of rank >= 2 (kernels), "
         "filtered by include/exclude; biases and normalisation parameters are left dense"
     )
-    job.notes.append(_LATENCY_NOTES.get(spec.granularity, _LATENCY_NOTES["N:M"]))
+    if spec.compact and spec.granularity == "channel":
+        job.notes.append(_COMPACT_NOTE)
+    else:
+        job.notes.append(_LATENCY_NOTES.get(spec.granularity, _LATENCY_NOTES["N:M"]))
     for pattern in spec.layer_sparsity:
         if not any(re.search(pattern, nv.name) for nv in handle.prunable(spec.include, spec.exclude)):
             job.notes.append(f"layer_sparsity pattern {pattern!r} matches no selected prunable variable")
@@ -136,6 +139,12 @@ def prepare(
     return job
 
 
+# With compaction (spec.compact, worker.compact_stage) the pruned side is measured on the compact model.
+_COMPACT_NOTE = (
+    "channel pruning with compaction: removed channels are physically removed from the artifact (smaller "
+    "variables, same signatures); pruned params, macs, size_bytes and latency_ms are the compact model's, "
+    "and 'structure' lists the channel groups and the equivalence check"
+)
 # What zeros buy at run time, per granularity: the tensors keep their shapes in the artifact.
 _LATENCY_NOTES = {
     "unstructured": "unstructured zeros shrink the compressed artifact (see size_bytes.zip) but dense TensorFlow "

@@ -15,7 +15,9 @@ Stages (API.md's names; ``progress`` is the whole job's, 0..1, and only grows):
   its slice of progress (``worker.crossval_run``).
 - pruning, fine_tuning: the main run on the whole train set (``worker.prune_stage``): the artifact.
 - evaluating: pruned predictions, metrics, fidelity, MACs, latency of the pruned model (``_latency`` says
-  why the two latencies are measured on the one handle rather than against a reloaded original).
+  why the two latencies are measured on the one handle rather than against a reloaded original). With
+  ``compact`` (``worker.compact_stage``): the compact model is written as the artifact, checked against the
+  masked model on the same data, and params / MACs / latency / sizes are measured on it (``structure``).
 - saving: SavedModel with the original signatures, a check of the files (signature defs, every pruned value
   in the checkpoint bit for bit), ``pruned.zip``. The input's deflate size (baseline ``size_bytes.zip``) is
   computed in a thread that writes no file (``worker.zip_size``), cached beside the model for its later jobs,
@@ -41,6 +43,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from app.schemas.spec import Latency, PruneSpec
+from worker.compact_stage import Compacted, check_shapes, compact_model, measure_compact
 from worker.crossval_run import run_cross_validation
 from worker.errors import PipelineError
 from worker.evaluate_stage import Scores, Weights, delta, fidelity_section, reference_data, score
@@ -49,11 +52,12 @@ from worker.export_stage import run_exports
 from worker.job import Job, Report, Window, predict
 from worker.latency_run import measure_latency
 from worker.load_stage import prepare, resolve_granularity, seed_everything
-from worker.models import audit_saved_model, keras_to_saved_model, load_model_once
+from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
 from worker.prune_stage import (
     GRADIENT_SAMPLES,
     INFERENCE_MODE_NOTE,
     TRAINING_MODE_NOTE,
+    AnyPruner,
     layer_rows,
     make_pruner,
     prune_and_fine_tune,
@@ -61,7 +65,6 @@ from worker.prune_stage import (
     unpaired_bias_notes,
 )
 from worker.pruning.granularity import Granularity
-from worker.pruning.pruner import Pruner
 from worker.zip_size import ZipSizeInBackground, shared_zip_size
 
 __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run_pipeline"]
@@ -173,14 +176,27 @@ def _run(
     for line in pruner.notes():
         job.note(line)
     job.notes.extend(unpaired_bias_notes(pruner))
-    pruned["latency_ms"] = _latency(job, "pruned", baseline_zip)
-    job.timings["evaluate"] = time.perf_counter() - tick
+    # spec.compact: the removed channels physically gone, checked against the masked model (compact_stage)
+    compaction = compact_model(job, pruner, reference, pruned_outputs, out_dir / "saved_model")
+    job.notes.extend(compaction.notes)
+    compacted = compaction.compacted
+    if compacted is not None:
+        measured, updates = measure_compact(job, weights, prunable, compacted)
+        pruned.update(measured)
+        for row in layers:
+            row.update(updates.get(row["name"], {}))
+    pruned["latency_ms"] = _latency(job, "pruned", baseline_zip, compacted.handle if compacted else None)
+    job.timings["evaluate"] = time.perf_counter() - tick - job.timings.get("compact", 0.0)
 
     window("saving", SAVING)
     tick = time.perf_counter()
     baseline_zip.start()
-    saved = job.handle.save(out_dir / "saved_model")
-    _verify_artifact(job, saved, pruner, model_dir)
+    if compacted is not None:  # already written and checked by compact_model
+        saved = compacted.path
+        _verify_compact(saved, compacted, model_dir)
+    else:
+        saved = job.handle.save(out_dir / "saved_model")
+        _verify_artifact(job, saved, pruner, model_dir)
     pruned["size_bytes"] = {"saved_model": dir_size(saved), "zip": zip_dir(saved, out_dir / "pruned.zip")}
     baseline["size_bytes"] = {"saved_model": dir_size(model_dir), "zip": baseline_zip.result()}
     job.timings["save"] = time.perf_counter() - tick
@@ -207,6 +223,7 @@ def _run(
         "pruned": pruned,
         "delta": delta(before.flat, after.flat),
         "layers": layers,
+        **({"structure": compaction.structure} if compaction.structure is not None else {}),
         "notes": job.notes,
         "versions": {"secateurs": _version(), "tensorflow": tf.__version__},
     }
@@ -282,7 +299,9 @@ def _side(job: Job, scores: Scores, weights: Mapping[str, Any]) -> dict[str, Any
     return side
 
 
-def _latency(job: Job, side: str, background: _BaselineZip) -> dict[str, dict[str, Any]]:
+def _latency(
+    job: Job, side: str, background: _BaselineZip, handle: ModelHandle | None = None
+) -> dict[str, dict[str, Any]]:
     """Latency of the loaded model as it is now: called at the baseline stage (before pruning) and after
     evaluation, on the same handle, inputs and threads, each with half of ``budget_s`` so a job spends what
     the spec allows. The background zip is paused meanwhile, so both sides see an equally idle machine.
@@ -294,14 +313,26 @@ def _latency(job: Job, side: str, background: _BaselineZip) -> dict[str, dict[st
     half = settings.model_copy(update={"budget_s": settings.budget_s / 2})
     background.pause()
     try:
-        result, notes = measure_latency({side: job.handle}, job.sig, half, job.evaluation or job.train)
+        result, notes = measure_latency(
+            {side: handle or job.handle}, job.sig, half, job.evaluation or job.train
+        )
     finally:
         background.resume()
     job.notes.extend(f"{side} model: {note}" for note in notes)
     return result[side]
 
 
-def _verify_artifact(job: Job, saved: Path, pruner: Pruner, model_dir: Path) -> None:
+def _verify_compact(saved: Path, compacted: Compacted, model_dir: Path) -> None:
+    """A compact artifact has other shapes than the masked variables, so instead of their values: the
+    input's signature defs, and a checkpoint tensor of every new shape (read from the files)."""
+    if _signature_defs(saved) != _signature_defs(model_dir):
+        raise RuntimeError("the compact model's signatures differ from the input's")
+    problem = check_shapes(saved, compacted.shapes)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def _verify_artifact(job: Job, saved: Path, pruner: AnyPruner, model_dir: Path) -> None:
     """The artifact must declare the input's signatures and hold, bit for bit, the pruned values: exact zeros
     wherever a mask prunes (kernels, and the biases of removed channels).
 

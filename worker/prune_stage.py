@@ -5,10 +5,13 @@ How the spec reaches the pruning engine (``worker.pruning``):
 - Variables: trainable floating rank >= 2 variables matching include/exclude, with a *kind* each
   (``granularity.infer_kinds``). Embedding tables are left out unless an ``include`` regex names them: their
   rows are vocabulary entries, and zeroing a row silently maps a token to the zero vector.
-- Granularity: ``get_granularity`` (``block_shape`` for ``block``). Under ``channel``, the kernel(s) producing
-  a signature output directly are left dense (``_output_heads``): their channels ARE the output's units, and
-  removing one deletes a class or a regression target. Variables a granularity cannot handle (e.g. N:M on a
-  depthwise kernel) are left dense by the pruner with the reason in ``notes`` and in ``layers``.
+- Granularity: ``get_granularity`` (``block_shape`` for ``block``). Under ``channel``, the signature's graph
+  gives coupled channel groups (``worker.structure.find_groups``) and ``pruning.groups.GroupPruner`` ranks and
+  zeroes them as one (a group reaching an output is left whole by the analysis). Without an analysis, each
+  variable's channels are pruned alone and the kernel(s) producing a signature output directly are left dense
+  (``_output_heads``): their channels ARE the output's units, and removing one deletes a class or a target.
+  Variables a granularity cannot handle (e.g. N:M on a depthwise kernel) are left dense by the pruner with
+  the reason in ``notes`` and in ``layers``.
 - Criterion hooks (``Criterion.needs_gradients`` / ``regularizer``), never special-cased by name:
   gradient statistics (``gradients.accumulate_gradients``) over train batches before every scheduled prune
   step; a regulariser fine-tunes with ``Pruner.penalty`` before pruning (one-shot: the first half of the
@@ -37,14 +40,17 @@ from app.schemas.spec import FineTune, PolynomialSchedule
 from worker.errors import PipelineError
 from worker.job import Job, Window, fixed_batch
 from worker.models import NamedVariable
-from worker.pruning.criteria import GradientStats, get_criterion
+from worker.pruning.criteria import Criterion, GradientStats, get_criterion
 from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
 from worker.pruning.gradients import accumulate_gradients
 from worker.pruning.granularity import Channel, Granularity, Kind, infer_kinds
+from worker.pruning.groups import GroupPruner
 from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
 from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
+
+AnyPruner = Pruner | GroupPruner
 
 PREDICT_SAMPLE = 256  # outputs computed to infer the loss
 # Gradient criteria: per-batch |g| statistics over at most GRADIENT_SAMPLES train samples in batches of
@@ -138,13 +144,34 @@ def _output_heads(
     }
 
 
+def channel_groups(job: Job) -> tuple[Any | None, str | None]:
+    """``(GroupAnalysis, None)`` from the signature's graph (``worker.structure.find_groups``), or
+    ``(None, why not)``: the caller then prunes per variable, masks only, and says so."""
+    try:
+        from worker.structure import find_groups
+    except ImportError as exc:
+        return None, f"channel-group analysis unavailable ({exc})"
+    try:
+        return find_groups(job.handle, job.spec.signature), None
+    except Exception as exc:  # e.g. a graph it cannot freeze: per-variable masks are still a correct model
+        return None, f"channel-group analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
+
+
 def make_pruner(
     job: Job, prunable: list[NamedVariable], kinds: dict[str, Kind], granularity: Granularity
-) -> Pruner:
+) -> Pruner | GroupPruner:
+    """The pruner for the spec. Under ``channel`` it ranks the graph's coupled channel groups
+    (``GroupPruner``); when the analysis is unavailable, per-variable channels as before (``Pruner``, with
+    output heads left dense), and a note says the result cannot be compacted."""
     spec = job.spec
     names = [nv.name for nv in prunable]
     targets = resolve_targets(names, spec.target_sparsity, spec.layer_sparsity)
     criterion = get_criterion(spec.criterion, spec.seed)
+    if isinstance(granularity, Channel):
+        analysis, problem = channel_groups(job)
+        if analysis is not None:
+            return _group_pruner(job, prunable, kinds, targets, criterion, analysis)
+        job.note(f"{problem}: channels are pruned per variable (masks only, nothing can be compacted)")
     common: dict[str, Any] = {
         "granularity": granularity,
         "normalization": spec.normalization,
@@ -166,6 +193,44 @@ def make_pruner(
     return Pruner(variables, targets, "layer", criterion, **common)
 
 
+def _group_pruner(
+    job: Job,
+    prunable: list[NamedVariable],
+    kinds: dict[str, Kind],
+    targets: dict[str, float],
+    criterion: Criterion,
+    analysis: Any,
+) -> GroupPruner:
+    spec = job.spec
+    variables = {nv.name: nv.var for nv in prunable}
+    common: dict[str, Any] = {
+        "normalization": spec.normalization,
+        "kinds": kinds,
+        "model_variables": {nv.name: nv.var for nv in job.handle.variables()},
+    }
+    if spec.scope == "global":
+        fixed = {n: targets[n] for n in variables if any(re.search(p, n) for p in spec.layer_sparsity)}
+        pruner = GroupPruner(
+            analysis.groups,
+            variables,
+            targets,
+            "global",
+            criterion,
+            global_target=spec.target_sparsity,
+            fixed=fixed,
+            **common,
+        )
+    else:
+        if spec.normalization != "none":
+            job.notes.append(
+                f"normalization {spec.normalization!r} changes how groups compare in a global ranking; with "
+                "scope 'layer' every channel group is ranked on its own, so it has no effect"
+            )
+        pruner = GroupPruner(analysis.groups, variables, targets, "layer", criterion, **common)
+    pruner.analysis = analysis
+    return pruner
+
+
 @dataclass
 class _Progress:
     """Maps optimizer steps of all training phases (regularisation, fine-tuning) onto the pruning window."""
@@ -179,7 +244,7 @@ class _Progress:
         self.window("fine_tuning", TUNE_START + (1.0 - TUNE_START) * min(1.0, fraction))
 
 
-def prune_and_fine_tune(job: Job, pruner: Pruner, window: Window) -> None:
+def prune_and_fine_tune(job: Job, pruner: AnyPruner, window: Window) -> None:
     """Regularise (l1/l2), prune per the schedule (with fresh gradient statistics when the criterion needs
     them), fine-tune with masks re-applied after every step. Times go to ``timings_s`` prune / fine_tune.
 
@@ -249,7 +314,7 @@ def prune_and_fine_tune(job: Job, pruner: Pruner, window: Window) -> None:
 
 def _fine_tune_pruned(
     job: Job,
-    pruner: Pruner,
+    pruner: AnyPruner,
     ft: FineTune,
     epochs: int,
     progress: _Progress,
@@ -311,7 +376,7 @@ def _gated(gate: tf.Variable, penalty: Callable[[], tf.Tensor]) -> Callable[[], 
     return lambda: gate * penalty()
 
 
-def _penalty_name(pruner: Pruner) -> str:
+def _penalty_name(pruner: AnyPruner) -> str:
     """How the criterion's penalty reads in notes (l2 is group lasso on channel/block groups)."""
     if pruner.criterion.regularizer == "l1":
         return "L1 (sum |w|)"
@@ -321,7 +386,7 @@ def _penalty_name(pruner: Pruner) -> str:
     return "group-lasso (sum of group L2 norms)" if grouped else "L2 (sum w^2)"
 
 
-def _gradients(job: Job, pruner: Pruner, step: int, budget: int) -> dict[str, GradientStats] | None:
+def _gradients(job: Job, pruner: AnyPruner, step: int, budget: int) -> dict[str, GradientStats] | None:
     """Gradient statistics of the active variables over up to ``min(budget, GRADIENT_SAMPLES)`` train samples
     (a permutation seeded by ``seed + step``), for criteria with ``needs_gradients``; else None."""
     if not pruner.criterion.needs_gradients:
@@ -447,7 +512,7 @@ def _train(
 # -- results -------------------------------------------------------------------------------------------------
 
 
-def layer_rows(prunable: list[NamedVariable], pruner: Pruner) -> list[dict[str, Any]]:
+def layer_rows(prunable: list[NamedVariable], pruner: AnyPruner) -> list[dict[str, Any]]:
     """API.md's per-variable rows plus the pruner's report: kind, granularity, channels/blocks removed,
     the bias zeroed with removed channels, and why a variable was left dense (``skipped``)."""
     reports = {r.name: r.to_dict() for r in pruner.report()}
@@ -465,9 +530,11 @@ def layer_rows(prunable: list[NamedVariable], pruner: Pruner) -> list[dict[str, 
     return rows
 
 
-def unpaired_bias_notes(pruner: Pruner) -> list[str]:
+def unpaired_bias_notes(pruner: AnyPruner) -> list[str]:
     """Channel-pruned kernels whose bias naming is unknown: a bias there would still output act(bias)."""
-    notes = []
+    notes: list[str] = []
+    if isinstance(pruner, GroupPruner):  # carriers come from the graph, not from names
+        return notes
     for name in pruner.active:
         gran, kind = pruner.granularities[name], pruner.kinds[name]
         leaf = name.rpartition("/")[2].split(":")[0]

@@ -31,6 +31,8 @@ __all__ = [
     "RegressionMetrics",
     "Side",
     "SizeBytes",
+    "Structure",
+    "StructureGroup",
     "Timings",
     "Versions",
     "metrics_json_schema",
@@ -175,11 +177,34 @@ class Timings(_Open):
     save: float
     total: float
     cross_validation: float | None = Field(None, description="all folds, when cross-validation ran")
+    compact: float | None = Field(None, description="building and checking the compact model, when it ran")
 
 
 class Versions(_Open):
     secateurs: str
     tensorflow: str
+
+
+class StructureGroup(_Open):
+    """One channel group of the signature's graph: channels before/after when pruned, else why left whole."""
+
+    id: str
+    members: list[str] = Field(description="variables holding the group's channels (kernels, biases, BN, ...)")
+    channels_before: Annotated[int, Field(ge=0)] | None = None
+    channels_after: Annotated[int, Field(ge=0)] | None = None
+    reason: str | None = Field(None, description="why the group was left whole")
+
+
+class Structure(_Open):
+    """Channel groups and compaction (spec ``compact``): whether the artifact is the compact model."""
+
+    compact: bool = Field(description="true: the artifact's removed channels are physically gone")
+    groups: list[StructureGroup]
+    max_abs_diff: dict[str, float | None] | None = Field(
+        None, description="per output: max |compact - masked| on the job's data (the equivalence check)"
+    )
+    tolerance: dict[str, float] | None = Field(None, description="per output: the largest difference accepted")
+    notes: list[str] | None = Field(None, description="why nothing was compacted, what the rewrite did")
 
 
 class CrossValidation(_Open):
@@ -237,6 +262,7 @@ class MetricsDocument(_Open):
         description="pruned - baseline per numeric metric of every labelled output (multi-output models)",
     )
     layers: list[Layer]
+    structure: Structure | None = Field(None, description="channel groups and compaction (spec compact)")
     timings_s: Timings
     notes: list[str]
     versions: Versions

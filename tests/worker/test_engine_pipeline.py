@@ -85,6 +85,48 @@ def _blocks(matrix: np.ndarray, rows: int, cols: int) -> list[tuple[slice, slice
     ]
 
 
+def check_channel_groups(
+    metrics: dict[str, Any],
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    target: float,
+    expect_pruned: bool = True,
+) -> None:
+    """Channel granularity ranks the graph's channel groups (layer scope): each pruned group loses
+    ``round(target * channels)``; a kernel's zeros are exactly its removed output channels and its removed input
+    slices; only members of pruned groups change; groups reaching an output are left whole, with a reason."""
+    groups = metrics["structure"]["groups"]
+    changed: set[str] = set()
+    for group in groups:
+        if "reason" in group:
+            continue
+        removed = group["channels_before"] - group["channels_after"]
+        assert removed == round(target * group["channels_before"]), group
+        if removed:
+            changed |= set(group["members"])
+    assert bool(changed) == expect_pruned, groups
+    assert any("output" in g["reason"] for g in groups if "reason" in g)
+    for row in metrics["layers"]:
+        name = row["name"]
+        zero = after[name] == 0
+        np.testing.assert_array_equal(after[name][~zero], before[name][~zero])  # only zeros are written
+        if "skipped" in row:
+            np.testing.assert_array_equal(after[name], before[name])
+            assert row["sparsity"] == 0.0
+            continue
+        assert row["sparsity"] == pytest.approx(float(np.mean(zero)))
+        if row["kind"] in ("dense", "conv"):  # [k..., in, out]: zeros = removed rows x removed columns
+            matrix = zero.reshape(-1, zero.shape[-2], zero.shape[-1])
+            rows, cols = matrix.all(axis=(0, 2)), matrix.all(axis=(0, 1))
+            np.testing.assert_array_equal(
+                matrix, (rows[:, None] | cols[None, :])[None].repeat(len(matrix), 0)
+            )
+            if row.get("channels_removed") is not None:
+                assert int(cols.sum()) == row["channels_removed"]
+    for name in before.keys() - changed:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
 def check_pattern(row: dict[str, Any], before: np.ndarray, after: np.ndarray, granularity: str) -> None:
     """The artifact's variable follows the granularity's pattern and hits the target, per ``row``."""
     target, kind = row["target"], row["kind"]
@@ -123,9 +165,12 @@ def test_granularity_on_model_kind(
     kind: str, granularity: str, zoo: Callable[[str], Path], tmp_path: Path
 ) -> None:
     model = zoo(kind)
-    metrics = run(
-        model, {"target_sparsity": 0.5, "granularity": granularity}, model_zoo.datasets(kind), tmp_path
-    )
+    spec: dict[str, Any] = {"target_sparsity": 0.5, "granularity": granularity}
+    if granularity == "channel":
+        spec["compact"] = (
+            False  # the masks themselves; the compact artifact: tests/worker/test_compact_pipeline.py
+        )
+    metrics = run(model, spec, model_zoo.datasets(kind), tmp_path)
     saved = tmp_path / "saved_model"
     assert describe(load_model(saved))["signatures"] == describe(load_model(model))["signatures"]
     before, after = values(model), values(saved)
@@ -133,6 +178,10 @@ def test_granularity_on_model_kind(
     layers = metrics["layers"]
     assert layers, "nothing selected"
     notes = "\n".join(metrics["notes"])
+    if granularity == "channel":
+        # LSTM/GRU: every group meets the recurrent loop (no rule for its channels) or the head: all left whole
+        check_channel_groups(metrics, before, after, 0.5, expect_pruned=kind not in ("lstm", "gru"))
+        return
 
     for row in layers:
         name = row["name"]
@@ -155,23 +204,14 @@ def test_granularity_on_model_kind(
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
     skipped = {row["name"]: row["skipped"] for row in layers if "skipped" in row}
-    if granularity == "channel":
-        outputs = load_model(model).signature("serving_default").outputs
-        assert all("units of output" in why for why in skipped.values())
-        assert len(skipped) == len(outputs)  # one kernel per output, each left dense
-        for output, info in outputs.items():
-            head = next(name for name, why in skipped.items() if repr(output) in why)
-            assert before[head].shape[-1] == info["shape"][-1]
-        if len(outputs) == 1:
-            assert next(iter(skipped)) == layers[-1]["name"]  # the last kernel in call order
-    else:  # depthwise kernels have no input axis / independent channels; N:M needs more than N inputs
-        expected = {
-            row["name"]
-            for row in layers
-            if (row["kind"] == "depthwise" and granularity != "unstructured")
-            or (granularity == "2:4" and row["shape"][-2] <= 2)
-        }
-        assert skipped.keys() == expected
+    # depthwise kernels have no input axis / independent channels; N:M needs more than N inputs
+    expected = {
+        row["name"]
+        for row in layers
+        if (row["kind"] == "depthwise" and granularity != "unstructured")
+        or (granularity == "2:4" and row["shape"][-2] <= 2)
+    }
+    assert skipped.keys() == expected
 
 
 def test_multi_io_heads_are_both_left_dense_under_channel(zoo: Callable[[str], Path], tmp_path: Path) -> None:
@@ -181,9 +221,9 @@ def test_multi_io_heads_are_both_left_dense_under_channel(zoo: Callable[[str], P
         model_zoo.datasets("multi_io"),
         tmp_path,
     )
-    skipped = {row["name"]: row["skipped"] for row in metrics["layers"] if "skipped" in row}
-    assert skipped.keys() == {"cls/kernel", "reg/kernel"}
-    assert "['cls']" in skipped["cls/kernel"] and "['reg']" in skipped["reg/kernel"]
+    whole = [g for g in metrics["structure"]["groups"] if "reason" in g]
+    assert any("cls/kernel" in g["members"] and "'cls'" in g["reason"] for g in whole), whole
+    assert any(g["members"] == ["reg/kernel"] for g in whole), whole  # one unit: nothing to remove anyway
     assert {row["name"] for row in metrics["layers"] if row.get("channels_removed")} == {
         "branch_a/kernel",
         "branch_b/kernel",
@@ -237,19 +277,28 @@ def test_kind_inference_ignores_the_model_name() -> None:
     assert infer_kind("attention_net/conv2d/kernel", [3, 3, 2, 4]) == "conv"
 
 
-def test_unpaired_biases_are_noted_for_subclassed_models(zoo: Callable[[str], Path], tmp_path: Path) -> None:
-    """Keras 3 subclassed models export opaque variable names: channel pruning cannot find the biases, and
-    says so instead of pretending."""
+def test_subclassed_models_biases_come_from_the_graph(zoo: Callable[[str], Path], tmp_path: Path) -> None:
+    """Keras 3 subclassed models export opaque variable names, so no bias can be paired by name: the channel
+    groups read from the graph carry the biases, and a removed channel's bias is zeroed with it."""
+    model = zoo("subclassed")
     metrics = run(
-        zoo("subclassed"),
-        {"target_sparsity": 0.5, "granularity": "channel"},
+        model,
+        {"target_sparsity": 0.5, "granularity": "channel", "compact": False},
         model_zoo.datasets("subclassed"),
         tmp_path,
     )
     pruned = [row["name"] for row in metrics["layers"] if row.get("channels_removed")]
-    assert len(pruned) == 2 and all("bias" not in row for row in metrics["layers"])
-    for name in pruned:
-        assert any(n.startswith(f"{name}: no bias is paired") for n in metrics["notes"])
+    assert len(pruned) == 2
+    assert not any("no bias is paired" in n for n in metrics["notes"])
+    before, after = values(model), values(tmp_path / "saved_model")
+    vectors = 0
+    for group in metrics["structure"]["groups"]:
+        if group.get("channels_after", 0) < group.get("channels_before", 0):
+            for name in group["members"]:
+                if before[name].ndim == 1:  # the group's bias: zero exactly at the removed channels
+                    vectors += 1
+                    assert int((after[name] == 0).sum()) == group["channels_before"] - group["channels_after"]
+    assert vectors >= 2
 
 
 def test_block_shape_and_nm_variants(zoo: Callable[[str], Path], tmp_path: Path) -> None:
@@ -296,7 +345,8 @@ def magnitude_masks(
     def get(granularity: str) -> dict[str, np.ndarray]:
         if granularity not in cache:
             out = tmp_path_factory.mktemp(f"magnitude-{granularity}")
-            run(keras3_export_dir, {"target_sparsity": 0.5, "granularity": granularity}, digits_cnn, out)
+            spec = {"target_sparsity": 0.5, "granularity": granularity, "compact": False}
+            run(keras3_export_dir, spec, digits_cnn, out)
             cache[granularity] = masks(out)
         return cache[granularity]
 
@@ -307,10 +357,18 @@ def magnitude_masks(
     ("criterion", "extra"),
     [
         ("gradient", {}),
-        ("taylor", {"granularity": "channel"}),
+        ("taylor", {"granularity": "channel", "compact": False}),
         ("random", {}),
         ("l1", {"fine_tune": {"epochs": 2, "batch_size": 64}}),
-        ("l2", {"granularity": "channel", "fine_tune": {"epochs": 2, "batch_size": 64}}),
+        (  # group lasso on the L2 channel norms: strong enough in one epoch to reorder them
+            "l2",
+            {
+                "granularity": "channel",
+                "compact": False,
+                "fine_tune": {"epochs": 2, "batch_size": 64},
+                "regularization": {"strength": 0.05},
+            },
+        ),
     ],
 )
 def test_criteria_on_the_digits_cnn(
@@ -324,9 +382,15 @@ def test_criteria_on_the_digits_cnn(
     spec = {"target_sparsity": 0.5, "criterion": criterion, **extra}
     metrics = run(keras3_export_dir, spec, digits_cnn, tmp_path)
     notes = "\n".join(metrics["notes"])
+    if "granularity" in extra:  # channel groups (masked: compact false), each loses half its channels
+        for group in metrics["structure"]["groups"]:
+            if "reason" not in group:
+                assert group["channels_before"] - group["channels_after"] == round(
+                    0.5 * group["channels_before"]
+                )
     for row in metrics["layers"]:
-        if "skipped" not in row:
-            assert abs(row["sparsity"] - 0.5) <= 0.05, row  # channel: whole channels, nearest count
+        if "skipped" not in row and "granularity" not in extra:
+            assert abs(row["sparsity"] - 0.5) <= 0.05, row
     # The criterion decided: its masks are not magnitude's on the same model and granularity.
     ours, reference = masks(tmp_path), magnitude_masks(extra.get("granularity", "unstructured"))
     assert ours.keys() == reference.keys()
@@ -338,7 +402,7 @@ def test_criteria_on_the_digits_cnn(
         assert "then 1 recovery epoch(s)" in notes
         assert "sparsity ramp" not in notes  # one-shot: recovery runs without the penalty
     if criterion == "l2":  # channel granularity: group lasso over the channels it removes
-        assert "group-lasso (sum of group L2 norms) penalty" in notes
+        assert "group-lasso (sum of group L2 norms) penalty (strength 0.05)" in notes
 
 
 def test_random_is_worse_than_magnitude_and_seeded(

@@ -187,6 +187,9 @@ class GroupPruner:
         channel = Channel()
         self.granularities: dict[str, Granularity] = {n: channel for n in self.variables}
         self.biases: dict[str, str] = {}  # no name pairing: carriers come from the graph
+        self.analysis: Any = (
+            None  # the GroupAnalysis the groups came from (set by the caller, for compaction)
+        )
 
         self.groups: list[_Group] = []
         self.left_whole: dict[str, tuple[list[str], str]] = {}  # group id -> (member variables, reason)
@@ -491,3 +494,49 @@ def _channel_tiles(shape: tuple[int, ...], s: _Slice) -> TileLayout | None:
     before = int(np.prod(shape[: s.axis]))
     after = int(np.prod(shape[s.axis + 1 :]))
     return TileLayout(shape, (before, shape[s.axis], after), (before, 1, after))
+
+
+def zero_channel_keep(
+    groups: Sequence[GroupLike], shapes: Mapping[str, Sequence[int]], values: Callable[[str], np.ndarray]
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """For compaction after another granularity: per prunable group, channels kept unless every producer's
+    slice of the channel is exactly zero (each group keeps at least its first channel), and the
+    ``structure.groups`` rows. ``values(name)`` reads a variable's current value. A removed channel may
+    still carry a constant (its bias): the compaction folds it, and the equivalence check decides."""
+    keep: dict[str, np.ndarray] = {}
+    rows: list[dict[str, Any]] = []
+    for group in groups:
+        members = sorted({m.variable for m in group.members})
+        reason = None if group.prunable else (group.reason or "the structure analysis left it whole")
+        flags = np.ones(group.channels, dtype=bool)
+        producers: list[_Slice] = []
+        for member in group.members if reason is None else []:
+            if member.variable not in shapes:
+                reason = f"member {member.variable} is not a variable of the model"
+                break
+            built, problem = _slice_of(member, group.channels, tuple(int(d) for d in shapes[member.variable]))
+            if built is None:
+                reason = problem
+                break
+            if built.role == "producer":
+                producers.append(built)
+        if reason is None and not producers:
+            reason = "no producer: its channels are not computed by a kernel of the model"
+        if reason is not None:
+            rows.append({"id": group.id, "members": members, "reason": reason})
+            continue
+        flags[:] = False
+        for s in producers:
+            flags |= s.gather(values(s.variable)).any(axis=1)
+        if not flags.any() and flags.size:
+            flags[0] = True
+        keep[group.id] = flags
+        rows.append(
+            {
+                "id": group.id,
+                "members": members,
+                "channels_before": group.channels,
+                "channels_after": int(flags.sum()),
+            }
+        )
+    return keep, rows
