@@ -356,7 +356,8 @@ def _run_claimed(
         spec = PruneSpec.model_validate(job.spec)
         saved_model = prepared_model_dir(model, storage, settings)
         train_arrays = _load_npz(dataset_file(train, storage)) if train else None
-        same_data = train is not None and evaluation is not None and train.id == evaluation.id
+        # The same dataset, or the same file uploaded twice (e.g. the CLI's --train f --eval f): same bytes.
+        same_data = train is not None and evaluation is not None and train.sha256 == evaluation.sha256
         if same_data:
             eval_arrays = train_arrays  # loaded once; the stages only read the arrays
         else:

@@ -4,6 +4,7 @@ train and eval set, and label shapes that do not fit the loss."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -59,7 +60,7 @@ class World:
 
     def dataset(self, arrays: dict[str, np.ndarray]) -> str:
         dataset_id = repo.new_id("ds")
-        write_npz(self.storage.dataset_path(dataset_id), arrays)
+        path = write_npz(self.storage.dataset_path(dataset_id), arrays)
         info = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
         with session_scope(self.sessions) as s:
             repo.add(
@@ -67,8 +68,8 @@ class World:
                 DatasetRecord(
                     id=dataset_id,
                     name="d.npz",
-                    size_bytes=1,
-                    sha256="0" * 64,
+                    size_bytes=path.stat().st_size,
+                    sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                     arrays=info,
                     n_samples=len(arrays["x"]),
                 ),
@@ -117,10 +118,13 @@ def digits_like(n: int = 48, seed: int = 0) -> dict[str, np.ndarray]:
 # --- the same dataset as train and eval set ---------------------------------------------------------------
 
 
-def test_one_dataset_as_train_and_eval_set_runs_and_says_so(world: World) -> None:
-    """Used to stay queued forever: the one DatasetRecord was expunged twice and the claim rolled back."""
+@pytest.mark.parametrize("uploads", ["one", "same file twice"])
+def test_one_dataset_as_train_and_eval_set_runs_and_says_so(world: World, uploads: str) -> None:
+    """Used to stay queued forever: the one DatasetRecord was expunged twice and the claim rolled back. The
+    same file uploaded twice (two ids, the same bytes) gets the same note."""
     data = world.dataset(digits_like())
-    job_id = world.job({"target_sparsity": 0.5, "fine_tune": {"epochs": 1, "batch_size": 16}}, data, data)
+    other = data if uploads == "one" else world.dataset(digits_like())
+    job_id = world.job({"target_sparsity": 0.5, "fine_tune": {"epochs": 1, "batch_size": 16}}, data, other)
     tasks._run(job_id)
     job = world.record(job_id)
     assert (job.status, job.error, job.attempts) == ("succeeded", None, 1)
