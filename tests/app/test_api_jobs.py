@@ -34,12 +34,14 @@ from tests.app.helpers import (
     upload_model,
 )
 
+# What a job without a train dataset shows for {"target_sparsity": 0.5}: the contract defaults under the `fast`
+# preset (one-shot, global LAMP ranking; app/schemas/presets.py).
 DEFAULT_SPEC = {
     "target_sparsity": 0.5,
     "criterion": "magnitude",
     "granularity": "unstructured",
-    "scope": "layer",
-    "normalization": "none",
+    "scope": "global",
+    "normalization": "lamp",
     "schedule": {"kind": "one_shot"},
     "fine_tune": None,
     "loss": None,
@@ -51,6 +53,7 @@ DEFAULT_SPEC = {
     "preprocessing": None,
     "evaluation": None,
     "seed": 0,
+    "preset": "fast",
 }
 
 
@@ -171,7 +174,15 @@ SPEC_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "sparsity-one": ({"target_sparsity": 1}, "spec.target_sparsity"),
     "sparsity-negative": ({"target_sparsity": -0.2}, "spec.target_sparsity"),
     "sparsity-text": ({"target_sparsity": "half"}, "spec.target_sparsity"),
-    "sparsity-missing": ({"criterion": "magnitude"}, "spec.target_sparsity"),
+    "sparsity-missing": ({"criterion": "magnitude"}, "spec"),  # exactly one of target_sparsity/search/...
+    "search-and-target": ({"target_sparsity": 0.5, "search": {}}, "spec"),
+    "search-negative-drop": ({"search": {"max_drop": -0.01}}, "spec.search.max_drop"),
+    "search-min-above-max": ({"search": {"min_sparsity": 0.9, "max_sparsity": 0.5}}, "spec.search"),
+    "search-unknown-metric": ({"search": {"metric": "bleu"}}, "spec.search.metric"),
+    "sweep-empty": ({"sweep": {"targets": []}}, "spec.sweep.targets"),
+    "sweep-repeated": ({"sweep": {"targets": [0.5, 0.5]}}, "spec.sweep.targets"),
+    "sensitivity-fine-tune": ({"sensitivity": {}, "fine_tune": {"epochs": 1}}, "spec"),
+    "sweep-nm": ({"sweep": {"targets": [0.5]}, "granularity": "2:4"}, "spec"),
     "unknown-spec-field": ({"target_sparsity": 0.5, "sparsity": 0.5}, "spec.sparsity"),
     "typo-nested": ({"target_sparsity": 0.5, "fine_tune": {"epoch": 2}}, "spec.fine_tune.epoch"),
     "bad-include-regex": ({"target_sparsity": 0.5, "include": ["dense_("]}, "spec.include"),
@@ -270,15 +281,15 @@ def test_unimplemented_values_are_422_naming_each_field(
         "NOT_YET_SUPPORTED",
         {
             "seed": (lambda s: s.seed == 13, "seed 13 is not implemented in this version"),
-            "scope": (lambda s: s.scope == "global", "global scope is not implemented in this version"),
+            "block_shape": (lambda s: s.block_shape == (2, 8), "block 2x8 is not implemented in this version"),
         },
     )
-    spec = {"target_sparsity": 0.5, "seed": 13, "scope": "global"}
+    spec = {"target_sparsity": 0.5, "seed": 13, "granularity": "block", "block_shape": [2, 8]}
     body = assert_refused(
         client, settings, client.post("/v1/jobs", json={"model_id": model_id, "spec": spec}), 422
     )
-    assert sorted(e["loc"] for e in body["errors"]) == ["spec.scope", "spec.seed"]
-    assert "seed" in body["detail"] and "scope" in body["detail"] and "implemented" in body["detail"]
+    assert sorted(e["loc"] for e in body["errors"]) == ["spec.block_shape", "spec.seed"]
+    assert "seed" in body["detail"] and "block" in body["detail"] and "implemented" in body["detail"]
     accepted = client.post(
         "/v1/jobs", json={"model_id": model_id, "spec": {"target_sparsity": 0.5, "seed": 12}}
     )

@@ -44,10 +44,22 @@ def test_train_data_and_no_recipe_gets_recommended() -> None:
 
 
 def test_no_train_data_gets_fast() -> None:
+    """fast = one-shot with the measured better one-shot ranking (global LAMP), not the contract's layer scope."""
     out = resolved(has_train=False)
     assert out["preset"] == "fast"
     assert out["schedule"] == {"kind": "one_shot"} and out["fine_tune"] is None
-    assert out["scope"] == "layer" and out["normalization"] == "none"  # the contract defaults
+    assert out["scope"] == "global" and out["normalization"] == "lamp"
+    assert PruneSpec.model_fields["scope"].default == "layer"  # the contract default itself is unchanged
+
+
+@pytest.mark.parametrize("preset", ["fast", "recommended"])
+def test_an_explicit_layer_scope_drops_the_presets_lamp(preset: str) -> None:
+    """LAMP only changes a global ranking: with an explicit layer scope it would do nothing but add a note."""
+    out = resolved(preset=preset, scope="layer")
+    assert out["scope"] == "layer" and out["normalization"] == "none"
+    assert resolved(has_train=False, scope="layer")["normalization"] == "none"
+    kept = resolved(preset=preset, scope="layer", normalization="lamp")  # explicit wins, as everywhere
+    assert kept["normalization"] == "lamp"
 
 
 @pytest.mark.parametrize(
@@ -71,11 +83,7 @@ def test_a_named_preset_wins_over_the_default_rule() -> None:
 
 def test_a_sensitivity_sweep_is_one_shot_by_default() -> None:
     """``sensitivity`` (its own job kind) prunes one-shot per variable: the default is fast, not a recipe."""
-
-    class WithSensitivity(PruneSpec):
-        sensitivity: dict[str, Any] | None = None
-
-    given = WithSensitivity.model_validate({"target_sparsity": 0.5, "sensitivity": {"sparsities": [0.5]}})
+    given = PruneSpec.model_validate({"sensitivity": {"sparsities": [0.5]}})
     assert choose(given, has_train=True) == "fast"
 
 
@@ -97,6 +105,16 @@ def test_each_explicit_top_level_field_overrides_recommended(case: str) -> None:
     assert out[key] == value
     assert out["fine_tune"] == RECOMMENDED_FINE_TUNE  # the rest of the preset still applies
     assert out["schedule"]["kind"] == "polynomial"
+
+
+@pytest.mark.parametrize("case", list(OVERRIDES), ids=list(OVERRIDES))
+def test_each_explicit_top_level_field_overrides_fast(case: str) -> None:
+    fields, key, value = OVERRIDES[case]
+    out = resolved(has_train=False, **fields)
+    assert out["preset"] == "fast" and out[key] == value
+    assert out["schedule"] == {"kind": "one_shot"} and out["fine_tune"] is None  # the rest still applies
+    if key != "scope":
+        assert out["scope"] == "global"
 
 
 @pytest.mark.parametrize(
@@ -220,6 +238,10 @@ def test_a_job_without_train_data_records_fast(client: TestClient, model_id: str
     body = create_job(client, model_id, {"target_sparsity": 0.5})
     assert body["spec"]["preset"] == "fast" and body["spec"]["fine_tune"] is None
     assert body["spec"]["schedule"] == {"kind": "one_shot"}
+    assert body["spec"]["scope"] == "global" and body["spec"]["normalization"] == "lamp"
+    assert stored_spec(client, body["id"]) == body["spec"]
+    layer = create_job(client, model_id, {"target_sparsity": 0.5, "scope": "layer"})["spec"]
+    assert layer["preset"] == "fast" and layer["scope"] == "layer" and layer["normalization"] == "none"
 
 
 def test_recommended_without_train_data_is_422(client: TestClient, settings: Settings, model_id: str) -> None:

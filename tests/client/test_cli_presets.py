@@ -22,8 +22,13 @@ def metrics(before: float, after: float, name: str = "accuracy") -> dict[str, An
     return {"baseline": {"metrics": {name: before}}, "pruned": {"metrics": {name: after}}}
 
 
+# fast with an explicit "scope": "layer" (the preset alone ranks globally: FAST_DEFAULT_NO_TRAIN)
 FAST_NO_TRAIN = {
     "spec": {"target_sparsity": 0.8, "preset": "fast", "scope": "layer", "fine_tune": None},
+    "train_dataset_id": None,
+}
+FAST_DEFAULT_NO_TRAIN = {
+    "spec": {"target_sparsity": 0.9, "preset": "fast", "scope": "global", "normalization": "lamp"},
     "train_dataset_id": None,
 }
 FAST_WITH_TRAIN = {**FAST_NO_TRAIN, "train_dataset_id": "ds_1"}
@@ -60,6 +65,10 @@ def test_suggestions_follow_the_spec_that_ran() -> None:
     no_train = suggestions(FAST_NO_TRAIN)
     assert no_train[0].startswith("--train") and any('"scope": "global"' in s for s in no_train)
     assert no_train[-1] == "a lower sparsity, e.g. --sparsity 0.70"
+    assert suggestions(FAST_DEFAULT_NO_TRAIN) == [  # already global: no scope advice
+        "--train DATA.npz: with training data the recommended preset fine-tunes the model",
+        "a lower sparsity, e.g. --sparsity 0.80",
+    ]
     with_train = suggestions(FAST_WITH_TRAIN)
     assert with_train[0].startswith("--preset recommended")
     assert not any('"scope": "global"' in s for s in with_train)  # the preset already does that
