@@ -838,8 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("fast", "recommended"),
         default=None,
-        help="fast: one-shot, no fine-tuning; recommended: fine-tuning with distillation (needs --train). "
-        "Default: recommended with --train and no schedule/fine_tune in --spec, else fast",
+        help="fast: one-shot, global LAMP ranking, no fine-tuning; recommended: fine-tuning with distillation "
+        "(needs --train). Default: recommended with --train and no schedule/fine_tune in --spec, else fast",
     )
     p_prune.add_argument("--wait", action="store_true", help="wait for the job, showing stage and percent")
     p_prune.set_defaults(func=prune)
