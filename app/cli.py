@@ -189,6 +189,16 @@ def worker(args: argparse.Namespace) -> int:
     from app.observability.logs import configure_logging
 
     configure_logging(settings.log_format)
+    from app.storage import Storage
+    from app.storage.blobs import StoreMisconfigured
+
+    try:  # before any child starts: a worker that can never reach its store must not restart forever
+        Storage.from_settings(settings).check()
+    except StoreMisconfigured as exc:
+        print(f"secateurs worker: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # unreachable for now: the jobs retry, then fail with a reason
+        logging.getLogger("secateurs").warning("blob store not reachable at start: %s", exc)
     supervisor = EmbeddedWorker(
         settings, loglevel=args.loglevel, concurrency=args.concurrency, hostname="secateurs@%h"
     )

@@ -31,6 +31,25 @@ if get_settings().log_format == "json":
         configure_logging("json", level if isinstance(level, int) else logging.INFO)
 
 
+def _check_store() -> None:
+    """A store that refuses us (wrong credentials, no bucket) stops the worker before it takes a task, with a
+    message naming the setting; one that does not answer yet is only logged (jobs retry, then fail)."""
+    from app.errors import StoreUnavailable
+    from app.storage import Storage
+    from app.storage.blobs import StoreMisconfigured
+
+    try:
+        Storage.from_settings(get_settings()).check()
+    except StoreMisconfigured as exc:
+        log.error("blob store misconfigured: %s", exc)
+        raise SystemExit(f"secateurs worker: refusing to start: {exc}") from exc
+    except StoreUnavailable as exc:
+        log.warning("blob store not reachable at start (the worker starts anyway): %s", exc.detail)
+
+
+_check_store()
+
+
 @worker_ready.connect
 def _resend_webhooks(**_: object) -> None:
     """Attempts that a restart dropped (the embedded transport keeps no ETA'd message) or that could not be

@@ -48,13 +48,27 @@ def test_compose_services_commands_and_env_exist() -> None:
         module, func = scripts[command[0]].split(":")
         assert hasattr(importlib.import_module(module), func)
         for key in service["environment"]:
+            if key.startswith("AWS_"):  # the S3 client's own credential variables
+                assert key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_SESSION_TOKEN")
+                continue
             assert key.startswith("SECATEURS_") and key.removeprefix("SECATEURS_").lower() in settings_fields
-        assert any(v.endswith(":/data") for v in service["volumes"])
+        assert any(v.split("#")[0].strip().endswith(":/data") for v in service["volumes"])
         for dep in service["depends_on"]:
             assert dep in services and "healthcheck" in services[dep]
     env = services["api"]["environment"]
     # The compose environment is a valid production configuration.
-    Settings(**{k.removeprefix("SECATEURS_").lower(): v for k, v in env.items()})
+    Settings(**{k.removeprefix("SECATEURS_").lower(): v for k, v in env.items() if k.startswith("SECATEURS_")})
+    # No shared disk: api and worker mount no common volume; blobs go through the S3 service.
+    named = {n: {v.split(":")[0] for v in services[n]["volumes"]} for n in ("api", "worker")}
+    assert named["api"].isdisjoint(named["worker"])
+    assert env["SECATEURS_STORAGE_URL"].startswith("s3://")
+    store = services["seaweedfs"]
+    assert store["command"][0] == "mini" and "healthcheck" in store
+    bucket = env["SECATEURS_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+    assert f"-bucket={bucket}" in store["command"]
+    port = env["SECATEURS_S3_ENDPOINT_URL"].rsplit(":", 1)[1]
+    assert f"-s3.port={port}" in store["command"]
+    assert store["environment"]["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
     assert importlib.util.find_spec("worker.celery_worker") is not None
     for copied in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert (ROOT / copied).exists(), copied

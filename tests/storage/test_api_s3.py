@@ -223,6 +223,17 @@ def test_secateurs_serve_exits_naming_the_setting(s3_env: dict[str, str], tmp_pa
     assert "AWS_SECRET_ACCESS_KEY" in done.stderr + done.stdout
 
 
+def test_secateurs_worker_refuses_a_missing_bucket(s3_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
+    env.update(s3_env)
+    env.update({"SECATEURS_DATA_DIR": str(tmp_path / "w"), "SECATEURS_STORAGE_URL": "s3://no-such-bucket/x"})
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "refusing to start" in done.stderr and "SECATEURS_STORAGE_URL" in done.stderr
+
+
 def test_settings_refuse_presigned_downloads_without_s3(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SECATEURS_PRESIGNED_DOWNLOADS"):
         Settings(data_dir=tmp_path, presigned_downloads=True)
