@@ -9,6 +9,9 @@ Sections (``SECTIONS``):
 - ``throughput``: our fine-tuning loop vs Keras ``model.fit`` (bench/finetune_throughput.py).
 - ``service``: ``GET /v1/jobs/{id}`` latency under 50 and 200 clients, 1 GiB upload throughput and API memory
   (bench/service_load.py).
+- ``compaction``: channel pruning + physical removal of ResNet-50 / MobileNetV2 at 30/50/70% of channels vs the
+  dense upload (params, bytes, MACs, latency at batch 1 and 8), digits CNN vs unstructured at the same
+  parameter count (bench/compaction.py).
 - ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
   CNN at 80% (and 50% channels, compacted) (bench/exports.py).
 
@@ -87,6 +90,14 @@ def _exports(
     return run_exports(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _compaction(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.compaction import run_compaction
+
+    return run_compaction(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 SECTIONS: dict[str, tuple[str, Runner]] = {
     "resnet": ("ResNet-50: API job vs the floor", _resnet),
     "digits": ("Digits: quality after pruning", _digits),
@@ -94,6 +105,7 @@ SECTIONS: dict[str, tuple[str, Runner]] = {
     "throughput": ("Fine-tuning throughput", _throughput),
     "service": ("Service: status polls under load, 1 GiB upload", _service),
     "exports": ("Exports: TFLite files of the pruned digits CNN", _exports),
+    "compaction": ("Channel compaction: ResNet-50 / MobileNetV2 speed-ups, digits quality", _compaction),
 }
 HOW = (
     "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "

@@ -124,10 +124,13 @@ def _compact(
     probe = None
     if reference is not None:  # the job's own inputs for reading constants off the masked model
         probe = {k: v[:PROBE_SAMPLES] for k, v in reference.data.x.items()}
+    tick = time.perf_counter()
     try:
         result = compact(job.handle, analysis, keep, target, inputs=probe)
     except Exception as exc:  # a rewrite it cannot do: the masked model is still correct
         return _masked(target, rows, f"the rewrite failed ({type(exc).__name__}: {str(exc)[:300]})")
+    rewrite_s = time.perf_counter() - tick
+    tick = time.perf_counter()
     library_notes = [str(n) for n in result.notes]
     compact_rows = _with_result(rows, result.channels)
     if result.params_after >= result.params_before and not result.shapes:
@@ -158,7 +161,11 @@ def _compact(
     if problem is not None:
         return _masked(target, rows, problem, library_notes)
     compacted = Compacted(target, handle, shapes, compact_job)
-    return Compaction(compacted, _structure(True, compact_rows, diffs, tolerance, library_notes or None))
+    structure = _structure(True, compact_rows, diffs, tolerance, library_notes or None)
+    # Where the time goes: the rewrite (analysis already done, slicing, saving, its own check on probes) and
+    # this stage's load + check on the job's data.
+    structure["seconds"] = {"rewrite": round(rewrite_s, 3), "check": round(time.perf_counter() - tick, 3)}
+    return Compaction(compacted, structure)
 
 
 def _with_result(rows: list[dict[str, Any]], channels: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
