@@ -15,6 +15,7 @@ masked one; a mismatch raises rather than ships.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -109,6 +110,8 @@ def compact(
         name: (dict(inputs) if inputs is not None and name == analysis.signature else probe_inputs(sig))
         for name, sig in analysis.frozen.items()
     }
+    for alias, canonical in analysis.aliases.items():
+        probes[alias] = probes[canonical]
     consts = _consumer_constants(analysis, removed, values, probes)
     folds = _fold_plan(analysis, removed, consts, values, notes)
 
@@ -183,6 +186,8 @@ def compact(
     module = _build_module(analysis, graph_defs, values, named, extra)
     out_dir.mkdir(parents=True, exist_ok=True)
     signatures = {name: getattr(module, _attr_name(name)).get_concrete_function() for name in analysis.frozen}
+    for alias, canonical in analysis.aliases.items():
+        signatures[alias] = signatures[canonical]
     tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
     used = {v for sig in analysis.frozen.values() for v in sig.weights.values()}
@@ -205,11 +210,12 @@ def compact(
     )
     if verify:
         diffs: dict[str, float] = {}
-        for name in analysis.frozen:
-            for key, d in max_abs_diff(handle, out_dir, probes[name], signature=name).items():
+        loaded = tf.saved_model.load(str(out_dir))
+        for name in probes:
+            for key, d in max_abs_diff(handle, loaded, probes[name], signature=name).items():
                 diffs[f"{name}/{key}"] = d
         result.max_abs_diff = diffs
-        reference = {name: _reference_scale(handle, name, probes[name]) for name in analysis.frozen}
+        reference = {name: _reference_scale(handle, name, probes[name]) for name in probes}
         for full, d in diffs.items():
             name, key = full.split("/", 1)
             if d > RTOL * max(1.0, reference[name].get(key, 1.0)):
@@ -346,7 +352,7 @@ def _fold_plan(
         del removed[gid]
 
     folds: list[_Fold] = []
-    done: dict[tuple[str, str], _Fold] = {}
+    variables: dict[tuple[str, str], str] = {}
     for found in consts:
         use = found.use
         kernel = values[use.in_key[0]]
@@ -369,9 +375,6 @@ def _fold_plan(
                     delta += float(val) * w.sum(axis=0, dtype=np.float64)
         if count == 0:
             continue
-        slot = (use.in_key[0], use.op)
-        if slot in done:
-            continue
         sig = analysis.frozen[use.signature]
         op = sig.op(use.op)
         fold = _Fold(use.signature, use.op, use.out_key, delta, op.outputs[0].dtype, count)
@@ -380,21 +383,11 @@ def _fold_plan(
             values[bias] = (values[bias].astype(np.float64) + delta).astype(values[bias].dtype)
             fold.bias = bias
         else:
-            fold.variable = f"secateurs_fold/{use.in_key[0]}"
-            for other in analysis.frozen.values():  # the same op in the other signatures gets the same bias
-                if other.name != use.signature and _has_op(other, use.op):
-                    folds.append(_Fold(other.name, use.op, use.out_key, delta, fold.dtype, 0, fold.variable))
-        done[slot] = fold
+            # One variable per distinct delta of a kernel: identical signatures share it, others get their own.
+            digest = hashlib.sha1(delta.tobytes()).hexdigest()[:8]
+            fold.variable = variables.setdefault((use.in_key[0], digest), f"secateurs_fold/{use.in_key[0]}/{len(variables)}")
         folds.append(fold)
     return folds
-
-
-def _has_op(sig: FrozenSignature, name: str) -> bool:
-    try:
-        sig.op(name)
-        return True
-    except KeyError:
-        return False
 
 
 def _existing_bias(
@@ -409,12 +402,18 @@ def _existing_bias(
         return None
     t = other[0]
     while t.op.type in ("Identity", "Reshape", "Squeeze", "ExpandDims") and t.op.name not in sig.weights:
+        if len(t.consumers()) != 1:
+            return None
         t = t.op.inputs[0]
     var = sig.weights.get(t.op.name)
     if var is None or t.shape.rank != 1 or (var, 0) not in analysis.bindings:
         return None
-    uses = sum(1 for s in analysis.frozen.values() for v in s.weights.values() if v == var)
-    if uses != len(analysis.frozen) or len([1 for n in sig.weights.values() if n == var]) != 1:
+    readers = 0
+    for other in analysis.frozen.values():
+        for node, name in other.weights.items():
+            if name == var:
+                readers += len(other.op(node).outputs[0].consumers())
+    if readers != 1:  # the bias feeds one op in one signature only: changing it changes nothing else
         return None
     a, b = analysis.bindings[(var, 0)], analysis.bindings[out_key]
     roots = [analysis.spaces.find(s.space) for s in a.segments]
@@ -506,18 +505,18 @@ def _signature_function(
 
     body.__signature__ = signature  # type: ignore[attr-defined]
     specs = [tf.TensorSpec(sig.input_specs[k].shape, sig.input_specs[k].dtype, name=k) for k in keys]
-    return tf.function(body, input_signature=specs)
+    return tf.function(body, input_signature=specs, autograph=False)
 
 
 def max_abs_diff(
     reference: ModelHandle | Callable[..., Mapping[str, Any]],
-    compact_dir: Path,
+    compact_dir: Path | Any,
     inputs: Mapping[str, Any],
     signature: str = "serving_default",
 ) -> dict[str, float]:
     """Max absolute difference of every output of ``signature`` between ``reference`` (a handle, or a
-    callable taking the inputs as keywords) and the SavedModel at ``compact_dir``."""
-    loaded = tf.saved_model.load(str(compact_dir))
+    callable taking the inputs as keywords) and the SavedModel at ``compact_dir`` (or that model loaded)."""
+    loaded = tf.saved_model.load(str(compact_dir)) if isinstance(compact_dir, str | Path) else compact_dir
     fn = loaded.signatures[signature]
     _, specs = fn.structured_input_signature
     tensors = {k: tf.constant(np.asarray(v, dtype=specs[k].dtype.as_numpy_dtype)) for k, v in inputs.items()}

@@ -84,6 +84,7 @@ class GroupAnalysis:
     groups: list[ChannelGroup]
     signature: str
     frozen: dict[str, FrozenSignature] = field(repr=False, default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # signature -> the identical one analysed
     bindings: dict[Key, Layout] = field(repr=False, default_factory=dict)
     dims: dict[Key, int] = field(repr=False, default_factory=dict)
     consumers: list[ConsumerUse] = field(repr=False, default_factory=list)
@@ -328,10 +329,31 @@ def find_groups(handle: ModelHandle, signature: str) -> GroupAnalysis:
     names = [signature] + [n for n in sorted(handle.signatures) if n != signature]
     walker = Walker(handle)
     frozen: dict[str, FrozenSignature] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[bytes, str] = {}
     for name in names:
+        mark = _fingerprint(handle, name)
+        if mark in seen:  # Keras 3 export: `serve` and `serving_default` wrap the same call
+            aliases[name] = seen[mark]
+            continue
+        seen[mark] = name
         frozen[name] = freeze_signature(handle, name)
         walker.walk(frozen[name])
-    return _collect(walker, signature, frozen)
+    analysis = _collect(walker, signature, frozen)
+    analysis.aliases = aliases
+    return analysis
+
+
+def _fingerprint(handle: ModelHandle, name: str) -> bytes:
+    """Equal for two signatures whose wrapper graphs (inputs, the call, outputs) and captures are equal."""
+    fn = handle.function(name)
+    gdef = fn.graph.as_graph_def()
+    del gdef.library.function[:]
+    del gdef.library.gradient[:]
+    for node in gdef.node:
+        node.ClearField("device")
+    captures = ",".join(str(id(ext)) for ext, _ in fn.graph.captures)
+    return gdef.SerializeToString(deterministic=True) + captures.encode() + repr(fn.structured_outputs).encode()
 
 
 def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature]) -> GroupAnalysis:
