@@ -7,10 +7,11 @@ ACLT-like (NNCF's Adaptive Compression Level Training, which left with its Tenso
 2. Probes: one-shot prunes without fine-tuning at ``PROBES`` levels over [min_sparsity, max_sparsity] (a
    prune and a predict each: cheap). One-shot is a pessimistic estimate, so the highest passing probe is
    where the fine-tuned trials start.
-3. Trials with the whole spec (criterion, granularity, scope, schedule, fine-tuning): step up while they
-   pass; once one fails, halve the step between the best pass and the lowest fail, until the step is below
-   ``search.resolution``. A spec without fine-tuning has nothing to add to the probes, so its trials are
-   one-shot too (the same bisection, on one-shot prunes).
+3. Trials with the whole spec (criterion, granularity, scope, schedule, fine-tuning): first at max_sparsity
+   (done when it passes), then halving the interval between the best pass (at first the highest one-shot
+   pass, which fine-tuning can only improve on) and the lowest fail until it is below ``search.resolution``.
+   A spec without fine-tuning has nothing to add to the probes, so its trials are one-shot too (the same
+   halving, between the highest passing and the lowest failing probe).
 4. Stops when the next trial would not fit ``budget_s`` (estimated by the longest trial so far): the best
    passing trial wins and the notes say ``budget_exhausted``. No passing trial: ``no_sparsity_within_budget``.
 5. The chosen sparsity runs once more through the ordinary pipeline (``run_prune``: K-fold when asked,
@@ -136,7 +137,13 @@ def run_search(
         prune_and_fine_tune(job, pruner, span.sub(lo, hi))
         value = _metric(job, selection, search.metric)
         state["done"] = hi
-        trial = Trial(round(sparsity, 4), value, judge.passes(value), clock() - started, "probe" if one_shot else "trial")
+        trial = Trial(
+            round(sparsity, 4),
+            value,
+            judge.passes(value),
+            clock() - started,
+            "probe" if one_shot else "trial",
+        )
         trials.append(trial)
         return trial
 
@@ -235,29 +242,35 @@ def _search(
             return False
         best, worst = max(passed), min(failed)
     else:
-        start = highest_probe if highest_probe is not None else lo_s
-        step = max((hi_s - lo_s) / (PROBES - 1), resolution)
-        best, worst = None, None
-        sparsity = start
-        while True:
-            trial = attempt(sparsity, False)
+        # The whole spec at max_sparsity first (done when it passes), then halve [floor, max]: the floor is
+        # the highest one-shot pass (fine-tuning only recovers from there), else min_sparsity.
+        top = attempt(hi_s, False)
+        if top is None:
+            return True
+        if top.passed:
+            return False
+        floor = highest_probe if highest_probe is not None else lo_s
+        found, worst = None, hi_s
+        while worst - floor > resolution:
+            middle = round((floor + worst) / 2, 4)
+            trial = attempt(middle, False)
             if trial is None:
                 return True
             if trial.passed:
-                best = sparsity
-                if sparsity >= hi_s:
-                    return False
-                if worst is not None:
-                    break
-                sparsity = min(hi_s, round(sparsity + step, 4))
+                found = floor = middle
             else:
-                worst = sparsity
-                if best is not None:
-                    break
-                if sparsity <= lo_s:
-                    return False  # even the minimum fails
-                sparsity = max(lo_s, round(sparsity - step, 4))
-        assert best is not None and worst is not None
+                worst = middle
+        if found is None:  # nothing above the floor passed: the floor itself, then min_sparsity
+            for candidate in dict.fromkeys([round(floor, 4), lo_s]):
+                if candidate >= worst:
+                    continue
+                trial = attempt(candidate, False)
+                if trial is None:
+                    return True
+                if trial.passed:
+                    return False
+                worst = candidate
+        return False
     while worst - best > resolution:  # halve the step between the best pass and the lowest fail
         middle = round((best + worst) / 2, 4)
         trial = attempt(middle, one_shot)
@@ -324,7 +337,9 @@ def _metric(job: Job, data: Data, name: str) -> float:
     flat = score(job, data, predict(job, data)).flat or {}
     value = flat.get(name)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        available = sorted(k for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        available = sorted(
+            k for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
         raise PipelineError(
             "invalid_spec",
             f"search.metric {name!r} is not a metric of this task (output {job.output!r}); use one of {available}",
