@@ -11,6 +11,8 @@ fails the job with ``store_unavailable``, a reason that says to resubmit.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from app.store.tables import DatasetRecord, ModelRecord
 log = logging.getLogger("secateurs.worker")
 T = TypeVar("T")
 RETRY_WINDOW_S = 60.0
+MAX_LOCAL_MODELS = 8
 _BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0)
 _MODEL_FILES = {"keras": ("model.keras",), "saved_model": ("upload.zip", "upload.tar.gz")}
 
@@ -53,6 +56,8 @@ def model_source(record: ModelRecord, storage: Storage) -> Path:
         model_dir = storage.model_dir(record.id)
         return next((model_dir / n for n in names if (model_dir / n).is_file()), model_dir / names[0])
 
+    _touch_and_prune_models(storage, record.id)
+
     def fetch() -> Path:
         for name in names:
             key = storage.model_key(record.id, name)
@@ -76,8 +81,8 @@ def dataset_file(record: DatasetRecord, storage: Storage) -> Path:
 
 
 def publish_job_files(storage: Storage, job_id: str, files: list[str]) -> None:
-    """Put the job's files (relative to its local job directory) into a remote store; nothing to do locally,
-    where the job directory *is* the store. A file put twice (a retry) is simply overwritten."""
+    """Put the job's files (relative to its local job directory) into a remote store, then drop the local copy;
+    nothing to do locally, where the job directory *is* the store. A file put twice (a retry) is overwritten."""
     if not storage.remote:
         return
     job_dir = storage.job_dir(job_id)
@@ -85,6 +90,22 @@ def publish_job_files(storage: Storage, job_id: str, files: list[str]) -> None:
         key = storage.job_key(job_id, file)
         path = job_dir / file
         with_retries(f"storing {key}", lambda key=key, path=path: storage.publish(key, path))  # type: ignore[misc]
+    shutil.rmtree(job_dir, ignore_errors=True)  # the store has it all; this host keeps no copy
+
+
+def _touch_and_prune_models(storage: Storage, model_id: str) -> None:
+    """With a remote store a worker host's ``models/<id>/`` holds only derived copies (the extracted
+    SavedModel): mark this one used and keep the ``MAX_LOCAL_MODELS`` most recently used, so a long-running host
+    does not fill its disk (the uploads themselves live in the size-capped cache)."""
+    current = storage.model_dir(model_id)
+    current.mkdir(parents=True, exist_ok=True)
+    os.utime(current)
+    models = sorted(
+        (p for p in storage.models_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for stale in models[MAX_LOCAL_MODELS:]:
+        if stale != current:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _suffix(name: str) -> str:

@@ -83,3 +83,18 @@ def test_a_job_fails_with_store_unavailable_after_retries(
         assert job.timings is not None and "loading" in job.timings
     assert sleeps  # it was retried before it gave up
     engine.dispose()
+
+
+def test_a_worker_host_keeps_only_recent_extracted_models(tmp_path: Path) -> None:
+    import os
+
+    store = S3BlobStore("s3://b/p", endpoint_url="http://127.0.0.1:9")  # never contacted here
+    storage = Storage(tmp_path / "host", store, BlobCache(tmp_path / "cache", 0))
+    for i in range(12):
+        path = storage.model_dir(f"mdl_{i:02d}")
+        (path / "saved_model").mkdir(parents=True)
+        os.utime(path, (1000 + i, 1000 + i))
+    blobs._touch_and_prune_models(storage, "mdl_00")  # the oldest, used again now
+    kept = sorted(p.name for p in storage.models_dir.iterdir())
+    assert len(kept) == blobs.MAX_LOCAL_MODELS
+    assert "mdl_00" in kept and "mdl_11" in kept and "mdl_01" not in kept
