@@ -17,7 +17,7 @@ the LiteRT runtime on the same data as the SavedModel (``worker.export`` does th
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ ARTIFACTS_DIR = "artifacts"
 # Per-sample runtime calls over a large eval set would cost minutes per format on a big model: a seeded
 # subset this large keeps metrics to about a point of accuracy (and is said in the notes when cut).
 MAX_EVAL_SAMPLES = 5000
+CONVERT_SHARE = 0.3  # of one format's slice of the stage's progress; evaluation fills the rest
 
 
 def run_exports(
@@ -45,10 +46,11 @@ def run_exports(
     reference: Reference | None,
     pruned_outputs: Mapping[str, np.ndarray] | None,
     settings: Mapping[str, tuple[TaskChoice, bool | None]],
-    progress: Any = None,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``metrics["exports"]``: artifact name -> ``{"size_bytes", "zip_bytes", "metrics", "fidelity",
-    "latency_ms", ...}`` or ``{"error"}``. ``progress(fraction)`` is called after each format."""
+    "latency_ms", ...}`` or ``{"error"}``. ``progress(fraction)`` is called after each conversion and during
+    each evaluation (whatever it raises, e.g. cancellation, propagates)."""
     folder = out_dir / ARTIFACTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     data, outputs = _eval_subset(job, reference, pruned_outputs)
@@ -70,7 +72,15 @@ def run_exports(
                 f"{name} was not produced (the converter refused the model); the SavedModel is unaffected"
             )
         else:
-            entry = _evaluate(job, name, content, data, outputs, reference, settings)
+            if progress is not None:
+                progress((done + CONVERT_SHARE) / len(export.tflite))
+
+            def evaluated(fraction: float, done: int = done) -> None:
+                if progress is not None:
+                    share = CONVERT_SHARE + (1 - CONVERT_SHARE) * fraction
+                    progress((done + share) / len(export.tflite))
+
+            entry = _evaluate(job, name, content, data, outputs, reference, settings, evaluated)
             if "error" not in entry:
                 (folder / f"{name}.tflite").write_bytes(content)
             section[name] = entry
@@ -128,6 +138,7 @@ def _evaluate(
     pruned_outputs: Mapping[str, np.ndarray] | None,
     reference: Reference | None,
     settings: Mapping[str, tuple[TaskChoice, bool | None]],
+    on_progress: Callable[[float], None],
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"size_bytes": len(content), "zip_bytes": zip_size(content, f"{name}.tflite")}
     try:
@@ -135,7 +146,7 @@ def _evaluate(
         entry["io_types"] = model.io_types()
         if data is None:
             return {**entry, "metrics": None, "fidelity": None, "latency_ms": {}}
-        prediction = model.predict(data.x)
+        prediction = model.predict(data.x, on_progress=on_progress)
     except (RuntimeError, ValueError) as exc:  # the runtime refused the file or the inputs
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         job.note(f"{name}: the LiteRT runtime could not run the converted file; the SavedModel is unaffected")

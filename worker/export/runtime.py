@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from ai_edge_litert.interpreter import Interpreter
 __all__ = ["Prediction", "TFLiteModel", "zip_size"]
 
 WARMUP_CALLS = 3
+PROGRESS_EVERY = 64
 
 
 def zip_size(data: bytes, arcname: str = "model.tflite", compresslevel: int = 6) -> int:
@@ -97,10 +98,17 @@ class TFLiteModel:
             **{f"output:{k}": np.dtype(v["dtype"]).name for k, v in self.outputs.items()},
         }
 
-    def predict(self, x: Mapping[str, np.ndarray], warmup: int = WARMUP_CALLS) -> Prediction:
+    def predict(
+        self,
+        x: Mapping[str, np.ndarray],
+        warmup: int = WARMUP_CALLS,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> Prediction:
         """Every sample of ``x`` (arrays by input name, same first dimension) through the runtime at batch 1.
 
-        The first ``warmup`` calls are not timed (allocation, caches)."""
+        The first ``warmup`` calls are not timed (allocation, caches). ``on_progress(fraction done)`` is
+        called every ``PROGRESS_EVERY`` samples: a big model's pass takes minutes, and the caller's progress
+        report is where cancellation and the soft time limit take effect (whatever it raises propagates)."""
         missing = sorted(set(self.inputs) - set(x))
         if missing:
             raise ValueError(
@@ -129,4 +137,6 @@ class TFLiteModel:
                 times.append(elapsed)
             for name, value in result.items():
                 parts[name].append(_dequantize(value, self.outputs[name]))
+            if on_progress is not None and (i + 1) % PROGRESS_EVERY == 0:
+                on_progress((i + 1) / n)
         return Prediction({name: np.concatenate(v) for name, v in parts.items() if v}, times)

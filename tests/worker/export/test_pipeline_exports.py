@@ -166,3 +166,27 @@ def test_a_compacted_artifact_is_exported_compacted(
     dense = convert_saved_model(keras3_export_dir, "float32", "serving_default")
     assert entry["size_bytes"] < 0.8 * len(dense)  # fewer channels: fewer weights in the file
     assert entry["fidelity"]["top1_agreement"] == 1.0
+
+
+class Canceled(Exception):
+    pass
+
+
+def test_a_cancel_during_the_runtime_evaluation_propagates(
+    keras3_export_dir: Path, digits_cnn: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """The progress report is where worker.tasks cancels a job: it must reach into the per-sample pass."""
+    train, test = digits_cnn
+    exporting: list[float] = []
+
+    def report(stage: str, progress: float) -> None:
+        if stage == "exporting":
+            exporting.append(progress)
+            if len(exporting) == 3:  # start, converted, then the first tick of the LiteRT pass
+                raise Canceled
+
+    spec = PruneSpec.model_validate({"target_sparsity": 0.5, "export": {"tflite": ["float32"]}})
+    with pytest.raises(Canceled):
+        run_pipeline(keras3_export_dir, spec, train, test, tmp_path, report)
+    assert exporting == sorted(exporting) and len(exporting) == 3
+    assert not (tmp_path / "artifacts" / "tflite_float32.tflite").exists()
