@@ -190,3 +190,22 @@ def test_a_cancel_during_the_runtime_evaluation_propagates(
         run_pipeline(keras3_export_dir, spec, train, test, tmp_path, report)
     assert exporting == sorted(exporting) and len(exporting) == 3
     assert not (tmp_path / "artifacts" / "tflite_float32.tflite").exists()
+
+
+def test_a_large_eval_set_is_scored_on_a_seeded_subset(
+    keras3_export_dir: Path,
+    digits_cnn: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.export_stage
+
+    monkeypatch.setattr(worker.export_stage, "MAX_EVAL_SAMPLES", 100)
+    train, test = digits_cnn
+    spec = {"target_sparsity": 0.5, "export": {"tflite": ["float32"]}}
+    document = run(keras3_export_dir, spec, train, test, tmp_path)
+    entry = document["exports"]["tflite_float32"]
+    assert entry["n_samples"] == 100 and entry["fidelity"]["n_predictions"] == 100
+    assert sum(map(sum, entry["metrics"]["confusion_matrix"])) == 100
+    assert entry["fidelity"]["top1_agreement"] == 1.0  # the pruned outputs were cut to the same samples
+    assert any("evaluated on 100 of the 450" in note for note in document["notes"])
