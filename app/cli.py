@@ -391,8 +391,8 @@ def _read_spec(path: Path | None, sparsity: float | None) -> dict[str, Any]:
         spec = loaded
     if sparsity is not None:
         spec["target_sparsity"] = sparsity
-    if "target_sparsity" not in spec:
-        raise UsageError("give --sparsity (or target_sparsity in --spec)")
+    if not any(spec.get(kind) is not None for kind in ("target_sparsity", "search", "sweep", "sensitivity")):
+        raise UsageError("give --sparsity (or target_sparsity, search, sweep or sensitivity in --spec)")
     return spec
 
 
@@ -506,9 +506,9 @@ def _export_format(value: str) -> str:
 def prune(args: argparse.Namespace) -> int:
     def run(client: Client, output: Output) -> int:
         spec = _read_spec(_existing(args.spec, "--spec"), args.sparsity)
-        spec = _with_exports(spec, args.export)
         if args.preset is not None:
             spec["preset"] = args.preset
+        spec = _with_exports(spec, args.export)
         train = _existing(args.train, "--train")
         evaluation = _existing(args.eval, "--eval")
         report: dict[str, Any] = {}
@@ -576,6 +576,19 @@ def jobs_cancel(args: argparse.Namespace) -> int:
         else:
             text = f"job {job.id} is {job.status}; it stops at its next stage boundary"
         output.result(job.raw, text)
+        return EXIT_OK
+
+    return _run_client(args, run)
+
+
+def jobs_report(args: argparse.Namespace) -> int:
+    def run(client: Client, output: Output) -> int:
+        page = client.report(args.job_id)
+        args.output.write_text(page, encoding="utf-8")
+        output.result(
+            {"job_id": args.job_id, "report": str(args.output), "bytes": len(page.encode())},
+            f"report of job {args.job_id}: {args.output} ({_size(len(page.encode()))}); open it in a browser",
+        )
         return EXIT_OK
 
     return _run_client(args, run)
@@ -836,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_prune.add_argument("--name", default=None, help="display name of the uploaded model")
     p_prune.add_argument(
+        "--preset",
+        choices=("fast", "recommended"),
+        default=None,
+        help="fast: one-shot, global LAMP ranking, no fine-tuning; recommended: fine-tuning with distillation "
+        "(needs --train). Default: recommended with --train and no schedule/fine_tune in --spec, else fast",
+    )
+    p_prune.add_argument(
         "--export",
         action="append",
         type=_export_format,
@@ -843,13 +863,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="tflite:FORMAT",
         help=f"also convert the pruned model (repeatable; FORMAT: {', '.join(EXPORT_FORMATS)}); "
         "-o is then a directory receiving every file",
-    )
-    p_prune.add_argument(
-        "--preset",
-        choices=("fast", "recommended"),
-        default=None,
-        help="fast: one-shot, global LAMP ranking, no fine-tuning; recommended: fine-tuning with distillation "
-        "(needs --train). Default: recommended with --train and no schedule/fine_tune in --spec, else fast",
     )
     p_prune.add_argument("--wait", action="store_true", help="wait for the job, showing stage and percent")
     p_prune.set_defaults(func=prune)
@@ -887,6 +900,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, default=Path("."), help="file or existing directory (default .)"
     )
     p_download.set_defaults(func=jobs_download)
+    p_report = jobs_sub.add_parser(
+        "report", parents=[common], help="save a succeeded job's HTML report (self-contained page)"
+    )
+    p_report.add_argument("job_id", metavar="ID")
+    p_report.add_argument(
+        "-o", "--output", type=Path, default=Path("report.html"), help="where to write it (default report.html)"
+    )
+    p_report.set_defaults(func=jobs_report)
 
     p_models = sub.add_parser("models", help="list models")
     models_sub = p_models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -9,6 +9,7 @@ Sections (``SECTIONS``):
 - ``throughput``: our fine-tuning loop vs Keras ``model.fit`` (bench/finetune_throughput.py).
 - ``service``: ``GET /v1/jobs/{id}`` latency under 50 and 200 clients, 1 GiB upload throughput and API memory
   (bench/service_load.py).
+- ``search``: the accuracy-budget search vs a grid of single jobs at 5% steps (bench/search.py).
 - ``compaction``: channel pruning + physical removal of ResNet-50 / MobileNetV2 at 30/50/70% of channels vs the
   dense upload (params, bytes, MACs, latency at batch 1 and 8), digits CNN vs unstructured at the same
   parameter count (bench/compaction.py).
@@ -90,6 +91,14 @@ def _exports(
     return run_exports(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _search(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.search import run_search_bench
+
+    return run_search_bench(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 def _compaction(
     smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
 ) -> dict[str, Any]:
@@ -106,6 +115,7 @@ SECTIONS: dict[str, tuple[str, Runner]] = {
     "service": ("Service: status polls under load, 1 GiB upload", _service),
     "exports": ("Exports: TFLite files of the pruned digits CNN", _exports),
     "compaction": ("Channel compaction: ResNet-50 / MobileNetV2 speed-ups, digits quality", _compaction),
+    "search": ("Search: highest sparsity within an accuracy drop vs a manual grid", _search),
 }
 HOW = (
     "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
@@ -113,7 +123,7 @@ HOW = (
     f"({', '.join(SECTIONS)}; rewrites only those sections of this file), `--repeats N` (ResNet), `--smoke` "
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
     "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
-    "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py.\n"
+    "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py, bench/search.py.\n"
 )
 
 

@@ -50,6 +50,7 @@ from worker.evaluate_stage import Scores, Weights, delta, fidelity_section, refe
 from worker.evaluation.size import dir_size, zip_dir
 from worker.export_stage import run_exports
 from worker.job import Job, Report, Window, predict
+from worker.kinds import run_kind
 from worker.latency_run import measure_latency
 from worker.load_stage import prepare, resolve_granularity, seed_everything
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
@@ -108,7 +109,9 @@ def run_pipeline(
         if converted:
             job.notes.append(converted)
         job.timings["load"] = time.perf_counter() - tick
-        document = _run(job, model_dir, train, granularity, window, out_dir, baseline_zip)
+        document = run_kind(  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
+            job, window, out_dir, lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip)
+        )
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed
     job.timings["total"] = time.perf_counter() - started

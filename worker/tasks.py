@@ -379,13 +379,16 @@ def _run_claimed(
         artifact = job_dir / "pruned.zip"
         if not lease.confirm():  # a worker the reaper gave up on must not replace the new run's files
             raise JobCanceled
-        os.replace(work / "pruned.zip", artifact)
+        keeps_model = spec.kind() != "sensitivity"  # it measures and keeps no model (worker.kinds.sensitivity)
+        if keeps_model:
+            os.replace(work / "pruned.zip", artifact)
         extra_files = _move_extra_files(work, job_dir)
         os.replace(tmp_metrics, job_dir / "metrics.json")
         shutil.rmtree(work, ignore_errors=True)
-        artifact_sha256 = _sha256(artifact)
-        size = artifact.stat().st_size
-        files = [job_files.entry(job_files.SAVED_MODEL, "pruned.zip", size, artifact_sha256), *extra_files]
+        artifact_sha256 = _sha256(artifact) if keeps_model else None
+        size = artifact.stat().st_size if keeps_model else None
+        saved = [job_files.entry(job_files.SAVED_MODEL, "pruned.zip", size or 0, artifact_sha256 or "")]
+        files = [*(saved if keeps_model else []), *extra_files]
         # In the store before the record says succeeded: a succeeded job never lacks a file.
         publish_job_files(storage, job_id, [f["file"] for f in files] + ["metrics.json"])
         with session_scope(sessions) as session:

@@ -29,10 +29,13 @@ __all__ = [
     "Params",
     "PrunedSide",
     "RegressionMetrics",
+    "SearchSection",
+    "SensitivitySection",
     "Side",
     "SizeBytes",
     "Structure",
     "StructureGroup",
+    "SweepSection",
     "Timings",
     "Versions",
     "metrics_json_schema",
@@ -178,6 +181,9 @@ class Timings(_Open):
     total: float
     cross_validation: float | None = Field(None, description="all folds, when cross-validation ran")
     compact: float | None = Field(None, description="building and checking the compact model, when it ran")
+    channel_groups: float | None = Field(
+        None, description="reading the channel groups from the graph (inside prune or compact)"
+    )
 
 
 class Versions(_Open):
@@ -246,6 +252,59 @@ class ExportFailure(_Open):
     seconds: float | None = None
 
 
+class SearchTrial(_Open):
+    """One trial of a search: a one-shot ``probe`` or a ``trial`` with the whole spec."""
+
+    sparsity: Probability
+    metric: float | None
+    passed: bool
+    seconds: float
+    phase: str | None = Field(None, description="probe (one-shot) or trial (the whole spec)")
+
+
+class SearchSection(_Open):
+    """``spec.search``'s outcome (docs/search.md): the artifact and the top-level metrics are ``chosen``'s."""
+
+    metric: str
+    baseline: float = Field(description="the metric of the unpruned model on the selection data")
+    threshold: float = Field(description="a trial passes at or above it (at or below for loss, mse, mae)")
+    chosen: dict[str, Any] = Field(description='{"sparsity", "metric"} of the best passing trial')
+    budget_exhausted: bool
+    trials: list[SearchTrial]
+
+
+class SweepPoint(_Open):
+    """One target of a sweep; ``artifact`` names its file under /v1/jobs/{id}/artifacts/."""
+
+    target: Probability
+    sparsity: Probability | None = None
+    metric: float | None
+    pareto: bool
+
+
+class SweepSection(_Open):
+    metric: str | None = None
+    points: list[SweepPoint]
+
+
+class SensitivityRow(_Open):
+    """One variable: the metric when only it is pruned at each level of ``sparsities``."""
+
+    name: str
+    metrics: list[float | None]
+    drops: list[float | None]
+    max_sparsity_within_drop: Probability = Field(description="0 = even the lowest level drops too much")
+
+
+class SensitivitySection(_Open):
+    metric: str
+    baseline: float
+    sparsities: list[Probability]
+    max_drop: float
+    variables: list[SensitivityRow] = Field(description="most sensitive first")
+    layer_sparsity: dict[str, Probability] = Field(description="a suggested spec.layer_sparsity for max_drop")
+
+
 class MetricsDocument(_Open):
     """``GET /v1/jobs/{id}/metrics``."""
 
@@ -270,6 +329,9 @@ class MetricsDocument(_Open):
     exports: dict[str, ExportFile | ExportFailure] | None = Field(
         None, description="TFLite files by artifact name (tflite_float32, ..., tflite_int8), when spec.export"
     )
+    search: SearchSection | None = None
+    sweep: SweepSection | None = None
+    sensitivity: SensitivitySection | None = None
 
 
 def metrics_json_schema() -> dict[str, Any]:

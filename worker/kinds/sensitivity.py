@@ -47,7 +47,8 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
     data = job.evaluation
     if data is None or data.y is None:
         raise PipelineError(
-            "dataset_mismatch", "a sensitivity job scores the eval dataset: give eval_dataset_id with labels 'y'"
+            "dataset_mismatch",
+            "a sensitivity job scores the eval dataset: give eval_dataset_id with labels 'y'",
         )
     levels = list(section.sparsities)
     job.spec = _level_spec(original, levels[0], {})
@@ -137,8 +138,11 @@ def _metric(job: Job, data: Data, name: str) -> float | None:
     flat = score(job, data, predict(job, data)).flat or {}
     value = flat.get(name)
     if value is None and name not in flat:
-        available = sorted(k for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        available = sorted(
+            k for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
         raise PipelineError(
-            "invalid_spec", f"sensitivity.metric {name!r} is not a metric of this task; use one of {available}"
+            "invalid_spec",
+            f"sensitivity.metric {name!r} is not a metric of this task; use one of {available}",
         )
     return None if value is None else float(value)

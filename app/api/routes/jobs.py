@@ -334,17 +334,17 @@ def get_artifact(
     a download with Range can check what it assembled); Range/If-Range for resumable downloads."""
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
-    if (record.spec or {}).get("sensitivity") is not None:
-        raise Conflict(
-            f"job {job_id} is a sensitivity analysis: it measures each variable and keeps no model, so it has no "
-            "artifact; read its metrics (sensitivity.layer_sparsity) or report, and run a job with that "
-            "layer_sparsity for a pruned model"
-        )
     return serve_file(session, record, storage, settings, _job_file(record, SAVED_MODEL), if_none_match)
 
 
 def _job_file(record: JobRecord, name: str) -> dict[str, Any]:
     item = find_file(record, name)
+    if name == SAVED_MODEL and (record.spec or {}).get("sensitivity") is not None:
+        raise Conflict(
+            f"job {record.id} is a sensitivity analysis: it measures each variable and keeps no model, so it has "
+            "no artifact; read its metrics (sensitivity.layer_sparsity) or report, and run a job with that "
+            "layer_sparsity for a pruned model"
+        )
     if item is None:
         names = [f["name"] for f in job_files(record)]
         raise NotFound(
