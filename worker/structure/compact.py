@@ -385,7 +385,9 @@ def _fold_plan(
         else:
             # One variable per distinct delta of a kernel: identical signatures share it, others get their own.
             digest = hashlib.sha1(delta.tobytes()).hexdigest()[:8]
-            fold.variable = variables.setdefault((use.in_key[0], digest), f"secateurs_fold/{use.in_key[0]}/{len(variables)}")
+            fold.variable = variables.setdefault(
+                (use.in_key[0], digest), f"secateurs_fold/{use.in_key[0]}/{len(variables)}"
+            )
         folds.append(fold)
     return folds
 

@@ -353,7 +353,9 @@ def _fingerprint(handle: ModelHandle, name: str) -> bytes:
     for node in gdef.node:
         node.ClearField("device")
     captures = ",".join(str(id(ext)) for ext, _ in fn.graph.captures)
-    return gdef.SerializeToString(deterministic=True) + captures.encode() + repr(fn.structured_outputs).encode()
+    return (
+        gdef.SerializeToString(deterministic=True) + captures.encode() + repr(fn.structured_outputs).encode()
+    )
 
 
 def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature]) -> GroupAnalysis:
