@@ -113,8 +113,20 @@ def test_each_explicit_top_level_field_overrides_fast(case: str) -> None:
     out = resolved(has_train=False, **fields)
     assert out["preset"] == "fast" and out[key] == value
     assert out["schedule"] == {"kind": "one_shot"} and out["fine_tune"] is None  # the rest still applies
-    if key != "scope":
+    if key not in ("scope", "granularity"):
         assert out["scope"] == "global"
+
+
+def test_fast_channel_pruning_ranks_per_layer_unless_told_otherwise() -> None:
+    """One-shot channel pruning keeps more in layer scope (BY_GRANULARITY); explicit fields still win."""
+    out = resolved(has_train=False, granularity="channel")
+    assert out["preset"] == "fast" and out["scope"] == "layer" and out["normalization"] == "none"
+    told = resolved(has_train=False, granularity="channel", scope="global")
+    assert told["scope"] == "global" and told["normalization"] == "none"
+    assert resolved(has_train=False, granularity="channel", scope="global", normalization="lamp")[
+        "normalization"
+    ] == "lamp"
+    assert resolved(has_train=False, granularity="block")["scope"] == "global"
 
 
 @pytest.mark.parametrize(
