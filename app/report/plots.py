@@ -89,26 +89,28 @@ def layer_sparsity(layers: Sequence[dict[str, Any]]) -> str:
 
 
 def metric_curve(
-    points: Sequence[tuple[float, float, bool | None]],
+    series: dict[str, Sequence[tuple[float, float, bool | None]]],
     metric: str,
     baseline: float | None,
     threshold: float | None,
     title: str,
 ) -> str:
-    """Metric vs sparsity: one marker per point (green passed, red failed, blue unknown), lines joining them
-    in sparsity order, the baseline and the pass threshold as horizontal lines."""
+    """Metric vs sparsity, one line per series (e.g. one-shot probes, trials) in sparsity order; markers green
+    passed, red failed, blue unknown; the baseline and the pass threshold as horizontal lines."""
     fig = _figure(6.5, 3.4)
     ax = fig.add_subplot()
-    ordered = sorted(points)
-    ax.plot([p[0] for p in ordered], [p[1] for p in ordered], color=NEUTRAL, alpha=0.5, lw=1)
-    colors = [ACCENT if p is None else GOOD if p else BAD for _, _, p in ordered]
-    ax.scatter([p[0] for p in ordered], [p[1] for p in ordered], c=colors, s=28, zorder=3)
+    styles = [("-", "o"), ("--", "s"), (":", "^")]
+    for (label, points), (line, marker) in zip(series.items(), styles * 4, strict=False):
+        ordered = sorted(points)
+        xs, ys = [p[0] for p in ordered], [p[1] for p in ordered]
+        ax.plot(xs, ys, color=NEUTRAL, alpha=0.6, lw=1, ls=line, label=label)
+        colors = [ACCENT if p is None else GOOD if p else BAD for _, _, p in ordered]
+        ax.scatter(xs, ys, c=colors, s=28, marker=marker, zorder=3)
     if baseline is not None:
         ax.axhline(baseline, color=NEUTRAL, ls="--", lw=1, label=f"baseline {baseline:.4g}")
     if threshold is not None:
         ax.axhline(threshold, color=BAD, ls=":", lw=1, label=f"threshold {threshold:.4g}")
-    if baseline is not None or threshold is not None:
-        ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("sparsity", fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
     ax.set_title(title, fontsize=10)

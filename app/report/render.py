@@ -43,7 +43,7 @@ main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d0d5da}
 h3{font-size:15px;margin:16px 0 6px}
 .sub{color:#5b6670;margin:0 0 16px}
-section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:12px 16px;margin:12px 0}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:12px 16px;margin:12px 0;overflow-x:auto}
 table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #e1e4e8;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f0f2f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .good{color:#2e7d32}.bad{color:#c62828}pre{background:#f0f2f4;padding:8px;overflow:auto;font-size:12px}
@@ -325,11 +325,13 @@ def _search(document: Mapping[str, Any]) -> str:
 
     trials = [t for t in search.get("trials") or [] if isinstance(t, Mapping)]
     metric = str(search.get("metric", "metric"))
-    points = [
-        (float(t["sparsity"]), float(t["metric"]), bool(t.get("passed")))
-        for t in trials
-        if _is_number(t.get("sparsity")) and _is_number(t.get("metric"))
-    ]
+    points: dict[str, list[tuple[float, float, bool | None]]] = {}
+    for t in trials:
+        if _is_number(t.get("sparsity")) and _is_number(t.get("metric")):
+            label = "one-shot probes" if t.get("phase") == "probe" else "trials (whole spec)"
+            points.setdefault(label, []).append(
+                (float(t["sparsity"]), float(t["metric"]), bool(t.get("passed")))
+            )
     summary = {k: v for k, v in search.items() if k != "trials"}
     body = _generic(summary)
     if points:
@@ -337,7 +339,7 @@ def _search(document: Mapping[str, Any]) -> str:
             lambda: plots.metric_curve(
                 points, metric, _f(search.get("baseline")), _f(search.get("threshold")), "search trials"
             ),
-            "every trial: green passed, red failed; dotted line: the pass threshold",
+            "every trial: green passed, red failed; dotted red line: the pass threshold; dashed line: one-shot probes",
         )
     if trials:
         body += "<h3>Trials</h3>" + _generic(trials)
@@ -361,7 +363,8 @@ def _sweep(document: Mapping[str, Any]) -> str:
     if curve:
         baseline = _f(sweep.get("baseline"))
         body += _figure(
-            lambda: plots.metric_curve(curve, metric, baseline, None, "sweep"), f"{metric} vs sparsity"
+            lambda: plots.metric_curve({"targets": curve}, metric, baseline, None, "sweep"),
+            f"{metric} vs sparsity",
         )
         x_key = str(sweep.get("pareto_x", "zip_bytes"))
         body += _figure(
