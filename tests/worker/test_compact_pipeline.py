@@ -263,3 +263,57 @@ def test_unstructured_with_nothing_to_remove_keeps_the_masked_model(
     assert any("nothing compacted" in note for note in structure["notes"])
     assert shapes(tmp_path / "saved_model") == shapes(models["mlp"])
     assert metrics["pruned"]["params"]["total"] == metrics["baseline"]["params"]["total"]
+
+
+def test_a_rewrite_that_changes_the_outputs_never_ships(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A (simulated) faulty rewrite writes the dense input instead of the compact model: the equivalence check
+    against the masked model catches it and the artifact is the masked model."""
+    import shutil
+    from types import SimpleNamespace
+
+    import worker.structure
+
+    def wrong_compact(handle: Any, analysis: Any, keep: Any, out_dir: Path, **kw: Any) -> Any:
+        shutil.copytree(models["wide_mlp"], out_dir)
+        return SimpleNamespace(
+            out_dir=out_dir, notes=[], channels={}, params_before=2, params_after=1, shapes={"x": ([2], [1])}
+        )
+
+    monkeypatch.setattr(worker.structure, "compact", wrong_compact)
+    spec = {"target_sparsity": 0.5, "granularity": "channel"}
+    metrics = run(models["wide_mlp"], spec, mlp_data(), tmp_path)
+    structure = metrics["structure"]
+    assert structure["compact"] is False
+    assert any("equivalence check failed" in n for n in structure["notes"])
+    assert structure["max_abs_diff"]["output_0"] > structure["tolerance"]["output_0"]
+    saved = tmp_path / "saved_model"
+    assert shapes(saved) == shapes(models["wide_mlp"])  # the masked model, zeros in place
+    assert metrics["pruned"]["params"]["total"] == metrics["baseline"]["params"]["total"]
+    kernels = [nv.var.numpy() for nv in load_model(saved).prunable()]
+    assert any((k == 0).all(axis=0).any() for k in kernels)
+
+
+def test_without_a_channel_analysis_channels_are_masked_per_variable(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.compact_stage
+    import worker.prune_stage
+
+    def unavailable(job: Any) -> tuple[None, str]:
+        return None, "channel-group analysis failed (simulated)"
+
+    monkeypatch.setattr(worker.prune_stage, "channel_groups", unavailable)
+    monkeypatch.setattr(worker.compact_stage, "channel_groups", unavailable)
+    metrics = run(
+        models["wide_mlp"], {"target_sparsity": 0.5, "granularity": "channel"}, mlp_data(), tmp_path
+    )
+    assert metrics["structure"]["compact"] is False
+    assert any("simulated" in n for n in metrics["structure"]["notes"])
+    assert any("pruned per variable (masks only" in n for n in metrics["notes"])
+    rows = {row["name"]: row for row in metrics["layers"]}
+    assert any(
+        "units of output" in (row.get("skipped") or "") for row in rows.values()
+    )  # the head, as before
+    assert shapes(tmp_path / "saved_model") == shapes(models["wide_mlp"])
