@@ -79,6 +79,7 @@ _HINTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r""), "the SavedModel artifact is unaffected; convert it yourself to investigate"),
 ]
 _LOC = re.compile(r"^.*?error: (?:loc\(.*\)\)*: )?", re.DOTALL)
+_ADVICE = re.compile(r"\s*Please consider using Select TF ops")
 MAX_REASON = 400
 
 
@@ -105,6 +106,8 @@ def one_line_reason(exc: BaseException) -> str:
             continue
         message = _LOC.sub("", line, count=1).strip().replace("\\n", " ")
         message = re.sub(r"\s+", " ", message)
+        # the converter's own advice is Select TF ops, which this service does not offer (the hint says so)
+        message = _ADVICE.split(message, maxsplit=1)[0].strip().rstrip(".")
         if message and message not in messages:
             messages.append(message)
     if not messages:
