@@ -7,6 +7,7 @@ SavedModel without the channels a keep vector drops, computing what the masked m
 
 from worker.structure.compact import CompactResult, compact, max_abs_diff, probe_inputs
 from worker.structure.groups import ChannelGroup, GroupAnalysis, Member, find_groups
+from worker.structure.masks import group_masks
 
 __all__ = [
     "ChannelGroup",
@@ -15,6 +16,7 @@ __all__ = [
     "Member",
     "compact",
     "find_groups",
+    "group_masks",
     "max_abs_diff",
     "probe_inputs",
 ]

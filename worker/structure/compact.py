@@ -258,6 +258,8 @@ def _decide_removed(
             continue
         live = np.zeros_like(drop)
         for m in group.producers:
+            if m.tied:  # a depthwise kernel only carries the channel; the constancy check sees what it does
+                continue
             arr = np.moveaxis(values[m.variable], m.axis, 0)
             for c in np.flatnonzero(drop):
                 if np.any(arr[m.indices(np.array([c]))] != 0):

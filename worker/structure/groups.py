@@ -34,6 +34,7 @@ class Member:
     axis: int
     role: Role
     positions: np.ndarray | None = None  # (channels, k) indices along ``axis``; None = channel c is index c
+    tied: bool = False  # a depthwise kernel: its input channels are its output channels (not a source)
 
     def indices(self, channels: np.ndarray) -> np.ndarray:
         """Indices along ``axis`` of the given channel numbers."""
@@ -131,6 +132,7 @@ class Walker:
         self.dims: dict[Key, int] = {}
         self.order: list[Key] = []
         self.untracked: dict[Key, str] = {}
+        self.tied: set[Key] = set()
         self.layouts: dict[str, Layout | None] = {}
         self.consumers: list[ConsumerUse] = []
         self.patches: list[ShapePatch] = []
@@ -388,7 +390,7 @@ def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature])
                 and walker.dims[key] == channels
                 and np.array_equal(pos[:, 0], np.arange(channels))
             )
-            member = Member(key[0], key[1], walker.roles[key], None if identity else pos)
+            member = Member(key[0], key[1], walker.roles[key], None if identity else pos, key in walker.tied)
             (members if key[0] in variables else constants).append(member)
         if not members:  # constants only (shape vectors, folded-in tensors): nothing a user can prune
             continue

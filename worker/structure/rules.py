@@ -330,6 +330,7 @@ def depthwise(walker: Walker, op: tf.Operation) -> None:
     if lx is None:
         return walker.set_layout(op.outputs[0], None, f"depthwise input of unknown channels at {op.name}")
     walker.bind((src.key, src.axes[2]), lx, "producer", _where(op))
+    walker.tied.add((src.key, src.axes[2]))
     layout = lx if mult == 1 else lx.multiplied(mult)
     walker.set_layout(op.outputs[0], layout)
     return None

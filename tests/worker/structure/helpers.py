@@ -58,8 +58,9 @@ def mask_groups(
 ) -> dict[str, np.ndarray]:
     """Zero ``fraction`` of the channels of every prunable group: producers always, carriers (bias,
     BatchNorm) when ``carriers``. Returns the keep vectors."""
+    from worker.structure import group_masks
+
     rng = np.random.default_rng(seed)
-    variables = {nv.name: nv.var for nv in handle.variables()}
     keep: dict[str, np.ndarray] = {}
     for group in analysis.groups:
         if not group.prunable or (only is not None and group.id not in only):
@@ -67,14 +68,9 @@ def mask_groups(
         k = np.ones(group.channels, dtype=bool)
         k[rng.choice(group.channels, size=int(group.channels * fraction), replace=False)] = False
         keep[group.id] = k
-        drop = np.flatnonzero(~k)
-        for m in group.members:
-            if m.role == "consumer" or (m.role == "carrier" and not carriers):
-                continue
-            var = variables[m.variable]
-            value = np.moveaxis(var.numpy(), m.axis, 0).copy()
-            value[m.indices(drop)] = 0
-            var.assign(np.moveaxis(value, 0, m.axis))
+    variables = {nv.name: nv.var for nv in handle.variables()}
+    for name, mask in group_masks(handle, analysis, keep, carriers=carriers).items():
+        variables[name].assign(variables[name].numpy() * mask)
     return keep
 
 

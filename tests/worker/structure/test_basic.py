@@ -97,3 +97,28 @@ def test_resnet_constant_through_same_padding_is_kept(resnet_dir: Path, tmp_path
     assert before == 6 and after > 3  # relu(shift) > 0 for some: kept
     assert any("kept" in n for n in result.notes)
     check_artifact(handle, result)
+
+
+def test_live_channels_are_never_removed(mlp_dir: Path, tmp_path: Path) -> None:
+    """A keep vector asking to drop channels the masked model still uses: they stay, the notes say why."""
+    handle = load_model(mlp_dir)
+    randomize(handle, seed=2)
+    analysis = find_groups(handle, "serving_default")
+    hidden = _by_producer(analysis, "hidden/kernel")
+    keep = {hidden.id: np.arange(16) >= 4}  # nothing zeroed
+    result = compact(handle, analysis, keep, tmp_path / "c")
+    assert result.channels[hidden.id] == (16, 16)
+    assert any("not zero in the masked model" in n for n in result.notes)
+    check_artifact(handle, result)
+
+
+def test_bad_keep_vectors_are_refused(mlp_dir: Path, tmp_path: Path) -> None:
+    from worker.errors import PipelineError
+
+    handle = load_model(mlp_dir)
+    analysis = find_groups(handle, "serving_default")
+    hidden = _by_producer(analysis, "hidden/kernel")
+    with pytest.raises(PipelineError, match="shape"):
+        compact(handle, analysis, {hidden.id: np.ones(3, bool)}, tmp_path / "a")
+    with pytest.raises(PipelineError, match="no channel group"):
+        compact(handle, analysis, {"g99:nope": np.ones(3, bool)}, tmp_path / "b")

@@ -72,6 +72,25 @@ def test_mobilenet_inverted_residual(model_dirs, tmp_path: Path, carriers: bool)
     assert result.shapes["b1_dw/kernel"] == ([3, 3, 16, 1], [3, 3, 8, 1])
 
 
+def test_mobilenet_depthwise_left_unmasked_stays_exact(model_dirs, tmp_path: Path) -> None:
+    """Only the 1x1 convs masked: a depthwise conv over a constant channel meets SAME zero padding, so such a
+    channel is not a constant at the projection any more; compaction keeps it rather than change the model."""
+    handle = load_model(model_dirs["mobilenet"])
+    randomize(handle, seed=8)
+    analysis = find_groups(handle, "serving_default")
+    keep = mask_groups(handle, analysis, carriers=False)
+    rng = np.random.default_rng(0)
+    for nv in handle.variables():
+        if nv.name.endswith("_dw/kernel"):
+            nv.var.assign(rng.standard_normal(nv.shape).astype(np.float32))
+    inputs = probe_inputs(analysis.frozen["serving_default"], batch=2, seed=1)
+    result = compact(handle, analysis, keep, tmp_path / "compact", inputs=inputs)
+    expand = _group(analysis, "b1_expand/kernel")
+    assert result.channels[expand.id][1] > 8  # some of its removed channels had to stay
+    assert any("not a constant" in n for n in result.notes)
+    check_artifact(handle, result)
+
+
 def test_squeeze_excite(model_dirs, tmp_path: Path) -> None:
     handle = load_model(model_dirs["squeeze_excite"])
     randomize(handle)
