@@ -126,3 +126,17 @@ def test_budget_stops_with_the_best_passing_trial() -> None:
     exhausted = _search(search, spec, run_trial, Budget(25, lambda: now[0]), trials)
     assert exhausted
     assert [t.phase for t in trials].count("trial") == 2  # 5 s of probes + 2 x 10 s; a third would not fit
+
+
+def test_cross_validation_runs_on_the_chosen_sparsity_only(
+    keras3_export_dir: Path, digits_cnn: Any, tmp_path: Path
+) -> None:
+    spec = {
+        "search": {"max_drop": 0.05, "min_sparsity": 0.05, "max_sparsity": 0.5},
+        "preset": "fast",
+        "evaluation": {"cross_validation": {"folds": 2}},
+    }
+    doc = _run(keras3_export_dir, spec, digits_cnn, tmp_path)
+    chosen = doc["search"]["chosen"]["sparsity"]
+    folds = doc["cross_validation"]["per_fold"]
+    assert len(folds) == 2 and all(abs(f["sparsity"] - chosen) < 0.01 for f in folds)

@@ -71,3 +71,16 @@ def test_the_fragile_variable_ranks_first(tmp_path: Path) -> None:
     assert layers[names[1]] == pytest.approx(0.8, abs=0.05)
     assert doc["spec"]["sensitivity"]["sparsities"] == [0.25, 0.5, 0.8]
     assert any("keep no model" in n or "keeps no model" in n for n in doc["notes"])
+
+
+def test_a_variable_the_granularity_leaves_dense_is_skipped(
+    keras3_export_dir: Path, digits_cnn: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """Channel granularity keeps the output head whole: it is marked, not suggested at a sparsity."""
+    spec = PruneSpec.model_validate({"sensitivity": {"sparsities": [0.25, 0.5]}, "granularity": "channel"})
+    doc = run_pipeline(keras3_export_dir, spec, None, digits_cnn[1], tmp_path, lambda stage, progress: None)
+    rows = {r["name"]: r for r in doc["sensitivity"]["variables"]}
+    head = rows["digits_cnn/dense_1/kernel"]
+    assert head["skipped"] and head["sparsity_reached"] == [0.0, 0.0]
+    assert "^digits_cnn/dense_1/kernel$" not in doc["sensitivity"]["layer_sparsity"]
+    assert rows["digits_cnn/dense/kernel"]["sparsity_reached"][0] > 0

@@ -9,7 +9,8 @@ training recovers them.
 The result (``metrics.sensitivity``): per variable, most sensitive first (mean drop over the levels), the
 metric and its drop at each level and the highest level whose drop (and every lower level's) stays within
 ``spec.sensitivity_max_drop``; plus ``layer_sparsity``: that level per variable, as ``^name$`` regexes a user
-can paste into the next job's spec. The document's ``pruned`` side is that suggestion applied one-shot, run
+can paste into the next job's spec. A variable the granularity leaves dense at every level (e.g. a
+channel-pruned output head) is marked ``skipped`` with the reason and left out of the suggestion. The document's ``pruned`` side is that suggestion applied one-shot, run
 through the ordinary pipeline so every number is measured as in any job; the job keeps no artifact (each
 variable was judged alone, so their drops do not simply add up: the suggestion is a starting point).
 """
@@ -63,6 +64,8 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
     rows: list[dict[str, Any]] = []
     for index, nv in enumerate(prunable):
         values: list[float | None] = []
+        achieved: list[float] = []
+        skipped: str | None = None
         for step, level in enumerate(levels):
             sweep("pruning", (index * len(levels) + step) / total)
             dense.restore()
@@ -71,6 +74,9 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
             pruner = make_pruner(job, [nv], {nv.name: kinds[nv.name]}, granularity)
             prune_and_fine_tune(job, pruner, sweep.sub(0.0, 0.0))  # one-shot: no training steps to report
             values.append(_metric(job, data, metric))
+            achieved.append(float(np.mean(nv.var.numpy() == 0)))
+            if skipped is None:
+                skipped = next((r.skipped for r in pruner.report() if r.name == nv.name and r.skipped), None)
         drops = [None if v is None else (v - baseline if lower else baseline - v) for v in values]
         within = 0.0
         for level, drop in zip(levels, drops, strict=True):
@@ -86,11 +92,16 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
                 "drops": drops,
                 "mean_drop": float(np.mean(finite)) if finite else None,
                 "max_sparsity_within_drop": within,
+                "sparsity_reached": achieved,
             }
         )
+        if not any(achieved):  # the granularity leaves it dense (e.g. a channel-pruned output head)
+            rows[-1]["skipped"] = skipped or "left dense by the spec's granularity at every level"
     dense.restore()
     rows.sort(key=lambda r: (-(r["mean_drop"] if r["mean_drop"] is not None else np.inf), r["name"]))
-    suggestion = {f"^{re.escape(r['name'])}$": r["max_sparsity_within_drop"] for r in rows}
+    suggestion = {
+        f"^{re.escape(r['name'])}$": r["max_sparsity_within_drop"] for r in rows if "skipped" not in r
+    }
     seconds = time.perf_counter() - tick
 
     job.spec = _level_spec(original, levels[0], suggestion)
