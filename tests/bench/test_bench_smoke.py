@@ -138,6 +138,18 @@ def test_exports_smoke_reports_every_file_beside_the_saved_models(smoke: dict[st
     assert "| dense SavedModel |" in result["markdown"]
 
 
+def test_search_smoke_compares_a_search_per_drop_with_the_grid(smoke: dict[str, Any]) -> None:
+    result = smoke["search"]
+    assert [p["target"] for p in result["grid"]] == [0.5, 0.8]
+    assert all(0.0 <= p["accuracy"] <= 1.0 and _positive_finite(p["wall_s"]) for p in result["grid"])
+    assert set(result["searches"]) == {"0.005", "0.01"}
+    for drop, search in result["searches"].items():
+        if "chosen" in search:  # a search may fail honestly (no_sparsity_within_budget) on the tiny stand-in
+            assert search["accuracy"] >= search["baseline"] - float(drop) - 1e-9
+            assert search["trials"] >= 1 and _positive_finite(search["wall_s"])
+    assert set(result["goal"]) == {"met", "by_drop"} and "grid best" in result["markdown"]
+
+
 def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
     report: Path = smoke["report"]
     text = report.read_text()
