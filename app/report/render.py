@@ -400,7 +400,13 @@ def _sensitivity(document: Mapping[str, Any]) -> str:
         )
     if rows:
         table = [
-            [_e(r.get("name")), _num(r.get("params")), _num(r.get("max_sparsity_within_drop"), 3)]
+            [
+                _e(r.get("name")),
+                _num(r.get("params")),
+                f"skipped: {_e(r['skipped'])}"
+                if r.get("skipped")
+                else _num(r.get("max_sparsity_within_drop"), 3),
+            ]
             + [_num(v) for v in (r.get("metrics") or [])]
             for r in rows
         ]

@@ -170,6 +170,7 @@ def run_search(
     job.train = full_train if search.validation_fraction is None else job.train
     job.spec = _trial_spec(original, best.sparsity, one_shot=False)
     document = run_prune(window.sub(TRIALS_SPAN, 1.0), out_dir)
+    job.timings["search"] = seconds  # probes and trials; the stages' own timings are the final run's
     document["spec"] = original.model_dump(mode="json")
     n_trials = sum(t.phase == "trial" for t in trials)
     document["search"] = {

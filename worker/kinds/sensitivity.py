@@ -106,6 +106,9 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
 
     job.spec = _level_spec(original, levels[0], suggestion)
     document = run_prune(window.sub(SWEEP_SPAN, 1.0), out_dir)
+    job.timings["sensitivity"] = (
+        seconds  # the per-variable sweep; the stages' timings are the suggestion's run
+    )
     document["spec"] = original.model_dump(mode="json")
     document["sensitivity"] = {
         "metric": metric,
