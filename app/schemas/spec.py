@@ -402,6 +402,9 @@ class PruneSpec(_Strict):
                     "fine_tune": {"epochs": 4},
                 },
                 {"target_sparsity": 0.5, "preprocessing": {"min_max": [0.0, 1.0]}},
+                {"search": {"metric": "accuracy", "max_drop": 0.01, "budget_s": 600}},
+                {"sweep": {"targets": [0.5, 0.7, 0.8, 0.9]}},
+                {"sensitivity": {"sparsities": [0.3, 0.6, 0.9]}, "sensitivity_max_drop": 0.01},
             ]
         },
     )

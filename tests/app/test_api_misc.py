@@ -156,7 +156,8 @@ def test_openapi_job_request_shows_spec_examples(openapi: dict[str, Any]) -> Non
     assert examples and all("target_sparsity" in e["spec"] for e in examples)
     spec_schema = _resolve(openapi, job_create["properties"]["spec"])
     assert spec_schema["examples"]
-    assert "target_sparsity" in spec_schema["required"]
+    assert {"target_sparsity", "search", "sweep", "sensitivity"} <= set(spec_schema["properties"])
+    assert {"search", "sweep", "sensitivity"} <= {k for e in spec_schema["examples"] for k in e}
     # The documented examples must be specs this version accepts, not ones it refuses.
     for spec in [e["spec"] for e in examples] + spec_schema["examples"]:
         assert unsupported_features(PruneSpec.model_validate(spec)) == [], spec
