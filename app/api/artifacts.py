@@ -60,6 +60,10 @@ class ArtifactResponse(FileResponse):
             headers=headers,
             stat_result=file_stat(file),  # a local file's fstat, or a remote object's size and time
         )
+        if getattr(file, "size_bytes", None) is not None:
+            # A remote object: each read is a thread hop into the S3 reader. 1 MiB reads instead of 64 KiB took
+            # API downloads from 0.33x to 0.72x of a direct read (bench/storage.py); memory: one chunk + 4 MiB.
+            self.chunk_size = 1 << 20
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
