@@ -438,7 +438,31 @@ def _shape_last(walker: Walker, target: tf.Tensor) -> tuple[str, int | None, int
             value = const_value(last.op)
             if value.ndim == 0:
                 return last.op.name, None, int(value)
+    if op.type == "ConcatV2" and len(op.inputs) > 2:  # Tensordot's output shape: concat(free dims, [units])
+        last = op.inputs[-2]
+        if last.op.type == "Const":
+            value = const_value(last.op)
+            if value.ndim == 1 and value.size:
+                return last.op.name, value.size - 1, int(value[-1])
     return None
+
+
+def _runtime_channel_count(walker: Walker, target: tf.Tensor, layout: Layout) -> bool:
+    """Tensordot's ``reshape(x, [prod(free dims), prod(shape(x)[axes])])`` where the gathered axis is the
+    channel axis of a tensor with ``layout``: the count is read at run time, so it follows any compaction."""
+    op = target.op
+    if op.type != "Pack" or not op.inputs:
+        return False
+    prod = op.inputs[-1].op
+    if prod.type != "Prod" or prod.inputs[0].op.type != "GatherV2":
+        return False
+    gather = prod.inputs[0].op
+    shape = gather.inputs[0].op
+    if shape.type != "Shape" or walker.layout(shape.inputs[0]) is not layout:
+        return False
+    idx = _const_int(walker, gather.inputs[1])
+    rank = shape.inputs[0].shape.rank
+    return idx is not None and rank is not None and [int(i) % rank for i in np.atleast_1d(idx)] == [rank - 1]
 
 
 def reshape(walker: Walker, op: tf.Operation) -> None:
@@ -450,6 +474,13 @@ def reshape(walker: Walker, op: tf.Operation) -> None:
             return None
         return unknown(walker, op)
     in_shape, out_shape = x.shape, out.shape
+    if (
+        out_shape.rank is not None
+        and out_shape[-1] is None
+        and _runtime_channel_count(walker, op.inputs[1], lx)
+    ):
+        walker.layouts[out.name] = lx  # static shape inference lost the count; the layout is the input's
+        return None
     if in_shape.rank is None or out_shape.rank is None or out_shape[-1] is None:
         return unknown(walker, op)
     where = _shape_last(walker, op.inputs[1])

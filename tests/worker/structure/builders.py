@@ -207,3 +207,16 @@ def keras3_sequence(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(2, name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_token_mlp(out_dir: Path) -> Path:
+    """Dense layers on [batch, time, features] inputs: Keras 3 lowers them to Tensordot (a dynamic reshape)."""
+    import keras
+
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((6, 5), name="tokens")
+    x = keras.layers.Dense(8, activation="relu", name="embed")(inp)
+    x = keras.layers.Dense(7, activation="sigmoid", name="ffn")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)

@@ -49,4 +49,5 @@ BUILDERS = {
     "keras2_fused_bn": builders.keras2_fused_bn,
     "tf_module_dict": builders.tf_module_dict,
     "sequence": builders.keras3_sequence,
+    "token_mlp": builders.keras3_token_mlp,
 }

@@ -168,6 +168,18 @@ def test_keras_file_upload(tmp_path: Path, structure_root: Path) -> None:
     assert result.shapes["dense/kernel"] == ([512, 32], [256, 16])
 
 
+def test_dense_on_sequences_tensordot(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["token_mlp"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    embed = _group(analysis, "embed/kernel")
+    assert embed.prunable and ("ffn/kernel", 0, "consumer") in _roles(embed)
+    assert _group(analysis, "ffn/kernel").prunable
+    result = _compact(handle, analysis, tmp_path, carriers=False)  # sigmoid(bias) folded into head
+    assert result.folded > 0
+    assert result.shapes["ffn/kernel"] == ([8, 7], [4, 4])
+
+
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
     """LSTM (While loop, gates split from one kernel), attention (Einsum between activations), LayerNorm:
     every group touching them is left whole with the reason; the artifact is still the same model."""
