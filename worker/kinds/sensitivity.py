@@ -58,6 +58,7 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
     metric = section.metric or _default_metric(job, data)
     dense = DenseCopy(job.handle)
     baseline = _metric(job, data, metric)
+    notes_before = list(job.notes)  # the per-variable prunes' notes would repeat once per variable and level
     lower = metric in LOWER_IS_BETTER
     sweep = window.sub(0.0, SWEEP_SPAN)
     total = len(prunable) * len(levels)
@@ -98,6 +99,7 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
         if not any(achieved):  # the granularity leaves it dense (e.g. a channel-pruned output head)
             rows[-1]["skipped"] = skipped or "left dense by the spec's granularity at every level"
     dense.restore()
+    job.notes[:] = notes_before
     rows.sort(key=lambda r: (-(r["mean_drop"] if r["mean_drop"] is not None else np.inf), r["name"]))
     suggestion = {
         f"^{re.escape(r['name'])}$": r["max_sparsity_within_drop"] for r in rows if "skipped" not in r
@@ -136,6 +138,7 @@ def _level_spec(spec: PruneSpec, level: float, layer_sparsity: dict[str, float])
             "target_sparsity": float(level),
             "sensitivity": None,
             "scope": "layer",
+            "normalization": "none",  # a per-variable ranking: normalisation only matters globally
             "schedule": OneShotSchedule(),
             "fine_tune": None,
             "layer_sparsity": layer_sparsity,
