@@ -140,3 +140,19 @@ def test_cross_validation_runs_on_the_chosen_sparsity_only(
     chosen = doc["search"]["chosen"]["sparsity"]
     folds = doc["cross_validation"]["per_fold"]
     assert len(folds) == 2 and all(abs(f["sparsity"] - chosen) < 0.01 for f in folds)
+
+
+def test_a_lower_is_better_metric_is_searched_the_right_way(
+    keras3_export_dir: Path, digits_cnn: Any, tmp_path: Path
+) -> None:
+    spec = {
+        "search": {"metric": "loss", "max_drop": 0.3, "min_sparsity": 0.1, "max_sparsity": 0.9},
+        "preset": "fast",
+    }
+    doc = _run(keras3_export_dir, spec, digits_cnn, tmp_path)
+    search = doc["search"]
+    assert search["lower_is_better"] and search["threshold"] == pytest.approx(search["baseline"] + 0.3)
+    for trial in search["trials"]:
+        assert trial["passed"] == (trial["metric"] <= search["threshold"])
+    assert doc["pruned"]["metrics"]["loss"] <= search["threshold"] + 1e-9
+    assert any(not t["passed"] for t in search["trials"])  # 90% one-shot raises the loss past the threshold
