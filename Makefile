@@ -22,7 +22,7 @@ worker: $(STAMP)  ## a production worker (needs SECATEURS_BROKER_URL=redis://...
 	$(BIN)/secateurs worker
 
 lint: $(STAMP)
-	$(BIN)/ruff check app worker tests bench
+	$(BIN)/ruff check app worker tests bench examples
 
 docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a broken link or anchor fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
