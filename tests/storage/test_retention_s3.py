@@ -1,0 +1,57 @@
+"""Retention on S3: expired records take their objects with them, and objects without a record are swept."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from app import retention
+from app.config import Settings
+from app.storage import Storage
+from app.storage.blobs import S3BlobStore
+from app.store.db import init_db, make_engine, make_session_factory, session_scope
+from app.store.tables import DatasetRecord, ModelRecord, utcnow
+
+
+def test_sweep_deletes_objects_in_the_store(s3_store: S3BlobStore, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "api", model_ttl_days=30, dataset_ttl_days=0, artifact_ttl_days=0)
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    sessions = make_session_factory(engine)
+    storage = Storage(settings.data_dir, s3_store)
+    for key in (
+        "models/mdl_old/upload.zip",
+        "datasets/ds_keep.npz",
+        "datasets/ds_orphan.npz",
+        "jobs/job_gone/pruned.zip",
+    ):
+        (tmp_path / "blob").write_bytes(b"bytes of " + key.encode())
+        s3_store.put_file(key, tmp_path / "blob")
+    now = utcnow()
+    with session_scope(sessions) as session:
+        session.add(
+            ModelRecord(
+                id="mdl_old",
+                name="m",
+                format="saved_model",
+                filename="m.zip",
+                size_bytes=1,
+                sha256="a" * 64,
+                status="ready",
+                created_at=now,
+            )
+        )
+        session.add(
+            DatasetRecord(
+                id="ds_keep", name="d", size_bytes=1, sha256="b" * 64, arrays={}, n_samples=1, created_at=now
+            )
+        )
+    report = retention.sweep(settings, sessions, storage, now=now + timedelta(days=31))
+    assert report.models == 1 and report.leftovers == 2
+    assert sorted(
+        b.key for b in s3_store.list("models/") + s3_store.list("datasets/") + s3_store.list("jobs/")
+    ) == ["datasets/ds_keep.npz"]
+    again = retention.sweep(settings, sessions, storage, now=now + timedelta(days=31))
+    assert again.total == 0
+    engine.dispose()
