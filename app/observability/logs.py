@@ -104,6 +104,8 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # JSON: Python warnings (Celery's, for one) become log lines instead of raw stderr text.
+    logging.captureWarnings(log_format == "json")
     if log_format == "json":
         # uvicorn's and celery's own loggers keep their text handlers unless they hand lines to the root.
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):

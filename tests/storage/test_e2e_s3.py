@@ -5,6 +5,7 @@ while jobs run: no job lost, no 500, every 503 says when to retry."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,7 +75,9 @@ def test_readme_flow_with_no_shared_files(
 ) -> None:
     store = Seaweed(tmp_path / "s3").start()
     try:
-        base, _, worker = split_deployment(services, tmp_path, redis_url, postgres_url, store)
+        base, api, worker = split_deployment(
+            services, tmp_path, redis_url, postgres_url, store, SECATEURS_LOG_FORMAT="json"
+        )
         result = _run_readme_flow(base, digits_files, tmp_path)
         _check_artifact(result, digits_files["saved_model"])
         job_id = result["job"]["id"]
@@ -91,8 +94,24 @@ def test_readme_flow_with_no_shared_files(
         assert any(name.endswith(".zip") for name in cached) and sum(n.endswith(".npz") for n in cached) == 2
         assert not (tmp_path / "worker-host" / "jobs" / job_id / "pruned.zip").exists()  # moved to the store
         assert "Traceback" not in worker.tail(400)
+        # JSON logs from both processes, carrying the job and its stage / the request's job id and tenant
+        worker_lines = json_lines(worker)
+        assert any(e.get("job_id") == job_id and e.get("stage") for e in worker_lines), worker_lines[-5:]
+        api_lines = json_lines(api)
+        assert any(e.get("job_id") == job_id and e.get("tenant") == "default" for e in api_lines), api_lines[-5:]
     finally:
         store.stop()
+
+
+def json_lines(service: Service) -> list[dict[str, Any]]:
+    out = []
+    for line in service.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def test_store_outage_under_load_loses_no_job(
