@@ -179,3 +179,27 @@ def test_claim_and_finish_record_worker_and_timings(app_client: TestClient) -> N
         assert job is not None and job.worker == "hostC:33" and job.timings == {"loading": 2.5}
     samples = scrape(app_client)
     assert samples[("secateurs_job_stage_duration_seconds_count", (("stage", "loading"),))] == 1
+
+
+def test_multiprocess_mode_sums_the_processes(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR (several uvicorn workers): any process answers the sum of all of them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    count = (
+        "from app.observability.prometheus import Metrics; m = Metrics(); "
+        "m.http.requests.labels('GET', '/healthz', '200').inc({n})"
+    )
+    for n in (2, 3):  # two "workers", each its own process
+        subprocess.run([sys.executable, "-c", count.format(n=n)], env=env, check=True, timeout=60)
+    render = "from app.observability.prometheus import Metrics; print(Metrics().render().decode())"
+    out = subprocess.run([sys.executable, "-c", render], env=env, check=True, capture_output=True, text=True)
+    values = {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(out.stdout)
+        for s in family.samples
+        if s.name == "secateurs_http_requests_total"
+    }
+    assert values == {(("method", "GET"), ("route", "/healthz"), ("status", "200")): 5.0}
