@@ -102,6 +102,11 @@ def compact(
     computing what ``handle`` (the masked model) computes. ``inputs`` (for ``analysis.signature``) are the probe
     batch for constant folding and the final check; other signatures get random probes."""
     notes: list[str] = []
+    if handle.training_mode_available:
+        notes.append(
+            "the compact model serves the signatures only: the input's Keras training-mode __call__ is not "
+            "rebuilt (fine-tuning it again runs in inference mode)"
+        )
     values = {nv.name: nv.var.numpy() for nv in handle.variables()}
     named = {nv.name: nv.var for nv in handle.variables()}
     removed = _decide_removed(analysis, keep, values, notes)

@@ -398,6 +398,8 @@ def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature])
         reasons = spaces.reasons(root)
         if not reasons and not producers:
             reasons = ["no layer's weights produce these channels"]
+        if not reasons and spaces.size[root] <= 1:
+            reasons = ["a single channel: removing it would remove the layer"]
         label = (producers or members)[0].variable
         gid = f"g{len(groups)}:{label}"
         group_of_space[root] = gid

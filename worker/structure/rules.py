@@ -271,6 +271,37 @@ def conv(walker: Walker, op: tf.Operation) -> None:
     return _produce(walker, op, x, src, r - 2, r - 1, _conv_exact(op, k, r - 2))
 
 
+def conv_transpose(walker: Walker, op: tf.Operation) -> None:
+    """``Conv2DBackpropInput(input_sizes, filter [kh, kw, out, in], x)``: the filter's axis 2 produces, its
+    axis 3 consumes; the output size vector names the channel count, so it is rewritten on compaction."""
+    sizes, k, x = op.inputs
+    src = _single_source(walker, k)
+    fmt = _attr(op, "data_format", b"NHWC")
+    if src is None or walker.is_const(x) or fmt not in (b"NHWC", "NHWC") or k.shape.rank != 4:
+        return unknown(walker, op)
+    if src.axes[2] is None or src.axes[3] is None or last_dim(x) != k.shape[3]:
+        return unknown(walker, op)
+    where = _shape_last(walker, sizes)
+    if where is None:
+        return unknown(walker, op, f"unknown op {op.type} at {op.name} (dynamic output size)")
+    walker.mark_untracked([src], {(src.key, src.axes[2]), (src.key, src.axes[3])}, _where(op))
+    lx = walker.layout(x)
+    out_key, in_key = (src.key, src.axes[2]), (src.key, src.axes[3])
+    if lx is not None:
+        walker.bind(in_key, lx, "consumer", _where(op))
+        # A constant input channel spreads into a position-dependent pattern: never folded.
+        walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, out_key, False))
+    width = last_dim(op.outputs[0])
+    if width is None:
+        return unknown(walker, op)
+    layout = walker.key_layout(out_key, width, "producer")
+    node, index, value = where
+    if value != -1:
+        walker.patches.append(ShapePatch(walker.sig.name, node, index, 1, layout))
+    walker.set_layout(op.outputs[0], layout)
+    return None
+
+
 def matmul(walker: Walker, op: tf.Operation) -> None:
     a, b = op.inputs[0], op.inputs[1]
     ta = bool(_attr(op, "transpose_a", False) or _attr(op, "adj_x", False))
@@ -568,6 +599,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(NORMALISED, normalised),
     "Conv2D": conv,
     "Conv3D": conv,
+    "Conv2DBackpropInput": conv_transpose,
     "MatMul": matmul,
     "BatchMatMul": matmul,
     "BatchMatMulV2": matmul,

@@ -220,3 +220,16 @@ def keras3_token_mlp(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(2, name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+def keras3_autoencoder(out_dir: Path) -> Path:
+    """Conv -> strided conv -> Conv2DTranspose (up-sampling) -> 1x1 conv to one output channel."""
+    import keras
+
+    keras.utils.set_random_seed(9)
+    inp = keras.Input((8, 8, 2), name="image")
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="enc1")(inp)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="enc2")(x)
+    x = keras.layers.Conv2DTranspose(6, 3, strides=2, padding="same", activation="relu", name="dec")(x)
+    out = keras.layers.Conv2D(1, 1, name="recon")(x)
+    return _export(keras.Model(inp, out), out_dir)

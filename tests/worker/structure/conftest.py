@@ -50,4 +50,5 @@ BUILDERS = {
     "tf_module_dict": builders.tf_module_dict,
     "sequence": builders.keras3_sequence,
     "token_mlp": builders.keras3_token_mlp,
+    "autoencoder": builders.keras3_autoencoder,
 }

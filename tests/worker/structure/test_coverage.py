@@ -10,7 +10,7 @@ import pytest
 
 from tests.worker.structure.helpers import check_artifact, mask_groups, randomize
 from worker.models import keras_to_saved_model, load_model
-from worker.structure import compact, find_groups, probe_inputs
+from worker.structure import compact, find_groups, max_abs_diff, probe_inputs
 
 pytestmark = pytest.mark.tf
 
@@ -178,6 +178,24 @@ def test_dense_on_sequences_tensordot(model_dirs, tmp_path: Path) -> None:
     result = _compact(handle, analysis, tmp_path, carriers=False)  # sigmoid(bias) folded into head
     assert result.folded > 0
     assert result.shapes["ffn/kernel"] == ([8, 7], [4, 4])
+
+
+def test_conv_transpose_autoencoder(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["autoencoder"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    enc2, dec = _group(analysis, "enc2/kernel"), _group(analysis, "dec/kernel")
+    assert ("dec/kernel", 3, "consumer") in _roles(enc2)  # the transposed conv's filter is [kh, kw, out, in]
+    assert ("dec/kernel", 2, "producer") in _roles(dec) and dec.prunable
+    recon = _group(analysis, "recon/kernel")
+    assert not recon.prunable and "single channel" in recon.reason
+    result = _compact(handle, analysis, tmp_path, carriers=True)
+    assert result.shapes["dec/kernel"] == ([3, 3, 6, 8], [3, 3, 3, 4])
+    # The check is not degenerate: the unmasked model differs from the compact one.
+    original = load_model(model_dirs["autoencoder"])
+    x = probe_inputs(analysis.frozen["serving_default"], batch=2, seed=11)
+    assert max(max_abs_diff(original, result.out_dir, x).values()) > 1e-3
+    assert max(max_abs_diff(handle, result.out_dir, x).values()) < 1e-5
 
 
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
