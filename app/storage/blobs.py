@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from app.config import Settings
 from app.errors import StoreUnavailable
@@ -209,6 +209,7 @@ class S3BlobStore:
         self.prefix = parts.path.strip("/")
         self.endpoint_url = endpoint_url
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.region = region
         kwargs: dict[str, Any] = {"region": region}
         if endpoint_url:
             kwargs["endpoint"] = endpoint_url
@@ -340,14 +341,41 @@ class S3BlobStore:
         return len(keys)
 
     def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str:
-        """SigV4 query-string signature, computed locally (no request). ``filename`` is not signed in: S3's
-        response-content-disposition parameter would have to be, and the API's redirect says the name."""
-        import obstore
+        """A SigV4 query-string signature, computed locally (no request). With ``filename`` the URL also signs
+        S3's ``response-content-disposition``, so the store names the download as the API would; obstore's
+        signer takes no such parameters, so that case goes through boto3's."""
+        if filename is None:
+            import obstore
 
-        try:
-            return str(obstore.sign(self._store, "GET", key, timedelta(seconds=expires_s)))
-        except Exception as exc:
-            raise self._map(exc, key) from exc
+            try:
+                return str(obstore.sign(self._store, "GET", key, timedelta(seconds=expires_s)))
+            except Exception as exc:
+                raise self._map(exc, key) from exc
+        return str(
+            self._boto3().generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": f"{self.prefix}/{key}" if self.prefix else key,
+                    "ResponseContentDisposition": f"attachment; filename*=UTF-8''{quote(filename)}",
+                },
+                ExpiresIn=expires_s,
+            )
+        )
+
+    def _boto3(self) -> Any:
+        """boto3's S3 client, only to presign (credentials from the same AWS_* variables; path-style URLs)."""
+        if getattr(self, "_presigner", None) is None:
+            import boto3
+            from botocore.config import Config
+
+            self._presigner = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+            )
+        return self._presigner
 
     def check(self) -> None:
         import obstore

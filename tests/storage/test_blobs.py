@@ -90,6 +90,15 @@ def test_presigned_url_serves_the_object_and_ranges(s3_store: S3BlobStore, tmp_p
     assert refused.value.code == 403  # the signature covers the key
 
 
+def test_presigned_url_names_the_download(s3_store: S3BlobStore, tmp_path: Path) -> None:
+    path, data = blob_file(tmp_path / "a.zip", 1000)
+    s3_store.put_file("jobs/job_n/pruned.zip", path)
+    url = s3_store.presign_get("jobs/job_n/pruned.zip", 60, "job_n-pruned.zip")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == data
+        assert "job_n-pruned.zip" in response.headers["Content-Disposition"]
+
+
 def test_local_store_has_no_presigned_urls(tmp_path: Path) -> None:
     assert LocalBlobStore(tmp_path).presign_get("jobs/job_x/pruned.zip", 60) is None
 
