@@ -214,26 +214,51 @@ def compact(
         folded=sum(f.channels for f in folds),
     )
     if verify:
-        diffs: dict[str, float] = {}
-        loaded = tf.saved_model.load(str(out_dir))
-        for name in probes:
-            for key, d in max_abs_diff(handle, loaded, probes[name], signature=name).items():
-                diffs[f"{name}/{key}"] = d
-        result.max_abs_diff = diffs
-        reference = {name: _reference_scale(handle, name, probes[name]) for name in probes}
-        for full, d in diffs.items():
-            name, key = full.split("/", 1)
-            if d > RTOL * max(1.0, reference[name].get(key, 1.0)):
-                raise PipelineError(
-                    "structure_failed",
-                    f"the compact model differs from the masked model on {full} by {d:.3g}; not writing it",
-                )
+        result.max_abs_diff = _verify(handle, out_dir, probes, analysis.aliases)
     return result
 
 
-def _reference_scale(handle: ModelHandle, signature: str, inputs: Mapping[str, Any]) -> dict[str, float]:
-    out = handle.call(signature, {k: np.asarray(v) for k, v in inputs.items()})
-    return {k: float(np.max(np.abs(v.numpy()))) if np.size(v) else 0.0 for k, v in out.items()}
+def _verify(
+    handle: ModelHandle, out_dir: Path, probes: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str]
+) -> dict[str, float]:
+    """Every output of every signature within ``RTOL`` (relative to the output's scale, at least 1) of the
+    masked model; an alias wraps the very same call as its canonical signature and shares its numbers."""
+    loaded = tf.saved_model.load(str(out_dir))
+    diffs: dict[str, float] = {}
+    for name in probes:
+        if name in aliases:
+            continue
+        got, want = _outputs(handle, loaded, probes[name], name)
+        for key in sorted(want):
+            a, b = np.asarray(got[key], np.float64), np.asarray(want[key], np.float64)
+            d = float(np.max(np.abs(a - b))) if b.size else 0.0
+            scale = float(np.max(np.abs(b))) if b.size else 0.0
+            diffs[f"{name}/{key}"] = d
+            if not d <= RTOL * max(1.0, scale):  # also catches NaN
+                raise PipelineError(
+                    "structure_failed",
+                    f"the compact model differs from the masked model on {name}/{key} by {d:.3g}; not writing it",
+                )
+    for alias, canonical in aliases.items():
+        for full, d in list(diffs.items()):
+            if full.startswith(f"{canonical}/"):
+                diffs[f"{alias}/{full[len(canonical) + 1 :]}"] = d
+    return diffs
+
+
+def _outputs(
+    reference: ModelHandle | Callable[..., Mapping[str, Any]],
+    loaded: Any,
+    inputs: Mapping[str, Any],
+    signature: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    fn = loaded.signatures[signature]
+    _, specs = fn.structured_input_signature
+    tensors = {k: tf.constant(np.asarray(v, dtype=specs[k].dtype.as_numpy_dtype)) for k, v in inputs.items()}
+    got = dict(fn(**tensors))
+    want = reference.call(signature, tensors) if isinstance(reference, ModelHandle) else reference(**tensors)
+    want = dict(want) if isinstance(want, Mapping) else {"output_0": want}
+    return got, want
 
 
 def _decide_removed(
@@ -526,12 +551,7 @@ def max_abs_diff(
     """Max absolute difference of every output of ``signature`` between ``reference`` (a handle, or a
     callable taking the inputs as keywords) and the SavedModel at ``compact_dir`` (or that model loaded)."""
     loaded = tf.saved_model.load(str(compact_dir)) if isinstance(compact_dir, str | Path) else compact_dir
-    fn = loaded.signatures[signature]
-    _, specs = fn.structured_input_signature
-    tensors = {k: tf.constant(np.asarray(v, dtype=specs[k].dtype.as_numpy_dtype)) for k, v in inputs.items()}
-    got = fn(**tensors)
-    want = reference.call(signature, tensors) if isinstance(reference, ModelHandle) else reference(**tensors)
-    want = dict(want) if isinstance(want, Mapping) else {"output_0": want}
+    got, want = _outputs(reference, loaded, inputs, signature)
     return {
         k: float(np.max(np.abs(np.asarray(got[k], np.float64) - np.asarray(want[k], np.float64))))
         if np.size(want[k])
