@@ -233,3 +233,45 @@ def keras3_autoencoder(out_dir: Path) -> Path:
     x = keras.layers.Conv2DTranspose(6, 3, strides=2, padding="same", activation="relu", name="dec")(x)
     out = keras.layers.Conv2D(1, 1, name="recon")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+def tf_module_unusual_ops(out_dir: Path) -> Path:
+    """A plain module whose channels pass ops with no rule or with a channel-mixing meaning: roll along the
+    channels, padding of the channel axis, softmax and a sum over channels; one clean branch beside them."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(10)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.4, name=name)
+
+    class Odd(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.roll_w, self.roll_b, self.roll_out = (
+                var([6, 10], "roll_w"),
+                var([10], "roll_b"),
+                var([10, 3], "roll_out"),
+            )
+            self.pad_w, self.pad_out = var([6, 8], "pad_w"), var([10, 3], "pad_out")
+            self.soft_w, self.soft_out = var([6, 5], "soft_w"), var([5, 3], "soft_out")
+            self.sum_w = var([6, 7], "sum_w")
+            self.clean_w, self.clean_b, self.clean_out = (
+                var([6, 9], "clean_w"),
+                var([9], "clean_b"),
+                var([9, 3], "clean_out"),
+            )
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            rolled = tf.roll(tf.nn.relu(x @ self.roll_w + self.roll_b), shift=1, axis=-1) @ self.roll_out
+            padded = tf.pad(tf.nn.relu(x @ self.pad_w), [[0, 0], [0, 2]]) @ self.pad_out
+            soft = tf.nn.softmax(x @ self.soft_w) @ self.soft_out
+            summed = tf.reduce_sum(tf.nn.relu(x @ self.sum_w), axis=-1, keepdims=True)
+            clean = tf.nn.relu(x @ self.clean_w + self.clean_b) @ self.clean_out
+            return {"y": rolled + padded + soft + summed + clean}
+
+    module = Odd()
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.serve})
+    return out_dir

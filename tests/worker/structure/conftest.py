@@ -51,4 +51,5 @@ BUILDERS = {
     "sequence": builders.keras3_sequence,
     "token_mlp": builders.keras3_token_mlp,
     "autoencoder": builders.keras3_autoencoder,
+    "unusual_ops": builders.tf_module_unusual_ops,
 }

@@ -213,3 +213,30 @@ def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
     assert all(before == after for before, after in result.channels.values())
     assert any("left whole" in n for n in result.notes)
     check_artifact(handle, result, tol=1e-6)
+
+
+def test_unknown_or_mixing_ops_freeze_their_groups(model_dirs, tmp_path: Path) -> None:
+    """Roll along the channels (no rule), padding the channel axis, softmax and a sum over channels: those
+    groups are left whole with the op named, even when a keep vector asks; the clean branch is compacted."""
+    handle = load_model(model_dirs["unusual_ops"])
+    analysis = find_groups(handle, "serving_default")
+    reasons = {v: _group(analysis, v).reason or "" for v in ("roll_w", "pad_w", "soft_w", "sum_w")}
+    assert "unknown op Roll" in reasons["roll_w"]
+    assert "unknown op Pad" in reasons["pad_w"]
+    assert "normalised across channels (Softmax" in reasons["soft_w"]
+    assert "reduced or normalised across channels (Sum" in reasons["sum_w"]
+    clean = _group(analysis, "clean_w")
+    assert clean.prunable and not any(_group(analysis, v).prunable for v in reasons)
+    variables = {nv.name: nv.var for nv in handle.variables()}
+    keep = {}
+    for name in ("roll_w", "pad_w", "soft_w", "sum_w", "clean_w"):  # zero half of every producer's outputs
+        group = _group(analysis, name)
+        k = np.arange(group.channels) % 2 == 0
+        keep[group.id] = k
+        value = variables[name].numpy()
+        value[:, ~k] = 0
+        variables[name].assign(value)
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    assert set(result.shapes) == {"clean_w", "clean_b", "clean_out"}
+    assert sum("left whole" in n for n in result.notes) == 4
+    check_artifact(handle, result)
