@@ -156,7 +156,12 @@ class Walker:
                 continue
             if self.is_const(op.outputs[0]) if op.outputs else True:
                 continue
-            RULES.get(op.type, unknown)(self, op)
+            try:
+                RULES.get(op.type, unknown)(self, op)
+            except Exception as exc:  # a graph a rule did not foresee: freeze, never guess
+                unknown(
+                    self, op, f"op {op.type} at {op.name} not understood ({type(exc).__name__}: {exc})"[:300]
+                )
         for key, tensor in sig.outputs.items():
             self.spaces.freeze_layout(
                 self.layouts.get(self._tname(tensor)), f"reaches signature output {key!r} ({sig.name})"

@@ -122,3 +122,18 @@ def test_bad_keep_vectors_are_refused(mlp_dir: Path, tmp_path: Path) -> None:
         compact(handle, analysis, {hidden.id: np.ones(3, bool)}, tmp_path / "a")
     with pytest.raises(PipelineError, match="no channel group"):
         compact(handle, analysis, {"g99:nope": np.ones(3, bool)}, tmp_path / "b")
+
+
+def test_a_rule_that_fails_freezes_instead_of_guessing(
+    mlp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.structure import rules
+
+    def broken(walker, op) -> None:
+        raise IndexError("surprise")
+
+    monkeypatch.setitem(rules.RULES, "Relu", broken)
+    analysis = find_groups(load_model(mlp_dir), "serving_default")
+    hidden = _by_producer(analysis, "hidden/kernel")
+    assert not hidden.prunable and "not understood (IndexError: surprise)" in hidden.reason
+    assert _by_producer(analysis, "gate/kernel").prunable  # the rest of the graph is still read
