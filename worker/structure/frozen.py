@@ -69,9 +69,7 @@ def freeze_signature(handle: ModelHandle, name: str) -> FrozenSignature:
         raise PipelineError("structure_failed", f"signature {name!r} has nested outputs")
     outputs = {k: t.name for k, t in zip(out_keys, fn.outputs, strict=True)}
 
-    skeleton = graph_pb2.GraphDef()
-    skeleton.CopyFrom(graph_def)
-    del graph_def
+    skeleton = graph_def  # edited in place: no second copy of the weights
     weights: dict[str, str] = {}
     for node in skeleton.node:
         if node.op == "Const" and node.name in captured:
