@@ -275,3 +275,17 @@ def tf_module_unusual_ops(out_dir: Path) -> Path:
     module = Odd()
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.serve})
     return out_dir
+
+
+def keras3_einsum_dense(out_dir: Path) -> Path:
+    """EinsumDense ``abc,cd->abd`` with a bias on ``d`` between two Dense layers on sequences."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((4, 5), name="tokens")
+    x = keras.layers.Dense(8, activation="relu", name="embed")(inp)
+    x = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 6), bias_axes="d", name="mix")(x)
+    x = keras.layers.Activation("tanh")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)

@@ -52,4 +52,5 @@ BUILDERS = {
     "token_mlp": builders.keras3_token_mlp,
     "autoencoder": builders.keras3_autoencoder,
     "unusual_ops": builders.tf_module_unusual_ops,
+    "einsum_dense": builders.keras3_einsum_dense,
 }

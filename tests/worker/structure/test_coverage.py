@@ -198,6 +198,21 @@ def test_conv_transpose_autoencoder(model_dirs, tmp_path: Path) -> None:
     assert max(max_abs_diff(handle, result.out_dir, x).values()) < 1e-5
 
 
+def test_einsum_dense(model_dirs, tmp_path: Path) -> None:
+    handle = load_model(model_dirs["einsum_dense"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    embed, mix = _group(analysis, "embed/kernel"), _group(analysis, "mix/kernel")
+    assert ("mix/kernel", 0, "consumer") in _roles(embed)
+    assert {
+        ("mix/kernel", 1, "producer"),
+        ("mix/bias", 0, "carrier"),
+        ("head/kernel", 0, "consumer"),
+    } <= _roles(mix)
+    result = _compact(handle, analysis, tmp_path, carriers=False)
+    assert result.shapes["mix/kernel"] == ([8, 6], [4, 3])
+
+
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
     """LSTM (While loop, gates split from one kernel), attention (Einsum between activations), LayerNorm:
     every group touching them is left whole with the reason; the artifact is still the same model."""
