@@ -317,3 +317,23 @@ def test_without_a_channel_analysis_channels_are_masked_per_variable(
         "units of output" in (row.get("skipped") or "") for row in rows.values()
     )  # the head, as before
     assert shapes(tmp_path / "saved_model") == shapes(models["wide_mlp"])
+
+
+def test_the_channel_analysis_is_read_once_per_loaded_model(models: dict[str, Path]) -> None:
+    """A search prunes one loaded handle per trial: the groups (graph only) are not read again, and the cache
+    does not keep the model alive."""
+    import gc
+    from types import SimpleNamespace
+
+    import worker.prune_stage as stage
+
+    handle = load_model(models["wide_mlp"])
+    job = SimpleNamespace(handle=handle, spec=SimpleNamespace(signature="serving_default"), timings={})
+    first, problem = stage.channel_groups(job)  # type: ignore[arg-type]
+    assert problem is None and first is not None
+    again, _ = stage.channel_groups(job)  # type: ignore[arg-type]
+    assert again is first
+    before = len(stage._ANALYSES)
+    del job, handle, first, again
+    gc.collect()
+    assert len(stage._ANALYSES) == before - 1
