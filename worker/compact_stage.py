@@ -44,7 +44,6 @@ __all__ = [
     "check_shapes",
     "compact_model",
     "measure_compact",
-    "new_shapes",
 ]
 
 RTOL = 1e-4  # of the largest masked output magnitude: summing fewer terms reorders float32 rounding
@@ -274,33 +273,6 @@ def _compare(
         if nan_mismatch or worst > tol:
             failed = failed or f"output {name!r} differs by up to {worst:.3g} (tolerance {tol:.3g})"
     return diffs, tolerance, failed
-
-
-def new_shapes(
-    groups: Sequence[Any], keep: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]
-) -> dict[str, tuple[int, ...]]:
-    """Shapes after removing, from every member of every group, its slices of the removed channels (only
-    variables whose shape changes)."""
-    lost: dict[tuple[str, int], set[int]] = {}
-    for group in groups:
-        flags = keep.get(group.id)
-        if flags is None or flags.all():
-            continue
-        removed = np.flatnonzero(~np.asarray(flags, bool))
-        for member in group.members:
-            shape = tuple(shapes[member.variable])
-            axis = member.axis % len(shape)
-            if member.positions is None:
-                index = removed
-            else:
-                index = np.asarray(member.positions).reshape(group.channels, -1)[removed].reshape(-1)
-            lost.setdefault((member.variable, axis), set()).update(int(i) for i in index)
-    out: dict[str, tuple[int, ...]] = {}
-    for (name, axis), index in lost.items():
-        shape = list(out.get(name, tuple(shapes[name])))
-        shape[axis] = int(shapes[name][axis]) - len(index)
-        out[name] = tuple(shape)
-    return out
 
 
 def measure_compact(
