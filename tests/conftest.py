@@ -39,9 +39,7 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh database for this test session, dropped at the end."""
+def _fresh_database() -> Iterator[str]:
     _need("PostgreSQL", "127.0.0.1", 5432)
     import psycopg
 
@@ -53,6 +51,19 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    yield from _fresh_database()
+
+
+@pytest.fixture
+def own_postgres_url() -> Iterator[str]:
+    """A fresh database for one test: no API key or job that an earlier test of the session left behind (a
+    stored key turns auth on for every server on that database)."""
+    yield from _fresh_database()
 
 
 @pytest.fixture

@@ -70,13 +70,13 @@ def test_readme_flow_with_no_shared_files(
     digits_files: dict[str, Path],  # noqa: F811
     services: Callable[..., Service],
     redis_url: str,
-    postgres_url: str,
+    own_postgres_url: str,
     tmp_path: Path,
 ) -> None:
     store = Seaweed(tmp_path / "s3").start()
     try:
         base, api, worker = split_deployment(
-            services, tmp_path, redis_url, postgres_url, store, SECATEURS_LOG_FORMAT="json"
+            services, tmp_path, redis_url, own_postgres_url, store, SECATEURS_LOG_FORMAT="json"
         )
         result = _run_readme_flow(base, digits_files, tmp_path)
         _check_artifact(result, digits_files["saved_model"])
@@ -115,7 +115,7 @@ def json_lines(service: Service) -> list[dict[str, Any]]:
 
 
 def test_store_outage_under_load_loses_no_job(
-    services: Callable[..., Service], redis_url: str, postgres_url: str, tmp_path: Path
+    services: Callable[..., Service], redis_url: str, own_postgres_url: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "model"
     saved = model_factory.build_keras3_export(root / "saved_model", epochs=1)
@@ -126,7 +126,7 @@ def test_store_outage_under_load_loses_no_job(
     store = Seaweed(tmp_path / "s3").start()
     statuses: list[int] = []
     try:
-        base, _, worker = split_deployment(services, tmp_path, redis_url, postgres_url, store)
+        base, _, worker = split_deployment(services, tmp_path, redis_url, own_postgres_url, store)
 
         def call(method: str, url: str, **kwargs: Any) -> httpx.Response:
             response = http.request(method, url, **kwargs)
