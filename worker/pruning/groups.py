@@ -48,7 +48,7 @@ import tensorflow as tf
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
 from worker.pruning.normalization import get_normalization
-from worker.pruning.pruner import VariableReport
+from worker.pruning.pruner import VariableReport, check_prune_args, compiled_mask_assign
 from worker.pruning.regularization import penalty_fn
 from worker.pruning.scope import select_groups
 
@@ -290,10 +290,7 @@ class GroupPruner:
 
     def prune(self, fraction: float, grads: Mapping[str, GradInput] | None = None) -> None:
         """Recompute group masks at ``fraction`` of every target; channels removed earlier stay removed."""
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be within [0, 1], got {fraction!r}")
-        if self.criterion.needs_gradients and grads is None:
-            raise ValueError(f"criterion {self.criterion.name!r} needs gradients: pass grads=")
+        check_prune_args(self.criterion, fraction, grads)
         if self.criterion.needs_gradients and grads is not None:
             self._drop_unconnected(grads)
         element = self._element_scores(grads)
@@ -394,14 +391,7 @@ class GroupPruner:
         if not names:
             return
         if self._apply is None or self._apply[0] != names:
-            targets = [self.all_variables[n] for n in names]
-
-            @tf.function(autograph=False, reduce_retracing=True)
-            def apply(masks: list[tf.Tensor]) -> None:
-                for var, mask in zip(targets, masks, strict=True):
-                    var.assign(tf.where(mask, var, tf.zeros_like(var)))
-
-            self._apply = (names, apply)
+            self._apply = (names, compiled_mask_assign([self.all_variables[n] for n in names]))
         self._apply[1]([self._mask_tensors[n] for n in names])
 
     def sparsity(self) -> dict[str, float]:

@@ -191,10 +191,7 @@ class Pruner:
         whose statistics say the loss does not depend on it (``connected=False``, e.g. another output's head)
         cannot be ranked by gradients: it is left dense and reported as skipped rather than pruned by ties.
         """
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be within [0, 1], got {fraction!r}")
-        if self.criterion.needs_gradients and grads is None:
-            raise ValueError(f"criterion {self.criterion.name!r} needs gradients: pass grads=")
+        check_prune_args(self.criterion, fraction, grads)
         if self.criterion.needs_gradients and grads is not None:
             for name in self.active:
                 stats = grads.get(name)
@@ -243,20 +240,12 @@ class Pruner:
         self._apply[1]([self._mask_tensors[name] for name in names])
 
     def _compiled_apply(self, names: list[str]) -> Any:
-        """One graph for all the assigns: called after every optimizer step, one eager ``assign`` per variable
-        cost 27% of fine-tuning throughput (bench/RESULTS.md). Masks are arguments, so re-pruning (new masks,
-        same shapes) reuses the trace; a new set of variables builds a new function."""
+        """A new set of variables builds a new function (``compiled_mask_assign`` says why one graph)."""
         targets = []
         for name in names:
             var = self.variables.get(name)
             targets.append(self._bias_vars[name] if var is None else var)
-
-        @tf.function(autograph=False, reduce_retracing=True)
-        def apply(masks: list[tf.Tensor]) -> None:
-            for var, mask in zip(targets, masks, strict=True):
-                var.assign(tf.where(mask, var, tf.zeros_like(var)))
-
-        return apply
+        return compiled_mask_assign(targets)
 
     def sparsity(self) -> dict[str, float]:
         """Measured from the variables, not the masks: fraction of entries that are exactly zero."""
@@ -381,3 +370,24 @@ _SCOPES: dict[str, Callable[[Pruner, dict[str, np.ndarray], float], dict[str, np
     "layer": Pruner._layer,
     "global": Pruner._global,
 }
+
+
+def check_prune_args(criterion: Criterion, fraction: float, grads: Mapping[str, GradInput] | None) -> None:
+    """ValueError for a fraction outside [0, 1] or a gradient criterion without gradients (every pruner)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be within [0, 1], got {fraction!r}")
+    if criterion.needs_gradients and grads is None:
+        raise ValueError(f"criterion {criterion.name!r} needs gradients: pass grads=")
+
+
+def compiled_mask_assign(targets: list[tf.Variable]) -> Callable[[list[tf.Tensor]], None]:
+    """One graph for all the mask assigns: called after every optimizer step, one eager ``assign`` per variable
+    cost 27% of fine-tuning throughput (bench/RESULTS.md). Masks are arguments, so re-pruning (new masks,
+    same shapes) reuses the trace. ``tf.where``, not ``var * mask``: +0.0 even for inf/NaN weights."""
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def apply(masks: list[tf.Tensor]) -> None:
+        for var, mask in zip(targets, masks, strict=True):
+            var.assign(tf.where(mask, var, tf.zeros_like(var)))
+
+    return apply
