@@ -289,11 +289,16 @@ def _job_text(job: Job) -> str:
 
 
 def metrics_summary(metrics: dict[str, Any]) -> str:
-    """One line a person reads after a job: sparsity, the headline metric before -> after, zip size."""
+    """One line a person reads after a job: sparsity (parameters when channels were removed: the compact
+    model has no zeros left to count), the headline metric before -> after, zip size."""
     baseline = metrics.get("baseline") or {}
     pruned = metrics.get("pruned") or {}
     parts = []
-    if isinstance(pruned.get("sparsity"), int | float):
+    compacted = bool((metrics.get("structure") or {}).get("compact"))
+    totals = ((baseline.get("params") or {}).get("total"), (pruned.get("params") or {}).get("total"))
+    if compacted and all(isinstance(t, int) for t in totals):
+        parts.append(f"params {totals[0]:,} -> {totals[1]:,} (channels removed)")  # zeros are gone, too
+    elif isinstance(pruned.get("sparsity"), int | float):
         parts.append(f"sparsity {pruned['sparsity']:.2f}")
     before, after = baseline.get("metrics") or {}, pruned.get("metrics") or {}
     for name in ("accuracy", "r2", "mse", "mae"):
@@ -377,17 +382,22 @@ def _run_client(args: argparse.Namespace, command: Callable[[Client, Output], in
 # --- prune / jobs wait --------------------------------------------------------------------------------------
 
 
-def _read_spec(path: Path | None, sparsity: float | None) -> dict[str, Any]:
+def _read_spec(given: str | None, sparsity: float | None) -> dict[str, Any]:
+    """``--spec`` is a JSON file, or the JSON object itself (``--spec '{"granularity": "channel"}'``)."""
     spec: dict[str, Any] = {}
-    if path is not None:
+    if given is not None:
+        inline = given.lstrip().startswith("{")
+        path = Path(given)
+        if not inline and not path.exists():
+            raise UsageError(f"--spec {given} does not exist (give a JSON file or a JSON object)")
         try:
-            loaded = json.loads(path.read_text())
+            loaded = json.loads(given if inline else path.read_text())
         except OSError as exc:
             raise UsageError(f"cannot read --spec {path}: {exc.strerror}") from exc
         except json.JSONDecodeError as exc:
-            raise UsageError(f"--spec {path} is not JSON: {exc}") from exc
+            raise UsageError(f"--spec {'(inline)' if inline else path} is not JSON: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise UsageError(f"--spec {path} must hold a JSON object (the pruning spec)")
+            raise UsageError(f"--spec {given} must hold a JSON object (the pruning spec)")
         spec = loaded
     if sparsity is not None:
         spec["target_sparsity"] = sparsity
@@ -505,7 +515,7 @@ def _export_format(value: str) -> str:
 
 def prune(args: argparse.Namespace) -> int:
     def run(client: Client, output: Output) -> int:
-        spec = _read_spec(_existing(args.spec, "--spec"), args.sparsity)
+        spec = _read_spec(args.spec, args.sparsity)
         if args.preset is not None:
             spec["preset"] = args.preset
         spec = _with_exports(spec, args.export)
@@ -845,7 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_prune.add_argument("--train", type=Path, default=None, help=".npz for fine-tuning / gradient criteria")
     p_prune.add_argument("--eval", type=Path, default=None, help=".npz to measure baseline vs pruned")
     p_prune.add_argument(
-        "--spec", type=Path, default=None, help="JSON pruning spec; --sparsity overrides its target"
+        "--spec",
+        default=None,
+        help="JSON pruning spec: a file, or the object itself ('{\"granularity\": \"channel\"}'); "
+        "--sparsity overrides its target",
     )
     p_prune.add_argument("--name", default=None, help="display name of the uploaded model")
     p_prune.add_argument(
