@@ -191,7 +191,12 @@ def _cards(document: Mapping[str, Any]) -> str:
     baseline, pruned = _map(document.get("baseline")), _map(document.get("pruned"))
     before, after = _flat_metrics(baseline), _flat_metrics(pruned)
     primary = next((k for k in ("accuracy", "mse", "mae") if k in before or k in after), None)
-    cards = [("sparsity", _num(pruned.get("sparsity"), 3), "of the prunable weights are zero")]
+    totals = _map(baseline.get("params")).get("total"), _map(pruned.get("params")).get("total")
+    if _map(document.get("structure")).get("compact") and all(isinstance(t, int) and t > 0 for t in totals):
+        # Removed channels leave no zeros to count: the gain is in the parameter count.
+        cards = [("parameters", f"{totals[1]:,}", f"{totals[0] / totals[1]:.2f}x fewer: channels removed")]
+    else:
+        cards = [("sparsity", _num(pruned.get("sparsity"), 3), "of the prunable weights are zero")]
     if primary:
         cards.append(
             (

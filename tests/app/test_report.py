@@ -108,3 +108,15 @@ def test_report_of_another_tenant_is_404(client: TestClient) -> None:
         assert record is not None
         record.tenant = "someone-else"
     assert_problem(client.get(f"/v1/jobs/{job['id']}/report"), 404)
+
+
+def test_a_compacted_job_headlines_its_parameters_not_zero_sparsity() -> None:
+    """Removed channels leave no zeros: the first card shows the parameter count the compaction reached."""
+    document = prune_document()
+    assert "of the prunable weights are zero" in render_report(document)
+    document["pruned"]["params"] = {"total": 6398, "prunable": 6336, "nonzero": 6398}
+    document["pruned"]["sparsity"] = 0.0
+    document["structure"] = {"compact": True, "groups": []}
+    page = render_report(document)
+    assert "6,398" in page and "2.63x fewer: channels removed" in page
+    assert "of the prunable weights are zero" not in page
