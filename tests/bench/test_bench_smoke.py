@@ -138,6 +138,24 @@ def test_exports_smoke_reports_every_file_beside_the_saved_models(smoke: dict[st
     assert "| dense SavedModel |" in result["markdown"]
 
 
+def test_compaction_smoke_compacts_and_compares_side_by_side(smoke: dict[str, Any]) -> None:
+    result = smoke["compaction"]
+    assert result["smoke"] is True and result["speed"]
+    for cell in result["speed"]:
+        assert cell["compact"] is True, cell["notes"]
+        assert cell["params"][1] < cell["params"][0] and cell["groups_pruned"] >= 1
+        assert all(diff <= 1e-4 for diff in (cell["max_abs_diff"] or {}).values())
+    for cell in result["digits"]:
+        channel, unstructured = cell["channel"], cell["unstructured"]
+        assert channel["compact"] is True and channel["params"]["total"] < cell["baseline_params"]["total"]
+        assert 0.0 <= channel["accuracy"] <= 1.0 and 0.0 <= unstructured["accuracy"] <= 1.0
+        # the unstructured run is matched to the channel run's nonzero count (within rounding of the target)
+        assert abs(unstructured["nonzero_prunable"] - channel["nonzero_prunable"]) <= 0.02 * channel[
+            "nonzero_prunable"
+        ] + 2
+    assert set(result["goal"]) >= {"wanted", "speedup", "met"}
+
+
 def test_search_smoke_compares_a_search_per_drop_with_the_grid(smoke: dict[str, Any]) -> None:
     result = smoke["search"]
     assert [p["target"] for p in result["grid"]] == [0.5, 0.8]
