@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install serve worker test lint docs bench bench-smoke clean
+.PHONY: install serve worker test test-slow lint docs bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,11 @@ lint: $(STAMP)
 docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a broken link or anchor fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
-test: $(STAMP) lint docs  ## the whole suite; CI=true makes Redis/PostgreSQL tests fail instead of skip
+test: $(STAMP) lint docs  ## the whole suite but `slow`; CI=true makes Redis/PostgreSQL/S3 tests fail instead of skip
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## only the tests marked slow (keras.applications ResNet50 compaction, ~1 min)
+	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot
 	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY))
