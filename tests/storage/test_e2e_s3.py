@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,8 @@ from tests.seaweed import Seaweed
 pytestmark = [pytest.mark.e2e, pytest.mark.tf, pytest.mark.redis, pytest.mark.postgres]
 
 
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    import sys
-
-    started: list[Service] = []
-
-    def start(args: list[str], env: dict[str, str], name: str) -> Service:
-        service = Service([sys.executable, "-m", "app.cli", *args], env, tmp_path / f"{name}.log")
-        started.append(service)
-        return service
-
-    yield start
-    for service in reversed(started):
-        service.stop()
-
-
 def split_deployment(
-    services: Callable[..., Service],
+    start: Callable[..., Service],
     tmp_path: Path,
     redis_url: str,
     postgres_url: str,
@@ -54,8 +38,8 @@ def split_deployment(
     redis.Redis.from_url(broker).flushdb()
     shared = {"SECATEURS_BROKER_URL": broker, "SECATEURS_DATABASE_URL": postgres_url, **store.env(), **extra}
     port = free_port()
-    api = services(["serve", "--port", str(port)], base_env(tmp_path / "api-host", **shared), "api")
-    worker = services(["worker"], base_env(tmp_path / "worker-host", **shared), "worker")
+    api = start(["serve", "--port", str(port)], base_env(tmp_path / "api-host", **shared), "api")
+    worker = start(["worker"], base_env(tmp_path / "worker-host", **shared), "worker")
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, [api, worker])
     return base, api, worker
@@ -68,7 +52,7 @@ def bucket_keys(store: Seaweed) -> set[str]:
 
 def test_readme_flow_with_no_shared_files(
     digits_files: dict[str, Path],  # noqa: F811
-    services: Callable[..., Service],
+    start_service: Callable[..., Service],
     redis_url: str,
     own_postgres_url: str,
     tmp_path: Path,
@@ -76,7 +60,7 @@ def test_readme_flow_with_no_shared_files(
     store = Seaweed(tmp_path / "s3").start()
     try:
         base, api, worker = split_deployment(
-            services, tmp_path, redis_url, own_postgres_url, store, SECATEURS_LOG_FORMAT="json"
+            start_service, tmp_path, redis_url, own_postgres_url, store, SECATEURS_LOG_FORMAT="json"
         )
         result = _run_readme_flow(base, digits_files, tmp_path)
         _check_artifact(result, digits_files["saved_model"])
@@ -115,7 +99,7 @@ def json_lines(service: Service) -> list[dict[str, Any]]:
 
 
 def test_store_outage_under_load_loses_no_job(
-    services: Callable[..., Service], redis_url: str, own_postgres_url: str, tmp_path: Path
+    start_service: Callable[..., Service], redis_url: str, own_postgres_url: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "model"
     saved = model_factory.build_keras3_export(root / "saved_model", epochs=1)
@@ -126,7 +110,7 @@ def test_store_outage_under_load_loses_no_job(
     store = Seaweed(tmp_path / "s3").start()
     statuses: list[int] = []
     try:
-        base, _, worker = split_deployment(services, tmp_path, redis_url, own_postgres_url, store)
+        base, _, worker = split_deployment(start_service, tmp_path, redis_url, own_postgres_url, store)
 
         def call(method: str, url: str, **kwargs: Any) -> httpx.Response:
             response = http.request(method, url, **kwargs)

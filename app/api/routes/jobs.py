@@ -310,16 +310,21 @@ def get_metrics(
         return JSONResponse(json.load(file))
 
 
-@router.get(
-    "/{job_id}/artifact",
-    responses={
+def _download_responses(content: dict[str, Any], what: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a file download (``/artifact`` and ``/artifacts/{name}`` serve files one way)."""
+    return {
         **ERRORS,
-        200: {"content": {"application/zip": {}}, "description": "the pruned SavedModel"},
-        206: {"description": "the requested byte range(s) of the zip (Range, If-Range)"},
+        200: {"content": content, "description": what},
+        206: {"description": "the requested byte range(s) (Range, If-Range)"},
         304: {"description": "If-None-Match matched the ETag"},
         416: {"model": Problem, "description": "no requested range lies inside the file"},
         **EXPIRED,
-    },
+    }
+
+
+@router.get(
+    "/{job_id}/artifact",
+    responses=_download_responses({"application/zip": {}}, "the pruned SavedModel"),
     summary="Download the pruned SavedModel as a zip",
 )
 def get_artifact(
@@ -384,17 +389,10 @@ def list_artifacts(
 
 @router.get(
     "/{job_id}/artifacts/{name}",
-    responses={
-        **ERRORS,
-        200: {
-            "content": {"application/zip": {}, "application/octet-stream": {}},
-            "description": "the file (saved_model: the zip; tflite_*: the .tflite flatbuffer)",
-        },
-        206: {"description": "the requested byte range(s) (Range, If-Range)"},
-        304: {"description": "If-None-Match matched the ETag"},
-        416: {"model": Problem, "description": "no requested range lies inside the file"},
-        **EXPIRED,
-    },
+    responses=_download_responses(
+        {"application/zip": {}, "application/octet-stream": {}},
+        "the file (saved_model: the zip; tflite_*: the .tflite flatbuffer)",
+    ),
     summary="Download one file of the job by name",
 )
 def get_named_artifact(
