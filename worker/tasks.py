@@ -132,6 +132,13 @@ def _validate(model_id: str) -> dict[str, Any] | None:
                 "unsafe_model",
                 f"the model's signatures run operations that are not allowed here: {', '.join(sorted(denied))}",
             )
+        elif not _begin_load(sessions, model_id, settings.max_attempts):
+            error = _error(
+                "validation_crashed",
+                f"the worker stopped while loading this model {settings.max_attempts} times (killed, most "
+                "likely out of memory: a worker needs about 2.5x the model's bytes); give the workers more "
+                "memory and upload it again",
+            )
         else:
             handle = load_model(saved_model)
             info = describe(handle)
@@ -158,6 +165,12 @@ def _validate(model_id: str) -> dict[str, Any] | None:
                 session, model_id, status="ready", signatures=info["signatures"], params=info["params"]
             )
     return error
+
+
+def _begin_load(sessions: sessionmaker[Session], model_id: str, max_attempts: int) -> bool:
+    """Committed before TensorFlow loads anything, so a crash in the load still counts."""
+    with session_scope(sessions) as session:
+        return repo.begin_model_load(session, model_id, max_attempts)
 
 
 @shared_task(name=VALIDATE_MODEL, acks_late=True)

@@ -154,6 +154,21 @@ def set_model_result(
     return result.rowcount == 1
 
 
+def begin_model_load(session: Session, model_id: str, max_attempts: int) -> bool:
+    """Count one more load of a validating model; False once ``max_attempts`` loads were begun (each one
+    before this ended without a result: the process running it died)."""
+    result = session.execute(
+        update(ModelRecord)
+        .where(
+            ModelRecord.id == model_id,
+            ModelRecord.status == "validating",
+            ModelRecord.load_attempts < max_attempts,
+        )
+        .values(load_attempts=ModelRecord.load_attempts + 1)
+    )
+    return result.rowcount == 1
+
+
 def active_jobs_using(session: Session, *, model_id: str | None = None, dataset_id: str | None = None) -> int:
     query = select(JobRecord.id).where(JobRecord.status.in_(ACTIVE_JOB_STATUSES))
     if model_id:

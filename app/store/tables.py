@@ -48,6 +48,9 @@ class ModelRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     # When its validation message was last published: the reaper re-sends one a broker lost (see app.maintenance).
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Loads begun by a validation: a worker killed while loading (out of memory) leaves the model 'validating',
+    # and without a count the reaper would re-send it into the same crash forever (worker.tasks).
+    load_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_models_created", "created_at", "id"),

@@ -235,3 +235,47 @@ def test_mse_on_class_ids_fails_invalid_spec_naming_both_shapes(world: World) ->
     message = job.error["message"]
     assert "'mse'" in message and "(48,)" in message and "(None, 4)" in message
     assert "sparse_categorical_crossentropy" in message
+
+
+# --- a validation whose worker dies while loading -----------------------------------------------------------
+
+
+def _set_validating(world: World, load_attempts: int) -> None:
+    with session_scope(world.sessions) as s:
+        record = s.get(ModelRecord, world.model_id)
+        assert record is not None
+        record.status, record.load_attempts = "validating", load_attempts
+
+
+def _model(world: World) -> ModelRecord:
+    with session_scope(world.sessions) as s:
+        record = s.get(ModelRecord, world.model_id)
+        assert record is not None
+        s.expunge(record)
+        return record
+
+
+def test_a_validation_counts_its_load_and_succeeds(world: World) -> None:
+    _set_validating(world, 0)
+    assert tasks._validate(world.model_id) is None
+    record = _model(world)
+    assert (record.status, record.load_attempts) == ("ready", 1)
+
+
+def test_a_model_whose_loads_all_died_is_invalid_not_reloaded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_attempts loads begun and none ended (the process was killed each time): the next delivery of the
+    validation marks the model invalid with a reason instead of loading it into the same crash again."""
+    _set_validating(world, MAX_ATTEMPTS)
+    import worker.models
+
+    def must_not_load(path: Path) -> None:
+        raise AssertionError("loaded a model whose loads all crashed")
+
+    monkeypatch.setattr(worker.models, "load_model", must_not_load)
+    error = tasks._validate(world.model_id)
+    record = _model(world)
+    assert record.status == "invalid" and error is not None
+    assert record.error == error and error["code"] == "validation_crashed"
+    assert f"{MAX_ATTEMPTS} times" in error["message"] and "memory" in error["message"]
