@@ -35,6 +35,7 @@ from worker.job import Data, Job, predict
 from worker.models import ModelHandle, NamedVariable, load_model
 from worker.prune_stage import AnyPruner, channel_groups
 from worker.pruning.groups import GroupPruner, zero_channel_keep
+from worker.pruning.pruner import variable_view
 
 __all__ = [
     "ATOL",
@@ -286,8 +287,8 @@ def measure_compact(
     total = nonzero_all = 0
     for nv in compacted.handle.variables():
         total += nv.size
-        nonzero_all += int(tf.math.count_nonzero(nv.var).numpy()) if nv.size else 0
-    nonzero = {nv.name: int(tf.math.count_nonzero(nv.var).numpy()) for nv in job.handle.variables()}
+        nonzero_all += int(np.count_nonzero(variable_view(nv.var))) if nv.size else 0
+    nonzero = {nv.name: int(np.count_nonzero(variable_view(nv.var))) for nv in job.handle.variables()}
     shape_of = {
         nv.name: tuple(compacted.shapes.get(nv.name, tuple(nv.shape))) for nv in job.handle.variables()
     }

@@ -31,6 +31,7 @@ from worker.job import Data, Job
 from worker.layer_shapes import flops_inputs, kernel_uses
 from worker.models import NamedVariable
 from worker.pruning.granularity import infer_kinds
+from worker.pruning.pruner import variable_view
 
 __all__ = [
     "FIDELITY_TRAIN_SAMPLES",
@@ -156,13 +157,13 @@ def delta(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> 
 
 
 class _Values(Mapping[str, np.ndarray]):
-    """Variable values by name, read on access: one variable's copy at a time, never the whole model."""
+    """Variable values by name, read on access as read-only views: no copy of any variable."""
 
     def __init__(self, variables: Sequence[NamedVariable]) -> None:
         self._vars = {nv.name: nv.var for nv in variables}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._vars[name].numpy()
+        return variable_view(self._vars[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._vars)

@@ -66,6 +66,7 @@ from worker.prune_stage import (
     unpaired_bias_notes,
 )
 from worker.pruning.granularity import Granularity
+from worker.pruning.pruner import variable_view
 from worker.zip_size import ZipSizeInBackground, shared_zip_size
 
 __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run_pipeline"]
@@ -110,7 +111,10 @@ def run_pipeline(
             job.notes.append(converted)
         job.timings["load"] = time.perf_counter() - tick
         document = run_kind(  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
-            job, window, out_dir, lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip)
+            job,
+            window,
+            out_dir,
+            lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
         )
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed
@@ -348,14 +352,14 @@ def _verify_artifact(job: Job, saved: Path, pruner: AnyPruner, model_dir: Path) 
     values = {nv.name: nv.var for nv in job.handle.variables()}
     expected: dict[str, tuple[tuple[int, ...], bytes]] = {}
     for name, mask in [*pruner.masks.items(), *pruner.bias_masks.items()]:
-        value = values[name].numpy()
-        if np.any(value[~mask] != 0):
+        value = variable_view(values[name])  # views, not copies: this runs beside the whole loaded model
+        if np.any(value, where=~mask):
             raise RuntimeError(f"pruned variable {name} is not exactly zero where masked")
         expected[name] = (value.shape, _digest(value))
     reader = tf.train.load_checkpoint(str(saved / "variables" / "variables"))
     shapes = {shape for shape, _ in expected.values()}
     on_disk = {
-        (tuple(shape), _digest(reader.get_tensor(key)))
+        (tuple(shape), _digest(reader.get_tensor(key)))  # one checkpoint tensor in memory at a time
         for key, shape in reader.get_variable_to_shape_map().items()
         if tuple(shape) in shapes
     }
@@ -367,8 +371,10 @@ def _verify_artifact(job: Job, saved: Path, pruner: AnyPruner, model_dir: Path) 
 
 
 def _digest(value: np.ndarray) -> bytes:
-    array = np.ascontiguousarray(value)
-    return hashlib.blake2b(array.dtype.str.encode() + array.tobytes(), digest_size=16).digest()
+    """Of the dtype and the bytes, hashed from the array's buffer (``tobytes`` would copy it first)."""
+    digest = hashlib.blake2b(value.dtype.str.encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(value).data)
+    return digest.digest()
 
 
 def _signature_defs(saved_model: Path) -> dict[str, Any]:

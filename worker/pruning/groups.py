@@ -48,7 +48,7 @@ import tensorflow as tf
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
 from worker.pruning.normalization import get_normalization
-from worker.pruning.pruner import VariableReport, check_prune_args, compiled_mask_assign
+from worker.pruning.pruner import VariableReport, check_prune_args, compiled_mask_assign, variable_view
 from worker.pruning.regularization import penalty_fn
 from worker.pruning.scope import select_groups
 
@@ -343,9 +343,9 @@ class GroupPruner:
             var = self.variables[name]
             grad = None if grads is None else grads[name]
             if self.criterion.uses_name:
-                score = np.asarray(self.criterion.score(var.numpy(), grad, name=name))
+                score = np.asarray(self.criterion.score(variable_view(var), grad, name=name))
             else:
-                score = np.asarray(self.criterion.score(var.numpy(), grad))
+                score = np.asarray(self.criterion.score(variable_view(var), grad))
             if score.shape != self.shapes[name]:
                 raise ValueError(
                     f"criterion {self.criterion.name!r} returned shape {score.shape} for {name} of shape "
@@ -399,7 +399,7 @@ class GroupPruner:
         result: dict[str, float] = {}
         for name, var in self.variables.items():
             size = int(np.prod(var.shape))
-            nonzero = int(tf.math.count_nonzero(var).numpy()) if size else 0
+            nonzero = int(np.count_nonzero(variable_view(var))) if size else 0
             result[name] = (size - nonzero) / size if size else 0.0
         return result
 

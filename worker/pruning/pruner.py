@@ -5,7 +5,7 @@ Each variable has a *kind* (``granularity.infer_kind``: dense, conv, depthwise, 
 (unstructured, channel, N:M, block); a granularity that has no meaning for a kind leaves the variable dense
 and says why (``skipped``), so the pipeline can put the reason in the metrics' notes.
 
-Scopes (``_SCOPES`` table, one entry per spec ``scope``):
+Scopes (one per spec ``scope``):
 - ``layer``: each variable ``n`` is pruned at ``fraction * targets[n]`` by its granularity.
 - ``global``: variables named in ``fixed`` (the spec's ``layer_sparsity`` overrides), and variables whose
   granularity is not rankable (N:M: a local pattern by definition), are pruned per layer at
@@ -18,6 +18,10 @@ again) and the new mask is AND-ed with the old one, so a schedule whose fraction
 asking for a lower fraction later keeps the higher sparsity already reached. With ``channel`` granularity the
 bias entry of a removed channel is masked too (when Keras naming pairs a bias, see ``paired_bias``), and
 ``apply_masks`` keeps it zero through fine-tuning.
+
+Memory: a one-shot job on a 1 B-parameter model must fit beside the loaded weights, so ``prune`` handles one
+variable at a time in layer scope (a view of its value, its score, its mask, its zeros written) and keeps only
+the boolean masks; global scope keeps each variable's group scores (the element scores when unstructured).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from worker.pruning.normalization import get_normalization
 from worker.pruning.regularization import penalty_fn
 from worker.pruning.scope import select_groups
 
-__all__ = ["Pruner", "VariableReport"]
+__all__ = ["Pruner", "VariableReport", "variable_view"]
 
 Scope = Literal["layer", "global"]
 
@@ -199,41 +203,59 @@ class Pruner:
                     self.skipped[name] = (
                         f"the loss does not depend on it: criterion {self.criterion.name!r} cannot score it"
                     )
-        scores: dict[str, np.ndarray] = {}
-        for name in self.active:
-            var = self.variables[name]
-            grad = None if grads is None else grads[name]
-            if self.criterion.uses_name:
-                score = np.asarray(self.criterion.score(var.numpy(), grad, name=name))
-            else:
-                score = np.asarray(self.criterion.score(var.numpy(), grad))
-            if score.shape != tuple(var.shape):
-                raise ValueError(
-                    f"criterion {self.criterion.name!r} returned shape {score.shape} "
-                    f"for {name} of shape {tuple(var.shape)}"
+        if self.scope == "layer":  # one variable at a time: its score, mask and zeros, then the next one
+            for name in self.active:
+                self._set_mask(
+                    name, self._own_mask(name, self._score(name, grads), fraction * self.targets[name])
                 )
-            if not np.issubdtype(score.dtype, np.floating):  # ints, bfloat16: -inf must be representable
-                score = score.astype(np.float32)
-            score = np.where(np.isnan(score), -np.inf, score)  # a NaN weight is the first thing to remove
-            scores[name] = np.where(self._masks[name], score, -np.inf)  # pruned stay pruned
-        new = _SCOPES[self.scope](self, scores, fraction)
-        for name, mask in new.items():
-            self._masks[name] = mask & self._masks[name]
-            bias = self.biases.get(name)
-            if bias is not None:
-                layout = self.granularities[name].layout(self.kinds[name], self.shapes[name])
-                keep = bias_keep_mask(layout, self._masks[name], self._bias_masks[bias].shape)
-                if keep is not None:
-                    self._bias_masks[bias] &= keep
-        self._mask_tensors = {name: tf.constant(self._masks[name]) for name in self.active}
-        self._mask_tensors.update({bias: tf.constant(mask) for bias, mask in self._bias_masks.items()})
-        self.apply_masks()
+        else:
+            for name, mask in self._global(lambda name: self._score(name, grads), fraction).items():
+                self._set_mask(name, mask)
+        self._mask_tensors = {}  # rebuilt by apply_masks only when fine-tuning asks for them
+
+    def _score(self, name: str, grads: Mapping[str, GradInput] | None) -> np.ndarray:
+        """The criterion's scores of one variable; NaN and already-pruned entries become ``-inf``.
+
+        Read from a view of the variable, copied only where entries must change: every full-model copy here
+        is one more model's worth of worker memory (a 1 B-parameter model is 4 GB)."""
+        var = self.variables[name]
+        grad = None if grads is None else grads[name]
+        weight = variable_view(var)
+        if self.criterion.uses_name:
+            score = np.asarray(self.criterion.score(weight, grad, name=name))
+        else:
+            score = np.asarray(self.criterion.score(weight, grad))
+        if score.shape != tuple(var.shape):
+            raise ValueError(
+                f"criterion {self.criterion.name!r} returned shape {score.shape} "
+                f"for {name} of shape {tuple(var.shape)}"
+            )
+        if not np.issubdtype(score.dtype, np.floating):  # ints, bfloat16: -inf must be representable
+            score = score.astype(np.float32)
+        lowest = np.isnan(score)  # a NaN weight is the first thing to remove
+        np.logical_or(lowest, ~self._masks[name], out=lowest)  # pruned stay pruned
+        return np.where(lowest, -np.inf, score) if lowest.any() else score
+
+    def _set_mask(self, name: str, mask: np.ndarray) -> None:
+        """AND the new mask in (masks only grow), derive the paired bias's, and write the zeros now."""
+        self._masks[name] = mask & self._masks[name]
+        _zero_where_pruned(self.variables[name], self._masks[name])
+        bias = self.biases.get(name)
+        if bias is not None:
+            layout = self.granularities[name].layout(self.kinds[name], self.shapes[name])
+            keep = bias_keep_mask(layout, self._masks[name], self._bias_masks[bias].shape)
+            if keep is not None:
+                self._bias_masks[bias] &= keep
+                _zero_where_pruned(self._bias_vars[bias], self._bias_masks[bias])
 
     def apply_masks(self) -> None:
         """Write exact zeros where masks say so (call after every optimizer step: updates revive weights).
 
         ``tf.where`` rather than ``var * mask``: the result is +0.0 even for inf/NaN or negative weights.
         """
+        if not self._mask_tensors:  # built on first use after a prune (one-shot jobs never need them)
+            self._mask_tensors = {name: tf.constant(self._masks[name]) for name in self.active}
+            self._mask_tensors.update({bias: tf.constant(mask) for bias, mask in self._bias_masks.items()})
         names = list(self._mask_tensors)
         if self._apply is None or self._apply[0] != names:
             self._apply = (names, self._compiled_apply(names))
@@ -252,7 +274,7 @@ class Pruner:
         result: dict[str, float] = {}
         for name, var in self.variables.items():
             size = int(np.prod(var.shape))
-            nonzero = int(tf.math.count_nonzero(var).numpy()) if size else 0
+            nonzero = int(np.count_nonzero(variable_view(var))) if size else 0
             result[name] = (size - nonzero) / size if size else 0.0
         return result
 
@@ -339,16 +361,16 @@ class Pruner:
     def _own_mask(self, name: str, score: np.ndarray, target: float) -> np.ndarray:
         return self.granularities[name].mask(score, self.kinds[name], target)
 
-    def _layer(self, scores: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
-        return {name: self._own_mask(name, s, fraction * self.targets[name]) for name, s in scores.items()}
-
-    def _global(self, scores: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    def _global(self, score_of: Callable[[str], np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+        """Scores are asked for one variable at a time and only their group scores are kept (one number per
+        channel or block; for unstructured, the scores themselves)."""
         assert self.global_target is not None
         masks: dict[str, np.ndarray] = {}
         group_scores: dict[str, np.ndarray] = {}
         group_sizes: dict[str, np.ndarray] = {}
         layouts = {}
-        for name, score in scores.items():
+        for name in self.active:
+            score = score_of(name)
             gran = self.granularities[name]
             if name in self.fixed or not gran.rankable:
                 target = self.fixed.get(name, self.targets[name])
@@ -359,6 +381,7 @@ class Pruner:
             layouts[name] = layout
             group_scores[name] = self._normalize(values, sizes)
             group_sizes[name] = np.ones(values.size, np.int64) if sizes is None else sizes
+            del score, values
         unit = all(bool((s == 1).all()) for s in group_sizes.values())
         keep = select_groups(group_scores, fraction * self.global_target, None if unit else group_sizes)
         for name, flags in keep.items():
@@ -366,10 +389,20 @@ class Pruner:
         return masks
 
 
-_SCOPES: dict[str, Callable[[Pruner, dict[str, np.ndarray], float], dict[str, np.ndarray]]] = {
-    "layer": Pruner._layer,
-    "global": Pruner._global,
-}
+def variable_view(var: tf.Variable) -> np.ndarray:
+    """The variable's current value as a read-only NumPy view: ``var.numpy()`` copies the whole tensor."""
+    return np.asarray(var.value())
+
+
+def _zero_where_pruned(var: tf.Variable, keep: np.ndarray) -> None:
+    """Exact +0.0 where ``keep`` is False, one variable at a time (so the temporary is one variable's size);
+    nothing to write when the mask keeps everything."""
+    if keep.all():
+        return
+    var.assign(tf.where(tf.constant(keep), var, tf.zeros([], var.dtype)))
+
+
+_SCOPES = ("layer", "global")
 
 
 def check_prune_args(criterion: Criterion, fraction: float, grads: Mapping[str, GradInput] | None) -> None:
@@ -388,6 +421,6 @@ def compiled_mask_assign(targets: list[tf.Variable]) -> Callable[[list[tf.Tensor
     @tf.function(autograph=False, reduce_retracing=True)
     def apply(masks: list[tf.Tensor]) -> None:
         for var, mask in zip(targets, masks, strict=True):
-            var.assign(tf.where(mask, var, tf.zeros_like(var)))
+            var.assign(tf.where(mask, var, tf.zeros([], var.dtype)))  # a broadcast scalar: no zeros tensor
 
     return apply
