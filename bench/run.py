@@ -16,6 +16,11 @@ Sections (``SECTIONS``):
 - ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
   CNN at 80% (and 50% channels, compacted) (bench/exports.py).
 
+Opt-in (``OPT_IN``, run only when named in ``--only``; many minutes, tens of GB of disk and RAM):
+
+- ``bigmodel``: issue 14 (b), a ~1 B-parameter plain ``tf.Module`` SavedModel (~4 GB) uploaded, pruned and
+  downloaded through the API on S3 vs a bare-TensorFlow load+prune+save+zip (bench/big_model.py).
+
 ``bench/RESULTS.md`` is edited, not regenerated: every section lives between ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->`` markers and carries its own date, machine and versions, so ``--only tfmot`` rewrites
 that block and leaves everything else in the file (other sections, text written by hand) as it was. A section
@@ -107,6 +112,14 @@ def _compaction(
     return run_compaction(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _bigmodel(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.big_model import run_big_model
+
+    return run_big_model(smoke=smoke, work_dir=work_dir)
+
+
 SECTIONS: dict[str, tuple[str, Runner]] = {
     "resnet": ("ResNet-50: API job vs the floor", _resnet),
     "digits": ("Digits: quality after pruning", _digits),
@@ -117,13 +130,20 @@ SECTIONS: dict[str, tuple[str, Runner]] = {
     "compaction": ("Channel compaction: ResNet-50 / MobileNetV2 speed-ups, digits quality", _compaction),
     "search": ("Search: highest sparsity within an accuracy drop vs a manual grid", _search),
 }
+# Not in the default run (many minutes, tens of GB of disk and RAM): only when named in --only.
+OPT_IN: dict[str, tuple[str, Runner]] = {
+    "bigmodel": ("Largest model: ~1 B parameters through the API on S3 vs bare TensorFlow", _bigmodel),
+}
+ALL_SECTIONS: dict[str, tuple[str, Runner]] = {**SECTIONS, **OPT_IN}
 HOW = (
     "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
     "build the cached models; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
-    f"({', '.join(SECTIONS)}; rewrites only those sections of this file), `--repeats N` (ResNet), `--smoke` "
+    f"({', '.join(SECTIONS)}, and opt-in {', '.join(OPT_IN)}, which the full run leaves out; rewrites only those "
+    "sections of this file), `--repeats N` (ResNet), `--smoke` "
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
     "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
-    "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py, bench/search.py.\n"
+    "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py, bench/search.py, "
+    "bench/big_model.py.\n"
 )
 
 
@@ -136,11 +156,11 @@ def run_sections(
 ) -> dict[str, Any]:
     """Run the selected benchmarks; returns ``{name: {..., "markdown", "bench_wall_s"}}``."""
     selected = [only] if isinstance(only, str) else list(only or SECTIONS)
-    unknown = [name for name in selected if name not in SECTIONS]
+    unknown = [name for name in selected if name not in ALL_SECTIONS]
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(ALL_SECTIONS)}")
     results: dict[str, Any] = {}
-    for name, (_, runner) in SECTIONS.items():
+    for name, (_, runner) in ALL_SECTIONS.items():
         if name not in selected:
             continue
         tick = time.perf_counter()
@@ -176,7 +196,7 @@ def header(smoke: bool) -> str:
 def section_markdown(name: str, result: dict[str, Any]) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"## {SECTIONS[name][0]}\n\n_Run {stamp} on {_facts()}; benchmark wall time "
+        f"## {ALL_SECTIONS[name][0]}\n\n_Run {stamp} on {_facts()}; benchmark wall time "
         f"{result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
     )
 
@@ -200,7 +220,7 @@ def write_results(results: dict[str, Any], smoke: bool, path: Path | None = None
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.is_file() and not smoke else ""
     text = replace_block(text, "header", header(smoke), at_start=True)
-    for name in SECTIONS:
+    for name in ALL_SECTIONS:
         if name not in results:
             continue
         text = replace_block(text, name, section_markdown(name, results[name]))
@@ -213,13 +233,13 @@ def write_results(results: dict[str, Any], smoke: bool, path: Path | None = None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description="Secateurs benchmarks")
-    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None)
+    parser.add_argument("--only", nargs="+", choices=list(ALL_SECTIONS), default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny stand-ins through the same code paths")
     parser.add_argument("--repeats", type=int, default=None, help="ResNet repeats (default 2; smoke 1)")
     args = parser.parse_args(argv)
     results = run_sections(only=args.only, smoke=args.smoke, repeats=args.repeats)
     path = write_results(results, smoke=args.smoke)
-    for name in SECTIONS:
+    for name in ALL_SECTIONS:
         if name in results:
             print(results[name]["markdown"])
     print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
