@@ -113,6 +113,11 @@ def select_groups(
     names = sorted(scores)
     flats = {n: _sanitized(scores[n]) for n in names}
     unit = sizes is None
+    protected = {n: f.size - 1 - int(np.argmax(f[::-1])) for n, f in flats.items() if f.size and target < 1.0}
+    if unit:  # one element per group: no size arrays (an int64 per weight is twice a float32 model)
+        fast = _unit_keep(names, flats, protected, round(target * sum(f.size for f in flats.values())))
+        if fast is not None:
+            return {name: fast[name] for name in scores}
     group_sizes = {
         n: np.ones(flats[n].size, np.int64) if sizes is None else np.asarray(sizes[n], np.int64).reshape(-1)
         for n in names
@@ -121,11 +126,6 @@ def select_groups(
         if group_sizes[n].shape != flats[n].shape or (group_sizes[n] < 1).any():
             raise ValueError(f"sizes of {n} must be positive, one per group")
     total = int(sum(int(s.sum()) for s in group_sizes.values()))
-    protected = {n: f.size - 1 - int(np.argmax(f[::-1])) for n, f in flats.items() if f.size and target < 1.0}
-    if unit:
-        fast = _unit_keep(names, flats, protected, round(target * total))
-        if fast is not None:
-            return {name: fast[name] for name in scores}
     segments = [np.delete(flats[n], protected[n]) if n in protected else flats[n] for n in names]
     pool = np.concatenate(segments) if segments else np.empty(0)
     wanted = round(target * total)
