@@ -345,8 +345,16 @@ def count_zip_entries(path: Path, stop_after: int) -> int:
         eocd = size - tail_len + at
         cd_size, cd_offset = struct.unpack_from("<II", tail, at + 12)
         cd_end = eocd
-        if cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF or tail[at + 10 : at + 12] == b"\xff\xff":
-            if at < 20 or tail[at - 20 : at - 16] != b"PK\x06\x07":
+        # A zip64 end record sits between the directory and the classic one whenever the locator is there:
+        # Python's zipfile writes them from a 2 GiB offset on, while the classic fields still hold real values.
+        located = at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07"
+        if (
+            located
+            or cd_size == 0xFFFFFFFF
+            or cd_offset == 0xFFFFFFFF
+            or tail[at + 10 : at + 12] == b"\xff\xff"
+        ):
+            if not located:
                 raise ArchiveError("the zip64 directory locator is missing; the archive is corrupt")
             (z64_offset,) = struct.unpack_from("<Q", tail, at - 20 + 8)
             f.seek(z64_offset)

@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.archive import (
@@ -441,3 +442,23 @@ def test_inspect_keras(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedFormat):
         inspect_keras(make_targz(tmp_path / "t.keras", {"config.json": b"{}"}))
+
+
+def test_zip_with_zip64_end_records_below_4_gib_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's zipfile adds the zip64 end records once the directory offset passes 2 GiB and still writes the
+    real offset into the classic record below 4 GiB (every 2-4 GB upload): the locator alone must be enough.
+    ZIP64_LIMIT lowered so a few KB take that path."""
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1024)
+    incompressible = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+    path = make_zip(tmp_path / "m.zip", {**MODEL, "variables/variables.data-00000-of-00001": incompressible})
+    data = path.read_bytes()
+    eocd = data.rfind(b"PK\x05\x06")
+    assert data[eocd - 20 : eocd - 16] == b"PK\x06\x07"  # the locator is there...
+    assert struct.unpack_from("<I", data, eocd + 16)[0] != 0xFFFFFFFF  # ...and the classic offset is real
+    monkeypatch.undo()
+    inspect_archive(path, ArchiveLimits())
+    out = tmp_path / "out"
+    extract_archive(path, out, ArchiveLimits())
+    assert (out / "saved_model.pb").read_bytes() == PB
