@@ -161,3 +161,33 @@ def test_closed_gate_holds_until_opened(tmp_path: Path) -> None:
     worker.join(10)
     assert not worker.is_alive()
     assert buf.getvalue() == _zip_bytes(src, 1)
+
+
+def test_a_boost_mid_file_moves_to_every_core_and_keeps_the_bytes(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline size counts on one thread beside a job; once the job waits for it (``result()``), the
+    rest of the file is deflated on a pool. Boosted after the first block: same bytes, and a pool was made."""
+    monkeypatch.setattr(size_mod, "_cores", lambda: 2)
+    pools: list[int] = []
+    real_pool = size_mod.ThreadPoolExecutor
+
+    def counting_pool(workers: int, **kwargs: object) -> object:
+        pools.append(workers)
+        return real_pool(workers, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(size_mod, "ThreadPoolExecutor", counting_pool)
+    boost = threading.Event()
+    real_block = size_mod._deflate_block
+
+    def block_then_boost(data: bytes, zdict: bytes, level: int) -> bytes:
+        boost.set()  # from the second block on, write_zip sees it
+        return real_block(data, zdict, level)
+
+    monkeypatch.setattr(size_mod, "_deflate_block", block_then_boost)
+    buf = io.BytesIO()
+    write_zip(tree, buf, 6, None, None, threads=1, boost=boost)
+    monkeypatch.setattr(size_mod, "_deflate_block", real_block)
+    assert pools == [2]
+    assert buf.getvalue() == _zip_bytes(tree, 1)
+    assert deflate_zip_size(tree, boost=threading.Event()) == len(buf.getvalue())

@@ -138,6 +138,10 @@ class _BlockDeflate:
             done.append(self._pending.popleft().result())
         return b"".join(done)
 
+    def use_pool(self, pool: ThreadPoolExecutor, depth: int) -> None:
+        """Deflate the following blocks on ``pool`` (nothing is pending without one: order is kept)."""
+        self._pool, self._depth = pool, depth
+
     def compress(self, data: bytes | memoryview) -> bytes:
         if not self._buffer and type(data) is bytes and len(data) == _CHUNK:
             return self._block(data)  # write_zip's reads: no copy
@@ -176,16 +180,28 @@ def write_zip(
     stop: threading.Event | None = None,
     gate: threading.Event | None = None,
     threads: int | None = None,
+    boost: threading.Event | None = None,
 ) -> None:
     """The deterministic zip of ``src_dir`` into a seekable binary file; files streamed in chunks (variables
     can be larger than memory). ``stop`` set -> ``ZipCanceled`` within one chunk; ``gate`` cleared -> waits
     before the next chunk (paused) until it is set again or ``stop`` is. ``threads`` deflate threads
-    (``None`` = every core); 1 compresses in the calling thread and starts none. The bytes do not depend on it.
+    (``None`` = every core); 1 compresses in the calling thread and starts none. ``boost`` set -> every core
+    from the next chunk on (someone now waits for the result). The bytes depend on neither.
     """
     threads = _cores() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
     pool = ThreadPoolExecutor(threads, thread_name_prefix="zip-deflate") if threads > 1 else None
+    deflate: _BlockDeflate | None = None
+
+    def boosted() -> None:
+        nonlocal pool, threads
+        cores = _cores()
+        if pool is None and cores > 1:
+            threads, pool = cores, ThreadPoolExecutor(cores, thread_name_prefix="zip-deflate")
+            if deflate is not None:
+                deflate.use_pool(pool, 2 * threads)
+
     try:
         with zipfile.ZipFile(
             fileobj, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel
@@ -211,6 +227,8 @@ def write_zip(
                     deflate = _BlockDeflate(compresslevel, pool, 2 * threads)
                     dst._compressor = deflate  # type: ignore[attr-defined]
                     while chunk := src.read(_CHUNK):
+                        if boost is not None and pool is None and boost.is_set():
+                            boosted()
                         while gate is not None and not gate.wait(0.05):
                             if stop is not None and stop.is_set():
                                 deflate.abandon()
