@@ -44,15 +44,21 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import OUT_DIR, ROOT, BenchError, md_table, server_time, subprocess_env
+from bench.common import (
+    OUT_DIR,
+    ROOT,
+    BenchError,
+    md_table,
+    server_time,
+    streamed_multipart,
+    subprocess_env,
+)
 from bench.service_load import RssSampler, status_kib
 
 MiB = 1 << 20
@@ -368,29 +374,6 @@ def _growth_mb(sampler: RssSampler, tick: float, hwm_before: int, hwm_after: int
 # -- the service ----------------------------------------------------------------------------------------------
 
 
-def _multipart(path: Path, filename: str) -> tuple[Iterator[bytes], dict[str, str]]:
-    """A streamed ``multipart/form-data`` body with one ``file`` field (1 MiB chunks, never the whole file)."""
-    boundary = uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/zip\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-
-    def body() -> Iterator[bytes]:
-        yield head
-        with path.open("rb") as fh:
-            while chunk := fh.read(MiB):
-                yield chunk
-        yield tail
-
-    headers = {
-        "Content-Type": f"multipart/form-data; boundary={boundary}",
-        "Content-Length": str(len(head) + path.stat().st_size + len(tail)),
-    }
-    return body(), headers
-
-
 def _poll(http: httpx.Client, path: str, done: Any, timeout: float, stages: list[Any] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -426,7 +409,7 @@ def run_service(upload_zip: Path, model_bytes: int, work: Path, spec: dict[str, 
             idle = tree.take()
             # upload, sampling the API's RSS
             _reset_hwm(api_pid)
-            body, headers = _multipart(upload_zip, "model.zip")
+            body, headers = streamed_multipart(upload_zip, "model.zip", "application/zip")
             hwm_before = status_kib(api_pid, "VmHWM")
             with RssSampler(api_pid) as sampler:
                 time.sleep(0.5)

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -463,3 +464,28 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def fmt_s(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def streamed_multipart(
+    path: Path, filename: str, content_type: str = "application/octet-stream"
+) -> tuple[Iterator[bytes], dict[str, str]]:
+    """A streamed ``multipart/form-data`` body with one ``file`` field (1 MiB chunks, never the whole file)."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+        yield tail
+
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + path.stat().st_size + len(tail)),
+    }
+    return body(), headers

@@ -32,7 +32,15 @@ from typing import Any
 
 import httpx
 
-from bench.common import OUT_DIR, ROOT, BenchError, free_port, md_table, subprocess_env
+from bench.common import (
+    OUT_DIR,
+    ROOT,
+    BenchError,
+    free_port,
+    md_table,
+    streamed_multipart,
+    subprocess_env,
+)
 from bench.service_load import RssSampler, status_kib, write_big_npz
 from tests.e2e.conftest import Service
 from tests.seaweed import Seaweed
@@ -198,31 +206,14 @@ def run_transfers(dep: Deployment, work: Path, mib: int) -> dict[str, Any]:
     made = write_big_npz(path, mib * MiB)
     size = made["bytes"]
     api_pid = dep.services[0].process.pid
-    boundary = uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.npz"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-
-    def body() -> Any:
-        yield head
-        with path.open("rb") as fh:
-            while chunk := fh.read(MiB):
-                yield chunk
-        yield tail
-
-    headers = {
-        "Content-Type": f"multipart/form-data; boundary={boundary}",
-        "Content-Length": str(len(head) + size + len(tail)),
-    }
+    body, headers = streamed_multipart(path, "big.npz")
     with httpx.Client(base_url=dep.base, timeout=1800) as http:
         time.sleep(1.0)
         hwm_before = status_kib(api_pid, "VmHWM")
         with RssSampler(api_pid) as sampler:
             time.sleep(0.5)
             tick = time.monotonic()
-            response = http.post("/v1/datasets", content=body(), headers=headers)
+            response = http.post("/v1/datasets", content=body, headers=headers)
             api_up = time.monotonic() - tick
             time.sleep(0.5)
         hwm_after = status_kib(api_pid, "VmHWM")

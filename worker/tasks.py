@@ -136,8 +136,8 @@ def _validate(model_id: str) -> dict[str, Any] | None:
             error = _error(
                 "validation_crashed",
                 f"the worker stopped while loading this model {settings.max_attempts} times (killed, most "
-                "likely out of memory: a worker needs about 2.5x the model's bytes); give the workers more "
-                "memory and upload it again",
+                "likely out of memory: a one-shot job needs about 2x the model's bytes, fine-tuning more); "
+                "give the workers more memory and upload it again",
             )
         else:
             handle = load_model(saved_model)
