@@ -53,6 +53,7 @@ from worker.job import Job, Report, Window, predict
 from worker.kinds import run_kind
 from worker.latency_run import measure_latency
 from worker.load_stage import prepare, resolve_granularity, seed_everything
+from worker.memory import check_prune_memory
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
 from worker.prune_stage import (
     GRADIENT_SAMPLES,
@@ -137,6 +138,7 @@ def _run(
     window("baseline", BASELINE)
     tick = time.perf_counter()
     prunable, kinds = select(job)
+    check_prune_memory(spec, prunable)  # a prune that cannot fit fails now, with what would (worker.memory)
     reference = reference_data(job)
     reference_outputs = predict(job, reference.data) if reference is not None else None
     before = score(job, reference.data if reference and reference.labelled else None, reference_outputs)
