@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.model_cache import cached_builder
+
 N_CLASSES = 10
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
@@ -64,6 +66,7 @@ def _seed_all(seed: int) -> None:
     tf.random.set_seed(seed)
 
 
+@cached_builder
 def build_keras2_saved_model(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
     """tf_keras CNN (Conv2D + BatchNorm + Dropout + Dense, softmax) saved with ``model.save(dir)``."""
     import tf_keras
@@ -111,6 +114,7 @@ def _keras3_cnn(seed: int) -> Any:
     return model
 
 
+@cached_builder
 def build_keras3_export(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
     """Keras 3 CNN exported with ``model.export(dir)`` (inference-only ``serve`` / ``serving_default``)."""
     _seed_all(seed)
@@ -121,6 +125,7 @@ def build_keras3_export(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
     return out_dir
 
 
+@cached_builder
 def build_keras3_file(path: Path, epochs: int = 3, seed: int = 0) -> Path:
     """Keras 3 CNN saved as a ``.keras`` file (the worker converts it to a SavedModel)."""
     _seed_all(seed)
@@ -169,6 +174,7 @@ def _digits_module(tf: Any, seed: int, hidden: int) -> Any:
     return DigitsMLP()
 
 
+@cached_builder
 def build_tf_module(out_dir: Path, steps: int = 300, seed: int = 0, hidden: int = 32) -> Path:
     """Plain ``tf.Module`` MLP with dict-in/dict-out signatures.
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.model_cache import cached_builder
+
 __all__ = ["KINDS", "ZOO", "ZooKind", "build", "datasets"]
 
 CLASSES = 4  # outputs of every single-output zoo model (multi_io: 3 classes + 1 regression target)
@@ -256,7 +258,12 @@ KINDS: tuple[str, ...] = tuple(ZOO)
 
 
 def build(kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Build the SavedModel of ``kind`` in ``out_dir`` (see ``ZOO``)."""
+    """Build the SavedModel of ``kind`` in ``out_dir`` (see ``ZOO``); cached on disk when the test cache is on."""
+    return _build(out_dir, kind, seed)
+
+
+@cached_builder
+def _build(out_dir: Path, kind: str, seed: int) -> Path:
     return ZOO[kind].build(out_dir, seed)
 
 
