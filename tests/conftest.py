@@ -1,18 +1,49 @@
 """Shared fixtures. Redis/PostgreSQL tests skip locally when the server is absent, but FAIL under CI=true:
-CI must never go green by skipping them."""
+CI must never go green by skipping them.
+
+The suite runs under pytest-xdist (``make test``: one worker per core). Each xdist worker gets its own Redis
+databases (``redis_url`` hands a fresh, flushed one to each test that asks) and one TensorFlow thread pool per
+process, so two workers do not fight over two cores; built models are cached on disk for every worker and run
+(``tests/support/model_cache.py``).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import Service, base_env, free_port, wait_ready
+from tests.support.model_cache import CACHE_ENV
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REDIS_URL = os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_BASE = os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# Redis's 16 databases, less 0 (a developer's own) and 12 (bench/storage.py's broker).
+REDIS_DATABASES = tuple(n for n in range(1, 16) if n != 12)
+
+
+def xdist_worker() -> tuple[int, int]:
+    """(this worker's index, the number of workers); (0, 1) without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name.removeprefix("gw") or 0), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Processes started by tests (servers, workers) inherit these too.
+    if CACHE_ENV not in os.environ and getattr(config, "cache", None) is not None:
+        os.environ[CACHE_ENV] = str(config.cache.mkdir("secateurs-models"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _, workers = xdist_worker()
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 PG_ADMIN_DSN = os.environ.get("SECATEURS_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -33,10 +64,22 @@ def _need(service: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+_redis_turn = 0
+
+
+@pytest.fixture
 def redis_url() -> str:
+    """A Redis database no other xdist worker uses, flushed for this test (the worker's databases rotate)."""
+    global _redis_turn
     _need("Redis", "127.0.0.1", 6379)
-    return REDIS_URL
+    import redis
+
+    index, workers = xdist_worker()
+    mine = REDIS_DATABASES[index::workers] or REDIS_DATABASES[-1:]
+    url = f"{REDIS_BASE}/{mine[_redis_turn % len(mine)]}"
+    _redis_turn += 1
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 def _fresh_database() -> Iterator[str]:
@@ -71,3 +114,28 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "var"
     path.mkdir()
     return path
+
+
+@dataclass(frozen=True)
+class Embedded:
+    url: str
+    service: Service
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    """One `secateurs serve` (embedded default: API + worker child) per session (per xdist worker), for every
+    test that needs "a server" and nothing special of it: TensorFlow starts once. Tests share its database, so
+    they use the ids they created, never "the only job"."""
+    root = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    service = Service(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], base_env(root / "data"), root / "serve.log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, [service])
+        yield Embedded(url=url, service=service, data_dir=root / "data")
+    finally:
+        service.stop()

@@ -4,14 +4,12 @@
   uvicorn in a thread of the test process. Real HTTP, so streamed uploads, headers and Range behave as in
   production; no worker, so jobs stay ``queued`` until canceled (deterministic states for error mapping,
   cancel, timeouts).
-- ``embedded``: one real ``secateurs serve`` subprocess on the embedded default (its own worker child running
-  TensorFlow), shared by every end-to-end test of this package so TensorFlow starts once.
+- ``embedded`` (tests/conftest.py): one real ``secateurs serve`` for the session's end-to-end tests.
 - ``tiny``: a plain ``tf.Module`` digits MLP (input ``pixels``) zipped, with ``x.pixels``/``y`` datasets.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ from app.config import Settings
 from app.main import create_app
 from tests import model_factory
 from tests.app.helpers import saved_model_zip
-from tests.e2e.conftest import Service, base_env, free_port, wait_ready
+from tests.e2e.conftest import free_port
 
 
 @contextmanager
@@ -99,27 +97,3 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
         train=model_factory.write_npz(root / "train.npz", {name: train["x"][:400], "y": train["y"][:400]}),
         test=model_factory.write_npz(root / "test.npz", {name: test["x"][:200], "y": test["y"][:200]}),
     )
-
-
-@dataclass(frozen=True)
-class Embedded:
-    url: str
-    service: Service
-    data_dir: Path
-
-
-@pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
-    """One `secateurs serve` (embedded default: API + worker child) for the whole session, on loopback."""
-    root = tmp_path_factory.mktemp("embedded")
-    port = free_port()
-    env = base_env(root / "data")
-    service = Service(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, root / "serve.log"
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, [service])
-        yield Embedded(url=url, service=service, data_dir=root / "data")
-    finally:
-        service.stop()

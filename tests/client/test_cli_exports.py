@@ -12,7 +12,8 @@ import pytest
 
 from app.cli import _with_exports, main
 from app.client import Client
-from tests.client.conftest import Embedded, Tiny
+from tests.client.conftest import Tiny
+from tests.conftest import Embedded
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from app.drop_warning import DEFAULT_WARN_DROP, drop_warning, spec_line, suggestions
-from tests.client.conftest import Embedded, Tiny
+from tests.client.conftest import Tiny
 from tests.client.test_cli import cli, run
+from tests.conftest import Embedded
 
 
 def metrics(before: float, after: float, name: str = "accuracy") -> dict[str, Any]:

@@ -11,7 +11,8 @@ import pytest
 from app.cli import main
 from app.client import Client
 from app.client.errors import ApiError
-from tests.client.conftest import Embedded, Tiny
+from tests.client.conftest import Tiny
+from tests.conftest import Embedded
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 

@@ -46,7 +46,8 @@ from app.client import (
 from app.client import client as client_module
 from app.client.errors import parse_retry_after
 from app.config import Settings
-from tests.client.conftest import Embedded, ServeApp, Tiny
+from tests.client.conftest import ServeApp, Tiny
+from tests.conftest import Embedded
 from tests.e2e.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

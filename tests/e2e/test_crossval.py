@@ -4,7 +4,6 @@ document checked against the published JSON Schema."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import jsonschema
 import pytest
 
 from tests import model_factory
-from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
+from tests.conftest import Embedded
+from tests.e2e.conftest import poll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cv")
-    saved = model_factory.build_keras3_export(root / "saved_model", epochs=3)
+    saved = model_factory.build_keras3_export(root / "saved_model")
     train, test = model_factory.digits_datasets()
     return {
         "model.zip": model_factory.zip_saved_model(saved, root / "model.zip"),
@@ -37,14 +37,8 @@ def _upload(http: httpx.Client, endpoint: str, path: Path) -> dict[str, Any]:
     return dict(response.json())
 
 
-def test_cross_validation_with_an_inputs_only_eval_set(
-    files: dict[str, Path], start_service: Callable[..., Service], tmp_path: Path
-) -> None:
-    port = free_port()
-    api = start_service(["serve", "--port", str(port)], base_env(tmp_path / "data"), "embedded")
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base, [api])
-    with httpx.Client(base_url=base, timeout=60) as http:
+def test_cross_validation_with_an_inputs_only_eval_set(files: dict[str, Path], embedded: Embedded) -> None:
+    with httpx.Client(base_url=embedded.url, timeout=60) as http:
         model = _upload(http, "/v1/models", files["model.zip"])
         train = _upload(http, "/v1/datasets", files["train.npz"])
         inputs = _upload(http, "/v1/datasets", files["inputs.npz"])  # x only: accepted

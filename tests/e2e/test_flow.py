@@ -18,6 +18,7 @@ import pytest
 from app.auth import create_key
 from app.config import Settings
 from tests import model_factory
+from tests.conftest import Embedded
 from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 @pytest.fixture(scope="module")
 def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("digits")
-    saved = model_factory.build_keras3_export(root / "saved_model", epochs=4)
+    saved = model_factory.build_keras3_export(root / "saved_model")  # the cached digits CNN every test shares
     train, test = model_factory.digits_datasets()
     return {
         "saved_model": saved,
@@ -142,9 +143,6 @@ def test_readme_flow_on_redis_and_postgres(
     postgres_url: str,
     tmp_path: Path,
 ) -> None:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
     env = base_env(
         tmp_path / "data",
@@ -165,11 +163,8 @@ def test_readme_flow_on_redis_and_postgres(
 
 
 def test_readme_flow_on_the_embedded_default(
-    digits_files: dict[str, Path], start_service: Callable[..., Service], tmp_path: Path
+    digits_files: dict[str, Path], embedded: Embedded, tmp_path: Path
 ) -> None:
-    port = free_port()
-    api = start_service(["serve", "--port", str(port)], base_env(tmp_path / "data"), "embedded")
-    wait_ready(f"http://127.0.0.1:{port}", [api])
-    result = _run_readme_flow(f"http://127.0.0.1:{port}", digits_files, tmp_path)
+    result = _run_readme_flow(embedded.url, digits_files, tmp_path)
     _check_artifact(result, digits_files["saved_model"])
-    assert (tmp_path / "data" / "secateurs.db").is_file()
+    assert (embedded.data_dir / "secateurs.db").is_file()

@@ -32,11 +32,7 @@ def split_deployment(
     **extra: str,
 ) -> tuple[str, Service, Service]:
     """API and worker as on two machines: each its own data directory, only Redis, PostgreSQL and S3 shared."""
-    import redis
-
-    broker = redis_url.rsplit("/", 1)[0] + "/13"  # a database of its own: other e2e runs flush theirs
-    redis.Redis.from_url(broker).flushdb()
-    shared = {"SECATEURS_BROKER_URL": broker, "SECATEURS_DATABASE_URL": postgres_url, **store.env(), **extra}
+    shared = {"SECATEURS_BROKER_URL": redis_url, "SECATEURS_DATABASE_URL": postgres_url, **store.env(), **extra}
     port = free_port()
     api = start(["serve", "--port", str(port)], base_env(tmp_path / "api-host", **shared), "api")
     worker = start(["worker"], base_env(tmp_path / "worker-host", **shared), "worker")
@@ -102,7 +98,7 @@ def test_store_outage_under_load_loses_no_job(
     start_service: Callable[..., Service], redis_url: str, own_postgres_url: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "model"
-    saved = model_factory.build_keras3_export(root / "saved_model", epochs=1)
+    saved = model_factory.build_keras3_export(root / "saved_model")  # cached: shared with the other tests
     model_zip = model_factory.zip_saved_model(saved, root / "model.zip").read_bytes()
     _, test = model_factory.digits_datasets()
     data = model_factory.write_npz(root / "test.npz", test).read_bytes()
