@@ -92,6 +92,7 @@ def test_gradients_flow_to_every_prunable_variable(
 ) -> None:
     x, y = _inputs(model_kind, digits_for)
     prunable = handle.prunable()
+    assert prunable, "no prunable variable selected: the loop below would check nothing"
     with tf.GradientTape() as tape:
         out = handle.call("serving_default", x)[_label_output(handle)]
         loss = -tf.reduce_mean(tf.math.log(tf.gather(out, y, batch_dims=1) + 1e-7))
