@@ -1,8 +1,10 @@
-"""The pruning engine end to end through ``run_pipeline``: every granularity on every model kind of the zoo,
-every criterion on the digits CNN, scope/normalisation, and input preprocessing.
+"""The pruning engine: every granularity on every model kind of the zoo, every criterion on the digits CNN,
+scope/normalisation, and input preprocessing.
 
-Every check reads the artifact back from disk and compares it with the input model, so it holds for what a
-user downloads, not for the in-memory state. Zoo models are untrained with randomised biases
+Tests sit at the floor that decides them. Where zeros land is the pruner's decision: the granularity x kind
+matrix runs the prune stage alone (``prune_only``: load, select, prune; no baseline, latency, evaluation, save
+or zip) and checks the variables in memory. What a user downloads is checked through the whole ``run_pipeline``
+once per model kind (``test_full_pipeline_on_model_kind``), reading the artifact back from disk. Zoo models are untrained with randomised biases
 (``tests/model_zoo.py``): where zeros land is the point there, accuracy is only asserted on the digits CNN.
 """
 
@@ -20,8 +22,11 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from tests import model_zoo
 from worker.errors import PipelineError
+from worker.job import Window
+from worker.load_stage import prepare, resolve_granularity, seed_everything
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline
+from worker.prune_stage import layer_rows, make_pruner, prune_and_fine_tune, select, unpaired_bias_notes
 from worker.pruning.granularity import infer_kind
 
 pytestmark = pytest.mark.tf
@@ -46,6 +51,23 @@ def run(
     )
     MetricsDocument.model_validate({"job_id": "job_test", "model_id": "mdl_test", **metrics})
     return metrics
+
+
+def prune_only(model: Path, spec: dict[str, Any], data: Data) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The prune stage as ``run_pipeline`` runs it, without the stages around it: the metrics keys the pruner
+    decides (``layers``, ``notes``, ``structure.groups``) and every variable's value afterwards (in memory)."""
+    parsed = PruneSpec.model_validate({"evaluation": FAST_EVAL, **spec})
+    seed_everything(parsed.seed)
+    granularity = resolve_granularity(parsed)
+    job = prepare(load_model(model), parsed, data[0], data[1])
+    prunable, kinds = select(job)
+    pruner = make_pruner(job, prunable, kinds, granularity)
+    prune_and_fine_tune(job, pruner, Window(lambda stage, progress: None))
+    notes = [*job.notes, *pruner.notes(), *unpaired_bias_notes(pruner)]
+    metrics: dict[str, Any] = {"layers": layer_rows(prunable, pruner), "notes": notes}
+    if parsed.granularity == "channel":  # only the group pruner has structure groups
+        metrics["structure"] = {"groups": pruner.structure_groups()}  # type: ignore[union-attr]
+    return metrics, {nv.name: nv.var.numpy() for nv in job.handle.variables()}
 
 
 def values(saved_model: Path) -> dict[str, np.ndarray]:
@@ -161,20 +183,43 @@ def check_pattern(row: dict[str, Any], before: np.ndarray, after: np.ndarray, gr
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("kind", model_zoo.KINDS)
-def test_granularity_on_model_kind(
-    kind: str, granularity: str, zoo: Callable[[str], Path], tmp_path: Path
-) -> None:
+def test_granularity_on_model_kind(kind: str, granularity: str, zoo: Callable[[str], Path]) -> None:
     model = zoo(kind)
-    spec: dict[str, Any] = {"target_sparsity": 0.5, "granularity": granularity}
-    if granularity == "channel":
-        spec["compact"] = (
-            False  # the masks themselves; the compact artifact: tests/worker/test_compact_pipeline.py
-        )
+    metrics, after = prune_only(
+        model, {"target_sparsity": 0.5, "granularity": granularity}, model_zoo.datasets(kind)
+    )
+    check_granularity(metrics, values(model), after, granularity, kind)
+
+
+@pytest.mark.parametrize("kind", model_zoo.KINDS)
+def test_full_pipeline_on_model_kind(kind: str, zoo: Callable[[str], Path], tmp_path: Path) -> None:
+    """What a user downloads: the artifact read back from disk has the input's signatures and variables, and
+    the pattern and the metrics the prune stage alone gives (channel, compact=False: the masks themselves; the
+    compact artifact is tests/worker/test_compact_pipeline.py)."""
+    model = zoo(kind)
+    granularity = GRANULARITIES[model_zoo.KINDS.index(kind) % len(GRANULARITIES)]  # each one on some kinds
+    spec: dict[str, Any] = {"target_sparsity": 0.5, "granularity": granularity, "compact": False}
     metrics = run(model, spec, model_zoo.datasets(kind), tmp_path)
     saved = tmp_path / "saved_model"
     assert describe(load_model(saved))["signatures"] == describe(load_model(model))["signatures"]
     before, after = values(model), values(saved)
     assert before.keys() == after.keys()
+    check_granularity(metrics, before, after, granularity, kind)
+    floor, in_memory = prune_only(model, spec, model_zoo.datasets(kind))
+    # the pipeline adds MACs columns to each row; what the prune stage wrote is the same
+    assert [{k: row[k] for k in alone} for row, alone in zip(metrics["layers"], floor["layers"], strict=True)] == floor["layers"]
+    for name, value in in_memory.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def check_granularity(
+    metrics: dict[str, Any],
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    granularity: str,
+    kind: str,
+) -> None:
+    """Every selected variable follows ``granularity``'s pattern at the target; the rest is untouched."""
     layers = metrics["layers"]
     assert layers, "nothing selected"
     notes = "\n".join(metrics["notes"])
