@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# One xdist worker per core; a module's tests stay on one worker (its module-scoped servers start once).
+XDIST       ?= -n auto --dist loadscope
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install serve worker test test-slow lint docs bench bench-smoke clean
+.PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +29,12 @@ lint: $(STAMP)
 docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a broken link or anchor fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
-test: $(STAMP) lint docs  ## the whole suite but `slow`; CI=true makes Redis/PostgreSQL/S3 tests fail instead of skip
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The docs site is built (--strict) by tests/packaging/test_docs_site.py, so `test` does not build it again.
+test: $(STAMP) lint  ## the whole suite but `slow` (~8 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the inner loop (~3 min): no real servers (e2e), no `slow`
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not e2e"
 
 test-slow: $(STAMP)  ## only the tests marked slow (keras.applications ResNet50 compaction, ~1 min)
 	$(BIN)/python -m pytest -m slow
