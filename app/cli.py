@@ -744,7 +744,7 @@ def cleanup(args: argparse.Namespace) -> int:
     from app.store.db import init_db, make_engine, make_session_factory
 
     settings = _settings(args)
-    storage = Storage(settings.data_dir)  # creates the data directory, where SQLite's file lives
+    storage = Storage.from_settings(settings)  # creates the data directory, where SQLite's file lives
     engine = make_engine(settings.db_url)
     try:
         init_db(engine)
