@@ -6,16 +6,27 @@ lost to a client that predates them, and ``--json`` output can print exactly wha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from app.client.client import Client
+from typing import Any, Protocol
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+class JobWaiter(Protocol):
+    """What :meth:`Job.wait` needs from whoever fetched the job (:class:`app.client.Client` is one): a
+    protocol, so the resources import no client and the client's modules form no import circle."""
+
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = ...,
+        poll: float = ...,
+        on_progress: Callable[[Job], None] | None = ...,
+        first_delay: float | None = ...,
+    ) -> Job: ...
 
 
 def _when(value: Any) -> datetime | None:
@@ -125,13 +136,13 @@ class Job:
     webhook_status: str | None = None
     webhook_deliveries: list[dict[str, Any]] = field(default_factory=list, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    client: Client | None = field(default=None, repr=False, compare=False)
+    client: JobWaiter | None = field(default=None, repr=False, compare=False)
     # The Retry-After (seconds) of the answer this state came in, e.g. 2 on a create's 202: when to look again.
     retry_after: float | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(
-        cls, data: dict[str, Any], client: Client | None = None, retry_after: float | None = None
+        cls, data: dict[str, Any], client: JobWaiter | None = None, retry_after: float | None = None
     ) -> Job:
         return cls(
             id=data["id"],

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.cli import is_loopback, main
+from app.cli import main
+from app.cli.server import is_loopback
 from app.client import Client, Job, ProgressPrinter
 from tests.app.helpers import SAVED_MODEL
 from tests.client.conftest import ServeApp, Tiny
@@ -497,7 +498,7 @@ def test_prune_of_an_impossible_job_exits_1_with_the_error(
 def test_required_auth_without_keys_may_bind_anywhere(tmp_path: Path) -> None:
     """docker-compose's case: production (auth required) on 0.0.0.0 before any key exists starts, answering
     401 until `keys create`; only an OPEN API (auth off) is refused off loopback."""
-    from app.cli import auth_banner
+    from app.cli.server import auth_banner
     from app.config import Settings
 
     required = Settings(data_dir=tmp_path / "a", auth="required")

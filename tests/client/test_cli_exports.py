@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import _with_exports, main
+from app.cli import main
+from app.cli.remote import _with_exports
 from app.client import Client
 from tests.client.conftest import Tiny
 from tests.conftest import Embedded

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import UsageError, _read_spec, metrics_summary
+from app.cli.output import metrics_summary
+from app.cli.remote import UsageError, _read_spec
 
 
 def test_an_inline_object_and_a_file_give_the_same_spec(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from app.client import (
 )
 from app.client import client as client_module
 from app.client.errors import parse_retry_after
+from app.client.testing import FakeClock
 from app.config import Settings
 from tests.client.conftest import ServeApp, Tiny
 from tests.conftest import Embedded
@@ -52,21 +53,6 @@ from tests.e2e.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEMS = "https://secateurs.dev/problems/"
-
-
-class FakeClock:
-    """Monotonic time that only moves when the client sleeps; records every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def job_body(status: str = "running", **extra: Any) -> dict[str, Any]:
