@@ -1,6 +1,10 @@
 """The benchmark's smoke variant end to end (real `secateurs serve` subprocess, real HTTP, real floor
 subprocess), run in-process through bench.run's functions. Asserts structure and correctness only: no timing
-thresholds, the machine is shared."""
+thresholds, the machine is shared.
+
+One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
+spreads the sections over the workers. The ``service`` section is run and asserted by
+tests/bench/test_service_load_smoke.py, not twice."""
 
 from __future__ import annotations
 
@@ -19,162 +23,187 @@ def _positive_finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("bench")
-    results = bench_run.run_sections(smoke=True, cache_dir=root / "cache", work_dir=root / "work")
-    results["report"] = bench_run.write_results(
-        {k: v for k, v in results.items() if k in bench_run.SECTIONS}, smoke=True, path=root / "RESULTS.md"
-    )
+# Every section in the smoke run but `service` (asserted by its own test module).
+SMOKED = [name for name in bench_run.SECTIONS if name != "service"]
+
+
+@pytest.fixture(scope="class")
+def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``{section: result}`` for the class's ``section`` alone, and its part of a smoke RESULTS file."""
+    name: str = request.cls.section
+    root = tmp_path_factory.mktemp(f"bench-{name}")
+    cache = tmp_path_factory.getbasetemp() / "bench-cache"  # models the sections share, built once per worker
+    results = bench_run.run_sections(only=name, smoke=True, cache_dir=cache, work_dir=root / "work")
+    report = bench_run.write_results(results, smoke=True, path=root / "RESULTS.md").read_text()
+    assert report.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
+    assert "TensorFlow" in report and "CPUs" in report
+    assert f"<!-- bench:{name} -->\n## {bench_run.SECTIONS[name][0]}" in report
+    assert f"<!-- /bench:{name} -->" in report
     return results
 
 
-def test_resnet_smoke_compares_api_and_floor(smoke: dict[str, Any]) -> None:
-    result = smoke["resnet"]
-    assert result["smoke"] is True and len(result["repeats"]) == 1
-    for key in ("api_total_s", "floor_wall_s", "floor_in_process_s", "ratio_wall", "ratio_in_process"):
-        mean, std = result["summary"][key]
-        assert _positive_finite(mean), key
-        assert math.isfinite(std) and std >= 0, key
-    rep = result["repeats"][0]
-    assert rep["order"] == ["floor", "api"]
-    for side in ("api", "floor"):
-        check = rep["verify"][side]
-        assert check["ok"] and check["signatures_match"], check
-        assert check["sparsity"] == pytest.approx(0.8, abs=0.01)
-        assert check["prunable_variables"] > 0
-    api = rep["api"]
-    # the segments tile the API's total on one clock, and the job's stages are all there
-    assert sum(api["segments_s"].values()) == pytest.approx(api["total_s"], abs=1e-6)
-    assert all(math.isfinite(v) and v >= -0.01 for v in api["segments_s"].values()), api["segments_s"]
-    assert set(api["job_timings_s"]) >= {"load", "baseline", "prune", "evaluate", "save", "total"}
-    assert api["metrics_sparsity"] == pytest.approx(0.8, abs=0.01)
-    assert api["artifact_bytes"] > 0
-    floor = rep["floor"]
-    assert set(floor["phases_s"]) == {"import", "load", "prune", "save", "zip"}
-    assert floor["pruned_variables"] == rep["verify"]["floor"]["prunable_variables"]
-    assert "| API total" in result["markdown"]
+def test_every_section_but_service_is_smoked_here() -> None:
+    tested = {cls.section for cls in (globals()[n] for n in globals() if n.startswith("TestSmoke"))}
+    assert tested == set(SMOKED)
 
 
-def test_digits_smoke_reports_accuracies(smoke: dict[str, Any]) -> None:
-    result = smoke["digits"]
-    base = result["baseline"]
-    assert 0.0 <= base["accuracy_api"] <= 1.0 and 0.0 <= base["accuracy_local"] <= 1.0
-    assert base["accuracy_api"] == pytest.approx(base["accuracy_local"], abs=1.5 / base["n_test"])
-    assert base["consistent_across_jobs"]
-    assert len(result["cells"]) == 1
-    for cell in result["cells"]:
-        assert cell["verified"]
-        assert 0.0 <= cell["accuracy"] <= 1.0
-        # the metrics JSON describes the artifact actually shipped (one flipped sample allowed)
-        assert cell["accuracy"] == pytest.approx(cell["local_accuracy"], abs=1.5 / base["n_test"])
-        assert cell["sparsity_measured"] == pytest.approx(cell["sparsity"], abs=0.01)
-    (row,) = result["summary"]
-    assert row["n"] == 1 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
+class TestSmokeResnet:
+    section = "resnet"
+
+    def test_resnet_smoke_compares_api_and_floor(self, smoke: dict[str, Any]) -> None:
+        result = smoke["resnet"]
+        assert result["smoke"] is True and len(result["repeats"]) == 1
+        for key in ("api_total_s", "floor_wall_s", "floor_in_process_s", "ratio_wall", "ratio_in_process"):
+            mean, std = result["summary"][key]
+            assert _positive_finite(mean), key
+            assert math.isfinite(std) and std >= 0, key
+        rep = result["repeats"][0]
+        assert rep["order"] == ["floor", "api"]
+        for side in ("api", "floor"):
+            check = rep["verify"][side]
+            assert check["ok"] and check["signatures_match"], check
+            assert check["sparsity"] == pytest.approx(0.8, abs=0.01)
+            assert check["prunable_variables"] > 0
+        api = rep["api"]
+        # the segments tile the API's total on one clock, and the job's stages are all there
+        assert sum(api["segments_s"].values()) == pytest.approx(api["total_s"], abs=1e-6)
+        assert all(math.isfinite(v) and v >= -0.01 for v in api["segments_s"].values()), api["segments_s"]
+        assert set(api["job_timings_s"]) >= {"load", "baseline", "prune", "evaluate", "save", "total"}
+        assert api["metrics_sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert api["artifact_bytes"] > 0
+        floor = rep["floor"]
+        assert set(floor["phases_s"]) == {"import", "load", "prune", "save", "zip"}
+        assert floor["pruned_variables"] == rep["verify"]["floor"]["prunable_variables"]
+        assert "| API total" in result["markdown"]
 
 
-def test_tfmot_smoke_compares_from_identical_weights(smoke: dict[str, Any]) -> None:
-    result = smoke["tfmot"]
-    base = result["baseline"]
-    # One set of weights on both sides: tf_keras, its Keras 3 twin and the service score the same.
-    assert base["accuracy_tf_keras"] == base["accuracy_keras3"]
-    assert base["accuracy_service"] == pytest.approx(base["accuracy_keras3"], abs=1.5 / base["n_test"])
-    (row,) = result["rows"]
-    for side in ("tfmot", "ours", "ours_layer", "ours_layer_f10", "ours_lamp"):
-        assert 0.0 < row[side]["mean"] <= 1.0 and row[side]["std"] == 0.0
-    assert _positive_finite(row["ours"]["ratio"])
-    assert row["ours"]["ratio"] == pytest.approx(row["ours"]["mean"] / row["tfmot"]["mean"])
-    (theirs,) = result["tfmot"]["cells"]
-    assert theirs["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
-    assert all(s == pytest.approx(0.8, abs=0.01) for s in theirs["kernel_sparsity"].values())
-    # tfmot got our default schedule's end step and update frequency.
-    from bench.tfmot_quality import schedule_of
+class TestSmokeDigits:
+    section = "digits"
 
-    ours_schedule = schedule_of(theirs["epochs"], base["n_train"])
-    assert (theirs["end_step"], theirs["frequency"]) == (
-        ours_schedule["end_step"],
-        ours_schedule["frequency"],
-    )
-    runs = result["ours"]["runs"]
-    assert {r["variant"] for r in runs} == {"ours", "ours_layer", "ours_layer_f10", "ours_lamp"}
-    for run in runs:
-        assert run["verified"]
-        assert run["accuracy"] == pytest.approx(run["local_accuracy"], abs=1.5 / base["n_test"])
-        assert run["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
-    assert runs[0]["spec"]["fine_tune"]["distill"] == {"alpha": 0.5, "temperature": 2.0}
-    dense, pruned = result["sizes"]
-    assert dense["ours_ratio"] == 1.0 and 0.0 < pruned["ours_ratio"] < 1.0
-    assert 0.0 < pruned["tfmot_h5_ratio"] < 1.0 and 0.0 < pruned["tfmot_saved_model_ratio"] < 1.0
-    assert result["goals"]["zip_ratio_80"] == pruned["ours_ratio"] and result["goals"]["drop_points"] is None
-    assert Path(result["plot"]).read_bytes().startswith(b"\x89PNG")
-    assert "| 80% | 1 |" in result["markdown"]
+    def test_digits_smoke_reports_accuracies(self, smoke: dict[str, Any]) -> None:
+        result = smoke["digits"]
+        base = result["baseline"]
+        assert 0.0 <= base["accuracy_api"] <= 1.0 and 0.0 <= base["accuracy_local"] <= 1.0
+        assert base["accuracy_api"] == pytest.approx(base["accuracy_local"], abs=1.5 / base["n_test"])
+        assert base["consistent_across_jobs"]
+        assert len(result["cells"]) == 1
+        for cell in result["cells"]:
+            assert cell["verified"]
+            assert 0.0 <= cell["accuracy"] <= 1.0
+            # the metrics JSON describes the artifact actually shipped (one flipped sample allowed)
+            assert cell["accuracy"] == pytest.approx(cell["local_accuracy"], abs=1.5 / base["n_test"])
+            assert cell["sparsity_measured"] == pytest.approx(cell["sparsity"], abs=0.01)
+        (row,) = result["summary"]
+        assert row["n"] == 1 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
 
 
-def test_throughput_smoke_measures_every_variant(smoke: dict[str, Any]) -> None:
-    rows = {r["variant"]: r for r in smoke["throughput"]["rows"]}
-    assert set(rows) == {"keras.fit", "ours", "ours + masks", "ours + masks + distill"}
-    assert rows["keras.fit"]["ratio_to_keras_fit"] == 1.0
-    for row in rows.values():
-        assert _positive_finite(row["samples_per_s_median"]) and _positive_finite(row["ratio_to_keras_fit"])
+class TestSmokeTfmot:
+    section = "tfmot"
+
+    def test_tfmot_smoke_compares_from_identical_weights(self, smoke: dict[str, Any]) -> None:
+        result = smoke["tfmot"]
+        base = result["baseline"]
+        # One set of weights on both sides: tf_keras, its Keras 3 twin and the service score the same.
+        assert base["accuracy_tf_keras"] == base["accuracy_keras3"]
+        assert base["accuracy_service"] == pytest.approx(base["accuracy_keras3"], abs=1.5 / base["n_test"])
+        (row,) = result["rows"]
+        for side in ("tfmot", "ours", "ours_layer", "ours_layer_f10", "ours_lamp"):
+            assert 0.0 < row[side]["mean"] <= 1.0 and row[side]["std"] == 0.0
+        assert _positive_finite(row["ours"]["ratio"])
+        assert row["ours"]["ratio"] == pytest.approx(row["ours"]["mean"] / row["tfmot"]["mean"])
+        (theirs,) = result["tfmot"]["cells"]
+        assert theirs["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
+        assert all(s == pytest.approx(0.8, abs=0.01) for s in theirs["kernel_sparsity"].values())
+        # tfmot got our default schedule's end step and update frequency.
+        from bench.tfmot_quality import schedule_of
+
+        ours_schedule = schedule_of(theirs["epochs"], base["n_train"])
+        assert (theirs["end_step"], theirs["frequency"]) == (
+            ours_schedule["end_step"],
+            ours_schedule["frequency"],
+        )
+        runs = result["ours"]["runs"]
+        assert {r["variant"] for r in runs} == {"ours", "ours_layer", "ours_layer_f10", "ours_lamp"}
+        for run in runs:
+            assert run["verified"]
+            assert run["accuracy"] == pytest.approx(run["local_accuracy"], abs=1.5 / base["n_test"])
+            assert run["sparsity_measured"] == pytest.approx(0.8, abs=0.01)
+        assert runs[0]["spec"]["fine_tune"]["distill"] == {"alpha": 0.5, "temperature": 2.0}
+        dense, pruned = result["sizes"]
+        assert dense["ours_ratio"] == 1.0 and 0.0 < pruned["ours_ratio"] < 1.0
+        assert 0.0 < pruned["tfmot_h5_ratio"] < 1.0 and 0.0 < pruned["tfmot_saved_model_ratio"] < 1.0
+        assert result["goals"]["zip_ratio_80"] == pruned["ours_ratio"] and result["goals"]["drop_points"] is None
+        assert Path(result["plot"]).read_bytes().startswith(b"\x89PNG")
+        assert "| 80% | 1 |" in result["markdown"]
 
 
-def test_exports_smoke_reports_every_file_beside_the_saved_models(smoke: dict[str, Any]) -> None:
-    result = smoke["exports"]
-    assert set(result["runs"]) == {"unstructured", "channels"}
-    for run in result["runs"].values():
-        rows = {row["model"].split()[-1]: row for row in run["rows"]}
-        assert set(rows) == {"SavedModel", "tflite_float32", "tflite_int8"}  # dense and pruned share a suffix
-        dense = run["rows"][0]
-        assert dense["model"] == "dense SavedModel" and dense["zip_ratio"] == 1.0
-        for row in run["rows"][1:]:
-            assert "error" not in row, row
-            assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["zip_ratio"] < 1.0
-        int8 = rows["tflite_int8"]
-        assert int8["local_accuracy"] == int8["accuracy"]  # the downloaded file scores what the job said
-        assert int8["zip"] < rows["tflite_float32"]["zip"]
-    assert result["runs"]["channels"]["compact"] is True
-    assert result["runs"]["channels"]["params_total"] < result["runs"]["channels"]["params_dense"]
-    assert set(result["goal"]) == {"zip_ratio", "accuracy_drop", "met"}
-    assert "| dense SavedModel |" in result["markdown"]
+class TestSmokeThroughput:
+    section = "throughput"
+
+    def test_throughput_smoke_measures_every_variant(self, smoke: dict[str, Any]) -> None:
+        rows = {r["variant"]: r for r in smoke["throughput"]["rows"]}
+        assert set(rows) == {"keras.fit", "ours", "ours + masks", "ours + masks + distill"}
+        assert rows["keras.fit"]["ratio_to_keras_fit"] == 1.0
+        for row in rows.values():
+            assert _positive_finite(row["samples_per_s_median"]) and _positive_finite(row["ratio_to_keras_fit"])
 
 
-def test_compaction_smoke_compacts_and_compares_side_by_side(smoke: dict[str, Any]) -> None:
-    result = smoke["compaction"]
-    assert result["smoke"] is True and result["speed"]
-    for cell in result["speed"]:
-        assert cell["compact"] is True, cell["notes"]
-        assert cell["params"][1] < cell["params"][0] and cell["groups_pruned"] >= 1
-        # the equivalence check ran (a compacted model compared with the masked one on real inputs)
-        assert cell["max_abs_diff"], cell
-        assert all(diff <= 1e-4 for diff in cell["max_abs_diff"].values())
-    for cell in result["digits"]:
-        channel, unstructured = cell["channel"], cell["unstructured"]
-        assert channel["compact"] is True and channel["params"]["total"] < cell["baseline_params"]["total"]
-        assert 0.0 <= channel["accuracy"] <= 1.0 and 0.0 <= unstructured["accuracy"] <= 1.0
-        # the unstructured run is matched to the channel run's nonzero count (within rounding of the target)
-        assert abs(unstructured["nonzero_prunable"] - channel["nonzero_prunable"]) <= 0.02 * channel[
-            "nonzero_prunable"
-        ] + 2
-    assert set(result["goal"]) >= {"wanted", "speedup", "met"}
+class TestSmokeExports:
+    section = "exports"
+
+    def test_exports_smoke_reports_every_file_beside_the_saved_models(self, smoke: dict[str, Any]) -> None:
+        result = smoke["exports"]
+        assert set(result["runs"]) == {"unstructured", "channels"}
+        for run in result["runs"].values():
+            rows = {row["model"].split()[-1]: row for row in run["rows"]}
+            assert set(rows) == {"SavedModel", "tflite_float32", "tflite_int8"}  # dense and pruned share a suffix
+            dense = run["rows"][0]
+            assert dense["model"] == "dense SavedModel" and dense["zip_ratio"] == 1.0
+            for row in run["rows"][1:]:
+                assert "error" not in row, row
+                assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["zip_ratio"] < 1.0
+            int8 = rows["tflite_int8"]
+            assert int8["local_accuracy"] == int8["accuracy"]  # the downloaded file scores what the job said
+            assert int8["zip"] < rows["tflite_float32"]["zip"]
+        assert result["runs"]["channels"]["compact"] is True
+        assert result["runs"]["channels"]["params_total"] < result["runs"]["channels"]["params_dense"]
+        assert set(result["goal"]) == {"zip_ratio", "accuracy_drop", "met"}
+        assert "| dense SavedModel |" in result["markdown"]
 
 
-def test_search_smoke_compares_a_search_per_drop_with_the_grid(smoke: dict[str, Any]) -> None:
-    result = smoke["search"]
-    assert [p["target"] for p in result["grid"]] == [0.5, 0.8]
-    assert all(0.0 <= p["accuracy"] <= 1.0 and _positive_finite(p["wall_s"]) for p in result["grid"])
-    assert set(result["searches"]) == {"0.005", "0.01"}
-    for drop, search in result["searches"].items():
-        if "chosen" in search:  # a search may fail honestly (no_sparsity_within_budget) on the tiny stand-in
-            assert search["accuracy"] >= search["baseline"] - float(drop) - 1e-9
-            assert search["trials"] >= 1 and _positive_finite(search["wall_s"])
-    assert set(result["goal"]) == {"met", "by_drop"} and "grid best" in result["markdown"]
+class TestSmokeCompaction:
+    section = "compaction"
+
+    def test_compaction_smoke_compacts_and_compares_side_by_side(self, smoke: dict[str, Any]) -> None:
+        result = smoke["compaction"]
+        assert result["smoke"] is True and result["speed"]
+        for cell in result["speed"]:
+            assert cell["compact"] is True, cell["notes"]
+            assert cell["params"][1] < cell["params"][0] and cell["groups_pruned"] >= 1
+            # the equivalence check ran (a compacted model compared with the masked one on real inputs)
+            assert cell["max_abs_diff"], cell
+            assert all(diff <= 1e-4 for diff in cell["max_abs_diff"].values())
+        for cell in result["digits"]:
+            channel, unstructured = cell["channel"], cell["unstructured"]
+            assert channel["compact"] is True and channel["params"]["total"] < cell["baseline_params"]["total"]
+            assert 0.0 <= channel["accuracy"] <= 1.0 and 0.0 <= unstructured["accuracy"] <= 1.0
+            # the unstructured run is matched to the channel run's nonzero count (within rounding of the target)
+            assert abs(unstructured["nonzero_prunable"] - channel["nonzero_prunable"]) <= 0.02 * channel[
+                "nonzero_prunable"
+            ] + 2
+        assert set(result["goal"]) >= {"wanted", "speedup", "met"}
 
 
-def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
-    report: Path = smoke["report"]
-    text = report.read_text()
-    assert text.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
-    assert "TensorFlow" in text and "CPUs" in text
-    for name, (title, _) in bench_run.SECTIONS.items():
-        assert f"<!-- bench:{name} -->\n## {title}" in text
-        assert f"<!-- /bench:{name} -->" in text
+class TestSmokeSearch:
+    section = "search"
+
+    def test_search_smoke_compares_a_search_per_drop_with_the_grid(self, smoke: dict[str, Any]) -> None:
+        result = smoke["search"]
+        assert [p["target"] for p in result["grid"]] == [0.5, 0.8]
+        assert all(0.0 <= p["accuracy"] <= 1.0 and _positive_finite(p["wall_s"]) for p in result["grid"])
+        assert set(result["searches"]) == {"0.005", "0.01"}
+        for drop, search in result["searches"].items():
+            if "chosen" in search:  # a search may fail honestly (no_sparsity_within_budget) on the tiny stand-in
+                assert search["accuracy"] >= search["baseline"] - float(drop) - 1e-9
+                assert search["trials"] >= 1 and _positive_finite(search["wall_s"])
+        assert set(result["goal"]) == {"met", "by_drop"} and "grid best" in result["markdown"]
