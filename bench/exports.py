@@ -27,11 +27,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from app.schemas.vocabulary import TFLiteFormat
 from bench.common import OUT_DIR, Api, BenchError, Server, md_table
 
-FORMATS = ["float32", "float16", "dynamic_range", "int8"]
+FORMATS = list(get_args(TFLiteFormat))
 SPARSITY = 0.8
 CHANNELS = 0.5
 GOAL_RATIO = 0.10

@@ -32,6 +32,7 @@ from app.observability.logs import bind, log_context
 from app.queue import RUN_JOB, VALIDATE_MODEL
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
+from app.schemas.vocabulary import JOB_KINDS
 from app.storage import Storage
 from app.storage.blobs import StoreMisconfigured
 from app.storage.cache import CorruptBlob
@@ -392,7 +393,7 @@ def _run_claimed(
         artifact = job_dir / "pruned.zip"
         if not lease.confirm():  # a worker the reaper gave up on must not replace the new run's files
             raise JobCanceled
-        keeps_model = spec.kind() != "sensitivity"  # it measures and keeps no model (worker.kinds.sensitivity)
+        keeps_model = JOB_KINDS[spec.kind()].keeps_model  # a sensitivity job measures and keeps no model
         if keeps_model:
             os.replace(work / "pruned.zip", artifact)
         extra_files = _move_extra_files(work, job_dir)

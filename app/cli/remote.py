@@ -11,7 +11,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from app.cli.output import (
     EXIT_JOB_FAILED,
@@ -28,12 +28,13 @@ from app.cli.output import (
     table,
 )
 from app.drop_warning import DEFAULT_WARN_DROP, drop_warning, spec_line
+from app.schemas.vocabulary import KIND_FIELDS, TFLiteFormat
 
 if TYPE_CHECKING:
     from app.client import Client, Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-EXPORT_FORMATS = ("float32", "float16", "dynamic_range", "int8")  # app.schemas.spec.TFLiteFormat
+EXPORT_FORMATS: tuple[str, ...] = get_args(TFLiteFormat)
 
 
 class UsageError(Exception):
@@ -123,8 +124,8 @@ def _read_spec(given: str | None, sparsity: float | None) -> dict[str, Any]:
         spec = loaded
     if sparsity is not None:
         spec["target_sparsity"] = sparsity
-    if not any(spec.get(kind) is not None for kind in ("target_sparsity", "search", "sweep", "sensitivity")):
-        raise UsageError("give --sparsity (or target_sparsity, search, sweep or sensitivity in --spec)")
+    if not any(spec.get(field) is not None for field in KIND_FIELDS):
+        raise UsageError(f"give --sparsity (or {', '.join(KIND_FIELDS[:-1])} or {KIND_FIELDS[-1]} in --spec)")
     return spec
 
 

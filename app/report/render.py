@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from app.schemas.vocabulary import JobKind, kind_of
+
 # The page's own copy (a <meta> element, so a saved file keeps it) cannot carry frame-ancestors: browsers
 # ignore that directive there and log a console error. The HTTP header carries the full policy.
 META_POLICY = (
@@ -176,12 +178,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def job_kind(document: Mapping[str, Any]) -> str:
+def job_kind(document: Mapping[str, Any]) -> JobKind:
+    """The kind's spec field or its metrics section, whichever the document has, tells."""
     spec = _map(document.get("spec"))
-    for kind in ("search", "sweep", "sensitivity"):
-        if spec.get(kind) or document.get(kind):
-            return kind
-    return "prune"
+    return kind_of(lambda field, section: bool(spec.get(field) or document.get(section)))
 
 
 # --- sections -------------------------------------------------------------------------------------------------

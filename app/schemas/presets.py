@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from app.errors import Unprocessable
 from app.schemas.spec import PruneSpec
+from app.schemas.vocabulary import JOB_KINDS
 
 # preset -> values, in the spec's JSON spelling. Every value is one the measurements chose (docs/presets.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,8 +63,8 @@ BY_GRANULARITY: dict[tuple[str, str], dict[str, Any]] = {
 NEEDS_TRAIN_DATA = frozenset({"recommended"})
 # Spec fields that make a recipe explicit: naming one turns the default preset off (with a train dataset).
 RECIPE_FIELDS = frozenset({"schedule", "fine_tune"})
-# Job kinds that prune one-shot by definition: they get ``fast`` by default.
-ONE_SHOT_KINDS = frozenset({"sensitivity"})
+# Spec fields of the job kinds that prune one-shot by definition: they get ``fast`` by default.
+ONE_SHOT_FIELDS = frozenset(rules.field for rules in JOB_KINDS.values() if rules.one_shot)
 
 
 def explicit_fields(spec: PruneSpec) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def choose(spec: PruneSpec, has_train: bool) -> str | None:
     if spec.preset is not None:
         return spec.preset
     given = spec.model_fields_set
-    if not has_train or given & ONE_SHOT_KINDS:
+    if not has_train or given & ONE_SHOT_FIELDS:
         return "fast"
     if given & RECIPE_FIELDS:
         return None

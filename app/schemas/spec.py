@@ -18,15 +18,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random"]
-Loss = Literal[
-    "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae"
-]
-Optimizer = Literal["adam", "sgd", "momentum"]
+from app.schemas.vocabulary import (
+    KIND_FIELDS,
+    NAMED_GRANULARITIES,
+    REGULARIZING_CRITERIA,
+    TRAIN_DATA_CRITERIA,
+    Criterion,
+    JobKind,
+    Loss,
+    LrSchedule,
+    Normalization,
+    Optimizer,
+    TFLiteFormat,
+    kind_of,
+)
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 NM_TOLERANCE = 1e-9  # |target_sparsity - (1 - N/M)| allowed for an N:M granularity
-REGULARIZING_CRITERIA = ("l1", "l2")
 DEFAULT_BLOCK_SHAPE = (4, 4)
 
 
@@ -86,7 +94,7 @@ class FineTune(_Strict):
     batch_size: int = Field(32, ge=1, le=65536)
     learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
     optimizer: Optimizer = "adam"
-    lr_schedule: Literal["constant", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant",
         description="learning rate over the fine-tuning steps; constant recovers best in short budgets "
         "(digits CNN, 80%, 3 epochs, 3 seeds: 0.944 vs 0.873 test accuracy with cosine)",
@@ -183,9 +191,6 @@ class Evaluation(_Strict):
     )
     cross_validation: CrossValidation | None = None
     latency: Latency | None = None
-
-
-TFLiteFormat = Literal["float32", "float16", "dynamic_range", "int8"]
 
 
 class Export(_Strict):
@@ -296,9 +301,6 @@ class Sensitivity(_Strict):
         return sorted(values)
 
 
-JOB_KINDS = ("target_sparsity", "search", "sweep", "sensitivity")
-
-
 class PruneSpec(_Strict):
     """What to prune and how. Defaults are the ones API.md documents."""
 
@@ -350,7 +352,7 @@ class PruneSpec(_Strict):
         "value); true with another granularity removes the channels that ended all zero",
     )
     scope: Literal["layer", "global"] = "layer"
-    normalization: Literal["none", "lamp"] = "none"
+    normalization: Normalization = "none"
     schedule: Schedule = Field(default_factory=OneShotSchedule)
     fine_tune: FineTune | None = None
     loss: Loss | None = None
@@ -412,11 +414,11 @@ class PruneSpec(_Strict):
     @field_validator("granularity")
     @classmethod
     def _granularity(cls, value: str, info: ValidationInfo) -> str:
-        if value in ("unstructured", "channel", "block"):
+        if value in NAMED_GRANULARITIES:
             return value
         match = _NM.match(value)
         if match is None:
-            raise ValueError("must be 'unstructured', 'channel', 'block' or 'N:M' such as '2:4'")
+            raise ValueError(f"must be {', '.join(map(repr, NAMED_GRANULARITIES))} or 'N:M' such as '2:4'")
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m <= 64:
             raise ValueError("N:M needs 0 < N < M <= 64")
@@ -464,10 +466,10 @@ class PruneSpec(_Strict):
     @model_validator(mode="after")
     def _one_kind(self) -> PruneSpec:
         """Exactly one of target_sparsity / search / sweep / sensitivity, and what each kind cannot combine with."""
-        given = [k for k in JOB_KINDS if getattr(self, k) is not None]
+        given = [k for k in KIND_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of {', '.join(JOB_KINDS)} (got {given or 'none'}): e.g. "
+                f"give exactly one of {', '.join(KIND_FIELDS)} (got {given or 'none'}): e.g. "
                 '{"target_sparsity": 0.8} or {"search": {"metric": "accuracy", "max_drop": 0.01}}'
             )
         kind = given[0]
@@ -507,11 +509,9 @@ class PruneSpec(_Strict):
             return self.sweep.targets[0]
         return self.sensitivity.sparsities[0] if self.sensitivity is not None else 0.0
 
-    def kind(self) -> str:
-        """prune, search, sweep or sensitivity: which worker.kinds module runs the job."""
-        return next(
-            (k for k in ("search", "sweep", "sensitivity") if getattr(self, k) is not None), "prune"
-        )
+    def kind(self) -> JobKind:
+        """Which entry of ``worker.kinds.KINDS`` runs the job (``vocabulary.JOB_KINDS``)."""
+        return kind_of(lambda field, _section: getattr(self, field) is not None)
 
     def needs_eval_dataset(self) -> bool:
         """A search decides on the eval metric (unless validation_fraction), a sensitivity sweep measures it."""
@@ -543,12 +543,12 @@ class PruneSpec(_Strict):
         return self
 
     def needs_train_dataset(self) -> bool:
-        """Fine-tuning, gradient criteria (gradient, taylor), penalty criteria (l1, l2) and K-fold
-        cross-validation (which prunes on the train folds and scores the held-out one) need labelled train data.
-        """
+        """Fine-tuning, criteria that score by gradients or fine-tune with a penalty (``TRAIN_DATA_CRITERIA``)
+        and K-fold cross-validation (which prunes on the train folds and scores the held-out one) need labelled
+        train data."""
         return (
             self.fine_tune is not None
-            or self.criterion in ("gradient", "taylor", *REGULARIZING_CRITERIA)
+            or self.criterion in TRAIN_DATA_CRITERIA
             or (self.evaluation is not None and self.evaluation.cross_validation is not None)
         )
 

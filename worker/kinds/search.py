@@ -38,6 +38,7 @@ from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec, Search
 from worker.errors import PipelineError
 from worker.evaluate_stage import score
 from worker.job import Data, Job, Window, predict
+from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.load_stage import resolve_granularity, seed_everything
 from worker.prune_stage import make_pruner, prune_and_fine_tune, select
@@ -104,7 +105,7 @@ def run_search(
     job: Job,
     window: Window,
     out_dir: Path,
-    run_prune: Callable[[Window, Path], dict[str, Any]],
+    run_prune: RunPrune,
     clock: Clock = time.monotonic,
 ) -> dict[str, Any]:
     """Probes and trials, then the ordinary run at the chosen sparsity; the document gains ``search``."""

@@ -28,7 +28,7 @@ from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluate_stage import score
 from worker.job import Data, Job, Window, predict
-from worker.kinds import RunPrune
+from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.load_stage import resolve_granularity, seed_everything
 from worker.prune_stage import make_pruner, prune_and_fine_tune, select

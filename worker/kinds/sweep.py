@@ -21,7 +21,7 @@ from typing import Any
 
 from app.schemas.spec import PruneSpec
 from worker.job import Job, Window
-from worker.kinds import RunPrune
+from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.load_stage import seed_everything
 

@@ -26,7 +26,8 @@ Registered criteria (the spec's ``criterion``):
 - ``l1`` / ``l2``: magnitude after an L1 (``sum |w|``) or L2 fine-tuning phase; for structured granularities
   L2 becomes group lasso (``regularization.py``).
 
-Adding a criterion = one class decorated with ``@register`` (its ``name`` is the spec's ``criterion`` value).
+Adding a criterion = one class decorated with ``@register`` (its ``name`` is the spec's ``criterion`` value)
+and its row in ``app.schemas.vocabulary.CRITERIA`` (``tests/test_vocabularies.py`` checks both agree).
 No TensorFlow here: scores are computed from NumPy arrays.
 """
 

@@ -147,7 +147,7 @@ def fine_tune(
     epochs: int,
     batch_size: int,
     learning_rate: float,
-    optimizer: Literal["adam", "sgd", "momentum"],
+    optimizer: str,
     seed: int,
     training: bool = False,
     after_step: Callable[[int], None] | None = None,

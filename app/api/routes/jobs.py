@@ -35,6 +35,7 @@ from app.schemas.fit import dataset_fit_errors, label_loss_errors
 from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
+from app.schemas.vocabulary import JOB_KINDS, kind_of
 from app.store import repo
 from app.store import webhooks as webhook_store
 from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord
@@ -344,7 +345,9 @@ def get_artifact(
 
 def _job_file(record: JobRecord, name: str) -> dict[str, Any]:
     item = find_file(record, name)
-    if name == SAVED_MODEL and (record.spec or {}).get("sensitivity") is not None:
+    spec = record.spec or {}
+    keeps_model = JOB_KINDS[kind_of(lambda field, _section: spec.get(field) is not None)].keeps_model
+    if name == SAVED_MODEL and not keeps_model:
         raise Conflict(
             f"job {record.id} is a sensitivity analysis: it measures each variable and keeps no model, so it has "
             "no artifact; read its metrics (sensitivity.layer_sparsity) or report, and run a job with that "

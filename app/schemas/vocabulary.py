@@ -1,0 +1,88 @@
+"""The names the spec accepts, one table per concept, and what the app needs to know about each name.
+
+Why one module: every place that lists names (the spec's validators, the presets, the CLI's help, the report,
+the routes) reads them here, as ``typing.get_args`` of a ``Literal`` or as a table keyed by its values, so a
+new job kind, export format or criterion is one row here and one row in the worker's table of the same concept
+(``worker.kinds.KINDS``, ``worker.export.convert.FORMATS``, ``worker.pruning``'s ``CRITERIA``, ``LOSSES``,
+``OPTIMIZERS``, ``NORMALIZATIONS``, ``SCHEDULES``, ``GRANULARITIES``). ``tests/test_vocabularies.py`` asserts
+that each pair holds the same names, and that the properties below match the worker's. No pydantic here: the
+CLI imports this module without loading the schema machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random"]
+Loss = Literal[
+    "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae"
+]
+Optimizer = Literal["adam", "sgd", "momentum"]
+LrSchedule = Literal["constant", "cosine"]
+Normalization = Literal["none", "lamp"]
+TFLiteFormat = Literal["float32", "float16", "dynamic_range", "int8"]
+JobKind = Literal["prune", "search", "sweep", "sensitivity"]
+# Granularities by name; besides these the spec accepts N:M such as "2:4" (the worker's "nm").
+NAMED_GRANULARITIES = ("unstructured", "channel", "block")
+
+
+@dataclass(frozen=True)
+class CriterionNeeds:
+    """What a criterion needs before it can score: the worker's ``Criterion`` class variables of that name."""
+
+    gradients: bool = False  # scored from dL/dw over train batches
+    regularizer: Literal["l1", "l2"] | None = None  # fine-tunes with this penalty, then prunes by magnitude
+
+    @property
+    def train_data(self) -> bool:
+        """Gradients and penalty fine-tuning both need a labelled train dataset."""
+        return self.gradients or self.regularizer is not None
+
+
+CRITERIA: dict[Criterion, CriterionNeeds] = {
+    "magnitude": CriterionNeeds(),
+    "gradient": CriterionNeeds(gradients=True),
+    "taylor": CriterionNeeds(gradients=True),
+    "l1": CriterionNeeds(regularizer="l1"),
+    "l2": CriterionNeeds(regularizer="l2"),
+    "random": CriterionNeeds(),
+}
+REGULARIZING_CRITERIA = tuple(name for name, needs in CRITERIA.items() if needs.regularizer is not None)
+TRAIN_DATA_CRITERIA = frozenset(name for name, needs in CRITERIA.items() if needs.train_data)
+
+
+@dataclass(frozen=True)
+class KindRules:
+    """What the app needs to know about a job kind (the worker's orchestration table is ``worker.kinds.KINDS``)."""
+
+    field: str  # the spec field that asks for this kind: a spec gives exactly one of them
+    section: str | None  # the metrics document's section with the kind's results; None: a plain prune
+    one_shot: bool = False  # prunes one-shot by definition, so the default preset is ``fast`` (presets.py)
+    keeps_model: bool = True  # False: the job measures and keeps no artifact
+
+
+JOB_KINDS: dict[JobKind, KindRules] = {
+    "prune": KindRules(field="target_sparsity", section=None),
+    "search": KindRules(field="search", section="search"),
+    "sweep": KindRules(field="sweep", section="sweep"),
+    "sensitivity": KindRules(field="sensitivity", section="sensitivity", one_shot=True, keeps_model=False),
+}
+KIND_FIELDS = tuple(rules.field for rules in JOB_KINDS.values())
+
+
+def kind_of(is_set: Callable[[str, str], bool]) -> JobKind:
+    """The first kind with a section for which ``is_set(field, section)`` holds, else ``prune``.
+
+    A plain prune is what every other kind is built from: a copy of a kind's spec made without validation may
+    carry ``target_sparsity`` beside the kind's own field (worker/kinds/search.py), so that field decides.
+    """
+    return next(
+        (
+            kind
+            for kind, rules in JOB_KINDS.items()
+            if rules.section is not None and is_set(rules.field, rules.section)
+        ),
+        "prune",
+    )
