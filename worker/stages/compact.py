@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from worker.evaluate_stage import Reference, Weights
 from worker.evaluation.flops import estimate_flops, flops_totals
-from worker.job import Data, Job, predict
 from worker.models import ModelHandle, NamedVariable, load_model
-from worker.prune_stage import AnyPruner, channel_groups
 from worker.pruning.groups import GroupPruner, zero_channel_keep
 from worker.pruning.pruner import variable_view
+from worker.stages.evaluate import Reference, Weights
+from worker.stages.job import Data, Job, predict
+from worker.stages.prune import AnyPruner
 
 __all__ = [
     "ATOL",
@@ -108,7 +108,7 @@ def _compact(
         analysis = pruner.analysis
         keep = pruner.group_keep()
     else:
-        analysis, problem = channel_groups(job)
+        analysis, problem = job.channel_groups()
         if analysis is None:
             return _masked(target, rows, str(problem))
         values = {nv.name: nv.var for nv in job.handle.variables()}
@@ -139,7 +139,7 @@ def _compact(
         handle = load_model(target)
     except Exception as exc:
         return _masked(target, rows, f"the compact model does not load ({exc})", library_notes)
-    compact_job = replace(job, handle=handle, notes=[], timings={}, gradient_passes=[])
+    compact_job = replace(job, handle=handle, notes=[], timings={}, gradient_passes=[], analyses={})
     if handle.signatures != job.handle.signatures:
         return _masked(target, rows, "the compact model's signatures differ from the input's", library_notes)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,6 @@ import tensorflow as tf
 from app.schemas.fit import loss_label_problem
 from app.schemas.spec import FineTune, PolynomialSchedule
 from worker.errors import PipelineError
-from worker.job import Job, Window, fixed_batch
 from worker.models import NamedVariable
 from worker.pruning.criteria import Criterion, GradientStats, get_criterion
 from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
@@ -50,6 +48,7 @@ from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
 from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
+from worker.stages.job import Job, Window, fixed_batch
 
 AnyPruner = Pruner | GroupPruner
 
@@ -145,32 +144,6 @@ def _output_heads(
     }
 
 
-# Analyses by handle and signature: the groups depend on the graph only (never on the values), and a search
-# prunes the same loaded handle once per trial (10-15 s of analysis each on a ResNet-50).
-_ANALYSES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def channel_groups(job: Job) -> tuple[Any | None, str | None]:
-    """``(GroupAnalysis, None)`` from the signature's graph (``worker.structure.find_groups``), or
-    ``(None, why not)``: the caller then prunes per variable, masks only, and says so."""
-    try:
-        from worker.structure import find_groups
-    except ImportError as exc:
-        return None, f"channel-group analysis unavailable ({exc})"
-    cached = _ANALYSES.get(job.handle, {}).get(job.spec.signature)
-    if cached is not None:
-        return cached, None
-    tick = time.perf_counter()
-    try:
-        analysis = find_groups(job.handle, job.spec.signature)
-        _ANALYSES.setdefault(job.handle, {})[job.spec.signature] = analysis
-        return analysis, None
-    except Exception as exc:  # e.g. a graph it cannot freeze: per-variable masks are still a correct model
-        return None, f"channel-group analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
-    finally:  # part of "prune" (ranking needs the groups) or of "compact"; said apart for the benchmark
-        job.timings["channel_groups"] = job.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
-
-
 def make_pruner(
     job: Job, prunable: list[NamedVariable], kinds: dict[str, Kind], granularity: Granularity
 ) -> Pruner | GroupPruner:
@@ -182,7 +155,7 @@ def make_pruner(
     targets = resolve_targets(names, spec.target_sparsity, spec.layer_sparsity)
     criterion = get_criterion(spec.criterion, spec.seed)
     if isinstance(granularity, Channel):
-        analysis, problem = channel_groups(job)
+        analysis, problem = job.channel_groups()
         if analysis is not None:
             return _group_pruner(job, prunable, kinds, targets, criterion, analysis)
         job.note(f"{problem}: channels are pruned per variable (masks only, nothing can be compacted)")
@@ -429,7 +402,7 @@ def loss_of(job: Job) -> tuple[str, bool]:
     """Loss name and from_logits: the spec's, else inferred once from train labels and a sample of outputs.
 
     Either way the loss is checked once against the labels and the real output (the signature may leave
-    sizes unknown, which load_stage could not check): a mismatch would otherwise surface as a reshape error
+    sizes unknown, which stages.load could not check): a mismatch would otherwise surface as a reshape error
     deep inside training, reported as an internal error instead of the user's mistake.
     """
     assert job.train is not None and job.train.y is not None

@@ -11,7 +11,7 @@ from ``worker.evaluation`` (scikit-learn metrics, fidelity, parameter counts, MA
   the train set), so an eval set with ``x`` only still says how much pruning changed the model.
 - Weights: ``size.param_counts`` over every variable; MACs (``flops.estimate_flops``) over every kernel of
   the model (not only the pruned ones: the totals are the model's compute), with output spatial sizes read
-  from the graph (``worker.layer_shapes``).
+  from the graph (``worker.models.layer_shapes``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from worker.evaluation.fidelity import fidelity
 from worker.evaluation.flops import SPARSE_NOTE, estimate_flops, flops_totals
 from worker.evaluation.metrics import TaskChoice, evaluate_output, infer_from_logits
 from worker.evaluation.size import param_counts
-from worker.job import Data, Job
-from worker.layer_shapes import flops_inputs, kernel_uses
 from worker.models import NamedVariable
+from worker.models.layer_shapes import flops_inputs, kernel_uses
 from worker.pruning.granularity import infer_kinds
 from worker.pruning.pruner import variable_view
+from worker.stages.job import Data, Job
 
 __all__ = [
     "FIDELITY_TRAIN_SAMPLES",
