@@ -49,6 +49,7 @@ from worker.evaluation.zip_size import ZipSizeInBackground, shared_zip_size
 from worker.kinds import run_kind
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
 from worker.pruning.granularity import Granularity
+from worker.pruning.interface import PrunerLike
 from worker.pruning.pruner import variable_view
 from worker.stages.compact import Compacted, check_shapes, compact_model, measure_compact
 from worker.stages.crossval import run_cross_validation
@@ -62,12 +63,10 @@ from worker.stages.prune import (
     GRADIENT_SAMPLES,
     INFERENCE_MODE_NOTE,
     TRAINING_MODE_NOTE,
-    AnyPruner,
     layer_rows,
     make_pruner,
     prune_and_fine_tune,
     select,
-    unpaired_bias_notes,
 )
 
 __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run_pipeline"]
@@ -184,7 +183,7 @@ def _run(
         row.update(macs.get(row["name"], {}))
     for line in pruner.notes():
         job.note(line)
-    job.notes.extend(unpaired_bias_notes(pruner))
+    job.notes.extend(pruner.unpaired_bias_notes())
     # spec.compact: the removed channels physically gone, checked against the masked model (stages.compact)
     compaction = compact_model(job, pruner, reference, pruned_outputs, out_dir / "saved_model")
     job.notes.extend(compaction.notes)
@@ -341,7 +340,7 @@ def _verify_compact(saved: Path, compacted: Compacted, model_dir: Path) -> None:
         raise RuntimeError(problem)
 
 
-def _verify_artifact(job: Job, saved: Path, pruner: AnyPruner, model_dir: Path) -> None:
+def _verify_artifact(job: Job, saved: Path, pruner: PrunerLike, model_dir: Path) -> None:
     """The artifact must declare the input's signatures and hold, bit for bit, the pruned values: exact zeros
     wherever a mask prunes (kernels, and the biases of removed channels).
 
