@@ -81,7 +81,7 @@ def _latency(dense_dir: Path, compact_dir: Path, runs: int) -> dict[str, dict[st
     import numpy as np
     import tensorflow as tf
 
-    from worker.latency_run import budgeted_latency
+    from worker.stages.latency import budgeted_latency
 
     dense = tf.saved_model.load(str(dense_dir))
     compact = tf.saved_model.load(str(compact_dir))

@@ -18,7 +18,7 @@ Codes in use:
 - ``dataset_mismatch``: dataset arrays do not fit the signature (names, shapes, lengths, labels).
 - ``invalid_spec``: the spec asks for something this model/dataset combination cannot do (e.g. a ``loss``
   the labels' shape does not fit: app.schemas.fit.loss_label_problem).
-- ``insufficient_memory``: the prune would not fit in the worker's memory (worker.memory); the message names
+- ``insufficient_memory``: the prune would not fit in the worker's memory (worker.stages.memory); the message names
   the settings that would.
 """
 

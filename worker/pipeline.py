@@ -8,19 +8,19 @@ fine-tuning; whatever it raises (cancellation) propagates untouched. User-action
 Stages (API.md's names; ``progress`` is the whole job's, 0..1, and only grows):
 
 - loading: audit, load (the handle a validation just loaded in this process, if any), bind datasets,
-  preprocessing (``worker.load_stage``).
+  preprocessing (``worker.stages.load``).
 - baseline: predictions on the reference data (the eval set, else a train sample), quality metrics per
-  output, parameter counts and MACs (``worker.evaluate_stage``), latency of the unpruned model.
+  output, parameter counts and MACs (``worker.stages.evaluate``), latency of the unpruned model.
 - with ``evaluation.cross_validation``: k folds, each reporting pruning / fine_tuning / evaluating through
-  its slice of progress (``worker.crossval_run``).
-- pruning, fine_tuning: the main run on the whole train set (``worker.prune_stage``): the artifact.
+  its slice of progress (``worker.stages.crossval``).
+- pruning, fine_tuning: the main run on the whole train set (``worker.stages.prune``): the artifact.
 - evaluating: pruned predictions, metrics, fidelity, MACs, latency of the pruned model (``_latency`` says
   why the two latencies are measured on the one handle rather than against a reloaded original). With
-  ``compact`` (``worker.compact_stage``): the compact model is written as the artifact, checked against the
+  ``compact`` (``worker.stages.compact``): the compact model is written as the artifact, checked against the
   masked model on the same data, and params / MACs / latency / sizes are measured on it (``structure``).
 - saving: SavedModel with the original signatures, a check of the files (signature defs, every pruned value
   in the checkpoint bit for bit), ``pruned.zip``. The input's deflate size (baseline ``size_bytes.zip``) is
-  computed in a thread that writes no file (``worker.zip_size``), cached beside the model for its later jobs,
+  computed in a thread that writes no file (``worker.evaluation.zip_size``), cached beside the model for its later jobs,
   started right after loading for one-shot jobs and at saving when fine-tuning runs, and paused while latency
   is measured (``_BaselineZip`` says why).
 
@@ -43,32 +43,31 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from app.schemas.spec import Latency, PruneSpec
-from worker.compact_stage import Compacted, check_shapes, compact_model, measure_compact
-from worker.crossval_run import run_cross_validation
 from worker.errors import PipelineError
-from worker.evaluate_stage import Scores, Weights, delta, fidelity_section, reference_data, score
 from worker.evaluation.size import dir_size, zip_dir
-from worker.export_stage import run_exports
-from worker.job import Job, Report, Window, predict
+from worker.evaluation.zip_size import ZipSizeInBackground, shared_zip_size
 from worker.kinds import run_kind
-from worker.latency_run import measure_latency
-from worker.load_stage import prepare, resolve_granularity, seed_everything
-from worker.memory import check_prune_memory
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
-from worker.prune_stage import (
+from worker.pruning.granularity import Granularity
+from worker.pruning.interface import PrunerLike
+from worker.pruning.pruner import variable_view
+from worker.stages.compact import Compacted, check_shapes, compact_model, measure_compact
+from worker.stages.crossval import run_cross_validation
+from worker.stages.evaluate import Scores, Weights, delta, fidelity_section, reference_data, score
+from worker.stages.export import run_exports
+from worker.stages.job import Job, Report, Window, predict
+from worker.stages.latency import measure_latency
+from worker.stages.load import prepare, resolve_granularity, seed_everything
+from worker.stages.memory import check_prune_memory
+from worker.stages.prune import (
     GRADIENT_SAMPLES,
     INFERENCE_MODE_NOTE,
     TRAINING_MODE_NOTE,
-    AnyPruner,
     layer_rows,
     make_pruner,
     prune_and_fine_tune,
     select,
-    unpaired_bias_notes,
 )
-from worker.pruning.granularity import Granularity
-from worker.pruning.pruner import variable_view
-from worker.zip_size import ZipSizeInBackground, shared_zip_size
 
 __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run_pipeline"]
 
@@ -138,7 +137,7 @@ def _run(
     window("baseline", BASELINE)
     tick = time.perf_counter()
     prunable, kinds = select(job)
-    check_prune_memory(spec, prunable)  # a prune that cannot fit fails now, with what would (worker.memory)
+    check_prune_memory(spec, prunable)  # a prune that cannot fit fails now, with what would (worker.stages.memory)
     reference = reference_data(job)
     reference_outputs = predict(job, reference.data) if reference is not None else None
     before = score(job, reference.data if reference and reference.labelled else None, reference_outputs)
@@ -184,8 +183,8 @@ def _run(
         row.update(macs.get(row["name"], {}))
     for line in pruner.notes():
         job.note(line)
-    job.notes.extend(unpaired_bias_notes(pruner))
-    # spec.compact: the removed channels physically gone, checked against the masked model (compact_stage)
+    job.notes.extend(pruner.unpaired_bias_notes())
+    # spec.compact: the removed channels physically gone, checked against the masked model (stages.compact)
     compaction = compact_model(job, pruner, reference, pruned_outputs, out_dir / "saved_model")
     job.notes.extend(compaction.notes)
     compacted = compaction.compacted
@@ -341,7 +340,7 @@ def _verify_compact(saved: Path, compacted: Compacted, model_dir: Path) -> None:
         raise RuntimeError(problem)
 
 
-def _verify_artifact(job: Job, saved: Path, pruner: AnyPruner, model_dir: Path) -> None:
+def _verify_artifact(job: Job, saved: Path, pruner: PrunerLike, model_dir: Path) -> None:
     """The artifact must declare the input's signatures and hold, bit for bit, the pruned values: exact zeros
     wherever a mask prunes (kernels, and the biases of removed channels).
 

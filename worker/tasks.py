@@ -41,8 +41,8 @@ from app.store.db import init_db, make_engine, make_session_factory, session_sco
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from app.webhooks.delivery import publish_for_job
 from worker.blobs import dataset_file, model_source, publish_job_files
+from worker.evaluation.zip_size import shared_zip_size
 from worker.lease import JobLease
-from worker.zip_size import shared_zip_size
 
 log = logging.getLogger("secateurs.worker")
 PROGRESS_INTERVAL_S = 1.0
@@ -145,7 +145,7 @@ def _validate(model_id: str) -> dict[str, Any] | None:
             info = describe(handle)
             keep_for_next_job(saved_model, handle)
             del handle
-            shared_zip_size(saved_model)  # the baseline zip size its jobs report, meanwhile (worker.zip_size)
+            shared_zip_size(saved_model)  # the baseline zip size its jobs report, meanwhile (worker.evaluation.zip_size)
     except PipelineError as exc:
         error = _error(exc.code, exc.message)
     except StoreUnavailable:

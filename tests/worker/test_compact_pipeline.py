@@ -21,6 +21,7 @@ from app.schemas.spec import PruneSpec
 from tests import model_zoo
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline
+from worker.stages.job import Job
 
 pytestmark = pytest.mark.tf
 
@@ -298,14 +299,10 @@ def test_a_rewrite_that_changes_the_outputs_never_ships(
 def test_without_a_channel_analysis_channels_are_masked_per_variable(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.compact_stage
-    import worker.prune_stage
-
     def unavailable(job: Any) -> tuple[None, str]:
         return None, "channel-group analysis failed (simulated)"
 
-    monkeypatch.setattr(worker.prune_stage, "channel_groups", unavailable)
-    monkeypatch.setattr(worker.compact_stage, "channel_groups", unavailable)
+    monkeypatch.setattr(Job, "channel_groups", unavailable)  # for the pruner and the compaction alike
     metrics = run(
         models["wide_mlp"], {"target_sparsity": 0.5, "granularity": "channel"}, mlp_data(), tmp_path
     )
@@ -319,21 +316,15 @@ def test_without_a_channel_analysis_channels_are_masked_per_variable(
     assert shapes(tmp_path / "saved_model") == shapes(models["wide_mlp"])
 
 
-def test_the_channel_analysis_is_read_once_per_loaded_model(models: dict[str, Path]) -> None:
-    """A search prunes one loaded handle per trial: the groups (graph only) are not read again, and the cache
-    does not keep the model alive."""
-    import gc
-    from types import SimpleNamespace
-
-    import worker.prune_stage as stage
-
+def test_the_channel_analysis_is_read_once_per_job(models: dict[str, Path]) -> None:
+    """A search prunes the job's one handle once per trial, each with its own spec: the groups (graph only)
+    are read once, kept on the job (so they go with it), not in a module-wide cache."""
     handle = load_model(models["wide_mlp"])
-    job = SimpleNamespace(handle=handle, spec=SimpleNamespace(signature="serving_default"), timings={})
-    first, problem = stage.channel_groups(job)  # type: ignore[arg-type]
+    sig = handle.signature("serving_default")
+    spec = PruneSpec(target_sparsity=0.5, granularity="channel")
+    job = Job(spec, handle, sig, next(iter(sig.outputs)), train=None, evaluation=None)
+    first, problem = job.channel_groups()
     assert problem is None and first is not None
-    again, _ = stage.channel_groups(job)  # type: ignore[arg-type]
-    assert again is first
-    before = len(stage._ANALYSES)
-    del job, handle, first, again
-    gc.collect()
-    assert len(stage._ANALYSES) == before - 1
+    job.spec = spec.model_copy(update={"target_sparsity": 0.8})  # the next trial
+    again, _ = job.channel_groups()
+    assert again is first and job.analyses == {"serving_default": first}

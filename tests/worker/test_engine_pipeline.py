@@ -22,12 +22,12 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from tests import model_zoo
 from worker.errors import PipelineError
-from worker.job import Window
-from worker.load_stage import prepare, resolve_granularity, seed_everything
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline
-from worker.prune_stage import layer_rows, make_pruner, prune_and_fine_tune, select, unpaired_bias_notes
 from worker.pruning.granularity import infer_kind
+from worker.stages.job import Window
+from worker.stages.load import prepare, resolve_granularity, seed_everything
+from worker.stages.prune import layer_rows, make_pruner, prune_and_fine_tune, select
 
 pytestmark = pytest.mark.tf
 
@@ -63,10 +63,10 @@ def prune_only(model: Path, spec: dict[str, Any], data: Data) -> tuple[dict[str,
     prunable, kinds = select(job)
     pruner = make_pruner(job, prunable, kinds, granularity)
     prune_and_fine_tune(job, pruner, Window(lambda stage, progress: None))
-    notes = [*job.notes, *pruner.notes(), *unpaired_bias_notes(pruner)]
+    notes = [*job.notes, *pruner.notes(), *pruner.unpaired_bias_notes()]
     metrics: dict[str, Any] = {"layers": layer_rows(prunable, pruner), "notes": notes}
-    if parsed.granularity == "channel":  # only the group pruner has structure groups
-        metrics["structure"] = {"groups": pruner.structure_groups()}  # type: ignore[union-attr]
+    if parsed.granularity == "channel":  # the per-variable pruner has none; the pipeline then writes no section
+        metrics["structure"] = {"groups": pruner.structure_groups()}
     return metrics, {nv.name: nv.var.numpy() for nv in job.handle.variables()}
 
 

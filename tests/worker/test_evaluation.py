@@ -665,7 +665,7 @@ def test_evaluation_library_and_schema_import_no_heavy_dependencies() -> None:
     code = (
         "import sys\n"
         "import app.schemas.metrics\n"
-        "from worker.evaluation import crossval, fidelity, flops, latency, metrics, size\n"
+        "from worker.evaluation import crossval, fidelity, flops, latency, metrics, size, zip_size\n"
         "banned = ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.store')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in banned or m.startswith('app.store')))\n"
     )

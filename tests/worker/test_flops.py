@@ -73,6 +73,24 @@ def test_kind_inference(name: str, shape: list[int], kind: str) -> None:
     assert infer_kind(name, shape) == kind
 
 
+@pytest.mark.parametrize(
+    ("name", "shape", "kind"),
+    [
+        ("text_embedding_head/dense/kernel", [16, 4], "dense"),  # a Dense inside a model named "embedding"
+        ("embedding_model/dense_3/kernel", [8, 8], "dense"),
+        ("embedding_model/embedding/embeddings", [40, 8], "embedding"),
+        ("my_lstm/lstm/lstm_cell/kernel", [4, 32], "dense"),  # recurrent: one step of [in, 4 * units]
+        ("gru/bias", [2, 96], "unknown"),  # a GRU's rank-2 bias is no kernel
+    ],
+)
+def test_kinds_come_from_the_pruning_classifier(name: str, shape: list[int], kind: str) -> None:
+    """One kernel-kind truth: flops reads the layer and leaf of a name as ``granularity.infer_kind`` does, never
+    a word anywhere in the model's path, so a Dense kernel is counted whatever its model is called."""
+    assert infer_kind(name, shape) == kind
+    (row,) = estimate_flops([{"name": name, "shape": shape}])
+    assert (row["dense_macs"] is not None) == (kind == "dense")
+
+
 def test_other_kinds_count_or_refuse_honestly() -> None:
     layers = [
         {"name": "embedding/embeddings", "shape": [1000, 16]},

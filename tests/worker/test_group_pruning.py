@@ -9,7 +9,9 @@ import pytest
 import tensorflow as tf
 
 from worker.pruning.criteria import GradientStats, get_criterion
-from worker.pruning.groups import GroupPruner
+from worker.pruning.group_pruner import GroupPruner
+from worker.pruning.interface import PrunerLike
+from worker.pruning.pruner import Pruner
 
 
 @dataclass(frozen=True)
@@ -281,3 +283,17 @@ def test_group_lasso_penalty_acts_on_producer_channels() -> None:
     expected = sum(np.linalg.norm(w[..., c]) for w in (a, b) for c in range(4))
     assert float(penalty()) == pytest.approx(expected, rel=1e-5)
     assert _pruner(variables, groups).penalty(1.0) is None
+
+
+def test_both_pruners_answer_the_group_questions_without_type_checks() -> None:
+    """The stages ask any pruner for its groups; a per-variable pruner answers with the interface's defaults."""
+    variables, groups = _residual()
+    per_variable = Pruner(
+        {"a/kernel": variables["a/kernel"]}, {"a/kernel": 0.5}, "layer", get_criterion("magnitude")
+    )
+    grouped = _pruner(variables, groups)
+    assert PrunerLike in type(per_variable).__mro__ and PrunerLike in type(grouped).__mro__
+    assert per_variable.analysis is None and per_variable.structure_groups() == []
+    assert per_variable.group_keep() == {} and grouped.unpaired_bias_notes() == []
+    assert {r["id"] for r in grouped.structure_groups()} == {"add", "c_out"}
+    assert set(grouped.group_keep()) == {"add"}

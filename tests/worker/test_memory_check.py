@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from app.schemas.spec import PruneSpec
-from worker import memory
 from worker.errors import PipelineError
 from worker.models import NamedVariable
+from worker.stages import memory
 
 MB = 1_000_000
 

@@ -13,7 +13,7 @@ import pytest
 
 from worker.evaluation import size as size_mod
 from worker.evaluation.size import ZipCanceled, write_zip, zip_dir
-from worker.zip_size import deflate_zip_size
+from worker.evaluation.zip_size import deflate_zip_size
 
 _CHUNK = size_mod._CHUNK
 

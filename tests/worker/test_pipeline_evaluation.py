@@ -28,9 +28,9 @@ from app.schemas.spec import NOT_YET_SUPPORTED, Latency, PruneSpec, unsupported_
 from tests import model_zoo
 from worker.errors import PipelineError
 from worker.evaluation.size import zip_dir
-from worker.latency_run import MIN_RUNS, budgeted_latency
+from worker.evaluation.zip_size import ZipSizeInBackground, cache_path, deflate_zip_size, shared_zip_size
 from worker.pipeline import run_pipeline
-from worker.zip_size import ZipSizeInBackground, cache_path, deflate_zip_size, shared_zip_size
+from worker.stages.latency import MIN_RUNS, budgeted_latency
 
 pytestmark = pytest.mark.tf
 

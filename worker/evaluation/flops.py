@@ -21,10 +21,12 @@ Limits, by design returning None rather than guessing:
   are None and ``macs_per_position`` (= params, or nonzero) is still reported.
 - A Dense kernel is assumed to see a flat input (one position per sample); pass ``output_spatial`` (e.g.
   ``[sequence_length]``) for a Dense applied over a sequence or image.
-- The kind comes from ``kind`` or else from the rank and name: rank 2 -> dense, except names containing
-  ``embedding`` (a lookup, no MACs -> None); rank 4 -> conv2d (``depthwise`` -> depthwise_conv2d,
-  ``transpose`` -> conv2d_transpose, whose positions are its INPUT pixels); rank 3 / 5 -> conv1d / conv3d only
-  when the name contains ``conv`` (attention kernels are rank 3 too). Anything else is ``unknown`` (None).
+- The kind comes from ``kind`` or else from the pruning engine's kind (``granularity.infer_kind``, the one
+  classifier of kernels: it reads the layer and leaf of a name, never the model's) by rank: dense,
+  recurrent (one step) and the conv kinds -> dense / conv1d / conv2d / conv3d for rank 2 / 3 / 4 / 5, with
+  rank-4 depthwise -> depthwise_conv2d and rank-4 conv_transpose -> conv2d_transpose (whose positions are its
+  INPUT pixels); embedding -> embedding (a lookup, no MACs -> None); einsum (attention kernels), bias, vector
+  and other -> ``unknown`` (None).
 - Recurrent kernels count one time step; biases, normalisation and activations are not counted.
 """
 
@@ -34,7 +36,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-__all__ = ["KINDS", "SPARSE_NOTE", "estimate_flops", "flops_totals", "infer_kind"]
+from worker.pruning import granularity
+
+__all__ = ["KINDS", "SPARSE_NOTE", "estimate_flops", "flops_kind", "flops_totals", "infer_kind"]
 
 Kind = Literal[
     "dense", "conv1d", "conv2d", "conv3d", "depthwise_conv2d", "conv2d_transpose", "embedding", "unknown"
@@ -56,19 +60,27 @@ SPARSE_NOTE = (
 )
 
 
+# Pruning kinds whose weights each take part in one multiply-add per position, counted by rank; a rank-4
+# depthwise or transposed kernel has its own positions (output pixels of its channels; input pixels).
+_BY_RANK: dict[int, Kind] = {2: "dense", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+_COUNTED = {"dense", "recurrent", "conv", "depthwise", "conv_transpose"}
+_RANK4: dict[str, Kind] = {"depthwise": "depthwise_conv2d", "conv_transpose": "conv2d_transpose"}
+
+
+def flops_kind(kind: granularity.Kind, rank: int) -> Kind:
+    """How MACs count a kernel of the pruning engine's ``kind`` and this rank."""
+    if kind == "embedding":
+        return "embedding"
+    if kind not in _COUNTED:
+        return "unknown"
+    if rank == 4 and kind in _RANK4:
+        return _RANK4[kind]
+    return _BY_RANK.get(rank, "unknown")
+
+
 def infer_kind(name: str, shape: Sequence[int]) -> Kind:
-    """The layer kind of a kernel from its rank and name (see the module docstring for the rules)."""
-    lowered = name.lower()
-    rank = len(shape)
-    if rank == 2:
-        return "embedding" if "embedding" in lowered else "dense"
-    if rank == 4:
-        if "depthwise" in lowered:
-            return "depthwise_conv2d"
-        return "conv2d_transpose" if "transpose" in lowered else "conv2d"
-    if "conv" in lowered and rank in (3, 5):
-        return "conv1d" if rank == 3 else "conv3d"
-    return "unknown"
+    """The layer kind of a kernel: ``granularity.infer_kind`` (the one kernel classifier), counted by rank."""
+    return flops_kind(granularity.infer_kind(name, shape), len(shape))
 
 
 def _positions(kind: str, spatial: Sequence[int] | None) -> tuple[int | None, str | None]:

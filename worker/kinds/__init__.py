@@ -19,11 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.job import Job, Window
 from worker.kinds.prune import Kind, RunPrune, run_prune_kind
 from worker.kinds.search import run_search
 from worker.kinds.sensitivity import run_sensitivity
 from worker.kinds.sweep import run_sweep
+from worker.stages.job import Job, Window
 
 KINDS: dict[str, Kind] = {
     "prune": run_prune_kind,

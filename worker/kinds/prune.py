@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.job import Job, Window
+from worker.stages.job import Job, Window
 
 RunPrune = Callable[[Window, Path], dict[str, Any]]
 Kind = Callable[[Job, Window, Path, RunPrune], dict[str, Any]]

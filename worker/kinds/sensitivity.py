@@ -26,12 +26,12 @@ import numpy as np
 
 from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec
 from worker.errors import PipelineError
-from worker.evaluate_stage import score
-from worker.job import Data, Job, Window, predict
 from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
-from worker.load_stage import resolve_granularity, seed_everything
-from worker.prune_stage import make_pruner, prune_and_fine_tune, select
+from worker.stages.evaluate import score
+from worker.stages.job import Data, Job, Window, predict
+from worker.stages.load import resolve_granularity, seed_everything
+from worker.stages.prune import make_pruner, prune_and_fine_tune, select
 
 SWEEP_SPAN = 0.75  # fraction of the job's progress the per-variable sweep fills
 NO_ARTIFACT_NOTE = (

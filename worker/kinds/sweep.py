@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from app.schemas.spec import PruneSpec
-from worker.job import Job, Window
 from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
-from worker.load_stage import seed_everything
+from worker.stages.job import Job, Window
+from worker.stages.load import seed_everything
 
 
 def run_sweep(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> dict[str, Any]:

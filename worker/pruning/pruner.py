@@ -27,7 +27,6 @@ the boolean masks; global scope keeps each variable's group scores (the element 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -44,52 +43,17 @@ from worker.pruning.granularity import (
     nm_achieved_sparsity,
     paired_bias,
 )
+from worker.pruning.interface import PrunerLike, VariableReport
 from worker.pruning.normalization import get_normalization
 from worker.pruning.regularization import penalty_fn
 from worker.pruning.scope import select_groups
 
-__all__ = ["Pruner", "VariableReport", "variable_view"]
+__all__ = ["Pruner", "variable_view"]
 
 Scope = Literal["layer", "global"]
 
 
-@dataclass(frozen=True)
-class VariableReport:
-    """What happened to one variable, for the metrics' ``layers`` entry and ``notes``."""
-
-    name: str
-    shape: tuple[int, ...]
-    kind: Kind
-    granularity: str  # the spec's spelling: "unstructured", "channel", "2:4", "block 4x4"
-    target: float
-    sparsity: float  # measured: exact zeros / size
-    groups_total: int | None = None  # channels or blocks (None for unstructured and N:M)
-    groups_removed: int | None = None
-    group_noun: str | None = None  # "channels" or "blocks"
-    bias: str | None = None  # the paired bias zeroed with removed channels
-    skipped: str | None = None  # why the variable was left dense
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; ``channels_removed``/``channels_total`` (or ``blocks_*``) only where meaningful."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "kind": self.kind,
-            "granularity": self.granularity,
-            "target": self.target,
-            "sparsity": self.sparsity,
-        }
-        if self.group_noun is not None and self.groups_total is not None:
-            out[f"{self.group_noun}_removed"] = self.groups_removed
-            out[f"{self.group_noun}_total"] = self.groups_total
-        if self.bias is not None:
-            out["bias"] = self.bias
-        if self.skipped is not None:
-            out["skipped"] = self.skipped
-        return out
-
-
-class Pruner:
+class Pruner(PrunerLike):
     """Holds one keep-mask per variable (and per paired bias) and keeps the variables consistent with it."""
 
     def __init__(
@@ -346,6 +310,19 @@ class Pruner:
         for report in self.report():
             lines.extend(report.notes)
         return lines
+
+    def unpaired_bias_notes(self) -> list[str]:
+        """Channel-pruned kernels whose bias naming is unknown: a bias there would still output act(bias)."""
+        notes: list[str] = []
+        for name in self.active:
+            gran, kind = self.granularities[name], self.kinds[name]
+            leaf = name.rpartition("/")[2].split(":")[0]
+            if gran.zeroes_bias(kind) and name not in self.biases and not leaf.endswith("kernel"):
+                notes.append(
+                    f"{name}: no bias is paired with it by name (Keras '<layer>/kernel' + '<layer>/bias'); "
+                    "if its layer adds a bias, each removed channel still outputs the constant act(bias)"
+                )
+        return notes
 
     def _pooled_target(self, global_target: float | None) -> float:
         if global_target is not None:

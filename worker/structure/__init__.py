@@ -5,8 +5,8 @@ A library like ``worker/pruning``: a ``ModelHandle`` and arrays in, a model dire
 SavedModel without the channels a keep vector drops, computing what the masked model computes.
 """
 
+from worker.structure.channel_groups import ChannelGroup, GroupAnalysis, Member, find_groups
 from worker.structure.compact import CompactResult, compact, max_abs_diff, probe_inputs
-from worker.structure.groups import ChannelGroup, GroupAnalysis, Member, find_groups
 from worker.structure.masks import group_masks
 
 __all__ = [

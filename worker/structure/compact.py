@@ -29,8 +29,9 @@ from tensorflow.core.framework import graph_pb2
 
 from worker.errors import PipelineError
 from worker.models.handle import ModelHandle
+from worker.structure.channel_groups import GroupAnalysis
 from worker.structure.frozen import FrozenSignature, run_skeleton
-from worker.structure.groups import ConsumerUse, GroupAnalysis, Key
+from worker.structure.graph_walk import ConsumerUse, Key
 from worker.structure.layout import Layout
 
 RTOL = 1e-5

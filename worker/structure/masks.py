@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from worker.models.handle import ModelHandle
-from worker.structure.groups import GroupAnalysis
+from worker.structure.channel_groups import GroupAnalysis
 
 
 def group_masks(

@@ -1,7 +1,7 @@
 """One rule per op type: how the channels (last axis, NHWC) flow through it.
 
 ``RULES`` maps an op type to a function ``(walker, op)`` that sets the layouts of the op's outputs and binds the
-weight axes the op indexes by channel:
+weight axes the op indexes by channel; ``DEFAULT_RULES`` is the table the walker gets (``graph_walk``):
 
 - producers (Conv1D/2D/3D, MatMul/Dense, BatchMatMul with a 2-D weight, Einsum with a clean 2-D weight, the
   pointwise half of a separable conv): the kernel's output axis starts a space, its input axis is a *consumer*
@@ -20,16 +20,12 @@ each tensor axis comes from, and records the shape constants a compaction must r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import tensorflow as tf
 
 from worker.structure.frozen import const_value
-from worker.structure.groups import ConsumerUse, ShapePatch, Source, Walker, last_dim
+from worker.structure.graph_walk import ConsumerUse, Rule, RuleTable, ShapePatch, Source, Walker, last_dim
 from worker.structure.layout import Layout
-
-Rule = Callable[[Walker, tf.Operation], None]
 
 UNARY = {
     "Identity", "Snapshot", "StopGradient", "PreventGradient", "Cast", "CheckNumerics",
@@ -624,3 +620,5 @@ RULES: dict[str, Rule] = {
     "Rank": shape_only,
     "NoOp": shape_only,
 }
+
+DEFAULT_RULES = RuleTable(RULES, unknown, const_view)

@@ -198,9 +198,9 @@ def test_a_large_eval_set_is_scored_on_a_seeded_subset(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import worker.export_stage
+    import worker.stages.export
 
-    monkeypatch.setattr(worker.export_stage, "MAX_EVAL_SAMPLES", 100)
+    monkeypatch.setattr(worker.stages.export, "MAX_EVAL_SAMPLES", 100)
     train, test = digits_cnn
     spec = {"target_sparsity": 0.5, "export": {"tflite": ["float32"]}}
     document = run(keras3_export_dir, spec, train, test, tmp_path)

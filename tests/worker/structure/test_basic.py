@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,19 @@ def test_a_rule_that_fails_freezes_instead_of_guessing(
     hidden = _by_producer(analysis, "hidden/kernel")
     assert not hidden.prunable and "not understood (IndexError: surprise)" in hidden.reason
     assert _by_producer(analysis, "gate/kernel").prunable  # the rest of the graph is still read
+
+
+def test_the_walker_knows_only_the_rules_it_is_given(mlp_dir: Path) -> None:
+    """The rule table is the walker's argument: with MatMul's rule alone, the ops after each Dense kernel
+    (bias add, activations) are unknown, so every kernel's channels are left whole, naming such an op."""
+    from worker.structure import rules
+    from worker.structure.graph_walk import Walker
+
+    handle = load_model(mlp_dir)
+    one_rule = replace(rules.DEFAULT_RULES, ops={"MatMul": rules.matmul})
+    assert Walker(handle, one_rule).rules.ops.keys() == {"MatMul"}
+    analysis = find_groups(handle, "serving_default", rules=one_rule)
+    for name in ("hidden/kernel", "gate/kernel"):
+        group = _by_producer(analysis, name)
+        assert not group.prunable and "unknown op" in str(group.reason)
+    assert _by_producer(find_groups(handle, "serving_default"), "hidden/kernel").prunable  # the default table

@@ -29,7 +29,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from worker.models import ModelHandle
+from worker.models.handle import ModelHandle
 
 __all__ = ["KernelUse", "flops_inputs", "kernel_uses"]
 

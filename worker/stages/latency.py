@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from app.schemas.spec import Latency
-from worker.job import Data, fixed_batch
 from worker.models import ModelHandle, SignatureInfo
+from worker.stages.job import Data, fixed_batch
 
 __all__ = ["MIN_RUNS", "budgeted_latency", "measure_latency"]
 

@@ -29,14 +29,14 @@ import numpy as np
 
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
-from worker.evaluate_stage import fidelity_section, score
 from worker.evaluation.crossval import cross_validation_report, plan_folds
 from worker.evaluation.metrics import TaskChoice, infer_task
-from worker.job import Job, Window, predict
-from worker.load_stage import prepare, seed_everything
 from worker.models import load_model
-from worker.prune_stage import make_pruner, prune_and_fine_tune, select
 from worker.pruning.granularity import Granularity
+from worker.stages.evaluate import fidelity_section, score
+from worker.stages.job import Job, Window, predict
+from worker.stages.load import prepare, seed_everything
+from worker.stages.prune import make_pruner, prune_and_fine_tune, select
 
 __all__ = ["FOLD_DETAIL_CLASSES", "run_cross_validation"]
 

@@ -47,8 +47,9 @@ import tensorflow as tf
 
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
+from worker.pruning.interface import PrunerLike, VariableReport
 from worker.pruning.normalization import get_normalization
-from worker.pruning.pruner import VariableReport, check_prune_args, compiled_mask_assign, variable_view
+from worker.pruning.pruner import check_prune_args, compiled_mask_assign, variable_view
 from worker.pruning.regularization import penalty_fn
 from worker.pruning.scope import select_groups
 
@@ -145,9 +146,9 @@ def _slice_of(member: MemberLike, channels: int, shape: tuple[int, ...]) -> tupl
     return _Slice(member.variable, axis, member.role, index), None
 
 
-class GroupPruner:
-    """Keep-masks per channel group; the same surface the pipeline reads from ``Pruner`` (masks, bias_masks,
-    active, prune, apply_masks, penalty, report, notes), plus ``group_keep`` and ``structure_groups``."""
+class GroupPruner(PrunerLike):
+    """Keep-masks per channel group, behind the stages' one pruner interface (``PrunerLike``), with the
+    group parts of it filled in: ``analysis``, ``group_keep`` and ``structure_groups``."""
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from ``worker.evaluation`` (scikit-learn metrics, fidelity, parameter counts, MA
   the train set), so an eval set with ``x`` only still says how much pruning changed the model.
 - Weights: ``size.param_counts`` over every variable; MACs (``flops.estimate_flops``) over every kernel of
   the model (not only the pruned ones: the totals are the model's compute), with output spatial sizes read
-  from the graph (``worker.layer_shapes``).
+  from the graph (``worker.models.layer_shapes``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 
 from worker.errors import PipelineError
 from worker.evaluation.fidelity import fidelity
-from worker.evaluation.flops import SPARSE_NOTE, estimate_flops, flops_totals
+from worker.evaluation.flops import SPARSE_NOTE, estimate_flops, flops_kind, flops_totals
 from worker.evaluation.metrics import TaskChoice, evaluate_output, infer_from_logits
 from worker.evaluation.size import param_counts
-from worker.job import Data, Job
-from worker.layer_shapes import flops_inputs, kernel_uses
 from worker.models import NamedVariable
+from worker.models.layer_shapes import flops_inputs, kernel_uses
 from worker.pruning.granularity import infer_kinds
 from worker.pruning.pruner import variable_view
+from worker.stages.job import Data, Job
 
 __all__ = [
     "FIDELITY_TRAIN_SAMPLES",
@@ -47,14 +47,6 @@ __all__ = [
 # Without an eval set, fidelity compares the two models on at most this many train samples (seeded choice):
 # a sample of the train set tells how far the outputs moved at a fraction of a full prediction pass.
 FIDELITY_TRAIN_SAMPLES = 2048
-# Pruning kinds (worker.pruning.granularity) that flops names differently or cannot count.
-_FLOPS_KIND = {
-    "embedding": "embedding",
-    "einsum": "unknown",
-    "bias": "unknown",
-    "vector": "unknown",
-    "other": "unknown",
-}
 
 
 @dataclass(frozen=True)
@@ -193,8 +185,8 @@ class Weights:
         # computes the first step outside it): its MACs are those of one step, whatever the graph showed.
         self.recurrent = {n for n, k in pruning_kinds.items() if k == "recurrent"}
         for name, kind in pruning_kinds.items():
-            if name not in self.kinds and kind in _FLOPS_KIND:
-                self.kinds[name] = _FLOPS_KIND[kind]
+            if name not in self.kinds:  # not seen applied in the graph: the pruner's kind, as MACs count it
+                self.kinds[name] = flops_kind(kind, len(shapes[name]))
         job.note(SPARSE_NOTE)
         if problem is not None:
             job.note(

@@ -6,10 +6,11 @@ How the spec reaches the pruning engine (``worker.pruning``):
   (``granularity.infer_kinds``). Embedding tables are left out unless an ``include`` regex names them: their
   rows are vocabulary entries, and zeroing a row silently maps a token to the zero vector.
 - Granularity: ``get_granularity`` (``block_shape`` for ``block``). Under ``channel``, the signature's graph
-  gives coupled channel groups (``worker.structure.find_groups``) and ``pruning.groups.GroupPruner`` ranks and
-  zeroes them as one (a group reaching an output is left whole by the analysis). Without an analysis, each
-  variable's channels are pruned alone and the kernel(s) producing a signature output directly are left dense
-  (``_output_heads``): their channels ARE the output's units, and removing one deletes a class or a target.
+  gives coupled channel groups (``worker.structure.find_groups``) and ``pruning.group_pruner.GroupPruner``
+  ranks and zeroes them as one (a group reaching an output is left whole by the analysis). Without an
+  analysis, each variable's channels are pruned alone and the kernel(s) producing a signature output directly
+  are left dense (``_output_heads``): their channels ARE the output's units, and removing one deletes a class
+  or a target.
   Variables a granularity cannot handle (e.g. N:M on a depthwise kernel) are left dense by the pruner with
   the reason in ``notes`` and in ``layers``.
 - Criterion hooks (``Criterion.needs_gradients`` / ``regularizer``), never special-cased by name:
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,19 +39,18 @@ import tensorflow as tf
 from app.schemas.fit import loss_label_problem
 from app.schemas.spec import FineTune, PolynomialSchedule
 from worker.errors import PipelineError
-from worker.job import Job, Window, fixed_batch
 from worker.models import NamedVariable
 from worker.pruning.criteria import Criterion, GradientStats, get_criterion
 from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
 from worker.pruning.gradients import accumulate_gradients
 from worker.pruning.granularity import Channel, Granularity, Kind, infer_kinds
-from worker.pruning.groups import GroupPruner
+from worker.pruning.group_pruner import GroupPruner
+from worker.pruning.interface import PrunerLike
 from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
 from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
-
-AnyPruner = Pruner | GroupPruner
+from worker.stages.job import Job, Window, fixed_batch
 
 PREDICT_SAMPLE = 256  # outputs computed to infer the loss
 # Gradient criteria: per-batch |g| statistics over at most GRADIENT_SAMPLES train samples in batches of
@@ -145,35 +144,9 @@ def _output_heads(
     }
 
 
-# Analyses by handle and signature: the groups depend on the graph only (never on the values), and a search
-# prunes the same loaded handle once per trial (10-15 s of analysis each on a ResNet-50).
-_ANALYSES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def channel_groups(job: Job) -> tuple[Any | None, str | None]:
-    """``(GroupAnalysis, None)`` from the signature's graph (``worker.structure.find_groups``), or
-    ``(None, why not)``: the caller then prunes per variable, masks only, and says so."""
-    try:
-        from worker.structure import find_groups
-    except ImportError as exc:
-        return None, f"channel-group analysis unavailable ({exc})"
-    cached = _ANALYSES.get(job.handle, {}).get(job.spec.signature)
-    if cached is not None:
-        return cached, None
-    tick = time.perf_counter()
-    try:
-        analysis = find_groups(job.handle, job.spec.signature)
-        _ANALYSES.setdefault(job.handle, {})[job.spec.signature] = analysis
-        return analysis, None
-    except Exception as exc:  # e.g. a graph it cannot freeze: per-variable masks are still a correct model
-        return None, f"channel-group analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
-    finally:  # part of "prune" (ranking needs the groups) or of "compact"; said apart for the benchmark
-        job.timings["channel_groups"] = job.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
-
-
 def make_pruner(
     job: Job, prunable: list[NamedVariable], kinds: dict[str, Kind], granularity: Granularity
-) -> Pruner | GroupPruner:
+) -> PrunerLike:
     """The pruner for the spec. Under ``channel`` it ranks the graph's coupled channel groups
     (``GroupPruner``); when the analysis is unavailable, per-variable channels as before (``Pruner``, with
     output heads left dense), and a note says the result cannot be compacted."""
@@ -182,7 +155,7 @@ def make_pruner(
     targets = resolve_targets(names, spec.target_sparsity, spec.layer_sparsity)
     criterion = get_criterion(spec.criterion, spec.seed)
     if isinstance(granularity, Channel):
-        analysis, problem = channel_groups(job)
+        analysis, problem = job.channel_groups()
         if analysis is not None:
             return _group_pruner(job, prunable, kinds, targets, criterion, analysis)
         job.note(f"{problem}: channels are pruned per variable (masks only, nothing can be compacted)")
@@ -258,7 +231,7 @@ class _Progress:
         self.window("fine_tuning", TUNE_START + (1.0 - TUNE_START) * min(1.0, fraction))
 
 
-def prune_and_fine_tune(job: Job, pruner: AnyPruner, window: Window) -> None:
+def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
     """Regularise (l1/l2), prune per the schedule (with fresh gradient statistics when the criterion needs
     them), fine-tune with masks re-applied after every step. Times go to ``timings_s`` prune / fine_tune.
 
@@ -328,7 +301,7 @@ def prune_and_fine_tune(job: Job, pruner: AnyPruner, window: Window) -> None:
 
 def _fine_tune_pruned(
     job: Job,
-    pruner: AnyPruner,
+    pruner: PrunerLike,
     ft: FineTune,
     epochs: int,
     progress: _Progress,
@@ -390,7 +363,7 @@ def _gated(gate: tf.Variable, penalty: Callable[[], tf.Tensor]) -> Callable[[], 
     return lambda: gate * penalty()
 
 
-def _penalty_name(pruner: AnyPruner) -> str:
+def _penalty_name(pruner: PrunerLike) -> str:
     """How the criterion's penalty reads in notes (l2 is group lasso on channel/block groups)."""
     if pruner.criterion.regularizer == "l1":
         return "L1 (sum |w|)"
@@ -400,7 +373,7 @@ def _penalty_name(pruner: AnyPruner) -> str:
     return "group-lasso (sum of group L2 norms)" if grouped else "L2 (sum w^2)"
 
 
-def _gradients(job: Job, pruner: AnyPruner, step: int, budget: int) -> dict[str, GradientStats] | None:
+def _gradients(job: Job, pruner: PrunerLike, step: int, budget: int) -> dict[str, GradientStats] | None:
     """Gradient statistics of the active variables over up to ``min(budget, GRADIENT_SAMPLES)`` train samples
     (a permutation seeded by ``seed + step``), for criteria with ``needs_gradients``; else None."""
     if not pruner.criterion.needs_gradients:
@@ -429,7 +402,7 @@ def loss_of(job: Job) -> tuple[str, bool]:
     """Loss name and from_logits: the spec's, else inferred once from train labels and a sample of outputs.
 
     Either way the loss is checked once against the labels and the real output (the signature may leave
-    sizes unknown, which load_stage could not check): a mismatch would otherwise surface as a reshape error
+    sizes unknown, which stages.load could not check): a mismatch would otherwise surface as a reshape error
     deep inside training, reported as an internal error instead of the user's mistake.
     """
     assert job.train is not None and job.train.y is not None
@@ -526,7 +499,7 @@ def _train(
 # -- results -------------------------------------------------------------------------------------------------
 
 
-def layer_rows(prunable: list[NamedVariable], pruner: AnyPruner) -> list[dict[str, Any]]:
+def layer_rows(prunable: list[NamedVariable], pruner: PrunerLike) -> list[dict[str, Any]]:
     """API.md's per-variable rows plus the pruner's report: kind, granularity, channels/blocks removed,
     the bias zeroed with removed channels, and why a variable was left dense (``skipped``)."""
     reports = {r.name: r.to_dict() for r in pruner.report()}
@@ -542,19 +515,3 @@ def layer_rows(prunable: list[NamedVariable], pruner: AnyPruner) -> list[dict[st
         row.update({k: v for k, v in reports[nv.name].items() if k not in row})
         rows.append(row)
     return rows
-
-
-def unpaired_bias_notes(pruner: AnyPruner) -> list[str]:
-    """Channel-pruned kernels whose bias naming is unknown: a bias there would still output act(bias)."""
-    notes: list[str] = []
-    if isinstance(pruner, GroupPruner):  # carriers come from the graph, not from names
-        return notes
-    for name in pruner.active:
-        gran, kind = pruner.granularities[name], pruner.kinds[name]
-        leaf = name.rpartition("/")[2].split(":")[0]
-        if gran.zeroes_bias(kind) and name not in pruner.biases and not leaf.endswith("kernel"):
-            notes.append(
-                f"{name}: no bias is paired with it by name (Keras '<layer>/kernel' + '<layer>/bias'); if its "
-                "layer adds a bias, each removed channel still outputs the constant act(bias)"
-            )
-    return notes

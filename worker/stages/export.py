@@ -4,9 +4,9 @@ the LiteRT runtime on the same data as the SavedModel (``worker.export`` does th
 - What is converted: the directory the pipeline saved as the artifact (``out_dir/saved_model``), so a
   compacted model is exported compacted; the job's ``signature`` only (a multi-signature model keeps one).
 - int8 calibration: ``export.representative_samples`` train inputs (seeded choice, the job's preprocessing
-  already applied by ``load_stage.prepare``), one sample per step.
+  already applied by ``stages.load.prepare``), one sample per step.
 - Evaluation: the reference data of the SavedModel's evaluation (the eval set, else a train sample), at most
-  ``MAX_EVAL_SAMPLES`` of it (seeded), one sample per call. ``metrics`` come from ``evaluate_stage.score`` on
+  ``MAX_EVAL_SAMPLES`` of it (seeded), one sample per call. ``metrics`` come from ``stages.evaluate.score`` on
   the runtime's outputs (the same scikit-learn metrics, task and logits decision as the SavedModel), fidelity
   against the pruned SavedModel's outputs on the same samples, latency from the timed calls themselves.
 - Files: ``out_dir/artifacts/<name>.tflite`` (``worker.tasks`` records every file there as an artifact).
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from app.schemas.spec import Export
-from worker.evaluate_stage import Reference, fidelity_section, score
 from worker.evaluation.metrics import TaskChoice
 from worker.export import ExportError, TFLiteModel, artifact_name, convert_saved_model, zip_size
-from worker.job import Data, Job
+from worker.stages.evaluate import Reference, fidelity_section, score
+from worker.stages.job import Data, Job
 
 __all__ = ["ARTIFACTS_DIR", "MAX_EVAL_SAMPLES", "run_exports"]
 

@@ -1,14 +1,15 @@
 """What the pipeline's stages share: the bound datasets, the job state and the progress window.
 
-Kept apart from the stages so that the K-fold runner (``worker.crossval_run``) can build one ``Job`` per fold
-with the same loading, pruning and evaluation code as the main run, without import cycles.
+Kept apart from the other stages so that the K-fold runner (``stages.crossval``) can build one ``Job`` per
+fold with the same loading, pruning and evaluation code as the main run, without import cycles.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -16,6 +17,9 @@ import tensorflow as tf
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
 from worker.models import ModelHandle, SignatureInfo
+
+if TYPE_CHECKING:
+    from worker.structure import GroupAnalysis
 
 Report = Callable[[str, float], None]
 
@@ -57,8 +61,10 @@ class Job:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     preprocessing: dict[str, Any] | None = None
-    loss: tuple[str, bool] | None = None  # inferred once, see prune_stage.loss_of
+    loss: tuple[str, bool] | None = None  # inferred once, see stages.prune.loss_of
     gradient_passes: list[int] = field(default_factory=list)  # samples per gradient-statistics pass
+    # Channel groups of ``handle`` by signature (``channel_groups``): another handle needs a fresh dict.
+    analyses: dict[str, GroupAnalysis] = field(default_factory=dict, repr=False)
 
     def note(self, text: str) -> None:
         """Append a note once (phases that run twice must not repeat themselves)."""
@@ -68,6 +74,31 @@ class Job:
     def forward(self, x: Mapping[str, tf.Tensor], training: bool) -> tf.Tensor:
         """The selected output: what labels, losses and gradients refer to."""
         return self.handle.call(self.spec.signature, x, training=training)[self.output]
+
+    def channel_groups(self) -> tuple[GroupAnalysis | None, str | None]:
+        """``(GroupAnalysis, None)`` from the signature's graph (``worker.structure.find_groups``), or
+        ``(None, why not)``: the caller then prunes per variable, masks only, and says so.
+
+        Read once per signature: the groups depend on the graph only (never on the values), and a search
+        prunes the job's one handle once per trial (10-15 s of analysis each on a ResNet-50)."""
+        try:
+            from worker.structure import find_groups
+        except ImportError as exc:
+            return None, f"channel-group analysis unavailable ({exc})"
+        cached = self.analyses.get(self.spec.signature)
+        if cached is not None:
+            return cached, None
+        tick = time.perf_counter()
+        try:
+            analysis = find_groups(self.handle, self.spec.signature)
+            self.analyses[self.spec.signature] = analysis
+            return analysis, None
+        except Exception as exc:  # e.g. a graph it cannot freeze: per-variable masks are still correct
+            return None, f"channel-group analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
+        finally:  # part of "prune" (ranking needs the groups) or of "compact"; said apart for the benchmark
+            self.timings["channel_groups"] = (
+                self.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
+            )
 
 
 @dataclass(frozen=True)

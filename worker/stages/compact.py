@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from worker.evaluate_stage import Reference, Weights
 from worker.evaluation.flops import estimate_flops, flops_totals
-from worker.job import Data, Job, predict
 from worker.models import ModelHandle, NamedVariable, load_model
-from worker.prune_stage import AnyPruner, channel_groups
-from worker.pruning.groups import GroupPruner, zero_channel_keep
+from worker.pruning.group_pruner import zero_channel_keep
+from worker.pruning.interface import PrunerLike
 from worker.pruning.pruner import variable_view
+from worker.stages.evaluate import Reference, Weights
+from worker.stages.job import Data, Job, predict
 
 __all__ = [
     "ATOL",
@@ -75,7 +75,7 @@ class Compaction:
 
 def compact_model(
     job: Job,
-    pruner: AnyPruner,
+    pruner: PrunerLike,
     reference: Reference | None,
     masked_outputs: Mapping[str, np.ndarray] | None,
     target: Path,
@@ -83,9 +83,9 @@ def compact_model(
     """Run steps 1-3 of the module docstring, writing the compact model to ``target`` (the artifact's
     directory; removed again when the masked model is the artifact). Time: ``timings_s.compact``."""
     spec = job.spec
-    rows = pruner.structure_groups() if isinstance(pruner, GroupPruner) else []
+    rows = pruner.structure_groups()
     if not spec.compact:
-        if not isinstance(pruner, GroupPruner):
+        if pruner.analysis is None:  # no groups were read: nothing to say about structure
             return Compaction(None, None)
         notes = ["compact is false: the artifact is the masked model"]
         return Compaction(None, _structure(False, rows, notes=notes))
@@ -98,17 +98,17 @@ def compact_model(
 
 def _compact(
     job: Job,
-    pruner: AnyPruner,
+    pruner: PrunerLike,
     reference: Reference | None,
     masked_outputs: Mapping[str, np.ndarray] | None,
     target: Path,
     rows: list[dict[str, Any]],
 ) -> Compaction:
-    if isinstance(pruner, GroupPruner) and pruner.analysis is not None:
+    if pruner.analysis is not None:  # the groups the pruner removed
         analysis = pruner.analysis
         keep = pruner.group_keep()
     else:
-        analysis, problem = channel_groups(job)
+        analysis, problem = job.channel_groups()
         if analysis is None:
             return _masked(target, rows, str(problem))
         values = {nv.name: nv.var for nv in job.handle.variables()}
@@ -139,7 +139,7 @@ def _compact(
         handle = load_model(target)
     except Exception as exc:
         return _masked(target, rows, f"the compact model does not load ({exc})", library_notes)
-    compact_job = replace(job, handle=handle, notes=[], timings={}, gradient_passes=[])
+    compact_job = replace(job, handle=handle, notes=[], timings={}, gradient_passes=[], analyses={})
     if handle.signatures != job.handle.signatures:
         return _masked(target, rows, "the compact model's signatures differ from the input's", library_notes)
 

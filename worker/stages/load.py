@@ -18,10 +18,10 @@ from app.schemas.fit import loss_label_problem
 from app.schemas.spec import Preprocessing, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.metrics import labels_for_outputs
-from worker.job import Data, Job
 from worker.models import ModelHandle, SignatureInfo, bind_inputs, label_key, select_output
 from worker.pruning.criteria import get_criterion
 from worker.pruning.granularity import Granularity, check_nm_target, get_granularity, parse_nm
+from worker.stages.job import Data, Job
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +109,7 @@ def prepare(
             f"{why} needs a train dataset with labels: pass train_dataset_id with arrays 'x' and 'y'",
         )
     if spec.loss is not None and train is not None and job.train is not None and job.train.y is not None:
-        # The signature's shapes (None = any size); prune_stage.loss_of checks again with the real output.
+        # The signature's shapes (None = any size); stages.prune.loss_of checks again with the real output.
         problem = loss_label_problem(
             spec.loss,
             job.train.y.shape,
@@ -139,7 +139,7 @@ def prepare(
     return job
 
 
-# With compaction (spec.compact, worker.compact_stage) the pruned side is measured on the compact model.
+# With compaction (spec.compact, worker.stages.compact) the pruned side is measured on the compact model.
 _COMPACT_NOTE = (
     "channel pruning with compaction: removed channels are physically removed from the artifact (smaller "
     "variables, same signatures); pruned params, macs, size_bytes and latency_ms are the compact model's, "

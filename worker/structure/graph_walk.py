@@ -1,60 +1,28 @@
-"""Channel groups read from a signature's graph (never from layer names).
+"""The walk over a frozen signature's graph: channel layouts per tensor, weight axes bound to them.
 
-Every signature of the model is frozen (``frozen.py``) and walked in topological order; each op type has a rule
-(``rules.py``) saying how the channels (last axis, NHWC) of its inputs relate to those of its outputs and which
-weight axes they index. Coupled channels end up in one union-find class; each class with a member weight is a
-``ChannelGroup``. Whatever a rule cannot explain (an op with no rule, a reduction or normalisation over the
-channel axis, a weight read in a way no rule tracks, a signature input or output) *freezes* the classes it
-touches: they are reported with the reason and never removed, so an unknown op never yields a wrong model.
-All signatures are walked into the same classes, because the compact model must serve all of them.
+``Walker`` visits the ops in topological order and hands each to the rule its ``RuleTable`` has for the op
+type (``rules.DEFAULT_RULES`` is the table ``channel_groups.find_groups`` passes in; a test may pass a table
+of one rule, as Torch-Pruning's ``customized_pruners`` replace its defaults). Rules call back into the walker
+to set layouts, couple channels (union-find over ``layout.Spaces``) and bind weight axes; whatever no rule
+explains is frozen by the table's ``unknown``, so an unknown op never yields a wrong model. The walker knows
+no op type itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
-import numpy as np
 import tensorflow as tf
 
 from worker.models.handle import ModelHandle
-from worker.structure.frozen import FrozenSignature, const_value, freeze_signature
-from worker.structure.layout import Layout, Segment, Spaces, same_structure
+from worker.structure.frozen import FrozenSignature
+from worker.structure.layout import Layout, Spaces, same_structure
 
 Role = Literal["producer", "carrier", "consumer"]
 Key = tuple[str, int]  # (weight key, axis): weight key = NamedVariable.name, or "const:<sig>:<node>"
 _ROLE_RANK = {"carrier": 0, "consumer": 1, "producer": 2}
-
-
-@dataclass(frozen=True)
-class Member:
-    """One weight axis indexed by a group's channels."""
-
-    variable: str
-    axis: int
-    role: Role
-    positions: np.ndarray | None = None  # (channels, k) indices along ``axis``; None = channel c is index c
-    tied: bool = False  # a depthwise kernel: its input channels are its output channels (not a source)
-
-    def indices(self, channels: np.ndarray) -> np.ndarray:
-        """Indices along ``axis`` of the given channel numbers."""
-        if self.positions is None:
-            return np.asarray(channels, dtype=np.int64)
-        return self.positions[np.asarray(channels, dtype=np.int64)].ravel()
-
-
-@dataclass
-class ChannelGroup:
-    id: str
-    channels: int
-    members: list[Member]
-    prunable: bool
-    reason: str | None
-    constants: list[Member] = field(default_factory=list)  # frozen (non-variable) consts sliced with it
-
-    @property
-    def producers(self) -> list[Member]:
-        return [m for m in self.members if m.role == "producer"]
 
 
 @dataclass(frozen=True)
@@ -80,39 +48,6 @@ class ShapePatch:
     layout: Layout
 
 
-@dataclass
-class GroupAnalysis:
-    groups: list[ChannelGroup]
-    signature: str
-    frozen: dict[str, FrozenSignature] = field(repr=False, default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)  # signature -> the identical one analysed
-    bindings: dict[Key, Layout] = field(repr=False, default_factory=dict)
-    dims: dict[Key, int] = field(repr=False, default_factory=dict)
-    consumers: list[ConsumerUse] = field(repr=False, default_factory=list)
-    patches: list[ShapePatch] = field(repr=False, default_factory=list)
-    group_of_space: dict[int, str] = field(repr=False, default_factory=dict)
-    spaces: Spaces = field(repr=False, default_factory=Spaces)
-
-    def group(self, group_id: str) -> ChannelGroup:
-        for g in self.groups:
-            if g.id == group_id:
-                return g
-        raise KeyError(group_id)
-
-    def summary(self) -> list[dict[str, object]]:
-        """JSON-ready view for metrics: id, channels, prunable/reason and members."""
-        return [
-            {
-                "id": g.id,
-                "channels": g.channels,
-                "prunable": g.prunable,
-                "reason": g.reason,
-                "members": [{"variable": m.variable, "axis": m.axis, "role": m.role} for m in g.members],
-            }
-            for g in self.groups
-        ]
-
-
 @dataclass(frozen=True)
 class Source:
     """A weight a const-derived tensor reads, and which weight axis each tensor axis comes from."""
@@ -121,11 +56,33 @@ class Source:
     axes: tuple[int | None, ...]
 
 
-class Walker:
-    """State of the walk over all signatures; rules call its methods."""
+Rule = Callable[["Walker", tf.Operation], None]
+ConstView = Callable[["Walker", tf.Tensor], list[Source] | None]
 
-    def __init__(self, handle: ModelHandle) -> None:
+
+class Fallback(Protocol):
+    """A rule with the reason to record (``rules.unknown``): an op's channels frozen, never guessed."""
+
+    def __call__(self, walker: Walker, op: tf.Operation, reason: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RuleTable:
+    """What the walker knows about ops: ``ops`` maps an op type to its rule; ``unknown`` freezes whatever an
+    op without a rule (or whose rule failed) touches; ``const_view`` traces a const-derived tensor back to the
+    weights it reads."""
+
+    ops: Mapping[str, Rule]
+    unknown: Fallback
+    const_view: ConstView
+
+
+class Walker:
+    """State of the walk over all signatures; the rules of ``rules`` call its methods."""
+
+    def __init__(self, handle: ModelHandle, rules: RuleTable) -> None:
         self.handle = handle
+        self.rules = rules
         self.spaces = Spaces()
         self.bindings: dict[Key, Layout] = {}
         self.roles: dict[Key, Role] = {}
@@ -142,8 +99,7 @@ class Walker:
 
     # --- signature-level -------------------------------------------------------------------------
     def walk(self, sig: FrozenSignature) -> None:
-        from worker.structure.rules import RULES, unknown
-
+        unknown = self.rules.unknown
         self.sig = sig
         self._const = {}
         self._views = {}
@@ -157,7 +113,7 @@ class Walker:
             if self.is_const(op.outputs[0]) if op.outputs else True:
                 continue
             try:
-                RULES.get(op.type, unknown)(self, op)
+                self.rules.ops.get(op.type, unknown)(self, op)
             except Exception as exc:  # a graph a rule did not foresee: freeze, never guess
                 unknown(
                     self, op, f"op {op.type} at {op.name} not understood ({type(exc).__name__}: {exc})"[:300]
@@ -261,10 +217,8 @@ class Walker:
 
     def view(self, t: tf.Tensor) -> list[Source] | None:
         """The weights a const-derived tensor reads and their axis maps; None when not traceable."""
-        from worker.structure.rules import const_view
-
         if t.name not in self._views:
-            self._views[t.name] = const_view(self, t)
+            self._views[t.name] = self.rules.const_view(self, t)
         return self._views[t.name]
 
     def mark_untracked(self, sources: list[Source], tracked: set[tuple[str, int]], where: str) -> None:
@@ -329,115 +283,14 @@ def _topological(graph: tf.Graph) -> list[tf.Operation]:
     return out
 
 
-def find_groups(handle: ModelHandle, signature: str) -> GroupAnalysis:
-    """Channel groups of ``handle`` read from every signature's graph, ``signature`` first (its groups are
-    listed in its topological order); a group is prunable only if every signature allows it."""
-    handle.function(signature)  # PipelineError signature_not_found
-    names = [signature] + [n for n in sorted(handle.signatures) if n != signature]
-    walker = Walker(handle)
-    frozen: dict[str, FrozenSignature] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[bytes, str] = {}
-    for name in names:
-        mark = _fingerprint(handle, name)
-        if mark in seen:  # Keras 3 export: `serve` and `serving_default` wrap the same call
-            aliases[name] = seen[mark]
-            continue
-        seen[mark] = name
-        frozen[name] = freeze_signature(handle, name)
-        walker.walk(frozen[name])
-    analysis = _collect(walker, signature, frozen)
-    analysis.aliases = aliases
-    return analysis
-
-
-def _fingerprint(handle: ModelHandle, name: str) -> bytes:
-    """Equal for two signatures whose wrapper graphs (inputs, the call, outputs) and captures are equal."""
-    fn = handle.function(name)
-    gdef = fn.graph.as_graph_def()
-    del gdef.library.function[:]
-    del gdef.library.gradient[:]
-    for node in gdef.node:
-        node.ClearField("device")
-    captures = ",".join(str(id(ext)) for ext, _ in fn.graph.captures)
-    return (
-        gdef.SerializeToString(deterministic=True) + captures.encode() + repr(fn.structured_outputs).encode()
-    )
-
-
-def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature]) -> GroupAnalysis:
-    spaces = walker.spaces
-    variables = {nv.name for nv in walker.handle.variables()}
-    for (wkey, axis), where in walker.untracked.items():
-        for key, layout in walker.bindings.items():
-            if key[0] == wkey and (axis == -1 or key[1] == axis):
-                spaces.freeze_layout(layout, f"weight {wkey} is also read by {where}")
-    by_root: dict[int, dict[Key, list[np.ndarray]]] = {}
-    first: dict[int, int] = {}
-    for rank, key in enumerate(walker.order):
-        layout = walker.bindings.get(key)
-        if layout is None:
-            continue
-        for seg in layout.segments:
-            root = spaces.find(seg.space)
-            by_root.setdefault(root, {}).setdefault(key, []).append(seg.positions)
-            first.setdefault(root, rank)
-    groups: list[ChannelGroup] = []
-    group_of_space: dict[int, str] = {}
-    for root in sorted(by_root, key=lambda r: first[r]):
-        members: list[Member] = []
-        constants: list[Member] = []
-        for key, parts in by_root[root].items():
-            pos = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-            channels = spaces.size[root]
-            identity = (
-                pos.shape == (channels, 1)
-                and walker.dims[key] == channels
-                and np.array_equal(pos[:, 0], np.arange(channels))
-            )
-            member = Member(key[0], key[1], walker.roles[key], None if identity else pos, key in walker.tied)
-            (members if key[0] in variables else constants).append(member)
-        if not members:  # constants only (shape vectors, folded-in tensors): nothing a user can prune
-            continue
-        producers = [m for m in members if m.role == "producer"]
-        reasons = spaces.reasons(root)
-        if not reasons and not producers:
-            reasons = ["no layer's weights produce these channels"]
-        if not reasons and spaces.size[root] <= 1:
-            reasons = ["a single channel: removing it would remove the layer"]
-        label = (producers or members)[0].variable
-        gid = f"g{len(groups)}:{label}"
-        group_of_space[root] = gid
-        groups.append(
-            ChannelGroup(
-                id=gid,
-                channels=spaces.size[root],
-                members=members,
-                prunable=not reasons,
-                reason="; ".join(reasons[:3]) if reasons else None,
-                constants=constants,
-            )
-        )
-    return GroupAnalysis(
-        groups=groups,
-        signature=signature,
-        frozen=frozen,
-        bindings=walker.bindings,
-        dims=walker.dims,
-        consumers=walker.consumers,
-        patches=walker.patches,
-        group_of_space=group_of_space,
-        spaces=spaces,
-    )
-
-
 __all__ = [
-    "ChannelGroup",
     "ConsumerUse",
-    "GroupAnalysis",
-    "Member",
-    "Segment",
+    "Key",
+    "Role",
+    "Rule",
+    "RuleTable",
     "ShapePatch",
-    "const_value",
-    "find_groups",
+    "Source",
+    "Walker",
+    "last_dim",
 ]
