@@ -59,7 +59,9 @@ from bench.common import (
     streamed_multipart,
     subprocess_env,
 )
+from bench.results import RESULTS, replace_block, section_markdown
 from bench.service_load import RssSampler, status_kib
+from bench.storage import Deployment
 
 MiB = 1 << 20
 INPUT, OUTPUT = 1024, 10
@@ -394,8 +396,6 @@ def _poll(http: httpx.Client, path: str, done: Any, timeout: float, stages: list
 
 def run_service(upload_zip: Path, model_bytes: int, work: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Upload -> validation -> job -> download on a fresh S3 deployment; times, memory, digest checks."""
-    from bench.storage import Deployment
-
     artifact = work / "pruned.zip"
     dep = Deployment(work / "deployment", workers=1)
     try:
@@ -798,8 +798,6 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_wall_s"] = time.perf_counter() - tick
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "section-bigmodel.json").write_text(json.dumps(result, indent=2, default=str))
-    from bench.run import RESULTS, replace_block, section_markdown
-
     path = OUT_DIR / "RESULTS.bigmodel-smoke.md" if args.smoke else RESULTS
     text = path.read_text() if path.is_file() else ""
     path.write_text(replace_block(text, "bigmodel", section_markdown("bigmodel", result)))

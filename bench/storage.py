@@ -41,6 +41,7 @@ from bench.common import (
     streamed_multipart,
     subprocess_env,
 )
+from bench.results import RESULTS, replace_block
 from bench.service_load import RssSampler, status_kib, write_big_npz
 from tests.e2e.conftest import Service
 from tests.seaweed import Seaweed
@@ -402,8 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     result["markdown"] = markdown(result)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "section-storage.json").write_text(json.dumps(result, indent=2))
-    from bench.run import RESULTS, replace_block
-
     path = OUT_DIR / "RESULTS.storage-smoke.md" if args.smoke else RESULTS
     text = path.read_text() if path.is_file() else ""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bench import results as bench_results
 from bench import run as bench_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
@@ -23,8 +24,8 @@ def _positive_finite(value: Any) -> bool:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("bench")
     results = bench_run.run_sections(smoke=True, cache_dir=root / "cache", work_dir=root / "work")
-    results["report"] = bench_run.write_results(
-        {k: v for k, v in results.items() if k in bench_run.SECTIONS}, smoke=True, path=root / "RESULTS.md"
+    results["report"] = bench_results.write_results(
+        {k: v for k, v in results.items() if k in bench_results.SECTIONS}, smoke=True, path=root / "RESULTS.md"
     )
     return results
 
@@ -173,6 +174,6 @@ def test_smoke_report_is_written(smoke: dict[str, Any]) -> None:
     text = report.read_text()
     assert text.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
     assert "TensorFlow" in text and "CPUs" in text
-    for name, (title, _) in bench_run.SECTIONS.items():
+    for name, title in bench_results.SECTIONS.items():
         assert f"<!-- bench:{name} -->\n## {title}" in text
         assert f"<!-- /bench:{name} -->" in text
