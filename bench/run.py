@@ -143,7 +143,9 @@ def run_sections(
         if name not in selected:
             continue
         tick = time.perf_counter()
-        results[name] = RUNNERS[name](smoke, repeats, cache_dir, None if work_dir is None else work_dir / name)
+        results[name] = RUNNERS[name](
+            smoke, repeats, cache_dir, None if work_dir is None else work_dir / name
+        )
         results[name]["bench_wall_s"] = time.perf_counter() - tick
         print(f"[run] {name}: {results[name]['bench_wall_s']:.0f} s", file=sys.stderr, flush=True)
     return results

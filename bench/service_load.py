@@ -61,6 +61,7 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     machine,
     md_table,
     subprocess_env,
@@ -513,23 +514,25 @@ def run_upload(server: Server, api_key: str, size: int, work: Path) -> dict[str,
 # -- the whole run ------------------------------------------------------------------------------------------
 
 
+def tiny_mlp_zip(root: Path) -> dict[str, Any]:
+    """A ``cached_model`` builder: the tiny model's zip, built in a subprocess (this process never imports
+    TensorFlow)."""
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_MODEL, str(root / "model.zip")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"building the model failed:\n{done.stderr[-3000:]}")
+    return {"zip_bytes": (root / "model.zip").stat().st_size}
+
+
 def build_model(cache_dir: Path) -> Path:
-    """The tiny model zip, built once (TensorFlow in a subprocess) and cached."""
-    out = cache_dir / "service_load_mlp.zip"
-    if not out.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        done = subprocess.run(
-            [sys.executable, "-c", BUILD_MODEL, str(tmp)],
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"building the model failed:\n{done.stderr[-3000:]}")
-        tmp.replace(out)
-    return out
+    """The tiny model zip, built once and cached."""
+    root, _ = cached_model(tiny_mlp_zip, cache_dir=cache_dir)
+    return root / "model.zip"
 
 
 def create_api_key(data_dir: Path) -> str:

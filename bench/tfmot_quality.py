@@ -56,6 +56,7 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     md_table,
     mean_std,
     signature_names,
@@ -150,63 +151,53 @@ def keras3_twin(weights: Path) -> Any:
     return model
 
 
-def prepare(cache_dir: Path, epochs: int, split: int = 0) -> dict[str, Any]:
-    """Cached: the tf_keras baseline (weights.npz), its Keras 3 twin exported + zipped, train/test npz of
-    ``digits_datasets(seed=split)``; checks that both baselines score identically on the test split."""
+def tf_keras_baseline(root: Path, epochs: int, split: int) -> dict[str, Any]:
+    """A ``cached_model`` builder: the tf_keras baseline (base/weights.npz, trained in bench.tfmot_side), its
+    Keras 3 twin exported + zipped, train/test npz of ``digits_datasets(seed=split)``, and the test accuracy
+    of each."""
     import numpy as np
 
     from tests import model_factory
 
-    root = cache_dir / (f"tfmot_digits_e{epochs}" + (f"_split{split}" if split else ""))
-    meta_path = root / "meta.json"
-    files = {
+    base = run_side(
+        ["baseline", "--out", str(root / "base"), "--epochs", str(epochs), "--seed", "0", "--split", str(split)],
+        root / "side.log",
+    )
+    train, test = model_factory.digits_datasets(seed=split)
+    twin = keras3_twin(root / "base" / "weights.npz")
+    probs = twin.predict(test["x"], batch_size=256, verbose=0)
+    twin.export(str(root / "saved_model"), verbose=False)
+    model_factory.zip_saved_model(root / "saved_model", root / "model.zip", top="digits_cnn")
+    model_factory.write_npz(root / "train.npz", train)
+    model_factory.write_npz(root / "test.npz", test)
+    return {
+        "epochs": epochs,
+        "tf_keras": base,
+        "keras3_accuracy": float(np.mean(np.argmax(probs, axis=1) == test["y"])),
+        "export_accuracy": export_accuracy(root / "saved_model", split),
+        "split": split,
+        "n_train": len(train["y"]),
+        "n_test": len(test["y"]),
+    }
+
+
+def prepare(cache_dir: Path, epochs: int, split: int = 0) -> dict[str, Any]:
+    """The tf_keras baseline and its twin (``tf_keras_baseline``, cached) with the paths of their files;
+    checks that both baselines score identically on the test split."""
+    root, meta = cached_model(tf_keras_baseline, epochs, split, cache_dir=cache_dir)
+    if not meta["tf_keras"]["accuracy"] == meta["keras3_accuracy"] == meta["export_accuracy"]:
+        raise BenchError(
+            f"the two baselines differ: tf_keras {meta['tf_keras']['accuracy']}, Keras 3 {meta['keras3_accuracy']}, "
+            f"exported {meta['export_accuracy']}"
+        )
+    return {
+        **meta,
         "weights": root / "base" / "weights.npz",
         "saved_model": root / "saved_model",
         "zip": root / "model.zip",
         "train": root / "train.npz",
         "test": root / "test.npz",
     }
-    if not meta_path.is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        base = run_side(
-            [
-                "baseline",
-                "--out",
-                str(root / "base"),
-                "--epochs",
-                str(epochs),
-                "--seed",
-                "0",
-                "--split",
-                str(split),
-            ],
-            root / "side.log",
-        )
-        train, test = model_factory.digits_datasets(seed=split)
-        twin = keras3_twin(files["weights"])
-        probs = twin.predict(test["x"], batch_size=256, verbose=0)
-        twin.export(str(files["saved_model"]), verbose=False)
-        model_factory.zip_saved_model(files["saved_model"], files["zip"], top="digits_cnn")
-        model_factory.write_npz(files["train"], train)
-        model_factory.write_npz(files["test"], test)
-        meta = {
-            "epochs": epochs,
-            "tf_keras": base,
-            "keras3_accuracy": float(np.mean(np.argmax(probs, axis=1) == test["y"])),
-            "export_accuracy": export_accuracy(files["saved_model"], split),
-            "split": split,
-            "n_train": len(train["y"]),
-            "n_test": len(test["y"]),
-        }
-        meta_path.write_text(json.dumps(meta, indent=2))
-    meta = json.loads(meta_path.read_text())
-    if not meta["tf_keras"]["accuracy"] == meta["keras3_accuracy"] == meta["export_accuracy"]:
-        raise BenchError(
-            f"the two baselines differ: tf_keras {meta['tf_keras']['accuracy']}, Keras 3 {meta['keras3_accuracy']}, "
-            f"exported {meta['export_accuracy']}"
-        )
-    return {**meta, **files}
 
 
 def export_accuracy(saved_model: Path, split: int = 0) -> float:
