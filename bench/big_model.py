@@ -65,6 +65,7 @@ from bench.common import (
 from bench.results import RESULTS, replace_block, section_markdown
 from bench.service_load import RssSampler, status_kib
 from bench.storage import Deployment
+from tests.support.procs import children, cmdline
 
 MiB = 1 << 20
 INPUT, OUTPUT = 1024, 10
@@ -211,16 +212,6 @@ def run_floor(saved: Path, work: Path) -> dict[str, Any]:
 # -- memory of a process tree ---------------------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 def process_tree(root: int) -> list[int]:
     tree, todo = [], [root]
     while todo:
@@ -228,14 +219,6 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children(pid)
     return tree
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:160]
 
 
 class TreePeaks:
@@ -259,7 +242,7 @@ class TreePeaks:
                 continue
             with self._lock:
                 if pid not in self.names:
-                    self.names[pid] = _cmdline(pid)
+                    self.names[pid] = " ".join(cmdline(pid))[:160] or "?"
                 self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
 
     def _loop(self) -> None:

@@ -291,7 +291,7 @@ def cached_model(
 def export_and_zip(root: Path, export: Callable[..., None], *args: object) -> dict[str, Any]:
     """A ``cached_model`` builder: ``export(root/saved_model, *args)``, then the client's upload zip
     ``root/model.zip``; the time of each and their sizes."""
-    from tests.model_factory import zip_saved_model
+    from tests.support.model_factory import zip_saved_model
 
     tick = time.perf_counter()
     export(root / "saved_model", *args)

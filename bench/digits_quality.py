@@ -1,6 +1,6 @@
 """Quality after pruning: the digits CNN pruned through the API at several sparsities and seeds.
 
-Model: ``tests.model_factory.build_keras3_export`` (Keras 3 CNN, ``model.export``), trained for
+Model: ``tests.support.model_factory.build_keras3_export`` (Keras 3 CNN, ``model.export``), trained for
 ``BASELINE_EPOCHS`` epochs (seed 0) so the baseline reaches >= 97% test accuracy (checked before the API run).
 Data: ``model_factory.digits_datasets()`` -- scikit-learn's digits, split seed 0, stratified 75/25
 (1347 train / 450 test); the train split is the fine-tuning set, the test split the evaluation set.
@@ -43,7 +43,7 @@ SMOKE = {"baseline_epochs": 3, "sparsities": (0.8,), "seeds": (0,), "fine_tune_e
 def digits_cnn(root: Path, epochs: int) -> dict[str, Any]:
     """A ``cached_model`` builder: the CNN trained ``epochs`` epochs (seed 0) and exported, its zip, the
     train/test npz, and the test accuracy measured here."""
-    from tests import model_factory
+    from tests.support import model_factory
 
     tick = time.perf_counter()
     model_factory.build_keras3_export(root / "saved_model", epochs=epochs, seed=0)
@@ -78,7 +78,7 @@ def local_accuracy(saved_model: Path) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     _, test = model_factory.digits_datasets()
     fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
@@ -220,7 +220,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             "### Accuracy after pruning: digits CNN through the API\n",
-            f"Baseline: Keras 3 CNN from `tests.model_factory.build_keras3_export`, {base['epochs']} epochs, seed 0; "
+            f"Baseline: Keras 3 CNN from `tests.support.model_factory.build_keras3_export`, {base['epochs']} epochs, seed 0; "
             f"data `model_factory.digits_datasets()` (split seed 0, stratified 75/25: {base['n_train']} train / "
             f"{base['n_test']} test). Baseline test accuracy {base['accuracy_api']:.4f} (service) / "
             f"{base['accuracy_local']:.4f} (computed here). Each cell: one job, "

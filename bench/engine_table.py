@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python -m bench.engine_table`` (about 1 minute on 2 cores). Writes
 ``bench/out/engine_table.{md,json}`` and prints the markdown table.
 
-Model: ``tests.model_factory.build_keras3_export`` (Keras 3 CNN: Conv2D 8 + BatchNorm + Dense 32 + Dense 10)
+Model: ``tests.support.model_factory.build_keras3_export`` (Keras 3 CNN: Conv2D 8 + BatchNorm + Dense 32 + Dense 10)
 trained ``BASELINE_EPOCHS`` epochs (seed 0; must reach ``BASELINE_MIN_ACCURACY`` test accuracy, checked).
 Data: scikit-learn digits, ``model_factory.digits_datasets()`` (1347 train / 450 test, stratified, split 0).
 
@@ -54,7 +54,7 @@ def _baseline(cache: Path) -> tuple[Path, tuple[dict[str, Any], dict[str, Any]],
     """The trained CNN (bench.digits_quality's, cached), its datasets, its test accuracy and its training time."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
     from worker.models import load_model
 
     data = model_factory.digits_datasets()

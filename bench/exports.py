@@ -58,7 +58,7 @@ def _local_accuracy(path: Path) -> float:
     """The downloaded .tflite scored here by LiteRT on the test split (same code as the worker's)."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
     from worker.export import TFLiteModel
 
     _, test = model_factory.digits_datasets()

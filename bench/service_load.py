@@ -6,7 +6,7 @@
 SERVER: a real ``secateurs serve`` (embedded default: SQLite + file queue + one worker child) in a fresh data
 directory on a free loopback port, with one API key (``secateurs keys create``), so every request is
 authenticated as in production. A real job is made through the API: a tiny ``tf.Module`` MLP from
-tests/model_factory is uploaded, validated by the worker and pruned one-shot; the load starts once the job
+tests/support/model_factory is uploaded, validated by the worker and pruned one-shot; the load starts once the job
 succeeded, so the worker child is idle. The polled job is that finished job (no webhook).
 
 CLIENTS: a separate process per phase (``--loadgen``), so the client's CPU is not the server's; but both share
@@ -86,7 +86,7 @@ GOAL_RSS_GROWTH_MB = 50.0
 BUILD_MODEL = r"""
 import sys, tempfile
 from pathlib import Path
-from tests.model_factory import build_tf_module, zip_saved_model
+from tests.support.model_factory import build_tf_module, zip_saved_model
 with tempfile.TemporaryDirectory() as tmp:
     zip_saved_model(build_tf_module(Path(tmp) / "sm", steps=20, hidden=16), Path(sys.argv[1]))
 """

@@ -44,8 +44,8 @@ from bench.common import (
 from bench.digits_quality import prepare
 from bench.results import RESULTS, replace_block
 from bench.service_load import RssSampler, status_kib, write_big_npz
-from tests.e2e.conftest import Service
-from tests.seaweed import Seaweed
+from tests.support.procs import Service
+from tests.support.seaweed import Seaweed
 
 MiB = 1 << 20
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"

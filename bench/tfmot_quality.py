@@ -2,12 +2,12 @@
 
 Fairness, point by point:
 
-- Same baseline weights. The CNN (``tests.model_factory``'s architecture: Conv2D 8 + BatchNorm + Dense 32 +
+- Same baseline weights. The CNN (``tests.support.model_factory``'s architecture: Conv2D 8 + BatchNorm + Dense 32 +
   Dense 10, softmax) is trained ONCE, in tf_keras, by ``bench.tfmot_side baseline`` (``BASELINE_EPOCHS``
   epochs, seed 0), and its weights are saved as NumPy arrays. tfmot starts from those arrays; the Keras 3 twin
   that is exported and uploaded to Secateurs loads the very same arrays. Both baselines are scored on the test
   split here and must agree exactly (and their softmax outputs to 1e-5), else the run fails.
-- Same data: scikit-learn ``load_digits``, ``tests.model_factory.digits_datasets()`` = pixels / 16, stratified
+- Same data: scikit-learn ``load_digits``, ``tests.support.model_factory.digits_datasets()`` = pixels / 16, stratified
   75/25 split with seed 0: 1347 train / 450 test. Fine-tuning sees the train split only; every accuracy is on
   the test split.
 - Same budget: ``epochs`` in ``BUDGETS`` (3 and 10), batch 32, Adam with learning rate 1e-3, and the same
@@ -139,10 +139,10 @@ def run_side(args: list[str], log: Path) -> dict[str, Any]:
 
 
 def keras3_twin(weights: Path) -> Any:
-    """The Keras 3 model of ``tests.model_factory`` with the tf_keras baseline's arrays loaded."""
+    """The Keras 3 model of ``tests.support.model_factory`` with the tf_keras baseline's arrays loaded."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     model = model_factory._keras3_cnn(0)
     with np.load(weights) as npz:
@@ -157,7 +157,7 @@ def tf_keras_baseline(root: Path, epochs: int, split: int) -> dict[str, Any]:
     of each."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     base = run_side(
         ["baseline", "--out", str(root / "base"), "--epochs", str(epochs), "--seed", "0", "--split", str(split)],
@@ -205,7 +205,7 @@ def export_accuracy(saved_model: Path, split: int = 0) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     _, test = model_factory.digits_datasets(seed=split)
     fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
@@ -703,7 +703,7 @@ def render(result: dict[str, Any]) -> str:
             "### Accuracy: Secateurs vs tfmot (digits CNN, same weights, data and budget)\n",
             f"Baseline: trained once in tf_keras ({base['epochs']} epochs, seed 0) and loaded into both sides: test "
             f"accuracy {base['accuracy_tf_keras']:.4f} (tf_keras) = {base['accuracy_keras3']:.4f} (Keras 3 twin) = "
-            f"{base['accuracy_service']:.4f} (service). Data: `tests.model_factory.digits_datasets()`, scikit-learn "
+            f"{base['accuracy_service']:.4f} (service). Data: `tests.support.model_factory.digits_datasets()`, scikit-learn "
             f"digits / 16, stratified 75/25 split seed 0: {base['n_train']} train / {base['n_test']} test. Budget on "
             f"both sides: batch {BATCH_SIZE}, Adam {LEARNING_RATE:g} constant, our default polynomial schedule "
             "(cubic ramp 0 -> target, reached at 75% of the steps) with the same end step and mask-update "

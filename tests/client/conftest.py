@@ -24,9 +24,9 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
-from tests import model_factory
 from tests.app.helpers import saved_model_zip
-from tests.e2e.conftest import Service, base_env, free_port, wait_ready
+from tests.support import model_factory
+from tests.support.procs import Service, base_env, free_port, wait_ready
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from app.cli import is_loopback, main
 from app.client import Client, Job, ProgressPrinter
 from tests.app.helpers import SAVED_MODEL
 from tests.client.conftest import Embedded, ServeApp, Tiny
-from tests.e2e.conftest import Service, base_env, free_port, wait_ready
+from tests.support.procs import Service, base_env, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -47,7 +47,7 @@ from app.client import client as client_module
 from app.client.errors import parse_retry_after
 from app.config import Settings
 from tests.client.conftest import Embedded, ServeApp, Tiny
-from tests.e2e.conftest import free_port
+from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEMS = "https://secateurs.dev/problems/"

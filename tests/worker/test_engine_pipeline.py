@@ -3,7 +3,7 @@ every criterion on the digits CNN, scope/normalisation, and input preprocessing.
 
 Every check reads the artifact back from disk and compares it with the input model, so it holds for what a
 user downloads, not for the in-memory state. Zoo models are untrained with randomised biases
-(``tests/model_zoo.py``): where zeros land is the point there, accuracy is only asserted on the digits CNN.
+(``tests/support/model_zoo.py``): where zeros land is the point there, accuracy is only asserted on the digits CNN.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
-from tests import model_zoo
+from tests.support import model_zoo
 from worker.errors import PipelineError
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline
