@@ -54,12 +54,18 @@ from bench.common import (
     OUT_DIR,
     ROOT,
     BenchError,
+    cached_model,
+    dir_bytes,
     md_table,
+    run_floor_script,
     server_time,
     streamed_multipart,
     subprocess_env,
 )
+from bench.results import RESULTS, replace_block, section_markdown
 from bench.service_load import RssSampler, status_kib
+from bench.storage import Deployment
+from tests.support.procs import children, cmdline
 
 MiB = 1 << 20
 INPUT, OUTPUT = 1024, 10
@@ -114,47 +120,6 @@ print(json.dumps({"params": int(sum(v.shape.num_elements() for v in model.variab
                   "init_s": t_init - t0, "save_s": t_save - t_init, "peak_rss_kib": hwm}))
 """
 
-# argv: saved_model_dir out_dir out_zip_base target. What a user would write, timed per phase.
-FLOOR_SCRIPT = r"""
-import json, shutil, sys, time
-t0 = time.perf_counter()
-import numpy as np
-import tensorflow as tf
-t_import = time.perf_counter()
-src, out, out_base, target = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-obj = tf.saved_model.load(src)
-t_load = time.perf_counter()
-variables = {}
-for fn in obj.signatures.values():
-    for v in fn.variables:
-        variables.setdefault(id(v), v)
-pruned = 0
-for v in variables.values():
-    if v.trainable and v.dtype.is_floating and v.shape.rank is not None and v.shape.rank >= 2:
-        w = v.numpy()
-        k = int(round(target * w.size))
-        if k > 0:
-            scores = np.abs(w).ravel()
-            scores.partition(k - 1)
-            threshold = scores[k - 1]
-            del scores
-            w[np.abs(w) <= threshold] = 0
-            v.assign(w)
-        del w
-        pruned += 1
-t_prune = time.perf_counter()
-tf.saved_model.save(obj, out, signatures=obj.signatures)
-t_save = time.perf_counter()
-archive = shutil.make_archive(out_base, "zip", root_dir=out)
-t_zip = time.perf_counter()
-hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-print(json.dumps({
-    "phases_s": {"import": t_import - t0, "load": t_load - t_import, "prune": t_prune - t_load,
-                 "save": t_save - t_prune, "zip": t_zip - t_save},
-    "pruned_variables": pruned, "peak_rss_kib": hwm, "zip": archive,
-}))
-"""
-
 # argv: saved_model_dir. Signature keys from saved_model.pb and the checkpoint's zeros, one tensor at a time.
 VERIFY_SCRIPT = r"""
 import json, sys
@@ -185,19 +150,10 @@ def layer_sizes(params: int) -> list[int]:
         squares += 1
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def build_model(root: Path, params: int) -> dict[str, Any]:
-    """``root/saved_model`` built in a subprocess (reused when ``root/model.json`` says the same params)."""
-    meta_path, saved = root / "model.json", root / "saved_model"
-    if meta_path.is_file():
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if meta.get("requested_params") == params and (saved / "saved_model.pb").is_file():
-            return {**meta, "cached": True}
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    """A ``cached_model`` builder: ``root/saved_model`` built in a subprocess (this process never holds
+    TensorFlow memory)."""
+    saved = root / "saved_model"
     sizes = layer_sizes(params)
     tick = time.perf_counter()
     done = subprocess.run(
@@ -211,7 +167,7 @@ def build_model(root: Path, params: int) -> dict[str, Any]:
     if done.returncode != 0:
         raise BenchError(f"building the model failed ({done.returncode}):\n{done.stderr[-3000:]}")
     built = json.loads(done.stdout.strip().splitlines()[-1])
-    meta = {
+    return {
         "requested_params": params,
         "params": built["params"],
         "layer_sizes": sizes,
@@ -220,8 +176,6 @@ def build_model(root: Path, params: int) -> dict[str, Any]:
         "build_wall_s": wall,
         "build_peak_rss_kib": built["peak_rss_kib"],
     }
-    meta_path.write_text(json.dumps(meta, indent=2))
-    return {**meta, "cached": False}
 
 
 def zip_stored(src: Path, dest: Path) -> dict[str, Any]:
@@ -239,42 +193,23 @@ def zip_stored(src: Path, dest: Path) -> dict[str, Any]:
 
 
 def run_floor(saved: Path, work: Path) -> dict[str, Any]:
-    """The bare-TensorFlow script in a fresh subprocess; its outputs are deleted again (disk)."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out_dir = work / "saved_model"
-    args = [sys.executable, "-c", FLOOR_SCRIPT, str(saved), str(out_dir), str(work / "pruned"), str(TARGET)]
-    tick = time.perf_counter()
-    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - tick
-    if done.returncode != 0:
-        raise BenchError(f"floor script failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    printed = json.loads(done.stdout.strip().splitlines()[-1])
-    phases = printed["phases_s"]
+    """The bare-TensorFlow script (bench.common.FLOOR_SCRIPT) in a fresh subprocess; its outputs are deleted
+    again (disk)."""
+    floor = run_floor_script(saved, work, TARGET)
     result = {
-        "wall_s": wall,
-        "phases_s": phases,
-        "in_process_s": sum(phases[k] for k in ("load", "prune", "save", "zip")),
-        "pruned_variables": printed["pruned_variables"],
-        "peak_rss_kib": printed["peak_rss_kib"],
-        "saved_model_bytes": dir_bytes(out_dir),
-        "zip_bytes": Path(printed["zip"]).stat().st_size,
+        "wall_s": floor["wall_s"],
+        "phases_s": floor["phases_s"],
+        "in_process_s": floor["in_process_s"],
+        "pruned_variables": floor["pruned_variables"],
+        "peak_rss_kib": floor["peak_rss_kib"],
+        "saved_model_bytes": dir_bytes(floor["output_dir"]),
+        "zip_bytes": floor["zip"].stat().st_size,
     }
     shutil.rmtree(work, ignore_errors=True)
     return result
 
 
 # -- memory of a process tree ---------------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def process_tree(root: int) -> list[int]:
@@ -284,14 +219,6 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children(pid)
     return tree
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:160]
 
 
 class TreePeaks:
@@ -315,7 +242,7 @@ class TreePeaks:
                 continue
             with self._lock:
                 if pid not in self.names:
-                    self.names[pid] = _cmdline(pid)
+                    self.names[pid] = " ".join(cmdline(pid))[:160] or "?"
                 self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
 
     def _loop(self) -> None:
@@ -394,8 +321,6 @@ def _poll(http: httpx.Client, path: str, done: Any, timeout: float, stages: list
 
 def run_service(upload_zip: Path, model_bytes: int, work: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Upload -> validation -> job -> download on a fresh S3 deployment; times, memory, digest checks."""
-    from bench.storage import Deployment
-
     artifact = work / "pruned.zip"
     dep = Deployment(work / "deployment", workers=1)
     try:
@@ -582,17 +507,17 @@ def run_big_model(
         )
     try:
         tick = time.perf_counter()
-        model = build_model(work / "model", params)
+        model_root, model = cached_model(build_model, params, cache_dir=work)
         print(
             f"[bigmodel] model: {model['params']:,} params, {model['saved_model_bytes'] / 1e9:.2f} GB "
             f"({'cached' if model['cached'] else f'built in {time.perf_counter() - tick:.0f} s'})",
             file=sys.stderr,
             flush=True,
         )
-        saved = work / "model" / "saved_model"
+        saved = model_root / "saved_model"
         floor = run_floor(saved, work / "floor")
         print(f"[bigmodel] floor: {floor['in_process_s']:.0f} s in process", file=sys.stderr, flush=True)
-        upload_zip = work / "model" / "upload.zip"
+        upload_zip = work / "upload.zip"
         zipped = zip_stored(saved, upload_zip)
         service = run_service(upload_zip, model["saved_model_bytes"], work / "service", spec)
         print(f"[bigmodel] job: {service['job_wall_s']:.0f} s", file=sys.stderr, flush=True)
@@ -798,8 +723,6 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_wall_s"] = time.perf_counter() - tick
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "section-bigmodel.json").write_text(json.dumps(result, indent=2, default=str))
-    from bench.run import RESULTS, replace_block, section_markdown
-
     path = OUT_DIR / "RESULTS.bigmodel-smoke.md" if args.smoke else RESULTS
     text = path.read_text() if path.is_file() else ""
     path.write_text(replace_block(text, "bigmodel", section_markdown("bigmodel", result)))

@@ -1,5 +1,5 @@
-"""What both benchmarks share: the `secateurs serve` subprocess, a timed HTTP client, artifact checks, machine
-and version facts, and markdown helpers.
+"""What the benchmarks share: the `secateurs serve` subprocess, a timed HTTP client, the bare-TensorFlow floor
+script, the cache of built models, artifact checks, machine and version facts, and markdown helpers.
 
 The server is started exactly as a user would (``python -m app.cli serve`` is the ``secateurs`` console script's
 entry point, which works without installing the package) with a fresh data directory, and is driven over real
@@ -8,11 +8,15 @@ HTTP with httpx. Nothing here imports TensorFlow at module level: only the artif
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
+import json
 import math
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -157,6 +161,173 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+# -- the floor: what a user would script with bare TensorFlow -----------------------------------------------
+
+# Run as a fresh ``python -c`` (so it pays interpreter start and the TensorFlow import, as a script does), timed
+# per phase. argv: saved_model_dir out_dir out_zip target_sparsity. Every trainable floating variable of rank >= 2
+# the signatures use (the service's default selection) gets a magnitude mask at the target within the variable,
+# found on one partitioned copy of the scores and applied in place, so the largest variable costs about two
+# copies of itself; then ``tf.saved_model.save`` with the original signatures and a deflated zip.
+FLOOR_SCRIPT = r"""
+import json, os, shutil, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import tensorflow as tf
+t_import = time.perf_counter()
+src, out, out_zip, target = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+obj = tf.saved_model.load(src)
+t_load = time.perf_counter()
+variables = {}
+for fn in obj.signatures.values():
+    for v in fn.variables:
+        variables.setdefault(id(v), v)
+pruned = 0
+for v in variables.values():
+    if v.trainable and v.dtype.is_floating and v.shape.rank is not None and v.shape.rank >= 2:
+        w = v.numpy()
+        k = int(round(target * w.size))
+        if k > 0:
+            scores = np.abs(w).ravel()
+            scores.partition(k - 1)
+            threshold = scores[k - 1]
+            del scores
+            w[np.abs(w) <= threshold] = 0
+            v.assign(w)
+        del w
+        pruned += 1
+t_prune = time.perf_counter()
+tf.saved_model.save(obj, out, signatures=obj.signatures)
+t_save = time.perf_counter()
+shutil.make_archive(os.path.splitext(out_zip)[0], "zip", root_dir=out)
+t_zip = time.perf_counter()
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({
+    "phases_s": {"import": t_import - t0, "load": t_load - t_import, "prune": t_prune - t_load,
+                 "save": t_save - t_prune, "zip": t_zip - t_save},
+    "pruned_variables": pruned, "peak_rss_kib": hwm,
+}))
+"""
+
+
+def run_floor_script(saved_model: Path, work: Path, target: float) -> dict[str, Any]:
+    """``FLOOR_SCRIPT`` in a fresh subprocess on a fresh ``work`` directory: its wall time, the phases it
+    printed, its peak RSS and where it wrote the pruned SavedModel (``output_dir``) and its zip (``zip``)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out_dir, out_zip = work / "saved_model", work / "pruned.zip"
+    args = [sys.executable, "-c", FLOOR_SCRIPT, str(saved_model), str(out_dir), str(out_zip), str(target)]
+    tick = time.perf_counter()
+    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - tick
+    if done.returncode != 0:
+        raise BenchError(f"floor script failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    phases: dict[str, float] = printed["phases_s"]
+    in_process = sum(phases[k] for k in ("load", "prune", "save", "zip"))
+    return {
+        "wall_s": wall,
+        "phases_s": phases,
+        "in_process_s": in_process,
+        "process_overhead_s": wall - in_process - phases["import"],
+        "pruned_variables": printed["pruned_variables"],
+        "peak_rss_kib": printed["peak_rss_kib"],
+        "output_dir": out_dir,
+        "zip": out_zip,
+    }
+
+
+# -- built models, cached ----------------------------------------------------------------------------------------
+
+_MODEL_VERSIONS = ("tensorflow", "keras", "tf-keras")  # what decides the bytes a builder writes
+
+
+def _describe(value: object) -> str:
+    """A builder argument as it goes into the cache key (functions by their qualified name)."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
+
+
+def cached_model(
+    build: Callable[..., dict[str, Any]], *args: object, cache_dir: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """``build(root, *args)`` once per key under ``cache_dir`` (default bench/out/cache); returns ``root`` and
+    what ``build`` returned (JSON, kept as ``root/meta.json``) plus ``cached``: whether it was reused.
+
+    Why one helper: the same models (the digits CNN above all) are trained by several sections, and training
+    or exporting them is most of a smoke run. The key is the builder's qualified name, its arguments and the
+    TensorFlow/Keras/tf_keras versions (a model another version built is not what this one would build). A build
+    goes to a scratch directory renamed into place, so a killed run leaves no half-built model behind.
+    """
+    described = {
+        "builder": _describe(build),
+        "args": [_describe(a) for a in args],
+        "versions": {name: _dist_version(name) for name in _MODEL_VERSIONS},
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+    cache = cache_dir or OUT_DIR / "cache"
+    readable = [getattr(a, "__name__", a) for a in (build, *args)]
+    slug = re.sub(r"[^A-Za-z0-9_.=]+", "-", "-".join(str(part).strip("_") for part in readable))[:80]
+    root = cache / f"{slug}-{digest}"
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+        return root, {**meta, "cached": True}
+    shutil.rmtree(root, ignore_errors=True)  # a build of another layout, or an interrupted one
+    scratch = cache / f".{root.name}.{uuid.uuid4().hex[:8]}"
+    scratch.mkdir(parents=True)
+    try:
+        meta = build(scratch, *args)
+        (scratch / "key.json").write_text(json.dumps(described, indent=2))
+        (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
+        scratch.rename(root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return root, {**meta, "cached": False}
+
+
+def export_and_zip(root: Path, export: Callable[..., None], *args: object) -> dict[str, Any]:
+    """A ``cached_model`` builder: ``export(root/saved_model, *args)``, then the client's upload zip
+    ``root/model.zip``; the time of each and their sizes."""
+    from tests.support.model_factory import zip_saved_model
+
+    tick = time.perf_counter()
+    export(root / "saved_model", *args)
+    built = time.perf_counter() - tick
+    tick = time.perf_counter()
+    zip_saved_model(root / "saved_model", root / "model.zip")
+    zipped = time.perf_counter() - tick
+    return {
+        "build_export_s": built,
+        "client_zip_s": zipped,
+        "saved_model_bytes": dir_bytes(root / "saved_model"),
+        "zip_bytes": (root / "model.zip").stat().st_size,
+    }
+
+
+def export_keras_application(out_dir: Path, name: str) -> None:
+    """``model.export`` of a ``keras.applications`` graph with seeded random weights: ``resnet50``,
+    ``mobilenetv2`` (224x224x3), or ``small_mobilenet`` (MobileNetV2 at 32x32x3, alpha 0.35: a smoke stand-in)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "resnet50":
+        model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
+    elif name == "mobilenetv2":
+        model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    elif name == "small_mobilenet":
+        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
+    else:
+        raise ValueError(f"unknown application {name!r}")
+    model.export(str(out_dir), verbose=False)
+    del model
+    keras.backend.clear_session()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # -- the HTTP flow -------------------------------------------------------------------------------------------
@@ -399,18 +570,19 @@ def secateurs_version() -> str:
             return str(tomllib.load(fh)["project"]["version"])
 
 
-def versions() -> dict[str, str]:
-    def dist(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
+
+def versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),
-        "tensorflow": dist("tensorflow"),
-        "keras": dist("keras"),
-        "numpy": dist("numpy"),
+        "tensorflow": _dist_version("tensorflow"),
+        "keras": _dist_version("keras"),
+        "numpy": _dist_version("numpy"),
         "secateurs": secateurs_version(),
     }
 

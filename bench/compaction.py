@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT_DIR, md_table
+from bench.common import OUT_DIR, cached_model, export_and_zip, export_keras_application, md_table
 
 MODELS = ("resnet50", "mobilenetv2")
 FRACTIONS = (0.3, 0.5, 0.7)
@@ -50,26 +50,6 @@ SMOKE = {
     "baseline_epochs": 3,
 }
 JOB_LATENCY = {"batch_sizes": [1], "runs": 3, "warmup": 1, "budget_s": 5.0}  # the job's own (not the table's)
-
-
-def _export_application(name: str) -> Callable[[Path], None]:
-    def build(out_dir: Path) -> None:
-        import keras
-
-        keras.utils.set_random_seed(0)
-        if name == "resnet50":
-            model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
-        elif name == "mobilenetv2":
-            model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
-        else:  # smoke stand-in: the same graph family at a toy size
-            model = keras.applications.MobileNetV2(
-                weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10
-            )
-        model.export(str(out_dir), verbose=False)
-        del model
-        keras.backend.clear_session()
-
-    return build
 
 
 def _timed_call(fn: Any, key: str, x: Any) -> Callable[[], object]:
@@ -118,12 +98,10 @@ def _job(model_dir: Path, spec: dict[str, Any], train: Any, test: Any, out: Path
 def _speed_cells(
     models: tuple[str, ...], fractions: tuple[float, ...], runs: int, cache: Path, work: Path
 ) -> list:
-    from bench.resnet_job import _build_cached
-
     cells: list[dict[str, Any]] = []
     for name in models:
-        meta = _build_cached(cache, name, _export_application(name))
-        dense_dir = Path(meta["saved_model"])
+        root, _ = cached_model(export_and_zip, export_keras_application, name, cache_dir=cache)
+        dense_dir = root / "saved_model"
         for fraction in fractions:
             out = work / f"{name}_{fraction}"
             tick = time.perf_counter()
@@ -189,10 +167,10 @@ def _digits_cells(
 ) -> list:
     import numpy as np
 
-    from bench.digits_quality import _prepare
+    from bench.digits_quality import prepare
     from bench.tfmot_quality import RECOMMENDED
 
-    inputs = _prepare(cache, baseline_epochs)
+    inputs = prepare(cache, baseline_epochs)
     load = lambda p: dict(np.load(p, allow_pickle=False))  # noqa: E731
     train, test = load(inputs["train"]), load(inputs["test"])
     model = Path(inputs["saved_model"])

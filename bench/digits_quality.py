@@ -1,6 +1,6 @@
 """Quality after pruning: the digits CNN pruned through the API at several sparsities and seeds.
 
-Model: ``tests.model_factory.build_keras3_export`` (Keras 3 CNN, ``model.export``), trained for
+Model: ``tests.support.model_factory.build_keras3_export`` (Keras 3 CNN, ``model.export``), trained for
 ``BASELINE_EPOCHS`` epochs (seed 0) so the baseline reaches >= 97% test accuracy (checked before the API run).
 Data: ``model_factory.digits_datasets()`` -- scikit-learn's digits, split seed 0, stratified 75/25
 (1347 train / 450 test); the train split is the fine-tuning set, the test split the evaluation set.
@@ -13,7 +13,6 @@ with TensorFlow on the same test split, so the table is checked against the mode
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     md_table,
     mean_std,
     signature_names,
@@ -40,38 +40,37 @@ FINE_TUNE_EPOCHS = 3
 SMOKE = {"baseline_epochs": 3, "sparsities": (0.8,), "seeds": (0,), "fine_tune_epochs": 1}
 
 
-def _prepare(cache_dir: Path, epochs: int) -> dict[str, Any]:
-    """Cached: trained + exported CNN, its zip, train/test npz, and the locally measured test accuracy."""
-    from tests import model_factory
+def digits_cnn(root: Path, epochs: int) -> dict[str, Any]:
+    """A ``cached_model`` builder: the CNN trained ``epochs`` epochs (seed 0) and exported, its zip, the
+    train/test npz, and the test accuracy measured here."""
+    from tests.support import model_factory
 
-    root = cache_dir / f"digits_cnn_e{epochs}"
-    meta_path = root / "meta.json"
-    files = {
+    tick = time.perf_counter()
+    model_factory.build_keras3_export(root / "saved_model", epochs=epochs, seed=0)
+    trained = time.perf_counter() - tick
+    model_factory.zip_saved_model(root / "saved_model", root / "model.zip", top="digits_cnn")
+    train, test = model_factory.digits_datasets()
+    model_factory.write_npz(root / "train.npz", train)
+    model_factory.write_npz(root / "test.npz", test)
+    return {
+        "epochs": epochs,
+        "train_s": trained,
+        "n_train": len(train["y"]),
+        "n_test": len(test["y"]),
+        "local_accuracy": local_accuracy(root / "saved_model"),
+    }
+
+
+def prepare(cache_dir: Path, epochs: int) -> dict[str, Any]:
+    """The digits CNN of ``digits_cnn`` (cached), with the paths of its files."""
+    root, meta = cached_model(digits_cnn, epochs, cache_dir=cache_dir)
+    return {
+        **meta,
         "saved_model": root / "saved_model",
         "zip": root / "model.zip",
         "train": root / "train.npz",
         "test": root / "test.npz",
     }
-    if not meta_path.is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        tick = time.perf_counter()
-        model_factory.build_keras3_export(files["saved_model"], epochs=epochs, seed=0)
-        trained = time.perf_counter() - tick
-        model_factory.zip_saved_model(files["saved_model"], files["zip"], top="digits_cnn")
-        train, test = model_factory.digits_datasets()
-        model_factory.write_npz(files["train"], train)
-        model_factory.write_npz(files["test"], test)
-        meta = {
-            "epochs": epochs,
-            "train_s": trained,
-            "n_train": len(train["y"]),
-            "n_test": len(test["y"]),
-            "local_accuracy": local_accuracy(files["saved_model"]),
-        }
-        meta_path.write_text(json.dumps(meta, indent=2))
-    meta = json.loads(meta_path.read_text())
-    return {**meta, **files}
 
 
 def local_accuracy(saved_model: Path) -> float:
@@ -79,7 +78,7 @@ def local_accuracy(saved_model: Path) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     _, test = model_factory.digits_datasets()
     fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
@@ -100,7 +99,7 @@ def run_digits(
     seeds = SMOKE["seeds"] if smoke else SEEDS
     ft_epochs = SMOKE["fine_tune_epochs"] if smoke else FINE_TUNE_EPOCHS
 
-    inputs = _prepare(cache_dir, epochs)
+    inputs = prepare(cache_dir, epochs)
     if not smoke and inputs["local_accuracy"] < BASELINE_MIN_ACCURACY:
         raise BenchError(
             f"baseline test accuracy {inputs['local_accuracy']:.4f} < {BASELINE_MIN_ACCURACY}: "
@@ -221,7 +220,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             "### Accuracy after pruning: digits CNN through the API\n",
-            f"Baseline: Keras 3 CNN from `tests.model_factory.build_keras3_export`, {base['epochs']} epochs, seed 0; "
+            f"Baseline: Keras 3 CNN from `tests.support.model_factory.build_keras3_export`, {base['epochs']} epochs, seed 0; "
             f"data `model_factory.digits_datasets()` (split seed 0, stratified 75/25: {base['n_train']} train / "
             f"{base['n_test']} test). Baseline test accuracy {base['accuracy_api']:.4f} (service) / "
             f"{base['accuracy_local']:.4f} (computed here). Each cell: one job, "

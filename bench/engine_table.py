@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python -m bench.engine_table`` (about 1 minute on 2 cores). Writes
 ``bench/out/engine_table.{md,json}`` and prints the markdown table.
 
-Model: ``tests.model_factory.build_keras3_export`` (Keras 3 CNN: Conv2D 8 + BatchNorm + Dense 32 + Dense 10)
+Model: ``tests.support.model_factory.build_keras3_export`` (Keras 3 CNN: Conv2D 8 + BatchNorm + Dense 32 + Dense 10)
 trained ``BASELINE_EPOCHS`` epochs (seed 0; must reach ``BASELINE_MIN_ACCURACY`` test accuracy, checked).
 Data: scikit-learn digits, ``model_factory.digits_datasets()`` (1347 train / 450 test, stratified, split 0).
 
@@ -19,7 +19,6 @@ pruned SavedModel, the size a user downloads. A sanity gate fails the run when `
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import OUT_DIR
+from bench.digits_quality import prepare
 
 BASELINE_EPOCHS = 20
 BASELINE_MIN_ACCURACY = 0.97
@@ -51,27 +51,21 @@ CONFIGS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
 
 
 def _baseline(cache: Path) -> tuple[Path, tuple[dict[str, Any], dict[str, Any]], float, float]:
-    """The trained CNN (cached), its datasets, its test accuracy and its training time."""
+    """The trained CNN (bench.digits_quality's, cached), its datasets, its test accuracy and its training time."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
     from worker.models import load_model
 
     data = model_factory.digits_datasets()
-    saved = cache / f"engine_digits_cnn_e{BASELINE_EPOCHS}" / "saved_model"  # this script's own cache
-    tick = time.perf_counter()
-    if not (saved / "saved_model.pb").is_file():
-        partial = saved.with_name("saved_model.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model_factory.build_keras3_export(partial, epochs=BASELINE_EPOCHS, seed=0)
-        partial.rename(saved)  # a killed run leaves no half-written cache behind
-    trained = time.perf_counter() - tick
+    baseline = prepare(cache, BASELINE_EPOCHS)
+    saved: Path = baseline["saved_model"]
     handle = load_model(saved)
     probs = handle.call("serving_default", {"image": data[1]["x"]})["output_0"].numpy()
     accuracy = float(np.mean(probs.argmax(axis=1) == data[1]["y"]))
     if accuracy < BASELINE_MIN_ACCURACY:
         raise SystemExit(f"baseline test accuracy {accuracy:.3f} < {BASELINE_MIN_ACCURACY}: train longer")
-    return saved, data, accuracy, trained
+    return saved, data, accuracy, baseline["train_s"]
 
 
 def run_all(work: Path) -> dict[str, Any]:

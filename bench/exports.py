@@ -59,7 +59,7 @@ def _local_accuracy(path: Path) -> float:
     """The downloaded .tflite scored here by LiteRT on the test split (same code as the worker's)."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
     from worker.export import TFLiteModel
 
     _, test = model_factory.digits_datasets()
@@ -129,11 +129,11 @@ def run_exports(
     smoke: bool = False, cache_dir: Path | None = None, work_dir: Path | None = None
 ) -> dict[str, Any]:
     """The two jobs, their files downloaded and checked; returns the rows, the goal check and markdown."""
-    from bench.digits_quality import BASELINE_EPOCHS, _prepare
+    from bench.digits_quality import BASELINE_EPOCHS, prepare
 
     cache_dir = cache_dir or OUT_DIR / "cache"
     work_dir = work_dir or OUT_DIR / ("exports-smoke" if smoke else "exports")
-    inputs = _prepare(cache_dir, SMOKE["baseline_epochs"] if smoke else BASELINE_EPOCHS)
+    inputs = prepare(cache_dir, SMOKE["baseline_epochs"] if smoke else BASELINE_EPOCHS)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     started = time.perf_counter()

@@ -4,7 +4,7 @@ What it answers: the cost of training through a SavedModel signature (plain vari
 re-applied after every step) instead of Keras. Same model (the digits CNN with the baseline weights of
 ``bench.tfmot_quality.prepare``), same data (its 1347 train samples), same batch size (32), Adam 1e-3.
 
-- ``keras.fit``: the Keras 3 model (``tests.model_factory``'s architecture, baseline arrays loaded), compiled
+- ``keras.fit``: the Keras 3 model (``tests.support.model_factory``'s architecture, baseline arrays loaded), compiled
   with Adam and sparse categorical cross-entropy, ``model.fit(..., batch_size=32, shuffle=True)``. Keras
   compiles its train step with ``tf.function`` (its default: no XLA).
 - ``ours``: ``worker.pruning.finetune.fine_tune`` on the exported SavedModel loaded by the worker's
@@ -111,7 +111,7 @@ def run_throughput(smoke: bool = False, cache_dir: Path | None = None) -> dict[s
     """Interleaved rounds of every variant; median samples/s and the ratio to ``keras.fit``."""
     from bench.tfmot_quality import BASELINE_EPOCHS, prepare
     from bench.tfmot_quality import SMOKE as QUALITY_SMOKE
-    from tests import model_factory
+    from tests.support import model_factory
 
     epochs = SMOKE["epochs"] if smoke else EPOCHS
     repeats = SMOKE["repeats"] if smoke else REPEATS

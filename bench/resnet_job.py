@@ -1,9 +1,10 @@
 """API job vs the floor: one-shot 80% magnitude pruning of a ResNet-50 SavedModel (random weights, ~100 MB).
 
-FLOOR = what a user would script with bare TensorFlow, run as a fresh ``python -c`` subprocess: import
-TensorFlow, ``tf.saved_model.load``, a per-variable numpy magnitude mask at 80% on every trainable floating
-variable of rank >= 2 the signatures use (the service's default selection), ``assign``, ``tf.saved_model.save``
-with the original signatures, zip the directory with deflate. Its wall time includes interpreter start and the
+FLOOR = what a user would script with bare TensorFlow (bench/common.py's ``FLOOR_SCRIPT``, which
+bench/big_model.py runs too), run as a fresh ``python -c`` subprocess: import TensorFlow,
+``tf.saved_model.load``, a per-variable numpy magnitude mask at 80% on every trainable floating variable of
+rank >= 2 the signatures use (the service's default selection), ``assign``, ``tf.saved_model.save`` with the
+original signatures, zip the directory with deflate. Its wall time includes interpreter start and the
 TensorFlow import, because a script always pays them; the in-process phases it prints (import, load, prune,
 save, zip) give the floor without them too, and both ratios are reported.
 
@@ -22,11 +23,10 @@ and per variable.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,16 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     checkpoint_sparsity,
+    export_and_zip,
+    export_keras_application,
     fmt_s,
     md_table,
     mean_std,
+    run_floor_script,
     server_time,
     signature_names,
-    subprocess_env,
     unzip,
     verify_pruned,
 )
@@ -57,88 +60,13 @@ JOB_SPEC: dict[str, Any] = {
 }
 PIPELINE_STAGES = ("load", "baseline", "prune", "fine_tune", "evaluate", "save")
 
-# The floor, as a user would write it. argv: saved_model_dir out_dir out_zip target_sparsity.
-FLOOR_SCRIPT = r"""
-import json, os, resource, sys, time, zipfile
-t0 = time.perf_counter()
-import numpy as np
-import tensorflow as tf
-t_import = time.perf_counter()
-src, out, out_zip, target = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-obj = tf.saved_model.load(src)
-t_load = time.perf_counter()
-variables = {}
-for fn in obj.signatures.values():
-    for v in fn.variables:
-        variables.setdefault(id(v), v)
-pruned = 0
-for v in variables.values():
-    if v.trainable and v.dtype.is_floating and v.shape.rank is not None and v.shape.rank >= 2:
-        w = v.numpy()
-        k = int(round(target * w.size))
-        mask = np.ones(w.size, dtype=bool)
-        if k > 0:
-            mask[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = False
-        v.assign(np.where(mask.reshape(w.shape), w, np.zeros_like(w)))
-        pruned += 1
-t_prune = time.perf_counter()
-tf.saved_model.save(obj, out, signatures=obj.signatures)
-t_save = time.perf_counter()
-with zipfile.ZipFile(out_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-    for root, _dirs, files in os.walk(out):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            zf.write(path, os.path.relpath(path, out))
-t_zip = time.perf_counter()
-print(json.dumps({
-    "import": t_import - t0, "load": t_load - t_import, "prune": t_prune - t_load,
-    "save": t_save - t_prune, "zip": t_zip - t_save, "pruned_variables": pruned,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-}))
-"""
-
-
 # -- inputs (cached) -----------------------------------------------------------------------------------------
 
 
-def _build_cached(cache_dir: Path, name: str, build: Any) -> dict[str, Any]:
-    """``cache_dir/name/{saved_model, model.zip, meta.json}``, built once by ``build(saved_model_dir)``."""
-    from tests.model_factory import zip_saved_model
-
-    root = cache_dir / name
-    meta_path = root / "meta.json"
-    if meta_path.is_file():
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-        meta.update(saved_model=root / "saved_model", zip=root / "model.zip", cached=True)
-        return meta
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    tick = time.perf_counter()
-    build(root / "saved_model")
-    built = time.perf_counter() - tick
-    tick = time.perf_counter()
-    zip_saved_model(root / "saved_model", root / "model.zip")
-    zipped = time.perf_counter() - tick
-    meta = {
-        "name": name,
-        "build_export_s": built,
-        "client_zip_s": zipped,
-        "saved_model_bytes": sum(p.stat().st_size for p in (root / "saved_model").rglob("*") if p.is_file()),
-        "zip_bytes": (root / "model.zip").stat().st_size,
-    }
-    meta_path.write_text(json.dumps(meta, indent=2))
-    meta.update(saved_model=root / "saved_model", zip=root / "model.zip", cached=False)
-    return meta
-
-
-def _export_resnet50(out_dir: Path) -> None:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
-    model.export(str(out_dir), verbose=False)
-    del model
-    keras.backend.clear_session()
+def _model(cache_dir: Path, name: str, export: Callable[..., None], *args: object) -> dict[str, Any]:
+    """The cached SavedModel and its upload zip (bench.common.export_and_zip), with their paths."""
+    root, meta = cached_model(export_and_zip, export, *args, cache_dir=cache_dir)
+    return {**meta, "name": name, "saved_model": root / "saved_model", "zip": root / "model.zip"}
 
 
 def _export_small_cnn(out_dir: Path) -> None:
@@ -188,27 +116,17 @@ def _export_warmup(out_dir: Path) -> None:
 
 
 def run_floor(saved_model: Path, work: Path, target: float = TARGET) -> dict[str, Any]:
-    """The bare-TensorFlow script in a fresh subprocess; wall time and its in-process phases."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out_dir, out_zip = work / "saved_model", work / "pruned.zip"
-    args = [sys.executable, "-c", FLOOR_SCRIPT, str(saved_model), str(out_dir), str(out_zip), str(target)]
-    tick = time.perf_counter()
-    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - tick
-    if done.returncode != 0:
-        raise BenchError(f"floor script failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    phases = json.loads(done.stdout.strip().splitlines()[-1])
-    in_process = sum(phases[k] for k in ("load", "prune", "save", "zip"))
+    """The bare-TensorFlow script (bench.common.FLOOR_SCRIPT) in a fresh subprocess; wall time and its phases."""
+    floor = run_floor_script(saved_model, work, target)
     return {
-        "wall_s": wall,
-        "phases_s": {k: phases[k] for k in ("import", "load", "prune", "save", "zip")},
-        "in_process_s": in_process,
-        "process_overhead_s": wall - in_process - phases["import"],
-        "pruned_variables": phases["pruned_variables"],
-        "peak_rss_mb": phases["peak_rss_mb"],
-        "zip_bytes": out_zip.stat().st_size,
-        "output_dir": out_dir,
+        "wall_s": floor["wall_s"],
+        "phases_s": floor["phases_s"],
+        "in_process_s": floor["in_process_s"],
+        "process_overhead_s": floor["process_overhead_s"],
+        "pruned_variables": floor["pruned_variables"],
+        "peak_rss_mb": floor["peak_rss_kib"] / 1024.0,
+        "zip_bytes": floor["zip"].stat().st_size,
+        "output_dir": floor["output_dir"],
     }
 
 
@@ -292,8 +210,11 @@ def run_resnet(
     work_dir = work_dir or OUT_DIR / ("resnet-smoke" if smoke else "resnet")
     repeats = repeats or (1 if smoke else 2)
     name = "small_cnn" if smoke else "resnet50"
-    model = _build_cached(cache_dir, name, _export_small_cnn if smoke else _export_resnet50)
-    warmup = _build_cached(cache_dir, "warmup_module", _export_warmup)
+    if smoke:
+        model = _model(cache_dir, name, _export_small_cnn)
+    else:
+        model = _model(cache_dir, name, export_keras_application, name)
+    warmup = _model(cache_dir, "warmup_module", _export_warmup)
     expected_signatures = signature_names(model["saved_model"])
     input_checkpoint = checkpoint_sparsity(model["saved_model"])
 

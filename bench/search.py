@@ -59,11 +59,11 @@ def run_search_bench(
     smoke: bool = False, cache_dir: Path | None = None, work_dir: Path | None = None
 ) -> dict[str, Any]:
     """The grid, then one search per drop; returns the numbers, the goal check and markdown."""
-    from bench.digits_quality import BASELINE_EPOCHS, _prepare
+    from bench.digits_quality import BASELINE_EPOCHS, prepare
 
     cache_dir = cache_dir or OUT_DIR / "cache"
     work_dir = work_dir or OUT_DIR / ("search-smoke" if smoke else "search")
-    inputs = _prepare(cache_dir, SMOKE["baseline_epochs"] if smoke else BASELINE_EPOCHS)
+    inputs = prepare(cache_dir, SMOKE["baseline_epochs"] if smoke else BASELINE_EPOCHS)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     result: dict[str, Any] = {"smoke": smoke, "grid": [], "searches": {}}

@@ -6,7 +6,7 @@
 SERVER: a real ``secateurs serve`` (embedded default: SQLite + file queue + one worker child) in a fresh data
 directory on a free loopback port, with one API key (``secateurs keys create``), so every request is
 authenticated as in production. A real job is made through the API: a tiny ``tf.Module`` MLP from
-tests/model_factory is uploaded, validated by the worker and pruned one-shot; the load starts once the job
+tests/support/model_factory is uploaded, validated by the worker and pruned one-shot; the load starts once the job
 succeeded, so the worker child is idle. The polled job is that finished job (no webhook).
 
 CLIENTS: a separate process per phase (``--loadgen``), so the client's CPU is not the server's; but both share
@@ -61,6 +61,7 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     machine,
     md_table,
     subprocess_env,
@@ -85,7 +86,7 @@ GOAL_RSS_GROWTH_MB = 50.0
 BUILD_MODEL = r"""
 import sys, tempfile
 from pathlib import Path
-from tests.model_factory import build_tf_module, zip_saved_model
+from tests.support.model_factory import build_tf_module, zip_saved_model
 with tempfile.TemporaryDirectory() as tmp:
     zip_saved_model(build_tf_module(Path(tmp) / "sm", steps=20, hidden=16), Path(sys.argv[1]))
 """
@@ -513,23 +514,25 @@ def run_upload(server: Server, api_key: str, size: int, work: Path) -> dict[str,
 # -- the whole run ------------------------------------------------------------------------------------------
 
 
+def tiny_mlp_zip(root: Path) -> dict[str, Any]:
+    """A ``cached_model`` builder: the tiny model's zip, built in a subprocess (this process never imports
+    TensorFlow)."""
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_MODEL, str(root / "model.zip")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"building the model failed:\n{done.stderr[-3000:]}")
+    return {"zip_bytes": (root / "model.zip").stat().st_size}
+
+
 def build_model(cache_dir: Path) -> Path:
-    """The tiny model zip, built once (TensorFlow in a subprocess) and cached."""
-    out = cache_dir / "service_load_mlp.zip"
-    if not out.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        done = subprocess.run(
-            [sys.executable, "-c", BUILD_MODEL, str(tmp)],
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"building the model failed:\n{done.stderr[-3000:]}")
-        tmp.replace(out)
-    return out
+    """The tiny model zip, built once and cached."""
+    root, _ = cached_model(tiny_mlp_zip, cache_dir=cache_dir)
+    return root / "model.zip"
 
 
 def create_api_key(data_dir: Path) -> str:

@@ -41,9 +41,11 @@ from bench.common import (
     streamed_multipart,
     subprocess_env,
 )
+from bench.digits_quality import prepare
+from bench.results import RESULTS, replace_block
 from bench.service_load import RssSampler, status_kib, write_big_npz
-from tests.e2e.conftest import Service
-from tests.seaweed import Seaweed
+from tests.support.procs import Service
+from tests.support.seaweed import Seaweed
 
 MiB = 1 << 20
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -140,15 +142,10 @@ def _wait(http: httpx.Client, path: str, done: Any, timeout: float = 1800) -> di
         time.sleep(0.2)
 
 
-def _model_files(work: Path) -> tuple[Path, Path]:
-    from tests import model_factory
-
-    saved = model_factory.build_keras3_export(work / "model" / "saved_model", epochs=2)
-    _, test = model_factory.digits_datasets()
-    return (
-        model_factory.zip_saved_model(saved, work / "model.zip"),
-        model_factory.write_npz(work / "test.npz", {k: v[:1000] for k, v in test.items()}),
-    )
+def _model_files() -> tuple[Path, Path]:
+    """The digits CNN (2 epochs; bench.digits_quality's, cached) and its test split."""
+    digits = prepare(OUT_DIR / "cache", 2)
+    return digits["zip"], digits["test"]
 
 
 def run_jobs(dep: Deployment, model_zip: Path, data: Path, jobs: int) -> dict[str, Any]:
@@ -298,7 +295,7 @@ def _register_artifact(dep: Deployment, job_id: str, path: Path) -> str:
 def run(smoke: bool, mib: int, jobs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
         work = Path(tmp)
-        model_zip, data = _model_files(work)
+        model_zip, data = _model_files()
         dep = Deployment(work, workers=1)
         try:
             one = run_jobs(dep, model_zip, data, jobs)
@@ -402,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     result["markdown"] = markdown(result)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "section-storage.json").write_text(json.dumps(result, indent=2))
-    from bench.run import RESULTS, replace_block
-
     path = OUT_DIR / "RESULTS.storage-smoke.md" if args.smoke else RESULTS
     text = path.read_text() if path.is_file() else ""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

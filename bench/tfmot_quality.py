@@ -2,12 +2,12 @@
 
 Fairness, point by point:
 
-- Same baseline weights. The CNN (``tests.model_factory``'s architecture: Conv2D 8 + BatchNorm + Dense 32 +
+- Same baseline weights. The CNN (``tests.support.model_factory``'s architecture: Conv2D 8 + BatchNorm + Dense 32 +
   Dense 10, softmax) is trained ONCE, in tf_keras, by ``bench.tfmot_side baseline`` (``BASELINE_EPOCHS``
   epochs, seed 0), and its weights are saved as NumPy arrays. tfmot starts from those arrays; the Keras 3 twin
   that is exported and uploaded to Secateurs loads the very same arrays. Both baselines are scored on the test
   split here and must agree exactly (and their softmax outputs to 1e-5), else the run fails.
-- Same data: scikit-learn ``load_digits``, ``tests.model_factory.digits_datasets()`` = pixels / 16, stratified
+- Same data: scikit-learn ``load_digits``, ``tests.support.model_factory.digits_datasets()`` = pixels / 16, stratified
   75/25 split with seed 0: 1347 train / 450 test. Fine-tuning sees the train split only; every accuracy is on
   the test split.
 - Same budget: ``epochs`` in ``BUDGETS`` (3 and 10), batch 32, Adam with learning rate 1e-3, and the same
@@ -56,6 +56,7 @@ from bench.common import (
     Api,
     BenchError,
     Server,
+    cached_model,
     md_table,
     mean_std,
     signature_names,
@@ -138,10 +139,10 @@ def run_side(args: list[str], log: Path) -> dict[str, Any]:
 
 
 def keras3_twin(weights: Path) -> Any:
-    """The Keras 3 model of ``tests.model_factory`` with the tf_keras baseline's arrays loaded."""
+    """The Keras 3 model of ``tests.support.model_factory`` with the tf_keras baseline's arrays loaded."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     model = model_factory._keras3_cnn(0)
     with np.load(weights) as npz:
@@ -150,63 +151,53 @@ def keras3_twin(weights: Path) -> Any:
     return model
 
 
-def prepare(cache_dir: Path, epochs: int, split: int = 0) -> dict[str, Any]:
-    """Cached: the tf_keras baseline (weights.npz), its Keras 3 twin exported + zipped, train/test npz of
-    ``digits_datasets(seed=split)``; checks that both baselines score identically on the test split."""
+def tf_keras_baseline(root: Path, epochs: int, split: int) -> dict[str, Any]:
+    """A ``cached_model`` builder: the tf_keras baseline (base/weights.npz, trained in bench.tfmot_side), its
+    Keras 3 twin exported + zipped, train/test npz of ``digits_datasets(seed=split)``, and the test accuracy
+    of each."""
     import numpy as np
 
-    from tests import model_factory
+    from tests.support import model_factory
 
-    root = cache_dir / (f"tfmot_digits_e{epochs}" + (f"_split{split}" if split else ""))
-    meta_path = root / "meta.json"
-    files = {
+    base = run_side(
+        ["baseline", "--out", str(root / "base"), "--epochs", str(epochs), "--seed", "0", "--split", str(split)],
+        root / "side.log",
+    )
+    train, test = model_factory.digits_datasets(seed=split)
+    twin = keras3_twin(root / "base" / "weights.npz")
+    probs = twin.predict(test["x"], batch_size=256, verbose=0)
+    twin.export(str(root / "saved_model"), verbose=False)
+    model_factory.zip_saved_model(root / "saved_model", root / "model.zip", top="digits_cnn")
+    model_factory.write_npz(root / "train.npz", train)
+    model_factory.write_npz(root / "test.npz", test)
+    return {
+        "epochs": epochs,
+        "tf_keras": base,
+        "keras3_accuracy": float(np.mean(np.argmax(probs, axis=1) == test["y"])),
+        "export_accuracy": export_accuracy(root / "saved_model", split),
+        "split": split,
+        "n_train": len(train["y"]),
+        "n_test": len(test["y"]),
+    }
+
+
+def prepare(cache_dir: Path, epochs: int, split: int = 0) -> dict[str, Any]:
+    """The tf_keras baseline and its twin (``tf_keras_baseline``, cached) with the paths of their files;
+    checks that both baselines score identically on the test split."""
+    root, meta = cached_model(tf_keras_baseline, epochs, split, cache_dir=cache_dir)
+    if not meta["tf_keras"]["accuracy"] == meta["keras3_accuracy"] == meta["export_accuracy"]:
+        raise BenchError(
+            f"the two baselines differ: tf_keras {meta['tf_keras']['accuracy']}, Keras 3 {meta['keras3_accuracy']}, "
+            f"exported {meta['export_accuracy']}"
+        )
+    return {
+        **meta,
         "weights": root / "base" / "weights.npz",
         "saved_model": root / "saved_model",
         "zip": root / "model.zip",
         "train": root / "train.npz",
         "test": root / "test.npz",
     }
-    if not meta_path.is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        base = run_side(
-            [
-                "baseline",
-                "--out",
-                str(root / "base"),
-                "--epochs",
-                str(epochs),
-                "--seed",
-                "0",
-                "--split",
-                str(split),
-            ],
-            root / "side.log",
-        )
-        train, test = model_factory.digits_datasets(seed=split)
-        twin = keras3_twin(files["weights"])
-        probs = twin.predict(test["x"], batch_size=256, verbose=0)
-        twin.export(str(files["saved_model"]), verbose=False)
-        model_factory.zip_saved_model(files["saved_model"], files["zip"], top="digits_cnn")
-        model_factory.write_npz(files["train"], train)
-        model_factory.write_npz(files["test"], test)
-        meta = {
-            "epochs": epochs,
-            "tf_keras": base,
-            "keras3_accuracy": float(np.mean(np.argmax(probs, axis=1) == test["y"])),
-            "export_accuracy": export_accuracy(files["saved_model"], split),
-            "split": split,
-            "n_train": len(train["y"]),
-            "n_test": len(test["y"]),
-        }
-        meta_path.write_text(json.dumps(meta, indent=2))
-    meta = json.loads(meta_path.read_text())
-    if not meta["tf_keras"]["accuracy"] == meta["keras3_accuracy"] == meta["export_accuracy"]:
-        raise BenchError(
-            f"the two baselines differ: tf_keras {meta['tf_keras']['accuracy']}, Keras 3 {meta['keras3_accuracy']}, "
-            f"exported {meta['export_accuracy']}"
-        )
-    return {**meta, **files}
 
 
 def export_accuracy(saved_model: Path, split: int = 0) -> float:
@@ -214,7 +205,7 @@ def export_accuracy(saved_model: Path, split: int = 0) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     _, test = model_factory.digits_datasets(seed=split)
     fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
@@ -712,7 +703,7 @@ def render(result: dict[str, Any]) -> str:
             "### Accuracy: Secateurs vs tfmot (digits CNN, same weights, data and budget)\n",
             f"Baseline: trained once in tf_keras ({base['epochs']} epochs, seed 0) and loaded into both sides: test "
             f"accuracy {base['accuracy_tf_keras']:.4f} (tf_keras) = {base['accuracy_keras3']:.4f} (Keras 3 twin) = "
-            f"{base['accuracy_service']:.4f} (service). Data: `tests.model_factory.digits_datasets()`, scikit-learn "
+            f"{base['accuracy_service']:.4f} (service). Data: `tests.support.model_factory.digits_datasets()`, scikit-learn "
             f"digits / 16, stratified 75/25 split seed 0: {base['n_train']} train / {base['n_test']} test. Budget on "
             f"both sides: batch {BATCH_SIZE}, Adam {LEARNING_RATE:g} constant, our default polynomial schedule "
             "(cubic ramp 0 -> target, reached at 75% of the steps) with the same end step and mask-update "

@@ -18,7 +18,7 @@ Commands (JSON on stdout, progress on stderr):
   measured sparsity per kernel, and (cells with ``"sizes": true``) zip sizes of the stripped model (``.h5`` and
   SavedModel).
 
-The data split and the architecture come from ``tests.model_factory`` (``digits_datasets``: scikit-learn digits,
+The data split and the architecture come from ``tests.support.model_factory`` (``digits_datasets``: scikit-learn digits,
 stratified 75/25 with split seed ``--split``, 0 = the fixed split), so both sides see exactly the same arrays.
 """
 
@@ -46,7 +46,7 @@ N_CLASSES = 10
 
 
 def build_cnn(seed: int) -> Any:
-    """The digits CNN of ``tests.model_factory`` (same layers, names and order) in tf_keras."""
+    """The digits CNN of ``tests.support.model_factory`` (same layers, names and order) in tf_keras."""
     import tf_keras
 
     tf_keras.utils.set_random_seed(seed)
@@ -91,7 +91,7 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def cmd_baseline(args: argparse.Namespace) -> dict[str, Any]:
-    from tests import model_factory
+    from tests.support import model_factory
 
     train, test = model_factory.digits_datasets(seed=args.split)
     model = build_cnn(args.seed)
@@ -124,7 +124,7 @@ def prune_cell(cell: dict[str, Any], weights: list[np.ndarray], out: Path) -> di
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    from tests import model_factory
+    from tests.support import model_factory
 
     train, test = model_factory.digits_datasets(seed=cell.get("split", 0))
     model = build_cnn(cell["seed"])

@@ -9,7 +9,7 @@ api() { curl -sS --fail-with-body "${AUTH[@]}" "$@"; }
 field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 # A tiny model and datasets (scikit-learn's bundled digits, offline): model.zip, train.npz, test.npz
-[[ -f $DEMO/model.zip ]] || "${PYTHON:-.venv/bin/python}" -m tests.model_factory demo "$DEMO"
+[[ -f $DEMO/model.zip ]] || "${PYTHON:-.venv/bin/python}" -m tests.support.model_factory demo "$DEMO"
 
 MODEL=$(api -F file=@"$DEMO/model.zip" -F name=digits-cnn "$URL/v1/models" | field id)    # 201, validating
 TRAIN=$(api -F file=@"$DEMO/train.npz" "$URL/v1/datasets" | field id)                     # 201 with shapes

@@ -14,7 +14,7 @@ from app.client import Client
 
 demo = Path(os.environ.get("DEMO_DIR", "demo"))
 if not (demo / "model.zip").exists():  # a tiny model and datasets (scikit-learn's bundled digits, offline)
-    subprocess.run([sys.executable, "-m", "tests.model_factory", "demo", str(demo)], check=True)
+    subprocess.run([sys.executable, "-m", "tests.support.model_factory", "demo", str(demo)], check=True)
 
 url = os.environ.get("SECATEURS_URL", "http://127.0.0.1:8000")
 with Client(url, api_key=os.environ.get("SECATEURS_API_KEY")) as client:

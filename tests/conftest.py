@@ -13,14 +13,14 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Service, base_env, free_port, wait_ready
 from tests.support.model_cache import CACHE_ENV
+from tests.support.procs import Service, base_env, free_port, wait_ready
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_BASE = os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
@@ -138,4 +138,19 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
         wait_ready(url, [service])
         yield Embedded(url=url, service=service, data_dir=root / "data")
     finally:
+        service.stop()
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """``start(args, env, name)``: a ``python -m app.cli ARGS`` process (logs in tmp_path), stopped at teardown."""
+    started: list[Service] = []
+
+    def start(args: list[str], env: dict[str, str], name: str) -> Service:
+        service = Service([sys.executable, "-m", "app.cli", *args], env, tmp_path / f"{name}.log")
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
         service.stop()

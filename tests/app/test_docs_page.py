@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import IN_CI
-from tests.e2e.conftest import Service, base_env, free_port
+from tests.support.procs import Service, base_env, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench import results as bench_results
 from bench import run as bench_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
@@ -24,7 +25,7 @@ def _positive_finite(value: Any) -> bool:
 
 
 # Every section in the smoke run but `service` (asserted by its own test module).
-SMOKED = [name for name in bench_run.SECTIONS if name != "service"]
+SMOKED = [name for name in bench_results.SECTIONS if name != "service"]
 
 
 @pytest.fixture(scope="class")
@@ -34,10 +35,10 @@ def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp(f"bench-{name}")
     cache = tmp_path_factory.getbasetemp() / "bench-cache"  # models the sections share, built once per worker
     results = bench_run.run_sections(only=name, smoke=True, cache_dir=cache, work_dir=root / "work")
-    report = bench_run.write_results(results, smoke=True, path=root / "RESULTS.md").read_text()
+    report = bench_results.write_results(results, smoke=True, path=root / "RESULTS.md").read_text()
     assert report.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
     assert "TensorFlow" in report and "CPUs" in report
-    assert f"<!-- bench:{name} -->\n## {bench_run.SECTIONS[name][0]}" in report
+    assert f"<!-- bench:{name} -->\n## {bench_results.SECTIONS[name]}" in report
     assert f"<!-- /bench:{name} -->" in report
     return results
 

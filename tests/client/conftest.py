@@ -22,9 +22,9 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
-from tests import model_factory
 from tests.app.helpers import saved_model_zip
-from tests.e2e.conftest import free_port
+from tests.support import model_factory
+from tests.support.procs import free_port
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from app.client import Client, Job, ProgressPrinter
 from tests.app.helpers import SAVED_MODEL
 from tests.client.conftest import ServeApp, Tiny
 from tests.conftest import Embedded
-from tests.e2e.conftest import Service, base_env, free_port, wait_ready
+from tests.support.procs import Service, base_env, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -49,7 +49,7 @@ from app.client.testing import FakeClock
 from app.config import Settings
 from tests.client.conftest import ServeApp, Tiny
 from tests.conftest import Embedded
-from tests.e2e.conftest import free_port
+from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEMS = "https://secateurs.dev/problems/"

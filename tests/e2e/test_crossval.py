@@ -11,9 +11,9 @@ import httpx
 import jsonschema
 import pytest
 
-from tests import model_factory
 from tests.conftest import Embedded
-from tests.e2e.conftest import poll
+from tests.support import model_factory
+from tests.support.procs import poll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 

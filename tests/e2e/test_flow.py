@@ -17,9 +17,9 @@ import pytest
 
 from app.auth import create_key
 from app.config import Settings
-from tests import model_factory
 from tests.conftest import Embedded
-from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
+from tests.support import model_factory
+from tests.support.procs import Service, base_env, free_port, poll, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 

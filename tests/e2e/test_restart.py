@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import model_factory
-from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
+from tests.support import model_factory
+from tests.support.procs import Service, base_env, free_port, poll, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 

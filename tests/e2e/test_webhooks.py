@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from app.client import Client
-from tests import model_factory
-from tests.e2e.conftest import ROOT, Service, base_env, free_port, poll, wait_ready
+from tests.support import model_factory
+from tests.support.procs import ROOT, Service, base_env, free_port, poll, wait_ready
 from tests.webhook_receiver import Answer, Receiver, verify_standard_webhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, Service, base_env, free_port, wait_ready
+from tests.support.procs import ROOT, Service, base_env, free_port, wait_ready
 
 EXAMPLES = ROOT / "examples"
 SCRIPT_TIMEOUT_S = 900
@@ -27,7 +27,7 @@ SCRIPT_TIMEOUT_S = 900
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo files, made by the very command the scripts run when they are missing."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    subprocess.run([sys.executable, "-m", "tests.model_factory", "demo", str(out)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "tests.support.model_factory", "demo", str(out)], cwd=ROOT, check=True)
     return out
 
 

@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests import model_factory
 from tests.conftest import IN_CI, PG_ADMIN_DSN, _need
-from tests.e2e.conftest import Service, base_env, free_port
 from tests.faults import corpus
 from tests.faults.procs import PostgresCluster, Processes, RedisServer, postgres_bin, throwaway_database
+from tests.support import model_factory
+from tests.support.procs import Service, base_env, free_port
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Two kinds of entries:
   (``reason`` is a word the detail must contain). Builders here make the bytes; nothing touches the network.
 - ``HostileModel``: an upload that is structurally fine, so the API takes it (201, ``validating``), and that a
   worker must then mark ``invalid`` with an error ``code`` and a message naming the reason. Built with
-  TensorFlow (``tests.model_factory``), so only the e2e test uses them.
+  TensorFlow (``tests.support.model_factory``), so only the e2e test uses them.
 
 Sizes assume the limits in ``LIMITS`` (the server under test is started with them): a bomb that needs the
 default 8 GiB limit to trip would need 8 GiB of test data.
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from tests import model_factory
 from tests.app.helpers import SAVED_MODEL, multipart
+from tests.support import model_factory
 
 MiB = 2**20
 # Settings of the server under test (also as SECATEURS_* variables): small enough to trip with test-sized data.

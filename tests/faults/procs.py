@@ -1,8 +1,8 @@
 """Real processes for the crash and outage tests: `secateurs serve` / `secateurs worker`, a test-own Redis and a
 test-own PostgreSQL cluster, each started and stopped (gracefully or with SIGKILL) by the test itself.
 
-No psutil: process trees are read from ``/proc/<pid>/task/<tid>/children`` (Linux). Every wait polls a
-condition against a generous deadline and fails with what it last saw; nothing asserts on durations.
+Process trees come from tests/support/procs.py (``/proc``, no psutil). Every wait polls a condition against a
+generous deadline and fails with what it last saw; nothing asserts on durations.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, free_port
+from tests.support.procs import Service, celery_child, free_port
 
 T = TypeVar("T")
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -61,44 +61,6 @@ def wait_until(
             extra = f"\n{detail()}" if detail is not None else ""
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
         time.sleep(interval)
-
-
-# --- process trees ------------------------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (all its threads' children)."""
-    found: list[int] = []
-    for path in glob.glob(f"/proc/{pid}/task/*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(p) for p in Path(path).read_text().split()]
-    return found
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def celery_child(supervisor_pid: int) -> int | None:
-    """The live `celery ... worker` child of a supervisor (`secateurs worker`, or `serve` in embedded mode)."""
-    for pid in children(supervisor_pid):
-        args = cmdline(pid)
-        if "celery" in args and "worker" in args and alive(pid):
-            return pid
-    return None
 
 
 # --- the service's processes --------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import free_port
 from tests.faults.conftest import TinyFiles
 from tests.faults.procs import (
     TERMINAL,
@@ -39,13 +38,13 @@ from tests.faults.procs import (
     Recorder,
     RedisServer,
     Stack,
-    celery_child,
     fault_env,
     kill_group,
     report_figures,
     wait_ready,
     wait_until,
 )
+from tests.support.procs import celery_child, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 

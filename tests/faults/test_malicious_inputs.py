@@ -26,10 +26,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from tests import model_factory
-from tests.e2e.conftest import wait_ready
 from tests.faults import corpus
 from tests.faults.conftest import Server
+from tests.support import model_factory
+from tests.support.procs import wait_ready
 
 PROBLEM_JSON = "application/problem+json"
 MIN_CORPUS = 20

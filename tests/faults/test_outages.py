@@ -27,7 +27,6 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from app.queue import QUEUE
-from tests import model_factory
 from tests.faults.conftest import TinyFiles
 from tests.faults.procs import (
     PostgresCluster,
@@ -39,6 +38,7 @@ from tests.faults.procs import (
     wait_ready,
     wait_until,
 )
+from tests.support import model_factory
 
 PROBLEM_JSON = "application/problem+json"
 SHORT_SPEC = {"target_sparsity": 0.5, "fine_tune": {"epochs": 1}}

@@ -38,7 +38,7 @@ from tests.app.helpers import (
     upload_dataset,
     upload_model,
 )
-from tests.seaweed import Seaweed, free_ports
+from tests.support.seaweed import Seaweed, free_ports
 
 ARTIFACT = b"PK\x03\x04" + bytes(range(256)) * 4096  # 1 MiB: several read buffers of the response
 

@@ -14,7 +14,7 @@ from app.errors import StoreUnavailable
 from app.storage import Storage
 from app.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore, StoreMisconfigured, file_stat
 from app.storage.cache import BlobCache, CorruptBlob
-from tests.seaweed import Seaweed, free_ports
+from tests.support.seaweed import Seaweed, free_ports
 
 MiB = 1 << 20
 

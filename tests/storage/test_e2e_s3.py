@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import model_factory
 from tests.app.helpers import files_under
-from tests.e2e.conftest import Service, base_env, free_port, poll, wait_ready
 from tests.e2e.test_flow import _check_artifact, _run_readme_flow, digits_files  # noqa: F401  (a fixture)
-from tests.seaweed import Seaweed
+from tests.support import model_factory
+from tests.support.procs import Service, base_env, free_port, poll, wait_ready
+from tests.support.seaweed import Seaweed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf, pytest.mark.redis, pytest.mark.postgres]
 

@@ -14,7 +14,7 @@ from app.storage.blobs import S3BlobStore
 from app.storage.cache import BlobCache
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import JobRecord, ModelRecord
-from tests.seaweed import free_ports
+from tests.support.seaweed import free_ports
 from worker import blobs
 
 

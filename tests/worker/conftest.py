@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import model_factory as mf
+from tests.support import model_factory as mf
 
 # The four kinds of upload; "keras_file" is the .keras file after conversion to a SavedModel.
 MODEL_KINDS = ("keras2", "keras3_export", "tf_module", "keras_file")

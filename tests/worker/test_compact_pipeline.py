@@ -18,7 +18,7 @@ import pytest
 
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
-from tests import model_zoo
+from tests.support import model_zoo
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline
 from worker.stages.job import Job

@@ -5,7 +5,7 @@ Tests sit at the floor that decides them. Where zeros land is the pruner's decis
 matrix runs the prune stage alone (``prune_only``: load, select, prune; no baseline, latency, evaluation, save
 or zip) and checks the variables in memory. What a user downloads is checked through the whole ``run_pipeline``
 once per model kind (``test_full_pipeline_on_model_kind``), reading the artifact back from disk. Zoo models are untrained with randomised biases
-(``tests/model_zoo.py``): where zeros land is the point there, accuracy is only asserted on the digits CNN.
+(``tests/support/model_zoo.py``): where zeros land is the point there, accuracy is only asserted on the digits CNN.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
-from tests import model_zoo
+from tests.support import model_zoo
 from worker.errors import PipelineError
 from worker.models import describe, load_model
 from worker.pipeline import run_pipeline

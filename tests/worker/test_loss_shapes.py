@@ -12,7 +12,7 @@ import pytest
 
 from app.schemas.fit import label_loss_errors, loss_label_problem
 from app.schemas.spec import PruneSpec
-from tests import model_zoo
+from tests.support import model_zoo
 from worker.errors import PipelineError
 from worker.pipeline import run_pipeline
 

@@ -56,7 +56,7 @@ def test_available_bytes_reads_this_machine() -> None:
 
 
 def test_the_pipeline_refuses_before_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests import model_zoo
+    from tests.support import model_zoo
     from worker.pipeline import run_pipeline
 
     model_dir = model_zoo.build("dense", tmp_path / "dense")

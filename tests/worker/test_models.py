@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import model_factory as mf
+from tests.support import model_factory as mf
 from tests.worker.conftest import INPUT_NAME
 from worker.errors import PipelineError
 from worker.models import (

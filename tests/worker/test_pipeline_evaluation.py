@@ -25,7 +25,7 @@ from sklearn import metrics as skm
 
 from app.schemas.metrics import MetricsDocument, metrics_json_schema
 from app.schemas.spec import NOT_YET_SUPPORTED, Latency, PruneSpec, unsupported_features
-from tests import model_zoo
+from tests.support import model_zoo
 from worker.errors import PipelineError
 from worker.evaluation.size import zip_dir
 from worker.evaluation.zip_size import ZipSizeInBackground, cache_path, deflate_zip_size, shared_zip_size

@@ -19,8 +19,8 @@ from app.storage import Storage
 from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DatasetRecord, JobRecord, ModelRecord
-from tests import model_zoo
-from tests.model_factory import write_npz
+from tests.support import model_zoo
+from tests.support.model_factory import write_npz
 from worker import tasks
 
 FAST = {"latency": {"batch_sizes": [1], "runs": 3, "warmup": 1}}

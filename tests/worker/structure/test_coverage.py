@@ -154,7 +154,7 @@ def test_tf_module_dict_signatures(model_dirs, tmp_path: Path) -> None:
 
 
 def test_keras_file_upload(tmp_path: Path, structure_root: Path) -> None:
-    from tests import model_factory as mf
+    from tests.support import model_factory as mf
 
     exported = keras_to_saved_model(
         mf.build_keras3_file(structure_root / "upload.keras", epochs=1), tmp_path / "sm"

@@ -2,7 +2,7 @@
 
 ``weed mini`` runs master, volume, filer and S3 gateway in one process on loopback; it checks signatures,
 does multipart, ranged GETs and presigned URLs as S3 does. Every port is picked free (gRPC ports too, which
-SeaweedFS would otherwise put at port + 10000). ``python -m tests.seaweed`` starts one, round-trips an
+SeaweedFS would otherwise put at port + 10000). ``python -m tests.support.seaweed`` starts one, round-trips an
 object and stops it: ``.ci/run`` uses that to fail loudly when the binary cannot run here.
 """
 

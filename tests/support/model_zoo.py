@@ -1,9 +1,9 @@
 """Tiny SavedModels of every layer kind the pruning engine must handle, with matching random datasets.
 
-``tests/model_factory.py`` builds *trained* digits models (the service's realistic inputs); this zoo builds
-*untrained* ones, a few kernels each, so that every kernel layout the engine knows (conv 1D/2D/3D, depthwise,
-separable, dense, recurrent, embedding, BatchNorm, multi-input/multi-output, subclassed, Keras 2) goes through
-the whole pipeline in seconds. Random weights are enough: the tests check where zeros land, not accuracy.
+``tests/support/model_factory.py`` builds *trained* digits models (the service's realistic inputs); this zoo
+builds *untrained* ones, a few kernels each, so that every kernel layout the engine knows (conv 1D/2D/3D,
+depthwise, separable, dense, recurrent, embedding, BatchNorm, multi-input/multi-output, subclassed, Keras 2) goes
+through the whole pipeline in seconds. Random weights are enough: the tests check where zeros land, not accuracy.
 
 Why biases are randomised: Keras initialises biases (and BatchNorm beta) to zero, so a test asserting "the bias
 of a removed channel is zero" would pass without the engine doing anything. ``_randomize_zero_weights`` gives

@@ -303,6 +303,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "demo":
-        sys.exit("usage: python -m tests.model_factory demo OUT_DIR")
+        sys.exit("usage: python -m tests.support.model_factory demo OUT_DIR")
     for name, path in write_demo(Path(sys.argv[2])).items():
         print(f"{name}: {path}")

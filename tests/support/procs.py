@@ -1,14 +1,20 @@
-"""Real processes: `secateurs serve` (uvicorn) and `secateurs worker` (celery), talking over HTTP and Redis."""
+"""Real processes for tests and benchmarks: `python -m app.cli ...` services with their logs, free ports, the
+environment they start with, waiting for them, and their process trees read from ``/proc`` (Linux, no psutil).
+
+Plain helpers (no fixtures), so bench/ can use them without importing a conftest; the fixtures that start
+services for a test are in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +82,6 @@ def poll(
     return body
 
 
-@pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    started: list[Service] = []
-
-    def start(args: list[str], env: dict[str, str], name: str) -> Service:
-        service = Service([sys.executable, "-m", "app.cli", *args], env, tmp_path / f"{name}.log")
-        started.append(service)
-        return service
-
-    yield start
-    for service in reversed(started):
-        service.stop()
-
-
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env.update(
@@ -97,3 +89,41 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+# --- process trees ------------------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (all its threads' children)."""
+    found: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(p) for p in Path(path).read_text().split()]
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def celery_child(supervisor_pid: int) -> int | None:
+    """The live `celery ... worker` child of a supervisor (`secateurs worker`, or `serve` in embedded mode)."""
+    for pid in children(supervisor_pid):
+        args = cmdline(pid)
+        if "celery" in args and "worker" in args and alive(pid):
+            return pid
+    return None
