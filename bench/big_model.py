@@ -54,7 +54,6 @@ from bench.common import (
     OUT_DIR,
     ROOT,
     BenchError,
-    cached_model,
     dir_bytes,
     md_table,
     run_floor_script,
@@ -65,6 +64,7 @@ from bench.common import (
 from bench.results import RESULTS, replace_block, section_markdown
 from bench.service_load import RssSampler, status_kib
 from bench.storage import Deployment
+from tests.support.model_cache import cached_model
 from tests.support.procs import children, cmdline
 
 MiB = 1 << 20

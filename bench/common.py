@@ -8,14 +8,12 @@ HTTP with httpx. Nothing here imports TensorFlow at module level: only the artif
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -238,54 +236,7 @@ def run_floor_script(saved_model: Path, work: Path, target: float) -> dict[str, 
     }
 
 
-# -- built models, cached ----------------------------------------------------------------------------------------
-
-_MODEL_VERSIONS = ("tensorflow", "keras", "tf-keras")  # what decides the bytes a builder writes
-
-
-def _describe(value: object) -> str:
-    """A builder argument as it goes into the cache key (functions by their qualified name)."""
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
-    return repr(value)
-
-
-def cached_model(
-    build: Callable[..., dict[str, Any]], *args: object, cache_dir: Path | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """``build(root, *args)`` once per key under ``cache_dir`` (default bench/out/cache); returns ``root`` and
-    what ``build`` returned (JSON, kept as ``root/meta.json``) plus ``cached``: whether it was reused.
-
-    Why one helper: the same models (the digits CNN above all) are trained by several sections, and training
-    or exporting them is most of a smoke run. The key is the builder's qualified name, its arguments and the
-    TensorFlow/Keras/tf_keras versions (a model another version built is not what this one would build). A build
-    goes to a scratch directory renamed into place, so a killed run leaves no half-built model behind.
-    """
-    described = {
-        "builder": _describe(build),
-        "args": [_describe(a) for a in args],
-        "versions": {name: _dist_version(name) for name in _MODEL_VERSIONS},
-    }
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
-    cache = cache_dir or OUT_DIR / "cache"
-    readable = [getattr(a, "__name__", a) for a in (build, *args)]
-    slug = re.sub(r"[^A-Za-z0-9_.=]+", "-", "-".join(str(part).strip("_") for part in readable))[:80]
-    root = cache / f"{slug}-{digest}"
-    meta_path = root / "meta.json"
-    if meta_path.is_file():
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-        return root, {**meta, "cached": True}
-    shutil.rmtree(root, ignore_errors=True)  # a build of another layout, or an interrupted one
-    scratch = cache / f".{root.name}.{uuid.uuid4().hex[:8]}"
-    scratch.mkdir(parents=True)
-    try:
-        meta = build(scratch, *args)
-        (scratch / "key.json").write_text(json.dumps(described, indent=2))
-        (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
-        scratch.rename(root)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return root, {**meta, "cached": False}
+# -- built models (cached by tests.support.model_cache.cached_model) -------------------------------------------
 
 
 def export_and_zip(root: Path, export: Callable[..., None], *args: object) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT_DIR, cached_model, export_and_zip, export_keras_application, md_table
+from bench.common import OUT_DIR, export_and_zip, export_keras_application, md_table
+from tests.support.model_cache import cached_model
 
 MODELS = ("resnet50", "mobilenetv2")
 FRACTIONS = (0.3, 0.5, 0.7)

@@ -35,7 +35,6 @@ from bench.common import (
     Api,
     BenchError,
     Server,
-    cached_model,
     checkpoint_sparsity,
     export_and_zip,
     export_keras_application,
@@ -48,6 +47,7 @@ from bench.common import (
     unzip,
     verify_pruned,
 )
+from tests.support.model_cache import cached_model
 
 TARGET = 0.8
 # Explicit layer scope: the floor prunes each variable to the target on its own (and verify_pruned checks every

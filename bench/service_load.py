@@ -61,12 +61,12 @@ from bench.common import (
     Api,
     BenchError,
     Server,
-    cached_model,
     machine,
     md_table,
     subprocess_env,
     versions,
 )
+from tests.support.model_cache import cached_model
 
 MiB = 1 << 20
 GiB = 1 << 30

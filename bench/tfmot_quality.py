@@ -56,7 +56,6 @@ from bench.common import (
     Api,
     BenchError,
     Server,
-    cached_model,
     md_table,
     mean_std,
     signature_names,
@@ -64,6 +63,7 @@ from bench.common import (
     unzip,
     verify_pruned,
 )
+from tests.support.model_cache import cached_model
 
 BASELINE_EPOCHS = 20
 BASELINE_MIN_ACCURACY = 0.97

@@ -9,6 +9,7 @@ tests/bench/test_service_load_smoke.py, not twice."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from bench import results as bench_results
 from bench import run as bench_run
+from tests.support.model_cache import CACHE_ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 
@@ -33,7 +35,8 @@ def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """``{section: result}`` for the class's ``section`` alone, and its part of a smoke RESULTS file."""
     name: str = request.cls.section
     root = tmp_path_factory.mktemp(f"bench-{name}")
-    cache = tmp_path_factory.getbasetemp() / "bench-cache"  # models the sections share, built once per worker
+    # models the sections (and the tests) share: the one model cache, else one per xdist worker
+    cache = Path(os.environ.get(CACHE_ENV) or tmp_path_factory.getbasetemp() / "bench-cache")
     results = bench_run.run_sections(only=name, smoke=True, cache_dir=cache, work_dir=root / "work")
     report = bench_results.write_results(results, smoke=True, path=root / "RESULTS.md").read_text()
     assert report.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")

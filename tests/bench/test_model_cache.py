@@ -1,4 +1,5 @@
-"""bench.common.cached_model: one build per builder + arguments + versions, reused, never half-written."""
+"""tests.support.model_cache: one build per builder + arguments + versions, reused, never half-written; the
+decorator the test builders use copies the one stored build to each caller."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import common
+from tests.support import model_cache as common
 
 CALLS: list[tuple[Path, int]] = []
 
@@ -43,4 +44,28 @@ def test_versions_are_part_of_the_key(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="killed"):
         common.cached_model(_failing, cache_dir=tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_decorated_builder_builds_once_and_copies_to_each_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    @common.cached_builder
+    def export(out: Path, width: int = 2) -> Path:
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "saved_model.pb").write_bytes(b"m" * width)
+        return out
+
+    monkeypatch.delenv(common.CACHE_ENV, raising=False)
+    export(tmp_path / "uncached")
+    assert calls == [tmp_path / "uncached"]  # no cache named: a plain build where the caller asked
+    monkeypatch.setenv(common.CACHE_ENV, str(tmp_path / "cache"))
+    first, second = export(tmp_path / "a"), export(tmp_path / "b", width=2)  # one key: defaults bound
+    assert len(calls) == 2 and (first / "saved_model.pb").read_bytes() == b"mm" == (second / "saved_model.pb").read_bytes()
+    (first / "saved_model.pb").write_bytes(b"changed by its caller")
+    assert (export(tmp_path / "c") / "saved_model.pb").read_bytes() == b"mm"  # callers get copies
+    export(tmp_path / "d", width=3)
+    assert len(calls) == 3
