@@ -11,6 +11,7 @@ missing server or binary skips locally and FAILS under CI=true.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -29,6 +30,18 @@ from tests.faults import corpus
 from tests.faults.procs import PostgresCluster, Processes, RedisServer, postgres_bin, throwaway_database
 from tests.support import model_factory
 from tests.support.procs import Service, base_env, free_port
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """schemathesis 4.32 on pytest 9.2 gives every operation's item of one test the same node id (its NodeId has
+    no params): pytest-xdist then runs one operation per test and silently drops the rest. The operation label
+    is in the item's name; put it in the node id, so every item is addressable and runs."""
+    for item in items:
+        node_id = getattr(item, "_id", None)
+        if node_id is not None and "[" in item.name and "[" not in item.nodeid:
+            label = item.name[item.name.index("[") + 1 : -1]
+            item._id = dataclasses.replace(node_id, params=label)
 
 
 @pytest.fixture
