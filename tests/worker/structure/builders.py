@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tests.support.model_cache import cached_builder
+
 
 def _export(model: Any, out_dir: Path) -> Path:
     model.export(str(out_dir), verbose=False)
     return out_dir
 
 
+@cached_builder
 def keras3_mlp(out_dir: Path) -> Path:
     """Dense 20 -> 16 relu -> 12 sigmoid -> 5: a sigmoid leaves 0.5 behind in a removed unit."""
     import keras
@@ -30,6 +33,7 @@ def _conv_bn(x: Any, filters: int, kernel: int, name: str, bias: bool = False, s
     return keras.layers.BatchNormalization(name=f"{name}_bn")(x)
 
 
+@cached_builder
 def keras3_resnet(out_dir: Path) -> Path:
     """Stem conv+BN, one identity residual block (Add), a 1x1 strided projection, GAP, Dense."""
     import keras
@@ -46,6 +50,7 @@ def keras3_resnet(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_densenet(out_dir: Path) -> Path:
     """DenseNet-like: every block concatenates its input with new features; BN over the concatenation."""
     import keras
@@ -65,6 +70,7 @@ def keras3_densenet(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_mobilenet(out_dir: Path) -> Path:
     """Inverted residuals: expand 1x1 -> depthwise 3x3 -> project 1x1, residual Add when shapes match."""
     import keras
@@ -93,6 +99,7 @@ def keras3_mobilenet(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_squeeze_excite(out_dir: Path) -> Path:
     """EfficientNet-like: swish, squeeze-excite gate (GAP -> 1x1 reduce -> 1x1 expand -> sigmoid -> Mul)."""
     import keras
@@ -111,6 +118,7 @@ def keras3_squeeze_excite(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_conv1d(out_dir: Path) -> Path:
     """Conv1D stack on sequences (Keras lowers it to ExpandDims + Conv2D + Squeeze), Flatten, Dense."""
     import keras
@@ -125,6 +133,7 @@ def keras3_conv1d(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras2_fused_bn(out_dir: Path) -> Path:
     """tf_keras (Keras 2) CNN with BatchNorm (FusedBatchNormV3 in the graph), saved with model.save."""
     import tf_keras
@@ -145,6 +154,7 @@ def keras2_fused_bn(out_dir: Path) -> Path:
     return out_dir
 
 
+@cached_builder
 def tf_module_dict(out_dir: Path) -> Path:
     """A plain tf.Module whose signatures take and return dicts: two inputs, two outputs, two signatures."""
     import numpy as np
@@ -194,6 +204,7 @@ def tf_module_dict(out_dir: Path) -> Path:
     return out_dir
 
 
+@cached_builder
 def keras3_sequence(out_dir: Path) -> Path:
     """Embedding-free sequence model: Dense -> LSTM -> self-attention -> LayerNorm -> Dense."""
     import keras
@@ -209,6 +220,7 @@ def keras3_sequence(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_token_mlp(out_dir: Path) -> Path:
     """Dense layers on [batch, time, features] inputs: Keras 3 lowers them to Tensordot (a dynamic reshape)."""
     import keras
@@ -222,6 +234,7 @@ def keras3_token_mlp(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def keras3_autoencoder(out_dir: Path) -> Path:
     """Conv -> strided conv -> Conv2DTranspose (up-sampling) -> 1x1 conv to one output channel."""
     import keras
@@ -235,6 +248,7 @@ def keras3_autoencoder(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
+@cached_builder
 def tf_module_unusual_ops(out_dir: Path) -> Path:
     """A plain module whose channels pass ops with no rule or with a channel-mixing meaning: roll along the
     channels, padding of the channel axis, softmax and a sum over channels; one clean branch beside them."""
@@ -277,6 +291,7 @@ def tf_module_unusual_ops(out_dir: Path) -> Path:
     return out_dir
 
 
+@cached_builder
 def keras3_einsum_dense(out_dir: Path) -> Path:
     """EinsumDense ``abc,cd->abd`` with a bias on ``d`` between two Dense layers on sequences."""
     import keras

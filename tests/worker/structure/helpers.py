@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
@@ -12,24 +13,62 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[3]
 
-RELOAD = r"""
-import json, sys, os
+# A separate process that imports TensorFlow once and reloads artifacts on request, one path per stdin line, one
+# JSON line back: each artifact is still loaded by a process that did not build it (nothing of the test's own
+# graphs or function library can help), without paying TensorFlow's import per test.
+RELOADER = r"""
+import json, os, sys
+from pathlib import Path
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf
-obj = tf.saved_model.load(sys.argv[1])
-sigs = {}
-for name, fn in obj.signatures.items():
-    _, kw = fn.structured_input_signature
-    sigs[name] = {
-        "inputs": {k: [s.dtype.name, s.shape.as_list()] for k, s in kw.items()},
-        "outputs": sorted(fn.structured_outputs),
-    }
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[1])
 from worker.models import load_model
-handle = load_model(__import__("pathlib").Path(sys.argv[1]))
-shapes = {nv.name: nv.shape for nv in handle.variables()}
-print(json.dumps({"signatures": sigs, "shapes": shapes}))
+for line in sys.stdin:
+    path = line.rstrip("\n")
+    try:
+        obj = tf.saved_model.load(path)
+        sigs = {}
+        for name, fn in obj.signatures.items():
+            _, kw = fn.structured_input_signature
+            sigs[name] = {
+                "inputs": {k: [s.dtype.name, s.shape.as_list()] for k, s in kw.items()},
+                "outputs": sorted(fn.structured_outputs),
+            }
+        shapes = {nv.name: nv.shape for nv in load_model(Path(path)).variables()}
+        answer = {"signatures": sigs, "shapes": shapes}
+    except Exception as exc:  # reported to the test, which fails with it
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(answer), flush=True)
 """
+_reloader: subprocess.Popen[str] | None = None
+
+
+def _close_reloader() -> None:
+    if _reloader is not None and _reloader.poll() is None:
+        _reloader.kill()
+        _reloader.wait()
+
+
+def reload_in_subprocess(path: Path) -> dict[str, Any]:
+    """Signatures and variable shapes of the SavedModel at ``path`` as another process loads it."""
+    global _reloader
+    if _reloader is None or _reloader.poll() is not None:
+        _reloader = subprocess.Popen(
+            [sys.executable, "-c", RELOADER, str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        atexit.register(_close_reloader)
+    assert _reloader.stdin is not None and _reloader.stdout is not None
+    _reloader.stdin.write(f"{path}\n")
+    _reloader.stdin.flush()
+    line = _reloader.stdout.readline()
+    assert line, f"the reloader process died ({_reloader.poll()})"
+    answer: dict[str, Any] = json.loads(line)
+    assert "error" not in answer, answer["error"]
+    return answer
 
 
 def randomize(handle: Any, seed: int = 0) -> None:
@@ -72,18 +111,6 @@ def mask_groups(
     for name, mask in group_masks(handle, analysis, keep, carriers=carriers).items():
         variables[name].assign(variables[name].numpy() * mask)
     return keep
-
-
-def reload_in_subprocess(path: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(path), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def check_artifact(handle: Any, result: Any, tol: float = 1e-5) -> dict[str, Any]:
