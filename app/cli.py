@@ -190,7 +190,7 @@ def worker(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_format)
     from app.storage import Storage
-    from app.storage.blobs import StoreMisconfigured
+    from app.storage.base import StoreMisconfigured
 
     try:  # before any child starts: a worker that can never reach its store must not restart forever
         Storage.from_settings(settings).check()

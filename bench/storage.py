@@ -192,7 +192,7 @@ def run_jobs(dep: Deployment, model_zip: Path, data: Path, jobs: int) -> dict[st
 def run_transfers(dep: Deployment, work: Path, mib: int) -> dict[str, Any]:
     import os
 
-    from app.storage.blobs import S3BlobStore
+    from app.storage.s3 import S3BlobStore
 
     for name in (
         "AWS_ACCESS_KEY_ID",

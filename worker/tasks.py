@@ -33,7 +33,7 @@ from app.queue import RUN_JOB, VALIDATE_MODEL
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from app.storage import Storage
-from app.storage.blobs import StoreMisconfigured
+from app.storage.base import StoreMisconfigured
 from app.storage.cache import CorruptBlob
 from app.store import repo
 from app.store.db import init_db, make_engine, make_session_factory, session_scope

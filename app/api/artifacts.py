@@ -31,7 +31,7 @@ from app.config import Settings
 from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
 from app.job_files import download_filename
 from app.storage import Storage
-from app.storage.blobs import file_stat
+from app.storage.base import file_stat
 from app.store.repo import as_utc
 from app.store.tables import JobRecord
 

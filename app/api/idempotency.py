@@ -43,8 +43,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.multipart import Upload
 from app.errors import BadIdempotencyKey, IdempotencyKeyInUse, IdempotencyKeyReused, SecateursError
-from app.storage import Upload
 from app.store import repo
 from app.store.db import session_scope
 from app.store.tables import IdempotencyRecord

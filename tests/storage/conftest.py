@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.storage.blobs import S3BlobStore
+from app.storage.s3 import S3BlobStore
 from tests.e2e.conftest import start_service  # noqa: F401  (the e2e fixture that starts app.cli processes)
 from tests.seaweed import Seaweed
 

@@ -24,7 +24,7 @@ from app.client.errors import DigestMismatch
 from app.config import Settings
 from app.main import check_store, create_app
 from app.storage import Storage
-from app.storage.blobs import S3BlobStore
+from app.storage.s3 import S3BlobStore
 from app.store import repo
 from app.store.db import session_scope
 from tests.app.helpers import (

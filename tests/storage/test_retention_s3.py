@@ -8,7 +8,7 @@ from pathlib import Path
 from app import retention
 from app.config import Settings
 from app.storage import Storage
-from app.storage.blobs import S3BlobStore
+from app.storage.s3 import S3BlobStore
 from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from app.store.tables import DatasetRecord, ModelRecord, utcnow
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import IdempotencyDep, IdempotencyKeyDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
+from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
 from app.api.routes.models import ERRORS
 from app.api.uploads import ensure_free_space, multipart_body
@@ -19,7 +20,7 @@ from app.errors import Conflict, NotFound
 from app.npz import NpzLimits, inspect_npz
 from app.presenters import dataset_out
 from app.schemas.resources import DatasetOut, Page
-from app.storage import Storage, Upload, receive_upload
+from app.storage import Storage
 from app.store import repo
 from app.store.db import session_scope
 from app.store.tables import DatasetRecord
@@ -37,7 +38,7 @@ def _check_and_register(
         upload.path.unlink(missing_ok=True)
         raise
     dataset_id = repo.new_id("ds")
-    storage.commit_upload(upload, storage.dataset_key(dataset_id))  # a rename, or a streamed put into S3
+    upload.commit(storage, storage.dataset_key(dataset_id))  # a rename, or a streamed put into S3
     record = DatasetRecord(
         id=dataset_id,
         tenant=tenant,

@@ -19,6 +19,7 @@ from app.api.deps import (
     TenantDep,
 )
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
+from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
 from app.api.uploads import ensure_free_space, multipart_body, send_or_503
 from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
@@ -27,7 +28,7 @@ from app.errors import Conflict, NotFound
 from app.presenters import model_out
 from app.queue import VALIDATE_MODEL
 from app.schemas.resources import ModelOut, Page, Problem
-from app.storage import Storage, Upload, receive_upload
+from app.storage import Storage
 from app.store import repo
 from app.store.db import session_scope
 from app.store.tables import ModelRecord
@@ -72,7 +73,7 @@ def _check_and_register(
         upload.path.unlink(missing_ok=True)
         raise
     model_id = repo.new_id("mdl")
-    storage.commit_upload(upload, storage.model_key(model_id, SUFFIX[kind]))  # a rename, or a put into S3
+    upload.commit(storage, storage.model_key(model_id, SUFFIX[kind]))  # a rename, or a put into S3
     record = ModelRecord(
         id=model_id,
         tenant=tenant,
