@@ -36,11 +36,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DEFAULT_TENANT, ApiKeyRecord
 from app.errors import Unauthorized
 from app.observability.logs import bind
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DEFAULT_TENANT, ApiKeyRecord
 
 KEY_SCHEME = "sk"
 PREFIX_HEX = 12

@@ -90,7 +90,7 @@ def auth_banner(settings: Settings, host: str) -> tuple[bool, str]:
     yet, the service starts and answers 401 until a key is created. ``serve`` says at start which case it is.
     """
     from app.auth import any_active_key, auth_required
-    from app.store.db import init_db, make_engine, make_session_factory
+    from app.db.engine import init_db, make_engine, make_session_factory
 
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -739,9 +739,9 @@ def webhooks_set_url(args: argparse.Namespace) -> int:
 
 def cleanup(args: argparse.Namespace) -> int:
     """One retention pass now, as the API's maintenance loop runs it every SECATEURS_REAPER_INTERVAL_S."""
+    from app.db.engine import init_db, make_engine, make_session_factory
     from app.retention import sweep
     from app.storage import Storage
-    from app.store.db import init_db, make_engine, make_session_factory
 
     settings = _settings(args)
     storage = Storage(settings.data_dir)  # creates the data directory, where SQLite's file lives

@@ -14,10 +14,10 @@ import threading
 import time
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import ModelRecord
 from app.queue import QUEUE, RUN_JOB, VALIDATE_MODEL, make_celery, send
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import ModelRecord
 
 log = logging.getLogger("secateurs.embedded")
 

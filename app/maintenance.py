@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import retention
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
 from app.queue import RUN_JOB, VALIDATE_MODEL, broker_lost_messages, send
 from app.retention import RetentionReport
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
 
 log = logging.getLogger("secateurs.maintenance")
 

@@ -271,9 +271,9 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _register_artifact(dep: Deployment, job_id: str, path: Path) -> str:
     """A succeeded job record whose artifact is the object just stored (the database is shared)."""
-    from app.store import repo
-    from app.store.db import make_engine, make_session_factory, session_scope
-    from app.store.tables import JobRecord, ModelRecord
+    from app.db import repo
+    from app.db.engine import make_engine, make_session_factory, session_scope
+    from app.db.tables import JobRecord, ModelRecord
 
     hasher = hashlib.sha256()
     with path.open("rb") as fh:

@@ -24,8 +24,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import session_scope
+from app.db import repo
+from app.db.engine import session_scope
 
 log = logging.getLogger("secateurs.worker")
 EXIT_HARD_TIME_LIMIT = 75  # the supervisor logs the exit code; any non-zero code restarts the worker

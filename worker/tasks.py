@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import job_files
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord
 from app.errors import SecateursError, StoreUnavailable
 from app.observability.logs import bind, log_context
 from app.queue import RUN_JOB, VALIDATE_MODEL
@@ -35,9 +38,6 @@ from app.schemas.spec import PruneSpec
 from app.storage import Storage
 from app.storage.base import StoreMisconfigured
 from app.storage.cache import CorruptBlob
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from app.webhooks.delivery import publish_for_job
 from worker.blobs import dataset_file, model_source, publish_job_files
 from worker.lease import JobLease

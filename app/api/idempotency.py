@@ -44,10 +44,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.multipart import Upload
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import IdempotencyRecord
 from app.errors import BadIdempotencyKey, IdempotencyKeyInUse, IdempotencyKeyReused, SecateursError
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import IdempotencyRecord
 
 log = logging.getLogger("secateurs.idempotency")
 

@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, delete
 
-from app.store import repo
-from app.store.db import init_db, make_engine, session_scope
-from app.store.tables import Base
+from app.db import repo
+from app.db.engine import init_db, make_engine, session_scope
+from app.db.tables import Base
 from tests.app.helpers import sha256
 
 ARTIFACT = b"PK\x03\x04" + bytes(range(256)) * 64

@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import session_scope
+from app.db import repo
+from app.db.engine import session_scope
 
 PROBLEM_JSON = "application/problem+json"
 VALIDATE_MODEL = "secateurs.validate_model"

@@ -1,6 +1,6 @@
 """GET /v1/jobs/{id}/artifacts and /artifacts/{name}: the recorded files of a job, served like /artifact, and
 the export spec's refusals at job creation. No worker: its part (claim, files, finish) is played through
-app.store.repo and the storage directory, as worker.tasks records them."""
+app.db.repo and the storage directory, as worker.tasks records them."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app import job_files
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from tests.app.helpers import app_of, assert_problem, create_job, upload_dataset, upload_model
 
 ZIP = b"PK\x03\x04" + bytes(range(256)) * 16

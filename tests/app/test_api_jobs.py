@@ -1,6 +1,6 @@
 """/v1/jobs against the real app: creation checks, the run task, listing, cancel, and the two outputs.
 
-No worker runs here: a worker's part (claim, write outputs, finish) is played through app.store.repo.
+No worker runs here: a worker's part (claim, write outputs, finish) is played through app.db.repo.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from app.schemas.spec import NOT_YET_SUPPORTED
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
 from tests.app.helpers import (
     RUN_JOB,
     SIGNATURES,

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import make_engine, session_scope
+from app.db.tables import JobRecord, ModelRecord
 from app.main import create_app
 from app.schemas.spec import PruneSpec, unsupported_features
-from app.store import repo
-from app.store.db import make_engine, session_scope
-from app.store.tables import JobRecord, ModelRecord
 from tests.app.helpers import (
     app_of,
     assert_problem,

@@ -16,10 +16,10 @@ from sqlalchemy import inspect, select, text
 
 from app import auth
 from app.config import Settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, session_scope
+from app.db.tables import ApiKeyRecord, Base, DatasetRecord, JobRecord, ModelRecord
 from app.main import create_app
-from app.store import repo
-from app.store.db import init_db, make_engine, session_scope
-from app.store.tables import ApiKeyRecord, Base, DatasetRecord, JobRecord, ModelRecord
 from tests.app.auth_helpers import ENGINES, bearer, database_url, empty, succeed
 from tests.app.helpers import (
     RUN_JOB,

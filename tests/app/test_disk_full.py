@@ -20,10 +20,10 @@ from sqlalchemy.exc import OperationalError
 from app.api import multipart as multipart_module
 from app.archive import extract_archive
 from app.config import Settings
+from app.db import repo
 from app.disk import free_bytes, is_disk_full
 from app.errors import InsufficientStorage
 from app.main import create_app
-from app.store import repo
 from tests.app.helpers import (
     assert_problem,
     files_under,

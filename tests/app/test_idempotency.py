@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import auth
 from app.api.idempotency import PURGE_EVERY_S, IdempotencyStore, json_fingerprint, parse_key
 from app.config import Settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import IdempotencyRecord, JobRecord, ModelRecord, utcnow
 from app.errors import BadIdempotencyKey, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.main import create_app
 from app.queue import make_celery
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import IdempotencyRecord, JobRecord, ModelRecord, utcnow
 from tests.app.auth_helpers import ENGINES, bearer, database_url
 from tests.app.helpers import (
     RUN_JOB,

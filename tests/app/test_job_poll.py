@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from app.api.deps import READ_THREADS
 from app.auth import create_key_in
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from app.main import create_app
 from app.presenters import job_out
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
 from tests.app.helpers import app_of, create_job, upload_model
 
 # Released at once (a barrier), far more than anyio's 40 worker threads plus the SQLAlchemy pool's 5 + 10

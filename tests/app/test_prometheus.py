@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, utcnow
 from app.main import create_app
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, utcnow
 
 TOKEN = "scrape-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import maintenance
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, ModelRecord, WebhookMessageRecord, utcnow
 from app.main import create_app
 from app.maintenance import Maintenance
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, ModelRecord, WebhookMessageRecord, utcnow
 from tests.app.helpers import app_of, assert_problem, create_job, mark_model, sent_tasks, upload_model
 
 

@@ -27,12 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import auth
 from app.cli import main as cli_main
 from app.config import Settings
+from app.db import repo
+from app.db import webhooks as store
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.main import create_app
 from app.queue import DELIVER_WEBHOOK
-from app.store import repo
-from app.store import webhooks as store
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.webhooks import delivery, signing
 from app.webhooks.guard import (
     MAX_URL_LENGTH,

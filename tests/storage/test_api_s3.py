@@ -22,11 +22,11 @@ from app.auth import create_key
 from app.client.download import download_to
 from app.client.errors import DigestMismatch
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
 from app.main import check_store, create_app
 from app.storage import Storage
 from app.storage.s3 import S3BlobStore
-from app.store import repo
-from app.store.db import session_scope
 from tests.app.helpers import (
     app_of,
     assert_problem,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from app import retention
 from app.config import Settings
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, ModelRecord, utcnow
 from app.storage import Storage
 from app.storage.s3 import S3BlobStore
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, ModelRecord, utcnow
 
 
 def test_sweep_deletes_objects_in_the_store(s3_store: S3BlobStore, tmp_path: Path) -> None:

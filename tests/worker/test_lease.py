@@ -13,9 +13,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import JobRecord, utcnow
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import JobRecord, utcnow
 from worker import lease as lease_module
 from worker.lease import EXIT_HARD_TIME_LIMIT, JobLease
 

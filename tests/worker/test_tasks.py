@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import repo
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord
 from app.storage import Storage
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from tests import model_zoo
 from tests.model_factory import write_npz
 from worker import tasks

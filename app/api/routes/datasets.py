@@ -16,14 +16,14 @@ from app.api.paging import set_next_link
 from app.api.routes.models import ERRORS
 from app.api.uploads import ensure_free_space, multipart_body
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import DatasetRecord
 from app.errors import Conflict, NotFound
 from app.npz import NpzLimits, inspect_npz
 from app.presenters import dataset_out
 from app.schemas.resources import DatasetOut, Page
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import DatasetRecord
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

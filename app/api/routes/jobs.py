@@ -26,6 +26,9 @@ from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
 from app.config import Settings
+from app.db import repo
+from app.db import webhooks as webhook_store
+from app.db.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
@@ -35,9 +38,6 @@ from app.schemas.fit import dataset_fit_errors, label_loss_errors
 from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
-from app.store import repo
-from app.store import webhooks as webhook_store
-from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord
 from app.webhooks import delivery, tenants
 from app.webhooks.guard import AllowList, UnsafeWebhookUrl, check_url
 

@@ -24,14 +24,14 @@ from app.api.paging import set_next_link
 from app.api.uploads import ensure_free_space, multipart_body, send_or_503
 from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
 from app.config import Settings
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import ModelRecord
 from app.errors import Conflict, NotFound
 from app.presenters import model_out
 from app.queue import VALIDATE_MODEL
 from app.schemas.resources import ModelOut, Page, Problem
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import ModelRecord
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ERRORS = {

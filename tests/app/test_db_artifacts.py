@@ -8,9 +8,9 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import job_files
-from app.store import repo
-from app.store.db import init_db, session_scope
-from app.store.tables import JobRecord
+from app.db import repo
+from app.db.engine import init_db, session_scope
+from app.db.tables import JobRecord
 
 FILES = [
     job_files.entry("saved_model", "pruned.zip", 1234, "a" * 64),

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, ModelRecord, utcnow
+from app.db import repo
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, ModelRecord, utcnow
 
 
 @pytest.fixture

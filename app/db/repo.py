@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.store.tables import (
+from app.db.tables import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
     ApiKeyRecord,

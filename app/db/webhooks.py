@@ -22,8 +22,8 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.store.repo import as_utc
-from app.store.tables import (
+from app.db.repo import as_utc
+from app.db.tables import (
     TenantWebhookRecord,
     WebhookDeliveryRecord,
     WebhookMessageRecord,
