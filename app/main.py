@@ -20,7 +20,7 @@ from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, prometheus, schemas, webhooks
 from app.config import Settings, get_settings
 from app.db.engine import init_db, make_engine, make_session_factory
-from app.db.repo import BadCursor
+from app.db.records import BadCursor
 from app.disk import is_disk_full
 from app.errors import PROBLEM_BASE, SecateursError, StoreUnavailable
 from app.maintenance import Maintenance

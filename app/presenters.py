@@ -6,8 +6,7 @@ body exactly as GET /v1/jobs/{id} renders it.
 
 from __future__ import annotations
 
-from app.db.repo import as_utc
-from app.db.tables import DatasetRecord, JobRecord, ModelRecord
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, as_utc
 from app.db.webhooks import WebhookState
 from app.schemas.resources import DatasetOut, JobOut, ModelOut
 

@@ -28,8 +28,7 @@ from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSati
 from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
-from app.db.repo import as_utc
-from app.db.tables import JobRecord
+from app.db.tables import JobRecord, as_utc
 from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
 from app.job_files import download_filename
 from app.storage import Storage

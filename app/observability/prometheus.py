@@ -31,8 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db.repo import as_utc
-from app.db.tables import JobRecord, ModelRecord, utcnow
+from app.db.tables import JobRecord, ModelRecord, as_utc, utcnow
 from app.observability.logs import request_context
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

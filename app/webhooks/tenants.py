@@ -31,8 +31,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import webhooks as store
 from app.db.engine import init_db, make_engine, make_session_factory, session_scope
-from app.db.repo import as_utc
-from app.db.tables import TenantWebhookRecord, utcnow
+from app.db.tables import TenantWebhookRecord, as_utc, utcnow
 from app.schemas.resources import WebhookSecretOut
 from app.webhooks.guard import AllowList, Resolver, check_url, system_resolver
 from app.webhooks.signing import new_secret

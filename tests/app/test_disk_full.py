@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from app.api import multipart as multipart_module
 from app.archive import extract_archive
 from app.config import Settings
-from app.db import repo
+from app.db import records
 from app.disk import free_bytes, is_disk_full
 from app.errors import InsufficientStorage
 from app.main import create_app
@@ -165,7 +165,7 @@ def test_a_full_database_keeps_no_blob(
         error.sqlite_errorcode = 13  # type: ignore[attr-defined]
         raise OperationalError("INSERT INTO ...", {}, error)
 
-    monkeypatch.setattr(repo, "add", add)
+    monkeypatch.setattr(records, "add", add)
     response = post(client, kind)
     body = assert_problem(response, 507)  # not 503 "retry shortly": retrying cannot help until space is freed
     assert "disk is full" in body["detail"]

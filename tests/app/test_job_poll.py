@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.api.deps import READ_THREADS
 from app.auth import create_key_in
 from app.config import Settings
-from app.db import repo
+from app.db import jobs
 from app.db.engine import session_scope
 from app.db.tables import JobRecord
 from app.main import create_app
@@ -54,7 +54,7 @@ def test_poll_of_an_ended_job_with_a_webhook_shows_its_message(data_dir: Path) -
         job = create_job(client, str(upload_model(client)["id"]), webhook_url="http://127.0.0.1:9/hook")
         assert client.get(f"/v1/jobs/{job['id']}").json()["webhook_status"] is None
         with session_scope(app_of(client).state.session_factory) as session:
-            repo.request_cancel(session, job["id"])
+            jobs.request_cancel(session, job["id"])
         body = client.get(f"/v1/jobs/{job['id']}").json()
     assert body["status"] == "canceled"
     assert body["webhook_status"] == "pending" and body["webhook_id"].startswith("msg_")
