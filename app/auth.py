@@ -36,11 +36,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import api_keys
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DEFAULT_TENANT, ApiKeyRecord, as_utc, utcnow
 from app.errors import Unauthorized
 from app.observability.logs import bind
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DEFAULT_TENANT, ApiKeyRecord
 
 KEY_SCHEME = "sk"
 PREFIX_HEX = 12
@@ -89,7 +89,9 @@ def create_key_in(session: Session, tenant: str) -> tuple[str, str]:
     prefix = secrets.token_hex(PREFIX_HEX // 2)
     plaintext = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     key_id = f"key_{prefix}"
-    repo.add_api_key(session, key_id=key_id, tenant=tenant, prefix=prefix, secret_sha256=hash_key(plaintext))
+    api_keys.add_api_key(
+        session, key_id=key_id, tenant=tenant, prefix=prefix, secret_sha256=hash_key(plaintext)
+    )
     return key_id, plaintext
 
 
@@ -110,14 +112,14 @@ def revoke_key(settings: Settings, key_id: str) -> bool:
     """
     key_id = key_id if key_id.startswith("key_") else f"key_{key_id}"
     with _database(settings) as factory, session_scope(factory) as session:
-        return repo.revoke_api_key(session, key_id)
+        return api_keys.revoke_api_key(session, key_id)
 
 
 def key_info(record: ApiKeyRecord) -> dict[str, Any]:
     """A key as the CLI shows it: never the secret or its hash. Times are ISO 8601 UTC strings or None."""
 
     def iso(value: Any) -> str | None:
-        stamped = repo.as_utc(value)
+        stamped = as_utc(value)
         return stamped.isoformat() if stamped is not None else None
 
     return {
@@ -134,16 +136,16 @@ def key_info(record: ApiKeyRecord) -> dict[str, Any]:
 def list_keys(settings: Settings) -> list[dict[str, Any]]:
     """Every key, oldest first, revoked ones included (``active`` says which): see :func:`key_info`."""
     with _database(settings) as factory, session_scope(factory) as session:
-        return [key_info(r) for r in repo.list_api_keys(session)]
+        return [key_info(r) for r in api_keys.list_api_keys(session)]
 
 
 def any_active_key(settings: Settings, session_factory: sessionmaker[Session] | None = None) -> bool:
     """Whether at least one unrevoked key exists (opens the configured database unless given a factory)."""
     if session_factory is not None:
         with session_scope(session_factory) as session:
-            return repo.any_active_api_key(session)
+            return api_keys.any_active_api_key(session)
     with _database(settings) as factory, session_scope(factory) as session:
-        return repo.any_active_api_key(session)
+        return api_keys.any_active_api_key(session)
 
 
 def auth_required(settings: Settings, session_factory: sessionmaker[Session] | None = None) -> bool:
@@ -164,7 +166,7 @@ def auth_required(settings: Settings, session_factory: sessionmaker[Session] | N
 def authenticate(session: Session, key: str) -> str:
     """The tenant of a presented key; Unauthorized if it is malformed, unknown or revoked."""
     match = _KEY_PATTERN.fullmatch(key)
-    record = repo.find_api_key(session, match["prefix"]) if match else None
+    record = api_keys.find_api_key(session, match["prefix"]) if match else None
     # Hash and compare even when there is no row, so a miss costs what a hit costs.
     stored = record.secret_sha256 if record is not None else _HASH_OF_NOTHING
     if not hmac.compare_digest(hash_key(key), stored) or record is None:
@@ -178,11 +180,11 @@ def authenticate(session: Session, key: str) -> str:
             f"API key {KEY_SCHEME}_{record.prefix}_... was revoked; ask an admin for a new one",
             invalid_token=True,
         )
-    last_used = repo.as_utc(record.last_used_at)
-    if last_used is None or last_used < repo.utcnow() - timedelta(seconds=repo.KEY_TOUCH_EVERY_S):
+    last_used = as_utc(record.last_used_at)
+    if last_used is None or last_used < utcnow() - timedelta(seconds=api_keys.KEY_TOUCH_EVERY_S):
         # Only then: an UPDATE (even one matching no row) takes SQLite's write lock and commits, which was
         # half of every status poll's cost and its p99 under 200 polling clients (bench/RESULTS.md).
-        repo.touch_api_key(session, record.id)
+        api_keys.touch_api_key(session, record.id)
     return record.tenant
 
 

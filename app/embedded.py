@@ -14,10 +14,10 @@ import threading
 import time
 
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import ModelRecord
 from app.queue import QUEUE, RUN_JOB, VALIDATE_MODEL, make_celery, send
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import ModelRecord
 
 log = logging.getLogger("secateurs.embedded")
 
@@ -66,7 +66,7 @@ def recover(settings: Settings) -> tuple[int, int]:
     celery = make_celery(settings)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            job_ids = repo.recover_interrupted(session, max_attempts=settings.max_attempts)
+            job_ids = jobs.recover_interrupted(session, max_attempts=settings.max_attempts)
             model_ids = [m.id for m in session.query(ModelRecord).filter(ModelRecord.status == "validating")]
         for job_id in job_ids:
             send(celery, RUN_JOB, job_id)

@@ -13,7 +13,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from app.store.tables import JobRecord
+from app.db.tables import JobRecord
 
 __all__ = [
     "ARTIFACT_NAME",

@@ -19,14 +19,15 @@ from app.api.docs_page import install_docs
 from app.api.idempotency import IdempotencyStore
 from app.api.routes import datasets, health, jobs, models, prometheus, schemas, webhooks
 from app.config import Settings, get_settings
+from app.db.engine import init_db, make_engine, make_session_factory
+from app.db.records import BadCursor
+from app.disk import is_disk_full
 from app.errors import PROBLEM_BASE, SecateursError, StoreUnavailable
 from app.maintenance import Maintenance
 from app.observability.prometheus import Metrics, ObservabilityMiddleware
 from app.queue import make_celery
-from app.storage import Storage, is_disk_full
-from app.storage.blobs import StoreMisconfigured
-from app.store.db import init_db, make_engine, make_session_factory
-from app.store.repo import BadCursor
+from app.storage import Storage
+from app.storage.base import StoreMisconfigured
 
 log = logging.getLogger("secateurs.api")
 PROBLEM = "application/problem+json"

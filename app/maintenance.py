@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import retention
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import session_scope
 from app.queue import RUN_JOB, VALIDATE_MODEL, broker_lost_messages, send
 from app.retention import RetentionReport
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
 
 log = logging.getLogger("secateurs.maintenance")
 
@@ -106,7 +106,7 @@ class Maintenance:
         broker_up = self._check_broker(report)
         s = self.settings
         with session_scope(self.sessions) as session:
-            reaped = repo.reap(
+            reaped = jobs.reap(
                 session,
                 lease_seconds=s.lease_seconds,
                 max_attempts=s.max_attempts,
@@ -124,7 +124,7 @@ class Maintenance:
             self._send(RUN_JOB, reaped.resend_jobs, report.sent_jobs, report)
             self._send(VALIDATE_MODEL, reaped.resend_models, report.sent_models, report)
             with session_scope(self.sessions) as session:
-                repo.mark_dispatched(session, job_ids=report.sent_jobs, model_ids=report.sent_models)
+                jobs.mark_dispatched(session, job_ids=report.sent_jobs, model_ids=report.sent_models)
             if not report.errors:
                 self._resend_all = False
         now = self._clock()  # listing the data directory every reaper pass (15 s) would be waste

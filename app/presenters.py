@@ -6,10 +6,9 @@ body exactly as GET /v1/jobs/{id} renders it.
 
 from __future__ import annotations
 
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, as_utc
+from app.db.webhooks import WebhookState
 from app.schemas.resources import DatasetOut, JobOut, ModelOut
-from app.store.repo import as_utc
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord
-from app.store.webhooks import WebhookState
 
 
 def model_out(record: ModelRecord) -> ModelOut:
@@ -44,7 +43,7 @@ def dataset_out(record: DatasetRecord) -> DatasetOut:
 
 
 def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
-    """``webhook``: the job's webhook message and attempts, once it ended (see app.store.webhooks)."""
+    """``webhook``: the job's webhook message and attempts, once it ended (see app.db.webhooks)."""
     message = webhook.message if webhook else None
     deliveries = webhook.deliveries if webhook else []
     return JobOut.model_validate(

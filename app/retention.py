@@ -32,10 +32,8 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.errors import StoreUnavailable
-from app.storage import ID_PATTERN, Storage
-from app.store.db import session_scope
-from app.store.tables import (
+from app.db.engine import session_scope
+from app.db.tables import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
     DatasetRecord,
@@ -43,6 +41,8 @@ from app.store.tables import (
     ModelRecord,
     utcnow,
 )
+from app.errors import StoreUnavailable
+from app.storage import ID_PATTERN, Storage
 
 log = logging.getLogger("secateurs.retention")
 # Ids read per query. Each deletion is still its own transaction; this only bounds one SELECT's result.

@@ -189,7 +189,7 @@ def run_jobs(dep: Deployment, model_zip: Path, data: Path, jobs: int) -> dict[st
 def run_transfers(dep: Deployment, work: Path, mib: int) -> dict[str, Any]:
     import os
 
-    from app.storage.blobs import S3BlobStore
+    from app.storage.s3 import S3BlobStore
 
     for name in (
         "AWS_ACCESS_KEY_ID",
@@ -268,9 +268,9 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _register_artifact(dep: Deployment, job_id: str, path: Path) -> str:
     """A succeeded job record whose artifact is the object just stored (the database is shared)."""
-    from app.store import repo
-    from app.store.db import make_engine, make_session_factory, session_scope
-    from app.store.tables import JobRecord, ModelRecord
+    from app.db import jobs
+    from app.db.engine import make_engine, make_session_factory, session_scope
+    from app.db.tables import JobRecord, ModelRecord
 
     hasher = hashlib.sha256()
     with path.open("rb") as fh:
@@ -283,9 +283,9 @@ def _register_artifact(dep: Deployment, job_id: str, path: Path) -> str:
         model_id = session.query(ModelRecord.id).first()[0]
         session.add(JobRecord(id=job_id, model_id=model_id, spec={"target_sparsity": 0.5}, status="queued"))
     with session_scope(sessions) as session:
-        repo.claim_job(session, job_id, lease_seconds=600, max_attempts=3)
+        jobs.claim_job(session, job_id, lease_seconds=600, max_attempts=3)
     with session_scope(sessions) as session:
-        repo.finish_job(
+        jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256=digest, artifact_bytes=path.stat().st_size
         )
     engine.dispose()

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from app.db.tables import DatasetRecord, ModelRecord
 from app.errors import StoreUnavailable
 from app.storage import Storage
-from app.store.tables import DatasetRecord, ModelRecord
 
 log = logging.getLogger("secateurs.worker")
 T = TypeVar("T")

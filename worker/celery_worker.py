@@ -36,7 +36,7 @@ def _check_store() -> None:
     message naming the setting; one that does not answer yet is only logged (jobs retry, then fail)."""
     from app.errors import StoreUnavailable
     from app.storage import Storage
-    from app.storage.blobs import StoreMisconfigured
+    from app.storage.base import StoreMisconfigured
 
     try:
         Storage.from_settings(get_settings()).check()

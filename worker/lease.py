@@ -24,8 +24,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import session_scope
+from app.db import jobs
+from app.db.engine import session_scope
 
 log = logging.getLogger("secateurs.worker")
 EXIT_HARD_TIME_LIMIT = 75  # the supervisor logs the exit code; any non-zero code restarts the worker
@@ -65,7 +65,7 @@ class JobLease:
     def confirm(self) -> bool:
         """Renew now and say whether the job is still ours (before replacing its output files)."""
         with session_scope(self.sessions) as session:
-            ours = repo.renew_lease(session, self.job_id, self.attempt)
+            ours = jobs.renew_lease(session, self.job_id, self.attempt)
         self.lost = self.lost or not ours
         return ours
 
@@ -99,7 +99,7 @@ class JobLease:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 with session_scope(self.sessions) as session:
-                    if not repo.renew_lease(session, self.job_id, self.attempt):
+                    if not jobs.renew_lease(session, self.job_id, self.attempt):
                         self.lost = True
             except Exception as exc:  # the database is down: keep trying; the pipeline goes on meanwhile
                 log.warning("job %s: could not renew its lease: %s", self.job_id, exc)

@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import job_files
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
+from app.db import jobs, model_status
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord
 from app.errors import SecateursError, StoreUnavailable
 from app.observability.logs import bind, log_context
 from app.queue import RUN_JOB, VALIDATE_MODEL
@@ -34,11 +37,8 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from app.schemas.vocabulary import JOB_KINDS
 from app.storage import Storage
-from app.storage.blobs import StoreMisconfigured
+from app.storage.base import StoreMisconfigured
 from app.storage.cache import CorruptBlob
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from app.webhooks.delivery import publish_for_job
 from worker.blobs import dataset_file, model_source, publish_job_files
 from worker.evaluation.zip_size import shared_zip_size
@@ -160,9 +160,9 @@ def _validate(model_id: str) -> dict[str, Any] | None:
         )
     with session_scope(sessions) as session:
         if error:
-            repo.set_model_result(session, model_id, status="invalid", error=error)
+            model_status.set_model_result(session, model_id, status="invalid", error=error)
         else:
-            repo.set_model_result(
+            model_status.set_model_result(
                 session, model_id, status="ready", signatures=info["signatures"], params=info["params"]
             )
     return error
@@ -171,7 +171,7 @@ def _validate(model_id: str) -> dict[str, Any] | None:
 def _begin_load(sessions: sessionmaker[Session], model_id: str, max_attempts: int) -> bool:
     """Committed before TensorFlow loads anything, so a crash in the load still counts."""
     with session_scope(sessions) as session:
-        return repo.begin_model_load(session, model_id, max_attempts)
+        return model_status.begin_model_load(session, model_id, max_attempts)
 
 
 @shared_task(name=VALIDATE_MODEL, acks_late=True)
@@ -210,7 +210,7 @@ class _Progress:
             return
         self.stage, self.last = stage, now
         with session_scope(self.sessions) as session:
-            running, cancel = repo.report_progress(session, self.job_id, stage, progress, self.lease.attempt)
+            running, cancel = jobs.report_progress(session, self.job_id, stage, progress, self.lease.attempt)
         if cancel or not running:
             raise JobCanceled
 
@@ -254,7 +254,7 @@ def _run(job_id: str) -> None:
             with session_scope(sessions) as session:
                 record = session.get(JobRecord, job_id)
                 tries = attempt if attempt is not None else (record.attempts + 1 if record else 1)
-                outcome = repo.end_crashed_try(
+                outcome = jobs.end_crashed_try(
                     session,
                     job_id,
                     attempt=attempt,
@@ -270,7 +270,7 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
     """Claim the job and run it; ``claimed`` gets the attempt number once the claim is committed."""
     settings, sessions, _ = _context()
     with session_scope(sessions) as session:
-        claim = repo.claim_job(
+        claim = jobs.claim_job(
             session,
             job_id,
             lease_seconds=settings.lease_seconds,
@@ -278,7 +278,7 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
             worker=_worker_name(),
         )
         if claim.reason == "exhausted":
-            repo.finish_job(
+            jobs.finish_job(
                 session,
                 job_id,
                 "failed",
@@ -310,7 +310,7 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
     def fail(error: dict[str, str], status: str = "failed") -> None:
         timings = leases[0].stage_seconds() if leases else None
         with session_scope(sessions) as session:
-            repo.finish_job(
+            jobs.finish_job(
                 session, job_id, status, error=error, attempt=claim.attempts, timings=timings  # type: ignore[arg-type]
             )
 
@@ -406,7 +406,7 @@ def _run_claimed(
         # In the store before the record says succeeded: a succeeded job never lacks a file.
         publish_job_files(storage, job_id, [f["file"] for f in files] + ["metrics.json"])
         with session_scope(sessions) as session:
-            done = repo.finish_job(
+            done = jobs.finish_job(
                 session,
                 job_id,
                 "succeeded",

@@ -16,8 +16,8 @@ from celery import Celery, Task, shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
+from app.db.engine import init_db, make_engine, make_session_factory
 from app.queue import DELIVER_WEBHOOK
-from app.store.db import init_db, make_engine, make_session_factory
 from app.webhooks import delivery
 
 

@@ -28,12 +28,11 @@ from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSati
 from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
+from app.db.tables import JobRecord, as_utc
 from app.errors import PROBLEM_BASE, ArtifactExpired, NotFound
 from app.job_files import download_filename
 from app.storage import Storage
-from app.storage.blobs import file_stat
-from app.store.repo import as_utc
-from app.store.tables import JobRecord
+from app.storage.base import file_stat
 
 PROBLEM = "application/problem+json"
 PATHSEND = "http.response.pathsend"  # an ASGI extension that sends by path: not for a file we hold open

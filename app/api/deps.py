@@ -17,8 +17,8 @@ from app.api import idempotency
 from app.api.idempotency import IdempotencyStore
 from app.auth import request_tenant
 from app.config import Settings
+from app.db.engine import session_scope
 from app.storage import Storage
-from app.store.db import session_scope
 
 
 def _settings(request: Request) -> Settings:

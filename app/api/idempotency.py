@@ -43,11 +43,11 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.multipart import Upload
+from app.db import idempotency
+from app.db.engine import session_scope
+from app.db.tables import IdempotencyRecord
 from app.errors import BadIdempotencyKey, IdempotencyKeyInUse, IdempotencyKeyReused, SecateursError
-from app.storage import Upload
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import IdempotencyRecord
 
 log = logging.getLogger("secateurs.idempotency")
 
@@ -165,7 +165,7 @@ class Attempt:
         if self.store is None or self.owner is None or self.key is None:
             return
         with session_scope(self.store.session_factory) as session:
-            repo.set_idempotency_fingerprint(
+            idempotency.set_idempotency_fingerprint(
                 session, tenant=self.tenant, key=self.key, owner=self.owner, fingerprint=fingerprint
             )
 
@@ -177,7 +177,7 @@ class Attempt:
             return
         kept = {k.lower(): v for k, v in headers.items() if k.lower() in KEPT_HEADERS}
         kept["content-type"] = "application/json"
-        repo.complete_idempotency_key(
+        idempotency.complete_idempotency_key(
             session,
             tenant=self.tenant,
             key=self.key,
@@ -201,7 +201,7 @@ class Attempt:
                 }
                 headers["content-type"] = PROBLEM
                 with session_scope(self.store.session_factory) as session:
-                    repo.complete_idempotency_key(
+                    idempotency.complete_idempotency_key(
                         session,
                         tenant=self.tenant,
                         key=self.key,
@@ -220,7 +220,7 @@ class Attempt:
         if self.store is None or self.owner is None or self.key is None:
             return
         with session_scope(self.store.session_factory) as session:
-            repo.release_idempotency_key(session, tenant=self.tenant, key=self.key, owner=self.owner)
+            idempotency.release_idempotency_key(session, tenant=self.tenant, key=self.key, owner=self.owner)
 
 
 class IdempotencyStore:
@@ -261,7 +261,7 @@ class IdempotencyStore:
         self.purge_now_and_then()
         owner = secrets.token_hex(16)
         with self.session_factory() as session:
-            claim = repo.claim_idempotency_key(
+            claim = idempotency.claim_idempotency_key(
                 session,
                 tenant=tenant,
                 key=key,
@@ -308,7 +308,7 @@ class IdempotencyStore:
         try:
             self._last_purge = now
             with session_scope(self.session_factory) as session:
-                return repo.purge_expired_idempotency_keys(session)
+                return idempotency.purge_expired_idempotency_keys(session)
         except Exception:  # housekeeping must never fail a request
             log.exception("purging expired idempotency keys failed")
             return 0

@@ -7,9 +7,10 @@ from typing import Any
 from celery import Celery
 
 from app.config import Settings
+from app.disk import free_bytes
 from app.errors import InsufficientStorage, ServiceUnavailable
 from app.queue import send
-from app.storage import Storage, free_bytes
+from app.storage import Storage
 
 
 def multipart_body(description: str) -> dict[str, Any]:

@@ -101,9 +101,9 @@ def webhooks_set_url(args: argparse.Namespace) -> int:
 
 def cleanup(args: argparse.Namespace) -> int:
     """One retention pass now, as the API's maintenance loop runs it every SECATEURS_REAPER_INTERVAL_S."""
+    from app.db.engine import init_db, make_engine, make_session_factory
     from app.retention import sweep
     from app.storage import Storage
-    from app.store.db import init_db, make_engine, make_session_factory
 
     settings = load_settings(args)
     storage = Storage.from_settings(settings)  # creates the data directory, where SQLite's file lives

@@ -40,7 +40,7 @@ def auth_banner(settings: Settings, host: str) -> tuple[bool, str]:
     yet, the service starts and answers 401 until a key is created. ``serve`` says at start which case it is.
     """
     from app.auth import any_active_key, auth_required
-    from app.store.db import init_db, make_engine, make_session_factory
+    from app.db.engine import init_db, make_engine, make_session_factory
 
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def worker(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_format)
     from app.storage import Storage
-    from app.storage.blobs import StoreMisconfigured
+    from app.storage.base import StoreMisconfigured
 
     try:  # before any child starts: a worker that can never reach its store must not restart forever
         Storage.from_settings(settings).check()

@@ -31,9 +31,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db.tables import JobRecord, ModelRecord, as_utc, utcnow
 from app.observability.logs import request_context
-from app.store.repo import as_utc
-from app.store.tables import JobRecord, ModelRecord, utcnow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from app.storage.blobs import BlobStore
+from app.storage.base import BlobStore
 
 log = logging.getLogger("secateurs.cache")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")

@@ -4,7 +4,7 @@ The Celery task ``secateurs.deliver_webhook(message_id, attempt)`` (worker/webho
 :func:`attempt` and publishes the retry it returns, so the whole retry schedule lives in the queue (ETA'd
 messages) and the database (``next_attempt_at``), never in a sleeping worker:
 
-1. claim the attempt and record it (app.store.webhooks), commit;
+1. claim the attempt and record it (app.db.webhooks), commit;
 2. check the URL again (app.webhooks.guard: the host may resolve elsewhere now) and POST, pinned to the checked
    address, redirects not followed, with the Standard Webhooks headers;
 3. record the outcome: 2xx delivered; 410 Gone stops (the receiver says it will never want it); anything else
@@ -39,11 +39,11 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import webhooks as store
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.presenters import job_out
 from app.queue import DELIVER_WEBHOOK, send
-from app.store import webhooks as store
-from app.store.db import session_scope
-from app.store.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.webhooks import signing, tenants
 from app.webhooks.guard import AllowList, Resolver, Target, UnsafeWebhookUrl, check_url, system_resolver
 

@@ -29,11 +29,10 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import webhooks as store
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import TenantWebhookRecord, as_utc, utcnow
 from app.schemas.resources import WebhookSecretOut
-from app.store import webhooks as store
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.repo import as_utc
-from app.store.tables import TenantWebhookRecord, utcnow
 from app.webhooks.guard import AllowList, Resolver, check_url, system_resolver
 from app.webhooks.signing import new_secret
 

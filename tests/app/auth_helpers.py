@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, delete
 
-from app.store import repo
-from app.store.db import init_db, make_engine, session_scope
-from app.store.tables import Base
+from app.db import jobs
+from app.db.engine import init_db, make_engine, session_scope
+from app.db.tables import Base
 from tests.app.helpers import sha256
 
 ARTIFACT = b"PK\x03\x04" + bytes(range(256)) * 64
@@ -50,13 +50,13 @@ def succeed(
 ) -> Path:
     """A worker's part of a good run: claim, write the outputs, then finish the record."""
     with session_scope(app.state.session_factory) as session:
-        assert repo.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
+        assert jobs.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
     job_dir: Path = app.state.storage.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "pruned.zip").write_bytes(artifact)
     (job_dir / "metrics.json").write_text(json.dumps(metrics or {"job_id": job_id}))
     with session_scope(app.state.session_factory) as session:
-        assert repo.finish_job(
+        assert jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256=sha256(artifact), artifact_bytes=len(artifact)
         )
     return job_dir

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db.engine import init_db, make_engine, make_session_factory
 from app.main import create_app
-from app.store.db import init_db, make_engine, make_session_factory
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import session_scope
+from app.db import model_status
+from app.db.engine import session_scope
 
 PROBLEM_JSON = "application/problem+json"
 VALIDATE_MODEL = "secateurs.validate_model"
@@ -197,7 +197,7 @@ def mark_model(
 ) -> None:
     """Record a worker's verdict on a model, as the validate task would."""
     with session_scope(app.state.session_factory) as session:
-        assert repo.set_model_result(
+        assert model_status.set_model_result(
             session,
             model_id,
             status=status,  # type: ignore[arg-type]

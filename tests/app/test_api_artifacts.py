@@ -1,6 +1,6 @@
 """GET /v1/jobs/{id}/artifacts and /artifacts/{name}: the recorded files of a job, served like /artifact, and
 the export spec's refusals at job creation. No worker: its part (claim, files, finish) is played through
-app.store.repo and the storage directory, as worker.tasks records them."""
+app.db.jobs and the storage directory, as worker.tasks records them."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app import job_files
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
+from app.db import jobs
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, utcnow
 from tests.app.helpers import app_of, assert_problem, create_job, upload_dataset, upload_model
 
 ZIP = b"PK\x03\x04" + bytes(range(256)) * 16
@@ -44,8 +44,8 @@ def finish_with_exports(app: FastAPI, job_id: str) -> None:
         (job_dir / "artifacts" / f"{name}.tflite").write_bytes(data)
         files.append(job_files.entry(name, f"artifacts/{name}.tflite", len(data), sha(data)))
     with session_scope(app.state.session_factory) as session:
-        assert repo.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
-        assert repo.finish_job(
+        assert jobs.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
+        assert jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256=sha(ZIP), artifact_bytes=len(ZIP), artifacts=files
         )
 
@@ -123,7 +123,7 @@ def test_before_success_409_and_after_retention_410(client: TestClient, model_id
     with session_scope(app.state.session_factory) as session:
         record = session.get(JobRecord, job)
         assert record is not None
-        record.expired_at = repo.utcnow()
+        record.expired_at = utcnow()
     for url in (f"/v1/jobs/{job}/artifacts", f"/v1/jobs/{job}/artifacts/tflite_int8"):
         assert "retention" in assert_problem(client.get(url), 410)["detail"]
 
@@ -135,8 +135,8 @@ def test_a_job_recorded_before_the_list_shows_its_zip(client: TestClient, model_
     job_dir.mkdir(parents=True)
     (job_dir / "pruned.zip").write_bytes(ZIP)
     with session_scope(app.state.session_factory) as session:
-        assert repo.claim_job(session, job, lease_seconds=600, max_attempts=3).claimed
-        assert repo.finish_job(session, job, "succeeded", artifact_sha256=sha(ZIP), artifact_bytes=len(ZIP))
+        assert jobs.claim_job(session, job, lease_seconds=600, max_attempts=3).claimed
+        assert jobs.finish_job(session, job, "succeeded", artifact_sha256=sha(ZIP), artifact_bytes=len(ZIP))
     items = client.get(f"/v1/jobs/{job}/artifacts").json()["items"]
     assert [(i["name"], i["sha256"]) for i in items] == [("saved_model", sha(ZIP))]
     assert client.get(f"/v1/jobs/{job}/artifacts/saved_model").content == ZIP

@@ -1,6 +1,6 @@
 """/v1/jobs against the real app: creation checks, the run task, listing, cancel, and the two outputs.
 
-No worker runs here: a worker's part (claim, write outputs, finish) is played through app.store.repo.
+No worker runs here: a worker's part (claim, write outputs, finish) is played through app.db.jobs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from app.schemas.spec import NOT_YET_SUPPORTED
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
 from tests.app.helpers import (
     RUN_JOB,
     SIGNATURES,
@@ -708,7 +708,7 @@ def test_cancel_queued_job(client: TestClient, model_id: str) -> None:
 
 def claim(app: FastAPI, job_id: str) -> None:
     with session_scope(app.state.session_factory) as session:
-        assert repo.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
+        assert jobs.claim_job(session, job_id, lease_seconds=600, max_attempts=3).claimed
 
 
 def test_cancel_running_job_only_requests_it(client: TestClient, model_id: str, train_id: str) -> None:
@@ -747,7 +747,7 @@ def finish_with_outputs(app: FastAPI, job_id: str, artifact: bytes, metrics: dic
     (job_dir / "pruned.zip").write_bytes(artifact)
     (job_dir / "metrics.json").write_text(json.dumps(metrics))
     with session_scope(app.state.session_factory) as session:
-        assert repo.finish_job(
+        assert jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256=sha256(artifact), artifact_bytes=len(artifact)
         )
     return job_dir
@@ -835,7 +835,7 @@ def test_failed_job_reports_its_error(client: TestClient, model_id: str) -> None
     claim(app, job["id"])
     error = {"code": "out_of_memory", "message": "the model did not fit in memory; use a smaller batch_size"}
     with session_scope(app.state.session_factory) as session:
-        assert repo.finish_job(session, job["id"], "failed", error=error)
+        assert jobs.finish_job(session, job["id"], "failed", error=error)
 
     body = client.get(f"/v1/jobs/{job['id']}").json()
     assert body["status"] == "failed"

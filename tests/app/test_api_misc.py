@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.db import records
+from app.db.engine import make_engine, session_scope
+from app.db.tables import JobRecord, ModelRecord
 from app.main import create_app
 from app.schemas.spec import PruneSpec, unsupported_features
-from app.store import repo
-from app.store.db import make_engine, session_scope
-from app.store.tables import JobRecord, ModelRecord
 from tests.app.helpers import (
     app_of,
     assert_problem,
@@ -269,7 +269,7 @@ def test_create_job_with_broker_down_is_503_and_keeps_nothing(down: tuple[TestCl
     client, settings = down
     data = saved_model_zip()
     with session_scope(app_of(client).state.session_factory) as session:  # a model that got in earlier
-        repo.add(
+        records.add(
             session,
             ModelRecord(
                 id="mdl_earlier",

@@ -16,10 +16,10 @@ from sqlalchemy import inspect, select, text
 
 from app import auth
 from app.config import Settings
+from app.db import records
+from app.db.engine import init_db, make_engine, session_scope
+from app.db.tables import ApiKeyRecord, Base, DatasetRecord, JobRecord, ModelRecord
 from app.main import create_app
-from app.store import repo
-from app.store.db import init_db, make_engine, session_scope
-from app.store.tables import ApiKeyRecord, Base, DatasetRecord, JobRecord, ModelRecord
 from tests.app.auth_helpers import ENGINES, bearer, database_url, empty, succeed
 from tests.app.helpers import (
     RUN_JOB,
@@ -444,10 +444,10 @@ def test_records_carry_their_tenant(world: World) -> None:
         assert session.get(ModelRecord, world.b_model).tenant == "globex"  # type: ignore[union-attr]
         assert session.get(DatasetRecord, world.dataset).tenant == "acme"  # type: ignore[union-attr]
         assert session.get(JobRecord, world.done).tenant == "acme"  # type: ignore[union-attr]
-        rows, _ = repo.list_jobs(session, 50, None)
+        rows, _ = records.list_jobs(session, 50, None)
         assert len(rows) == 2  # tenant=None is the operator's view across tenants
-        assert repo.get_owned(session, JobRecord, world.done, "globex") is None
-        assert repo.get_owned(session, JobRecord, world.done, "acme") is not None
+        assert records.get_owned(session, JobRecord, world.done, "globex") is None
+        assert records.get_owned(session, JobRecord, world.done, "acme") is not None
 
 
 # --- databases created before tenants ------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from app import storage as storage_module
+from app.api import multipart as multipart_module
 from app.archive import extract_archive
 from app.config import Settings
+from app.db import records
+from app.disk import free_bytes, is_disk_full
 from app.errors import InsufficientStorage
 from app.main import create_app
-from app.storage import is_disk_full
-from app.store import repo
 from tests.app.helpers import (
     assert_problem,
     files_under,
@@ -88,14 +88,14 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 def fill_disk_after(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
     """Every upload's temp file gets ``room`` bytes, then the disk is full."""
-    opened = storage_module._FormReceiver._on_headers_finished
+    opened = multipart_module._FormReceiver._on_headers_finished
 
-    def on_headers_finished(self: storage_module._FormReceiver) -> None:
+    def on_headers_finished(self: multipart_module._FormReceiver) -> None:
         opened(self)
         if self.out is not None and not isinstance(self.out, FillingFile):
             self.out = FillingFile(self.out, room)  # type: ignore[assignment]
 
-    monkeypatch.setattr(storage_module._FormReceiver, "_on_headers_finished", on_headers_finished)
+    monkeypatch.setattr(multipart_module._FormReceiver, "_on_headers_finished", on_headers_finished)
 
 
 def post(client: TestClient, kind: str, key: str | None = None) -> Any:
@@ -137,7 +137,7 @@ def test_enospc_at_the_last_flush_or_fsync_is_507_and_leaves_nothing(
     def fsync(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage_module.os, "fsync", fsync)
+    monkeypatch.setattr(multipart_module.os, "fsync", fsync)
     assert_problem(post(client, kind), 507)
     assert_nothing_left(client, settings, kind)
 
@@ -148,7 +148,7 @@ def test_no_inode_left_for_the_temp_file_is_507(
     def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(multipart_module.tempfile, "mkstemp", mkstemp)
     assert_problem(post(client, "models"), 507)
     assert_nothing_left(client, settings, "models")
 
@@ -165,7 +165,7 @@ def test_a_full_database_keeps_no_blob(
         error.sqlite_errorcode = 13  # type: ignore[attr-defined]
         raise OperationalError("INSERT INTO ...", {}, error)
 
-    monkeypatch.setattr(repo, "add", add)
+    monkeypatch.setattr(records, "add", add)
     response = post(client, kind)
     body = assert_problem(response, 507)  # not 503 "retry shortly": retrying cannot help until space is freed
     assert "disk is full" in body["detail"]
@@ -212,3 +212,8 @@ def test_extraction_that_fills_the_disk_leaves_nothing(
     assert list(dest.parent.iterdir()) == []  # no staging directory, no half-extracted model
     with zipfile.ZipFile(archive) as zf:  # and the upload itself is untouched
         assert zf.testzip() is None
+
+
+def test_free_bytes(tmp_path: Path) -> None:
+    free = free_bytes(tmp_path)
+    assert 0 < free <= os.statvfs(tmp_path).f_blocks * os.statvfs(tmp_path).f_frsize

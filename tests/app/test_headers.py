@@ -16,9 +16,9 @@ from sqlalchemy import update
 
 from app.api.artifacts import repr_digest
 from app.config import Settings
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, utcnow
 from app.main import create_app
-from app.store.db import session_scope
-from app.store.tables import JobRecord, utcnow
 from tests.app.auth_helpers import ARTIFACT, succeed
 from tests.app.helpers import (
     app_of,

@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import auth
 from app.api.idempotency import PURGE_EVERY_S, IdempotencyStore, json_fingerprint, parse_key
 from app.config import Settings
+from app.db import idempotency, jobs
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import IdempotencyRecord, JobRecord, ModelRecord, as_utc, utcnow
 from app.errors import BadIdempotencyKey, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from app.main import create_app
 from app.queue import make_celery
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import IdempotencyRecord, JobRecord, ModelRecord, utcnow
 from tests.app.auth_helpers import ENGINES, bearer, database_url
 from tests.app.helpers import (
     RUN_JOB,
@@ -147,7 +147,7 @@ def test_same_key_same_job_is_replayed(client: TestClient, settings: Settings, m
     assert tasks(settings, RUN_JOB) == [[first.json()["id"]]]
     # the replay is the response as it was: the job's current state is at its Location
     with session_scope(app_of(client).state.session_factory) as session:
-        assert repo.claim_job(session, first.json()["id"], lease_seconds=60, max_attempts=3).claimed
+        assert jobs.claim_job(session, first.json()["id"], lease_seconds=60, max_attempts=3).claimed
     replayed = post_job(client, "job-1", payload)
     assert replayed.json()["status"] == "queued"
     assert client.get(replayed.headers["location"]).json()["status"] == "running"
@@ -300,7 +300,7 @@ def test_expired_keys_run_again_and_are_purged(client: TestClient, model_id: str
     post_job(client, "other", payload)
     with session_scope(app_of(client).state.session_factory) as session:
         row = session.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == "old")).one()
-        assert repo.as_utc(row.expires_at) - repo.as_utc(row.created_at) >= timedelta(hours=24)  # type: ignore[operator]
+        assert as_utc(row.expires_at) - as_utc(row.created_at) >= timedelta(hours=24)  # type: ignore[operator]
         session.execute(
             update(IdempotencyRecord)
             .where(IdempotencyRecord.key == "old")
@@ -311,7 +311,7 @@ def test_expired_keys_run_again_and_are_purged(client: TestClient, model_id: str
     assert "idempotent-replayed" not in second.headers
     with session_scope(app_of(client).state.session_factory) as session:
         session.execute(update(IdempotencyRecord).values(expires_at=utcnow() - timedelta(seconds=1)))
-        assert repo.purge_expired_idempotency_keys(session) == 2
+        assert idempotency.purge_expired_idempotency_keys(session) == 2
     assert key_rows(client) == []
 
 
@@ -415,9 +415,11 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def claim(factory: sessionmaker[Session], owner: str, key: str = "k", tenant: str = "t") -> repo.KeyClaim:
+def claim(
+    factory: sessionmaker[Session], owner: str, key: str = "k", tenant: str = "t"
+) -> idempotency.KeyClaim:
     with factory() as session:
-        return repo.claim_idempotency_key(
+        return idempotency.claim_idempotency_key(
             session,
             tenant=tenant,
             key=key,
@@ -451,10 +453,10 @@ def test_claim_complete_release_cycle(sessions: sessionmaker[Session]) -> None:
     assert claim(sessions, "a").outcome == "claimed"
     assert claim(sessions, "b", tenant="other").outcome == "claimed"  # same key, other tenant
     with session_scope(sessions) as session:
-        assert not repo.complete_idempotency_key(
+        assert not idempotency.complete_idempotency_key(
             session, tenant="t", key="k", owner="b", status_code=202, headers={}, body={}
         )  # not b's hold
-        assert repo.complete_idempotency_key(
+        assert idempotency.complete_idempotency_key(
             session,
             tenant="t",
             key="k",
@@ -467,8 +469,8 @@ def test_claim_complete_release_cycle(sessions: sessionmaker[Session]) -> None:
     assert done.outcome == "done" and done.existing is not None
     assert (done.existing.response_status, done.existing.response_body) == (202, {"id": 1})
     with session_scope(sessions) as session:
-        assert not repo.release_idempotency_key(session, tenant="t", key="k", owner="c")
-        assert repo.release_idempotency_key(session, tenant="t", key="k", owner="a")
+        assert not idempotency.release_idempotency_key(session, tenant="t", key="k", owner="c")
+        assert idempotency.release_idempotency_key(session, tenant="t", key="k", owner="a")
     assert claim(sessions, "d").outcome == "claimed"
 
 

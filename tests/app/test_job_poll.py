@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from app.api.deps import READ_THREADS
 from app.auth import create_key_in
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from app.main import create_app
 from app.presenters import job_out
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord
 from tests.app.helpers import app_of, create_job, upload_model
 
 # Released at once (a barrier), far more than anyio's 40 worker threads plus the SQLAlchemy pool's 5 + 10
@@ -54,7 +54,7 @@ def test_poll_of_an_ended_job_with_a_webhook_shows_its_message(data_dir: Path) -
         job = create_job(client, str(upload_model(client)["id"]), webhook_url="http://127.0.0.1:9/hook")
         assert client.get(f"/v1/jobs/{job['id']}").json()["webhook_status"] is None
         with session_scope(app_of(client).state.session_factory) as session:
-            repo.request_cancel(session, job["id"])
+            jobs.request_cancel(session, job["id"])
         body = client.get(f"/v1/jobs/{job['id']}").json()
     assert body["status"] == "canceled"
     assert body["webhook_status"] == "pending" and body["webhook_id"].startswith("msg_")

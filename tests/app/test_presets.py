@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.db.engine import session_scope
+from app.db.tables import JobRecord
 from app.errors import Unprocessable
 from app.schemas.presets import PRESETS, choose, explicit_fields, resolve
 from app.schemas.spec import PruneSpec
-from app.store.db import session_scope
-from app.store.tables import JobRecord
 from tests.app.helpers import app_of, assert_problem, create_job, sent_tasks, upload_dataset, upload_model
 
 RECOMMENDED_FINE_TUNE = PRESETS["recommended"]["fine_tune"]

@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, utcnow
 from app.main import create_app
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, utcnow
 
 TOKEN = "scrape-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -168,10 +168,10 @@ def test_database_down_still_scrapes_with_up_zero(app_client: TestClient) -> Non
 def test_claim_and_finish_record_worker_and_timings(app_client: TestClient) -> None:
     add_job(app_client, "job_c1", "queued")
     with session_scope(app_client.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        claim = repo.claim_job(session, "job_c1", lease_seconds=60, max_attempts=3, worker="hostC:33")
+        claim = jobs.claim_job(session, "job_c1", lease_seconds=60, max_attempts=3, worker="hostC:33")
         assert claim.claimed
     with session_scope(app_client.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        assert repo.finish_job(
+        assert jobs.finish_job(
             session, "job_c1", "failed", error={"code": "x", "message": "y"}, timings={"loading": 2.5}
         )
     with session_scope(app_client.app.state.session_factory) as session:  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""The reaper (repo.reap + app.maintenance) on SQLite AND PostgreSQL, the per-tenant job quota, and the 503 a
+"""The reaper (jobs.reap + app.maintenance) on SQLite AND PostgreSQL, the per-tenant job quota, and the 503 a
 database outage gets. The real-process versions (SIGKILLed worker, Redis restart) are in tests/faults."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import maintenance
 from app.config import Settings
+from app.db import jobs, records
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, ModelRecord, WebhookMessageRecord, as_utc, utcnow
 from app.main import create_app
 from app.maintenance import Maintenance
 from app.storage import Storage
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, ModelRecord, WebhookMessageRecord, utcnow
 from tests.app.helpers import app_of, assert_problem, create_job, mark_model, sent_tasks, upload_model
 
 
@@ -29,10 +29,10 @@ def sessions(store_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
 
 
 def _job(session: Session, status: str = "queued", **values: Any) -> str:
-    job = repo.add(
+    job = records.add(
         session,
         JobRecord(
-            id=repo.new_id("job"),
+            id=records.new_id("job"),
             model_id="mdl_x",
             spec={"target_sparsity": 0.5},
             status=status,
@@ -45,9 +45,9 @@ def _job(session: Session, status: str = "queued", **values: Any) -> str:
     return job.id
 
 
-def _reap(session: Session, **kwargs: Any) -> repo.Reaped:
+def _reap(session: Session, **kwargs: Any) -> jobs.Reaped:
     options: dict[str, Any] = {"lease_seconds": 60, "max_attempts": 3, "redispatch_after_s": 600}
-    return repo.reap(session, **(options | kwargs))
+    return jobs.reap(session, **(options | kwargs))
 
 
 def test_dead_worker_job_is_requeued_live_one_kept(sessions: sessionmaker[Session]) -> None:
@@ -66,7 +66,7 @@ def test_dead_worker_job_is_requeued_live_one_kept(sessions: sessionmaker[Sessio
         other = s.get(JobRecord, live)
         assert other is not None and other.status == "running"
     with session_scope(sessions) as s:  # the next claim runs it again, as attempt 2
-        claim = repo.claim_job(s, dead, lease_seconds=60, max_attempts=3)
+        claim = jobs.claim_job(s, dead, lease_seconds=60, max_attempts=3)
     assert claim.claimed and claim.attempts == 2
 
 
@@ -128,7 +128,7 @@ def test_queued_messages_are_resent_only_when_old_or_after_a_broker_restart(
         everything = _reap(s, resend_all_queued=True)
     assert set(everything.resend_jobs) == {fresh, old, never} and everything.resend_models == ["mdl_v"]
     with session_scope(sessions) as s:
-        repo.mark_dispatched(s, job_ids=[old, never])
+        jobs.mark_dispatched(s, job_ids=[old, never])
     with session_scope(sessions) as s:
         assert _reap(s).resend_jobs == []
 
@@ -204,7 +204,7 @@ def test_maintenance_keeps_going_while_the_broker_is_down(
     with session_scope(sessions) as s:
         job = s.get(JobRecord, job_id)
         assert job is not None and job.dispatched_at is not None
-        assert repo.as_utc(job.dispatched_at) > utcnow() - timedelta(seconds=30)
+        assert as_utc(job.dispatched_at) > utcnow() - timedelta(seconds=30)
 
 
 # --- the API side -----------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_database_outage_is_503_with_retry_after(client: TestClient, monkeypatch
     def down(*_: Any, **__: Any) -> None:
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
-    monkeypatch.setattr(repo, "list_jobs", down)
+    monkeypatch.setattr(records, "list_jobs", down)
     response = client.get("/v1/jobs")
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"] == "5" and "database" in body["detail"]
@@ -283,20 +283,20 @@ def test_a_worker_given_up_on_cannot_write_over_the_run_that_replaced_it(
     with session_scope(sessions) as s:
         assert _reap(s).requeued == [job_id]
     with session_scope(sessions) as s:
-        assert repo.claim_job(s, job_id, lease_seconds=60, max_attempts=3).attempts == 2
+        assert jobs.claim_job(s, job_id, lease_seconds=60, max_attempts=3).attempts == 2
     with session_scope(sessions) as s:
-        assert not repo.renew_lease(s, job_id, 1)
-        assert repo.report_progress(s, job_id, "saving", 0.9, 1)[0] is False
-        assert not repo.finish_job(
+        assert not jobs.renew_lease(s, job_id, 1)
+        assert jobs.report_progress(s, job_id, "saving", 0.9, 1)[0] is False
+        assert not jobs.finish_job(
             s, job_id, "succeeded", artifact_sha256="a" * 64, artifact_bytes=1, attempt=1
         )
-        assert repo.renew_lease(s, job_id, 2)
+        assert jobs.renew_lease(s, job_id, 2)
     with session_scope(sessions) as s:
         job = s.get(JobRecord, job_id)
         assert job is not None and job.status == "running" and job.artifact_sha256 is None
         assert job.stage == "loading"  # attempt 1's progress report did not land either
     with session_scope(sessions) as s:
-        assert repo.finish_job(s, job_id, "succeeded", artifact_sha256="b" * 64, artifact_bytes=2, attempt=2)
+        assert jobs.finish_job(s, job_id, "succeeded", artifact_sha256="b" * 64, artifact_bytes=2, attempt=2)
 
 
 # A monotonic clock's origin is arbitrary (boot on Linux): the first pass must sweep whatever it reads.

@@ -100,8 +100,8 @@ def test_report_of_another_tenant_is_404(client: TestClient) -> None:
     job = create_job(client, model["id"])
     succeed(app_of(client), job["id"], ARTIFACT, prune_document(job["id"], model["id"]))
     assert client.get(f"/v1/jobs/{job['id']}/report").status_code == 200
-    from app.store.db import session_scope
-    from app.store.tables import JobRecord
+    from app.db.engine import session_scope
+    from app.db.tables import JobRecord
 
     with session_scope(app_of(client).state.session_factory) as session:
         record = session.get(JobRecord, job["id"])

@@ -24,12 +24,12 @@ from app.cli import main as cli_main
 from app.client import Client
 from app.client.errors import Gone
 from app.config import Settings
+from app.db.engine import init_db, make_engine, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, utcnow
 from app.errors import ArtifactExpired
 from app.main import create_app
 from app.retention import RetentionReport, sweep
 from app.storage import Storage
-from app.store.db import init_db, make_engine, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord, utcnow
 from tests.app.auth_helpers import ARTIFACT, ENGINES, database_url, succeed
 from tests.app.helpers import (
     app_of,

@@ -27,12 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import auth
 from app.cli import main as cli_main
 from app.config import Settings
+from app.db import jobs
+from app.db import webhooks as store
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.main import create_app
 from app.queue import DELIVER_WEBHOOK
-from app.store import repo
-from app.store import webhooks as store
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import JobRecord, WebhookMessageRecord, utcnow
 from app.webhooks import delivery, signing
 from app.webhooks.guard import (
     MAX_URL_LENGTH,
@@ -384,7 +384,7 @@ def test_a_message_is_written_once_when_a_job_with_a_url_ends(hooks: TestClient,
         receiver.url(),
     )
     with session_scope(app.state.session_factory) as session:  # a second ending cannot happen, nor a message
-        assert not repo.finish_job(session, with_url, "failed", from_statuses=("running", "queued"))
+        assert not jobs.finish_job(session, with_url, "failed", from_statuses=("running", "queued"))
     assert message_of(app, with_url).id == message.id  # type: ignore[union-attr]
     body = hooks.get(f"/v1/jobs/{with_url}").json()
     assert body["webhook_id"] == message.id and body["webhook_status"] == "pending"
@@ -395,9 +395,9 @@ def test_restart_recovery_failing_a_job_writes_its_message(hooks: TestClient, re
     job_id = create_job(hooks, upload_model(hooks)["id"], webhook_url=receiver.url())["id"]
     with session_scope(app.state.session_factory) as session:
         for _ in range(3):
-            assert repo.claim_job(session, job_id, lease_seconds=0, max_attempts=5).claimed
+            assert jobs.claim_job(session, job_id, lease_seconds=0, max_attempts=5).claimed
             session.execute(JobRecord.__table__.update().values(heartbeat_at=utcnow() - timedelta(hours=1)))
-        repo.recover_interrupted(session, max_attempts=3)
+        jobs.recover_interrupted(session, max_attempts=3)
     message = message_of(app, job_id)
     assert message is not None and message.event_type == "job.failed"
 
@@ -744,7 +744,7 @@ def test_store_secrets_claims_and_sweep_on_both_engines(db_sessions: sessionmake
         )
         session.add(job)
         session.flush()
-        assert repo.finish_job(session, "job_1", "failed", error={"code": "x", "message": "y"})
+        assert jobs.finish_job(session, "job_1", "failed", error={"code": "x", "message": "y"})
         message_id = store.unsent_message_id(session, "job_1")
         assert message_id is not None
     with session_scope(db_sessions) as session:

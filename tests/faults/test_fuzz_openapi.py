@@ -55,9 +55,9 @@ from schemathesis.python import asgi as schemathesis_asgi
 
 from app.auth import KEY_SCHEME, PREFIX_HEX, hash_key
 from app.config import Settings
+from app.db import api_keys
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
 from app.main import create_app
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
 from tests.app.auth_helpers import succeed
 from tests.app.helpers import SIGNATURES, dataset_arrays, mark_model, upload_dataset, upload_model
 
@@ -144,7 +144,7 @@ def _store_key(settings: Settings) -> None:
     try:
         init_db(engine)
         with session_scope(make_session_factory(engine)) as session:
-            repo.add_api_key(
+            api_keys.add_api_key(
                 session,
                 key_id=f"key_{KEY_PREFIX}",
                 tenant="fuzz",

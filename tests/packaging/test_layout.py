@@ -27,6 +27,18 @@ def test_importing_the_api_loads_no_tensorflow_or_worker() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_blob_storage_loads_no_web_stack() -> None:
+    """Workers import app.storage: the API's request parsing (Starlette, python-multipart) stays out of them."""
+    code = (
+        "import sys; import app.storage, app.storage.cache; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'fastapi', 'multipart', 'python_multipart')); "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
+
+
 def test_app_sources_never_import_tensorflow_or_worker() -> None:
     pattern = re.compile(r"^\s*(import|from)\s+(tensorflow|keras|tf_keras|worker)\b", re.M)
     offenders = [str(p) for p in (ROOT / "app").rglob("*.py") if pattern.search(p.read_text())]

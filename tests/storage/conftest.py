@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.storage.blobs import S3BlobStore
+from app.storage.s3 import S3BlobStore
 from tests.support.seaweed import Seaweed
 
 

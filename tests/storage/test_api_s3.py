@@ -22,11 +22,11 @@ from app.auth import create_key
 from app.client.download import download_to
 from app.client.errors import DigestMismatch
 from app.config import Settings
+from app.db import jobs
+from app.db.engine import session_scope
 from app.main import check_store, create_app
 from app.storage import Storage
-from app.storage.blobs import S3BlobStore
-from app.store import repo
-from app.store.db import session_scope
+from app.storage.s3 import S3BlobStore
 from tests.app.helpers import (
     app_of,
     assert_problem,
@@ -80,10 +80,10 @@ def succeed_on_s3(app: FastAPI, job_id: str, artifact: bytes, metrics: dict[str,
     for name in ("pruned.zip", "metrics.json"):
         storage.publish(storage.job_key(job_id, name), scratch / name)
     with session_scope(app.state.session_factory) as session:
-        claim = repo.claim_job(session, job_id, lease_seconds=60, max_attempts=3)
+        claim = jobs.claim_job(session, job_id, lease_seconds=60, max_attempts=3)
         assert claim.claimed
     with session_scope(app.state.session_factory) as session:
-        assert repo.finish_job(
+        assert jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256=sha256(artifact), artifact_bytes=len(artifact)
         )
 

@@ -12,8 +12,10 @@ import pytest
 
 from app.errors import StoreUnavailable
 from app.storage import Storage
-from app.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore, StoreMisconfigured, file_stat
+from app.storage.base import BlobStore, StoreMisconfigured, file_stat
 from app.storage.cache import BlobCache, CorruptBlob
+from app.storage.local import LocalBlobStore
+from app.storage.s3 import S3BlobStore
 from tests.support.seaweed import Seaweed, free_ports
 
 MiB = 1 << 20

@@ -11,10 +11,10 @@ import pytest
 from app import retention
 from app.cli import main as cli_main
 from app.config import Settings
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, utcnow
 from app.storage import Storage
-from app.storage.blobs import S3BlobStore
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord, utcnow
+from app.storage.s3 import S3BlobStore
 
 
 def test_sweep_deletes_objects_in_the_store(s3_store: S3BlobStore, tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import JobRecord, ModelRecord
 from app.errors import StoreUnavailable
 from app.storage import Storage
-from app.storage.blobs import S3BlobStore
 from app.storage.cache import BlobCache
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import JobRecord, ModelRecord
+from app.storage.s3 import S3BlobStore
 from tests.support.seaweed import free_ports
 from worker import blobs
 

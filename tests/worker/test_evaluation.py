@@ -666,8 +666,8 @@ def test_evaluation_library_and_schema_import_no_heavy_dependencies() -> None:
         "import sys\n"
         "import app.schemas.metrics\n"
         "from worker.evaluation import crossval, fidelity, flops, latency, metrics, size, zip_size\n"
-        "banned = ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.store')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned or m.startswith('app.store')))\n"
+        "banned = ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.db')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned or m.startswith('app.db')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

@@ -13,9 +13,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import JobRecord, utcnow
+from app.db import jobs, records
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import JobRecord, as_utc, utcnow
 from worker import lease as lease_module
 from worker.lease import EXIT_HARD_TIME_LIMIT, JobLease
 
@@ -29,10 +29,10 @@ def sessions(tmp_path: Path) -> sessionmaker[Session]:
 
 def _running_job(sessions: sessionmaker[Session]) -> str:
     with session_scope(sessions) as s:
-        job = repo.add(
+        job = records.add(
             s,
             JobRecord(
-                id=repo.new_id("job"),
+                id=records.new_id("job"),
                 model_id="mdl_x",
                 spec={},
                 status="running",
@@ -49,7 +49,7 @@ def _heartbeat(sessions: sessionmaker[Session], job_id: str) -> Any:
     with session_scope(sessions) as s:
         job = s.get(JobRecord, job_id)
         assert job is not None
-        return repo.as_utc(job.heartbeat_at)
+        return as_utc(job.heartbeat_at)
 
 
 def _wait(condition: Any, seconds: float = 10.0) -> bool:
@@ -75,7 +75,7 @@ def test_a_job_taken_away_is_noticed(sessions: sessionmaker[Session], tmp_path: 
     settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.2, lease_seconds=1)
     with JobLease(sessions, job_id, 1, settings, lambda _t: None) as lease:
         with session_scope(sessions) as s:  # e.g. the reaper failed it, or it was canceled and ended
-            repo.finish_job(s, job_id, "failed", error={"code": "interrupted", "message": "x"})
+            jobs.finish_job(s, job_id, "failed", error={"code": "interrupted", "message": "x"})
         assert _wait(lambda: lease.lost)
 
 

@@ -21,7 +21,7 @@ def test_pure_modules_import_no_tensorflow_or_service_stack() -> None:
         "import worker.pruning.criteria, worker.pruning.scope, worker.pruning.schedules\n"
         "import worker.pruning.granularity, worker.pruning.normalization\n"
         "import worker.evaluation.metrics, worker.evaluation.latency, worker.evaluation.size\n"
-        "bad = [m for m in ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.store')"
+        "bad = [m for m in ('tensorflow', 'keras', 'celery', 'fastapi', 'sqlalchemy', 'app.db')"
         " if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

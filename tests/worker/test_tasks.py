@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import jobs, records
+from app.db.engine import init_db, make_engine, make_session_factory, session_scope
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, utcnow
 from app.storage import Storage
-from app.store import repo
-from app.store.db import init_db, make_engine, make_session_factory, session_scope
-from app.store.tables import DatasetRecord, JobRecord, ModelRecord
 from tests.support import model_zoo
 from tests.support.model_factory import write_npz
 from worker import tasks
@@ -42,10 +42,10 @@ class World:
         init_db(engine)
         self.sessions: sessionmaker[Session] = make_session_factory(engine)
         self.storage = Storage(self.settings.data_dir)
-        self.model_id = repo.new_id("mdl")
+        self.model_id = records.new_id("mdl")
         shutil.copytree(model_dir, self.storage.model_dir(self.model_id) / "saved_model")
         with session_scope(self.sessions) as s:
-            repo.add(
+            records.add(
                 s,
                 ModelRecord(
                     id=self.model_id,
@@ -59,11 +59,11 @@ class World:
             )
 
     def dataset(self, arrays: dict[str, np.ndarray]) -> str:
-        dataset_id = repo.new_id("ds")
+        dataset_id = records.new_id("ds")
         path = write_npz(self.storage.dataset_path(dataset_id), arrays)
         info = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
         with session_scope(self.sessions) as s:
-            repo.add(
+            records.add(
                 s,
                 DatasetRecord(
                     id=dataset_id,
@@ -78,10 +78,10 @@ class World:
 
     def job(self, spec: dict[str, Any], train: str | None = None, evaluation: str | None = None) -> str:
         with session_scope(self.sessions) as s:
-            job = repo.add(
+            job = records.add(
                 s,
                 JobRecord(
-                    id=repo.new_id("job"),
+                    id=records.new_id("job"),
                     model_id=self.model_id,
                     train_dataset_id=train,
                     eval_dataset_id=evaluation,
@@ -90,7 +90,7 @@ class World:
                     progress=0.0,
                     attempts=0,
                     cancel_requested=False,
-                    dispatched_at=repo.utcnow(),
+                    dispatched_at=utcnow(),
                 ),
             )
             return job.id
@@ -172,7 +172,7 @@ def test_an_exception_outside_the_pipeline_ends_the_job_after_max_attempts(
 ) -> None:
     job_id = world.job({"target_sparsity": 0.5}, evaluation=world.dataset(digits_like()))
     if where == "claim_job":
-        monkeypatch.setattr(tasks.repo, "claim_job", _boom)
+        monkeypatch.setattr(tasks.jobs, "claim_job", _boom)
     elif where == "records":
         real_get = Session.get
 
@@ -188,7 +188,7 @@ def test_an_exception_outside_the_pipeline_ends_the_job_after_max_attempts(
         assert (job.status, job.attempts, job.error) == ("queued", attempt, None)
         assert job.dispatched_at is None  # the reaper re-sends it on its next pass, not in 15 min
         with session_scope(world.sessions) as s:  # ... as it does
-            reaped = repo.reap(s, lease_seconds=60, max_attempts=MAX_ATTEMPTS, redispatch_after_s=900)
+            reaped = jobs.reap(s, lease_seconds=60, max_attempts=MAX_ATTEMPTS, redispatch_after_s=900)
         assert reaped.resend_jobs == [job_id]
     tasks._run(job_id)
     _assert_internal_error(world.record(job_id), MAX_ATTEMPTS)
@@ -214,8 +214,8 @@ def test_a_crash_is_not_recorded_over_another_workers_live_claim(
     """A duplicate message whose claim raised must leave the job a live worker holds alone."""
     job_id = world.job({"target_sparsity": 0.5})
     with session_scope(world.sessions) as s:  # another worker holds it, heartbeat fresh
-        assert repo.claim_job(s, job_id, lease_seconds=60, max_attempts=MAX_ATTEMPTS).claimed
-    monkeypatch.setattr(tasks.repo, "claim_job", _boom)
+        assert jobs.claim_job(s, job_id, lease_seconds=60, max_attempts=MAX_ATTEMPTS).claimed
+    monkeypatch.setattr(tasks.jobs, "claim_job", _boom)
     tasks._run(job_id)
     job = world.record(job_id)
     assert (job.status, job.attempts, job.error) == ("running", 1, None)

@@ -11,18 +11,19 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import IdempotencyDep, IdempotencyKeyDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
+from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
 from app.api.routes.models import ERRORS
 from app.api.uploads import ensure_free_space, multipart_body
 from app.config import Settings
+from app.db import jobs, records
+from app.db.engine import session_scope
+from app.db.tables import DatasetRecord
 from app.errors import Conflict, NotFound
 from app.npz import NpzLimits, inspect_npz
 from app.presenters import dataset_out
 from app.schemas.resources import DatasetOut, Page
-from app.storage import Storage, Upload, receive_upload
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import DatasetRecord
+from app.storage import Storage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -36,8 +37,8 @@ def _check_and_register(
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
-    dataset_id = repo.new_id("ds")
-    storage.commit_upload(upload, storage.dataset_key(dataset_id))  # a rename, or a streamed put into S3
+    dataset_id = records.new_id("ds")
+    upload.commit(storage, storage.dataset_key(dataset_id))  # a rename, or a streamed put into S3
     record = DatasetRecord(
         id=dataset_id,
         tenant=tenant,
@@ -49,7 +50,7 @@ def _check_and_register(
     )
     try:
         with session_scope(request.app.state.session_factory) as session:
-            repo.add(session, record)
+            records.add(session, record)
             body = dataset_out(record).model_dump(mode="json")
             headers = {"Location": f"/v1/datasets/{record.id}"}
             attempt.complete(session, 201, body, headers)
@@ -108,14 +109,14 @@ def list_datasets(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Page[DatasetOut]:
-    rows, next_cursor = repo.list_datasets(session, limit, cursor, tenant=tenant)
+    rows, next_cursor = records.list_datasets(session, limit, cursor, tenant=tenant)
     set_next_link(request, response, next_cursor, limit)
     return Page[DatasetOut](items=[dataset_out(r) for r in rows], next_cursor=next_cursor)
 
 
 def get_dataset_or_404(session: Session, dataset_id: str, tenant: str) -> DatasetRecord:
     """Another tenant's dataset is 404 like a missing one: its existence is not theirs to learn."""
-    record = repo.get_owned(session, DatasetRecord, dataset_id, tenant)
+    record = records.get_owned(session, DatasetRecord, dataset_id, tenant)
     if record is None:
         raise NotFound(f"no dataset with id {dataset_id!r}; list them with GET /v1/datasets")
     return record
@@ -129,7 +130,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
 @router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
 def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> Response:
     record = get_dataset_or_404(session, dataset_id, tenant)
-    if repo.active_jobs_using(session, dataset_id=dataset_id):
+    if jobs.active_jobs_using(session, dataset_id=dataset_id):
         raise Conflict("jobs that use this dataset are queued or running; cancel them or wait, then delete")
     session.delete(record)
     session.commit()

@@ -26,6 +26,9 @@ from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
 from app.config import Settings
+from app.db import jobs, records
+from app.db import webhooks as webhook_store
+from app.db.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord, utcnow
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
@@ -36,9 +39,6 @@ from app.schemas.presets import resolve as resolve_preset
 from app.schemas.resources import ArtifactItem, ArtifactList, JobCreate, JobOut, Page, Problem
 from app.schemas.spec import unsupported_features
 from app.schemas.vocabulary import JOB_KINDS, kind_of
-from app.store import repo
-from app.store import webhooks as webhook_store
-from app.store.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord
 from app.webhooks import delivery, tenants
 from app.webhooks.guard import AllowList, UnsafeWebhookUrl, check_url
 
@@ -154,7 +154,7 @@ CREATE_ERRORS = {
 
 def _check_quota(session: Session, tenant: str, settings: Settings) -> None:
     """A per-tenant cap on queued + running jobs, so one caller cannot fill the queue for everyone."""
-    active = repo.count_active_jobs(session, tenant)
+    active = jobs.count_active_jobs(session, tenant)
     if active >= settings.max_active_jobs_per_tenant:
         raise TooManyRequests(
             f"tenant {tenant!r} already has {active} queued or running jobs (the limit, "
@@ -190,10 +190,10 @@ def create_job(
         _validate(body, session, tenant)
         _check_quota(session, tenant, settings)
         webhook_url = _webhook_url(body, session, tenant, settings)
-        record = repo.add(
+        record = records.add(
             session,
             JobRecord(
-                id=repo.new_id("job"),
+                id=records.new_id("job"),
                 tenant=tenant,
                 model_id=body.model_id,
                 train_dataset_id=body.train_dataset_id,
@@ -204,7 +204,7 @@ def create_job(
                 attempts=0,
                 cancel_requested=False,
                 webhook_url=webhook_url,
-                dispatched_at=repo.utcnow(),
+                dispatched_at=utcnow(),
             ),
         )
         payload = job_out(record).model_dump(mode="json")
@@ -225,7 +225,7 @@ def create_job(
 
 def get_job_or_404(session: Session, job_id: str, tenant: str) -> JobRecord:
     """Another tenant's job is 404 like a missing one: its existence is not theirs to learn."""
-    record = repo.get_owned(session, JobRecord, job_id, tenant)
+    record = records.get_owned(session, JobRecord, job_id, tenant)
     if record is None:
         raise NotFound(f"no job with id {job_id!r}; list them with GET /v1/jobs")
     return record
@@ -242,7 +242,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Page[JobOut]:
-    rows, next_cursor = repo.list_jobs(
+    rows, next_cursor = records.list_jobs(
         session, limit, cursor, status=status, model_id=model_id, tenant=tenant
     )
     set_next_link(request, response, next_cursor, limit)
@@ -252,7 +252,7 @@ def list_jobs(
 
 def _job_body(session: Session, record: JobRecord) -> JobOut:
     """A job has a webhook message only once it ended, and only with a URL (written in the same transaction
-    as its ending: repo.finish_job), so polls of running jobs or jobs without webhooks skip that query."""
+    as its ending: jobs.finish_job), so polls of running jobs or jobs without webhooks skip that query."""
     if not record.webhook_url or record.status not in TERMINAL_JOB_STATUSES:
         return job_out(record)
     return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id))
@@ -278,7 +278,7 @@ def cancel_job(
     record = get_job_or_404(session, job_id, tenant)
     if record.status not in ("queued", "running"):
         raise Conflict(f"job {job_id} already ended with status {record.status!r}; nothing to cancel")
-    repo.request_cancel(session, job_id)
+    jobs.request_cancel(session, job_id)
     session.commit()
     session.refresh(record)
     if record.status == "canceled":
@@ -433,7 +433,7 @@ def get_report(
     _require_success(record)
     with open_output(session, record, storage, "metrics.json", settings) as file:
         document = json.load(file)
-    model = repo.get_owned(session, ModelRecord, record.model_id, tenant)
+    model = records.get_owned(session, ModelRecord, record.model_id, tenant)
     page = render_report(document, title=model.name if model is not None else None)
     return Response(
         page,

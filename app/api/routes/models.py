@@ -19,18 +19,19 @@ from app.api.deps import (
     TenantDep,
 )
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
+from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
 from app.api.uploads import ensure_free_space, multipart_body, send_or_503
 from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
 from app.config import Settings
+from app.db import jobs, records
+from app.db.engine import session_scope
+from app.db.tables import ModelRecord, utcnow
 from app.errors import Conflict, NotFound
 from app.presenters import model_out
 from app.queue import VALIDATE_MODEL
 from app.schemas.resources import ModelOut, Page, Problem
-from app.storage import Storage, Upload, receive_upload
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import ModelRecord
+from app.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ERRORS = {
@@ -71,8 +72,8 @@ def _check_and_register(
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
-    model_id = repo.new_id("mdl")
-    storage.commit_upload(upload, storage.model_key(model_id, SUFFIX[kind]))  # a rename, or a put into S3
+    model_id = records.new_id("mdl")
+    upload.commit(storage, storage.model_key(model_id, SUFFIX[kind]))  # a rename, or a put into S3
     record = ModelRecord(
         id=model_id,
         tenant=tenant,
@@ -82,11 +83,11 @@ def _check_and_register(
         size_bytes=upload.size,
         sha256=upload.sha256,
         status="validating",
-        dispatched_at=repo.utcnow(),
+        dispatched_at=utcnow(),
     )
     try:
         with session_scope(request.app.state.session_factory) as session:
-            repo.add(session, record)
+            records.add(session, record)
             body = model_out(record).model_dump(mode="json")
             headers = {"Location": f"/v1/models/{record.id}"}
             attempt.complete(session, 201, body, headers)
@@ -159,14 +160,14 @@ def list_models(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Page[ModelOut]:
-    rows, next_cursor = repo.list_models(session, limit, cursor, tenant=tenant)
+    rows, next_cursor = records.list_models(session, limit, cursor, tenant=tenant)
     set_next_link(request, response, next_cursor, limit)
     return Page[ModelOut](items=[model_out(r) for r in rows], next_cursor=next_cursor)
 
 
 def get_model_or_404(session: Session, model_id: str, tenant: str) -> ModelRecord:
     """Another tenant's model is 404 like a missing one: its existence is not theirs to learn."""
-    record = repo.get_owned(session, ModelRecord, model_id, tenant)
+    record = records.get_owned(session, ModelRecord, model_id, tenant)
     if record is None:
         raise NotFound(f"no model with id {model_id!r}; list them with GET /v1/models")
     return record
@@ -180,7 +181,7 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut
 @router.delete("/{model_id}", status_code=204, responses=ERRORS)
 def delete_model(model_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> Response:
     record = get_model_or_404(session, model_id, tenant)
-    if repo.active_jobs_using(session, model_id=model_id):
+    if jobs.active_jobs_using(session, model_id=model_id):
         raise Conflict("jobs that use this model are queued or running; cancel them or wait, then delete")
     session.delete(record)
     session.commit()

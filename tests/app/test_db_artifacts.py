@@ -8,9 +8,9 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import job_files
-from app.store import repo
-from app.store.db import init_db, session_scope
-from app.store.tables import JobRecord
+from app.db import jobs, records
+from app.db.engine import init_db, session_scope
+from app.db.tables import JobRecord
 
 FILES = [
     job_files.entry("saved_model", "pruned.zip", 1234, "a" * 64),
@@ -20,8 +20,8 @@ FILES = [
 
 def _finished_job(sessions: sessionmaker[Session], **finish: object) -> str:
     with session_scope(sessions) as session:
-        job_id = repo.new_id("job")
-        repo.add(
+        job_id = records.new_id("job")
+        records.add(
             session,
             JobRecord(
                 id=job_id,
@@ -34,8 +34,8 @@ def _finished_job(sessions: sessionmaker[Session], **finish: object) -> str:
             ),
         )
     with session_scope(sessions) as session:
-        assert repo.claim_job(session, job_id, lease_seconds=60, max_attempts=3).claimed
-        assert repo.finish_job(
+        assert jobs.claim_job(session, job_id, lease_seconds=60, max_attempts=3).claimed
+        assert jobs.finish_job(
             session, job_id, "succeeded", artifact_sha256="a" * 64, artifact_bytes=1234, **finish
         )  # type: ignore[arg-type]
     return job_id

@@ -20,6 +20,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _tenant_column() -> Mapped[str]:
     """Indexed by the ``(tenant, created_at, id)`` list index; ``server_default`` so that adding the column to
     a database created before tenants existed (``init_db``) puts the old rows in ``default``."""

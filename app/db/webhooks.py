@@ -1,6 +1,6 @@
 """Repository functions for webhooks: tenants' secrets and default URLs, messages and their attempts.
 
-A message (``webhook_messages``) is written by ``repo.finish_job`` when a job with a webhook URL ends. Each
+A message (``webhook_messages``) is written by ``jobs.finish_job`` when a job with a webhook URL ends. Each
 attempt is claimed with one conditional UPDATE (``pending`` with ``attempts = N - 1`` -> ``sending`` with
 ``attempts = N``) and its ``webhook_deliveries`` row inserted in the same transaction, committed BEFORE the
 request goes out. So a redelivered or duplicated Celery message for attempt N finds the message no longer
@@ -22,11 +22,11 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.store.repo import as_utc
-from app.store.tables import (
+from app.db.tables import (
     TenantWebhookRecord,
     WebhookDeliveryRecord,
     WebhookMessageRecord,
+    as_utc,
     utcnow,
 )
 

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.store import repo
-from app.store.db import session_scope
-from app.store.tables import JobRecord, ModelRecord, utcnow
+from app.db import jobs, model_status, records
+from app.db.engine import session_scope
+from app.db.tables import JobRecord, ModelRecord, as_utc, utcnow
 
 
 @pytest.fixture
@@ -19,10 +19,10 @@ def sessions(store_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
 
 
 def _job(session: Session, job_id: str | None = None, model_id: str = "mdl_x") -> JobRecord:
-    return repo.add(
+    return records.add(
         session,
         JobRecord(
-            id=job_id or repo.new_id("job"),
+            id=job_id or records.new_id("job"),
             model_id=model_id,
             spec={"target_sparsity": 0.5},
             status="queued",
@@ -37,9 +37,9 @@ def test_claim_once_then_held(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as s:
         job = _job(s)
     with session_scope(sessions) as s:
-        first = repo.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
+        first = jobs.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
     with session_scope(sessions) as s:
-        second = repo.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
+        second = jobs.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
     assert (first.claimed, first.reason, first.attempts) == (True, "claimed", 1)
     assert (second.claimed, second.reason) == (False, "held")
     with session_scope(sessions) as s:
@@ -52,21 +52,21 @@ def test_stale_lease_is_taken_over_until_attempts_run_out(sessions: sessionmaker
         job = _job(s)
     for attempt in (1, 2):
         with session_scope(sessions) as s:
-            assert repo.claim_job(s, job.id, lease_seconds=60, max_attempts=2).attempts == attempt
+            assert jobs.claim_job(s, job.id, lease_seconds=60, max_attempts=2).attempts == attempt
             s.execute(update(JobRecord).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
     with session_scope(sessions) as s:
-        claim = repo.claim_job(s, job.id, lease_seconds=60, max_attempts=2)
+        claim = jobs.claim_job(s, job.id, lease_seconds=60, max_attempts=2)
     assert (claim.claimed, claim.reason) == (False, "exhausted")
 
 
 def test_finish_only_from_running_and_terminal_is_final(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as s:
         job = _job(s)
-        assert not repo.finish_job(s, job.id, "succeeded")  # still queued
-        repo.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
-        assert repo.finish_job(s, job.id, "succeeded", artifact_sha256="ab", artifact_bytes=3)
-        assert not repo.finish_job(s, job.id, "failed", error={"code": "x", "message": "y"})
-        assert repo.claim_job(s, job.id, lease_seconds=0, max_attempts=3).reason == "terminal"
+        assert not jobs.finish_job(s, job.id, "succeeded")  # still queued
+        jobs.claim_job(s, job.id, lease_seconds=60, max_attempts=3)
+        assert jobs.finish_job(s, job.id, "succeeded", artifact_sha256="ab", artifact_bytes=3)
+        assert not jobs.finish_job(s, job.id, "failed", error={"code": "x", "message": "y"})
+        assert jobs.claim_job(s, job.id, lease_seconds=0, max_attempts=3).reason == "terminal"
         record = s.get(JobRecord, job.id)
         assert record is not None
         s.refresh(record)
@@ -76,25 +76,25 @@ def test_finish_only_from_running_and_terminal_is_final(sessions: sessionmaker[S
 def test_cancel_queued_ends_at_once_running_sets_flag(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as s:
         queued, running = _job(s), _job(s)
-        repo.claim_job(s, running.id, lease_seconds=60, max_attempts=3)
+        jobs.claim_job(s, running.id, lease_seconds=60, max_attempts=3)
     with session_scope(sessions) as s:
-        repo.request_cancel(s, queued.id)
-        repo.request_cancel(s, running.id)
+        jobs.request_cancel(s, queued.id)
+        jobs.request_cancel(s, running.id)
     with session_scope(sessions) as s:
         assert s.get(JobRecord, queued.id).status == "canceled"  # type: ignore[union-attr]
-        still, cancel = repo.report_progress(s, running.id, "pruning", 0.5)
+        still, cancel = jobs.report_progress(s, running.id, "pruning", 0.5)
     assert (still, cancel) == (True, True)
 
 
 def test_recover_interrupted_requeues_or_fails(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as s:
         fresh, worn, waiting = _job(s), _job(s), _job(s)
-        repo.claim_job(s, fresh.id, lease_seconds=60, max_attempts=2)
+        jobs.claim_job(s, fresh.id, lease_seconds=60, max_attempts=2)
         for _ in range(2):
             s.execute(update(JobRecord).where(JobRecord.id == worn.id).values(status="queued"))
-            repo.claim_job(s, worn.id, lease_seconds=60, max_attempts=2)
+            jobs.claim_job(s, worn.id, lease_seconds=60, max_attempts=2)
     with session_scope(sessions) as s:
-        resend = repo.recover_interrupted(s, max_attempts=2)
+        resend = jobs.recover_interrupted(s, max_attempts=2)
     assert sorted(resend) == sorted([fresh.id, waiting.id])
     with session_scope(sessions) as s:
         failed = s.get(JobRecord, worn.id)
@@ -113,25 +113,25 @@ def test_pagination_is_newest_first_and_complete(sessions: sessionmaker[Session]
     cursor = None
     with session_scope(sessions) as s:
         while True:
-            rows, cursor = repo.list_jobs(s, 3, cursor)
+            rows, cursor = records.list_jobs(s, 3, cursor)
             seen += [r.id for r in rows]
             if cursor is None:
                 break
         assert len(seen) == 7 and set(seen) == set(ids)
-        created = [repo.as_utc(s.get(JobRecord, i).created_at) for i in seen]  # type: ignore[union-attr]
+        created = [as_utc(s.get(JobRecord, i).created_at) for i in seen]  # type: ignore[union-attr]
         assert created == sorted(created, reverse=True)
-        only_a, _ = repo.list_jobs(s, 50, None, model_id="mdl_a")
+        only_a, _ = records.list_jobs(s, 50, None, model_id="mdl_a")
         assert {r.model_id for r in only_a} == {"mdl_a"} and len(only_a) == 3
 
 
 def test_bad_cursor_is_refused(sessions: sessionmaker[Session]) -> None:
-    with session_scope(sessions) as s, pytest.raises(repo.BadCursor):
-        repo.list_models(s, 10, "not-a-cursor")
+    with session_scope(sessions) as s, pytest.raises(records.BadCursor):
+        records.list_models(s, 10, "not-a-cursor")
 
 
 def test_model_result_recorded(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as s:
-        repo.add(
+        records.add(
             s,
             ModelRecord(
                 id="mdl_1",
@@ -144,7 +144,7 @@ def test_model_result_recorded(sessions: sessionmaker[Session]) -> None:
             ),
         )
     with session_scope(sessions) as s:
-        assert repo.set_model_result(
+        assert model_status.set_model_result(
             s, "mdl_1", status="ready", signatures={"serving_default": {}}, params=10
         )
     with session_scope(sessions) as s:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
-from app.store.tables import Base
+from app.db.tables import Base
 
 
 def make_engine(url: str) -> Engine:

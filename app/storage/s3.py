@@ -1,178 +1,22 @@
-"""The blob store: one small interface, a local-directory and an S3 implementation chosen by URL scheme.
-
-``SECATEURS_STORAGE_URL`` unset (or ``file://``) -> :class:`LocalBlobStore` over the data directory: keys are
-paths below it (``models/<id>/upload.zip``, ``datasets/<id>.npz``, ``jobs/<id>/pruned.zip``), exactly the files
-the embedded default always wrote, moved into place with one atomic rename. ``s3://bucket/prefix`` ->
-:class:`S3BlobStore`, on obstore (streamed multipart uploads with bounded memory, ranged reads, presigned URLs;
-it retries connection errors and 5xx answers itself). The database holds keys (relative, never host paths),
-sizes and SHA-256 digests; the store holds bytes.
-
-Errors are mapped here, once:
-
-- a missing key -> ``FileNotFoundError`` (what the local store raises too, so callers handle one thing);
-- the store unreachable or answering 5xx after obstore's retries -> :class:`app.errors.StoreUnavailable`
-  (503 with Retry-After at the API; a retried, then failed job at the worker);
-- wrong credentials or a missing bucket -> :class:`StoreMisconfigured`, whose message names the setting to fix
-  (the API and workers refuse to start with it).
-"""
+"""The S3 store: an S3-compatible bucket (AWS, SeaweedFS, MinIO, R2, ...) on obstore: streamed multipart
+uploads with bounded memory, ranged reads, presigned URLs; it retries connection errors and 5xx answers itself.
+Its errors become ours here (``app.storage.base``)."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import stat
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from app.config import Settings
 from app.errors import StoreUnavailable
+from app.storage.base import BlobInfo, StoreMisconfigured
 
 _PART_BYTES = 8 << 20  # multipart part size: memory per upload is about part size x concurrency
 _PUT_CONCURRENCY = 4
 _READ_BUFFER = 4 << 20  # ranged GETs of this size behind a download's reads
-
-
-class StoreMisconfigured(RuntimeError):
-    """The store answered, and said no: wrong credentials, no such bucket. Retrying will not help."""
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    key: str
-    size: int
-    modified: float = 0.0  # POSIX time of the last write
-
-
-class BlobStore(Protocol):
-    """What the API and workers need from a blob store. Keys are ``/``-separated, relative, ours (never user
-    input). Every method raises FileNotFoundError for a missing key and StoreUnavailable when it cannot ask."""
-
-    url: str
-
-    def put_file(self, key: str, path: Path) -> None:
-        """Store the file at ``path`` under ``key`` (whole or not at all) and consume it (the caller's temp file
-        is moved, or deleted once uploaded)."""
-
-    def open(self, key: str) -> BinaryIO:
-        """A seekable reader with ``.name`` and ``size_bytes``: local files are opened, S3 objects read in
-        ranged GETs as the reader advances (bounded memory, Range requests are seeks)."""
-
-    def head(self, key: str) -> BlobInfo: ...
-
-    def list(self, prefix: str) -> list[BlobInfo]: ...
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix`` (a ``models/<id>/``-style directory, or one key); returns how
-        many went. Missing is fine."""
-
-    def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
-        """A short-lived URL a client may GET without credentials; None where the store has none (local)."""
-
-    def check(self) -> None:
-        """Raise StoreMisconfigured / StoreUnavailable unless the store answers a cheap request."""
-
-
-def file_stat(file: IO[bytes]) -> os.stat_result:
-    """What a download response needs to know of an open blob (size, modification time): the descriptor's
-    own for a local file, the object's metadata for a remote one."""
-    size = getattr(file, "size_bytes", None)
-    if size is None:
-        return os.fstat(file.fileno())
-    mtime = float(getattr(file, "mtime", 0.0))
-    return os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, int(size), mtime, mtime, mtime))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# local
-
-
-class LocalBlobStore:
-    """Keys are paths below ``root``: today's data directory layout, unchanged."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
-        self.url = self.root.as_uri()
-        self._tmp = self.root / "tmp"
-
-    def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root) or path == self.root:
-            raise ValueError(f"blob key {key!r} leaves the store")
-        return path
-
-    def put_file(self, key: str, path: Path) -> None:
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(path, dest)  # same filesystem (uploads land in root/tmp): atomic
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")  # another filesystem: copy, rename
-            try:
-                shutil.copyfile(path, part)
-                os.replace(part, dest)
-            finally:
-                part.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-
-    def open(self, key: str) -> BinaryIO:
-        return self.path(key).open("rb")
-
-    def head(self, key: str) -> BlobInfo:
-        st = self.path(key).stat()
-        return BlobInfo(key, st.st_size, max(st.st_mtime, st.st_ctime))
-
-    def list(self, prefix: str) -> list[BlobInfo]:
-        base = self.path(prefix.rstrip("/"))
-        if base.is_file():
-            return [self.head(prefix)]
-        if not base.is_dir():
-            return []
-        out = []
-        for p in sorted(base.rglob("*")):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            if p.is_file():
-                out.append(
-                    BlobInfo(p.relative_to(self.root).as_posix(), st.st_size, max(st.st_mtime, st.st_ctime))
-                )
-        return out
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Rename into tmp/ first, so readers see the whole blob or nothing, then delete."""
-        path = self.path(prefix.rstrip("/"))
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        trash = self._tmp / f"trash-{uuid.uuid4().hex}"
-        try:
-            os.rename(path, trash)
-        except FileNotFoundError:
-            return 0
-        if trash.is_dir():
-            count = sum(1 for p in trash.rglob("*") if p.is_file())
-            shutil.rmtree(trash, ignore_errors=True)
-            return count
-        trash.unlink(missing_ok=True)
-        return 1
-
-    def presign_get(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
-        return None
-
-    def check(self) -> None:
-        if not os.access(self.root, os.W_OK):
-            raise StoreMisconfigured(f"the data directory {self.root} (SECATEURS_DATA_DIR) is not writable")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# S3
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -443,19 +287,3 @@ class _RemoteFile:
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.read(1 << 20):
             yield chunk
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def open_blob_store(settings: Settings) -> BlobStore:
-    """The store ``SECATEURS_STORAGE_URL`` names (module docstring)."""
-    url = settings.storage_url
-    if not url:
-        return LocalBlobStore(settings.data_dir)
-    if url.startswith("file://"):
-        path = urlsplit(url).path
-        if not path:
-            raise StoreMisconfigured(f"SECATEURS_STORAGE_URL {url!r} names no directory (file:///abs/path)")
-        return LocalBlobStore(Path(path))
-    return S3BlobStore(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
