@@ -12,12 +12,12 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import ROOT, Service, base_env, free_port, wait_ready
+from tests.conftest import Embedded
+from tests.support.procs import ROOT
 
 EXAMPLES = ROOT / "examples"
 SCRIPT_TIMEOUT_S = 900
@@ -32,21 +32,9 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One embedded `secateurs serve` (API + its worker child) on a free port with its own data directory."""
-    root = tmp_path_factory.mktemp("examples-server")
-    port = free_port()
-    service = Service(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        base_env(root / "data"),
-        root / "serve.log",
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, [service])
-        yield base
-    finally:
-        service.stop()
+def server(embedded: Embedded) -> str:
+    """The session's embedded `secateurs serve` (API + its worker child): the scripts need nothing else of it."""
+    return embedded.url
 
 
 def _run(args: list[str], cwd: Path, server: str, demo_dir: Path) -> subprocess.CompletedProcess[str]:
