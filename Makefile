@@ -36,7 +36,7 @@ test: $(STAMP) lint  ## the whole suite but `slow` (~8 min on 2 cores); CI=true:
 test-fast: $(STAMP)  ## the inner loop (~3 min): no real servers (e2e), no `slow`
 	$(BIN)/python -m pytest $(XDIST) -m "not slow and not e2e"
 
-test-slow: $(STAMP)  ## only the tests marked slow (keras.applications ResNet50 compaction, ~1 min)
+test-slow: $(STAMP)  ## only the tests marked slow (keras.applications ResNet50 and MobileNetV2 compaction, ~1.5 min)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot

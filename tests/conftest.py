@@ -26,6 +26,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_BASE = os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 # Redis's 16 databases, less 0 (a developer's own) and 12 (bench/storage.py's broker).
 REDIS_DATABASES = tuple(n for n in range(1, 16) if n != 12)
+PG_ADMIN_DSN = os.environ.get("SECATEURS_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def xdist_worker() -> tuple[int, int]:
@@ -44,7 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
         for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
             os.environ.setdefault(name, threads)
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-PG_ADMIN_DSN = os.environ.get("SECATEURS_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _answers(host: str, port: int) -> bool:

@@ -131,7 +131,7 @@ class TinyFiles:
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
     root = tmp_path_factory.mktemp("tiny")
-    saved = model_factory.build_tf_module(root / "module", steps=50, hidden=16)
+    saved = model_factory.build_tf_module(root / "module", steps=60, hidden=16)  # the cached tiny MLP the client tests use
     train, _ = model_factory.digits_datasets(flat=True)
     return TinyFiles(
         model=model_factory.tar_saved_model(saved, root / "model.tar.gz"),
