@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# One xdist worker per core; a module's tests stay on one worker (its module-scoped servers start once).
-XDIST       ?= -n auto --dist loadscope
+# One xdist worker per core and one more: many tests wait on servers they started (polls, restarts), and the
+# extra worker keeps the cores busy meanwhile (2 cores: 3 workers). A module's tests stay on one worker
+# (--dist loadscope), so its module-scoped servers start once.
+XDIST       ?= -n $(shell expr $$(nproc) + 1) --dist loadscope
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke clean
@@ -36,7 +38,7 @@ test: $(STAMP) lint  ## the whole suite but `slow` (~8 min on 2 cores); CI=true:
 test-fast: $(STAMP)  ## the inner loop (~3 min): no real servers (e2e), no `slow`
 	$(BIN)/python -m pytest $(XDIST) -m "not slow and not e2e"
 
-test-slow: $(STAMP)  ## only the tests marked slow (keras.applications ResNet50 and MobileNetV2 compaction, ~1.5 min)
+test-slow: $(STAMP)  ## only the tests marked slow (ResNet50/MobileNetV2 compaction, bench smoke tfmot/throughput/search)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot

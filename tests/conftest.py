@@ -155,21 +155,3 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
     for service in reversed(started):
         service.stop()
 
-
-def _module_weight(items: list[pytest.Item]) -> int:
-    """A rough cost of one module: real servers (e2e) or long modules (heavy) first, then TensorFlow, then the
-    rest."""
-    marks = {mark.name for item in items for mark in item.iter_markers()}
-    return 3 if marks & {"e2e", "heavy"} else 2 if "tf" in marks else 1
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Heaviest modules first (stable within a weight), so xdist's loadscope hands the long modules out at the
-    start and the short ones fill the gaps at the end (longest-first scheduling), instead of a long module
-    collected last running alone while the other worker idles. Each worker sorts the same way."""
-    modules: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    weights = {name: _module_weight(group) for name, group in modules.items()}
-    order = sorted(modules, key=lambda name: -weights[name])  # sorted() is stable: collection order within
-    items[:] = [item for name in order for item in modules[name]]

@@ -4,7 +4,10 @@ thresholds, the machine is shared.
 
 One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
 spreads the sections over the workers. The ``service`` section is run and asserted by
-tests/bench/test_service_load_smoke.py, not twice."""
+tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput and the
+search sections (about 100 s together) are marked ``slow``: ``make test-slow`` and ``make bench-smoke`` run them,
+``make test`` keeps the sections whose code paths nothing else covers (the API-vs-floor timing, quality,
+exports, compaction)."""
 
 from __future__ import annotations
 
@@ -101,6 +104,7 @@ class TestSmokeDigits:
         assert row["n"] == 1 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
 
 
+@pytest.mark.slow
 class TestSmokeTfmot:
     section = "tfmot"
 
@@ -141,6 +145,7 @@ class TestSmokeTfmot:
         assert "| 80% | 1 |" in result["markdown"]
 
 
+@pytest.mark.slow
 class TestSmokeThroughput:
     section = "throughput"
 
@@ -198,6 +203,7 @@ class TestSmokeCompaction:
         assert set(result["goal"]) >= {"wanted", "speedup", "met"}
 
 
+@pytest.mark.slow
 class TestSmokeSearch:
     section = "search"
 

@@ -61,8 +61,6 @@ from app.main import create_app
 from tests.app.auth_helpers import succeed
 from tests.app.helpers import SIGNATURES, dataset_arrays, mark_model, upload_dataset, upload_model
 
-pytestmark = pytest.mark.heavy
-
 MIN_CASES = 1000
 # Per operation and generation phase; operations without parameters (health, schemas) stop after a handful.
 # SECATEURS_FUZZ_EXAMPLES raises it for a longer hunt (e.g. 1000) without touching the CI default.

@@ -29,7 +29,7 @@ from worker.stages.job import Window
 from worker.stages.load import prepare, resolve_granularity, seed_everything
 from worker.stages.prune import layer_rows, make_pruner, prune_and_fine_tune, select
 
-pytestmark = [pytest.mark.tf, pytest.mark.heavy]
+pytestmark = pytest.mark.tf
 
 GRANULARITIES = ("unstructured", "channel", "2:4", "block")
 FAST_EVAL = {"latency": {"batch_sizes": [1], "runs": 1}}  # latency is not under test here

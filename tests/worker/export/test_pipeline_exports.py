@@ -13,7 +13,7 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from worker.pipeline import run_pipeline
 
-pytestmark = [pytest.mark.tf, pytest.mark.heavy]
+pytestmark = pytest.mark.tf
 
 ALL = ["float32", "float16", "dynamic_range", "int8"]
 

@@ -12,7 +12,7 @@ from tests.worker.structure.helpers import check_artifact, mask_groups, randomiz
 from worker.models import keras_to_saved_model, load_model
 from worker.structure import compact, find_groups, max_abs_diff, probe_inputs
 
-pytestmark = [pytest.mark.tf, pytest.mark.heavy]
+pytestmark = pytest.mark.tf
 
 
 def _group(analysis, variable: str, role: str = "producer"):
