@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# One xdist worker per core and one more: many tests wait on servers they started (polls, restarts), and the
-# extra worker keeps the cores busy meanwhile (2 cores: 3 workers). A module's tests stay on one worker
-# (--dist loadscope), so its module-scoped servers start once.
-XDIST       ?= -n $(shell expr $$(nproc) + 1) --dist loadscope
+# One xdist worker per core (a third worker on 2 cores measured no faster: docs/architecture.md). A module's
+# tests stay on one worker (--dist loadscope), so its module-scoped servers start once.
+XDIST       ?= -n auto --dist loadscope
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke clean
