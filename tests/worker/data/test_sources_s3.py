@@ -1,0 +1,125 @@
+"""s3:// sources against a real S3 server (SeaweedFS ``weed mini``): list with ETags, fetch into the shard
+cache, an object overwritten between listing and fetch (shard_changed), a deleted one (shard_missing)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.storage import Storage
+from app.storage.s3 import S3BlobStore
+from tests.support.seaweed import Seaweed
+from worker.data.cache import ShardCache
+from worker.data.errors import SourceError
+from worker.data.sources import ObjectInfo, S3Source, open_source
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    server = Seaweed(tmp_path_factory.mktemp("seaweed-data")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(
+    seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[S3BlobStore, str, Settings]:
+    """A fresh prefix in the server's bucket, a writer for it, and worker settings pointing at the server."""
+    for name, value in seaweed.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    prefix = f"ds-{uuid.uuid4().hex[:10]}"
+    writer = S3BlobStore(f"s3://{seaweed.bucket}/{prefix}", endpoint_url=seaweed.endpoint)
+    settings = Settings(data_dir=tmp_path / "data", s3_endpoint_url=seaweed.endpoint, s3_region="us-east-1")
+    return writer, f"s3://{seaweed.bucket}/{prefix}/", settings
+
+
+def put(writer: S3BlobStore, tmp_path: Path, key: str, data: bytes) -> None:
+    path = tmp_path / f"up-{uuid.uuid4().hex}"
+    path.write_bytes(data)
+    writer.put_file(key, path)
+
+
+def test_list_fetch_change_and_missing(bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path) -> None:
+    writer, root, settings = bucket
+    put(writer, tmp_path, "train/part-1.tfrecord", b"second")
+    put(writer, tmp_path, "train/part-0.tfrecord", b"first!")
+    put(writer, tmp_path, "train/_SUCCESS", b"")
+    cache = ShardCache(tmp_path / "cache", max_bytes=1 << 20)
+    source = open_source(
+        root + "train/", storage=Storage(tmp_path / "data"), settings=settings, allowed=[root], cache=cache
+    )
+    assert isinstance(source, S3Source) and not source.local
+    objs = source.list(max_objects=10)
+    assert [(o.key, o.size) for o in objs] == [("part-0.tfrecord", 6), ("part-1.tfrecord", 6)]
+    assert all(o.etag for o in objs)
+    assert source.cached(objs[0]) is None
+    path = source.fetch(objs[0])
+    assert path.read_bytes() == b"first!" and source.cached(objs[0]) == path
+    with source.open(objs[1]) as fh:
+        fh.seek(3)
+        assert fh.read() == b"ond"
+
+    put(writer, tmp_path, "train/part-1.tfrecord", b"CHANGED")  # overwritten after listing
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "train/", settings=settings, cache=cache, retry_delay_s=0.01).fetch(objs[1])
+    assert err.value.code == "shard_changed" and "part-1.tfrecord" in err.value.message
+    put(writer, tmp_path, "train/part-1.tfrecord", b"sec0nd")  # same size, other bytes: the ETag tells
+    with pytest.raises(SourceError) as err:
+        source.fetch(objs[1])
+    assert err.value.code == "shard_changed"
+    assert not any((cache.root / "tmp").iterdir())
+
+    writer.delete_prefix("train/part-0.tfrecord")
+    fresh = ShardCache(tmp_path / "cache2", max_bytes=0)
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "train/", settings=settings, cache=fresh).fetch(objs[0])
+    assert err.value.code == "shard_missing"
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "train/", settings=settings, cache=fresh).fetch(ObjectInfo("nope.tfrecord", 1, '"x"'))
+    assert err.value.code == "shard_missing"
+
+
+def test_limits_single_object_and_allow_list(
+    bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path
+) -> None:
+    writer, root, settings = bucket
+    for i in range(3):
+        put(writer, tmp_path, f"many/{i}.parquet", b"x" * (i + 1))
+    cache = ShardCache(tmp_path / "cache", max_bytes=0)
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "many/", settings=settings, cache=cache).list(max_objects=2)
+    assert err.value.code == "too_many_objects"
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "nothing/", settings=settings, cache=cache).list(max_objects=2)
+    assert err.value.code == "source_empty"
+    single = S3Source(root + "many/2.parquet", settings=settings, cache=cache)
+    (obj,) = single.list(10)
+    assert (obj.key, obj.size) == ("2.parquet", 3)
+    assert single.fetch(obj).read_bytes() == b"xxx"
+    no_slash = S3Source(root + "many", settings=settings, cache=cache)  # a prefix named without its slash
+    assert len(no_slash.list(10)) == 3
+    for bad, allowed in (
+        (root + "many/", [root + "other/"]),
+        (root[:-1] + "-evil/", [root]),
+        (root + "../x/", None),
+    ):
+        with pytest.raises(SourceError) as err:
+            S3Source(bad, settings=settings, cache=cache, allowed=allowed)
+        assert err.value.code == "source_denied"
+
+
+def test_wrong_credentials_are_source_denied(
+    bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, root, settings = bucket
+    put(writer, tmp_path, "x/a.tfrecord", b"a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    with pytest.raises(SourceError) as err:
+        S3Source(root + "x/", settings=settings, cache=ShardCache(tmp_path / "c", 0)).list(10)
+    assert err.value.code == "source_denied"
