@@ -66,10 +66,15 @@ def build_augmenter(items: list[dict[str, Any]], seed: int) -> Callable[[dict[st
                 continue
             result = value
             for kind, layer in layers:
-                size = tf.shape(result)[1:3]
-                result = layer(result, training=True)
                 if kind == "random_crop":
-                    result = tf.image.resize(result, size)
+                    if value.shape[1] is None or value.shape[2] is None:
+                        raise ValueError(
+                            f"random_crop needs a static image size for input {name!r}: stream with the model's "
+                            "input_specs (images are then resized to the model's height and width)"
+                        )
+                    result = tf.image.resize(layer(result, training=True), value.shape[1:3])
+                else:
+                    result = layer(result, training=True)
             out[name] = tf.ensure_shape(tf.cast(result, value.dtype), value.shape)
         return out
 
