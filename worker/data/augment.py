@@ -36,12 +36,16 @@ def check_items(items: list[dict[str, Any]]) -> None:
     for position, item in enumerate(items):
         kind = item.get("kind")
         if kind not in AUGMENTATIONS:
-            raise ValueError(f"augmentation[{position}]: unknown kind {kind!r}; known: {sorted(AUGMENTATIONS)}")
+            raise ValueError(
+                f"augmentation[{position}]: unknown kind {kind!r}; known: {sorted(AUGMENTATIONS)}"
+            )
         _, allowed, required = AUGMENTATIONS[kind]
         args = set(item) - {"kind"}
         unknown = sorted(args - allowed)
         if unknown:
-            raise ValueError(f"augmentation[{position}] {kind}: unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"augmentation[{position}] {kind}: unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
+            )
         missing = sorted(required - args)
         if missing:
             raise ValueError(f"augmentation[{position}] {kind}: missing argument(s) {missing}")

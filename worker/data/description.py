@@ -12,6 +12,8 @@ One place says how a stored record becomes model inputs, so the stream reader, t
   or ``{"tensor": dtype, "shape": [...]}`` (bytes written by ``tf.io.serialize_tensor``: how large ``.npz``
   uploads are converted to shards, read back bit-exact).
 - ``label``: a feature / column / npz array holding int64 class ids or float targets; None = unlabelled.
+  ``label_decode`` (``{"tensor": dtype, "shape"}``): the label is stored as serialized tensors (labels that a
+  tf.train.Example cannot hold exactly, e.g. float64; worker.data.convert.convert_npz).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Description:
     features: dict[str, FeatureSpec]
     inputs: dict[str, InputSpec]
     label: str | None
+    label_decode: TensorDecode | None = None  # a label stored as serialized tensors (convert_npz, float64 y)
 
     @property
     def sources(self) -> list[str]:
@@ -112,8 +115,9 @@ class Description:
         return list(dict.fromkeys(names))
 
 
-def _fail(message: str) -> DescriptionError:
-    return DescriptionError("invalid_description", message)
+def _fail(message: str, code: str = "input_invalid") -> DescriptionError:
+    """DescriptionError codes as in worker/data/errors.py: input_invalid, feature_missing, feature_mismatch."""
+    return DescriptionError(code, message)
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
@@ -132,7 +136,9 @@ def _feature(name: str, raw: Any) -> FeatureSpec:
         raise _fail(f"feature {name!r}: kind must be 'fixed' or 'var_len', got {kind!r}")
     dtype = _DTYPES.get(str(raw.get("dtype")))
     if dtype is None:
-        raise _fail(f"feature {name!r}: dtype must be one of float32, int64, string; got {raw.get('dtype')!r}")
+        raise _fail(
+            f"feature {name!r}: dtype must be one of float32, int64, string; got {raw.get('dtype')!r}"
+        )
     shape = _shape(raw.get("shape"), f"feature {name!r}")
     if kind == "var_len" and len(shape) > 1:
         raise _fail(f"feature {name!r}: a var_len feature is a list; give shape [length] or none")
@@ -170,7 +176,9 @@ def _inputs(raw: Any, fmt: str, default_source: dict[str, str]) -> dict[str, Inp
     if not isinstance(raw, dict):
         raise _fail(f"inputs must be an object keyed by signature input names, got {raw!r}")
     if "x" in raw and len(raw) > 1:
-        raise _fail(f"input 'x' means the only input of a single-input model; name every input instead: {sorted(raw)}")
+        raise _fail(
+            f"input 'x' means the only input of a single-input model; name every input instead: {sorted(raw)}"
+        )
     specs: dict[str, InputSpec] = {}
     for name, item in raw.items():
         if not isinstance(item, dict):
@@ -185,15 +193,18 @@ def _inputs(raw: Any, fmt: str, default_source: dict[str, str]) -> dict[str, Inp
     return specs
 
 
-def _npz_defaults(manifest: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+def _npz_defaults(manifest: dict[str, Any], npz_keys: list[str] | None) -> tuple[dict[str, str], str | None]:
     """Inputs and label of an npz manifest named by the API's convention (``x`` / ``x.<input>``, ``y``)."""
-    keys = list((manifest.get("arrays") or {}).keys())
+    keys = list(npz_keys if npz_keys is not None else (manifest.get("arrays") or {}).keys())
     inputs = {("x" if k == "x" else k[2:]): k for k in keys if k == "x" or k.startswith("x.")}
     return inputs, ("y" if "y" in keys else None)
 
 
-def parse_description(manifest: dict[str, Any]) -> Description:
-    """Validate the manifest's description; raises ``DescriptionError`` with a sentence naming the field."""
+def parse_description(manifest: dict[str, Any], *, npz_keys: list[str] | None = None) -> Description:
+    """Validate the manifest's description; raises ``DescriptionError`` with a sentence naming the field.
+
+    ``npz_keys``: the array names of an npz shard, for a manifest that has neither ``inputs`` nor ``arrays``
+    yet (the stream reads them from the file)."""
     fmt = manifest.get("format")
     if fmt not in ("tfrecord", "parquet", "npz"):
         raise _fail(f"stored format must be tfrecord, parquet or npz, got {fmt!r}")
@@ -208,7 +219,7 @@ def parse_description(manifest: dict[str, Any]) -> Description:
 
     defaults: dict[str, str] = {}
     if fmt == "npz":
-        defaults, npz_label = _npz_defaults(manifest)
+        defaults, npz_label = _npz_defaults(manifest, npz_keys)
         if "label" not in manifest:
             label = npz_label
     elif fmt == "tfrecord":
@@ -218,20 +229,32 @@ def parse_description(manifest: dict[str, Any]) -> Description:
     inputs = _inputs(manifest.get("inputs"), fmt, defaults)
     if label is not None and not isinstance(label, str):
         raise _fail(f"label must name one feature or column, got {label!r}")
+    label_decode = _decode("label", manifest.get("label_decode"))
+    if label_decode is not None and not isinstance(label_decode, TensorDecode):
+        raise _fail("label_decode must be a tensor decode {'tensor': dtype, 'shape': [...]}")
 
     if fmt == "tfrecord":
         for spec in inputs.values():
             feature = features.get(spec.source)
             if feature is None:
-                raise _fail(f"input {spec.name!r} reads feature {spec.source!r}, which is not in features {sorted(features)}")
+                raise _fail(
+                    f"input {spec.name!r} reads feature {spec.source!r}, which is not in features {sorted(features)}",
+                    "feature_missing",
+                )
             if spec.decode is not None and feature.dtype != "string":
-                raise _fail(f"input {spec.name!r}: decode needs a string (bytes) feature; {spec.source!r} is {feature.dtype}")
+                raise _fail(
+                    f"input {spec.name!r}: decode needs a string (bytes) feature; {spec.source!r} is {feature.dtype}",
+                    "feature_mismatch",
+                )
             if feature.kind == "var_len" and spec.decode is not None:
                 raise _fail(f"input {spec.name!r}: decode needs a fixed feature of one value per record")
         if label is not None:
             feature = features.get(label)
             if feature is None:
-                raise _fail(f"label {label!r} is not in features {sorted(features)}")
-            if feature.dtype == "string":
-                raise _fail(f"label {label!r} must be int64 (class ids) or float32 (targets), not string")
-    return Description(fmt, compression, features, inputs, label)
+                raise _fail(f"label {label!r} is not in features {sorted(features)}", "feature_missing")
+            if feature.dtype == "string" and label_decode is None:
+                raise _fail(
+                    f"label {label!r} must be int64 (class ids) or float32 (targets), not string",
+                    "feature_mismatch",
+                )
+    return Description(fmt, compression, features, inputs, label, label_decode)

@@ -48,43 +48,67 @@ def column_specs(path: Path, wanted: dict[str, tuple[int, ...] | None]) -> dict[
     specs: dict[str, ColumnSpec] = {}
     for name, shape in wanted.items():
         if name not in schema.names:
-            raise DescriptionError("invalid_description", f"column {name!r} is not in the Parquet schema {schema.names}")
+            raise DescriptionError(
+                "feature_mismatch", f"column {name!r} is not in the Parquet schema {schema.names}"
+            )
         value, dims = _value_type(schema.field(name).type)
-        if pa.types.is_binary(value) or pa.types.is_large_binary(value) or pa.types.is_string(value) or pa.types.is_large_string(value):
+        if (
+            pa.types.is_binary(value)
+            or pa.types.is_large_binary(value)
+            or pa.types.is_string(value)
+            or pa.types.is_large_string(value)
+        ):
             dtype = np.dtype(object)
         elif pa.types.is_floating(value) or pa.types.is_integer(value) or pa.types.is_boolean(value):
             dtype = np.dtype(value.to_pandas_dtype())
         else:
-            raise DescriptionError("invalid_description", f"column {name!r} has type {value}, which the stream cannot read")
+            raise DescriptionError(
+                "feature_mismatch", f"column {name!r} has type {value}, which the stream cannot read"
+            )
         if shape is None:
             if any(d < 0 for d in dims):
                 raise DescriptionError(
-                    "invalid_description", f"column {name!r} is a variable-length list: give its input a shape"
+                    "feature_mismatch",
+                    f"column {name!r} is a variable-length list: give its input a shape",
                 )
             shape = tuple(dims)
         elif not dims:
-            raise DescriptionError("invalid_description", f"column {name!r} is a scalar column; it takes no shape")
+            raise DescriptionError(
+                "feature_mismatch", f"column {name!r} is a scalar column; it takes no shape"
+            )
+        elif all(d >= 0 for d in dims) and math.prod(shape) != math.prod(dims):
+            raise DescriptionError(
+                "feature_mismatch",
+                f"column {name!r} holds {math.prod(dims)} values per row; shape {list(shape)} needs {math.prod(shape)}",
+            )
         specs[name] = ColumnSpec(name, dtype, tuple(shape))
     return specs
 
 
-def column_to_numpy(array, spec: ColumnSpec, where: str) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """One Arrow column chunk -> (rows, *shape) NumPy array; nulls and ragged rows raise ``RecordError``."""
+def column_to_numpy(array, spec: ColumnSpec, where: str, key: str, start: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """One Arrow column chunk -> (rows, *shape) NumPy array; nulls and ragged rows raise ``RecordError``
+    (``index``: the chunk's first row)."""
     import pyarrow as pa
+
+    def bad(message: str) -> RecordError:
+        return RecordError("bad_record", message, shard=key, index=start)
 
     n = len(array)
     if array.null_count:
-        raise RecordError("bad_record", f"{where}: column {spec.name!r} has null values")
+        raise bad(f"{where}: column {spec.name!r} has null values")
     flat = array
-    while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
+    while (
+        pa.types.is_list(flat.type)
+        or pa.types.is_large_list(flat.type)
+        or pa.types.is_fixed_size_list(flat.type)
+    ):
         if flat.null_count:
-            raise RecordError("bad_record", f"{where}: column {spec.name!r} has null list items")
+            raise bad(f"{where}: column {spec.name!r} has null list items")
         flat = flat.flatten()
     values = flat.to_numpy(zero_copy_only=False)
     per_row = math.prod(spec.shape)
     if values.size != n * per_row:
-        raise RecordError(
-            "bad_record",
+        raise bad(
             f"{where}: column {spec.name!r} holds {values.size} values for {n} rows; shape {list(spec.shape)} "
             f"needs {per_row} per row",
         )
@@ -94,7 +118,7 @@ def column_to_numpy(array, spec: ColumnSpec, where: str) -> np.ndarray:  # type:
 
 
 def iter_batches(
-    path: Path, specs: dict[str, ColumnSpec], rows: int, where: str
+    path: Path, specs: dict[str, ColumnSpec], rows: int, key: str
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(first row index, column arrays) per record batch of at most ``rows`` rows, reading only ``specs``."""
     import pyarrow.parquet as pq
@@ -102,6 +126,9 @@ def iter_batches(
     columns: Sequence[str] = list(specs)
     start = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
-        label = f"{where} rows {start}..{start + batch.num_rows - 1}"
-        yield start, {name: column_to_numpy(batch.column(name), specs[name], label) for name in columns}
+        where = f"shard {key!r} rows {start}..{start + batch.num_rows - 1}"
+        yield (
+            start,
+            {name: column_to_numpy(batch.column(name), specs[name], where, key, start) for name in columns},
+        )
         start += batch.num_rows

@@ -37,7 +37,7 @@ import numpy as np
 
 from worker.data import parquet, split
 from worker.data.description import Description, ImageDecode, InputSpec, TensorDecode, parse_description
-from worker.data.errors import DataError, RecordError
+from worker.data.errors import DataError, DescriptionError, RecordError, SourceError
 
 CYCLE_LENGTH = 4  # shards read at once when shuffling: mixing across shards, bounded disk and memory
 READ_ROWS = 1024  # rows per Python call for Parquet / npz
@@ -102,14 +102,18 @@ class StreamedSet:
         self.manifest = manifest
         self.source = source
         self.on_bad_record = on_bad_record
-        self.description: Description = parse_description(manifest)
         self.shards: list[dict[str, Any]] = list(manifest.get("shards") or [])
         if not self.shards:
-            raise DataError("source_empty", "the dataset manifest lists no shards")
+            raise SourceError("source_empty", "the dataset manifest lists no shards")
+        self._recent: collections.deque[int] = collections.deque(maxlen=4 * CYCLE_LENGTH)
+        npz_keys = None
+        if manifest.get("format") == "npz" and not manifest.get("inputs") and not manifest.get("arrays"):
+            with np.load(self._fetch(0), allow_pickle=False) as z:  # reads the zip directory only
+                npz_keys = list(z.files)
+        self.description: Description = parse_description(manifest, npz_keys=npz_keys)
         self.n: int | None = manifest.get("n_samples")
         self.notes: list[str] = []
         self._targets = self._resolve_targets(input_specs or {})
-        self._recent: collections.deque[int] = collections.deque(maxlen=4 * CYCLE_LENGTH)
         self._gen_error: DataError | None = None
         self._columns: dict[str, parquet.ColumnSpec] | None = None
         self._npz: dict[str, np.ndarray] | None = None
@@ -153,7 +157,9 @@ class StreamedSet:
         records = self._records(order, cycle=min(CYCLE_LENGTH, len(order)) if shuffle else 1)
         records = self._filter(records, keep)
         if shuffle:
-            records = records.shuffle(shuffle_buffer, seed=_seed32(seed, epoch), reshuffle_each_iteration=False)
+            records = records.shuffle(
+                shuffle_buffer, seed=_seed32(seed, epoch), reshuffle_each_iteration=False
+            )
         hseed = split.split_seed(keep)
 
         def element(ids: Any, x: dict[str, Any], y: Any) -> tuple[Any, ...]:
@@ -177,7 +183,9 @@ class StreamedSet:
                 deterministic=True,
             )
         if augment is not None:
-            ds = ds.map(lambda x, *rest: (augment(x), *rest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = ds.map(
+                lambda x, *rest: (augment(x), *rest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            )
         if prefetch:
             ds = ds.prefetch(prefetch)
         return ds
@@ -206,7 +214,9 @@ class StreamedSet:
                 read = self._counter_values()[0] - before[0]
                 self._lost += max(0, sum(expected) - read)
 
-    def take(self, n: int, *, keep: split.KeepFn | None = None, seed: int = 0, shuffle: bool = False) -> dict[str, np.ndarray]:
+    def take(
+        self, n: int, *, keep: split.KeepFn | None = None, seed: int = 0, shuffle: bool = False
+    ) -> dict[str, np.ndarray]:
         """The first ``n`` records (after ``keep``; shuffled by ``seed`` when ``shuffle``) as npz-style arrays
         ``x`` / ``x.<input>`` and ``y`` (labelled sets), so ``worker.models.inputs.bind_inputs`` works as for an
         uploaded ``.npz``. Fewer when the set is smaller. Memory O(n)."""
@@ -222,7 +232,9 @@ class StreamedSet:
             if got >= n:
                 break
         if not parts:
-            keys = [spec.array_key for spec in self.description.inputs.values()] + (["y"] if self.labelled else [])
+            keys = [spec.array_key for spec in self.description.inputs.values()] + (
+                ["y"] if self.labelled else []
+            )
             return {key: np.zeros((0,)) for key in keys}
         return {key: np.concatenate(chunks)[:n] for key, chunks in parts.items()}
 
@@ -242,7 +254,11 @@ class StreamedSet:
                 if shape[1] is not None and shape[2] is not None:
                     size = (int(shape[1]), int(shape[2]))
                 channels = shape[3]
-                if spec.decode.channels is not None and channels is not None and spec.decode.channels != channels:
+                if (
+                    spec.decode.channels is not None
+                    and channels is not None
+                    and spec.decode.channels != channels
+                ):
                     raise DataError(
                         "dataset_mismatch",
                         f"input {name!r} decodes images with {spec.decode.channels} channels; the model takes {channels}",
@@ -251,7 +267,9 @@ class StreamedSet:
             if size is not None:
                 stored = ((self.manifest.get("arrays") or {}).get(spec.array_key) or {}).get("shape")
                 if stored is None or len(stored) != 4:
-                    self.notes.append(f"input {name!r}: images are resized to {size[0]}x{size[1]} when their size differs")
+                    self.notes.append(
+                        f"input {name!r}: images are resized to {size[0]}x{size[1]} when their size differs"
+                    )
                 elif tuple(stored[1:3]) != size:
                     self.notes.append(
                         f"input {name!r}: images ({stored[1]}x{stored[2]} in the sample) are resized to the model's "
@@ -313,7 +331,9 @@ class StreamedSet:
                 arrays = self._npz_arrays()
                 self._columns = {
                     name: parquet.ColumnSpec(
-                        name, np.dtype(object) if arrays[name].dtype.kind in "US" else arrays[name].dtype, arrays[name].shape[1:]
+                        name,
+                        np.dtype(object) if arrays[name].dtype.kind in "US" else arrays[name].dtype,
+                        arrays[name].shape[1:],
                     )
                     for name in d.sources
                 }
@@ -331,11 +351,15 @@ class StreamedSet:
             with np.load(path, allow_pickle=False) as z:
                 missing = [name for name in self.description.sources if name not in z.files]
                 if missing:
-                    raise DataError("invalid_description", f"the .npz has no arrays {missing}; it has {sorted(z.files)}")
+                    raise DescriptionError(
+                        "input_invalid", f"the .npz has no arrays {missing}; it has {sorted(z.files)}"
+                    )
                 self._npz = {name: z[name] for name in self.description.sources}
             lengths = {name: len(a) for name, a in self._npz.items()}
             if len(set(lengths.values())) > 1:
-                raise DataError("dataset_mismatch", f"npz arrays have different numbers of samples: {lengths}")
+                raise DataError(
+                    "dataset_mismatch", f"npz arrays have different numbers of samples: {lengths}"
+                )
         return self._npz
 
     def _column_batches(self, index: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -345,7 +369,9 @@ class StreamedSet:
             for start in range(0, total, READ_ROWS):
                 yield start, {name: a[start : start + READ_ROWS] for name, a in arrays.items()}
             return
-        yield from parquet.iter_batches(self._fetch(index), self._column_specs(), READ_ROWS, self._where(index))
+        yield from parquet.iter_batches(
+            self._fetch(index), self._column_specs(), READ_ROWS, self.shards[index]["key"]
+        )
 
     def _column_records(self, order: list[int]) -> Any:
         tf = _tf()
@@ -356,7 +382,11 @@ class StreamedSet:
                 for index in order:
                     for start, columns in self._column_batches(index):
                         rows = len(next(iter(columns.values())))
-                        yield np.full(rows, index, np.int64), np.arange(start, start + rows, dtype=np.int64), columns
+                        yield (
+                            np.full(rows, index, np.int64),
+                            np.arange(start, start + rows, dtype=np.int64),
+                            columns,
+                        )
             except DataError as exc:  # surfaces as a TF error; batches() re-raises ours
                 self._gen_error = exc
                 raise
@@ -422,7 +452,9 @@ class StreamedSet:
         tf = _tf()
         decode = spec.decode
         if isinstance(decode, TensorDecode):
-            return tf.ensure_shape(tf.io.parse_tensor(value, out_type=tf.as_dtype(decode.dtype)), decode.shape)
+            return tf.ensure_shape(
+                tf.io.parse_tensor(value, out_type=tf.as_dtype(decode.dtype)), decode.shape
+            )
         assert isinstance(decode, ImageDecode)
         target = self._targets.get(spec.name)
         channels = decode.channels or (target.channels if target else None) or 0
@@ -459,7 +491,9 @@ class StreamedSet:
             value = self._dense(spec.source, raw[spec.source], batched)
             if spec.decode is not None:
                 if batched:
-                    out_dtype = tf.float32 if isinstance(spec.decode, ImageDecode) else tf.as_dtype(spec.decode.dtype)
+                    out_dtype = (
+                        tf.float32 if isinstance(spec.decode, ImageDecode) else tf.as_dtype(spec.decode.dtype)
+                    )
                     value = tf.map_fn(
                         lambda v, spec=spec: self._decode(spec, v),
                         value,
@@ -469,16 +503,33 @@ class StreamedSet:
                     value = self._decode(spec, value)
             x[name] = self._cast(spec, value)
         y = None
-        if self.description.label is not None:
-            y = self._dense(self.description.label, raw[self.description.label], batched)
+        label, decode = self.description.label, self.description.label_decode
+        if label is not None:
+            y = self._dense(label, raw[label], batched)
+            if decode is not None:
+                y = self._decode_tensor(decode, y, batched)
         return x, y
+
+    def _decode_tensor(self, decode: TensorDecode, value: Any, batched: bool) -> Any:
+        tf = _tf()
+        dtype = tf.as_dtype(decode.dtype)
+
+        def one(v: Any) -> Any:
+            return tf.ensure_shape(tf.io.parse_tensor(v, out_type=dtype), decode.shape)
+
+        if not batched:
+            return one(value)
+        return tf.map_fn(one, value, fn_output_signature=tf.TensorSpec(decode.shape, dtype))
 
     # --- skip counting and error location ------------------------------------------------------------------
 
     def _skip_counters(self) -> tuple[Any, Any]:
         if self._counters is None:
             tf = _tf()
-            self._counters = (tf.Variable(0, dtype=tf.int64, trainable=False), tf.Variable(0, dtype=tf.int64, trainable=False))
+            self._counters = (
+                tf.Variable(0, dtype=tf.int64, trainable=False),
+                tf.Variable(0, dtype=tf.int64, trainable=False),
+            )
         return self._counters
 
     def _counter_values(self) -> tuple[int, int]:
@@ -489,16 +540,13 @@ class StreamedSet:
     def _locate(self, exc: BaseException, keep: split.KeepFn | None) -> DataError:
         """Find the first bad record by reading shards one record at a time: the shards the failing pass opened
         last first, then the rest."""
-        candidates = list(dict.fromkeys([*reversed(self._recent), *split.kept_shards(keep, len(self.shards))]))
+        candidates = list(
+            dict.fromkeys([*reversed(self._recent), *split.kept_shards(keep, len(self.shards))])
+        )
         for index in candidates:
             found = self._scan_shard(index, keep)
             if found is not None:
-                record, reason = found
-                return RecordError(
-                    BAD_RECORD,
-                    f"{self._where(index)} record {record} (counting from 0) cannot be read: {reason}. Fix or "
-                    "remove it, or register the dataset with on_bad_record 'skip'",
-                )
+                return found
         hint = ""
         if any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values()) and not any(
             t.size for t in self._targets.values()
@@ -506,40 +554,59 @@ class StreamedSet:
             hint = " (images of different sizes batch only when the model's input size is known to resize to)"
         return RecordError(BAD_RECORD, f"reading the dataset failed: {_reason(exc)}{hint}")
 
-    def _scan_shard(self, index: int, keep: split.KeepFn | None) -> tuple[int, str] | None:
+    def _bad(self, index: int, record: int, code: str, reason: str) -> RecordError:
+        key = self.shards[index]["key"]
+        return RecordError(
+            code,
+            f"shard {key!r} record {record} (counting from 0) cannot be read: {reason}. Fix or remove it, or "
+            "read the dataset with on_bad_record 'skip'",
+            shard=key,
+            index=record,
+        )
+
+    def _scan_shard(self, index: int, keep: split.KeepFn | None) -> DataError | None:
+        """The first bad record of one shard (within ``keep``), or None when every record reads."""
         tf = _tf()
         self._gen_error = None
         if self.description.format == "tfrecord":
-            raw = tf.data.TFRecordDataset(str(self._fetch(index)), compression_type=self.description.compression or "")
+            raw = tf.data.TFRecordDataset(
+                str(self._fetch(index)), compression_type=self.description.compression or ""
+            )
             good = int(raw.ignore_errors().reduce(np.int64(0), lambda n, _: n + 1))
             try:
                 raw.reduce(np.int64(0), lambda n, _: n + 1)
             except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
-                return good, f"the file is damaged there ({_reason(exc)})"
+                return self._bad(index, good, BAD_RECORD, f"the file is damaged there ({_reason(exc)})")
         records = self._filter(self._records([index], cycle=1), keep)
         try:
             wanted = [int(r) for r in records.map(lambda i, r, p: r).as_numpy_iterator()]
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
             if self._gen_error is not None:
-                return -1, self._gen_error.message
-            return -1, _reason(exc)
+                return self._gen_error
+            return RecordError(BAD_RECORD, f"{self._where(index)} cannot be read: {_reason(exc)}")
         ok = records.map(self._record_map).ignore_errors()
         seen = {int(ids[1]) for ids, *_ in ok.as_numpy_iterator()}
         for record in wanted:
             if record not in seen:
-                return record, self._why(index, record)
+                return self._why(index, record)
         return None
 
-    def _why(self, index: int, record: int) -> str:
-        """The error message of one record, read again on its own."""
+    def _why(self, index: int, record: int) -> RecordError:
+        """The error of one record read again on its own: ``bad_record`` when it does not parse, ``bad_image``
+        when it parses but an image does not decode."""
         tf = _tf()
-        one = self._records([index], cycle=1).skip(record).take(1)
-        try:
-            for _, _, payload in one:
-                self._finish(self._parse_one(payload), batched=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            return _reason(exc)
-        return "it does not parse or decode"
+        errors = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
+        for _, _, payload in self._records([index], cycle=1).skip(record).take(1):
+            try:
+                raw = self._parse_one(payload)
+            except errors as exc:
+                return self._bad(index, record, BAD_RECORD, _reason(exc))
+            try:
+                self._finish(raw, batched=False)
+            except errors as exc:
+                images = any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values())
+                return self._bad(index, record, "bad_image" if images else BAD_RECORD, _reason(exc))
+        return self._bad(index, record, BAD_RECORD, "it does not parse or decode")
 
 
 def sample_arrays(manifest: dict[str, Any], source: Any, n: int = 8) -> dict[str, dict[str, Any]]:
@@ -566,7 +633,7 @@ def sample_arrays(manifest: dict[str, Any], source: Any, n: int = 8) -> dict[str
             raise streamed._gen_error from exc
         raise streamed._locate(exc, None) from exc
     if not shapes:
-        raise DataError("source_empty", "the dataset's first shard holds no records")
+        raise SourceError("source_empty", "the dataset holds no records")
     first = manifest.get("n_samples")
     lead = first if isinstance(first, int) else -1
     out: dict[str, dict[str, Any]] = {}
@@ -583,4 +650,3 @@ def n_records(manifest: dict[str, Any]) -> int | None:
     """Sum of the shards' record counts when every one is known (else None)."""
     counts = [s.get("records") for s in manifest.get("shards") or []]
     return sum(counts) if counts and all(isinstance(c, int) for c in counts) else None
-

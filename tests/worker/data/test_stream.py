@@ -52,7 +52,9 @@ def tf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tf_manifest(root: Path, inputs: dict = IMAGE_INPUT, **extra: object) -> dict:
     keys = [f"part-{s:05d}.tfrecord" for s in range(len(SIZES))]
-    return manifest(root, "tfrecord", keys, list(SIZES), features=FEATURES, inputs=inputs, label="label", **extra)
+    return manifest(
+        root, "tfrecord", keys, list(SIZES), features=FEATURES, inputs=inputs, label="label", **extra
+    )
 
 
 def _collect(ds: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -84,14 +86,23 @@ def test_multi_input_numeric_varlen_and_serialized_tensor(tf_dir: Path) -> None:
         "blob": {"feature": "blob", "decode": {"tensor": "float32", "shape": [2, 2]}},
     }
     specs = {"vec": {"shape": [None, 3], "dtype": "float64"}}
-    x, y = _collect(StreamedSet(_tf_manifest(tf_dir, inputs), LocalDirSource(tf_dir), input_specs=specs).dataset(8))
+    x, y = _collect(
+        StreamedSet(_tf_manifest(tf_dir, inputs), LocalDirSource(tf_dir), input_specs=specs).dataset(8)
+    )
     ids = np.arange(22)
     assert x["vec"].dtype == np.float64  # cast to the model's dtype
     np.testing.assert_array_equal(x["vec"], np.stack([ids, ids + 0.5, -ids], 1))
     want_tags = np.array([[0, 1][: i % 3] + [-1] * (2 - i % 3) for i in ids])  # densified with the default
     np.testing.assert_array_equal(x["tags"], want_tags)
-    np.testing.assert_array_equal(x["blob"], np.broadcast_to(ids[:, None, None], (22, 2, 2)).astype(np.float32))
+    np.testing.assert_array_equal(
+        x["blob"], np.broadcast_to(ids[:, None, None], (22, 2, 2)).astype(np.float32)
+    )
     np.testing.assert_array_equal(y, ids)
+    # a label stored as serialized tensors (convert_npz's float64 labels): label_decode
+    relabelled = _tf_manifest(tf_dir, {"x": {"feature": "vec"}})
+    relabelled.update(label="blob", label_decode={"tensor": "float32", "shape": [2, 2]})
+    _, y = _collect(StreamedSet(relabelled, LocalDirSource(tf_dir)).dataset(8))
+    assert y.shape == (22, 2, 2) and y[5, 1, 1] == 5.0
 
 
 def test_shuffle_is_seeded_per_epoch_and_reads_everything(tf_dir: Path) -> None:
@@ -110,7 +121,9 @@ def test_shuffle_is_seeded_per_epoch_and_reads_everything(tf_dir: Path) -> None:
 def test_keep_splits_partition_the_records(tf_dir: Path) -> None:
     streamed = StreamedSet(_tf_manifest(tf_dir), LocalDirSource(tf_dir))
     held = set(_collect(streamed.dataset(4, keep=split.keep_fraction(0.0, 0.3, seed=5)))[1].tolist())
-    rest = set(_collect(streamed.dataset(4, keep=split.drop_fraction(0.0, 0.3, seed=5), shuffle=True))[1].tolist())
+    rest = set(
+        _collect(streamed.dataset(4, keep=split.drop_fraction(0.0, 0.3, seed=5), shuffle=True))[1].tolist()
+    )
     assert held and rest and not held & rest and held | rest == set(range(22))
     # the same buckets as the NumPy twin of the hash
     shard_of = np.repeat(np.arange(3), SIZES)
@@ -153,14 +166,20 @@ def test_images_resized_to_the_model_input(tf_dir: Path) -> None:
 
 def test_sample_arrays(tf_dir: Path) -> None:
     arrays = sample_arrays(_tf_manifest(tf_dir), LocalDirSource(tf_dir), n=4)
-    assert arrays == {"x": {"shape": [22, 6, 5, 1], "dtype": "float32"}, "y": {"shape": [22], "dtype": "int64"}}
+    assert arrays == {
+        "x": {"shape": [22, 6, 5, 1], "dtype": "float32"},
+        "y": {"shape": [22], "dtype": "int64"},
+    }
 
 
 def test_augmentation_changes_training_batches_not_shapes(tf_dir: Path) -> None:
     specs = {"x": {"shape": [None, 6, 5, 1], "dtype": "float32"}}  # a static size: random_crop resizes back
     streamed = StreamedSet(_tf_manifest(tf_dir), LocalDirSource(tf_dir), input_specs=specs)
     plain = _collect(streamed.dataset(22))[0]["x"]
-    augment = build_augmenter([{"kind": "random_flip", "mode": "horizontal"}, {"kind": "random_crop", "height": 4, "width": 4}], seed=3)
+    augment = build_augmenter(
+        [{"kind": "random_flip", "mode": "horizontal"}, {"kind": "random_crop", "height": 4, "width": 4}],
+        seed=3,
+    )
     augmented = _collect(streamed.dataset(22, augment=augment))[0]["x"]
     assert augmented.shape == plain.shape and not np.array_equal(augmented, plain)
 
@@ -181,14 +200,23 @@ def bad_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bad_manifest(root: Path) -> dict:
-    return manifest(root, "tfrecord", ["a.tfrecord", "b.tfrecord"], [6, 7], features=FEATURES, inputs=IMAGE_INPUT, label="label")
+    return manifest(
+        root,
+        "tfrecord",
+        ["a.tfrecord", "b.tfrecord"],
+        [6, 7],
+        features=FEATURES,
+        inputs=IMAGE_INPUT,
+        label="label",
+    )
 
 
 def test_bad_record_fails_naming_shard_and_index(bad_dir: Path) -> None:
     streamed = StreamedSet(_bad_manifest(bad_dir), LocalDirSource(bad_dir))
     with pytest.raises(RecordError) as caught:
         list(streamed.batches(4))
-    assert "'b.tfrecord' record 3" in caught.value.message and caught.value.code == "bad_record"
+    assert "'b.tfrecord' record 3" in caught.value.message and caught.value.code == "bad_image"
+    assert (caught.value.shard, caught.value.index) == ("b.tfrecord", 3)
 
 
 def test_bad_record_skipped_and_counted(bad_dir: Path) -> None:
@@ -201,7 +229,15 @@ def test_damaged_shard_fails_or_counts_the_lost_records(tmp_path: Path, bad_dir:
     data = (bad_dir / "a.tfrecord").read_bytes()
     (tmp_path / "a.tfrecord").write_bytes(data[: len(data) - 40])  # the last record is cut short
     write_tfrecord(tmp_path / "b.tfrecord", [])
-    m = manifest(tmp_path, "tfrecord", ["a.tfrecord", "b.tfrecord"], [6, 0], features=FEATURES, inputs=IMAGE_INPUT, label="label")
+    m = manifest(
+        tmp_path,
+        "tfrecord",
+        ["a.tfrecord", "b.tfrecord"],
+        [6, 0],
+        features=FEATURES,
+        inputs=IMAGE_INPUT,
+        label="label",
+    )
     with pytest.raises(RecordError, match=r"'a.tfrecord' record 5 .*damaged"):
         list(StreamedSet(m, LocalDirSource(tmp_path)).batches(4))
     skipping = StreamedSet(m, LocalDirSource(tmp_path), on_bad_record="skip")
@@ -212,4 +248,7 @@ def test_inconsistent_description_is_refused(tf_dir: Path) -> None:
     with pytest.raises(DescriptionError, match="'nope'"):
         StreamedSet(_tf_manifest(tf_dir, {"x": {"feature": "nope"}}), LocalDirSource(tf_dir))
     with pytest.raises(DescriptionError, match="string"):
-        StreamedSet(_tf_manifest(tf_dir, {"x": {"feature": "vec", "decode": {"image": "png"}}}), LocalDirSource(tf_dir))
+        StreamedSet(
+            _tf_manifest(tf_dir, {"x": {"feature": "vec", "decode": {"image": "png"}}}),
+            LocalDirSource(tf_dir),
+        )
