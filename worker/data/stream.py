@@ -270,6 +270,11 @@ class StreamedSet:
                     self.notes.append(
                         f"input {name!r}: images are resized to {size[0]}x{size[1]} when their size differs"
                     )
+                elif None in stored[1:3]:
+                    self.notes.append(
+                        f"input {name!r}: images (of varying sizes in the sample) are resized to the model's "
+                        f"{size[0]}x{size[1]} (tf.image.resize, bilinear)"
+                    )
                 elif tuple(stored[1:3]) != size:
                     self.notes.append(
                         f"input {name!r}: images ({stored[1]}x{stored[2]} in the sample) are resized to the model's "
