@@ -104,7 +104,7 @@ def _description(upload: Upload) -> DatasetDescription:
         ) from exc
 
 
-def _upload_kind(upload: Upload, description: DatasetDescription) -> tuple[str, str]:
+def _upload_kind(upload: Upload, description: DatasetDescription, settings: Settings) -> tuple[str, str]:
     """(stored extension, kind: npz | tfrecord | parquet | archive) from the name, confirmed by the bytes."""
     name = upload.filename.lower()
     match = next(((ext, kind) for suffix, ext, kind in UPLOAD_KINDS if name.endswith(suffix)), None)
@@ -117,7 +117,8 @@ def _upload_kind(upload: Upload, description: DatasetDescription) -> tuple[str, 
         f.seek(max(upload.size - 4, 0))
         tail = f.read(4)
     bad = None
-    if kind == "npz" and not head.startswith(b"PK"):
+    if kind == "npz" and upload.size > settings.convert_above_bytes and not head.startswith(b"PK"):
+        # (a small one is inspected whole by inspect_npz, whose messages name what the file is instead)
         bad = "named .npz but is not a zip file (save it with numpy.savez or savez_compressed)"
     elif kind == "parquet" and not (head.startswith(b"PAR1") and tail == b"PAR1" and upload.size >= 12):
         bad = "named .parquet but lacks the PAR1 magic at both ends (truncated, or not Parquet)"
@@ -172,7 +173,7 @@ def _check_and_register(
     ``datasets/<id>/upload<ext>`` with status ``validating`` for the worker (``pending`` in the record)."""
     try:
         description = _description(upload)
-        ext, kind = _upload_kind(upload, description)
+        ext, kind = _upload_kind(upload, description, settings)
         dataset_format = kind
         info = None
         if kind == "npz" and upload.size <= settings.convert_above_bytes:
