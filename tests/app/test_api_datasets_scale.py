@@ -716,3 +716,9 @@ def test_old_databases_get_the_new_columns_and_nullable_ones(tmp_path: Path) -> 
             DatasetRecord(id="ds_new", name="ref", format="parquet", status="validating", source="s3://d/x/")
         )
     engine.dispose()
+
+
+def test_other_media_types_are_415_naming_both_bodies(client: TestClient) -> None:
+    response = client.post("/v1/datasets", content=b"a,b", headers={"content-type": "text/csv"})
+    body = assert_problem(response, 415)
+    assert "multipart/form-data" in body["detail"] and "application/json" in body["detail"]

@@ -33,7 +33,14 @@ from app.config import Settings
 from app.db import jobs, records
 from app.db.engine import session_scope
 from app.db.tables import DatasetRecord, utcnow
-from app.errors import Conflict, Forbidden, NotFound, Unprocessable, UnsupportedFormat
+from app.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unprocessable,
+    UnsupportedFormat,
+    UnsupportedMediaType,
+)
 from app.npz import NpzLimits, inspect_npz
 from app.presenters import dataset_out
 from app.queue import VALIDATE_DATASET
@@ -291,6 +298,11 @@ async def upload_dataset(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json" or content_type.endswith("+json"):
         return await _register_reference(request, settings, celery, tenant, idempotency, key)
+    if content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"POST /v1/datasets takes multipart/form-data (field 'file': a dataset file) or application/json "
+            f'(a reference: {{"source", "format", ...}}), not {content_type or "a body without Content-Type"!r}'
+        )
     attempt = await run_in_threadpool(
         idempotency.begin, tenant, key, "POST /v1/datasets", None, lock_seconds=UPLOAD_LOCK_S, retry_after=10
     )
