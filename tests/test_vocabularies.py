@@ -105,6 +105,10 @@ def test_worker_augmentations_hold_the_spec_kinds() -> None:
     """worker.data.augment.AUGMENTATIONS (issue 20, DATA-STREAM) maps the same kinds; skipped until it exists."""
     augment = pytest.importorskip("worker.data.augment")
     assert set(augment.AUGMENTATIONS) == set(vocabulary.AUGMENTATIONS)
+    for kind, (_layer, allowed, required) in augment.AUGMENTATIONS.items():
+        assert set(allowed) == set(vocabulary.AUGMENTATIONS[kind]), kind
+        # The spec may require more than Keras does (random_flip's mode), never less.
+        assert set(required) <= set(vocabulary.AUGMENTATION_REQUIRED[kind]), kind
 
 
 def test_dataset_vocabulary() -> None:
