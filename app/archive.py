@@ -152,7 +152,18 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits = ArchiveLimit
     and renamed onto ``dest`` (which must not exist or be empty) only when complete, with the single top
     folder, if any, stripped. Nothing is left behind on failure.
     """
-    kind = _kind_by_magic(path)
+    return _extract(path, dest, limits, _kind_by_magic(path), lambda members: members.model_root())
+
+
+def _extract(
+    path: Path,
+    dest: Path,
+    limits: ArchiveLimits,
+    kind: DatasetArchiveKind,
+    root_of: Callable[[_Members], str],
+) -> Path:
+    """Extraction into a hidden staging folder, renamed onto ``dest``: ``root_of`` names the folder (relative
+    to the archive root) that becomes ``dest``."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"extraction target {dest} exists and is not an empty directory")
     try:
@@ -174,20 +185,85 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits = ArchiveLimit
                     with _reading(rel, partial(zf.open, info)) as src:
                         _write_member(src, staging, rel, info.file_size, members, made)
         else:
-            with _open_tar(path) as (tf, meter):
+            with _open_tar(path, gz=kind == "tar.gz") as (tf, meter):
                 for tinfo, rel in _tar_entries(tf, meter, members):
                     if tinfo.isdir():
                         _make_dirs(staging, rel, made)
                         continue
                     with _reading(rel, partial(tf.extractfile, tinfo)) as src:
                         _write_member(src, staging, rel, tinfo.size, members, made)
-        root = members.model_root()
+        root = root_of(members)
         top = staging / root if root else staging
         os.chmod(top, 0o755)
         os.rename(top, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dataset archives (issue 20): a .tar, .tar.gz or .zip of shards or of an image folder
+
+
+DatasetArchiveKind = Literal["zip", "tar", "tar.gz"]
+DATASET_ARCHIVES = "a .tar or .zip of TFRecord/Parquet shards or of an image folder (<class>/<image>)"
+
+
+@dataclass(frozen=True)
+class DatasetArchiveInfo:
+    """What inspection found: the member files (relative POSIX paths, archive order), their declared total."""
+
+    kind: DatasetArchiveKind
+    files: tuple[str, ...]
+    members: int
+    uncompressed_bytes: int
+
+
+def dataset_archive_kind(path: Path) -> DatasetArchiveKind | None:
+    """``zip``, ``tar`` (ustar magic at offset 257) or ``tar.gz`` by the file's bytes; None for anything else."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_GZIP_MAGIC):
+        return "tar.gz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def inspect_dataset_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> DatasetArchiveInfo:
+    """Validate a dataset archive without extracting it, with the model archives' member checks (no absolute
+    paths, ``..``, links, devices, duplicates; bounded members, expansion and ratio); ArchiveError /
+    ArchiveTooLarge / UnsupportedFormat. What the files hold is the worker's to check."""
+    kind = dataset_archive_kind(path)
+    if kind is None:
+        raise UnsupportedFormat(f"the upload is not a zip or tar archive; accepted: {DATASET_ARCHIVES}")
+    members = _Members(limits, path.stat().st_size)
+    files: list[str] = []
+    if kind == "zip":
+        with _open_zip(path, limits) as zf:
+            for _, rel, is_dir in _zip_entries(zf, path, members):
+                if not is_dir:
+                    files.append(rel)
+    else:
+        with _open_tar(path, gz=kind == "tar.gz") as (tf, meter):
+            for tinfo, rel in _tar_entries(tf, meter, members):
+                if not tinfo.isdir():
+                    files.append(rel)
+    if not files:
+        raise ArchiveError("the archive holds no files")
+    return DatasetArchiveInfo(kind, tuple(files), members.count, members.declared)
+
+
+def extract_dataset_archive(path: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -> Path:
+    """Extract a dataset archive into ``dest`` (missing or empty) as it is (no top folder stripped), with
+    every check of :func:`extract_archive` re-applied to the bytes really written; nothing is left behind on
+    failure. For the worker (worker/data/convert.py), which then reads the shards or images."""
+    kind = dataset_archive_kind(path)
+    if kind is None:
+        raise UnsupportedFormat(f"the file is not a zip or tar archive; accepted: {DATASET_ARCHIVES}")
+    return _extract(path, dest, limits, kind, lambda _members: "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,9 +528,9 @@ class _MeteredReader:
 
 
 @contextmanager
-def _open_tar(path: Path) -> Iterator[tuple[tarfile.TarFile, _MeteredReader]]:
-    with gzip.open(path, "rb") as gz:
-        meter = _MeteredReader(gz)
+def _open_tar(path: Path, *, gz: bool = True) -> Iterator[tuple[tarfile.TarFile, _MeteredReader]]:
+    with gzip.open(path, "rb") if gz else path.open("rb") as raw:
+        meter = _MeteredReader(raw)
         # Opening reads the first member's headers; later read errors are mapped where they occur, so
         # errors raised by the caller's body (e.g. disk writes) are not mistaken for a corrupt archive.
         try:

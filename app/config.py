@@ -6,15 +6,44 @@ later, in front of a user.
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def source_prefix_problem(prefix: object) -> str | None:
+    """Why ``prefix`` cannot be an allowed dataset source prefix, or None: ``s3://bucket/...`` or
+    ``file:///abs/...``, ending in "/" (a prefix names a folder: ``s3://data/team-a`` would also allow
+    ``s3://data/team-a-evil/``), without ``..``, ``.``, empty segments, query or fragment."""
+    if not isinstance(prefix, str):
+        return "is not a string"
+    if not prefix.endswith("/"):
+        return 'must end with "/" (a folder), so that it cannot match a sibling such as ".../team-a-evil/"'
+    if any(c in prefix for c in "?#\\") or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+        return "must not contain '?', '#', backslashes or control characters"
+    if prefix.startswith("s3://"):
+        bucket, _, path = prefix[len("s3://") :].partition("/")
+        if not _BUCKET.match(bucket):
+            return "must name a bucket: s3://bucket/ or s3://bucket/prefix/"
+        segments = path.split("/")[:-1]
+    elif prefix.startswith("file:///"):
+        segments = prefix[len("file:///") :].split("/")[:-1]
+    else:
+        return "must start with s3://bucket/ or file:/// (an absolute path)"
+    if any(seg in ("", ".", "..") for seg in segments):
+        return "must not contain empty, '.' or '..' segments"
+    return None
 
 
 class Settings(BaseSettings):
@@ -31,7 +60,35 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
 
     max_model_bytes: int = Field(4 * GiB, ge=1)
-    max_dataset_bytes: int = Field(2 * GiB, ge=1)
+    max_dataset_bytes: int = Field(
+        16 * GiB,
+        ge=1,
+        description="one uploaded dataset file (.npz, .tfrecord, .parquet, .tar/.zip of shards); bigger data is "
+        "registered by reference (SECATEURS_DATASET_SOURCES) instead of uploaded",
+    )
+    convert_above_bytes: int = Field(
+        1 * GiB,
+        ge=0,
+        description="an uploaded .npz above this is converted into TFRecord shards by a worker (status "
+        "validating, then converting) instead of being loaded whole; at or below, it is ready at once",
+    )
+    dataset_sources: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON: tenant (or "*" for every tenant) -> allowed source prefixes for datasets registered '
+        'by reference, e.g. {"default": ["s3://data/team-a/", "file:///mnt/datasets/"]}; unset = none allowed',
+    )
+    dataset_max_objects: int = Field(
+        100_000, ge=1, description="objects (shards, images) one dataset may list; more -> invalid"
+    )
+    dataset_shard_bytes: int = Field(
+        128 * MiB, ge=1 * MiB, description="target size of the TFRecord shards a conversion writes"
+    )
+    dataset_cache_max_bytes: int = Field(
+        20 * GiB,
+        ge=0,
+        description="the worker's cache of fetched shards (S3 sources, the blob store) evicts least recently "
+        "used ones above this; 0 = no cap",
+    )
     max_json_bytes: int = Field(1 * MiB, ge=1024, description="non-upload request bodies (413 above)")
     max_uncompressed_bytes: int = Field(8 * GiB, ge=1)
     max_compression_ratio: float = Field(200.0, gt=1.0)
@@ -162,6 +219,32 @@ class Settings(BaseSettings):
         from app.webhooks.guard import AllowList
 
         AllowList.parse(value)
+        return value
+
+    @field_validator("dataset_sources", mode="before")
+    @classmethod
+    def _parse_sources(cls, value: object) -> object:
+        """Decoded here (NoDecode), so that bad JSON is refused with a message naming the setting."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(
+                    f"SECATEURS_DATASET_SOURCES is not valid JSON ({exc}); expected e.g. "
+                    '{"default": ["s3://data/team-a/", "file:///mnt/datasets/"]}'
+                ) from exc
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) for k, v in value.items()
+        ):
+            raise ValueError(
+                "SECATEURS_DATASET_SOURCES must be a JSON object mapping a tenant (or \"*\") to a list of "
+                'prefixes, e.g. {"default": ["s3://data/team-a/"]}'
+            )
+        for tenant, prefixes in value.items():
+            for prefix in prefixes:
+                problem = source_prefix_problem(prefix)
+                if problem:
+                    raise ValueError(f"SECATEURS_DATASET_SOURCES[{tenant!r}]: {prefix!r} {problem}")
         return value
 
     @model_validator(mode="after")

@@ -4,7 +4,7 @@ Every ``reaper_interval_s`` it
 - re-queues jobs whose worker stopped renewing its lease (SIGKILL, out of memory, a lost machine) — or fails
   them with ``interrupted`` once ``max_attempts`` are used — instead of waiting hours for Redis's visibility
   timeout to redeliver the message;
-- re-publishes queued jobs and validating models whose message a broker lost: at once when Redis lost our
+- re-publishes queued jobs, validating models and pending (validating/converting) datasets whose message a broker lost: at once when Redis lost our
   marker key (a restart of a Redis that keeps nothing on disk drops every message and the marker with them),
   else once their message is ``redispatch_after_s`` old;
 - every ``retention_interval_s``, runs the retention sweep (app.retention).
@@ -29,7 +29,7 @@ from app import retention
 from app.config import Settings
 from app.db import jobs
 from app.db.engine import session_scope
-from app.queue import RUN_JOB, VALIDATE_MODEL, broker_lost_messages, send
+from app.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_MODEL, broker_lost_messages, send
 from app.retention import RetentionReport
 from app.storage import Storage
 
@@ -45,6 +45,7 @@ class PassReport:
     failed: list[str] = field(default_factory=list)
     sent_jobs: list[str] = field(default_factory=list)
     sent_models: list[str] = field(default_factory=list)
+    sent_datasets: list[str] = field(default_factory=list)
     retention: RetentionReport | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -123,8 +124,14 @@ class Maintenance:
         if broker_up:
             self._send(RUN_JOB, reaped.resend_jobs, report.sent_jobs, report)
             self._send(VALIDATE_MODEL, reaped.resend_models, report.sent_models, report)
+            self._send(VALIDATE_DATASET, reaped.resend_datasets, report.sent_datasets, report)
             with session_scope(self.sessions) as session:
-                jobs.mark_dispatched(session, job_ids=report.sent_jobs, model_ids=report.sent_models)
+                jobs.mark_dispatched(
+                    session,
+                    job_ids=report.sent_jobs,
+                    model_ids=report.sent_models,
+                    dataset_ids=report.sent_datasets,
+                )
             if not report.errors:
                 self._resend_all = False
         now = self._clock()  # listing the data directory every reaper pass (15 s) would be waste
@@ -133,8 +140,13 @@ class Maintenance:
             report.retention = self._retention(report)
         self.passes += 1
         self.last = report
-        if report.sent_jobs or report.sent_models:
-            log.info("re-sent %d job(s), %d validation(s)", len(report.sent_jobs), len(report.sent_models))
+        if report.sent_jobs or report.sent_models or report.sent_datasets:
+            log.info(
+                "re-sent %d job(s), %d model validation(s), %d dataset validation(s)",
+                len(report.sent_jobs),
+                len(report.sent_models),
+                len(report.sent_datasets),
+            )
         return report
 
     def _send(self, task: str, ids: list[str], sent: list[str], report: PassReport) -> None:

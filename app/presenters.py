@@ -33,10 +33,18 @@ def dataset_out(record: DatasetRecord) -> DatasetOut:
         {
             "id": record.id,
             "name": record.name,
+            "format": record.format or "npz",
+            "source": record.source,
+            "status": record.status or "ready",
             "size_bytes": record.size_bytes,
             "sha256": record.sha256,
             "arrays": record.arrays,
             "n_samples": record.n_samples,
+            "shards": record.shards,
+            "features": record.features,
+            "class_names": record.class_names,
+            "error": record.error,
+            "progress": record.progress,
             "created_at": as_utc(record.created_at),
         }
     )

@@ -13,6 +13,7 @@ from celery import Celery
 from app.config import Settings
 
 VALIDATE_MODEL = "secateurs.validate_model"
+VALIDATE_DATASET = "secateurs.validate_dataset"  # args: dataset id (worker/tasks.py; app/db/datasets.py)
 RUN_JOB = "secateurs.run_job"
 DELIVER_WEBHOOK = "secateurs.deliver_webhook"  # args: message id, attempt number (worker/webhook_tasks.py)
 QUEUE = "secateurs"

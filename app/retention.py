@@ -172,6 +172,7 @@ def _sweep_leftovers(sessions: sessionmaker[Session], storage: Storage, unchange
     for model, folder, suffix, remove in (
         (ModelRecord, storage.models_dir, "", storage.remove_model),
         (DatasetRecord, storage.datasets_dir, ".npz", storage.remove_dataset),
+        (DatasetRecord, storage.datasets_dir, "", storage.remove_dataset),  # datasets/<id>/ (upload, shards)
         (JobRecord, storage.jobs_dir, "", storage.remove_job),
     ):
         blobs = list(

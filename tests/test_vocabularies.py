@@ -83,3 +83,35 @@ def test_app_criterion_needs_match_the_worker_criteria() -> None:
     assert set(vocabulary.REGULARIZING_CRITERIA) == {
         name for name, cls in WORKER_CRITERIA.items() if cls.regularizer
     }
+
+
+def test_augmentation_models_match_the_table() -> None:
+    """One pydantic model per kind of ``vocabulary.AUGMENTATIONS``, taking exactly its arguments (and requiring
+    ``AUGMENTATION_REQUIRED``), so an unknown kind or argument is a 422 and the worker's table can pin both."""
+    from app.schemas.spec import AUGMENTATION_MODELS, Augmentation
+
+    (union, *_) = get_args(Augmentation)
+    kinds = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(union)}
+    assert tuple(kinds) == get_args(vocabulary.AugmentationKind) == tuple(vocabulary.AUGMENTATIONS)
+    assert kinds == AUGMENTATION_MODELS
+    for kind, model in kinds.items():
+        args = {name: f for name, f in model.model_fields.items() if name != "kind"}
+        assert tuple(args) == vocabulary.AUGMENTATIONS[kind], kind
+        assert tuple(n for n, f in args.items() if f.is_required()) == vocabulary.AUGMENTATION_REQUIRED[kind]
+
+
+@pytest.mark.tf
+def test_worker_augmentations_hold_the_spec_kinds() -> None:
+    """worker.data.augment.AUGMENTATIONS (issue 20, DATA-STREAM) maps the same kinds; skipped until it exists."""
+    augment = pytest.importorskip("worker.data.augment")
+    assert set(augment.AUGMENTATIONS) == set(vocabulary.AUGMENTATIONS)
+    for kind, (_layer, allowed, required) in augment.AUGMENTATIONS.items():
+        assert set(allowed) == set(vocabulary.AUGMENTATIONS[kind]), kind
+        # The spec may require more than Keras does (random_flip's mode), never less.
+        assert set(required) <= set(vocabulary.AUGMENTATION_REQUIRED[kind]), kind
+
+
+def test_dataset_vocabulary() -> None:
+    assert get_args(vocabulary.DatasetFormat) == ("npz", "tfrecord", "parquet", "image_folder")
+    assert tuple(vocabulary.DATASET_STATUSES) == get_args(vocabulary.DatasetStatus)
+    assert get_args(vocabulary.DatasetStatus) == ("validating", "converting", "ready", "invalid")

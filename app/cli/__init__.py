@@ -21,6 +21,10 @@ from app.cli.output import EXIT_INTERRUPTED
 from app.cli.remote import (
     DEFAULT_URL,
     EXPORT_FORMATS,
+    datasets_add,
+    datasets_list,
+    datasets_show,
+    datasets_upload,
     export_format,
     jobs_cancel,
     jobs_download,
@@ -42,7 +46,7 @@ exit codes:
   3  server unavailable: no connection, a 5xx/429 answer, or a download that failed verification
   4  timeout: --wait ran past --timeout (the job goes on running on the server)
 
-client commands (prune, jobs, models) read SECATEURS_URL (default http://127.0.0.1:8000) and SECATEURS_API_KEY;
+client commands (prune, jobs, models, datasets) read SECATEURS_URL (default http://127.0.0.1:8000) and SECATEURS_API_KEY;
 with --json they print exactly one JSON document on stdout, also on failure ({"error": {...}}).
 """
 
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_prune.add_argument(
         "--spec",
         default=None,
-        help="JSON pruning spec: a file, or the object itself ('{\"granularity\": \"channel\"}'); "
+        help='JSON pruning spec: a file, or the object itself (\'{"granularity": "channel"}\'); '
         "--sparsity overrides its target",
     )
     p_prune.add_argument("--name", default=None, help="display name of the uploaded model")
@@ -206,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_report.add_argument("job_id", metavar="ID")
     p_report.add_argument(
-        "-o", "--output", type=Path, default=Path("report.html"), help="where to write it (default report.html)"
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("report.html"),
+        help="where to write it (default report.html)",
     )
     p_report.set_defaults(func=jobs_report)
 
@@ -215,6 +223,55 @@ def build_parser() -> argparse.ArgumentParser:
     p_mlist = models_sub.add_parser("list", parents=[common], help="models, newest first")
     p_mlist.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     p_mlist.set_defaults(func=models_list)
+
+    p_datasets = sub.add_parser("datasets", help="register, upload, list or show datasets")
+    datasets_sub = p_datasets.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    dataset_wait = argparse.ArgumentParser(add_help=False)
+    dataset_wait.add_argument("--wait", action="store_true", help="wait until a worker has read it (ready)")
+    dataset_wait.add_argument(
+        "--timeout", type=_positive, default=3600.0, help="seconds to wait with --wait (default 3600)"
+    )
+    p_dadd = datasets_sub.add_parser(
+        "add",
+        parents=[common, dataset_wait],
+        help="register data by reference (s3:// or file:///), read where it lies",
+        description="Register SOURCE (a folder ending in / or one file) without uploading it; the server must "
+        "allow its prefix (SECATEURS_DATASET_SOURCES). It starts validating; --wait waits for ready.",
+    )
+    p_dadd.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix/ or file:///abs/dir/")
+    p_dadd.add_argument(
+        "--format",
+        required=True,
+        choices=("tfrecord", "parquet", "image_folder", "npz"),
+        help="how it is stored",
+    )
+    p_dadd.add_argument("--features", default=None, help="JSON object (or file): TFRecord features")
+    p_dadd.add_argument(
+        "--inputs", default=None, help="JSON object (or file): signature input -> feature/column"
+    )
+    p_dadd.add_argument("--label", default=None, help="the feature or column holding the labels")
+    p_dadd.add_argument("--compression", choices=("GZIP", "ZLIB"), default=None, help="TFRecord compression")
+    p_dadd.add_argument("--name", default=None, help="display name (default: the source)")
+    p_dadd.set_defaults(func=datasets_add)
+    p_dup = datasets_sub.add_parser(
+        "upload",
+        parents=[common, dataset_wait],
+        help="upload an .npz, .tfrecord(.gz), .parquet, or a .tar/.zip of shards or of an image folder",
+    )
+    p_dup.add_argument("file", type=Path, metavar="FILE")
+    p_dup.add_argument(
+        "--description",
+        default=None,
+        help="JSON object (or file): format, compression, features, inputs, label",
+    )
+    p_dup.add_argument("--name", default=None, help="display name (default: the file name)")
+    p_dup.set_defaults(func=datasets_upload)
+    p_dlist = datasets_sub.add_parser("list", parents=[common], help="datasets, newest first")
+    p_dlist.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    p_dlist.set_defaults(func=datasets_list)
+    p_dshow = datasets_sub.add_parser("show", parents=[common], help="one dataset's status, shape and error")
+    p_dshow.add_argument("dataset_id", metavar="ID")
+    p_dshow.set_defaults(func=datasets_show)
 
     p_keys = sub.add_parser(
         "keys", help="admin: create, revoke and list API keys (works on the server's database directly)"

@@ -1,4 +1,4 @@
-"""Client commands: ``prune``, ``jobs`` and ``models`` talk HTTP through :mod:`app.client` only, exactly as
+"""Client commands: ``prune``, ``jobs``, ``models`` and ``datasets`` talk HTTP through :mod:`app.client` only, exactly as
 any other service would, so the CLI is also the client's first user. Client errors map to exit codes in one
 place (:func:`_exit_for`)."""
 
@@ -46,6 +46,7 @@ def _exit_for(exc: BaseException) -> tuple[int, dict[str, Any], str]:
     from app.client import (
         ApiError,
         ConnectionFailed,
+        DatasetInvalid,
         DigestMismatch,
         JobError,
         ModelInvalid,
@@ -59,6 +60,9 @@ def _exit_for(exc: BaseException) -> tuple[int, dict[str, Any], str]:
     if isinstance(exc, ModelInvalid):
         error = {"kind": "model", "status": "invalid", "code": exc.code, "message": exc.message}
         return EXIT_JOB_FAILED, {**error, "model": exc.model.raw}, str(exc)
+    if isinstance(exc, DatasetInvalid):
+        error = {"kind": "dataset", "status": "invalid", "code": exc.code, "message": exc.message}
+        return EXIT_JOB_FAILED, {**error, "dataset": exc.dataset.raw}, str(exc)
     if isinstance(exc, ApiError):
         error = {
             "kind": "api",
@@ -202,8 +206,6 @@ def _finish(
     return EXIT_OK
 
 
-
-
 def _with_exports(spec: dict[str, Any], exports: list[str] | None) -> dict[str, Any]:
     """``--export tflite:int8`` (repeatable) added to the spec's ``export.tflite`` (other keys kept)."""
     if not exports:
@@ -247,6 +249,9 @@ def prune(args: argparse.Namespace) -> int:
         for role, path in (("train", train), ("eval", evaluation)):
             if path is not None:
                 dataset = client.upload_dataset(path)
+                if dataset.pending:  # not a small .npz: a worker reads it before a job may use it
+                    output.note(f"{role} dataset {dataset.id} is {dataset.status}; waiting until it is ready")
+                    dataset = client.wait_dataset(dataset.id, timeout=args.timeout)
                 output.note(f"uploaded {role} dataset {dataset.id} ({dataset.n_samples} samples)")
                 report[f"{role}_dataset"] = dataset.raw
                 dataset_ids[role] = dataset.id
@@ -353,6 +358,119 @@ def models_list(args: argparse.Namespace) -> int:
             [m.raw for m in models],
             lambda: table(rows, ["id", "name", "format", "status", "size", "created"]),
         )
+        return EXIT_OK
+
+    return _run_client(args, run)
+
+
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+def _json_object_arg(value: str | None, option: str) -> dict[str, Any] | None:
+    """A JSON object given inline (``'{"image": {...}}'``) or as a file path."""
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise UsageError(f"{option}: {value!r} is neither a JSON object nor a file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{option} is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{option} must be a JSON object")
+    return parsed
+
+
+def _dataset_row(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "name": d.name,
+        "format": d.format,
+        "status": d.status,
+        "samples": d.n_samples,
+        "size": human_size(d.size_bytes) if d.size_bytes is not None else None,
+        "created": d.created_at.strftime("%Y-%m-%d %H:%M:%S") if d.created_at else None,
+    }
+
+
+def _dataset_text(d: Any) -> str:
+    lines = [f"dataset {d.id} ({d.name}): {d.format}, {d.status}"]
+    if d.source:
+        lines.append(f"  source: {d.source}")
+    if d.progress is not None and d.pending:
+        lines.append(f"  progress: {d.progress:.0%}")
+    for label, value in (("samples", d.n_samples), ("shards", d.shards), ("classes", d.class_names)):
+        if value is not None:
+            lines.append(f"  {label}: {value}")
+    if d.arrays:
+        lines.append(
+            "  arrays: " + ", ".join(f"{k} {v.get('shape')} {v.get('dtype')}" for k, v in d.arrays.items())
+        )
+    if d.error is not None:
+        lines.append(f"  error [{d.error.code}]: {d.error.message}")
+    return "\n".join(lines)
+
+
+def _maybe_wait(client: Client, output: Output, dataset: Any, args: argparse.Namespace) -> int:
+    if not args.wait or not dataset.pending:
+        output.result(dataset.raw, lambda: _dataset_text(dataset))
+        return EXIT_OK
+    output.note(f"dataset {dataset.id} is {dataset.status}; waiting for a worker to read it")
+    ready = client.wait_dataset(dataset.id, timeout=args.timeout)
+    output.result(ready.raw, lambda: _dataset_text(ready))
+    return EXIT_OK
+
+
+def datasets_add(args: argparse.Namespace) -> int:
+    """Register data by reference (``s3://`` or ``file:///``): the server must allow its prefix."""
+
+    def run(client: Client, output: Output) -> int:
+        dataset = client.register_dataset(
+            args.source,
+            format=args.format,
+            features=_json_object_arg(args.features, "--features"),
+            inputs=_json_object_arg(args.inputs, "--inputs"),
+            label=args.label,
+            compression=args.compression,
+            name=args.name,
+        )
+        return _maybe_wait(client, output, dataset, args)
+
+    return _run_client(args, run)
+
+
+def datasets_upload(args: argparse.Namespace) -> int:
+    def run(client: Client, output: Output) -> int:
+        path = _existing(args.file, "dataset file")
+        assert path is not None
+        description = _json_object_arg(args.description, "--description")
+        dataset = client.upload_dataset(path, name=args.name, description=description)
+        return _maybe_wait(client, output, dataset, args)
+
+    return _run_client(args, run)
+
+
+def datasets_list(args: argparse.Namespace) -> int:
+    def run(client: Client, output: Output) -> int:
+        datasets = client.list_datasets(limit=args.limit)
+        rows = [_dataset_row(d) for d in datasets]
+        output.result(
+            [d.raw for d in datasets],
+            lambda: table(rows, ["id", "name", "format", "status", "samples", "size", "created"]),
+        )
+        return EXIT_OK
+
+    return _run_client(args, run)
+
+
+def datasets_show(args: argparse.Namespace) -> int:
+    def run(client: Client, output: Output) -> int:
+        dataset = client.get_dataset(args.dataset_id)
+        output.result(dataset.raw, lambda: _dataset_text(dataset))
         return EXIT_OK
 
     return _run_client(args, run)

@@ -7,6 +7,7 @@ where transport errors and problem+json answers become :mod:`app.client.errors` 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import httpx
 
 from app.client.download import artifact_filename, download_to
 from app.client.errors import (
+    DatasetInvalid,
     JobCanceled,
     JobFailed,
     ModelInvalid,
@@ -134,12 +136,17 @@ class Client:
         return {"Idempotency-Key": key} if key else {}
 
     def _upload(
-        self, route: str, path: Path, name: str | None, idempotency_key: str | None
+        self,
+        route: str,
+        path: Path,
+        name: str | None,
+        idempotency_key: str | None,
+        fields: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """multipart/form-data with the file object itself: httpx streams it from disk in chunks (with a
         Content-Length from the file size), so a multi-GB model never sits in memory."""
         path = Path(path)
-        data = {"name": name} if name else None
+        data = {**({"name": name} if name else {}), **(fields or {})} or None
         with path.open("rb") as fh:
             return self._json(
                 "POST",
@@ -183,10 +190,68 @@ class Client:
     # --- datasets -------------------------------------------------------------------------------------------
 
     def upload_dataset(
-        self, path: Path | str, name: str | None = None, idempotency_key: str | None = None
+        self,
+        path: Path | str,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        *,
+        description: dict[str, Any] | None = None,
     ) -> Dataset:
-        """Upload an ``.npz`` with ``x`` (or ``x.<input name>``) and ``y``; checked at once, 201 when usable."""
-        return Dataset.from_json(self._upload("/v1/datasets", Path(path), name, idempotency_key))
+        """Upload a dataset file: an ``.npz`` with ``x`` (or ``x.<input name>``) and ``y`` (a small one is
+        checked at once and ``ready``), a ``.tfrecord`` / ``.tfrecord.gz`` / ``.tfrecords``, a ``.parquet``, or a
+        ``.tar`` / ``.zip`` of shards or of an image folder (``<class>/<image>``). ``description``: ``format``,
+        ``compression``, ``features``, ``inputs``, ``label`` (API.md). All but a small ``.npz`` start
+        ``validating``: :meth:`wait_dataset` waits for the verdict."""
+        fields = {"description": json.dumps(description)} if description is not None else None
+        return Dataset.from_json(self._upload("/v1/datasets", Path(path), name, idempotency_key, fields))
+
+    def register_dataset(
+        self,
+        source: str,
+        *,
+        format: str,
+        features: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        label: str | None = None,
+        compression: str | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Dataset:
+        """Register data where it lies (``s3://bucket/prefix/`` or ``file:///abs/dir/``, a folder or one file)
+        without sending its bytes; the server must allow the prefix (SECATEURS_DATASET_SOURCES, else Forbidden).
+        It starts ``validating``: :meth:`wait_dataset` waits until a worker has read a sample."""
+        body: dict[str, Any] = {"source": source, "format": format}
+        for key, value in (
+            ("features", features),
+            ("inputs", inputs),
+            ("label", label),
+            ("compression", compression),
+            ("name", name),
+        ):
+            if value is not None:
+                body[key] = value
+        return Dataset.from_json(
+            self._json("POST", "/v1/datasets", json=body, headers=self._idempotency(idempotency_key))
+        )
+
+    def wait_dataset(
+        self,
+        dataset_id: str,
+        timeout: float | None = 3600.0,
+        poll: float = 1.0,
+        on_progress: Callable[[Dataset], None] | None = None,
+    ) -> Dataset:
+        """Poll until the dataset is ``ready`` (returned) or ``invalid`` (DatasetInvalid); WaitTimeout after
+        ``timeout`` seconds (None = no limit) while the worker goes on. Converting a large upload takes minutes."""
+
+        def fetch() -> tuple[Dataset, httpx.Response]:
+            response = self._send("GET", f"/v1/datasets/{dataset_id}")
+            return Dataset.from_json(response.json()), response
+
+        dataset = self._poll(fetch, lambda d: not d.pending, timeout, poll, DEFAULT_MAX_POLL, on_progress)
+        if dataset.status == "invalid":
+            raise DatasetInvalid(dataset)
+        return dataset
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(self._json("GET", f"/v1/datasets/{dataset_id}"))

@@ -11,7 +11,8 @@ SecateursClientError               base of everything below; ``except SecateursC
 │   │                              ``detail``, ``type``, ``body`` (the whole problem dict), ``retry_after``
 │   ├── BadRequest            400  the request was malformed (e.g. a bad list cursor, an over-long name)
 │   ├── Unauthorized          401  no API key, or one the server does not know / has revoked
-│   ├── Forbidden             403  the key is valid but may not do this
+│   ├── Forbidden             403  the key is valid but may not do this (e.g. a dataset source outside
+│   │                              SECATEURS_DATASET_SOURCES)
 │   ├── NotFound              404  no such model/dataset/job (also: it belongs to another tenant)
 │   ├── Conflict              409  the state forbids it: metrics before success, deleting a model in use,
 │   │                              an Idempotency-Key whose first request is still being processed
@@ -28,6 +29,7 @@ SecateursClientError               base of everything below; ``except SecateursC
 ├── DigestMismatch                 a downloaded artifact does not match its ETag / Repr-Digest / length
 ├── WaitTimeout                    (also a ``TimeoutError``) a wait ran past its timeout; ``last`` = last state
 ├── ModelInvalid                   a model the client waited on became ``invalid``; ``model``, ``code``, ``message``
+├── DatasetInvalid                 a dataset the client waited on became ``invalid``; ``dataset``, ``code``, ``message``
 └── JobError                       a job the client waited on ended without success; ``job``, ``code``, ``message``
     ├── JobFailed                  ... with status ``failed``
     └── JobCanceled                ... with status ``canceled``
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 if TYPE_CHECKING:
-    from app.client.resources import Job, Model
+    from app.client.resources import Dataset, Job, Model
 
 __all__ = [
     "ApiError",
@@ -237,6 +239,17 @@ class ModelInvalid(SecateursClientError):
         self.code = info.code if info else "invalid"
         self.message = info.message if info else "the model is invalid"
         super().__init__(f"model {model.id} is invalid [{self.code}]: {self.message}")
+
+
+class DatasetInvalid(SecateursClientError):
+    """Raised by ``wait_dataset`` when the worker refused the data; ``code``/``message`` say why."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        info = dataset.error
+        self.dataset = dataset
+        self.code = info.code if info else "invalid"
+        self.message = info.message if info else "the dataset is invalid"
+        super().__init__(f"dataset {dataset.id} is invalid [{self.code}]: {self.message}")
 
 
 class JobError(SecateursClientError):

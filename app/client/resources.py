@@ -85,29 +85,57 @@ class Model:
 
 @dataclass(frozen=True)
 class Dataset:
-    """An uploaded ``.npz``: ``arrays`` maps each array name to ``{"shape", "dtype"}``."""
+    """A dataset: an uploaded file or data registered by reference (``source``). ``status`` is ``validating``
+    (then ``converting`` when shards are made) until a worker has read it, then ``ready`` or ``invalid`` (with
+    ``error``); a small ``.npz`` is ``ready`` at once. ``arrays`` maps each array name to ``{"shape", "dtype"}``
+    (empty until known); ``n_samples``, ``size_bytes``, ``sha256`` are None until known (``sha256`` stays None
+    for references)."""
 
     id: str
     name: str
-    size_bytes: int
-    sha256: str
+    size_bytes: int | None
+    sha256: str | None
     arrays: dict[str, Any]
-    n_samples: int
+    n_samples: int | None
     created_at: datetime | None
+    format: str = "npz"
+    source: str | None = None
+    status: str = "ready"
+    shards: int | None = None
+    features: dict[str, Any] | None = None
+    class_names: list[str] | None = None
+    error: ErrorInfo | None = None
+    progress: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dataset:
+        def optional_int(value: Any) -> int | None:
+            return None if value is None else int(value)
+
         return cls(
             id=data["id"],
             name=data.get("name", ""),
-            size_bytes=int(data.get("size_bytes", 0)),
-            sha256=data.get("sha256", ""),
+            size_bytes=optional_int(data.get("size_bytes")),
+            sha256=data.get("sha256"),
             arrays=dict(data.get("arrays") or {}),
-            n_samples=int(data.get("n_samples", 0)),
+            n_samples=optional_int(data.get("n_samples")),
             created_at=_when(data.get("created_at")),
+            format=data.get("format", "npz"),
+            source=data.get("source"),
+            status=data.get("status", "ready"),
+            shards=optional_int(data.get("shards")),
+            features=data.get("features"),
+            class_names=data.get("class_names"),
+            error=ErrorInfo.from_json(data.get("error")),
+            progress=data.get("progress"),
             raw=dict(data),
         )
+
+    @property
+    def pending(self) -> bool:
+        """A worker still owes it a verdict (``validating`` or ``converting``)."""
+        return self.status in ("validating", "converting")
 
 
 @dataclass(frozen=True)

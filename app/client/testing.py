@@ -30,6 +30,7 @@ import email.policy
 import hashlib
 import io
 import re
+import tarfile
 import zipfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -55,6 +56,7 @@ DEFAULT_STEPS: tuple[tuple[str, str | None, float], ...] = (
 )
 _TITLES = {
     401: ("Unauthorized", "unauthorized"),
+    403: ("Forbidden", "forbidden"),
     404: ("Not Found", "not-found"),
     409: ("Conflict", "conflict"),
     415: ("Unsupported Media Type", "unsupported-format"),
@@ -62,6 +64,15 @@ _TITLES = {
     501: ("Not Implemented", "not-implemented"),
 }
 _MODEL_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".keras")
+_DATASET_SUFFIXES = (
+    (".npz", "npz"),
+    (".tfrecord.gz", "tfrecord"),
+    (".tfrecords", "tfrecord"),
+    (".tfrecord", "tfrecord"),
+    (".parquet", "parquet"),
+    (".tar", "archive"),
+    (".zip", "archive"),
+)
 _NPY_KINDS = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
 
 
@@ -106,6 +117,13 @@ class FakeService:
     job's ``saved_model`` file (default: a small placeholder zip). ``metrics``: the metrics document of every
     job (``job_id``/``model_id``/``spec`` are filled in; default: a made-up one of the real shape).
     ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
+    ``dataset_sources``: the prefixes datasets may be registered from by reference (every tenant's, the
+    real server's SECATEURS_DATASET_SOURCES for "*"); None (the default) allows any s3:// or file:/// source,
+    {} none (403, as an unconfigured server answers).
+
+    Datasets other than a small ``.npz`` (other file kinds, references) start ``validating`` and are ``ready``
+    on their next poll (their ``arrays`` stay unknown); :meth:`fail_dataset` makes one ``invalid`` instead. A job
+    on a dataset still validating is refused with 409, on an invalid one with 422, as the real API does.
     """
 
     def __init__(
@@ -115,6 +133,7 @@ class FakeService:
         artifact: bytes | None = None,
         metrics: dict[str, Any] | None = None,
         api_key: str | None = None,
+        dataset_sources: dict[str, list[str]] | None = None,
     ) -> None:
         if not steps or steps[-1][0] not in ("succeeded", "failed", "canceled"):
             raise ValueError("steps must end with a succeeded, failed or canceled state")
@@ -122,6 +141,7 @@ class FakeService:
         self.artifact = artifact if artifact is not None else _placeholder_zip()
         self.metrics = metrics
         self.api_key = api_key
+        self.dataset_sources = dataset_sources
         self.models: dict[str, dict[str, Any]] = {}
         self.datasets: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -167,6 +187,13 @@ class FakeService:
     def fail_job(self, job_id: str, code: str = "pruning_failed", message: str = "failed on purpose") -> None:
         """End the job ``failed`` with this error now (its next poll shows it; a wait raises JobFailed)."""
         self._end(self._job(job_id), "failed", {"code": code, "message": message})
+
+    def fail_dataset(
+        self, dataset_id: str, code: str = "bad_record", message: str = "invalid on purpose"
+    ) -> None:
+        """End a dataset's validation ``invalid`` with this error now (a wait raises DatasetInvalid)."""
+        dataset = _found(self.datasets, dataset_id, "dataset")
+        dataset.update(status="invalid", error={"code": code, "message": message}, progress=None)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         """Answer one request (the ``MockTransport`` handler)."""
@@ -217,24 +244,74 @@ class FakeService:
         return httpx.Response(204)
 
     def _upload_dataset(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            return self._register_dataset(request)
         fields, filename, data = _multipart(request)
-        arrays = _npz_arrays(data)
-        first = next((a for name, a in arrays.items() if name == "x" or name.startswith("x.")), None)
-        first = first or next(iter(arrays.values()))
-        dataset = {
-            "id": self._new_id("ds"),
-            "name": fields.get("name") or filename,
-            "size_bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "arrays": arrays,
-            "n_samples": first["shape"][0] if first["shape"] else 0,
-            "created_at": _now(),
-        }
+        kind = next((k for suffix, k in _DATASET_SUFFIXES if filename.lower().endswith(suffix)), None)
+        if kind is None:
+            raise _Problem(
+                415, f"{filename!r} is not an .npz, .tfrecord(.gz), .tfrecords, .parquet, .tar or .zip"
+            )
+        description = _json_field(fields.get("description"), "description")
+        dataset = self._new_dataset(
+            name=fields.get("name") or filename,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        if kind == "npz":
+            arrays = _npz_arrays(data)
+            first = next((a for name, a in arrays.items() if name == "x" or name.startswith("x.")), None)
+            first = first or next(iter(arrays.values()))
+            dataset.update(arrays=arrays, n_samples=first["shape"][0] if first["shape"] else 0)
+        else:
+            fmt = description.get("format") or (_archive_format(data) if kind == "archive" else kind)
+            dataset.update(format=fmt, status="validating", progress=0.0)
         self.datasets[dataset["id"]] = dataset
         return httpx.Response(201, json=dataset, headers={"Location": f"/v1/datasets/{dataset['id']}"})
 
+    def _register_dataset(self, request: httpx.Request) -> httpx.Response:
+        body = _json_object(request)
+        source, fmt = body.get("source"), body.get("format")
+        if not isinstance(source, str) or not source.startswith(("s3://", "file:///")) or ".." in source:
+            raise _Problem(422, f"source {source!r} is not an s3://bucket/... or file:///abs/... URI")
+        if fmt not in ("npz", "tfrecord", "parquet", "image_folder"):
+            raise _Problem(422, f"format {fmt!r} is not one of npz, tfrecord, parquet, image_folder")
+        if self.dataset_sources is not None:
+            prefixes = [p for ps in self.dataset_sources.values() for p in ps]
+            folder = source if source.endswith("/") else source + "/"
+            if not any(folder.startswith(p) for p in prefixes):
+                raise _Problem(
+                    403, f"the source {source!r} is not under a prefix SECATEURS_DATASET_SOURCES allows"
+                )
+        dataset = self._new_dataset(name=body.get("name") or source, size_bytes=None, sha256=None)
+        dataset.update(format=fmt, source=source, status="validating", progress=0.0)
+        self.datasets[dataset["id"]] = dataset
+        return httpx.Response(201, json=dataset, headers={"Location": f"/v1/datasets/{dataset['id']}"})
+
+    def _new_dataset(self, *, name: str, size_bytes: int | None, sha256: str | None) -> dict[str, Any]:
+        return {
+            "id": self._new_id("ds"),
+            "name": name,
+            "format": "npz",
+            "source": None,
+            "status": "ready",
+            "size_bytes": size_bytes,
+            "sha256": sha256,
+            "arrays": None,
+            "n_samples": None,
+            "shards": None,
+            "features": None,
+            "class_names": None,
+            "error": None,
+            "progress": None,
+            "created_at": _now(),
+        }
+
     def _get_dataset(self, request: httpx.Request, id: str) -> httpx.Response:
-        return httpx.Response(200, json=_found(self.datasets, id, "dataset"))
+        dataset = _found(self.datasets, id, "dataset")
+        if dataset["status"] in ("validating", "converting"):  # a worker "reads" it between two polls
+            dataset.update(status="ready", progress=1.0, shards=1)
+        return httpx.Response(200, json=dataset)
 
     def _delete_dataset(self, request: httpx.Request, id: str) -> httpx.Response:
         _found(self.datasets, id, "dataset")
@@ -267,7 +344,14 @@ class FakeService:
         _found(self.models, str(body.get("model_id")), "model")
         for role in ("train_dataset_id", "eval_dataset_id"):
             if body.get(role) is not None:
-                _found(self.datasets, str(body[role]), "dataset")
+                dataset = _found(self.datasets, str(body[role]), "dataset")
+                if dataset["status"] in ("validating", "converting"):
+                    raise _Problem(
+                        409, f"dataset {dataset['id']} is {dataset['status']}; wait until its status is ready"
+                    )
+                if dataset["status"] == "invalid":
+                    reason = (dataset.get("error") or {}).get("message", "unknown reason")
+                    raise _Problem(422, f"dataset {dataset['id']} is invalid and cannot be used: {reason}")
         job_id = self._new_id("job")
         status, stage, progress = self.steps[0]
         self.jobs[job_id] = {
@@ -436,6 +520,42 @@ def _json_object(request: httpx.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _Problem(422, "the body must be a JSON object")
     return body
+
+
+def _archive_format(data: bytes) -> str:
+    """What a .zip / .tar of a dataset holds, guessed from its member names as the real API does."""
+    try:
+        if data.startswith(b"PK"):
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                names = tar.getnames()
+    except (zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise _Problem(422, f"the archive is not a valid zip or tar ({exc})") from exc
+    files = [n.lower() for n in names if not n.endswith("/")]
+    if files and all(n.endswith(".parquet") for n in files):
+        return "parquet"
+    if files and all(n.endswith((".tfrecord", ".tfrecords", ".tfrecord.gz")) for n in files):
+        return "tfrecord"
+    if any("/" in n and n.endswith((".jpg", ".jpeg", ".png")) for n in files):
+        return "image_folder"
+    raise _Problem(
+        422,
+        "the archive holds neither only .parquet / .tfrecord shards nor an image folder (<class>/<image>); "
+        'say what it holds with the form field description, e.g. {"format": "tfrecord"}',
+    )
+
+
+def _json_field(raw: str | None, name: str) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = httpx.Response(200, content=raw.encode()).json()
+    except ValueError as exc:
+        raise _Problem(422, f"the form field {name!r} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise _Problem(422, f"the form field {name!r} must be a JSON object")
+    return value
 
 
 def _multipart(request: httpx.Request) -> tuple[dict[str, str], str, bytes]:

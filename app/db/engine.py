@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.schema import CreateColumn
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
 from app.db.tables import Base
 
@@ -46,9 +46,12 @@ def init_db(engine: Engine) -> None:
     ones, so ``_add_missing_columns`` adds columns that are nullable or have a server default (e.g. ``tenant``,
     whose default puts old rows in tenant ``default``) and the indexes that go with them. Anything else (a
     changed type, a new NOT NULL column without a default) is refused with a message, not guessed at.
+    ``_relax_not_null`` drops NOT NULL from columns that became nullable (the datasets' ``sha256``, ``arrays``,
+    ``n_samples``, ``size_bytes``: unknown for data registered by reference).
     """
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
+    _relax_not_null(engine)
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -79,6 +82,68 @@ def _add_missing_columns(engine: Engine) -> None:
                 except DBAPIError:
                     if index.name not in {i["name"] for i in inspect(engine).get_indexes(table.name)}:
                         raise
+
+
+def _relax_not_null(engine: Engine) -> None:
+    """Columns nullable in the tables but NOT NULL in the database: PostgreSQL drops the constraint in place
+    (idempotent); SQLite cannot alter a column, so the table is rebuilt (SQLite's documented recipe), in one
+    write transaction that first checks again, under the lock, that no other process rebuilt it already."""
+    for table in Base.metadata.sorted_tables:
+        stale = _not_null_but_nullable(engine, table)
+        if not stale:
+            continue
+        if engine.dialect.name == "sqlite":
+            _rebuild_sqlite_table(engine, table)
+            continue
+        with engine.begin() as conn:
+            for name in stale:
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ALTER COLUMN "{name}" DROP NOT NULL')
+
+
+def _not_null_but_nullable(engine: Engine, table: Table) -> list[str]:
+    have = {c["name"]: c for c in inspect(engine).get_columns(table.name)}
+    return [
+        c.name
+        for c in table.columns
+        if c.nullable and not c.primary_key and c.name in have and not have[c.name]["nullable"]
+    ]
+
+
+def _rebuild_sqlite_table(engine: Engine, table: Table) -> None:
+    """Create ``<table>__relaxed`` from the current definition, copy the rows, drop the old table, rename, and
+    create the indexes again. ``BEGIN IMMEDIATE`` on a driver connection in autocommit mode, so every step
+    (DDL included) is one transaction: a crash leaves the old table as it was."""
+    new = f"{table.name}__relaxed"
+    relaxed = {c.name for c in table.columns if c.nullable and not c.primary_key}
+    raw = engine.raw_connection()
+    dbapi: Any = raw.driver_connection
+    previous = dbapi.isolation_level
+    dbapi.isolation_level = None
+    try:
+        cur = dbapi.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            info = cur.execute(f"PRAGMA table_info({table.name})").fetchall()  # cid, name, type, notnull, ...
+            if not any(row[1] in relaxed and row[3] for row in info):
+                cur.execute("ROLLBACK")  # another process rebuilt it first
+                return
+            columns = ", ".join(f'"{row[1]}"' for row in info if row[1] in table.columns)
+            cur.execute(f"DROP TABLE IF EXISTS {new}")
+            cur.execute(
+                str(CreateTable(table.to_metadata(MetaData(), name=new)).compile(dialect=engine.dialect))
+            )
+            cur.execute(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {table.name}")
+            cur.execute(f"DROP TABLE {table.name}")
+            cur.execute(f"ALTER TABLE {new} RENAME TO {table.name}")
+            for index in table.indexes:
+                cur.execute(str(CreateIndex(index).compile(dialect=engine.dialect)))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+    finally:
+        dbapi.isolation_level = previous
+        raw.close()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -9,7 +9,7 @@ transaction (an outbox row, ``app.db.webhooks``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 from app.db.records import new_id
 from app.db.tables import (
     ACTIVE_JOB_STATUSES,
+    PENDING_DATASET_STATUSES,
     TERMINAL_JOB_STATUSES,
+    DatasetRecord,
     JobRecord,
     ModelRecord,
     WebhookMessageRecord,
@@ -271,6 +273,7 @@ class Reaped:
     failed: list[str]  # ... that had used up their attempts
     resend_jobs: list[str]  # queued jobs to publish again (including the requeued ones)
     resend_models: list[str]  # models still validating to publish again
+    resend_datasets: list[str] = field(default_factory=list)  # datasets still validating/converting
 
 
 def reap(
@@ -325,13 +328,27 @@ def reap(
         session.scalars(select(JobRecord.id).where(*job_filter).order_by(JobRecord.created_at))
     )
     resend_models = list(session.scalars(select(ModelRecord.id).where(*model_filter)))
-    return Reaped(requeued, failed, resend_jobs, resend_models)
+    dataset_filter = [DatasetRecord.status.in_(PENDING_DATASET_STATUSES)]
+    if not resend_all_queued:
+        dataset_filter.append(or_(DatasetRecord.dispatched_at.is_(None), DatasetRecord.dispatched_at < due))
+    resend_datasets = list(session.scalars(select(DatasetRecord.id).where(*dataset_filter)))
+    return Reaped(requeued, failed, resend_jobs, resend_models, resend_datasets)
 
 
-def mark_dispatched(session: Session, *, job_ids: Sequence[str] = (), model_ids: Sequence[str] = ()) -> None:
+def mark_dispatched(
+    session: Session,
+    *,
+    job_ids: Sequence[str] = (),
+    model_ids: Sequence[str] = (),
+    dataset_ids: Sequence[str] = (),
+) -> None:
     """Record that these messages were published just now (so the reaper waits before sending them again)."""
     now = utcnow()
     if job_ids:
         session.execute(update(JobRecord).where(JobRecord.id.in_(job_ids)).values(dispatched_at=now))
     if model_ids:
         session.execute(update(ModelRecord).where(ModelRecord.id.in_(model_ids)).values(dispatched_at=now))
+    if dataset_ids:
+        session.execute(
+            update(DatasetRecord).where(DatasetRecord.id.in_(dataset_ids)).values(dispatched_at=now)
+        )

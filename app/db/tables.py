@@ -71,11 +71,31 @@ class DatasetRecord(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = _tenant_column()
     name: Mapped[str] = mapped_column(String(256))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    arrays: Mapped[dict[str, Any]] = mapped_column(JSON)
-    n_samples: Mapped[int] = mapped_column(BigInteger)
+    # Unknown until validated for data registered by reference (and sha256 stays unknown for it: the bytes
+    # never pass through the API). Nullable since issue 20; init_db relaxes NOT NULL on older databases.
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    arrays: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    n_samples: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Issue 20 (datasets at scale). Server defaults put datasets uploaded before it in "npz" / "ready".
+    format: Mapped[str] = mapped_column(String(16), default="npz", server_default="npz")  # DatasetFormat
+    source: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # the reference URI; None: upload
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # DatasetStatus
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {"code", "message"}
+    progress: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0..1 while validating/converting
+    # The registration's compression, features, inputs, label (what the caller said about the data).
+    description: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Written by the worker (DATA_PLAN.md "Manifest"): the stream reader's input once ready.
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    shards: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    features: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    class_names: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    # Validations begun (a worker killed while validating must not be re-sent into the same crash forever)
+    # and when the validation message was last published or its worker last reported progress (the reaper
+    # re-sends a pending one whose message a broker lost, app.maintenance).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         Index("ix_datasets_created", "created_at", "id"),
@@ -238,4 +258,5 @@ class WebhookDeliveryRecord(Base):
 
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
+PENDING_DATASET_STATUSES = ("validating", "converting")  # a worker still owes the dataset a verdict
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "canceled")

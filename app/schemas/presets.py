@@ -52,6 +52,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": "adam",
             "lr_schedule": "constant",
             "distill": {"alpha": 0.5, "temperature": 2.0},
+            # One pass over all the train data per epoch, as measured (streamed datasets: give these to cap).
+            "steps_per_epoch": None,
+            "max_samples": None,
         },
     },
 }

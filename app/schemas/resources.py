@@ -8,6 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.spec import PruneSpec
+from app.schemas.vocabulary import DatasetFormat, DatasetStatus
 from app.webhooks.guard import MAX_URL_LENGTH
 
 Item = TypeVar("Item")
@@ -49,10 +50,28 @@ class ArrayInfo(BaseModel):
 class DatasetOut(BaseModel):
     id: str
     name: str
-    size_bytes: int
-    sha256: str
-    arrays: dict[str, ArrayInfo]
-    n_samples: int
+    format: DatasetFormat = Field("npz", description="npz, tfrecord, parquet or image_folder (as registered)")
+    source: str | None = Field(None, description="the reference's s3:// or file:// URI; null for uploads")
+    status: DatasetStatus = Field(
+        "ready",
+        description="validating -> (converting) -> ready | invalid; jobs take ready datasets only. A small "
+        ".npz upload is ready at once",
+    )
+    size_bytes: int | None = Field(None, description="bytes stored or listed; null until known")
+    sha256: str | None = Field(None, description="of the uploaded file; null for references")
+    arrays: dict[str, ArrayInfo] | None = Field(
+        None,
+        description="per array (x or x.<input>, y): shape (first dim n_samples, or -1 when unknown) and dtype "
+        "after decoding; null until validated",
+    )
+    n_samples: int | None = Field(None, description="null until known (TFRecord shards are not always counted)")
+    shards: int | None = Field(None, description="files the data is read from; null until validated")
+    features: dict[str, Any] | None = Field(None, description="TFRecord features, as given or inferred")
+    class_names: list[str] | None = Field(
+        None, description="image folders: the sorted folder names (label id = index)"
+    )
+    error: ErrorInfo | None = Field(None, description="why the dataset is invalid")
+    progress: float | None = Field(None, description="0..1 while validating or converting")
     created_at: datetime
 
 

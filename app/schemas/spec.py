@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.schemas.vocabulary import (
+    AUGMENTATIONS,
     KIND_FIELDS,
     NAMED_GRANULARITIES,
     REGULARIZING_CRITERIA,
@@ -73,6 +74,71 @@ class PolynomialSchedule(_Strict):
 Schedule = Annotated[OneShotSchedule | PolynomialSchedule, Field(discriminator="kind")]
 
 
+Factor = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+Pixels = Annotated[int, Field(ge=1, le=16384)]
+
+
+class RandomFlip(_Strict):
+    """keras.layers.RandomFlip."""
+
+    kind: Literal["random_flip"]
+    mode: Literal["horizontal", "vertical", "horizontal_and_vertical"]
+
+
+class RandomCrop(_Strict):
+    """keras.layers.RandomCrop: a random height x width window (the model's input size, usually)."""
+
+    kind: Literal["random_crop"]
+    height: Pixels
+    width: Pixels
+
+
+class RandomRotation(_Strict):
+    """keras.layers.RandomRotation: up to +-factor x 2 pi."""
+
+    kind: Literal["random_rotation"]
+    factor: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class RandomZoom(_Strict):
+    """keras.layers.RandomZoom: factors in [-1, 1] (negative zooms in); width_factor null = keep the aspect."""
+
+    kind: Literal["random_zoom"]
+    height_factor: Factor
+    width_factor: Factor | None = None
+
+
+class RandomTranslation(_Strict):
+    """keras.layers.RandomTranslation: shifts up to the fractions of height and width."""
+
+    kind: Literal["random_translation"]
+    height_factor: Factor
+    width_factor: Factor
+
+
+class RandomContrast(_Strict):
+    """keras.layers.RandomContrast: contrast scaled by a random value in [1 - factor, 1 + factor]."""
+
+    kind: Literal["random_contrast"]
+    factor: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+
+# One model per kind of vocabulary.AUGMENTATIONS (tests/test_vocabularies.py pins the kinds and arguments).
+AUGMENTATION_MODELS: dict[str, type[BaseModel]] = {
+    "random_flip": RandomFlip,
+    "random_crop": RandomCrop,
+    "random_rotation": RandomRotation,
+    "random_zoom": RandomZoom,
+    "random_translation": RandomTranslation,
+    "random_contrast": RandomContrast,
+}
+assert set(AUGMENTATION_MODELS) == set(AUGMENTATIONS)
+Augmentation = Annotated[
+    RandomFlip | RandomCrop | RandomRotation | RandomZoom | RandomTranslation | RandomContrast,
+    Field(discriminator="kind"),
+]
+
+
 class Distill(_Strict):
     """Knowledge distillation from the unpruned model while fine-tuning (the service holds both models).
 
@@ -103,6 +169,16 @@ class FineTune(_Strict):
         None,
         description='distillation from the unpruned model, e.g. {"alpha": 0.5, "temperature": 2}; null = '
         "labels only",
+    )
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="optimizer steps per epoch; null = one pass over the train data (streamed datasets of "
+        "unknown length: until the data ends)",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="train on at most this many samples (the first ones of a seeded shuffle); null = all"
     )
 
 
@@ -191,6 +267,9 @@ class Evaluation(_Strict):
     )
     cross_validation: CrossValidation | None = None
     latency: Latency | None = None
+    max_samples: int | None = Field(
+        None, ge=1, description="evaluate on at most this many samples of the eval data; null = all"
+    )
 
 
 class Export(_Strict):
@@ -362,6 +441,18 @@ class PruneSpec(_Strict):
     layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default_factory=dict)
     signature: str = Field("serving_default", min_length=1, max_length=256)
     preprocessing: Preprocessing | None = None
+    augmentation: list[Augmentation] | None = Field(
+        None,
+        max_length=16,
+        description='training batches only (needs train_dataset_id), in order, e.g. [{"kind": "random_flip", '
+        '"mode": "horizontal"}, {"kind": "random_rotation", "factor": 0.1}]: Keras preprocessing layers '
+        "applied to image inputs (rank 4) of each fine-tuning batch; null = none",
+    )
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="a record that does not parse or an image that does not decode: fail the job naming it, "
+        "or skip it (the metrics count the skipped ones)",
+    )
     evaluation: Evaluation | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     export: Export | None = Field(

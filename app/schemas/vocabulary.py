@@ -86,3 +86,51 @@ def kind_of(is_set: Callable[[str, str], bool]) -> JobKind:
         ),
         "prune",
     )
+
+
+# --- datasets (issue 20: datasets at scale) ------------------------------------------------------------------
+# What a dataset is stored as / registered as, and where its validation stands. ``npz`` at or below
+# SECATEURS_CONVERT_ABOVE_BYTES is ``ready`` at upload (as before); everything else is ``validating`` until the
+# worker task ``secateurs.validate_dataset`` built its manifest (``converting`` while it writes shards).
+DatasetFormat = Literal["npz", "tfrecord", "parquet", "image_folder"]
+DatasetStatus = Literal["validating", "converting", "ready", "invalid"]
+# TF's names for TFRecord compression (tf.data.TFRecordDataset's compression_type).
+DatasetCompression = Literal["GZIP", "ZLIB"]
+# A feature as tf.io.parse_example reads it: FixedLenFeature or VarLenFeature, and its three dtypes.
+FeatureKind = Literal["fixed", "var_len"]
+FeatureDtype = Literal["float32", "int64", "string"]
+ImageDecode = Literal["jpeg", "png", "auto"]
+ImageChannels = Literal[1, 3, 4]
+
+# What each dataset status allows a job to do: only ``ready`` data can be trained or evaluated on.
+DATASET_STATUSES: dict[DatasetStatus, str] = {
+    "validating": "the worker is reading a sample and building the manifest",
+    "converting": "the worker is writing TFRecord shards (image folder, large .npz)",
+    "ready": "usable by jobs",
+    "invalid": "refused; `error` says why",
+}
+
+# Training-batch augmentations: kind -> the Keras 3 preprocessing layer's arguments the spec accepts, in
+# the layer's order (first ones required, see AUGMENTATION_REQUIRED). The worker's table
+# (worker.data.augment.AUGMENTATIONS) holds the same kinds; tests/test_vocabularies.py pins both.
+AugmentationKind = Literal[
+    "random_flip", "random_crop", "random_rotation", "random_zoom", "random_translation", "random_contrast"
+]
+AUGMENTATIONS: dict[AugmentationKind, tuple[str, ...]] = {
+    "random_flip": ("mode",),
+    "random_crop": ("height", "width"),
+    "random_rotation": ("factor",),
+    "random_zoom": ("height_factor", "width_factor"),
+    "random_translation": ("height_factor", "width_factor"),
+    "random_contrast": ("factor",),
+}
+# The arguments without a default (RandomFlip's mode defaults to horizontal_and_vertical in Keras, but the
+# spec asks for it: a flip the caller did not choose would silently mirror digits and text).
+AUGMENTATION_REQUIRED: dict[AugmentationKind, tuple[str, ...]] = {
+    "random_flip": ("mode",),
+    "random_crop": ("height", "width"),
+    "random_rotation": ("factor",),
+    "random_zoom": ("height_factor",),
+    "random_translation": ("height_factor", "width_factor"),
+    "random_contrast": ("factor",),
+}

@@ -29,10 +29,13 @@ if TYPE_CHECKING:
     from app.config import Settings
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The file kinds a dataset upload is kept as (datasets/<id>/upload<ext>).
+DATASET_UPLOAD_EXTENSIONS = (".npz", ".tfrecord", ".tfrecord.gz", ".parquet", ".tar", ".zip")
 
 
 class Storage:
-    """The data directory's layout: models/<id>/, datasets/<id>.npz, jobs/<id>/, tmp/ (uploads in flight),
+    """The data directory's layout: models/<id>/, datasets/<id>.npz (or datasets/<id>/upload<ext> and
+    datasets/<id>/shards/), jobs/<id>/, tmp/ (uploads in flight),
     and the blob store behind it (local: these same files; remote: the keys below, named the same way)."""
 
     def __init__(
@@ -78,6 +81,16 @@ class Storage:
 
     def dataset_key(self, dataset_id: str) -> str:
         return f"datasets/{_checked_id(dataset_id, 'dataset')}.npz"
+
+    def dataset_upload_key(self, dataset_id: str, ext: str) -> str:
+        """An upload kept as sent (issue 20): ``datasets/<id>/upload<ext>``; ``ext`` is one of ours."""
+        if ext not in DATASET_UPLOAD_EXTENSIONS:
+            raise ValueError(f"not a dataset upload extension: {ext!r}")
+        return f"datasets/{_checked_id(dataset_id, 'dataset')}/upload{ext}"
+
+    def dataset_shard_prefix(self, dataset_id: str) -> str:
+        """Where a conversion or unpacking writes the dataset's shards: ``datasets/<id>/shards/``."""
+        return f"datasets/{_checked_id(dataset_id, 'dataset')}/shards/"
 
     def job_key(self, job_id: str, file: str) -> str:
         return f"jobs/{_checked_id(job_id, 'job')}/{file}"
@@ -146,9 +159,12 @@ class Storage:
             self.blobs.delete_prefix(f"models/{model_id}/")
 
     def remove_dataset(self, dataset_id: str) -> None:
+        """Both forms: the legacy ``datasets/<id>.npz`` and the folder ``datasets/<id>/`` (upload, shards)."""
         self._remove(self.dataset_path(dataset_id))
+        self._remove(self.datasets_dir / _checked_id(dataset_id, "dataset"))
         if self.remote:
             self.blobs.delete_prefix(self.dataset_key(dataset_id))
+            self.blobs.delete_prefix(f"datasets/{dataset_id}/")
 
     def remove_job(self, job_id: str) -> None:
         self._remove(self.job_dir(job_id))

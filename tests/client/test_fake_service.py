@@ -88,7 +88,7 @@ def test_errors_come_as_the_real_services_exceptions(files: dict[str, Path]) -> 
             client.create_job("mdl_missing", {"target_sparsity": 0.5})
         with pytest.raises(UnsupportedMediaType):
             client.upload_model(files["train"])  # not a model archive
-        with pytest.raises(Unprocessable, match="no arrays"):
-            client.upload_dataset(files["model"])  # a zip, but of no .npy arrays
+        with pytest.raises(Unprocessable, match="neither only"):
+            client.upload_dataset(files["model"])  # a zip, but of no shards or images
     with FakeService(api_key="sk_test").client(api_key="sk_wrong") as client, pytest.raises(Unauthorized):
         client.list_models()

@@ -28,7 +28,7 @@ from app.api.uploads import send_or_503
 from app.config import Settings
 from app.db import jobs, records
 from app.db import webhooks as webhook_store
-from app.db.tables import TERMINAL_JOB_STATUSES, JobRecord, ModelRecord, utcnow
+from app.db.tables import TERMINAL_JOB_STATUSES, DatasetRecord, JobRecord, ModelRecord, utcnow
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
@@ -66,6 +66,12 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
         raise Unprocessable(f"model {model.id} is invalid and cannot be pruned: {reason}")
     train = get_dataset_or_404(session, body.train_dataset_id, tenant) if body.train_dataset_id else None
     evaluation = get_dataset_or_404(session, body.eval_dataset_id, tenant) if body.eval_dataset_id else None
+    for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
+        if dataset is not None:
+            _check_dataset_usable(loc, dataset)
+    if body.spec.augmentation and train is None:
+        msg = "augmentation applies to training batches: give train_dataset_id, or remove spec.augmentation"
+        raise Unprocessable(msg, extra={"errors": [{"loc": "spec.augmentation", "msg": msg}]})
     if body.spec.needs_train_dataset() and train is None:
         raise Unprocessable(
             "this spec needs labelled training data (fine_tune, criterion gradient/taylor/l1/l2, or "
@@ -79,9 +85,9 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
             extra={"errors": [{"loc": "train_dataset_id", "msg": msg}]},
         )
     _check_kind_datasets(body, train, evaluation)
-    if train is not None and not any(k == "y" or k.startswith("y.") for k in train.arrays):
+    if train is not None and train.arrays is not None and not _labelled(train):
         raise Unprocessable(
-            f"train dataset {train.id} has no labels: add an array 'y' to the .npz",
+            f"train dataset {train.id} has no labels: {_how_to_label(train)}",
             extra={"errors": [{"loc": "train_dataset_id", "msg": "dataset has no 'y' array"}]},
         )
     if model.status == "ready" and model.signatures is not None:
@@ -89,7 +95,7 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
             msg = f"model {model.id} has no signature {body.spec.signature!r}; it has {sorted(model.signatures)}"
             raise Unprocessable(msg, extra={"errors": [{"loc": "spec.signature", "msg": msg}]})
         for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
-            if dataset is None:
+            if dataset is None or dataset.arrays is None:  # not known for this dataset: the worker checks
                 continue
             problems = dataset_fit_errors(model.signatures, body.spec.signature, dataset.arrays)
             if problems:
@@ -97,7 +103,7 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
                     f"{loc} {dataset.id} does not fit model {model.id}: " + "; ".join(problems),
                     extra={"errors": [{"loc": loc, "msg": p} for p in problems]},
                 )
-        if train is not None:  # an explicit loss the labels cannot train with (mse on class ids, ...)
+        if train is not None and train.arrays is not None:  # a loss the labels cannot train with (mse on ids)
             problems = label_loss_errors(model.signatures, body.spec.signature, train.arrays, body.spec.loss)
             if problems:
                 raise Unprocessable(
@@ -105,6 +111,27 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
                     + "; ".join(problems),
                     extra={"errors": [{"loc": "spec.loss", "msg": p} for p in problems]},
                 )
+
+
+def _labelled(dataset: DatasetRecord) -> bool:
+    return any(k == "y" or k.startswith("y.") for k in dataset.arrays or {})
+
+
+def _how_to_label(dataset: DatasetRecord) -> str:
+    if dataset.format in (None, "npz"):
+        return "add an array 'y' to the .npz"
+    return 'register it again naming its label feature or column ("label")'
+
+
+def _check_dataset_usable(loc: str, dataset: DatasetRecord) -> None:
+    """Only ``ready`` data can be trained or evaluated on: pending is 409 (wait), invalid is 422 (its error)."""
+    if dataset.status in ("validating", "converting"):
+        msg = f"dataset {dataset.id} is {dataset.status}; wait until its status is ready (GET /v1/datasets/{dataset.id})"
+        raise Conflict(msg, extra={"errors": [{"loc": loc, "msg": msg}]}, retry_after=POLL_AFTER_S * 5)
+    if dataset.status == "invalid":
+        reason = (dataset.error or {}).get("message", "unknown reason")
+        msg = f"dataset {dataset.id} is invalid and cannot be used: {reason}"
+        raise Unprocessable(msg, extra={"errors": [{"loc": loc, "msg": msg}]})
 
 
 def _check_kind_datasets(body: JobCreate, train: Any, evaluation: Any) -> None:
@@ -119,11 +146,15 @@ def _check_kind_datasets(body: JobCreate, train: Any, evaluation: Any) -> None:
             msg = (
                 f"a {kind} job compares a metric with the baseline's on labelled data: give eval_dataset_id "
                 "(arrays 'x' and 'y')"
-                + (" or set search.validation_fraction to choose on part of the train set" if kind == "search" else "")
+                + (
+                    " or set search.validation_fraction to choose on part of the train set"
+                    if kind == "search"
+                    else ""
+                )
             )
             raise Unprocessable(msg, extra={"errors": [{"loc": "eval_dataset_id", "msg": msg}]})
-        if not any(k == "y" or k.startswith("y.") for k in evaluation.arrays):
-            msg = f"eval dataset {evaluation.id} has no labels, which a {kind} job needs: add an array 'y'"
+        if evaluation.arrays is not None and not _labelled(evaluation):
+            msg = f"eval dataset {evaluation.id} has no labels, which a {kind} job needs: {_how_to_label(evaluation)}"
             raise Unprocessable(msg, extra={"errors": [{"loc": "eval_dataset_id", "msg": msg}]})
 
 
