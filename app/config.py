@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     dataset_shard_bytes: int = Field(
         128 * MiB, ge=1 * MiB, description="target size of the TFRecord shards a conversion writes"
     )
+    dataset_memory_bytes: int = Field(
+        256 * MiB,
+        ge=0,
+        description="a job holds a dataset's decoded inputs in memory up to this size; a larger one is streamed "
+        "(fine-tuning and evaluation read it batch by batch, worker memory stays flat); 0 = always stream",
+    )
     dataset_cache_max_bytes: int = Field(
         20 * GiB,
         ge=0,

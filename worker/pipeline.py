@@ -55,6 +55,7 @@ from worker.stages.compact import Compacted, check_shapes, compact_model, measur
 from worker.stages.crossval import run_cross_validation
 from worker.stages.evaluate import Scores, Weights, delta, fidelity_section, reference_data, score
 from worker.stages.export import run_exports
+from worker.stages.feed import Streamed
 from worker.stages.job import Job, Report, Window, predict
 from worker.stages.latency import measure_latency
 from worker.stages.load import prepare, resolve_granularity, seed_everything
@@ -80,8 +81,8 @@ EXPORTING = 0.95  # TFLite conversions (spec.export) after saving, up to 0.98
 def run_pipeline(
     model_dir: Path,
     spec: PruneSpec,
-    train: dict[str, np.ndarray] | None,
-    evaluation: dict[str, np.ndarray] | None,
+    train: dict[str, np.ndarray] | Streamed | None,
+    evaluation: dict[str, np.ndarray] | Streamed | None,
     out_dir: Path,
     report: Report,
 ) -> dict[str, Any]:
@@ -107,6 +108,7 @@ def run_pipeline(
     baseline_zip = _BaselineZip(model_dir, cache=converted is None, early=spec.fine_tune is None)
     try:
         job = prepare(load_model_once(model_dir), spec, train, evaluation)
+        job.model_dir = model_dir
         if converted:
             job.notes.append(converted)
         job.timings["load"] = time.perf_counter() - tick
@@ -126,7 +128,7 @@ def run_pipeline(
 def _run(
     job: Job,
     model_dir: Path,
-    train: Mapping[str, np.ndarray] | None,
+    train: Mapping[str, np.ndarray] | Streamed | None,
     granularity: Granularity,
     window: Window,
     out_dir: Path,
@@ -137,7 +139,9 @@ def _run(
     window("baseline", BASELINE)
     tick = time.perf_counter()
     prunable, kinds = select(job)
-    check_prune_memory(spec, prunable)  # a prune that cannot fit fails now, with what would (worker.stages.memory)
+    check_prune_memory(
+        spec, prunable
+    )  # a prune that cannot fit fails now, with what would (worker.stages.memory)
     reference = reference_data(job)
     reference_outputs = predict(job, reference.data) if reference is not None else None
     before = score(job, reference.data if reference and reference.labelled else None, reference_outputs)
@@ -151,6 +155,12 @@ def _run(
     cross_validation = None
     if folds is not None:
         assert train is not None  # prepare() refuses cross-validation without labelled train data
+        if isinstance(train, Streamed):
+            raise PipelineError(
+                "not_supported",
+                "evaluation.cross_validation cuts folds from an in-memory train set; this one is streamed "
+                "(larger than SECATEURS_DATASET_MEMORY_BYTES): raise that setting or drop cross_validation",
+            )
         tick = time.perf_counter()
         prune_from = PRUNING + (EVALUATING - PRUNING) * folds.folds / (folds.folds + 1)
         cv_window = window.sub(PRUNING, prune_from)

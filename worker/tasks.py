@@ -27,12 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import job_files
 from app.archive import ArchiveLimits, extract_archive
 from app.config import Settings, get_settings
+from app.db import datasets as dataset_status
 from app.db import jobs, model_status
 from app.db.engine import init_db, make_engine, make_session_factory, session_scope
 from app.db.tables import DatasetRecord, JobRecord, ModelRecord
 from app.errors import SecateursError, StoreUnavailable
 from app.observability.logs import bind, log_context
-from app.queue import RUN_JOB, VALIDATE_MODEL
+from app.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_MODEL
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from app.schemas.vocabulary import JOB_KINDS
@@ -183,12 +184,105 @@ def validate_model(model_id: str) -> None:
             log.error("model %s not validated, the blob store did not answer: %s", model_id, exc.detail)
 
 
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+def _validate_dataset(dataset_id: str) -> None:
+    from worker.data.errors import DataError
+    from worker.datasets import register
+
+    settings, sessions, storage = _context()
+    with session_scope(sessions) as session:
+        record = session.get(DatasetRecord, dataset_id)
+        if record is None or record.status not in ("validating", "converting"):
+            return
+        bind(tenant=record.tenant)
+        if not dataset_status.begin_dataset_validation(session, dataset_id, settings.max_attempts):
+            dataset_status.set_dataset_result(
+                session,
+                dataset_id,
+                status="invalid",
+                error=_error(
+                    "validation_crashed",
+                    f"the worker stopped while reading this dataset {settings.max_attempts} times (killed, "
+                    "most likely out of memory); check the worker logs and register it again",
+                ),
+            )
+            return
+        session.expunge(record)
+
+    def report(status: str, fraction: float) -> None:
+        with session_scope(sessions) as session:
+            dataset_status.set_dataset_progress(session, dataset_id, status, round(float(fraction), 4))
+
+    try:
+        manifest = register(record, settings, storage, report)
+    except StoreUnavailable:
+        raise  # not the data's fault: left validating, the reaper sends it again
+    except DataError as exc:
+        with session_scope(sessions) as session:
+            dataset_status.set_dataset_result(
+                session, dataset_id, status="invalid", error=_error(exc.code, exc.message)
+            )
+        return
+    except Exception as exc:
+        log.exception("dataset %s could not be registered", dataset_id)
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        with session_scope(sessions) as session:
+            dataset_status.set_dataset_result(
+                session,
+                dataset_id,
+                status="invalid",
+                error=_error(
+                    "dataset_unreadable", f"the dataset could not be read ({type(exc).__name__}: {first})"
+                ),
+            )
+        return
+    with session_scope(sessions) as session:
+        recorded = dataset_status.set_dataset_result(
+            session,
+            dataset_id,
+            status="ready",
+            manifest=manifest,
+            shards=len(manifest["shards"]),
+            n_samples=manifest.get("n_samples"),
+            size_bytes=sum(int(s["size"]) for s in manifest["shards"]),
+            features=manifest.get("features"),
+            class_names=manifest.get("class_names"),
+            arrays=manifest.get("arrays"),
+        )
+    if not recorded:  # deleted while it was read: the shards a conversion wrote must not outlive it
+        storage.blobs.delete_prefix(storage.dataset_shard_prefix(dataset_id))
+
+
+@shared_task(name=VALIDATE_DATASET, acks_late=True)
+def validate_dataset(dataset_id: str) -> None:
+    with log_context(dataset_id=dataset_id, stage="validating"):
+        try:
+            _validate_dataset(dataset_id)
+        except StoreUnavailable as exc:  # the reaper re-sends a registration left 'validating'
+            log.error("dataset %s not registered, the blob store did not answer: %s", dataset_id, exc.detail)
+
+
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+def _job_dataset(
+    record: DatasetRecord, spec: PruneSpec, model: ModelRecord, storage: Storage, settings: Settings
+) -> Any:
+    """A small ``.npz`` as arrays (as always); any other dataset through its manifest (``worker.dataset_tasks``),
+    decoded onto the model's input shapes."""
+    if record.manifest is None:
+        return _load_npz(dataset_file(record, storage))
+    from worker.datasets import open_for_job
+
+    inputs = ((model.signatures or {}).get(spec.signature) or {}).get("inputs")
+    return open_for_job(record, storage, settings, on_bad_record=spec.on_bad_record, input_specs=inputs)
 
 
 class _Progress:
@@ -311,7 +405,12 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
         timings = leases[0].stage_seconds() if leases else None
         with session_scope(sessions) as session:
             jobs.finish_job(
-                session, job_id, status, error=error, attempt=claim.attempts, timings=timings  # type: ignore[arg-type]
+                session,
+                job_id,
+                status,
+                error=error,
+                attempt=claim.attempts,
+                timings=timings,  # type: ignore[arg-type]
             )
 
     def hard_limit(timings: str) -> None:
@@ -369,13 +468,19 @@ def _run_claimed(
             )
         spec = PruneSpec.model_validate(job.spec)
         saved_model = prepared_model_dir(model, storage, settings)
-        train_arrays = _load_npz(dataset_file(train, storage)) if train else None
+        train_arrays = _job_dataset(train, spec, model, storage, settings) if train else None
         # The same dataset, or the same file uploaded twice (e.g. the CLI's --train f --eval f): same bytes.
-        same_data = train is not None and evaluation is not None and train.sha256 == evaluation.sha256
+        same_data = (
+            train is not None
+            and evaluation is not None
+            and (
+                train.id == evaluation.id or (train.sha256 is not None and train.sha256 == evaluation.sha256)
+            )
+        )
         if same_data:
             eval_arrays = train_arrays  # loaded once; the stages only read the arrays
         else:
-            eval_arrays = _load_npz(dataset_file(evaluation, storage)) if evaluation else None
+            eval_arrays = _job_dataset(evaluation, spec, model, storage, settings) if evaluation else None
         for stale in storage.job_dir(job_id).glob(
             "work*"
         ):  # earlier attempts' leftovers: a re-run overwrites

@@ -22,12 +22,21 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 from worker.data.errors import SourceError
 
-if TYPE_CHECKING:
-    from worker.data.sources import ObjectInfo
+
+class ObjectInfo(Protocol):
+    """What the cache needs of a listed object (``worker.data.sources.ObjectInfo``, which imports this module)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def etag(self) -> str | None: ...
+
 
 log = logging.getLogger("secateurs.data.cache")
 _SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,10}){1,2}$")

@@ -515,7 +515,7 @@ class BlobSource:
 def shard_cache(settings: Settings) -> ShardCache:
     """The worker's shard cache: ``shards/`` inside the blob cache's directory, under the same byte cap."""
     base = settings.cache_dir or settings.data_dir / "cache"
-    return ShardCache(Path(base) / "shards", settings.cache_max_bytes)
+    return ShardCache(Path(base) / "shards", settings.dataset_cache_max_bytes)
 
 
 SOURCES: dict[str, Callable[..., Source]] = {

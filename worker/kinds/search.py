@@ -309,6 +309,13 @@ def _selection_data(job: Job, search: Search) -> Data:
         raise PipelineError(
             "dataset_mismatch", "search.validation_fraction splits the train set, which needs labels 'y'"
         )
+    if train.stream is not None:
+        raise PipelineError(
+            "not_supported",
+            "search.validation_fraction splits an in-memory train set; this one is streamed (larger than "
+            "SECATEURS_DATASET_MEMORY_BYTES): register a separate validation dataset and pass it as "
+            "eval_dataset_id without validation_fraction",
+        )
     fit, held = _split(train, search.validation_fraction, job.spec.seed)
     job.train = fit
     job.note(

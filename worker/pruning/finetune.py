@@ -30,16 +30,25 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
 
 from worker.pruning.losses import distill_fn, loss_fn
 
-__all__ = ["OPTIMIZERS", "Distillation", "TrainingDiverged", "count_steps", "fine_tune", "learning_rate_at"]
+__all__ = [
+    "OPTIMIZERS",
+    "Batches",
+    "Distillation",
+    "TrainingDiverged",
+    "array_batches",
+    "count_steps",
+    "fine_tune",
+    "learning_rate_at",
+]
 
 Forward = Callable[[dict[str, tf.Tensor], bool], tf.Tensor]
 LrDecay = Literal["constant", "cosine"]
@@ -51,15 +60,69 @@ class TrainingDiverged(ArithmeticError):
 
 @dataclass(frozen=True)
 class Distillation:
-    """Soft targets from the dense model: ``teacher[i]`` is its output for train sample ``i``.
+    """Soft targets from the dense model: ``teacher[i]`` is its output for train sample ``i`` (in-memory
+    train sets), or ``teacher_fn(x)`` its output on a batch, computed on the fly by a second, unpruned copy
+    (streamed train sets: ``n x outputs`` precomputed floats would grow with the dataset).
 
     ``alpha`` weighs the distillation term against the task loss (0 = labels only, 1 = teacher only);
     ``temperature`` softens both distributions (classification losses only).
     """
 
-    teacher: np.ndarray
+    teacher: np.ndarray | None
     alpha: float = 0.5
     temperature: float = 2.0
+    teacher_fn: Callable[[dict[str, Any]], tf.Tensor] | None = None
+
+
+Batch = tuple[dict[str, Any], Any, Any]  # inputs, labels, teacher outputs (None: computed by teacher_fn)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Where the training batches of each epoch come from: ``epoch(i)`` yields ``steps_per_epoch`` batches.
+
+    ``array_batches`` shuffles in-memory arrays; a streamed train set (``worker.stages.feed``) reads shards
+    through a bounded shuffle buffer. ``fine_tune`` treats both alike."""
+
+    steps_per_epoch: int
+    epoch: Callable[[int], Iterator[Batch]]
+
+
+def array_batches(
+    x: dict[str, np.ndarray],
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    teacher: np.ndarray | None = None,
+    max_samples: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> Batches:
+    """Batches of a permutation of the arrays, reshuffled every epoch from ``seed``; ``max_samples`` (a
+    different seeded subset each epoch) and ``steps_per_epoch`` cap an epoch (the permutation wraps around
+    when more steps than batches are asked)."""
+    n = len(y)
+    lengths = {name: len(arr) for name, arr in x.items()}
+    if any(length != n for length in lengths.values()):
+        raise ValueError(f"inputs and labels differ in length: {lengths} vs {n} labels")
+    if n == 0 or batch_size < 1:
+        raise ValueError("need samples and batch_size >= 1")
+    per_epoch = n if max_samples is None else min(n, max_samples)
+    steps = steps_per_epoch or math.ceil(per_epoch / batch_size)
+    rng = np.random.default_rng(seed)
+
+    def epoch(_: int) -> Iterator[Batch]:
+        order = rng.permutation(n)[:per_epoch]
+        if steps * batch_size > len(order) and steps_per_epoch is not None:
+            order = np.resize(order, steps * batch_size)  # wrap around: the asked number of steps
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            yield (
+                {k: tf.constant(v[idx]) for k, v in x.items()},
+                tf.constant(y[idx]),
+                None if teacher is None else tf.constant(teacher[idx]),
+            )
+
+    return Batches(steps, epoch)
 
 
 class _Optimizer(ABC):
@@ -139,8 +202,8 @@ def learning_rate_at(step: int, total_steps: int, base: float, decay: LrDecay = 
 def fine_tune(
     forward: Forward,
     variables: list[tf.Variable],
-    x: dict[str, np.ndarray],
-    y: np.ndarray,
+    x: dict[str, np.ndarray] | None,
+    y: np.ndarray | None,
     *,
     loss: str,
     from_logits: bool,
@@ -155,6 +218,8 @@ def fine_tune(
     lr_decay: LrDecay = "cosine",
     penalty: Callable[[], tf.Tensor] | None = None,
     distill: Distillation | None = None,
+    batches: Batches | None = None,
+    augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> list[float]:
     """Train ``variables`` to lower ``loss(y, forward(x, training)) [+ penalty()]`` (mixed with the
     distillation term when ``distill`` is given); returns each epoch's mean batch task loss (labels only:
@@ -162,21 +227,25 @@ def fine_tune(
 
     ``x`` arrays must already have the dtypes ``forward`` expects. Batches are reshuffled every epoch from
     ``seed`` (and TensorFlow's global seed is set from it, so dropout in training mode is reproducible).
-    ``on_epoch(epoch, mean_loss)`` receives the 0-based epoch index.
+    ``on_epoch(epoch, mean_loss)`` receives the 0-based epoch index. ``batches`` replaces ``x``/``y`` (a
+    streamed train set); ``augment`` maps each batch's inputs before the step (training batches only).
     """
-    n = len(y)
-    lengths = {name: len(arr) for name, arr in x.items()}
-    if any(length != n for length in lengths.values()):
-        raise ValueError(f"inputs and labels differ in length: {lengths} vs {n} labels")
-    if n == 0 or epochs < 1 or batch_size < 1 or learning_rate <= 0:
+    if batches is None:
+        if x is None or y is None:
+            raise ValueError("give x and y, or batches")
+        teacher = None if distill is None else distill.teacher
+        if teacher is not None and len(teacher) != len(y):
+            raise ValueError(f"teacher outputs for {len(teacher)} samples, but {len(y)} train samples")
+        batches = array_batches(x, y, batch_size, seed, teacher)
+    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError("need samples, epochs >= 1, batch_size >= 1 and learning_rate > 0")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     if not variables:
         raise ValueError("no variables to fine-tune")
     if distill is not None:
-        if len(distill.teacher) != n:
-            raise ValueError(f"teacher outputs for {len(distill.teacher)} samples, but {n} train samples")
+        if distill.teacher is None and distill.teacher_fn is None:
+            raise ValueError("distillation needs teacher outputs or a teacher function")
         if not 0.0 <= distill.alpha <= 1.0:
             raise ValueError(f"distillation alpha must be within [0, 1], got {distill.alpha!r}")
 
@@ -202,23 +271,19 @@ def fine_tune(
         return data, total
 
     tf.random.set_seed(seed)
-    rng = np.random.default_rng(seed)
-    total = count_steps(n, batch_size, epochs)
+    total = epochs * batches.steps_per_epoch
     history: list[float] = []
     step = 0
     for epoch in range(epochs):
-        order = rng.permutation(n)
-        loss_sum = 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        loss_sum, seen = 0.0, 0
+        for xb, yb, tb in batches.epoch(epoch):
             lr = tf.constant(learning_rate_at(step, total, learning_rate, lr_decay), tf.float32)
-            yb = tf.constant(y[idx])
-            data, total_loss = train_step(
-                {k: tf.constant(v[idx]) for k, v in x.items()},
-                yb,
-                yb if distill is None else tf.constant(distill.teacher[idx]),  # unused without distill
-                lr,
-            )
+            if augment is not None:
+                xb = augment(xb)
+            if distill is not None and tb is None:
+                assert distill.teacher_fn is not None
+                tb = distill.teacher_fn(xb)
+            data, total_loss = train_step(xb, yb, yb if tb is None else tb, lr)  # tb unused without distill
             value = float(data)
             if not (math.isfinite(value) and math.isfinite(float(total_loss))):
                 raise TrainingDiverged(
@@ -226,11 +291,13 @@ def fine_tune(
                     f"{float(total_loss)}): lower the learning_rate"
                     + ("" if penalty is None else " or the regularization strength")
                 )
-            loss_sum += value * len(idx)
+            size = int(tf.shape(yb)[0])
+            loss_sum += value * size
+            seen += size
             step += 1
             if after_step is not None:
                 after_step(step)
-        history.append(loss_sum / n)
+        history.append(loss_sum / max(1, seen))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     return history

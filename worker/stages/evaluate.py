@@ -17,7 +17,7 @@ from ``worker.evaluation`` (scikit-learn metrics, fidelity, parameter counts, MA
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,8 @@ def reference_data(job: Job) -> Reference | None:
         job.note("no dataset: fidelity (agreement of pruned with baseline outputs) is not measured")
         return None
     train = job.train
+    if train.stream is not None:  # never a whole pass over a large train set: its in-memory sample
+        train = replace(train, stream=None)
     if train.n <= FIDELITY_TRAIN_SAMPLES:
         job.note(f"no evaluation dataset: fidelity is measured on the {train.n} train samples")
         return Reference(train, False)
@@ -98,10 +100,12 @@ def _spec_settings(job: Job, name: str) -> tuple[TaskChoice, bool | None]:
 def score(job: Job, data: Data | None, predictions: Mapping[str, np.ndarray] | None) -> Scores:
     """Metrics of every labelled output of ``data`` (None/empty when there are no labels)."""
     settings = {name: _spec_settings(job, name) for name in job.sig.outputs}
-    if data is None or predictions is None or not data.labels:
+    # A streamed set's labels are those its last prediction pass read (``stages.feed.Stream``).
+    labels = data.labels if data is None or data.stream is None else data.stream.labels
+    if data is None or predictions is None or not labels:
         return Scores(None, {}, settings)
     by_output: dict[str, dict[str, Any]] = {}
-    for name, y in sorted(data.labels.items()):
+    for name, y in sorted(labels.items()):
         task, from_logits = settings[name]
         output = predictions[name]
         try:

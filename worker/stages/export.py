@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,11 @@ def _eval_subset(
         return None, None
     outputs = dict(pruned_outputs) if pruned_outputs is not None else None
     data = reference.data
+    if data.stream is not None:  # a streamed set: its in-memory sample (its first records, in stream order)
+        data = replace(data, stream=None)
+        outputs = {k: v[: data.n] for k, v in outputs.items()} if outputs is not None else None
+        if outputs is not None and min(len(v) for v in outputs.values()) < data.n:
+            data = data.subset(np.arange(min(len(v) for v in outputs.values())))
     if outputs is not None:  # a fixed-batch signature scored whole batches only
         n = min(len(v) for v in outputs.values())
         if n < data.n:

@@ -7,8 +7,9 @@ fold with the same loading, pruning and evaluation code as the main run, without
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,15 +30,28 @@ PREDICT_BATCH = 256
 @dataclass
 class Data:
     """A dataset bound to the signature: inputs by name, labels of the selected output (``y``, or None) and
-    labels of every output that has some (``labels``: ``y.<output>``, or ``y`` for the selected output)."""
+    labels of every output that has some (``labels``: ``y.<output>``, or ``y`` for the selected output).
+
+    A dataset larger than the worker's in-memory budget (``SECATEURS_DATASET_MEMORY_BYTES``) also carries
+    ``stream`` (``worker.stages.feed.Stream``): the arrays are then a bounded sample of its first records
+    (what loss inference, gradient statistics, int8 calibration and the compaction probe read), and the stages
+    that use the whole set (fine-tuning, evaluation) read the stream batch by batch instead.
+    """
 
     x: dict[str, np.ndarray]
     y: np.ndarray | None
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    stream: Any = None  # worker.stages.feed.Stream (typed loosely: feed imports this module)
 
     @property
     def n(self) -> int:
+        """Samples held in memory (for a streamed dataset: the sample's)."""
         return len(next(iter(self.x.values())))
+
+    @property
+    def total(self) -> int | None:
+        """Samples in the whole dataset (None: a stream that does not know its length)."""
+        return self.n if self.stream is None else self.stream.n
 
     def subset(self, index: np.ndarray) -> Data:
         """The samples at ``index`` (a sorted index array), inputs and labels alike."""
@@ -63,6 +77,7 @@ class Job:
     preprocessing: dict[str, Any] | None = None
     loss: tuple[str, bool] | None = None  # inferred once, see stages.prune.loss_of
     gradient_passes: list[int] = field(default_factory=list)  # samples per gradient-statistics pass
+    model_dir: Path | None = None  # where ``handle`` was loaded from: a streamed distillation loads a teacher
     # Channel groups of ``handle`` by signature (``channel_groups``): another handle needs a fresh dict.
     analyses: dict[str, GroupAnalysis] = field(default_factory=dict, repr=False)
 
@@ -138,8 +153,14 @@ def predict(job: Job, data: Data) -> dict[str, np.ndarray]:
     fixed = fixed_batch(job.sig)
     batch = fixed or PREDICT_BATCH
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, data.n, batch):
-        chunk = {k: v[start : start + batch] for k, v in data.x.items()}
+    chunks: Iterable[dict[str, Any]]
+    if data.stream is not None:  # the whole set, batch by batch; its labels are collected on the way
+        chunks = data.stream.evaluation_batches(batch)
+    else:
+        chunks = (
+            {k: v[start : start + batch] for k, v in data.x.items()} for start in range(0, data.n, batch)
+        )
+    for chunk in chunks:
         if fixed and len(next(iter(chunk.values()))) != fixed:
             break
         for name, value in job.handle.call(job.spec.signature, chunk).items():

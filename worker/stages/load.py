@@ -21,6 +21,7 @@ from worker.evaluation.metrics import labels_for_outputs
 from worker.models import ModelHandle, SignatureInfo, bind_inputs, label_key, select_output
 from worker.pruning.criteria import get_criterion
 from worker.pruning.granularity import Granularity, check_nm_target, get_granularity, parse_nm
+from worker.stages.feed import Streamed, bind_stream
 from worker.stages.job import Data, Job
 
 
@@ -43,8 +44,19 @@ def resolve_granularity(spec: PruneSpec) -> Granularity:
         raise PipelineError("invalid_spec", str(exc)) from exc
 
 
-def _bind(sig: SignatureInfo, arrays: dict[str, np.ndarray] | None, output: str, role: str) -> Data | None:
-    """Inputs by name and labels per output (API.md's ``y`` / ``y.<output>``), every array one row per sample."""
+Arrays = dict[str, np.ndarray]
+
+
+def _arrays(given: Arrays | Streamed | None) -> Arrays | None:
+    return given.sample if isinstance(given, Streamed) else given
+
+
+def _bind(
+    sig: SignatureInfo, given: Arrays | Streamed | None, output: str, role: str, spec: PruneSpec
+) -> Data | None:
+    """Inputs by name and labels per output (API.md's ``y`` / ``y.<output>``), every array one row per sample;
+    a streamed dataset binds its in-memory sample and carries its stream (``stages.feed``)."""
+    arrays = _arrays(given)
     if arrays is None:
         return None
     x = bind_inputs(sig, arrays)
@@ -58,14 +70,18 @@ def _bind(sig: SignatureInfo, arrays: dict[str, np.ndarray] | None, output: str,
             raise PipelineError(
                 "dataset_mismatch", f"the {role} dataset's {key!r} has {y.shape} labels for {n} input samples"
             )
-    return Data(x=x, y=labels.get(output), labels=labels)
+    data = Data(x=x, y=labels.get(output), labels=labels)
+    if isinstance(given, Streamed):
+        limit = spec.evaluation.max_samples if spec.evaluation is not None else None
+        data.stream = bind_stream(given.reader, sig.inputs, output, limit)
+    return data
 
 
 def prepare(
     handle: ModelHandle,
     spec: PruneSpec,
-    train: dict[str, np.ndarray] | None,
-    evaluation: dict[str, np.ndarray] | None,
+    given_train: Arrays | Streamed | None,
+    given_evaluation: Arrays | Streamed | None,
 ) -> Job:
     """A ``Job`` for ``handle``: datasets bound and checked, labels located, notes started, preprocessing applied.
 
@@ -73,6 +89,7 @@ def prepare(
     K-fold cross-validation, which prunes per fold) and the train dataset has no labels for the output.
     """
     sig = handle.signature(spec.signature)
+    train, evaluation = _arrays(given_train), _arrays(given_evaluation)
     label_keys = [
         k for arrays in (evaluation, train) if arrays for k in arrays if k == "y" or k.startswith("y.")
     ]
@@ -82,8 +99,8 @@ def prepare(
         handle=handle,
         sig=sig,
         output=output,
-        train=_bind(sig, train, output, "train"),
-        evaluation=_bind(sig, evaluation, output, "evaluation"),
+        train=_bind(sig, given_train, output, "train", spec),
+        evaluation=_bind(sig, given_evaluation, output, "evaluation", spec),
     )
     if len(sig.outputs) > 1:
         job.notes.append(
@@ -179,6 +196,8 @@ def _preprocess(job: Job, pre: Preprocessing) -> dict[str, Any]:
         offset = 0.0 if pre.offset is None else pre.offset
         for data in datasets:
             data.x = {k: (v.astype(np.float64) * scale + offset).astype(v.dtype) for k, v in data.x.items()}
+            if data.stream is not None:
+                data.stream.affine = {k: (np.float64(scale), np.float64(offset)) for k in data.x}
         job.notes.append(
             f"preprocessing: inputs x -> x * {scale:g} + {offset:g} on {applied_to or 'no'} data before the "
             "model; the artifact does not contain it: apply it when serving"
@@ -192,6 +211,10 @@ def _preprocess(job: Job, pre: Preprocessing) -> dict[str, Any]:
         job.notes.append("preprocessing: min_max has no dataset to fit on or apply to; nothing was changed")
         return {**result, "fitted_on": None, "features": {}}
     fitted_on = "train" if source is job.train else "eval"
+    if source.stream is not None:
+        job.note(
+            f"preprocessing: min_max fitted on the first {source.n} records of the streamed {fitted_on} set"
+        )
     features: dict[str, dict[str, list[float]]] = {}
     for name, array in source.x.items():
         axes = tuple(range(array.ndim - 1)) if array.ndim > 1 else (0,)
@@ -202,6 +225,8 @@ def _preprocess(job: Job, pre: Preprocessing) -> dict[str, Any]:
         for data in datasets:
             x = data.x[name]
             data.x[name] = (lo + (x.astype(np.float64) - low) * factor).astype(x.dtype)
+            if data.stream is not None:  # the same map per streamed batch: x * factor + (lo - low * factor)
+                data.stream.affine[name] = (factor, lo - low * factor)
     job.notes.append(
         f"preprocessing: per-feature min-max onto [{lo:g}, {hi:g}] fitted on the {fitted_on} dataset "
         f"(last input axis; constant features -> {lo:g}), applied to {applied_to}; the artifact does not "

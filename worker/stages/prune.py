@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +39,16 @@ import tensorflow as tf
 from app.schemas.fit import loss_label_problem
 from app.schemas.spec import FineTune, PolynomialSchedule
 from worker.errors import PipelineError
-from worker.models import NamedVariable
+from worker.models import NamedVariable, load_model
 from worker.pruning.criteria import Criterion, GradientStats, get_criterion
-from worker.pruning.finetune import Distillation, TrainingDiverged, count_steps, fine_tune
+from worker.pruning.finetune import (
+    Batches,
+    Distillation,
+    TrainingDiverged,
+    array_batches,
+    count_steps,
+    fine_tune,
+)
 from worker.pruning.gradients import accumulate_gradients
 from worker.pruning.granularity import Channel, Granularity, Kind, infer_kinds
 from worker.pruning.group_pruner import GroupPruner
@@ -242,7 +249,6 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
     job.timings.setdefault("fine_tune", 0.0)
     regularizer = pruner.criterion.regularizer
     polynomial = isinstance(spec.schedule, PolynomialSchedule)
-    n_train = job.train.n if job.train is not None else 0
 
     # One-shot l1/l2: a regularised phase first (half the epochs, or one default epoch), pruning after it.
     regularize: FineTune | None = None
@@ -252,8 +258,8 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
         regularize = ft or DEFAULT_REGULARIZATION
         reg_epochs = max(1, ft.epochs // 2) if ft is not None else DEFAULT_REGULARIZATION.epochs
         tune_epochs = ft.epochs - reg_epochs if ft is not None else 0
-    reg_steps = count_steps(n_train, regularize.batch_size, reg_epochs) if regularize else 0
-    tune_steps = count_steps(n_train, ft.batch_size, tune_epochs) if ft is not None and tune_epochs else 0
+    reg_steps = reg_epochs * steps_per_epoch(job, regularize) if regularize else 0
+    tune_steps = tune_epochs * steps_per_epoch(job, ft) if ft is not None and tune_epochs else 0
     progress = _Progress(window, reg_steps + tune_steps)
     schedule = build_schedule(spec.schedule.model_dump(), spec.target_sparsity, tune_steps)
     if polynomial:
@@ -343,6 +349,8 @@ def _distillation(job: Job, ft: FineTune | None) -> Distillation | None:
     if ft is None or ft.distill is None:
         return None
     assert job.train is not None
+    if job.train.stream is not None:
+        return _streamed_distillation(job, ft.distill.alpha, ft.distill.temperature)
     x = job.train.x
     teacher = np.concatenate(
         [
@@ -356,6 +364,83 @@ def _distillation(job: Job, ft: FineTune | None) -> Distillation | None:
         "outputs on the train set were computed once before pruning"
     )
     return Distillation(teacher, ft.distill.alpha, ft.distill.temperature)
+
+
+def _streamed_distillation(job: Job, alpha: float, temperature: float) -> Distillation:
+    """A second, unpruned copy of the model computes the soft targets of each streamed batch: precomputing
+    them would hold ``n x outputs`` floats for a train set that does not fit in memory."""
+    if job.model_dir is None:
+        raise PipelineError(
+            "invalid_spec", "fine_tune.distill on a streamed train set needs the model's path"
+        )
+    teacher = load_model(job.model_dir)
+    signature, output = job.spec.signature, job.output
+
+    def teacher_fn(x: dict[str, Any]) -> tf.Tensor:
+        return teacher.call(signature, x, training=False)[output]
+
+    job.note(
+        f"fine-tuning distils from the unpruned model: loss = {1 - alpha:g} x task loss + {alpha:g} x "
+        f"distillation term (temperature {temperature:g}); the train set is streamed, so a second, unpruned "
+        "copy of the model computes the soft targets of each batch (one more forward pass per step)"
+    )
+    return Distillation(None, alpha, temperature, teacher_fn=teacher_fn)
+
+
+def steps_per_epoch(job: Job, settings: FineTune) -> int:
+    """Optimizer steps of one epoch: ``steps_per_epoch``, else the train samples (capped by ``max_samples``)
+    in batches; a streamed set counts its records from the manifest."""
+    assert job.train is not None
+    if job.train.stream is not None:
+        return int(
+            job.train.stream.train_steps(settings.batch_size, settings.steps_per_epoch, settings.max_samples)
+        )
+    if settings.steps_per_epoch is not None:
+        return settings.steps_per_epoch
+    n = job.train.n if settings.max_samples is None else min(job.train.n, settings.max_samples)
+    return count_steps(n, settings.batch_size, 1)
+
+
+def _batches(job: Job, settings: FineTune, seed: int, distill: Distillation | None) -> Batches:
+    """The training batches of every epoch: the in-memory arrays shuffled, or the streamed set's shards."""
+    train = job.train
+    assert train is not None and train.y is not None
+    if train.stream is None:
+        return array_batches(
+            train.x,
+            train.y,
+            settings.batch_size,
+            seed,
+            None if distill is None else distill.teacher,
+            max_samples=settings.max_samples,
+            steps_per_epoch=settings.steps_per_epoch,
+        )
+    stream = train.stream
+    steps = steps_per_epoch(job, settings)
+
+    def epoch(index: int) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+        for x, y in stream.train_epoch(settings.batch_size, steps, seed, index):
+            yield x, y, None
+
+    return Batches(steps, epoch)
+
+
+def _augmenter(job: Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """``spec.augmentation`` as one callable on a training batch's inputs (``worker.data.augment``)."""
+    items = job.spec.augmentation
+    if not items:
+        return None
+    from worker.data.augment import build_augmenter
+
+    try:
+        augment = build_augmenter([item.model_dump() for item in items], job.spec.seed)
+    except ValueError as exc:
+        raise PipelineError("invalid_spec", str(exc)) from exc
+    job.note(
+        f"augmentation on training batches only: {[item.kind for item in items]} (seeded; evaluation and "
+        "calibration data are not augmented)"
+    )
+    return augment
 
 
 def _gated(gate: tf.Variable, penalty: Callable[[], tf.Tensor]) -> Callable[[], tf.Tensor]:
@@ -459,7 +544,8 @@ def _train(
     training = job.handle.supports_training(spec.signature)
     job.note(TRAINING_MODE_NOTE if training else INFERENCE_MODE_NOTE)
     loss_name, from_logits = loss_of(job)
-    steps = count_steps(job.train.n, settings.batch_size, epochs)
+    steps = epochs * steps_per_epoch(job, settings)
+    seed = spec.seed + progress.done  # a second phase reshuffles differently
     every = max(1, progress.total_steps // 50)
 
     def step_hook(step: int) -> None:
@@ -473,21 +559,23 @@ def _train(
         history = fine_tune(
             job.forward,
             variables,
-            job.train.x,
-            job.train.y,
+            None,
+            None,
             loss=loss_name,
             from_logits=from_logits,
             epochs=epochs,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
             optimizer=settings.optimizer,
-            seed=spec.seed + progress.done,  # a second phase reshuffles differently
+            seed=seed,
             training=training,
             after_step=step_hook,
             on_epoch=lambda epoch, loss: progress.at(min(steps, (epoch + 1) * steps // epochs)),
             lr_decay=settings.lr_schedule,
             penalty=penalty,
             distill=distill,
+            batches=_batches(job, settings, seed, distill),
+            augment=_augmenter(job),
         )
     except TrainingDiverged as exc:
         raise PipelineError("training_diverged", str(exc)) from exc

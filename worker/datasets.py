@@ -1,0 +1,197 @@
+"""Datasets on the worker side: registration (for ``secateurs.validate_dataset`` in ``worker.tasks``) and
+opening one for a job. No Celery here: the task records what ``register`` returns or raises.
+
+Registration turns what the client gave -- an uploaded TFRecord / Parquet file, an archive of shards or of an
+image folder, a large ``.npz``, or a ``file://`` / ``s3://`` reference -- into one streamed form: a manifest
+(shards with sizes, ETags and record counts; features; the decoded per-sample shapes the API checks jobs
+against). Image folders and large ``.npz`` files are converted once, here, into TFRecord shards in the blob
+store (status ``converting`` with progress), so every job streams the same way.
+
+Opening for a job (``open_for_job``): below ``SECATEURS_DATASET_MEMORY_BYTES`` of decoded inputs the records are
+read into arrays and every stage runs exactly as for an ``.npz``; above it the job gets a bounded sample plus
+the stream (``worker.stages.feed.Streamed``), so worker memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from app.config import Settings
+from app.db.tables import DatasetRecord
+from app.storage import Storage
+
+log = logging.getLogger("secateurs.worker.datasets")
+
+# Archives hold shards (kept as they are) or an image folder (converted); these suffixes are shards.
+_TFRECORD = (".tfrecord", ".tfrecords", ".tfrecord.gz", ".tfrecords.gz")
+_PARQUET = (".parquet",)
+
+
+def _allowed(settings: Settings, tenant: str) -> list[str]:
+    """The prefixes a tenant's references may name (checked again here: the API is not the only writer)."""
+    sources = settings.dataset_sources
+    return [*sources.get(tenant, []), *sources.get("*", [])]
+
+
+def _upload_key(storage: Storage, dataset_id: str) -> str:
+    prefix = f"datasets/{dataset_id}/upload"
+    found = [b.key for b in storage.blobs.list(f"datasets/{dataset_id}/") if b.key.startswith(prefix)]
+    if not found:
+        raise FileNotFoundError(f"dataset {dataset_id}'s upload is not in the store")
+    return found[0]
+
+
+def _publish_shards(storage: Storage, dataset_id: str, files: list[Path], base: Path) -> str:
+    """Put shard files into ``datasets/<id>/shards/`` (names relative to ``base``); returns the blob root."""
+    prefix = storage.dataset_shard_prefix(dataset_id)
+    for path in files:
+        storage.publish(prefix + path.relative_to(base).as_posix(), path)
+    return f"blob:{prefix}"
+
+
+def register(record: DatasetRecord, settings: Settings, storage: Storage, report: Any) -> dict[str, Any]:
+    """The manifest of ``record``'s data, converting or unpacking into shards first where needed."""
+    from worker.data.convert import convert_image_folder, convert_npz, detect_layout, unpack_archive
+    from worker.data.manifest import build_manifest
+    from worker.data.sources import open_source
+
+    description: dict[str, Any] = {k: v for k, v in (record.description or {}).items() if v is not None}
+    description.setdefault("format", record.format)
+    max_objects = settings.dataset_max_objects
+    if record.source:  # a reference: nothing is copied (but an image folder, converted once into shards)
+        allowed = _allowed(settings, record.tenant)
+        source = open_source(record.source, storage=storage, settings=settings, allowed=allowed)
+        if record.format == "image_folder":
+            return _convert_folder_reference(record, source, settings, storage, report)
+        return build_manifest(source, description, max_objects=max_objects)
+
+    key = _upload_key(storage, record.id)
+    suffix = key[len(f"datasets/{record.id}/upload") :]
+    if suffix in (*_TFRECORD, *_PARQUET):  # one shard: the upload itself
+        source = open_source(f"blob:{key}", storage=storage, settings=settings, allowed=None)
+        return build_manifest(source, description, max_objects=max_objects)
+
+    work = Path(tempfile.mkdtemp(prefix=f"dataset-{record.id}-", dir=storage.tmp_dir))
+    try:
+        upload_source = open_source(f"blob:{key}", storage=storage, settings=settings, allowed=None)
+        (upload,) = upload_source.list(1)
+        path = upload_source.fetch(upload)
+        shards_dir = work / "shards"
+        class_names: list[str] | None = None
+        if suffix == ".npz":  # a large .npz: once into shards, so jobs stream it like any other dataset
+            report("converting", 0.0)
+            conversion = convert_npz(
+                path,
+                shards_dir,
+                shard_bytes=settings.dataset_shard_bytes,
+                report=lambda f: report("converting", f),
+            )
+            files, base, description = conversion.shards, shards_dir, {**conversion.description}
+        else:
+            unpacked = work / "unpacked"
+            unpack_archive(path, unpacked)
+            layout = detect_layout(unpacked)
+            if layout.kind == "image_folder":
+                report("converting", 0.0)
+                conversion = convert_image_folder(
+                    layout.root,
+                    shards_dir,
+                    shard_bytes=settings.dataset_shard_bytes,
+                    report=lambda f: report("converting", f),
+                )
+                files, base = conversion.shards, shards_dir
+                description = dict(
+                    conversion.description
+                )  # stored as TFRecord; the record keeps image_folder
+                class_names = conversion.class_names
+            else:
+                files, base = layout.files, layout.root
+                description["format"] = layout.kind
+        root = _publish_shards(storage, record.id, files, base)
+        source = open_source(root, storage=storage, settings=settings, allowed=None)
+        manifest = build_manifest(source, description, max_objects=max_objects)
+        if class_names is not None:
+            manifest["class_names"] = class_names
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert_folder_reference(
+    record: DatasetRecord, source: Any, settings: Settings, storage: Storage, report: Any
+) -> dict[str, Any]:
+    """A ``file://`` image folder into TFRecord shards in the blob store (one GET per image would be slow)."""
+    from worker.data.convert import convert_image_folder
+    from worker.data.errors import SourceError
+    from worker.data.manifest import build_manifest
+    from worker.data.sources import open_source
+
+    if not getattr(source, "local", False):
+        raise SourceError(
+            "not_supported",
+            "image folders in object storage are not converted yet: pack the folder into a .tar or .zip and "
+            "upload it, or register it from a file:// root",
+        )
+    source.list(settings.dataset_max_objects)  # limits, containment and emptiness, checked before reading
+    work = Path(tempfile.mkdtemp(prefix=f"dataset-{record.id}-", dir=storage.tmp_dir))
+    try:
+        report("converting", 0.0)
+        conversion = convert_image_folder(
+            Path(urlsplit(source.root).path),
+            work,
+            shard_bytes=settings.dataset_shard_bytes,
+            report=lambda f: report("converting", f),
+        )
+        root = _publish_shards(storage, record.id, conversion.shards, work)
+        shards = open_source(root, storage=storage, settings=settings, allowed=None)
+        manifest = build_manifest(
+            shards, dict(conversion.description), max_objects=settings.dataset_max_objects
+        )
+        manifest["class_names"] = conversion.class_names
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- opening a dataset for a job ----------------------------------------------------------------------------
+
+
+def _sample_bytes(arrays: dict[str, Any]) -> int:
+    """Decoded bytes per sample of every array (the manifest's per-sample shapes and dtypes)."""
+    total = 0
+    for info in arrays.values():
+        total += math.prod(max(1, int(d)) for d in info["shape"][1:]) * np.dtype(info["dtype"]).itemsize
+    return total
+
+
+def open_for_job(
+    record: DatasetRecord,
+    storage: Storage,
+    settings: Settings,
+    *,
+    on_bad_record: str,
+    input_specs: dict[str, Any] | None,
+) -> Any:
+    """What the pipeline takes for ``record``: npz-style arrays (small enough to hold) or ``Streamed``."""
+    from worker.data.sources import open_source
+    from worker.data.stream import StreamedSet
+    from worker.stages.feed import SAMPLE_RECORDS, Streamed
+
+    manifest = record.manifest
+    assert manifest is not None
+    allowed = _allowed(settings, record.tenant) if record.source else None
+    source = open_source(manifest["root"], storage=storage, settings=settings, allowed=allowed)
+    reader = StreamedSet(manifest, source, on_bad_record=on_bad_record, input_specs=input_specs)
+    n = manifest.get("n_samples")
+    arrays = manifest.get("arrays") or {}
+    if n is not None and n * _sample_bytes(arrays) <= settings.dataset_memory_bytes:
+        return reader.take(n)
+    return Streamed(reader.take(SAMPLE_RECORDS), reader)
