@@ -107,7 +107,7 @@ def test_a_record_that_does_not_parse_fails_the_job_naming_shard_and_index(
     root = tmp_path / "bad"
     _write_shards(root, train["x"][:60], train["y"][:60], shards=2)
     with tf.io.TFRecordWriter(str(root / "part-00001.tfrecord")) as writer:  # a shard of the wrong feature type
-        for i in range(5):
+        for _ in range(5):
             feature = {"pixels": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not floats"]))}
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     with pytest.raises(PipelineError) as failed:
