@@ -120,9 +120,30 @@ def run_pipeline(
         )
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed
+    _stream_notes(job, document)
     job.timings["total"] = time.perf_counter() - started
     document["timings_s"] = {k: round(v, 4) for k, v in job.timings.items()}
     return _finite(document)
+
+
+def _stream_notes(job: Job, document: dict[str, Any]) -> None:
+    """Say which datasets were streamed, what the reader changed (resizes) and what it skipped."""
+    notes = document.setdefault("notes", [])
+    for role, data in (("train", job.train), ("eval", job.evaluation)):
+        if data is None or data.stream is None:
+            continue
+        reader = data.stream.reader
+        records = "an unknown number of" if reader.n is None else str(reader.n)
+        line = (
+            f"the {role} dataset ({records} records) was streamed, being larger than "
+            f"SECATEURS_DATASET_MEMORY_BYTES: {data.n} records held for loss inference, gradient statistics and "
+            "calibration; fine-tuning and evaluation read it batch by batch"
+        )
+        for text in [line, *reader.notes]:
+            if text not in notes:
+                notes.append(text)
+        if reader.skipped:
+            notes.append(f"on_bad_record=skip: {reader.skipped} {role} records could not be read and were left out")
 
 
 def _run(

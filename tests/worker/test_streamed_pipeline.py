@@ -97,6 +97,7 @@ def test_streamed_job_matches_the_in_memory_baseline_and_fine_tunes_from_the_str
         in_memory["pruned"]["metrics"]["accuracy"], abs=0.1
     ), (streamed["pruned"]["metrics"]["accuracy"], in_memory["pruned"]["metrics"]["accuracy"])
     assert any("augmentation on training batches" in n for n in streamed["notes"])
+    assert any(n.startswith(f"the eval dataset ({len(test['y'])} records) was streamed") for n in streamed["notes"])
     assert steps, "fine-tuning reported no progress"
 
 
