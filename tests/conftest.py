@@ -9,6 +9,7 @@ process, so two workers do not fight over two cores; built models are cached on 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -121,6 +122,7 @@ class Embedded:
     url: str
     service: Service
     data_dir: Path
+    refs: Path  # the file:// root the server's SECATEURS_DATASET_SOURCES allows (datasets by reference)
 
 
 @pytest.fixture(scope="session")
@@ -129,14 +131,18 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
     test that needs "a server" and nothing special of it: TensorFlow starts once. Tests share its database, so
     they use the ids they created, never "the only job"."""
     root = tmp_path_factory.mktemp("embedded")
+    refs = root / "refs"
+    refs.mkdir()
+    env = base_env(root / "data")
+    env["SECATEURS_DATASET_SOURCES"] = json.dumps({"*": [f"file://{refs}/"]})
     port = free_port()
     service = Service(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], base_env(root / "data"), root / "serve.log"
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, root / "serve.log"
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, [service])
-        yield Embedded(url=url, service=service, data_dir=root / "data")
+        yield Embedded(url=url, service=service, data_dir=root / "data", refs=refs)
     finally:
         service.stop()
 

@@ -37,9 +37,11 @@ def server(embedded: Embedded) -> str:
     return embedded.url
 
 
-def _run(args: list[str], cwd: Path, server: str, demo_dir: Path) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], cwd: Path, server: str, demo_dir: Path, **extra: str
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
-    env.update({"SECATEURS_URL": server, "DEMO_DIR": str(demo_dir), "PYTHON": sys.executable})
+    env.update({"SECATEURS_URL": server, "DEMO_DIR": str(demo_dir), "PYTHON": sys.executable, **extra})
     cwd.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -72,6 +74,25 @@ def test_python_client_script(server: str, demo_dir: Path, tmp_path: Path) -> No
     result = _run([sys.executable, str(EXAMPLES / "python_client.py")], tmp_path / "py", server, demo_dir)
     assert "succeeded" in result.stdout, result.stdout
     _check_outputs(tmp_path / "py", result.stdout)
+
+
+@pytest.mark.e2e
+@pytest.mark.tf
+def test_bring_your_data_script(embedded: Embedded, demo_dir: Path, tmp_path: Path) -> None:
+    """The same digits as TFRecord shards by reference (under the server's allowed file:// root), Parquet
+    and a zipped PNG folder: each form becomes ready and prunes to 80% without losing the model."""
+    data_root = embedded.refs / tmp_path.name  # unique per test run; the shared server allows all of refs/
+    script = [sys.executable, str(EXAMPLES / "bring_your_data.py")]
+    result = _run(script, tmp_path / "data", embedded.url, demo_dir, DATA_ROOT=str(data_root))
+    lines = {
+        m.group(1): (float(m.group(2)), float(m.group(3)))
+        for m in re.finditer(r"^(\w+): accuracy (\d\.\d{3}) -> (\d\.\d{3}) \(", result.stdout, re.MULTILINE)
+    }
+    assert set(lines) == {"tfrecord", "parquet", "images"}, result.stdout
+    for form, (baseline, pruned) in lines.items():
+        assert baseline > 0.9, (form, result.stdout)
+        assert pruned > 0.8, (form, result.stdout)
+    assert len(list((data_root / "tfrecord-train").glob("*.tfrecord"))) == 3
 
 
 @pytest.mark.parametrize("name", ["curl_flow.sh", "python_client.py"])

@@ -31,3 +31,5 @@ def test_site_builds_strict_and_fetches_nothing_outside(tmp_path: Path) -> None:
     # The Quickstart includes the tested example scripts, so it cannot drift from them.
     quickstart = (site / "quickstart.html").read_text()
     assert "fail-with-body" in quickstart and "upload_model" in quickstart
+    # So does the datasets page ("Bring your data").
+    assert "write_png_folder_zip" in (site / "datasets.html").read_text()
