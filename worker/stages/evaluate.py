@@ -101,7 +101,7 @@ def score(job: Job, data: Data | None, predictions: Mapping[str, np.ndarray] | N
     """Metrics of every labelled output of ``data`` (None/empty when there are no labels)."""
     settings = {name: _spec_settings(job, name) for name in job.sig.outputs}
     # A streamed set's labels are those its last prediction pass read (``stages.feed.Stream``).
-    labels = data.labels if data is None or data.stream is None else data.stream.labels
+    labels = None if data is None else data.labels if data.stream is None else data.stream.labels
     if data is None or predictions is None or not labels:
         return Scores(None, {}, settings)
     by_output: dict[str, dict[str, Any]] = {}
