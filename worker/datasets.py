@@ -164,11 +164,18 @@ def _convert_folder_reference(
 # --- opening a dataset for a job ----------------------------------------------------------------------------
 
 
+STRING_BYTES = 64  # a string value's bytes when sizing a dataset against SECATEURS_DATASET_MEMORY_BYTES
+
+
 def _sample_bytes(arrays: dict[str, Any]) -> int:
     """Decoded bytes per sample of every array (the manifest's per-sample shapes and dtypes)."""
     total = 0
     for info in arrays.values():
-        total += math.prod(max(1, int(d)) for d in info["shape"][1:]) * np.dtype(info["dtype"]).itemsize
+        try:
+            itemsize = np.dtype(info["dtype"]).itemsize
+        except TypeError:  # "string" (token text, encoded bytes): counted as a short string each
+            itemsize = STRING_BYTES
+        total += math.prod(max(1, int(d or 1)) for d in info["shape"][1:]) * itemsize
     return total
 
 
