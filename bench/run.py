@@ -13,6 +13,9 @@ Sections (``SECTIONS`` of bench/results.py, which holds their titles):
 - ``compaction``: channel pruning + physical removal of ResNet-50 / MobileNetV2 at 30/50/70% of channels vs the
   dense upload (params, bytes, MACs, latency at batch 1 and 8), digits CNN vs unstructured at the same
   parameter count (bench/compaction.py).
+- ``datasets``: issue 20, a streamed TFRecord dataset through the job pipeline vs bare Keras ``fit`` /
+  ``predict`` on the same shards, the same job with its shards on S3 vs local, and Fashion-MNIST as ``.npz`` /
+  TFRecord / PNG folder through one recommended job (bench/datasets.py).
 - ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
   CNN at 80% (and 50% channels, compacted) (bench/exports.py).
 
@@ -20,6 +23,8 @@ Opt-in (``OPT_IN``, run only when named in ``--only``; many minutes, tens of GB 
 
 - ``bigmodel``: issue 14 (b), a ~1 B-parameter plain ``tf.Module`` SavedModel (~4 GB) uploaded, pruned and
   downloaded through the API on S3 vs a bare-TensorFlow load+prune+save+zip (bench/big_model.py).
+- ``datasets_memory``: issue 20 (a), worker peak RSS of one streamed job on a ~1 GB and a >= 30 GB TFRecord
+  dataset (needs 40 GB free disk), plus one full streamed pass over the large one (bench/datasets.py).
 
 ``bench/RESULTS.md`` is edited section by section (bench/results.py); ``--smoke`` runs tiny stand-ins through the
 same code paths (real server subprocess, real HTTP, real tfmot and floor subprocesses) and writes a fresh
@@ -112,6 +117,22 @@ def _bigmodel(
     return run_big_model(smoke=smoke, work_dir=work_dir)
 
 
+def _datasets(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.datasets import run_datasets
+
+    return run_datasets(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
+def _datasets_memory(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.datasets import run_memory
+
+    return run_memory(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 # section name (bench/results.py) -> its runner
 RUNNERS: dict[str, Runner] = {
     "resnet": _resnet,
@@ -122,7 +143,9 @@ RUNNERS: dict[str, Runner] = {
     "exports": _exports,
     "compaction": _compaction,
     "search": _search,
+    "datasets": _datasets,
     "bigmodel": _bigmodel,
+    "datasets_memory": _datasets_memory,
 }
 
 

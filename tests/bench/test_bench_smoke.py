@@ -4,10 +4,11 @@ thresholds, the machine is shared.
 
 One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
 spreads the sections over the workers. The ``service`` section is run and asserted by
-tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput and the
-search sections (about 100 s together) are marked ``slow``: ``make test-slow`` and ``make bench-smoke`` run them,
-``make test`` keeps the sections whose code paths nothing else covers (the API-vs-floor timing, quality,
-exports, compaction)."""
+tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput, the
+search and the datasets sections (about 180 s together) are marked ``slow``: ``make test-slow`` and
+``make bench-smoke`` run them, ``make test`` keeps the sections whose code paths nothing else covers (the
+API-vs-floor timing, quality, exports, compaction). The opt-in ``datasets_memory`` section has a smoke variant
+of a few MB (two TensorFlow subprocesses), so it is smoked here too; ``bigmodel`` has none small enough."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def _positive_finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-# Every section in the smoke run but `service` (asserted by its own test module).
-SMOKED = [name for name in bench_results.SECTIONS if name != "service"]
+# Every section in the smoke run but `service` (asserted by its own test module), and the opt-in sections whose
+# smoke variant is small enough for a test.
+SMOKED = [name for name in bench_results.SECTIONS if name != "service"] + ["datasets_memory"]
 
 
 @pytest.fixture(scope="class")
@@ -44,7 +46,7 @@ def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     report = bench_results.write_results(results, smoke=True, path=root / "RESULTS.md").read_text()
     assert report.startswith("<!-- bench:header -->\n# Secateurs benchmarks (SMOKE")
     assert "TensorFlow" in report and "CPUs" in report
-    assert f"<!-- bench:{name} -->\n## {bench_results.SECTIONS[name]}" in report
+    assert f"<!-- bench:{name} -->\n## {bench_results.ALL_SECTIONS[name]}" in report
     assert f"<!-- /bench:{name} -->" in report
     return results
 
@@ -217,3 +219,52 @@ class TestSmokeSearch:
                 assert search["accuracy"] >= search["baseline"] - float(drop) - 1e-9
                 assert search["trials"] >= 1 and _positive_finite(search["wall_s"])
         assert set(result["goal"]) == {"met", "by_drop"} and "grid best" in result["markdown"]
+
+
+@pytest.mark.slow
+class TestSmokeDatasets:
+    section = "datasets"
+
+    def test_datasets_smoke_measures_every_ratio_and_form(self, smoke: dict[str, Any]) -> None:
+        result = smoke["datasets"]
+        assert result["smoke"] is True
+        speed = result["speed"]
+        (row,) = speed["rounds"]
+        assert set(row) == {"job", "keras", "s3"}
+        for side in ("job", "s3"):
+            assert _positive_finite(row[side]["fine_tune_s"]) and _positive_finite(row[side]["evaluate_s"])
+            assert 0.0 <= row[side]["accuracy"] <= 1.0
+        # the same model and eval shards on every side: the baseline does not depend on where train came from
+        assert row["job"]["baseline_accuracy"] == row["s3"]["baseline_accuracy"]
+        assert speed["train_shards"] > 1  # several shards: the interleave and the S3 fetches are exercised
+        for value in (*speed["samples_per_s"].values(), *speed["ratios"].values()):
+            assert _positive_finite(value)
+        assert set(result["goals"]) == {"fine_tune", "evaluate", "s3_vs_local", "forms"}
+        forms = result["forms"]
+        assert set(forms["runs"]) == {"npz", "tfrecord", "image_folder"}
+        assert forms["baselines_identical"]  # the same pixels in every form
+        for form, run in forms["runs"].items():
+            assert run["streamed"] is (form != "npz")
+            assert 0.0 <= run["accuracy"] <= 1.0
+            assert run["sparsity"] == pytest.approx(0.9, abs=0.01)
+        assert "| (b) fine-tuning" in result["markdown"] and "| image_folder |" in result["markdown"]
+
+
+@pytest.mark.slow
+class TestSmokeDatasetsMemory:
+    section = "datasets_memory"
+
+    def test_datasets_memory_smoke_runs_both_sizes_in_subprocesses(self, smoke: dict[str, Any]) -> None:
+        result = smoke["datasets_memory"]
+        small, large = result["sets"]["small"], result["sets"]["large"]
+        assert large["bytes"] > 2 * small["bytes"] and large["records"] > 2 * small["records"]
+        for one in (small, large):
+            assert one["child"]["peak_rss_kib"] > 50_000  # a TensorFlow process
+            assert one["child"]["timings_s"]["fine_tune"] > 0
+        full = large["child"]["full_pass"]
+        assert full["records"] == large["records"] and _positive_finite(full["records_per_s"])
+        assert "full_pass" not in small["child"]
+        assert result["goal"]["ratio"] == pytest.approx(
+            large["child"]["peak_rss_kib"] / small["child"]["peak_rss_kib"]
+        )
+        assert "Peak RSS large / small" in result["markdown"]
