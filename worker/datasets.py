@@ -186,8 +186,10 @@ def open_for_job(
     *,
     on_bad_record: str,
     input_specs: dict[str, Any] | None,
-) -> Any:
-    """What the pipeline takes for ``record``: npz-style arrays (small enough to hold) or ``Streamed``."""
+) -> tuple[Any, list[str]]:
+    """What the pipeline takes for ``record`` -- npz-style arrays (small enough to hold) or ``Streamed`` -- and
+    the notes of reading it into memory (images resized, bad records skipped); a streamed set's notes are the
+    pipeline's to write (``worker.pipeline``), once the stream has been read."""
     from worker.data.sources import open_source
     from worker.data.stream import StreamedSet
     from worker.stages.feed import SAMPLE_RECORDS, Streamed
@@ -200,5 +202,10 @@ def open_for_job(
     n = manifest.get("n_samples")
     arrays = manifest.get("arrays") or {}
     if n is not None and n * _sample_bytes(arrays) <= settings.dataset_memory_bytes:
-        return reader.take(n)
-    return Streamed(reader.take(SAMPLE_RECORDS), reader)
+        held = reader.take(n)
+        notes = list(reader.notes)
+        if reader.skipped:
+            notes.append(f"on_bad_record=skip: {reader.skipped} records of dataset {record.id} could not be read and "
+                         "were left out")
+        return held, notes
+    return Streamed(reader.take(SAMPLE_RECORDS), reader), []

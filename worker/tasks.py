@@ -274,11 +274,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _job_dataset(
     record: DatasetRecord, spec: PruneSpec, model: ModelRecord, storage: Storage, settings: Settings
-) -> Any:
-    """A small ``.npz`` as arrays (as always); any other dataset through its manifest (``worker.dataset_tasks``),
-    decoded onto the model's input shapes."""
+) -> tuple[Any, list[str]]:
+    """A small ``.npz`` as arrays (as always); any other dataset through its manifest (``worker.datasets``),
+    decoded onto the model's input shapes. With the notes of reading it."""
     if record.manifest is None:
-        return _load_npz(dataset_file(record, storage))
+        return _load_npz(dataset_file(record, storage)), []
     from worker.datasets import open_for_job
 
     inputs = ((model.signatures or {}).get(spec.signature) or {}).get("inputs")
@@ -468,7 +468,7 @@ def _run_claimed(
             )
         spec = PruneSpec.model_validate(job.spec)
         saved_model = prepared_model_dir(model, storage, settings)
-        train_arrays = _job_dataset(train, spec, model, storage, settings) if train else None
+        train_arrays, data_notes = _job_dataset(train, spec, model, storage, settings) if train else (None, [])
         # The same dataset, or the same file uploaded twice (e.g. the CLI's --train f --eval f): same bytes.
         same_data = (
             train is not None
@@ -480,15 +480,17 @@ def _run_claimed(
         if same_data:
             eval_arrays = train_arrays  # loaded once; the stages only read the arrays
         else:
-            eval_arrays = _job_dataset(evaluation, spec, model, storage, settings) if evaluation else None
-        for stale in storage.job_dir(job_id).glob(
-            "work*"
-        ):  # earlier attempts' leftovers: a re-run overwrites
+            eval_arrays, eval_notes = (
+                _job_dataset(evaluation, spec, model, storage, settings) if evaluation else (None, [])
+            )
+            data_notes += eval_notes
+        for stale in storage.job_dir(job_id).glob("work*"):  # earlier attempts' leftovers: a re-run overwrites
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
         metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report)
+        metrics.setdefault("notes", []).extend(note for note in data_notes if note not in metrics["notes"])
         if same_data:
-            metrics.setdefault("notes", []).append(SAME_DATASET_NOTE)
+            metrics["notes"].append(SAME_DATASET_NOTE)
         report("saving", 0.99)
         job_dir = storage.job_dir(job_id)
         document = {"job_id": job_id, "model_id": model.id, **metrics}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from fastapi.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.disk import free_bytes
@@ -41,6 +43,17 @@ def ensure_free_space(storage: Storage, settings: Settings) -> None:
             f"the server has {free // 2**20} MB of free disk left, below its {settings.min_free_bytes // 2**20} MB "
             "floor; delete old models/datasets or try again later"
         )
+
+
+async def send_or_undo(celery: Celery, task: str, record_id: str, undo: Callable[[], None]) -> None:
+    """Send ``task(record_id)`` for what the request just recorded; when the broker refuses (503), ``undo()``
+    deletes the record and its blobs first, so nothing half-registered stays and the client's retry starts
+    clean."""
+    try:
+        await run_in_threadpool(send_or_503, celery, task, record_id)
+    except BaseException:
+        await run_in_threadpool(undo)
+        raise
 
 
 def send_or_503(celery: Celery, task: str, record_id: str) -> None:

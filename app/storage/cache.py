@@ -19,6 +19,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from app.storage.base import BlobStore
@@ -33,7 +34,14 @@ class CorruptBlob(ValueError):
     """The store's bytes do not hash to the digest recorded when they were uploaded."""
 
 
-class BlobCache:
+class CacheDir:
+    """A bounded LRU directory of files filled once per host: the mechanism both the blob cache (here) and the
+    worker's shard cache (``worker.data.cache``) use; they differ only in how an entry is named and checked.
+
+    ``fill_once(path, fill)``: ``fill(tmp)`` writes the entry's bytes to a temp file under one ``flock`` per entry
+    (and checks them: it raises to refuse), which is then renamed into place in one step. Each use touches the
+    entry; above ``max_bytes`` the least recently used entries go, except those used in the last ``grace_s``."""
+
     def __init__(self, root: Path, max_bytes: int, grace_s: float = 300.0) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
@@ -43,21 +51,20 @@ class BlobCache:
         for d in (self.root, self._tmp, self._locks):
             d.mkdir(parents=True, exist_ok=True)
 
-    def path_for(self, sha256: str, suffix: str) -> Path:
-        if not _DIGEST.fullmatch(sha256) or not _SUFFIX.fullmatch(suffix):
-            raise ValueError(f"bad cache entry name {sha256!r}{suffix!r}")
-        return self.root / f"{sha256}{suffix}"
-
-    def get(self, store: BlobStore, key: str, sha256: str, suffix: str = "") -> Path:
-        """The local path of ``key``'s bytes, fetched (once per host) if not cached yet."""
-        path = self.path_for(sha256, suffix)
+    def fill_once(self, path: Path, fill: Callable[[Path], None]) -> Path:
+        """``path``, filled by ``fill`` unless it is there already (another process filling it: wait for it)."""
         if self._touch(path):
             return path
-        with open(self._locks / f"{sha256}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process fetching the same blob: wait for it
+        with open(self._locks / f"{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if self._touch(path):
                 return path
-            self._fetch(store, key, sha256, path)
+            tmp = self._tmp / f"{path.name}.{uuid.uuid4().hex}.part"
+            try:
+                fill(tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         self.evict(keep=path)
         return path
 
@@ -69,27 +76,6 @@ class BlobCache:
         except FileNotFoundError:
             return False
 
-    def _fetch(self, store: BlobStore, key: str, sha256: str, path: Path) -> None:
-        tmp = self._tmp / f"{sha256}.{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256()
-        started = time.monotonic()
-        try:
-            with store.open(key) as src, tmp.open("wb") as out:
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != sha256:
-                raise CorruptBlob(
-                    f"the stored {key} hashes to {digest.hexdigest()[:12]}..., not the {sha256[:12]}... recorded at "
-                    "upload: the object was changed or damaged in the store; upload it again"
-                )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("fetched %s (%d bytes) in %.1f s", key, path.stat().st_size, time.monotonic() - started)
-
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last use, size, path) of every entry, least recently used first."""
         out = []
@@ -99,6 +85,9 @@ class BlobCache:
                     st = p.stat()
                     out.append((st.st_mtime, st.st_size, p))
         return sorted(out)
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
 
     def evict(self, keep: Path | None = None) -> int:
         """Remove least recently used entries until the cache fits ``max_bytes``; returns how many went."""
@@ -114,7 +103,35 @@ class BlobCache:
             if path == keep or used > recent:
                 continue
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                path.unlink()  # the lock file stays: unlinking it could let two processes lock two inodes
                 total -= size
                 removed += 1
         return removed
+
+
+class BlobCache(CacheDir):
+    def path_for(self, sha256: str, suffix: str) -> Path:
+        if not _DIGEST.fullmatch(sha256) or not _SUFFIX.fullmatch(suffix):
+            raise ValueError(f"bad cache entry name {sha256!r}{suffix!r}")
+        return self.root / f"{sha256}{suffix}"
+
+    def get(self, store: BlobStore, key: str, sha256: str, suffix: str = "") -> Path:
+        """The local path of ``key``'s bytes, fetched (once per host) if not cached yet."""
+        return self.fill_once(self.path_for(sha256, suffix), lambda tmp: self._fetch(store, key, sha256, tmp))
+
+    @staticmethod
+    def _fetch(store: BlobStore, key: str, sha256: str, tmp: Path) -> None:
+        digest = hashlib.sha256()
+        started = time.monotonic()
+        with store.open(key) as src, tmp.open("wb") as out:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            raise CorruptBlob(
+                f"the stored {key} hashes to {digest.hexdigest()[:12]}..., not the {sha256[:12]}... recorded at "
+                "upload: the object was changed or damaged in the store; upload it again"
+            )
+        log.info("fetched %s (%d bytes) in %.1f s", key, tmp.stat().st_size, time.monotonic() - started)

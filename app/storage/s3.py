@@ -19,7 +19,7 @@ _PUT_CONCURRENCY = 4
 _READ_BUFFER = 4 << 20  # ranged GETs of this size behind a download's reads
 
 
-def _is_unavailable(exc: BaseException) -> bool:
+def is_unavailable(exc: BaseException) -> bool:
     """Connection trouble or a 5xx after obstore's own retries (rather than an answer that says no)."""
     text = str(exc)
     return (
@@ -72,6 +72,12 @@ class S3BlobStore:
             **kwargs,
         )
 
+    @property
+    def client(self) -> Any:
+        """The obstore ``S3Store`` (endpoint, region, retries, timeouts as configured): for readers that need calls
+        this interface does not offer, such as the dataset sources' ETag-checked GETs (``worker.data.sources``)."""
+        return self._store
+
     def _where(self) -> str:
         return f"{self.url} (SECATEURS_S3_ENDPOINT_URL={self.endpoint_url or 'AWS'})"
 
@@ -99,7 +105,7 @@ class S3BlobStore:
                 f"the store {self._where()} refused our credentials for {key or 'the bucket'!r}: check "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance's role) and the bucket policy"
             )
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             return StoreUnavailable(
                 f"the blob store {self._where()} did not answer; nothing was changed, retry shortly",
                 retry_after=5,
@@ -131,7 +137,7 @@ class S3BlobStore:
             reader = obstore.open_reader(self._store, key, buffer_size=_READ_BUFFER)
         except Exception as exc:
             raise self._map(exc, key) from exc
-        return _RemoteFile(reader, key, self, meta["last_modified"].timestamp())  # type: ignore[return-value]
+        return RemoteFile(reader, key, self, meta["last_modified"].timestamp())  # type: ignore[return-value]
 
     def head(self, key: str) -> BlobInfo:
         import obstore
@@ -236,7 +242,7 @@ class S3BlobStore:
             raise mapped from exc
 
 
-class _RemoteFile:
+class RemoteFile:
     """obstore's ReadableFile (ranged GETs behind a buffer) with what the download path asks of a file:
     ``name``, ``size_bytes``, seek/read/close; errors mid-read mapped like the store's."""
 
@@ -278,7 +284,7 @@ class _RemoteFile:
             self.closed = True
             self._reader.close()
 
-    def __enter__(self) -> _RemoteFile:
+    def __enter__(self) -> RemoteFile:
         return self
 
     def __exit__(self, *_: object) -> None:

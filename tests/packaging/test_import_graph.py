@@ -24,6 +24,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "worker.pruning": ("celery", "fastapi", "sqlalchemy", "app.db", "app.storage", "worker.stages", "worker.tasks"),
     "worker.evaluation": ("celery", "fastapi", "sqlalchemy", "app.db", "app.storage", "worker.stages"),
     "worker.structure": ("celery", "fastapi", "sqlalchemy", "app.db", "app.storage", "worker.stages"),
+    "worker.data": ("celery", "fastapi", "sqlalchemy", "app.db", "worker.stages", "worker.tasks"),
     "app.storage": ("app.api", "app.db", "starlette", "fastapi", "multipart", "python_multipart"),
     "app.db": ("app.api", "fastapi"),
     "app.client": ("app.api", "app.db", "app.storage", "fastapi", "sqlalchemy"),

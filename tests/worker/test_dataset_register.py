@@ -104,3 +104,32 @@ def test_a_reference_is_checked_again_on_the_worker(tmp_path: Path) -> None:
     with pytest.raises(DataError) as other:  # another tenant's (or no) prefix: denied whatever the API said
         register(reference(f"file://{outside}/"), config, storage, report)
     assert other.value.code == "source_denied"
+
+
+def test_a_dataset_held_in_memory_counts_its_skipped_records_in_the_notes(tmp_path: Path) -> None:
+    from tests.worker.data.stream_support import example, png, write_tfrecord
+    from worker.datasets import open_for_job
+
+    root = tmp_path / "shards"
+    images = np.random.default_rng(3).integers(0, 256, (5, 6, 5, 1), dtype=np.uint8)
+    records = [example({"image": png(images[i]), "label": np.int64(i)}) for i in range(5)]
+    records.insert(2, example({"image": b"not a png", "label": np.int64(9)}))
+    write_tfrecord(root / "a.tfrecord", records)
+    config, storage = _setup(tmp_path)
+    description = {
+        "format": "tfrecord",
+        "features": {
+            "image": {"kind": "fixed", "dtype": "string", "shape": []},
+            "label": {"kind": "fixed", "dtype": "int64", "shape": []},
+        },
+        "inputs": {"x": {"feature": "image", "decode": {"image": "png", "channels": 1}}},
+        "label": "label",
+    }
+    source = open_source(f"file://{root}/", storage=storage, settings=config, allowed=None)
+    from worker.data.manifest import build_manifest
+
+    manifest = build_manifest(source, description, max_objects=10, sample_records=2)
+    record = DatasetRecord(id="ds_skip00000000000000", tenant="default", name="s", format="tfrecord", manifest=manifest)
+    arrays, notes = open_for_job(record, storage, config, on_bad_record="skip", input_specs=None)
+    assert isinstance(arrays, dict) and sorted(arrays["y"].tolist()) == [0, 1, 2, 3, 4]
+    assert any("1 records of dataset ds_skip00000000000000 could not be read" in n for n in notes), notes

@@ -279,7 +279,7 @@ class S3Source:
                     endpoint_url=self._settings.s3_endpoint_url,
                     region=self._settings.s3_region,
                 )
-                if self._head(probe._store, name) is not None:
+                if self._head(probe.client, name) is not None:
                     self._dir, self._single = parent + "/" if parent else "", name
                 else:
                     self._dir = self._path + "/"
@@ -288,7 +288,7 @@ class S3Source:
                 endpoint_url=self._settings.s3_endpoint_url,
                 region=self._settings.s3_region,
             )
-            self._client = (blob_store, blob_store._store)
+            self._client = (blob_store, blob_store.client)
         return self._client
 
     def _head(self, store: Any, key: str) -> dict[str, Any] | None:
@@ -381,7 +381,7 @@ class S3Source:
     def open(self, obj: ObjectInfo) -> BinaryIO:
         import obstore
 
-        from app.storage.s3 import _RemoteFile
+        from app.storage.s3 import RemoteFile
 
         check_key(obj.key)
         blob_store, store = self._stores()
@@ -394,7 +394,7 @@ class S3Source:
             reader = obstore.open_reader(store, obj.key, buffer_size=4 << 20)
         except Exception as exc:
             raise _s3_error(exc, self.root, obj.key) from exc
-        return _RemoteFile(reader, obj.key, blob_store, meta["last_modified"].timestamp())  # type: ignore[return-value]
+        return RemoteFile(reader, obj.key, blob_store, meta["last_modified"].timestamp())  # type: ignore[return-value]
 
 
 def _s3_under(root: str, allowed: str) -> bool:
@@ -404,7 +404,7 @@ def _s3_under(root: str, allowed: str) -> bool:
 
 def _s3_error(exc: Exception, root: str, key: str) -> Exception:
     """obstore's exception as ours: refusals are the source's problem (SourceError), an outage is not."""
-    from app.storage.s3 import _is_unavailable
+    from app.storage.s3 import is_unavailable
 
     text = str(exc)
     where = f"{root}{key}"
@@ -420,7 +420,7 @@ def _s3_error(exc: Exception, root: str, key: str) -> Exception:
             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or its role) and SECATEURS_S3_ENDPOINT_URL; grant them "
             "read access to the bucket",
         )
-    if _is_unavailable(exc):
+    if is_unavailable(exc):
         return StoreUnavailable(f"the store holding {where} did not answer; retry shortly", retry_after=5)
     return SourceError(
         "source_unreadable", f"reading {where} failed: {text.splitlines()[0][:300] if text else exc!r}"

@@ -433,7 +433,7 @@ def _augmenter(job: Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     from worker.data.augment import build_augmenter
 
     try:
-        augment = build_augmenter([item.model_dump() for item in items], job.spec.seed)
+        augment = build_augmenter([item.model_dump(exclude_none=True) for item in items], job.spec.seed)
     except ValueError as exc:
         raise PipelineError("invalid_spec", str(exc)) from exc
     job.note(

@@ -27,7 +27,7 @@ from app.api.idempotency import UPLOAD_LOCK_S, Attempt, json_fingerprint, upload
 from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
 from app.api.routes.models import ERRORS
-from app.api.uploads import ensure_free_space, multipart_body, send_or_503
+from app.api.uploads import ensure_free_space, multipart_body, send_or_undo
 from app.archive import DATASET_ARCHIVES, ArchiveLimits, inspect_dataset_archive
 from app.config import Settings
 from app.db import jobs, records
@@ -328,11 +328,7 @@ async def upload_dataset(
             _check_and_register, request, upload, storage, settings, tenant, attempt
         )
         if record.status != "ready":
-            try:
-                await run_in_threadpool(send_or_503, celery, VALIDATE_DATASET, record.id)
-            except BaseException:
-                await run_in_threadpool(_forget, request, storage, record.id)
-                raise
+            await send_or_undo(celery, VALIDATE_DATASET, record.id, lambda: _forget(request, storage, record.id))
     except BaseException as exc:
         await run_in_threadpool(attempt.fail, exc)
         raise
@@ -353,11 +349,7 @@ async def _register_reference(
         record, body, headers = await run_in_threadpool(
             _record_reference, request, reference, tenant, attempt
         )
-        try:
-            await run_in_threadpool(send_or_503, celery, VALIDATE_DATASET, record.id)
-        except BaseException:
-            await run_in_threadpool(_forget, request, None, record.id)
-            raise
+        await send_or_undo(celery, VALIDATE_DATASET, record.id, lambda: _forget(request, None, record.id))
     except BaseException as exc:
         await run_in_threadpool(attempt.fail, exc)
         raise

@@ -21,7 +21,7 @@ from app.api.deps import (
 from app.api.idempotency import UPLOAD_LOCK_S, Attempt, upload_fingerprint
 from app.api.multipart import Upload, receive_upload
 from app.api.paging import set_next_link
-from app.api.uploads import ensure_free_space, multipart_body, send_or_503
+from app.api.uploads import ensure_free_space, multipart_body, send_or_undo
 from app.archive import ArchiveLimits, inspect_archive, inspect_keras, sniff_format
 from app.config import Settings
 from app.db import jobs, records
@@ -132,11 +132,7 @@ async def upload_model(
         record, body, headers = await run_in_threadpool(
             _check_and_register, request, upload, storage, settings, tenant, attempt
         )
-        try:
-            await run_in_threadpool(send_or_503, celery, VALIDATE_MODEL, record.id)
-        except BaseException:
-            await run_in_threadpool(_forget, request, storage, record.id)
-            raise
+        await send_or_undo(celery, VALIDATE_MODEL, record.id, lambda: _forget(request, storage, record.id))
     except BaseException as exc:
         await run_in_threadpool(attempt.fail, exc)
         raise
