@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 XDIST       ?= -n auto --dist loadscope
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke clean
+.PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a brok
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 # The docs site is built (--strict) by tests/packaging/test_docs_site.py, so `test` does not build it again.
-test: $(STAMP) lint  ## the whole suite but `slow` (~12 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
+test: $(STAMP) lint  ## the whole suite but `slow` (~9 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the inner loop (~7 min with a cold model cache): no real servers (e2e), no `slow`
@@ -40,10 +40,18 @@ test-fast: $(STAMP)  ## the inner loop (~7 min with a cold model cache): no real
 test-slow: $(STAMP)  ## only the tests marked slow (ResNet50/MobileNetV2 compaction, bench smoke tfmot/throughput/search)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot
+# The benches judge quality on real data: Debian's dataset-fashion-mnist (IDX files, MIT), installed once.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@test -f $(FASHION) || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist; }
+
+bench: $(STAMP) fashion-mnist  ## full benchmarks (~15 min on 2 cores), updates bench/RESULTS.md; one section: make bench ONLY=tfmot
 	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY))
 
-bench-smoke: $(STAMP)  ## tiny stand-ins (~1-2 min), writes bench/out/RESULTS.smoke.md
+bench-smoke: $(STAMP) fashion-mnist  ## tiny stand-ins (~1-2 min), writes bench/out/RESULTS.smoke.md
 	$(BIN)/python -m bench.run --smoke
 
 clean:
