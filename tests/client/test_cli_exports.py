@@ -44,6 +44,8 @@ def test_export_flags_are_checked_and_merged_into_the_spec(capsys: pytest.Captur
         "int8_io": True,
     }
     assert _with_exports(spec, None) is spec
+    assert _with_exports(spec, ["onnx"])["export"] == {"tflite": ["float16"], "int8_io": True, "onnx": True}
+    assert _with_exports({"target_sparsity": 0.5}, ["onnx"])["export"] == {"tflite": [], "onnx": True}
 
 
 @pytest.mark.e2e
