@@ -34,7 +34,10 @@ class Runner(Protocol):
     def io_types(self) -> dict[str, str]: ...
 
     def predict(
-        self, x: Mapping[str, np.ndarray], warmup: int = ..., on_progress: Callable[[float], None] | None = ...
+        self,
+        x: Mapping[str, np.ndarray],
+        warmup: int = ...,
+        on_progress: Callable[[float], None] | None = ...,
     ) -> Prediction: ...
 
 
@@ -76,7 +79,12 @@ def _tflite(fmt: str) -> Callable[..., bytes]:
 EXPORTS: dict[str, Target] = {
     **{
         artifact_name(fmt): Target(
-            artifact_name(fmt), ".tflite", "LiteRT", _tflite(fmt), TFLiteModel, ("tensorflow", "ai-edge-litert")
+            artifact_name(fmt),
+            ".tflite",
+            "LiteRT",
+            _tflite(fmt),
+            TFLiteModel,
+            ("tensorflow", "ai-edge-litert"),
         )
         for fmt in FORMATS
     },
