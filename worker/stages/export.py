@@ -62,10 +62,10 @@ def run_exports(
     for done, target in enumerate(targets):
         name = target.name
         tick = time.perf_counter()
-        options: dict[str, Any] = {}
-        if name == artifact_name("int8"):
-            options = {"representative": _representative(job, export), "int8_io": export.int8_io}
         try:
+            options: dict[str, Any] = {}
+            if name == artifact_name("int8"):  # no train dataset is an ExportError too: inside the try
+                options = {"representative": _representative(job, export), "int8_io": export.int8_io}
             content = target.convert(saved, job.spec.signature, **options)
         except ExportError as exc:
             section[name] = {"error": str(exc)}
