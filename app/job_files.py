@@ -1,7 +1,7 @@
 """The files a succeeded job offers for download, as its record lists them (no TensorFlow, no storage I/O).
 
 The worker records one entry per file when it ends the job (``JobRecord.artifacts``): the SavedModel zip as
-``saved_model`` first, then whatever else the run produced (``tflite_int8``, ..., and later sweep points such
+``saved_model`` first, then whatever else the run produced (``tflite_int8``, ``onnx``, ..., and later sweep points such
 as ``sparsity-0.80``). The API lists and serves exactly those entries, so a new kind of file needs no change
 here. Jobs finished before the list existed have only their ``pruned.zip`` (``artifact_sha256`` /
 ``artifact_bytes``), shown as the one ``saved_model`` entry.
@@ -30,9 +30,14 @@ SAVED_MODEL = "saved_model"
 SAVED_MODEL_FILE = "pruned.zip"
 # Names go into URLs and download file names: short, lower-case, no path separators.
 ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-# By file suffix. TFLite has no registered media type; its flatbuffer is served as bytes (the file name in
-# Content-Disposition keeps the .tflite suffix).
-_MEDIA_TYPES = {".zip": "application/zip", ".tflite": "application/octet-stream", ".json": "application/json"}
+# By file suffix. TFLite and ONNX have no registered media type; their protobuf/flatbuffer files are served as
+# bytes (the file name in Content-Disposition keeps the .tflite / .onnx suffix).
+_MEDIA_TYPES = {
+    ".zip": "application/zip",
+    ".tflite": "application/octet-stream",
+    ".onnx": "application/octet-stream",
+    ".json": "application/json",
+}
 
 
 def media_type_for(file: str) -> str:

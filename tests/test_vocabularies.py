@@ -16,6 +16,7 @@ from typing import Any, get_args
 
 import pytest
 
+from app.client.download import artifact_filename
 from app.schemas import vocabulary
 from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec, Schedule
@@ -32,6 +33,7 @@ def _schedule_kinds() -> set[str]:
 PAIRS: dict[str, tuple[Iterable[str], str, str, bool]] = {
     "job_kind": (get_args(vocabulary.JobKind), "worker.kinds", "KINDS", True),
     "tflite_format": (get_args(vocabulary.TFLiteFormat), "worker.export.convert", "FORMATS", True),
+    "export_file": (vocabulary.EXPORT_FILES, "worker.export.targets", "EXPORTS", True),
     "criterion": (get_args(vocabulary.Criterion), "worker.pruning.criteria", "CRITERIA", False),
     "loss": (get_args(vocabulary.Loss), "worker.pruning.losses", "LOSSES", True),
     "optimizer": (get_args(vocabulary.Optimizer), "worker.pruning.finetune", "OPTIMIZERS", True),
@@ -70,6 +72,19 @@ def test_app_tables_are_keyed_by_their_literal() -> None:
     for rules in vocabulary.JOB_KINDS.values():
         assert rules.field in PruneSpec.model_fields
         assert rules.section is None or rules.section in MetricsDocument.model_fields
+
+
+@pytest.mark.tf
+def test_export_file_suffixes_match_the_worker_table() -> None:
+    """The client names a download ``<job>-<name><suffix>`` from the app's table; the worker writes the file
+    under its own: one naming scheme."""
+    from worker.export.targets import EXPORTS
+
+    assert {name: target.suffix for name, target in EXPORTS.items()} == vocabulary.EXPORT_FILES
+    assert all(target.filename == f"{name}{target.suffix}" for name, target in EXPORTS.items())
+    # the client (which imports nothing outside app.client) names downloads the same way
+    for name, suffix in vocabulary.EXPORT_FILES.items():
+        assert artifact_filename("job_1", name) == f"job_1-{name}{suffix}"
 
 
 def test_app_criterion_needs_match_the_worker_criteria() -> None:

@@ -75,7 +75,7 @@ __all__ = ["GRADIENT_SAMPLES", "INFERENCE_MODE_NOTE", "TRAINING_MODE_NOTE", "run
 # Overall progress at the start of each stage. Pruning and fine-tuning (and the cross-validation folds,
 # which come first and take k/(k+1) of the span) fill PRUNING..EVALUATING.
 LOADING, BASELINE, PRUNING, EVALUATING, SAVING = 0.0, 0.05, 0.15, 0.85, 0.93
-EXPORTING = 0.95  # TFLite conversions (spec.export) after saving, up to 0.98
+EXPORTING = 0.95  # TFLite / ONNX conversions (spec.export) after saving, up to 0.98
 
 
 def run_pipeline(

@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=export_format,
         default=None,
-        metavar="tflite:FORMAT",
-        help=f"also convert the pruned model (repeatable; FORMAT: {', '.join(EXPORT_FORMATS)}); "
+        metavar="tflite:FORMAT|onnx",
+        help=f"also convert the pruned model (repeatable; FORMAT: {', '.join(EXPORT_FORMATS)}; onnx: an ONNX "
+        "file); "
         "-o is then a directory receiving every file",
     )
     p_prune.add_argument("--wait", action="store_true", help="wait for the job, showing stage and percent")
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_download.add_argument(
         "--artifact",
         default="saved_model",
-        help="saved_model (default), tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, ...",
+        help="saved_model (default), tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, onnx, ...",
     )
     p_download.add_argument(
         "-o", "--output", type=Path, default=Path("."), help="file or existing directory (default .)"

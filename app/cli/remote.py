@@ -28,7 +28,7 @@ from app.cli.output import (
     table,
 )
 from app.drop_warning import DEFAULT_WARN_DROP, drop_warning, spec_line
-from app.schemas.vocabulary import KIND_FIELDS, TFLiteFormat
+from app.schemas.vocabulary import KIND_FIELDS, ONNX_ARTIFACT, TFLiteFormat
 
 if TYPE_CHECKING:
     from app.client import Client, Job
@@ -207,22 +207,28 @@ def _finish(
 
 
 def _with_exports(spec: dict[str, Any], exports: list[str] | None) -> dict[str, Any]:
-    """``--export tflite:int8`` (repeatable) added to the spec's ``export.tflite`` (other keys kept)."""
+    """``--export tflite:int8`` (repeatable) added to the spec's ``export.tflite``, ``--export onnx`` as
+    ``export.onnx: true`` (other keys kept)."""
     if not exports:
         return spec
     export = dict(spec.get("export") or {})
     formats = list(export.get("tflite") or [])
     for item in exports:
-        if item not in formats:
+        if item == ONNX_ARTIFACT:
+            export["onnx"] = True
+        elif item not in formats:
             formats.append(item)
     return {**spec, "export": {**export, "tflite": formats}}
 
 
 def export_format(value: str) -> str:
+    """``tflite:FORMAT`` -> FORMAT; ``onnx`` -> ``onnx``."""
+    if value == ONNX_ARTIFACT:
+        return value
     kind, _, fmt = value.partition(":")
     if kind != "tflite" or fmt not in EXPORT_FORMATS:
         raise argparse.ArgumentTypeError(
-            f"{value!r}: expected tflite:FORMAT with FORMAT one of {', '.join(EXPORT_FORMATS)}"
+            f"{value!r}: expected tflite:FORMAT with FORMAT one of {', '.join(EXPORT_FORMATS)}, or onnx"
         )
     return fmt
 

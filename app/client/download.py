@@ -89,11 +89,14 @@ def verify(expected: Expected, size: int, sha256_hex: str) -> list[str]:
 
 def artifact_filename(job_id: str, name: str) -> str:
     """The file name a download of artifact ``name`` gets in a directory (what the server's
-    Content-Disposition says): ``<job>-pruned.zip``, ``<job>-tflite_int8.tflite``, ``<job>-<name>`` else."""
+    Content-Disposition says): ``<job>-pruned.zip``, ``<job>-tflite_int8.tflite``, ``<job>-onnx.onnx``,
+    ``<job>-<name>`` else."""
     if name == "saved_model":
         return f"{job_id}-pruned.zip"
     if name.startswith("tflite_"):
         return f"{job_id}-{name}.tflite"
+    if name == "onnx":
+        return f"{job_id}-onnx.onnx"
     return f"{job_id}-{name.replace('/', '_')}"
 
 

@@ -228,8 +228,8 @@ class CrossValidation(_Open):
 
 
 class ExportFile(_Open):
-    """One converted file (``exports.tflite_int8``, ...) as the LiteRT runtime ran it, batch 1, on the same
-    reference data as ``pruned`` (docs/exports.md)."""
+    """One converted file (``exports.tflite_int8``, ``exports.onnx``, ...) as its runtime (LiteRT, ONNX Runtime)
+    ran it, batch 1, on the same reference data as ``pruned`` (docs/exports.md)."""
 
     size_bytes: Annotated[int, Field(ge=0)]
     zip_bytes: Annotated[int, Field(ge=0)] = Field(
@@ -241,6 +241,9 @@ class ExportFile(_Open):
     )
     latency_ms: dict[BatchSize, LatencyStats] = Field(description='{"1": ...}: one runtime call per sample')
     io_types: dict[str, str] | None = Field(None, description="dtype of every input:/output: tensor")
+    versions: dict[str, str] | None = Field(
+        None, description="the converter's and runtime's package versions (tensorflow, ai-edge-litert; tf2onnx, ...)"
+    )
     n_samples: Annotated[int, Field(ge=0)] | None = Field(None, description="samples the runtime scored")
     seconds: float | None = Field(None, description="conversion and evaluation time")
 
@@ -327,7 +330,8 @@ class MetricsDocument(_Open):
     versions: Versions
     cross_validation: CrossValidation | None = None
     exports: dict[str, ExportFile | ExportFailure] | None = Field(
-        None, description="TFLite files by artifact name (tflite_float32, ..., tflite_int8), when spec.export"
+        None,
+        description="converted files by artifact name (tflite_float32, ..., tflite_int8, onnx), when spec.export",
     )
     search: SearchSection | None = None
     sweep: SweepSection | None = None

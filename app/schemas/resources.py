@@ -175,7 +175,7 @@ class ArtifactItem(BaseModel):
     """One downloadable file of a succeeded job (``GET /v1/jobs/{id}/artifacts``)."""
 
     name: str = Field(
-        description="saved_model, tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, ..."
+        description="saved_model, tflite_float32, tflite_float16, tflite_dynamic_range, tflite_int8, onnx, ..."
     )
     media_type: str
     size_bytes: int

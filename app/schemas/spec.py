@@ -274,14 +274,18 @@ class Evaluation(_Strict):
 
 class Export(_Strict):
     """Converted files of the final model (the artifact as saved, compacted when compaction ran), each
-    evaluated by the LiteRT runtime on the eval data; a format the converter refuses is an ``error`` entry in
-    ``metrics.exports``, never a failed job (docs/exports.md)."""
+    evaluated by the runtime that runs it (LiteRT for TFLite, ONNX Runtime for ONNX) on the eval data; a file
+    the converter refuses is an ``error`` entry in ``metrics.exports``, never a failed job (docs/exports.md)."""
 
     tflite: list[TFLiteFormat] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=4,
         description="any subset of float32, float16 (float16 weights), dynamic_range (int8 weights) and int8 "
         "(full-integer post-training quantization calibrated on the train dataset: needs train_dataset_id)",
+    )
+    onnx: bool = Field(
+        False,
+        description="also an ONNX file (tf2onnx, opset 17, float32), scored by ONNX Runtime; artifact `onnx`",
     )
     representative_samples: int = Field(
         200, ge=1, le=100_000, description="train samples (preprocessed) that calibrate int8, seeded choice"
@@ -297,6 +301,15 @@ class Export(_Strict):
         if repeated:
             raise ValueError(f"each format once: {repeated} repeated")
         return formats
+
+    @model_validator(mode="after")
+    def _something_to_export(self) -> Export:
+        if not self.tflite and not self.onnx:
+            raise ValueError(
+                'export asks for no file: give tflite formats (e.g. ["float32"]) and/or "onnx": true, or drop '
+                "export"
+            )
+        return self
 
     @model_validator(mode="after")
     def _int8_io_needs_int8(self) -> Export:
@@ -456,7 +469,8 @@ class PruneSpec(_Strict):
     evaluation: Evaluation | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     export: Export | None = Field(
-        None, description='converted files, e.g. {"tflite": ["float32", "int8"]}; null = SavedModel only'
+        None,
+        description='converted files, e.g. {"tflite": ["float32", "int8"], "onnx": true}; null = SavedModel only',
     )
     preset: Literal["fast", "recommended"] | None = Field(
         None,

@@ -3,8 +3,9 @@
 Why one module: every place that lists names (the spec's validators, the presets, the CLI's help, the report,
 the routes) reads them here, as ``typing.get_args`` of a ``Literal`` or as a table keyed by its values, so a
 new job kind, export format or criterion is one row here and one row in the worker's table of the same concept
-(``worker.kinds.KINDS``, ``worker.export.convert.FORMATS``, ``worker.pruning``'s ``CRITERIA``, ``LOSSES``,
-``OPTIMIZERS``, ``NORMALIZATIONS``, ``SCHEDULES``, ``GRANULARITIES``). ``tests/test_vocabularies.py`` asserts
+(``worker.kinds.KINDS``, ``worker.export.convert.FORMATS``, ``worker.export.targets.EXPORTS``,
+``worker.pruning``'s ``CRITERIA``, ``LOSSES``, ``OPTIMIZERS``, ``NORMALIZATIONS``, ``SCHEDULES``,
+``GRANULARITIES``). ``tests/test_vocabularies.py`` asserts
 that each pair holds the same names, and that the properties below match the worker's. No pydantic here: the
 CLI imports this module without loading the schema machinery.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random"]
 Loss = Literal[
@@ -23,6 +24,13 @@ Optimizer = Literal["adam", "sgd", "momentum"]
 LrSchedule = Literal["constant", "cosine"]
 Normalization = Literal["none", "lamp"]
 TFLiteFormat = Literal["float32", "float16", "dynamic_range", "int8"]
+# Every exported file by artifact name (API.md) -> its file suffix: the download is ``<job>-<name><suffix>``.
+# The worker's table is ``worker.export.targets.EXPORTS`` (converter and runtime per name).
+ONNX_ARTIFACT = "onnx"
+EXPORT_FILES: dict[str, str] = {
+    **{f"tflite_{fmt}": ".tflite" for fmt in get_args(TFLiteFormat)},
+    ONNX_ARTIFACT: ".onnx",
+}
 JobKind = Literal["prune", "search", "sweep", "sensitivity"]
 # Granularities by name; besides these the spec accepts N:M such as "2:4" (the worker's "nm").
 NAMED_GRANULARITIES = ("unstructured", "channel", "block")

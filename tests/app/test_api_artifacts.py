@@ -159,16 +159,55 @@ def test_int8_without_a_train_dataset_is_422(client: TestClient, model_id: str) 
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["spec"]["export"] == {
         "tflite": ["int8"],
+        "onnx": False,
         "representative_samples": 200,
         "int8_io": False,
     }
     assert _post(client, model_id, {"tflite": ["float16", "dynamic_range"]}).status_code == 202
 
 
+def test_onnx_alone_or_beside_tflite_is_accepted(client: TestClient, model_id: str) -> None:
+    alone = _post(client, model_id, {"onnx": True})
+    assert alone.status_code == 202, alone.text
+    assert alone.json()["spec"]["export"]["tflite"] == [] and alone.json()["spec"]["export"]["onnx"] is True
+    beside = _post(client, model_id, {"tflite": ["float16"], "onnx": True})
+    assert beside.status_code == 202, beside.text
+
+
+def test_an_onnx_file_is_listed_and_downloads_as_onnx(client: TestClient, model_id: str) -> None:
+    """worker.tasks records ``work/artifacts/onnx.onnx`` as ``onnx``: listed, served as bytes, named .onnx."""
+    app = app_of(client)
+    job = create_job(client, model_id)["id"]
+    job_dir: Path = app.state.storage.job_dir(job)
+    (job_dir / "artifacts").mkdir(parents=True)
+    (job_dir / "pruned.zip").write_bytes(ZIP)
+    onnx = b"\x08\x08" + bytes(range(100)) * 7
+    (job_dir / "artifacts" / "onnx.onnx").write_bytes(onnx)
+    files = [
+        job_files.entry("saved_model", "pruned.zip", len(ZIP), sha(ZIP)),
+        job_files.entry("onnx", "artifacts/onnx.onnx", len(onnx), sha(onnx)),
+    ]
+    with session_scope(app.state.session_factory) as session:
+        assert jobs.claim_job(session, job, lease_seconds=600, max_attempts=3).claimed
+        assert jobs.finish_job(
+            session, job, "succeeded", artifact_sha256=sha(ZIP), artifact_bytes=len(ZIP), artifacts=files
+        )
+    items = client.get(f"/v1/jobs/{job}/artifacts").json()["items"]
+    assert [(i["name"], i["media_type"]) for i in items] == [
+        ("saved_model", "application/zip"),
+        ("onnx", "application/octet-stream"),
+    ]
+    download = client.get(f"/v1/jobs/{job}/artifacts/onnx")
+    assert download.status_code == 200 and download.content == onnx
+    assert f"{job}-onnx.onnx" in download.headers["content-disposition"]
+
+
 @pytest.mark.parametrize(
     ("export", "needle"),
     [
-        ({"tflite": []}, "at least 1"),
+        ({"tflite": []}, "asks for no file"),
+        ({}, "asks for no file"),
+        ({"onnx": False}, "asks for no file"),
         ({"tflite": ["int8", "float32", "int8"]}, "repeated"),
         ({"tflite": ["int4"]}, "float32"),
         ({"tflite": ["float32"], "int8_io": True}, "int8_io"),

@@ -44,6 +44,8 @@ def test_export_flags_are_checked_and_merged_into_the_spec(capsys: pytest.Captur
         "int8_io": True,
     }
     assert _with_exports(spec, None) is spec
+    assert _with_exports(spec, ["onnx"])["export"] == {"tflite": ["float16"], "int8_io": True, "onnx": True}
+    assert _with_exports({"target_sparsity": 0.5}, ["onnx"])["export"] == {"tflite": [], "onnx": True}
 
 
 @pytest.mark.e2e
@@ -66,6 +68,8 @@ def test_prune_with_exports_downloads_every_file(
         "tflite:int8",
         "--export",
         "tflite:float16",
+        "--export",
+        "onnx",
         "-o",
         str(out),
         "--poll",
@@ -78,7 +82,8 @@ def test_prune_with_exports_downloads_every_file(
     report = json.loads(stdout)
     job_id = report["job"]["id"]
     assert report["job"]["spec"]["export"]["tflite"] == ["int8", "float16"]
-    assert set(report["artifacts"]) == {"saved_model", "tflite_int8", "tflite_float16"}
+    assert report["job"]["spec"]["export"]["onnx"] is True
+    assert set(report["artifacts"]) == {"saved_model", "tflite_int8", "tflite_float16", "onnx"}
     with Client(embedded.url) as client:
         listing = {item["name"]: item for item in client.list_artifacts(job_id)}
     for name, path in report["artifacts"].items():
@@ -90,6 +95,9 @@ def test_prune_with_exports_downloads_every_file(
     pruned = report["metrics"]["pruned"]["metrics"]["accuracy"]
     assert abs(int8["metrics"]["accuracy"] - pruned) <= 0.05
     assert int8["size_bytes"] == listing["tflite_int8"]["size_bytes"]
+    assert Path(report["artifacts"]["onnx"]).name == f"{job_id}-onnx.onnx"
+    onnx = report["metrics"]["exports"]["onnx"]
+    assert onnx["fidelity"]["top1_agreement"] == 1.0 and onnx["size_bytes"] == listing["onnx"]["size_bytes"]
 
     single = tmp_path / "model.tflite"
     code, stdout, stderr = run(

@@ -311,6 +311,34 @@ def test_macs_use_output_sizes_read_from_the_graph(
     assert any("dense kernels still compute" in note for note in metrics["notes"])
 
 
+def test_attention_projections_count_their_macs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keras 3 MultiHeadAttention / EinsumDense reshape their ``(d_model, heads, head_dim)`` kernels to 2-D
+    before a BatchMatMulV2: each weight still counts once per token (6 tokens here), so a transformer's
+    ``baseline.macs`` covers its projections instead of calling them uncounted."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6, 8), name="tokens")
+    # named: Keras numbers unnamed layers per process (dense_1, ...), and other tests build models too
+    hidden = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(tokens, tokens)
+    hidden = keras.layers.EinsumDense("abc,cd->abd", output_shape=(6, 5), name="proj")(hidden)
+    logits = keras.layers.Dense(3, name="classifier")(keras.layers.Flatten()(hidden))
+    model_dir = tmp_path_factory.mktemp("mha") / "saved_model"
+    keras.Model(tokens, logits).export(str(model_dir), verbose=False)
+
+    metrics = run(model_dir, {"target_sparsity": 0.5}, None, None, tmp_path_factory.mktemp("out"))
+    rows = {row["name"]: row for row in metrics["layers"]}
+    for projection in ("query", "key", "value", "attention_output"):
+        row = rows[f"mha/{projection}/kernel"]
+        assert row["positions"] == 6 and row["dense_macs"] == 64 * 6, row
+    assert rows["proj/kernel"]["dense_macs"] == 8 * 5 * 6
+    assert rows["classifier/kernel"]["dense_macs"] == 30 * 3
+    assert metrics["baseline"]["macs"]["dense_macs"] == 4 * 64 * 6 + 8 * 5 * 6 + 30 * 3
+    # the 2-D (heads, head_dim) biases look like kernels but are added, not multiplied: named, not guessed
+    assert sorted(metrics["baseline"]["macs"]["uncounted"]) == [f"mha/{p}/bias" for p in ("key", "query", "value")]
+    assert metrics["pruned"]["macs"]["effective_macs"] < metrics["baseline"]["macs"]["dense_macs"]
+
+
 def test_sizes_and_params_match_the_files_and_variables(
     keras3_export_dir: Path, digits_cnn: tuple[Arrays, Arrays], tmp_path: Path
 ) -> None:

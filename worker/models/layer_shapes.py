@@ -13,11 +13,13 @@ Recognised uses (TF op -> ``flops`` kind, positions per sample):
   ``Conv2DBackpropInput`` (Conv2DTranspose) -> conv2d_transpose, positions = its INPUT pixels.
 - ``MatMul`` -> dense, one position per sample; when its input is a ``Reshape`` folding leading axes into the
   batch (``tensordot`` of a Dense over a sequence) the folded axes are the positions. ``BatchMatMulV2/V3``
-  -> dense over every axis between batch and features.
-A kernel used several times (a shared layer) sums its positions. Anything else (einsum, loops, unknown
-spatial sizes such as a fully convolutional input of size None) is left out and MACs fall back to "per
-position" in ``flops``. Reading callee graphs uses TensorFlow's private ``FuncGraph._functions``; any failure
-gives an empty result and the reason, never a wrong number.
+  -> dense over every axis between batch and features; the kernel may be reshaped on the way (EinsumDense,
+  MultiHeadAttention: ``(d_model, heads, head_dim)`` -> ``(d_model, heads * head_dim)``).
+A kernel used several times (a shared layer) sums its positions. Anything else (an ``Einsum`` op, e.g.
+attention's query-key and score-value products, which have no weights; loops; unknown spatial sizes such as a
+fully convolutional input of size None) is left out and MACs fall back to "per position" in ``flops``.
+Reading callee graphs uses TensorFlow's private ``FuncGraph._functions``; any failure gives an empty result
+and the reason, never a wrong number.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from worker.models.handle import ModelHandle
 
 __all__ = ["KernelUse", "flops_inputs", "kernel_uses"]
 
-_PASS_THROUGH = frozenset({"ReadVariableOp", "Identity", "Cast", "ExpandDims"})
+# Ops between a variable and the op applying it that keep every weight: Keras 3 ``EinsumDense`` (the
+# MultiHeadAttention projections, kernels ``(d_model, heads, head_dim)``) reshapes its kernel to 2-D and
+# multiplies with ``BatchMatMulV2``, so a Reshape of a kernel still uses each weight once per position.
+_PASS_THROUGH = frozenset({"ReadVariableOp", "Identity", "Cast", "ExpandDims", "Reshape"})
 _CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 _MAX_DEPTH = 16
 _MAX_HOPS = 16

@@ -1,5 +1,6 @@
-"""Exporting stage: the saved artifact converted to every TFLite format the spec asks for, each file scored by
-the LiteRT runtime on the same data as the SavedModel (``worker.export`` does the converting and running).
+"""Exporting stage: the saved artifact converted to every file the spec asks for (TFLite formats, ONNX), each
+file scored by its own runtime (LiteRT, ONNX Runtime) on the same data as the SavedModel (``worker.export``
+does the converting and running; ``worker.export.targets.EXPORTS`` is the table of files).
 
 - What is converted: the directory the pipeline saved as the artifact (``out_dir/saved_model``), so a
   compacted model is exported compacted; the job's ``signature`` only (a multi-signature model keeps one).
@@ -9,8 +10,9 @@ the LiteRT runtime on the same data as the SavedModel (``worker.export`` does th
   ``MAX_EVAL_SAMPLES`` of it (seeded), one sample per call. ``metrics`` come from ``stages.evaluate.score`` on
   the runtime's outputs (the same scikit-learn metrics, task and logits decision as the SavedModel), fidelity
   against the pruned SavedModel's outputs on the same samples, latency from the timed calls themselves.
-- Files: ``out_dir/artifacts/<name>.tflite`` (``worker.tasks`` records every file there as an artifact).
-- Failures: a format the converter refuses, or a file the runtime cannot run, is an ``{"error"}`` entry and a
+- Files: ``out_dir/artifacts/<name><suffix>`` (``tflite_int8.tflite``, ``onnx.onnx``; ``worker.tasks`` records
+  every file there as an artifact named by its stem).
+- Failures: a file the converter refuses, or one its runtime cannot run, is an ``{"error"}`` entry and a
   note; the job and its SavedModel are unaffected. Anything else (a bug) propagates.
 """
 
@@ -26,11 +28,11 @@ import numpy as np
 
 from app.schemas.spec import Export
 from worker.evaluation.metrics import TaskChoice
-from worker.export import ExportError, TFLiteModel, artifact_name, convert_saved_model, zip_size
+from worker.export import EXPORTS, ONNX, ExportError, Target, artifact_name, zip_size
 from worker.stages.evaluate import Reference, fidelity_section, score
 from worker.stages.job import Data, Job
 
-__all__ = ["ARTIFACTS_DIR", "MAX_EVAL_SAMPLES", "run_exports"]
+__all__ = ["ARTIFACTS_DIR", "MAX_EVAL_SAMPLES", "requested", "run_exports"]
 
 ARTIFACTS_DIR = "artifacts"
 # Per-sample runtime calls over a large eval set would cost minutes per format on a big model: a seeded
@@ -55,18 +57,16 @@ def run_exports(
     folder = out_dir / ARTIFACTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     data, outputs = _eval_subset(job, reference, pruned_outputs)
+    targets = requested(export)
     section: dict[str, dict[str, Any]] = {}
-    for done, fmt in enumerate(export.tflite):
-        name = artifact_name(fmt)
+    for done, target in enumerate(targets):
+        name = target.name
         tick = time.perf_counter()
         try:
-            content = convert_saved_model(
-                saved,
-                fmt,
-                job.spec.signature,
-                representative=_representative(job, export) if fmt == "int8" else None,
-                int8_io=export.int8_io,
-            )
+            options: dict[str, Any] = {}
+            if name == artifact_name("int8"):  # no train dataset is an ExportError too: inside the try
+                options = {"representative": _representative(job, export), "int8_io": export.int8_io}
+            content = target.convert(saved, job.spec.signature, **options)
         except ExportError as exc:
             section[name] = {"error": str(exc)}
             job.note(
@@ -74,21 +74,27 @@ def run_exports(
             )
         else:
             if progress is not None:
-                progress((done + CONVERT_SHARE) / len(export.tflite))
+                progress((done + CONVERT_SHARE) / len(targets))
 
             def evaluated(fraction: float, done: int = done) -> None:
                 if progress is not None:
                     share = CONVERT_SHARE + (1 - CONVERT_SHARE) * fraction
-                    progress((done + share) / len(export.tflite))
+                    progress((done + share) / len(targets))
 
-            entry = _evaluate(job, name, content, data, outputs, reference, settings, evaluated)
+            entry = _evaluate(job, target, content, data, outputs, reference, settings, evaluated)
             if "error" not in entry:
-                (folder / f"{name}.tflite").write_bytes(content)
+                (folder / target.filename).write_bytes(content)
             section[name] = entry
         section[name]["seconds"] = round(time.perf_counter() - tick, 4)
         if progress is not None:
-            progress((done + 1) / len(export.tflite))
+            progress((done + 1) / len(targets))
     return section
+
+
+def requested(export: Export) -> list[Target]:
+    """The files ``export`` asks for, in a fixed order: its TFLite formats as listed, then ONNX."""
+    names = [artifact_name(fmt) for fmt in export.tflite] + ([ONNX] if export.onnx else [])
+    return [EXPORTS[name] for name in names]
 
 
 def _eval_subset(
@@ -96,7 +102,7 @@ def _eval_subset(
 ) -> tuple[Data | None, dict[str, np.ndarray] | None]:
     """The reference data (and the pruned SavedModel's outputs on it), cut to ``MAX_EVAL_SAMPLES``."""
     if reference is None:
-        job.note("TFLite exports: no dataset, so the files are converted but not evaluated")
+        job.note("exports: no dataset, so the files are converted but not evaluated")
         return None, None
     outputs = dict(pruned_outputs) if pruned_outputs is not None else None
     data = reference.data
@@ -113,7 +119,7 @@ def _eval_subset(
         return data, outputs
     index = np.sort(np.random.default_rng(job.spec.seed).choice(data.n, MAX_EVAL_SAMPLES, replace=False))
     job.note(
-        f"TFLite exports are evaluated on {MAX_EVAL_SAMPLES} of the {data.n} reference samples (seeded "
+        f"exported files are evaluated on {MAX_EVAL_SAMPLES} of the {data.n} reference samples (seeded "
         "choice, one runtime call each); their metrics are of that subset"
     )
     return data.subset(index), {k: v[index] for k, v in outputs.items()} if outputs is not None else None
@@ -138,7 +144,7 @@ def _representative(job: Job, export: Export) -> Any:
 
 def _evaluate(
     job: Job,
-    name: str,
+    target: Target,
     content: bytes,
     data: Data | None,
     pruned_outputs: Mapping[str, np.ndarray] | None,
@@ -146,17 +152,23 @@ def _evaluate(
     settings: Mapping[str, tuple[TaskChoice, bool | None]],
     on_progress: Callable[[float], None],
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"size_bytes": len(content), "zip_bytes": zip_size(content, f"{name}.tflite")}
+    name = target.name
+    entry: dict[str, Any] = {"size_bytes": len(content), "zip_bytes": zip_size(content, target.filename)}
     try:
-        model = TFLiteModel(content, job.spec.signature)
+        model = target.load(content, job.spec.signature)
         entry["io_types"] = model.io_types()
+        entry["versions"] = target.versions()
         if data is None:
             return {**entry, "metrics": None, "fidelity": None, "latency_ms": {}}
         prediction = model.predict(data.x, on_progress=on_progress)
     except (RuntimeError, ValueError) as exc:  # the runtime refused the file or the inputs
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        job.note(f"{name}: the LiteRT runtime could not run the converted file; the SavedModel is unaffected")
-        return {"error": f"the LiteRT runtime could not run the file ({first}); use the SavedModel artifact"}
+        job.note(
+            f"{name}: the {target.runtime} runtime could not run the converted file; the SavedModel is unaffected"
+        )
+        return {
+            "error": f"the {target.runtime} runtime could not run the file ({first}); use the SavedModel artifact"
+        }
     missing = sorted(set(job.sig.outputs) - set(prediction.outputs))
     if missing:
         return {"error": f"the converted file lacks outputs {missing} of signature {job.spec.signature!r}"}

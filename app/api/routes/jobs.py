@@ -402,7 +402,7 @@ def _job_file(record: JobRecord, name: str) -> dict[str, Any]:
 def list_artifacts(
     job_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep
 ) -> ArtifactList:
-    """The SavedModel zip (``saved_model``) first, then the job's other files (``tflite_int8``, ...), each
+    """The SavedModel zip (``saved_model``) first, then the job's other files (``tflite_int8``, ``onnx``, ...), each
     with the SHA-256 its download's ETag and Repr-Digest carry."""
     record = get_job_or_404(session, job_id, tenant)
     _require_success(record)
@@ -425,7 +425,7 @@ def list_artifacts(
     "/{job_id}/artifacts/{name}",
     responses=_download_responses(
         {"application/zip": {}, "application/octet-stream": {}},
-        "the file (saved_model: the zip; tflite_*: the .tflite flatbuffer)",
+        "the file (saved_model: the zip; tflite_*: the .tflite flatbuffer; onnx: the .onnx file)",
     ),
     summary="Download one file of the job by name",
 )
