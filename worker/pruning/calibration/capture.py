@@ -26,6 +26,16 @@ Evaluation: ``CaptureSession`` imports the skeleton ONCE into its own ``tf.Graph
 needs (``x_matrix``, ``gram`` = X^T X, ``sq_norms`` = column sums of X^2, ``rows``) on top, and fetches
 several of them per run with the current weight values fed. The session only computes what the fetches need,
 so reading the first op's input does not run the rest of the model.
+
+Use (what ``worker/stages/calibration.py`` does)::
+
+    sig = job.frozen_signature()                       # frozen once per job (reuses the channel analysis)
+    uses = [u for u in find_uses(sig, names) if u.supported]
+    values = {nv.name: variable_view(nv.var) for nv in job.handle.variables()}   # every weight of sig
+    with CaptureSession(sig) as session:
+        for batch in job.calibration_batches()():
+            x, y, h = session.run(values, batch, [session.x_matrix(use), use.output, session.gram(use)])
+    # x @ use.matrix(values[use.variable]) == y.reshape(len(x), -1) (Conv2D, MatMul, Einsum)
 """
 
 from __future__ import annotations
