@@ -46,7 +46,7 @@ from app.schemas.spec import Latency, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.size import dir_size, zip_dir
 from worker.evaluation.zip_size import ZipSizeInBackground, shared_zip_size
-from worker.kinds import run_kind
+from worker.kinds import run_kind, run_trial
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
 from worker.pruning.granularity import Granularity
 from worker.pruning.interface import PrunerLike
@@ -85,9 +85,11 @@ def run_pipeline(
     evaluation: dict[str, np.ndarray] | Streamed | None,
     out_dir: Path,
     report: Report,
+    trial: int | None = None,
 ) -> dict[str, Any]:
     """Prune the SavedModel (or ``.keras`` file) at ``model_dir`` per ``spec``; write ``out_dir/saved_model``
-    and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``."""
+    and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``. With ``trial``:
+    only that trial of a fanned-out kind (``worker.kinds.run_trial``), its files in ``out_dir/artifacts``."""
     started = time.perf_counter()
     seed_everything(spec.seed)
     granularity = resolve_granularity(spec)
@@ -112,12 +114,11 @@ def run_pipeline(
         if converted:
             job.notes.append(converted)
         job.timings["load"] = time.perf_counter() - tick
-        document = run_kind(  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
-            job,
-            window,
-            out_dir,
-            lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
-        )
+        run_prune = lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip)  # noqa: E731
+        if trial is None:  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
+            document = run_kind(job, window, out_dir, run_prune)
+        else:  # one trial of a fanned-out kind (worker.trials)
+            document = run_trial(job, window, out_dir, run_prune, trial)
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed
     _stream_notes(job, document)

@@ -53,6 +53,13 @@ SAME_DATASET_NOTE = (
 )
 
 
+# Set by worker.trial_tasks when it is imported (worker.celery_worker imports it): takes a job whose kind runs
+# as trials (a sweep), hands it over to them and returns True; False: run it here. A hook rather than an
+# import because worker.trial_tasks builds on this module.
+FanOut = Callable[[JobRecord, PruneSpec, int], bool]
+fan_out_hook: FanOut | None = None
+
+
 class JobCanceled(Exception):
     """Raised from the progress callback when the record says stop; unwinds the pipeline at a boundary."""
 
@@ -467,6 +474,8 @@ def _run_claimed(
                 _error("invalid_model", f"model {model.id} is invalid: {(model.error or {}).get('message')}")
             )
         spec = PruneSpec.model_validate(job.spec)
+        if fan_out_hook is not None and fan_out_hook(job, spec, lease.attempt):
+            return  # the job runs on as trials, each a task of its own (worker.trial_tasks)
         saved_model = prepared_model_dir(model, storage, settings)
         train_arrays, data_notes = _job_dataset(train, spec, model, storage, settings) if train else (None, [])
         # The same dataset, or the same file uploaded twice (e.g. the CLI's --train f --eval f): same bytes.

@@ -64,7 +64,9 @@ class DatasetOut(BaseModel):
         description="per array (x or x.<input>, y): shape (first dim n_samples, or -1 when unknown) and dtype "
         "after decoding; null until validated",
     )
-    n_samples: int | None = Field(None, description="null until known (TFRecord shards are not always counted)")
+    n_samples: int | None = Field(
+        None, description="null until known (TFRecord shards are not always counted)"
+    )
     shards: int | None = Field(None, description="files the data is read from; null until validated")
     features: dict[str, Any] | None = Field(None, description="TFRecord features, as given or inferred")
     class_names: list[str] | None = Field(
@@ -119,6 +121,22 @@ class WebhookDeliveryOut(BaseModel):
     duration_ms: int | None
 
 
+class TrialOut(BaseModel):
+    """One trial of a job that runs as trials on any worker (issue 23: a sweep's targets). ``worker`` is the
+    worker process that ran (or runs) it, ``secateurs-<pid>@<host>``; ``attempts`` counts its starts (a
+    worker that died is replaced); ``seconds`` its run time once it ended."""
+
+    id: str
+    index: int
+    label: str = Field(description="what the trial runs, e.g. sparsity-0.80 (its artifact's name)")
+    target: float | None
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    worker: str | None
+    attempts: int
+    seconds: float | None
+    error: ErrorInfo | None
+
+
 class JobOut(BaseModel):
     id: str
     model_id: str
@@ -134,6 +152,9 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: ErrorInfo | None
     spec: dict[str, Any]
+    trials: list[TrialOut] | None = Field(
+        None, description="a sweep's trials, each a task any worker may run; null for jobs run as one task"
+    )
     webhook_url: str | None = None
     webhook_id: str | None = Field(
         None, description="the webhook-id header of the job's event, once it ended"
