@@ -113,5 +113,7 @@ def trial_out(trial: TrialRecord) -> dict[str, Any]:
         "worker": trial.worker,
         "attempts": trial.attempts,
         "seconds": trial.seconds,
+        "started_at": as_utc(trial.started_at),
+        "finished_at": as_utc(trial.finished_at),
         "error": trial.error,
     }

@@ -45,6 +45,7 @@ from app.observability.logs import bind, log_context
 from app.presenters import trial_out
 from app.queue import AGGREGATE_TRIALS, RUN_TRIAL, send
 from app.schemas.metrics import MetricsDocument
+from app.schemas.resources import TrialOut
 from app.schemas.spec import PruneSpec
 from app.storage import Storage
 from app.webhooks.delivery import publish_for_job
@@ -363,7 +364,7 @@ def _aggregate(job_id: str) -> None:
         spec = PruneSpec.model_validate(job.spec)
         trial_rows = [_trial_row(t) for t in rows]
         document, top = TRIAL_KINDS[spec.kind()][2](spec, trial_rows)
-        document["trials"] = [trial_out(t) for t in rows]
+        document["trials"] = [TrialOut.model_validate(trial_out(t)).model_dump(mode="json") for t in rows]
         if started is not None:  # the job's wall time, queueing of its trials included
             elapsed = (utcnow() - as_utc(started)).total_seconds()  # type: ignore[operator]
             document.setdefault("timings_s", {})["total"] = round(elapsed, 4)

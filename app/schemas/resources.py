@@ -134,6 +134,8 @@ class TrialOut(BaseModel):
     worker: str | None
     attempts: int
     seconds: float | None
+    started_at: datetime | None = Field(None, description="when its latest attempt started")
+    finished_at: datetime | None = None
     error: ErrorInfo | None
 
 
