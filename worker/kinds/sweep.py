@@ -1,8 +1,11 @@
-"""Sparsity sweep: the spec once per target on one loaded model, with the Pareto-optimal targets marked.
+"""Sparsity sweep: the spec once per target, with the Pareto-optimal targets marked.
 
-Every target runs the ordinary pipeline (``run_prune``: baseline, prune + fine-tune, evaluation, compaction,
-saving, exports) on the same handle, with the dense weights written back from memory in between
-(``DenseCopy``), so the model is loaded once per job. Each target's SavedModel zip becomes the job artifact
+Two ways to run it, with the same numbers: as trials (``run_sweep_trial``, one task per target on any worker,
+each on a model it loaded, then ``aggregate_sweep`` over their documents: ``worker.trial_tasks``, the default),
+or in one task (``run_sweep``: every target on the same handle, with the dense weights written back from memory
+in between (``DenseCopy``), so the model is loaded once per job). Either way every target runs the ordinary
+pipeline (``run_prune``: baseline, prune + fine-tune, evaluation, compaction, saving, exports) from the spec's
+seed (``_run_target``). Each target's SavedModel zip becomes the job artifact
 ``sparsity-0.80`` (``work/artifacts/<name>.zip``, listed by ``GET /v1/jobs/{id}/artifacts`` like the TFLite
 exports; a target's exports are ``sparsity-0.80-tflite_int8`` and so on). The top-level document and
 ``/artifact`` are the highest target's.
