@@ -75,7 +75,7 @@ def job_out(
             "finished_at": as_utc(record.finished_at),
             "error": record.error,
             "spec": record.spec,
-            "trials": [trial_out(t) for t in trials] if trials else None,
+            "trials": [trial_out(t) for t in trials] if trials is not None else None,
             "webhook_url": record.webhook_url,
             "expired_at": as_utc(record.expired_at),
             "links": {
