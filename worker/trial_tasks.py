@@ -1,5 +1,5 @@
-"""Trials as tasks (issue 23): a job of a kind in ``worker.kinds.TRIAL_KINDS`` (a sweep) runs as one task per
-trial on whichever worker takes it, then one aggregation task; no task waits for another.
+"""Trials as tasks (issue 23): a job that fans out (``worker.kinds.trial_rules``: a sweep, K-fold
+cross-validation) runs as one task per trial on whichever worker takes it, then one aggregation task; no task waits for another.
 
 - ``fan_out`` (called by the job's task, ``worker.tasks``, instead of the pipeline): creates the trial records
   (``app.db.trials``), moves the job to stage ``trials``, sends one ``secateurs.run_trial`` per queued trial to
@@ -69,9 +69,9 @@ log = logging.getLogger("secateurs.worker")
 
 def fans_out(spec: PruneSpec, settings: Settings) -> bool:
     """Whether a job of this spec runs as trials (``SECATEURS_FAN_OUT_TRIALS``, and a kind that can)."""
-    from worker.kinds import TRIAL_KINDS
+    from worker.kinds import trial_rules
 
-    return settings.fan_out_trials and spec.kind() in TRIAL_KINDS
+    return settings.fan_out_trials and trial_rules(spec) is not None
 
 
 def worker_name() -> str:
@@ -83,15 +83,16 @@ def worker_name() -> str:
 def fan_out(job: JobRecord, spec: PruneSpec, attempt: int) -> bool:
     """For a job that fans out: create its trials (once: a parent run again after a restart finds them), hand
     the job over to them, send the queued ones and return True without waiting. False: run it in one task."""
-    from worker.kinds import TRIAL_KINDS
+    from worker.kinds import trial_rules
 
     settings, sessions, _ = _context()
-    if not fans_out(spec, settings):
+    rules = trial_rules(spec)
+    if rules is None or not settings.fan_out_trials:
         return False
-    plan = TRIAL_KINDS[spec.kind()][0](spec)
+    plan = rules.plan(spec)
     specs = [trials.TrialSpec(i, label, target) for i, (label, target) in enumerate(plan)]
     with session_scope(sessions) as session:
-        trials.create_trials(session, job, spec.kind(), specs)
+        trials.create_trials(session, job, rules.name, specs)
         if not trials.enter_trials_stage(session, job.id, attempt):
             raise JobCanceled  # canceled or taken over meanwhile
         queued = trials.queued_trials(session, job.id)
@@ -346,7 +347,7 @@ def aggregate_trials(self: Task, job_id: str) -> None:
 
 def _aggregate(job_id: str) -> None:
     from worker.errors import PipelineError
-    from worker.kinds import TRIAL_KINDS
+    from worker.kinds import trial_rules
 
     _, sessions, storage = _context()
     with session_scope(sessions) as session:
@@ -363,7 +364,9 @@ def _aggregate(job_id: str) -> None:
     try:
         spec = PruneSpec.model_validate(job.spec)
         trial_rows = [_trial_row(t) for t in rows]
-        document, top = TRIAL_KINDS[spec.kind()][2](spec, trial_rows)
+        rules = trial_rules(spec)
+        assert rules is not None
+        document, top, top_listed = rules.aggregate(spec, trial_rows)
         document["trials"] = [TrialOut.model_validate(trial_out(t)).model_dump(mode="json") for t in rows]
         if started is not None:  # the job's wall time, queueing of its trials included
             elapsed = (utcnow() - as_utc(started)).total_seconds()  # type: ignore[operator]
@@ -378,7 +381,15 @@ def _aggregate(job_id: str) -> None:
             f for f in by_index[top].files or [] if f["file"] == f"artifacts/{by_index[top].label}.zip"
         )
         every = sorted(
-            (f for t in rows if t.status == "succeeded" for f in (t.files or [])), key=lambda f: f["file"]
+            (
+                f
+                for t in rows
+                if t.status == "succeeded"
+                for f in (t.files or [])
+                if top_listed
+                or f["file"] != main["file"]  # K-fold's main run: its zip is the saved_model only
+            ),
+            key=lambda f: f["file"],
         )
         saved = job_files.entry(job_files.SAVED_MODEL, main["file"], main["size_bytes"], main["sha256"])
         if storage.remote:

@@ -15,7 +15,7 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.presets import resolve
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
-from worker.kinds import TRIAL_KINDS
+from worker.kinds import SWEEP_TRIALS
 from worker.kinds.sweep import aggregate_sweep
 from worker.pipeline import run_pipeline
 
@@ -37,7 +37,7 @@ SAME = (
 def _trials(model_dir: Path, spec: PruneSpec, data: Any, tmp_path: Path) -> list[dict[str, Any]]:
     train, test = data
     rows = []
-    for index, (label, _) in enumerate(TRIAL_KINDS["sweep"][0](spec)):
+    for index, (label, _) in enumerate(SWEEP_TRIALS.plan(spec)):
         out = tmp_path / f"trial-{index}"
         out.mkdir()
         document = run_pipeline(model_dir, spec, train, test, out, lambda stage, progress: None, trial=index)

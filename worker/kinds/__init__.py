@@ -16,16 +16,19 @@ it is, per ``job.spec`` (which must then carry a ``target_sparsity``). Kinds (``
 Kinds that fan out (issue 23; ``TRIAL_KINDS``): the job's task only creates trial records and sends one
 task per trial (``worker.trials``); each trial task loads the model and runs ``run_trial`` for its index; the
 task that ends the last trial sends the aggregation, which builds the kind's document from the trials'
-(``AGGREGATORS``). Today: ``sweep`` (one trial per target). The other kinds run in one task as above.
+(``trial_rules``). Today: ``sweep`` (one trial per target) and ``prune`` with K-fold cross-validation (one
+trial per fold, and the main run: ``worker.kinds.folds``). Search and sensitivity run in one task as above.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.schemas.spec import PruneSpec
+from worker.kinds.folds import RunFold, aggregate_folds, plan_fold_trials, run_fold_trial
 from worker.kinds.prune import Kind, RunPrune, run_prune_kind
 from worker.kinds.search import run_search
 from worker.kinds.sensitivity import run_sensitivity
@@ -45,10 +48,24 @@ def run_kind(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> di
     return KINDS[job.spec.kind()](job, window, out_dir, run_prune)
 
 
-TrialKind = Callable[[Job, Window, Path, RunPrune, int], dict[str, Any]]
+# One trial's run: (job, window, out_dir, run_prune, index, run_fold) -> its document. ``run_prune`` is the one
+# run without cross-validation folds (they are trials of their own); ``run_fold(window, i)`` fold i's document.
+TrialKind = Callable[[Job, Window, Path, RunPrune, int, RunFold], dict[str, Any]]
 # (label, target) of each trial of a job, in order.
 TrialPlan = Callable[[PruneSpec], list[tuple[str, float | None]]]
-Aggregator = Callable[[PruneSpec, list[dict[str, Any]]], tuple[dict[str, Any], int]]
+# The job's document from its trials; the index of the trial whose zip is the job's saved_model; whether
+# that zip is also an artifact of its own name (a sweep's sparsity-0.90).
+Aggregator = Callable[[PruneSpec, list[dict[str, Any]]], tuple[dict[str, Any], int, bool]]
+
+
+@dataclass(frozen=True)
+class TrialRules:
+    """How a job of a fanned-out kind is split (``plan``), run (``run``) and put together (``aggregate``)."""
+
+    name: str  # the trial records' kind: sweep | folds
+    plan: TrialPlan
+    run: TrialKind
+    aggregate: Aggregator
 
 
 def _sweep_plan(spec: PruneSpec) -> list[tuple[str, float | None]]:
@@ -56,12 +73,40 @@ def _sweep_plan(spec: PruneSpec) -> list[tuple[str, float | None]]:
     return list(zip(artifact_names(spec.sweep.targets), spec.sweep.targets, strict=True))
 
 
-# kind -> (the trials of a job, one trial's run, the aggregation); worker.trials reads it.
-TRIAL_KINDS: dict[str, tuple[TrialPlan, TrialKind, Aggregator]] = {
-    "sweep": (_sweep_plan, run_sweep_trial, aggregate_sweep),
-}
+def _sweep_trial(
+    job: Job, window: Window, out_dir: Path, run_prune: RunPrune, index: int, run_fold: RunFold
+) -> dict[str, Any]:
+    return run_sweep_trial(job, window, out_dir, run_prune, index)
 
 
-def run_trial(job: Job, window: Window, out_dir: Path, run_prune: RunPrune, index: int) -> dict[str, Any]:
-    """The document of trial ``index`` of the job's kind (one of ``TRIAL_KINDS``)."""
-    return TRIAL_KINDS[job.spec.kind()][1](job, window, out_dir, run_prune, index)
+def _sweep_aggregate(spec: PruneSpec, trials: list[dict[str, Any]]) -> tuple[dict[str, Any], int, bool]:
+    document, top = aggregate_sweep(spec, trials)
+    return document, top, True
+
+
+SWEEP_TRIALS = TrialRules("sweep", _sweep_plan, _sweep_trial, _sweep_aggregate)
+FOLD_TRIALS = TrialRules("folds", plan_fold_trials, run_fold_trial, aggregate_folds)
+
+
+def trial_rules(spec: PruneSpec) -> TrialRules | None:
+    """The rules of a job that fans out into trials (worker.trial_tasks), None for one run in one task: a
+    sweep (one trial per target) and a ``prune`` job with K-fold cross-validation (one per fold + the main
+    run). Search and sensitivity run in one task."""
+    if spec.kind() == "sweep":
+        return SWEEP_TRIALS
+    if (
+        spec.kind() == "prune"
+        and spec.evaluation is not None
+        and spec.evaluation.cross_validation is not None
+    ):
+        return FOLD_TRIALS
+    return None
+
+
+def run_trial(
+    job: Job, window: Window, out_dir: Path, run_prune: RunPrune, index: int, run_fold: RunFold
+) -> dict[str, Any]:
+    """The document of trial ``index`` of the job (``trial_rules``)."""
+    rules = trial_rules(job.spec)
+    assert rules is not None
+    return rules.run(job, window, out_dir, run_prune, index, run_fold)
