@@ -36,6 +36,12 @@ class TrialSpec:
     target: float | None = None
 
 
+def may_have_trials(spec: dict[str, Any]) -> bool:
+    """Whether a job of this (stored) spec can run as trials: a sweep, or K-fold cross-validation (the
+    worker's ``worker.kinds.trial_rules`` decides; this only spares other jobs' bodies the query)."""
+    return bool(spec.get("sweep")) or bool((spec.get("evaluation") or {}).get("cross_validation"))
+
+
 def trial_id(job_id: str, index: int) -> str:
     return f"{job_id}.{index}"
 

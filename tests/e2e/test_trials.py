@@ -127,6 +127,32 @@ def test_the_embedded_default_runs_the_trials_one_after_another(one_worker_sweep
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
 
 
+def test_kfold_folds_and_the_main_run_are_trials(digits_files: dict[str, Path], embedded: Embedded) -> None:  # noqa: F811
+    spec = {
+        "target_sparsity": 0.6,
+        "preset": "fast",
+        "evaluation": {
+            "cross_validation": {"folds": 2},
+            "latency": {"batch_sizes": [1], "runs": 5, "budget_s": 1.0},
+        },
+    }
+    with httpx.Client(base_url=embedded.url, timeout=60) as http:
+        ids = _upload(http, digits_files)
+        job = _wait(http, _submit(http, ids, spec))
+        assert job["status"] == "succeeded", job
+        assert [(t["label"], t["status"]) for t in job["trials"]] == [
+            ("fold-1", "succeeded"),
+            ("fold-2", "succeeded"),
+            ("main", "succeeded"),
+        ]
+        metrics = http.get(f"/v1/jobs/{job['id']}/metrics").json()
+        items = http.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]
+    assert [item["name"] for item in items] == ["saved_model"]
+    assert metrics["cross_validation"]["folds"] == 2 and metrics["pruned"]["sparsity"] == pytest.approx(
+        0.6, abs=0.01
+    )
+
+
 def _at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 

@@ -291,8 +291,8 @@ def list_jobs(
 def _job_body(session: Session, record: JobRecord) -> JobOut:
     """A job has a webhook message only once it ended, and only with a URL (written in the same transaction
     as its ending: jobs.finish_job), so polls of running jobs or jobs without webhooks skip that query.
-    Likewise only a job of a kind that fans out (a sweep) can have trials (app.db.trials)."""
-    found = trials.list_trials(session, record.id) if record.spec.get("sweep") else None
+    Likewise only a job that fans out (a sweep, K-fold cross-validation) can have trials (app.db.trials)."""
+    found = trials.list_trials(session, record.id) if trials.may_have_trials(record.spec) else None
     if not record.webhook_url or record.status not in TERMINAL_JOB_STATUSES:
         return job_out(record, trials=found)
     return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id), trials=found)
