@@ -29,7 +29,14 @@ from tests.support.seaweed import Seaweed
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 
 TARGETS = [0.5, 0.7, 0.9]
-SWEEP = {"sweep": {"targets": TARGETS}, "fine_tune": {"epochs": 2, "batch_size": 32}, "seed": 5}
+QUICK_LATENCY = {"latency": {"batch_sizes": [1], "runs": 3, "budget_s": 0.2}}
+SWEEP = {
+    "sweep": {"targets": TARGETS},
+    "fine_tune": {"epochs": 2, "batch_size": 32},
+    "evaluation": QUICK_LATENCY,
+    "seed": 5,
+}
+ONE_SHOT_SWEEP = {"sweep": {"targets": TARGETS}, "preset": "fast", "evaluation": QUICK_LATENCY}
 # Equal wherever a target ran; the zip's size may differ by a few hundred bytes (saved_model.pb numbers the
 # functions each process traced), seconds and latency are measurements.
 SAME = ("target", "sparsity", "metric", "params_total", "params_nonzero", "effective_macs", "pareto")
@@ -127,13 +134,14 @@ def test_the_embedded_default_runs_the_trials_one_after_another(one_worker_sweep
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
 
 
+@pytest.mark.slow  # tests/e2e/test_crossval.py runs a K-fold job through its trials in the default suite
 def test_kfold_folds_and_the_main_run_are_trials(digits_files: dict[str, Path], embedded: Embedded) -> None:  # noqa: F811
     spec = {
         "target_sparsity": 0.6,
         "preset": "fast",
         "evaluation": {
             "cross_validation": {"folds": 2},
-            "latency": {"batch_sizes": [1], "runs": 5, "budget_s": 1.0},
+            **QUICK_LATENCY,
         },
     }
     with httpx.Client(base_url=embedded.url, timeout=60) as http:
@@ -262,9 +270,11 @@ def test_tenant_cap_keeps_trials_apart_and_single_jobs_go_ahead(
     base, _ = _deployment(start_service, tmp_path, shared, own_disks=False)
     with httpx.Client(base_url=base, timeout=60) as http:
         ids = _upload(http, digits_files)
-        sweep_id = _submit(http, ids, SWEEP)
+        sweep_id = _submit(http, ids, ONE_SHOT_SWEEP)
         poll(lambda: http.get(f"/v1/jobs/{sweep_id}").json(), lambda b: b["stage"] == "trials", 60)
-        single_id = _submit(http, ids, {"target_sparsity": 0.6, "preset": "fast"})  # short
+        single_id = _submit(
+            http, ids, {"target_sparsity": 0.6, "preset": "fast", "evaluation": QUICK_LATENCY}
+        )
         single = _wait(http, single_id)
         sweep = _wait(http, sweep_id)
     assert single["status"] == "succeeded", single
