@@ -87,10 +87,12 @@ def run_pipeline(
     out_dir: Path,
     report: Report,
     trial: int | None = None,
+    trial_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune the SavedModel (or ``.keras`` file) at ``model_dir`` per ``spec``; write ``out_dir/saved_model``
     and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``. With ``trial``:
-    only that trial of a fanned-out kind (``worker.kinds.run_trial``), its files in ``out_dir/artifacts``."""
+    only that trial of a fanned-out kind (``worker.kinds.run_trial``, with its record's ``trial_params``), its
+    files in ``out_dir/artifacts``."""
     started = time.perf_counter()
     seed_everything(spec.seed)
     granularity = resolve_granularity(spec)
@@ -130,6 +132,7 @@ def run_pipeline(
                 lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip, folds=False),
                 trial,
                 lambda w, i: fold_document(model_dir, job, _fold_source(train), granularity, w, i),
+                trial_params,
             )
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed

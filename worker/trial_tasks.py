@@ -29,7 +29,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -64,6 +64,9 @@ from worker.tasks import (
     prepared_model_dir,
 )
 
+if TYPE_CHECKING:  # worker.kinds imports TensorFlow: only inside the tasks (see worker.celery_worker)
+    from worker.kinds.plans import Aggregated, NextPhase
+
 log = logging.getLogger("secateurs.worker")
 
 
@@ -89,8 +92,7 @@ def fan_out(job: JobRecord, spec: PruneSpec, attempt: int) -> bool:
     rules = trial_rules(spec)
     if rules is None or not settings.fan_out_trials:
         return False
-    plan = rules.plan(spec)
-    specs = [trials.TrialSpec(i, label, target) for i, (label, target) in enumerate(plan)]
+    specs = [trials.TrialSpec(i, p.label, p.target, 0, p.params) for i, p in enumerate(rules.plan(spec))]
     with session_scope(sessions) as session:
         trials.create_trials(session, job, rules.name, specs)
         if not trials.enter_trials_stage(session, job.id, attempt):
@@ -282,7 +284,16 @@ def _run_claimed_trial(
         for stale in storage.job_dir(job.id).glob(f"trial-{trial.index}-*"):  # an earlier attempt's leftovers
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
-        document = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report, trial=trial.index)
+        document = run_pipeline(
+            saved_model,
+            spec,
+            train_arrays,
+            eval_arrays,
+            work,
+            report,
+            trial=trial.index,
+            trial_params=trial.params,
+        )
         document.setdefault("notes", []).extend(n for n in data_notes if n not in document["notes"])
         if same_data:
             document["notes"].append(SAME_DATASET_NOTE)
@@ -348,6 +359,7 @@ def aggregate_trials(self: Task, job_id: str) -> None:
 def _aggregate(job_id: str) -> None:
     from worker.errors import PipelineError
     from worker.kinds import trial_rules
+    from worker.kinds.plans import NextPhase
 
     _, sessions, storage = _context()
     with session_scope(sessions) as session:
@@ -366,7 +378,11 @@ def _aggregate(job_id: str) -> None:
         trial_rows = [_trial_row(t) for t in rows]
         rules = trial_rules(spec)
         assert rules is not None
-        document, top, top_listed = rules.aggregate(spec, trial_rows)
+        outcome = rules.aggregate(spec, trial_rows)
+        if isinstance(outcome, NextPhase):
+            _next_phase(job, rules.name, rows, outcome)
+            return
+        document = outcome.document
         document["trials"] = [TrialOut.model_validate(trial_out(t)).model_dump(mode="json") for t in rows]
         if started is not None:  # the job's wall time, queueing of its trials included
             elapsed = (utcnow() - as_utc(started)).total_seconds()  # type: ignore[operator]
@@ -376,22 +392,7 @@ def _aggregate(job_id: str) -> None:
         job_dir = storage.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "metrics.json").write_text(json.dumps(full, indent=2, allow_nan=False))
-        by_index = {t.index: t for t in rows}
-        main = next(
-            f for f in by_index[top].files or [] if f["file"] == f"artifacts/{by_index[top].label}.zip"
-        )
-        every = sorted(
-            (
-                f
-                for t in rows
-                if t.status == "succeeded"
-                for f in (t.files or [])
-                if top_listed
-                or f["file"] != main["file"]  # K-fold's main run: its zip is the saved_model only
-            ),
-            key=lambda f: f["file"],
-        )
-        saved = job_files.entry(job_files.SAVED_MODEL, main["file"], main["size_bytes"], main["sha256"])
+        files, main = _job_files(rows, outcome)
         if storage.remote:
             key = storage.job_key(job_id, "metrics.json")
             with_retries(f"storing {key}", lambda: storage.publish(key, job_dir / "metrics.json"))
@@ -401,10 +402,10 @@ def _aggregate(job_id: str) -> None:
                 session,
                 job_id,
                 "succeeded",
-                artifact_sha256=main["sha256"],
-                artifact_bytes=main["size_bytes"],
+                artifact_sha256=main["sha256"] if main else None,
+                artifact_bytes=main["size_bytes"] if main else None,
                 timings={"trials": round(sum(t.seconds or 0.0 for t in rows), 3)},
-                artifacts=[saved, *every],
+                artifacts=files,
             )
         if not done:
             log.info("job %s aggregated after it ended otherwise; not recorded", job_id)
@@ -417,9 +418,52 @@ def _aggregate(job_id: str) -> None:
             jobs.finish_job(session, job_id, "failed", error=_unexpected(exc, job_id))
 
 
+def _job_files(
+    rows: list[TrialRecord], outcome: Aggregated
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The job's files: the top trial's zip as ``saved_model`` first (none for a job that keeps no model),
+    then every succeeded trial's files by name (a sweep's ``sparsity-0.80``, exports); and that zip's entry."""
+    main = None
+    if outcome.top is not None:
+        top = next(t for t in rows if t.index == outcome.top)
+        main = next(f for f in top.files or [] if f["file"] == f"artifacts/{top.label}.zip")
+    every = sorted(
+        (
+            f
+            for t in rows
+            if t.status == "succeeded"
+            for f in (t.files or [])
+            if main is None or outcome.top_listed or f["file"] != main["file"]  # K-fold: saved_model only
+        ),
+        key=lambda f: f["file"],
+    )
+    if main is None:
+        return every, None
+    saved = job_files.entry(job_files.SAVED_MODEL, main["file"], main["size_bytes"], main["sha256"])
+    return [saved, *every], main
+
+
+def _next_phase(job: JobRecord, kind: str, rows: list[TrialRecord], outcome: NextPhase) -> None:
+    """More trials, computed from the ended ones: created and handed the job back in one transaction, then
+    sent (a crash in between leaves them queued for the reaper to send)."""
+    _, sessions, _ = _context()
+    phase = max(t.phase for t in rows) + 1
+    first = max(t.index for t in rows) + 1
+    specs = [
+        trials.TrialSpec(first + i, p.label, p.target, phase, p.params) for i, p in enumerate(outcome.trials)
+    ]
+    with session_scope(sessions) as session:
+        queued = trials.start_next_phase(session, job, kind, specs)
+    _send_trials(current_app, sessions, queued)
+    log.info("job %s: phase %d, %d trial(s) sent", job.id, phase, len(queued))
+
+
 def _trial_row(trial: TrialRecord) -> dict[str, Any]:
     return {
         "index": trial.index,
+        "phase": trial.phase,
+        "label": trial.label,
+        "params": trial.params,
         "status": trial.status,
         "document": trial.document,
         "seconds": trial.seconds,

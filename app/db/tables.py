@@ -166,6 +166,10 @@ class TrialRecord(Base):
     kind: Mapped[str] = mapped_column(String(16))  # the job kind: sweep
     label: Mapped[str] = mapped_column(String(64))  # what the trial runs, e.g. "sparsity-0.80"
     target: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Jobs whose later trials depend on earlier ones (a sensitivity's suggestion run after its measurements)
+    # run in phases: the aggregation of phase n creates phase n + 1 with ``params`` computed from it.
+    phase: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")  # TRIAL_STATUSES
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -34,12 +34,19 @@ class TrialSpec:
     index: int
     label: str
     target: float | None = None
+    phase: int = 0
+    params: dict[str, Any] | None = None
 
 
 def may_have_trials(spec: dict[str, Any]) -> bool:
-    """Whether a job of this (stored) spec can run as trials: a sweep, or K-fold cross-validation (the
-    worker's ``worker.kinds.trial_rules`` decides; this only spares other jobs' bodies the query)."""
-    return bool(spec.get("sweep")) or bool((spec.get("evaluation") or {}).get("cross_validation"))
+    """Whether a job of this (stored) spec can run as trials: a sweep, a sensitivity job, or K-fold
+    cross-validation (the worker's ``worker.kinds.trial_rules`` decides; this only spares other jobs' bodies
+    the query)."""
+    return (
+        bool(spec.get("sweep"))
+        or bool(spec.get("sensitivity"))
+        or bool((spec.get("evaluation") or {}).get("cross_validation"))
+    )
 
 
 def trial_id(job_id: str, index: int) -> str:
@@ -61,6 +68,8 @@ def create_trials(session: Session, job: JobRecord, kind: str, specs: Sequence[T
                     kind=kind,
                     label=spec.label,
                     target=spec.target,
+                    phase=spec.phase,
+                    params=spec.params,
                     status="queued",
                     attempts=0,
                     progress=0.0,
@@ -79,6 +88,21 @@ def enter_trials_stage(session: Session, job_id: str, attempt: int) -> bool:
         .values(stage=TRIALS, heartbeat_at=utcnow(), progress=_job_progress(job_id))
     )
     return result.rowcount == 1
+
+
+def start_next_phase(session: Session, job: JobRecord, kind: str, specs: Sequence[TrialSpec]) -> list[str]:
+    """The aggregation of a phase found more to run: create the next phase's trials and hand the job back
+    to them (``aggregating -> trials``), in one transaction. Returns the queued trial ids to send ([] when
+    the job is no longer aggregating: canceled, or another aggregation got there first)."""
+    result = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job.id, JobRecord.status == "running", JobRecord.stage == AGGREGATING)
+        .values(stage=TRIALS, heartbeat_at=utcnow())
+    )
+    if result.rowcount != 1:
+        return []
+    create_trials(session, job, kind, specs)
+    return queued_trials(session, job.id)
 
 
 def queued_trials(session: Session, job_id: str) -> list[str]:

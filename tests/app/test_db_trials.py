@@ -186,3 +186,22 @@ def test_reaper_closes_a_job_whose_last_trial_ended_without_closing(sessions: se
         ]
     with session_scope(sessions) as s:
         assert trials.reap_trials(s, lease_seconds=60, max_attempts=3, redispatch_after_s=900).aggregate == []
+
+
+def test_a_next_phase_hands_the_job_back_to_its_trials(sessions: sessionmaker[Session]) -> None:
+    job_id, ids = _fanned_job(sessions, n=1)
+    assert _claim(sessions, ids[0]).claimed
+    assert _finish(sessions, ids[0], 1) == "aggregate"
+    with session_scope(sessions) as s:
+        job = s.get(JobRecord, job_id)
+        assert job is not None
+        specs = [trials.TrialSpec(1, "suggestion", None, 1, {"rows": [1, 2]})]
+        assert trials.start_next_phase(s, job, "sensitivity", specs) == [f"{job_id}.1"]
+    with session_scope(sessions) as s:  # a second aggregation of the same phase finds the job moved on
+        job = s.get(JobRecord, job_id)
+        assert job is not None and job.stage == "trials"
+        assert trials.start_next_phase(s, job, "sensitivity", specs) == []
+        second = s.get(TrialRecord, f"{job_id}.1")
+        assert second is not None and (second.phase, second.params) == (1, {"rows": [1, 2]})
+    assert _claim(sessions, f"{job_id}.1").claimed
+    assert _finish(sessions, f"{job_id}.1", 1) == "aggregate"

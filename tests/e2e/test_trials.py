@@ -134,6 +134,25 @@ def test_the_embedded_default_runs_the_trials_one_after_another(one_worker_sweep
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
 
 
+def test_sensitivity_measures_in_trials_then_runs_the_suggestion(
+    digits_files: dict[str, Path],  # noqa: F811
+    embedded: Embedded,
+) -> None:
+    spec = {"sensitivity": {"sparsities": [0.5, 0.9]}, "evaluation": QUICK_LATENCY}
+    with httpx.Client(base_url=embedded.url, timeout=60) as http:
+        ids = _upload(http, digits_files)
+        job = _wait(http, _submit(http, ids, spec))
+        assert job["status"] == "succeeded", job
+        labels = [t["label"] for t in job["trials"]]
+        assert labels == [*(f"variables-{i}-of-4" for i in range(1, 5)), "suggestion"]
+        assert all(t["status"] == "succeeded" for t in job["trials"])
+        metrics = http.get(f"/v1/jobs/{job['id']}/metrics").json()
+        assert http.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409  # keeps no model
+        assert http.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"] == []
+    section = metrics["sensitivity"]
+    assert len(section["variables"]) == 3 and section["layer_sparsity"]  # three kernels, over four trials
+
+
 @pytest.mark.slow  # tests/e2e/test_crossval.py runs a K-fold job through its trials in the default suite
 def test_kfold_folds_and_the_main_run_are_trials(digits_files: dict[str, Path], embedded: Embedded) -> None:  # noqa: F811
     spec = {

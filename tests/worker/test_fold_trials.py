@@ -13,6 +13,7 @@ from app.schemas.metrics import MetricsDocument
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
 from worker.kinds import FOLD_TRIALS, trial_rules
+from worker.kinds.plans import Aggregated
 from worker.pipeline import run_pipeline
 
 pytestmark = pytest.mark.tf
@@ -42,7 +43,7 @@ def test_fold_trials_aggregate_to_the_one_task_cross_validation(
     whole = run_pipeline(keras3_export_dir, spec, train, test, tmp_path / "one", lambda s, p: None)
     rows = []
     labels = FOLD_TRIALS.plan(spec)
-    assert [label for label, _ in labels] == ["fold-1", "fold-2", "main"]
+    assert [p.label for p in labels] == ["fold-1", "fold-2", "main"]
     for index in range(len(labels)):
         out = tmp_path / f"trial-{index}"
         out.mkdir()
@@ -52,8 +53,9 @@ def test_fold_trials_aggregate_to_the_one_task_cross_validation(
         )
     assert (tmp_path / "trial-2" / "artifacts" / "main.zip").is_file()
     assert "cross_validation" not in rows[2]["document"]  # the main run's trial runs no folds
-    document, top, listed = FOLD_TRIALS.aggregate(spec, rows)
-    assert (top, listed) == (2, False)
+    outcome = FOLD_TRIALS.aggregate(spec, rows)
+    assert isinstance(outcome, Aggregated) and (outcome.top, outcome.top_listed) == (2, False)
+    document = outcome.document
     MetricsDocument.model_validate({"job_id": "j", "model_id": "m", **document})
     assert _without_seconds(document["cross_validation"]) == _without_seconds(whole["cross_validation"])
     assert document["pruned"]["metrics"] == whole["pruned"]["metrics"]

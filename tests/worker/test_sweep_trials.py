@@ -37,7 +37,7 @@ SAME = (
 def _trials(model_dir: Path, spec: PruneSpec, data: Any, tmp_path: Path) -> list[dict[str, Any]]:
     train, test = data
     rows = []
-    for index, (label, _) in enumerate(SWEEP_TRIALS.plan(spec)):
+    for index, label in enumerate(p.label for p in SWEEP_TRIALS.plan(spec)):
         out = tmp_path / f"trial-{index}"
         out.mkdir()
         document = run_pipeline(model_dir, spec, train, test, out, lambda stage, progress: None, trial=index)

@@ -29,9 +29,15 @@ from typing import Any
 
 from app.schemas.spec import PruneSpec
 from worker.kinds.folds import RunFold, aggregate_folds, plan_fold_trials, run_fold_trial
+from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import Kind, RunPrune, run_prune_kind
 from worker.kinds.search import run_search
-from worker.kinds.sensitivity import run_sensitivity
+from worker.kinds.sensitivity import (
+    aggregate_sensitivity,
+    plan_sensitivity_trials,
+    run_sensitivity,
+    run_sensitivity_trial,
+)
 from worker.kinds.sweep import aggregate_sweep, artifact_names, run_sweep, run_sweep_trial
 from worker.stages.job import Job, Window
 
@@ -48,52 +54,88 @@ def run_kind(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> di
     return KINDS[job.spec.kind()](job, window, out_dir, run_prune)
 
 
-# One trial's run: (job, window, out_dir, run_prune, index, run_fold) -> its document. ``run_prune`` is the one
-# run without cross-validation folds (they are trials of their own); ``run_fold(window, i)`` fold i's document.
-TrialKind = Callable[[Job, Window, Path, RunPrune, int, RunFold], dict[str, Any]]
-# (label, target) of each trial of a job, in order.
-TrialPlan = Callable[[PruneSpec], list[tuple[str, float | None]]]
-# The job's document from its trials; the index of the trial whose zip is the job's saved_model; whether
-# that zip is also an artifact of its own name (a sweep's sparsity-0.90).
-Aggregator = Callable[[PruneSpec, list[dict[str, Any]]], tuple[dict[str, Any], int, bool]]
+# One trial's run: (job, window, out_dir, run_prune, index, run_fold, params) -> its document. ``run_prune`` is
+# the one run without cross-validation folds (they are trials of their own); ``run_fold(window, i)`` fold i's
+# document; ``params`` what the trial's record carries (later phases).
+TrialKind = Callable[[Job, Window, Path, RunPrune, int, RunFold, dict[str, Any] | None], dict[str, Any]]
+# The first phase's trials of a job, in order.
+TrialPlan = Callable[[PruneSpec], list[Planned]]
+# From the trials ended so far ({"index", "phase", "label", "status", "document", "params", "seconds",
+# "error"} in index order): the job's document, or the next phase.
+Aggregator = Callable[[PruneSpec, list[dict[str, Any]]], Aggregated | NextPhase]
 
 
 @dataclass(frozen=True)
 class TrialRules:
     """How a job of a fanned-out kind is split (``plan``), run (``run``) and put together (``aggregate``)."""
 
-    name: str  # the trial records' kind: sweep | folds
+    name: str  # the trial records' kind: sweep | folds | sensitivity
     plan: TrialPlan
     run: TrialKind
     aggregate: Aggregator
 
 
-def _sweep_plan(spec: PruneSpec) -> list[tuple[str, float | None]]:
+def _sweep_plan(spec: PruneSpec) -> list[Planned]:
     assert spec.sweep is not None
-    return list(zip(artifact_names(spec.sweep.targets), spec.sweep.targets, strict=True))
+    return [
+        Planned(n, t) for n, t in zip(artifact_names(spec.sweep.targets), spec.sweep.targets, strict=True)
+    ]
 
 
 def _sweep_trial(
-    job: Job, window: Window, out_dir: Path, run_prune: RunPrune, index: int, run_fold: RunFold
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    index: int,
+    run_fold: RunFold,
+    params: dict[str, Any] | None,
 ) -> dict[str, Any]:
     return run_sweep_trial(job, window, out_dir, run_prune, index)
 
 
-def _sweep_aggregate(spec: PruneSpec, trials: list[dict[str, Any]]) -> tuple[dict[str, Any], int, bool]:
+def _sweep_aggregate(spec: PruneSpec, trials: list[dict[str, Any]]) -> Aggregated:
     document, top = aggregate_sweep(spec, trials)
-    return document, top, True
+    return Aggregated(document, top, top_listed=True)
+
+
+def _folds_plan(spec: PruneSpec) -> list[Planned]:
+    return [Planned(label, target) for label, target in plan_fold_trials(spec)]
+
+
+def _folds_trial(
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    index: int,
+    run_fold: RunFold,
+    params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return run_fold_trial(job, window, out_dir, run_prune, index, run_fold)
+
+
+def _folds_aggregate(spec: PruneSpec, trials: list[dict[str, Any]]) -> Aggregated:
+    document, top, listed = aggregate_folds(spec, trials)
+    return Aggregated(document, top, listed)
 
 
 SWEEP_TRIALS = TrialRules("sweep", _sweep_plan, _sweep_trial, _sweep_aggregate)
-FOLD_TRIALS = TrialRules("folds", plan_fold_trials, run_fold_trial, aggregate_folds)
+FOLD_TRIALS = TrialRules("folds", _folds_plan, _folds_trial, _folds_aggregate)
+SENSITIVITY_TRIALS = TrialRules(
+    "sensitivity", plan_sensitivity_trials, run_sensitivity_trial, aggregate_sensitivity
+)
 
 
 def trial_rules(spec: PruneSpec) -> TrialRules | None:
     """The rules of a job that fans out into trials (worker.trial_tasks), None for one run in one task: a
-    sweep (one trial per target) and a ``prune`` job with K-fold cross-validation (one per fold + the main
-    run). Search and sensitivity run in one task."""
+    sweep (one trial per target), a ``prune`` job with K-fold cross-validation (one per fold + the main
+    run) and a sensitivity job (the variables shared by a few trials, then one for the suggestion). Search
+    runs in one task."""
     if spec.kind() == "sweep":
         return SWEEP_TRIALS
+    if spec.kind() == "sensitivity":
+        return SENSITIVITY_TRIALS
     if (
         spec.kind() == "prune"
         and spec.evaluation is not None
@@ -104,9 +146,15 @@ def trial_rules(spec: PruneSpec) -> TrialRules | None:
 
 
 def run_trial(
-    job: Job, window: Window, out_dir: Path, run_prune: RunPrune, index: int, run_fold: RunFold
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    index: int,
+    run_fold: RunFold,
+    params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The document of trial ``index`` of the job (``trial_rules``)."""
     rules = trial_rules(job.spec)
     assert rules is not None
-    return rules.run(job, window, out_dir, run_prune, index, run_fold)
+    return rules.run(job, window, out_dir, run_prune, index, run_fold, params)
