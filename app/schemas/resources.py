@@ -123,13 +123,16 @@ class WebhookDeliveryOut(BaseModel):
 
 class TrialOut(BaseModel):
     """One trial of a job that runs as trials on any worker (issue 23: a sweep's targets, a K-fold
-    cross-validation's folds and main run). ``worker`` is the
+    cross-validation's folds and main run, a sensitivity job's measurements and suggestion). ``worker`` is the
     worker process that ran (or runs) it, ``secateurs-<pid>@<host>``; ``attempts`` counts its starts (a
     worker that died is replaced); ``seconds`` its run time once it ended."""
 
     id: str
     index: int
-    label: str = Field(description="what the trial runs: sparsity-0.80 (its artifact's name), fold-1, main")
+    label: str = Field(
+        description="what the trial runs: sparsity-0.80 (its artifact's name), fold-1, main, variables-1-of-4, "
+        "suggestion"
+    )
     target: float | None
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     worker: str | None
@@ -157,8 +160,8 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
     trials: list[TrialOut] | None = Field(
         None,
-        description="a sweep's or a K-fold cross-validation's trials, each a task any worker may run; null for "
-        "jobs run as one task",
+        description="the trials of a sweep, a K-fold cross-validation or a sensitivity job, each a task any "
+        "worker may run; null for jobs run as one task",
     )
     webhook_url: str | None = None
     webhook_id: str | None = Field(
