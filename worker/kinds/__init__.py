@@ -13,11 +13,14 @@ it is, per ``job.spec`` (which must then carry a ``target_sparsity``). Kinds (``
 - ``sensitivity`` (``worker.kinds.sensitivity``): one variable at a time, one-shot, then ``run_prune`` with
   the suggested ``layer_sparsity``; the job keeps no artifact (``worker.tasks`` drops it).
 
-Kinds that fan out (issue 23; ``TRIAL_KINDS``): the job's task only creates trial records and sends one
-task per trial (``worker.trials``); each trial task loads the model and runs ``run_trial`` for its index; the
-task that ends the last trial sends the aggregation, which builds the kind's document from the trials'
-(``trial_rules``). Today: ``sweep`` (one trial per target) and ``prune`` with K-fold cross-validation (one
-trial per fold, and the main run: ``worker.kinds.folds``). Search and sensitivity run in one task as above.
+Jobs that fan out (issue 23; ``trial_rules``): the job's task only creates trial records and sends one task
+per trial (``worker.trial_tasks``); each trial task loads the model and runs ``run_trial`` for its index (and
+its record's params); the task that ends the last trial sends the aggregation, which builds the document from
+the trials' or plans a next phase of trials (``worker.kinds.plans``). Today: ``sweep`` (one trial per
+target), ``prune`` with K-fold cross-validation (one trial per fold and one for the main run:
+``worker.kinds.folds``) and ``sensitivity`` (four trials share the variables, then one runs the suggestion).
+Each gives the numbers its one-task run gives (``run_kind``, still used with SECATEURS_FAN_OUT_TRIALS=false).
+Search runs in one task.
 """
 
 from __future__ import annotations
