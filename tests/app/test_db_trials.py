@@ -4,6 +4,8 @@ the last trial deciding the aggregation exactly once, cancel, and the reaper's p
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -205,3 +207,47 @@ def test_a_next_phase_hands_the_job_back_to_its_trials(sessions: sessionmaker[Se
         assert second is not None and (second.phase, second.params) == (1, {"rows": [1, 2]})
     assert _claim(sessions, f"{job_id}.1").claimed
     assert _finish(sessions, f"{job_id}.1", 1) == "aggregate"
+
+
+def test_the_reaper_sends_a_dead_trial_to_the_trials_queue_and_the_aggregation(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app.maintenance: a re-queued trial goes out on the trials queue (once), and the aggregation of a job
+    whose last trial ended without closing it on the default queue."""
+    from app import maintenance
+    from app.config import Settings
+    from app.maintenance import Maintenance
+    from app.storage import Storage
+
+    sent: list[tuple[str, str, str]] = []
+
+    class Celery:
+        def send_task(self, name: str, args: list[str], queue: str, **_: Any) -> None:
+            sent.append((name, args[0], queue))
+
+    monkeypatch.setattr(maintenance, "broker_lost_messages", lambda _celery: False)
+    settings = Settings(data_dir=tmp_path, redispatch_after_s=3600, lease_seconds=30, heartbeat_seconds=1)
+    loop = Maintenance(settings, Celery(), sessions, Storage(tmp_path))  # type: ignore[arg-type]
+    job_id, ids = _fanned_job(sessions, n=2)
+    with session_scope(sessions) as s:
+        trials.mark_dispatched(s, ids)
+    for tid in ids:
+        assert _claim(sessions, tid).claimed
+    with session_scope(sessions) as s:
+        s.execute(
+            update(TrialRecord)
+            .where(TrialRecord.id == ids[0])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+    report = loop.run_once()
+    assert report.trials is not None and report.trials.requeued == [ids[0]]
+    assert sent == [("secateurs.run_trial", ids[0], "secateurs.trials")]
+    assert loop.run_once().sent_trials == []  # sent once
+    with session_scope(sessions) as s:  # both end; the last one's worker dies before it closes the job
+        assert trials.finish_trial(s, ids[1], 1, "succeeded")
+    assert _claim(sessions, ids[0]).attempts == 2
+    with session_scope(sessions) as s:
+        assert trials.finish_trial(s, ids[0], 2, "succeeded")
+    sent.clear()
+    assert loop.run_once().sent_aggregations == [job_id]
+    assert sent == [("secateurs.aggregate_trials", job_id, "secateurs")]
