@@ -124,12 +124,12 @@ def run_pipeline(
                 out_dir,
                 lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
             )
-        else:  # one trial of a job that fans out (worker.trial_tasks); the folds are trials of their own
+        else:  # one trial of a job that fans out (worker.trial_tasks)
             document = run_trial(
                 job,
                 window,
                 out_dir,
-                lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip, folds=False),
+                lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
                 trial,
                 lambda w, i: fold_document(model_dir, job, _fold_source(train), granularity, w, i),
                 trial_params,
@@ -172,10 +172,8 @@ def _run(
     window: Window,
     out_dir: Path,
     baseline_zip: _BaselineZip,
-    folds: bool = True,
 ) -> dict[str, Any]:
-    """The stages after loading, in order; returns the document without ``timings_s``. ``folds=False``: no
-    cross-validation (its folds run as trials of their own, worker.kinds.folds)."""
+    """The stages after loading, in order; returns the document without ``timings_s``."""
     spec = job.spec
     window("baseline", BASELINE)
     tick = time.perf_counter()
@@ -191,7 +189,7 @@ def _run(
     baseline["latency_ms"] = _latency(job, "baseline", baseline_zip)  # the same handle, before any pruning
     job.timings["baseline"] = time.perf_counter() - tick
 
-    cv = spec.evaluation.cross_validation if spec.evaluation is not None and folds else None
+    cv = spec.evaluation.cross_validation if spec.evaluation is not None else None
     prune_from = PRUNING
     cross_validation = None
     if cv is not None:

@@ -39,13 +39,11 @@ class TrialSpec:
 
 
 def may_have_trials(spec: dict[str, Any]) -> bool:
-    """Whether a job of this (stored) spec can run as trials: a sweep, a sensitivity job, or K-fold
-    cross-validation (the worker's ``worker.kinds.trial_rules`` decides; this only spares other jobs' bodies
+    """Whether a job of this (stored) spec can run as trials: a sweep, a search, a sensitivity job, or K-fold
+    cross-validation (the worker's ``worker.kinds.trial_rules`` decides; this only spares plain jobs' bodies
     the query)."""
-    return (
-        bool(spec.get("sweep"))
-        or bool(spec.get("sensitivity"))
-        or bool((spec.get("evaluation") or {}).get("cross_validation"))
+    return any(spec.get(kind) for kind in ("sweep", "search", "sensitivity")) or bool(
+        (spec.get("evaluation") or {}).get("cross_validation")
     )
 
 

@@ -153,6 +153,30 @@ def test_sensitivity_measures_in_trials_then_runs_the_suggestion(
     assert len(section["variables"]) == 3 and section["layer_sparsity"]  # three kernels, over four trials
 
 
+@pytest.mark.slow  # the worker tests check the search's trials give its document (tests/worker)
+def test_a_search_probes_in_trials_then_searches_on(
+    digits_files: dict[str, Path],  # noqa: F811
+    embedded: Embedded,
+) -> None:
+    spec = {"search": {"max_drop": 0.05, "min_sparsity": 0.05, "max_sparsity": 0.95}, "preset": "fast"}
+    with httpx.Client(base_url=embedded.url, timeout=60) as http:
+        ids = _upload(http, digits_files)
+        job = _wait(http, _submit(http, ids, spec))
+        assert job["status"] == "succeeded", job
+        assert [t["label"] for t in job["trials"]] == [
+            "probe-0.05",
+            "probe-0.275",
+            "probe-0.5",
+            "probe-0.725",
+            "probe-0.95",
+            "search",
+        ]
+        items = http.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]
+        metrics = http.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [item["name"] for item in items] == ["saved_model"]
+    assert metrics["pruned"]["sparsity"] == pytest.approx(metrics["search"]["chosen"]["sparsity"], abs=0.01)
+
+
 @pytest.mark.slow  # tests/e2e/test_crossval.py runs a K-fold job through its trials in the default suite
 def test_kfold_folds_and_the_main_run_are_trials(digits_files: dict[str, Path], embedded: Embedded) -> None:  # noqa: F811
     spec = {

@@ -34,7 +34,7 @@ from app.schemas.spec import PruneSpec
 from worker.kinds.folds import RunFold, aggregate_folds, plan_fold_trials, run_fold_trial
 from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import Kind, RunPrune, run_prune_kind
-from worker.kinds.search import run_search
+from worker.kinds.search import aggregate_search, plan_search_trials, run_search, run_search_trial
 from worker.kinds.sensitivity import (
     aggregate_sensitivity,
     plan_sensitivity_trials,
@@ -58,8 +58,7 @@ def run_kind(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> di
 
 
 # One trial's run: (job, window, out_dir, run_prune, index, run_fold, params) -> its document. ``run_prune`` is
-# the one run without cross-validation folds (they are trials of their own); ``run_fold(window, i)`` fold i's
-# document; ``params`` what the trial's record carries (later phases).
+# the one run; ``run_fold(window, i)`` fold i's document (K-fold); ``params`` what the trial's record carries.
 TrialKind = Callable[[Job, Window, Path, RunPrune, int, RunFold, dict[str, Any] | None], dict[str, Any]]
 # The first phase's trials of a job, in order.
 TrialPlan = Callable[[PruneSpec], list[Planned]]
@@ -130,6 +129,9 @@ SENSITIVITY_TRIALS = TrialRules(
 )
 
 
+SEARCH_TRIALS = TrialRules("search", plan_search_trials, run_search_trial, aggregate_search)
+
+
 def trial_rules(spec: PruneSpec) -> TrialRules | None:
     """The rules of a job that fans out into trials (worker.trial_tasks), None for one run in one task: a
     sweep (one trial per target), a ``prune`` job with K-fold cross-validation (one per fold + the main
@@ -139,6 +141,8 @@ def trial_rules(spec: PruneSpec) -> TrialRules | None:
         return SWEEP_TRIALS
     if spec.kind() == "sensitivity":
         return SENSITIVITY_TRIALS
+    if spec.kind() == "search":
+        return SEARCH_TRIALS
     if (
         spec.kind() == "prune"
         and spec.evaluation is not None

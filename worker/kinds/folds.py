@@ -45,7 +45,13 @@ def run_fold_trial(
     ``out_dir/artifacts/main.zip`` (exports stay ``artifacts/<format>``)."""
     if index < folds_of(job.spec):
         return run_fold(window, index)
+    original = job.spec
+    assert original.evaluation is not None
+    no_folds = original.evaluation.model_copy(update={"cross_validation": None})
+    job.spec = original.model_copy(update={"evaluation": no_folds})  # the folds are trials of their own
     document = run_prune(window, out_dir)
+    document["spec"] = original.model_dump(mode="json")
+    job.spec = original
     (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     os.replace(out_dir / "pruned.zip", out_dir / "artifacts" / f"{MAIN}.zip")
     return document
