@@ -12,8 +12,7 @@ PostgreSQL, a SeaweedFS S3 store), every worker process with one TensorFlow thre
 - (c) **a worker SIGKILLed mid-sweep** (2 workers, one killed while both run a trial): the job succeeds and
   its points equal the undisturbed 2-worker run's (metric, sparsity, parameters, MACs, Pareto flags).
 
-K-fold cross-validation and sensitivity fan out too but are not measured here yet; search still runs in one
-task. Writes the ``trials`` section of bench/RESULTS.md (``--smoke``: bench/out/RESULTS.trials-smoke.md;
+K-fold cross-validation, sensitivity and search fan out too but are not measured here yet. Writes the ``trials`` section of bench/RESULTS.md (``--smoke``: bench/out/RESULTS.trials-smoke.md;
 3 targets, 1 repeat: the numbers mean nothing) and bench/out/section-trials.json. The machine is shared:
 compare the numbers within one run.
 """
@@ -231,8 +230,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"**(c)** points equal: one worker vs two **{result['points_equal_one_vs_two']}**, a worker killed "
         f"mid-sweep vs undisturbed **{result['points_equal_killed_vs_two']}** (metric, sparsity, parameters, "
         "MACs, Pareto flags).\n\n"
-        "K-fold cross-validation and sensitivity fan out as well (not measured here); a search runs in one "
-        "task, so adding workers does not speed a single search up.\n"
+        "K-fold cross-validation, sensitivity and search (its probes) fan out as well; not measured here.\n"
     )
 
 

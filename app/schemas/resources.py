@@ -123,7 +123,8 @@ class WebhookDeliveryOut(BaseModel):
 
 class TrialOut(BaseModel):
     """One trial of a job that runs as trials on any worker (issue 23: a sweep's targets, a K-fold
-    cross-validation's folds and main run, a sensitivity job's measurements and suggestion). ``worker`` is the
+    cross-validation's folds and main run, a sensitivity job's measurements and suggestion, a search's probes and
+    the rest of it). ``worker`` is the
     worker process that ran (or runs) it, ``secateurs-<pid>@<host>``; ``attempts`` counts its starts (a
     worker that died is replaced); ``seconds`` its run time once it ended."""
 
@@ -131,7 +132,7 @@ class TrialOut(BaseModel):
     index: int
     label: str = Field(
         description="what the trial runs: sparsity-0.80 (its artifact's name), fold-1, main, variables-1-of-4, "
-        "suggestion"
+        "suggestion, probe-0.5, search"
     )
     target: float | None
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -160,8 +161,8 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
     trials: list[TrialOut] | None = Field(
         None,
-        description="the trials of a sweep, a K-fold cross-validation or a sensitivity job, each a task any "
-        "worker may run; null for jobs run as one task",
+        description="the trials of a sweep, a search, a sensitivity job or a K-fold cross-validation, each a "
+        "task any worker may run; null for jobs run as one task",
     )
     webhook_url: str | None = None
     webhook_id: str | None = Field(

@@ -18,9 +18,9 @@ per trial (``worker.trial_tasks``); each trial task loads the model and runs ``r
 its record's params); the task that ends the last trial sends the aggregation, which builds the document from
 the trials' or plans a next phase of trials (``worker.kinds.plans``). Today: ``sweep`` (one trial per
 target), ``prune`` with K-fold cross-validation (one trial per fold and one for the main run:
-``worker.kinds.folds``) and ``sensitivity`` (four trials share the variables, then one runs the suggestion).
-Each gives the numbers its one-task run gives (``run_kind``, still used with SECATEURS_FAN_OUT_TRIALS=false).
-Search runs in one task.
+``worker.kinds.folds``), ``sensitivity`` (four trials share the variables, then one runs the suggestion)
+and ``search`` (the probes side by side, then one trial for the rest of it). Each gives the numbers its
+one-task run gives (``run_kind``, still used with SECATEURS_FAN_OUT_TRIALS=false).
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ SEARCH_TRIALS = TrialRules("search", plan_search_trials, run_search_trial, aggre
 def trial_rules(spec: PruneSpec) -> TrialRules | None:
     """The rules of a job that fans out into trials (worker.trial_tasks), None for one run in one task: a
     sweep (one trial per target), a ``prune`` job with K-fold cross-validation (one per fold + the main
-    run) and a sensitivity job (the variables shared by a few trials, then one for the suggestion). Search
-    runs in one task."""
+    run), a sensitivity job (the variables shared by a few trials, then one for the suggestion) and a
+    search (the probes, then the rest)."""
     if spec.kind() == "sweep":
         return SWEEP_TRIALS
     if spec.kind() == "sensitivity":
