@@ -155,6 +155,24 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(
         20, ge=1, description="queued + running jobs one tenant may have; more are refused with 429"
     )
+    fan_out_trials: bool = Field(
+        True,
+        description=(
+            "sweep jobs run one task per target (a trial) that any worker may take; false = one task runs "
+            "every target on one loaded model, as before issue 23"
+        ),
+    )
+    tenant_max_running_trials: int = Field(
+        0,
+        ge=0,
+        description=(
+            "trials one tenant may run at once across all workers; a trial over the cap goes back to the queue "
+            "for trial_requeue_countdown_s instead of holding a worker; 0 = no cap"
+        ),
+    )
+    trial_requeue_countdown_s: float = Field(
+        2.0, ge=0.1, le=600, description="how long a trial over the tenant cap waits before it asks again"
+    )
     model_ttl_days: float = Field(
         30.0,
         ge=0,

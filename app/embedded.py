@@ -14,10 +14,10 @@ import threading
 import time
 
 from app.config import Settings
-from app.db import jobs
+from app.db import jobs, trials
 from app.db.engine import init_db, make_engine, make_session_factory, session_scope
 from app.db.tables import ModelRecord
-from app.queue import QUEUE, RUN_JOB, VALIDATE_MODEL, make_celery, send
+from app.queue import QUEUES, RUN_JOB, VALIDATE_MODEL, make_celery, send
 
 log = logging.getLogger("secateurs.embedded")
 
@@ -38,7 +38,7 @@ def worker_command(concurrency: int = 1, loglevel: str = "INFO", hostname: str =
         "--loglevel",
         loglevel,
         "-Q",
-        QUEUE,
+        ",".join(QUEUES),  # jobs and validations, and trials (app.queue.TRIALS_QUEUE)
         "--hostname",
         hostname,
         "--without-gossip",
@@ -66,6 +66,7 @@ def recover(settings: Settings) -> tuple[int, int]:
     celery = make_celery(settings)
     try:
         with session_scope(make_session_factory(engine)) as session:
+            trials.requeue_running(session)  # their jobs run again below and send them again
             job_ids = jobs.recover_interrupted(session, max_attempts=settings.max_attempts)
             model_ids = [m.id for m in session.query(ModelRecord).filter(ModelRecord.status == "validating")]
         for job_id in job_ids:
@@ -83,12 +84,18 @@ class EmbeddedWorker:
     `secateurs worker` (production), so both get the same recovery."""
 
     def __init__(
-        self, settings: Settings, loglevel: str = "INFO", concurrency: int = 1, hostname: str = "embedded@%h"
+        self,
+        settings: Settings,
+        loglevel: str = "INFO",
+        concurrency: int = 1,
+        hostname: str | None = None,
     ) -> None:
         self.settings = settings
         self.loglevel = loglevel
         self.concurrency = concurrency
-        self.hostname = hostname
+        # Unique per supervisor process (its pid), so two workers on one host have distinct names: the
+        # trials in a job body say which worker ran them.
+        self.hostname = hostname or f"embedded-{os.getpid()}@%h"
         self.process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

@@ -7,6 +7,9 @@ Every ``reaper_interval_s`` it
 - re-publishes queued jobs, validating models and pending (validating/converting) datasets whose message a broker lost: at once when Redis lost our
   marker key (a restart of a Redis that keeps nothing on disk drops every message and the marker with them),
   else once their message is ``redispatch_after_s`` old;
+- does the same for the trials of fanned-out jobs (app.db.trials): a trial whose worker died is re-queued and
+  sent again (its attempt counted; failed after ``max_attempts``), lost trial messages are re-sent, and a job
+  whose trials all ended but whose aggregation never ran is aggregated;
 - every ``retention_interval_s``, runs the retention sweep (app.retention).
 
 Every change is a conditional UPDATE and every task claims its record conditionally, so several API processes
@@ -27,9 +30,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import retention
 from app.config import Settings
-from app.db import jobs
+from app.db import jobs, trials
 from app.db.engine import session_scope
-from app.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_MODEL, broker_lost_messages, send
+from app.queue import (
+    AGGREGATE_TRIALS,
+    RUN_JOB,
+    RUN_TRIAL,
+    VALIDATE_DATASET,
+    VALIDATE_MODEL,
+    broker_lost_messages,
+    send,
+)
 from app.retention import RetentionReport
 from app.storage import Storage
 
@@ -46,6 +57,9 @@ class PassReport:
     sent_jobs: list[str] = field(default_factory=list)
     sent_models: list[str] = field(default_factory=list)
     sent_datasets: list[str] = field(default_factory=list)
+    sent_trials: list[str] = field(default_factory=list)  # trials of fanned-out jobs (app.db.trials)
+    sent_aggregations: list[str] = field(default_factory=list)  # jobs whose trials all ended
+    trials: trials.ReapedTrials | None = None
     retention: RetentionReport | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -114,6 +128,20 @@ class Maintenance:
                 redispatch_after_s=s.redispatch_after_s,
                 resend_all_queued=self._resend_all,
             )
+            trial_pass = trials.reap_trials(
+                session,
+                lease_seconds=s.lease_seconds,
+                max_attempts=s.max_attempts,
+                redispatch_after_s=s.redispatch_after_s,
+                resend_all_queued=self._resend_all,
+            )
+        report.trials = trial_pass
+        for trial_id in trial_pass.requeued:
+            log.warning("trial %s: its worker stopped renewing the lease; re-queued", trial_id)
+        for trial_id in trial_pass.failed:
+            log.warning("trial %s: its worker died and its attempts are used up; failed", trial_id)
+        if trial_pass.canceled:
+            self._publish_webhooks(trial_pass.canceled)
         report.requeued, report.failed = reaped.requeued, reaped.failed
         for job_id in reaped.requeued:
             log.warning("job %s: its worker stopped renewing the lease; re-queued", job_id)
@@ -125,6 +153,8 @@ class Maintenance:
             self._send(RUN_JOB, reaped.resend_jobs, report.sent_jobs, report)
             self._send(VALIDATE_MODEL, reaped.resend_models, report.sent_models, report)
             self._send(VALIDATE_DATASET, reaped.resend_datasets, report.sent_datasets, report)
+            self._send(RUN_TRIAL, trial_pass.resend, report.sent_trials, report)  # re-queued ones too
+            self._send(AGGREGATE_TRIALS, trial_pass.aggregate, report.sent_aggregations, report)
             with session_scope(self.sessions) as session:
                 jobs.mark_dispatched(
                     session,
@@ -132,6 +162,7 @@ class Maintenance:
                     model_ids=report.sent_models,
                     dataset_ids=report.sent_datasets,
                 )
+                trials.mark_dispatched(session, report.sent_trials)
             if not report.errors:
                 self._resend_all = False
         now = self._clock()  # listing the data directory every reaper pass (15 s) would be waste

@@ -6,7 +6,9 @@ body exactly as GET /v1/jobs/{id} renders it.
 
 from __future__ import annotations
 
-from app.db.tables import DatasetRecord, JobRecord, ModelRecord, as_utc
+from typing import Any
+
+from app.db.tables import DatasetRecord, JobRecord, ModelRecord, TrialRecord, as_utc
 from app.db.webhooks import WebhookState
 from app.schemas.resources import DatasetOut, JobOut, ModelOut
 
@@ -50,8 +52,11 @@ def dataset_out(record: DatasetRecord) -> DatasetOut:
     )
 
 
-def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
-    """``webhook``: the job's webhook message and attempts, once it ended (see app.db.webhooks)."""
+def job_out(
+    record: JobRecord, webhook: WebhookState | None = None, trials: list[TrialRecord] | None = None
+) -> JobOut:
+    """``webhook``: the job's webhook message and attempts, once it ended (see app.db.webhooks); ``trials``:
+    a fanned-out job's trials (app.db.trials), None for the others (and in lists)."""
     message = webhook.message if webhook else None
     deliveries = webhook.deliveries if webhook else []
     return JobOut.model_validate(
@@ -71,6 +76,7 @@ def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
             "finished_at": as_utc(record.finished_at),
             "error": record.error,
             "spec": record.spec,
+            "trials": [trial_out(t) for t in trials] if trials is not None else None,
             "webhook_url": record.webhook_url,
             "expired_at": as_utc(record.expired_at),
             "links": {
@@ -94,3 +100,21 @@ def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
             ],
         }
     )
+
+
+def trial_out(trial: TrialRecord) -> dict[str, Any]:
+    """One trial of a fanned-out job, as the job body and the metrics document show it (API.md: ``id``,
+    ``status``, ``worker``, ``seconds``, and what it runs, its attempts and error)."""
+    return {
+        "id": trial.id,
+        "index": trial.index,
+        "label": trial.label,
+        "target": trial.target,
+        "status": trial.status,
+        "worker": trial.worker,
+        "attempts": trial.attempts,
+        "seconds": trial.seconds,
+        "started_at": as_utc(trial.started_at),
+        "finished_at": as_utc(trial.finished_at),
+        "error": trial.error,
+    }

@@ -16,7 +16,13 @@ VALIDATE_MODEL = "secateurs.validate_model"
 VALIDATE_DATASET = "secateurs.validate_dataset"  # args: dataset id (worker/tasks.py; app/db/datasets.py)
 RUN_JOB = "secateurs.run_job"
 DELIVER_WEBHOOK = "secateurs.deliver_webhook"  # args: message id, attempt number (worker/webhook_tasks.py)
+RUN_TRIAL = "secateurs.run_trial"  # args: trial id (worker/trials.py; app/db/trials.py)
+AGGREGATE_TRIALS = "secateurs.aggregate_trials"  # args: job id, once its last trial ended
 QUEUE = "secateurs"
+# Trials have a queue of their own, which every worker consumes besides QUEUE: a tenant's 20 queued sweep
+# points then do not stand in front of another tenant's single job (workers take from both queues in turn).
+TRIALS_QUEUE = "secateurs.trials"
+QUEUES = (QUEUE, TRIALS_QUEUE)
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -68,8 +74,10 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def send(celery: Celery, task: str, *args: str | int, countdown: float | None = None) -> None:
-    """Publish ``task`` by name; ``countdown`` (seconds) holds it back that long (webhook retries)."""
-    celery.send_task(task, args=list(args), queue=QUEUE, countdown=countdown)
+    """Publish ``task`` by name; ``countdown`` (seconds) holds it back that long (webhook retries, a trial
+    over its tenant's cap). Trials go to ``TRIALS_QUEUE``, everything else to ``QUEUE``."""
+    queue = TRIALS_QUEUE if task == RUN_TRIAL else QUEUE
+    celery.send_task(task, args=list(args), queue=queue, countdown=countdown)
 
 
 def broker_ping(celery: Celery) -> None:

@@ -55,7 +55,7 @@ BROKER = "redis://127.0.0.1:6379/12"
 class Deployment:
     """API + N workers + S3 + Redis + PostgreSQL, each worker its own 'host' (data directory)."""
 
-    def __init__(self, work: Path, workers: int) -> None:
+    def __init__(self, work: Path, workers: int, **extra: str) -> None:
         import psycopg
         import redis
 
@@ -70,6 +70,7 @@ class Deployment:
             "SECATEURS_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
             "SECATEURS_MIN_FREE_BYTES": "0",
             **self.store.env(),
+            **extra,  # e.g. a faster reaper (bench/trials.py)
         }
         self.shared = shared
         port = free_port()

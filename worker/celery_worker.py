@@ -15,6 +15,7 @@ from app.queue import make_celery
 app = make_celery(get_settings())
 
 import worker.tasks  # noqa: E402  (registers the tasks on `app`)
+import worker.trial_tasks  # noqa: E402  (secateurs.run_trial, secateurs.aggregate_trials; sweeps fan out)
 import worker.webhook_tasks  # noqa: E402  (registers secateurs.deliver_webhook)
 
 log = logging.getLogger("secateurs.worker")

@@ -65,9 +65,13 @@ class JobLease:
     def confirm(self) -> bool:
         """Renew now and say whether the job is still ours (before replacing its output files)."""
         with session_scope(self.sessions) as session:
-            ours = jobs.renew_lease(session, self.job_id, self.attempt)
+            ours = self._renew(session)
         self.lost = self.lost or not ours
         return ours
+
+    def _renew(self, session: Session) -> bool:
+        """Renew the record's lease; False once it is no longer ours (a trial's lease renews the trial's)."""
+        return jobs.renew_lease(session, self.job_id, self.attempt)
 
     def check_time(self) -> None:
         """Called at each progress report: past the soft limit the pipeline unwinds from here."""
@@ -99,7 +103,7 @@ class JobLease:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 with session_scope(self.sessions) as session:
-                    if not jobs.renew_lease(session, self.job_id, self.attempt):
+                    if not self._renew(session):
                         self.lost = True
             except Exception as exc:  # the database is down: keep trying; the pipeline goes on meanwhile
                 log.warning("job %s: could not renew its lease: %s", self.job_id, exc)

@@ -46,7 +46,8 @@ from app.schemas.spec import Latency, PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.size import dir_size, zip_dir
 from worker.evaluation.zip_size import ZipSizeInBackground, shared_zip_size
-from worker.kinds import run_kind
+from worker.kinds import run_kind, run_trial
+from worker.kinds.folds import fold_document
 from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, load_model_once
 from worker.pruning.granularity import Granularity
 from worker.pruning.interface import PrunerLike
@@ -86,10 +87,14 @@ def run_pipeline(
     out_dir: Path,
     report: Report,
     calibration: dict[str, np.ndarray] | Streamed | None = None,
+    trial: int | None = None,
+    trial_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune the SavedModel (or ``.keras`` file) at ``model_dir`` per ``spec``; write ``out_dir/saved_model``
     and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``. ``calibration``:
-    the ``calibration_dataset_id``'s arrays (inputs only are read)."""
+    the ``calibration_dataset_id``'s arrays (inputs only are read). With ``trial``: only that trial of a
+    fanned-out kind (``worker.kinds.run_trial``, with its record's ``trial_params``), its files in
+    ``out_dir/artifacts``."""
     started = time.perf_counter()
     seed_everything(spec.seed)
     granularity = resolve_granularity(spec)
@@ -114,12 +119,23 @@ def run_pipeline(
         if converted:
             job.notes.append(converted)
         job.timings["load"] = time.perf_counter() - tick
-        document = run_kind(  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
-            job,
-            window,
-            out_dir,
-            lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
-        )
+        if trial is None:  # the one dispatch point: prune, search, sweep or sensitivity (worker.kinds)
+            document = run_kind(
+                job,
+                window,
+                out_dir,
+                lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
+            )
+        else:  # one trial of a job that fans out (worker.trial_tasks)
+            document = run_trial(
+                job,
+                window,
+                out_dir,
+                lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
+                trial,
+                lambda w, i: fold_document(model_dir, job, _fold_source(train), granularity, w, i),
+                trial_params,
+            )
     finally:
         baseline_zip.cancel()  # no-op once collected; stops the thread when a stage failed
     _stream_notes(job, document)
@@ -145,7 +161,9 @@ def _stream_notes(job: Job, document: dict[str, Any]) -> None:
             if text not in notes:
                 notes.append(text)
         if reader.skipped:
-            notes.append(f"on_bad_record=skip: {reader.skipped} {role} records could not be read and were left out")
+            notes.append(
+                f"on_bad_record=skip: {reader.skipped} {role} records could not be read and were left out"
+            )
 
 
 def _run(
@@ -173,21 +191,14 @@ def _run(
     baseline["latency_ms"] = _latency(job, "baseline", baseline_zip)  # the same handle, before any pruning
     job.timings["baseline"] = time.perf_counter() - tick
 
-    folds = spec.evaluation.cross_validation if spec.evaluation is not None else None
+    cv = spec.evaluation.cross_validation if spec.evaluation is not None else None
     prune_from = PRUNING
     cross_validation = None
-    if folds is not None:
-        assert train is not None  # prepare() refuses cross-validation without labelled train data
-        if isinstance(train, Streamed):
-            raise PipelineError(
-                "not_supported",
-                "evaluation.cross_validation cuts folds from an in-memory train set; this one is streamed "
-                "(larger than SECATEURS_DATASET_MEMORY_BYTES): raise that setting or drop cross_validation",
-            )
+    if cv is not None:
         tick = time.perf_counter()
-        prune_from = PRUNING + (EVALUATING - PRUNING) * folds.folds / (folds.folds + 1)
+        prune_from = PRUNING + (EVALUATING - PRUNING) * cv.folds / (cv.folds + 1)
         cv_window = window.sub(PRUNING, prune_from)
-        cross_validation = run_cross_validation(model_dir, job, train, granularity, cv_window)
+        cross_validation = run_cross_validation(model_dir, job, _fold_source(train), granularity, cv_window)
         job.timings["cross_validation"] = time.perf_counter() - tick
 
     window("pruning", prune_from)
@@ -279,6 +290,18 @@ def _run(
     if job.preprocessing is not None:
         document["preprocessing"] = job.preprocessing
     return document
+
+
+def _fold_source(train: Mapping[str, np.ndarray] | Streamed | None) -> Mapping[str, np.ndarray]:
+    """The in-memory train arrays K-fold cross-validation cuts its folds from."""
+    assert train is not None  # prepare() refuses cross-validation without labelled train data
+    if isinstance(train, Streamed):
+        raise PipelineError(
+            "not_supported",
+            "evaluation.cross_validation cuts folds from an in-memory train set; this one is streamed "
+            "(larger than SECATEURS_DATASET_MEMORY_BYTES): raise that setting or drop cross_validation",
+        )
+    return train
 
 
 class _BaselineZip:

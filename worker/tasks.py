@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ SAME_DATASET_NOTE = (
     "the evaluation dataset is the training dataset: the eval scores are on training data, so they overstate "
     "how the model does on data it has not seen; pass a held-out eval_dataset_id for an honest estimate"
 )
+
+
+# Set by worker.trial_tasks when it is imported (worker.celery_worker imports it): takes a job whose kind runs
+# as trials (a sweep), hands it over to them and returns True; False: run it here. A hook rather than an
+# import because worker.trial_tasks builds on this module.
+FanOut = Callable[[JobRecord, PruneSpec, int], bool]
+fan_out_hook: FanOut | None = None
 
 
 class JobCanceled(Exception):
@@ -433,6 +441,55 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
         _run_claimed(job_id, job, model, train, evaluation, lease, fail, calibration)
 
 
+@dataclass
+class JobArrays:
+    """A job's datasets as the pipeline takes them (arrays, or a streamed set), and what reading them noted."""
+
+    train: Any
+    evaluation: Any
+    calibration: Any
+    notes: list[str]
+    same_data: bool
+
+    def add_notes(self, document: dict[str, Any]) -> None:
+        notes = document.setdefault("notes", [])
+        notes.extend(note for note in self.notes if note not in notes)
+        if self.same_data:
+            notes.append(SAME_DATASET_NOTE)
+
+
+def job_arrays(
+    spec: PruneSpec,
+    model: ModelRecord,
+    train: DatasetRecord | None,
+    evaluation: DatasetRecord | None,
+    calibration: DatasetRecord | None,
+    storage: Storage,
+    settings: Settings,
+) -> JobArrays:
+    """Read a job's datasets (the job task and every trial task alike): a train set also given as the eval set
+    (the same id, or the same bytes uploaded twice, e.g. the CLI's --train f --eval f) is read once; the
+    calibration set goes through the same path (a large set streams: the pipeline uses its sample)."""
+    train_arrays, notes = _job_dataset(train, spec, model, storage, settings) if train else (None, [])
+    same_data = (
+        train is not None
+        and evaluation is not None
+        and (train.id == evaluation.id or (train.sha256 is not None and train.sha256 == evaluation.sha256))
+    )
+    if same_data:
+        eval_arrays = train_arrays  # the stages only read the arrays
+    else:
+        eval_arrays, eval_notes = (
+            _job_dataset(evaluation, spec, model, storage, settings) if evaluation else (None, [])
+        )
+        notes += eval_notes
+    calibration_arrays = None
+    if calibration is not None:
+        calibration_arrays, calibration_notes = _job_dataset(calibration, spec, model, storage, settings)
+        notes += calibration_notes
+    return JobArrays(train_arrays, eval_arrays, calibration_arrays, notes, same_data)
+
+
 def _run_claimed(
     job_id: str,
     job: JobRecord,
@@ -475,35 +532,15 @@ def _run_claimed(
                 _error("invalid_model", f"model {model.id} is invalid: {(model.error or {}).get('message')}")
             )
         spec = PruneSpec.model_validate(job.spec)
+        if fan_out_hook is not None and fan_out_hook(job, spec, lease.attempt):
+            return  # the job runs on as trials, each a task of its own (worker.trial_tasks)
         saved_model = prepared_model_dir(model, storage, settings)
-        train_arrays, data_notes = _job_dataset(train, spec, model, storage, settings) if train else (None, [])
-        # The same dataset, or the same file uploaded twice (e.g. the CLI's --train f --eval f): same bytes.
-        same_data = (
-            train is not None
-            and evaluation is not None
-            and (
-                train.id == evaluation.id or (train.sha256 is not None and train.sha256 == evaluation.sha256)
-            )
-        )
-        if same_data:
-            eval_arrays = train_arrays  # loaded once; the stages only read the arrays
-        else:
-            eval_arrays, eval_notes = (
-                _job_dataset(evaluation, spec, model, storage, settings) if evaluation else (None, [])
-            )
-            data_notes += eval_notes
-        # Calibration inputs: read through the same path as the train set (a large set streams: its sample).
-        calibration_arrays = None
-        if calibration is not None:
-            calibration_arrays, calibration_notes = _job_dataset(calibration, spec, model, storage, settings)
-            data_notes += calibration_notes
+        data = job_arrays(spec, model, train, evaluation, calibration, storage, settings)
         for stale in storage.job_dir(job_id).glob("work*"):  # earlier attempts' leftovers: a re-run overwrites
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
-        metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report, calibration_arrays)
-        metrics.setdefault("notes", []).extend(note for note in data_notes if note not in metrics["notes"])
-        if same_data:
-            metrics["notes"].append(SAME_DATASET_NOTE)
+        metrics = run_pipeline(saved_model, spec, data.train, data.evaluation, work, report, data.calibration)
+        data.add_notes(metrics)
         report("saving", 0.99)
         job_dir = storage.job_dir(job_id)
         document = {"job_id": job_id, "model_id": model.id, **metrics}

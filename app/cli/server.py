@@ -8,6 +8,7 @@ import argparse
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -147,7 +148,7 @@ def worker(args: argparse.Namespace) -> int:
     except Exception as exc:  # unreachable for now: the jobs retry, then fail with a reason
         logging.getLogger("secateurs").warning("blob store not reachable at start: %s", exc)
     supervisor = EmbeddedWorker(
-        settings, loglevel=args.loglevel, concurrency=args.concurrency, hostname="secateurs@%h"
+        settings, loglevel=args.loglevel, concurrency=args.concurrency, hostname=f"secateurs-{os.getpid()}@%h"
     )
 
     def _stop(signum: int, frame: object) -> None:

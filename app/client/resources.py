@@ -164,6 +164,9 @@ class Job:
     webhook_url: str | None = None
     webhook_status: str | None = None
     webhook_deliveries: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # A sweep's trials, each a task any worker may run ({id, index, label, target, status, worker, attempts,
+    # seconds, started_at, finished_at, error}); None for jobs run as one task.
+    trials: list[dict[str, Any]] | None = field(default=None, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     client: JobWaiter | None = field(default=None, repr=False, compare=False)
     # The Retry-After (seconds) of the answer this state came in, e.g. 2 on a create's 202: when to look again.
@@ -190,6 +193,7 @@ class Job:
             webhook_url=data.get("webhook_url"),
             webhook_status=data.get("webhook_status"),
             webhook_deliveries=list(data.get("webhook_deliveries") or []),
+            trials=list(data["trials"]) if data.get("trials") is not None else None,
             raw=dict(data),
             client=client,
             retry_after=retry_after,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.db.records import new_id
 from app.db.tables import (
     ACTIVE_JOB_STATUSES,
+    FANNED_OUT_STAGES,
     PENDING_DATASET_STATUSES,
     TERMINAL_JOB_STATUSES,
     DatasetRecord,
@@ -67,7 +68,7 @@ def claim_job(
             JobRecord.attempts < max_attempts,
             or_(
                 JobRecord.status == "queued",
-                and_(JobRecord.status == "running", JobRecord.heartbeat_at < stale),
+                and_(JobRecord.status == "running", JobRecord.heartbeat_at < stale, _holds_a_task()),
             ),
         )
         .values(
@@ -92,6 +93,12 @@ def claim_job(
     if job.attempts >= max_attempts:
         return Claim(False, "exhausted", job.attempts)
     return Claim(False, "held", job.attempts)
+
+
+def _holds_a_task() -> Any:
+    """A running job whose lease means something: not one handed over to its trials (``app.db.trials``),
+    whose own heartbeat nobody renews while they wait in the queue."""
+    return or_(JobRecord.stage.is_(None), JobRecord.stage.not_in(FANNED_OUT_STAGES))
 
 
 def end_crashed_try(
@@ -304,6 +311,7 @@ def reap(
     dead = session.execute(
         select(JobRecord.id, JobRecord.attempts).where(
             JobRecord.status == "running",
+            _holds_a_task(),  # fanned-out jobs: their trials' leases are watched instead (app.db.trials)
             or_(JobRecord.heartbeat_at < stale, JobRecord.heartbeat_at.is_(None)),
         )
     ).all()
@@ -317,7 +325,9 @@ def reap(
             continue
         result = session.execute(
             update(JobRecord)
-            .where(*guard, or_(JobRecord.heartbeat_at < stale, JobRecord.heartbeat_at.is_(None)))
+            .where(
+                *guard, _holds_a_task(), or_(JobRecord.heartbeat_at < stale, JobRecord.heartbeat_at.is_(None))
+            )
             .values(status="queued", stage=None, progress=0.0, heartbeat_at=None, dispatched_at=None)
         )
         if result.rowcount == 1:

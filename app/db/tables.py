@@ -151,6 +151,47 @@ class JobRecord(Base):
     )
 
 
+class TrialRecord(Base):
+    """One trial of a job fanned out across workers (issue 23): a sweep target today. The truth about the
+    trial; Celery only carries its id (``secateurs.run_trial``). ``attempts`` counts claims, so a trial whose
+    worker died is sent again by the reaper until ``max_attempts``; ``document`` is what the trial measured
+    (its metrics document), ``files`` its artifact entries, both read by the aggregation (worker.trials).
+    ``tenant`` is the job's, for the per-tenant cap on running trials. A new table: ``init_db``'s
+    ``create_all`` makes it in older databases, SQLite and PostgreSQL alike."""
+
+    __tablename__ = "trials"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)  # "<job id>.<index>"
+    job_id: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = _tenant_column()
+    index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # the job kind: sweep
+    label: Mapped[str] = mapped_column(String(64))  # what the trial runs, e.g. "sparsity-0.80"
+    target: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Jobs whose later trials depend on earlier ones (a sensitivity's suggestion run after its measurements)
+    # run in phases: the aggregation of phase n creates phase n + 1 with ``params`` computed from it.
+    phase: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # TRIAL_STATUSES
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    document: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    files: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_trials_job_index"),
+        Index("ix_trials_status", "status", "tenant"),  # the reaper's and the cap's scans
+    )
+
+
 class ApiKeyRecord(Base):
     """An API key. Only the SHA-256 of the whole key is kept: the plaintext is shown once, at creation.
 
@@ -262,3 +303,8 @@ class WebhookDeliveryRecord(Base):
 ACTIVE_JOB_STATUSES = ("queued", "running")
 PENDING_DATASET_STATUSES = ("validating", "converting")  # a worker still owes the dataset a verdict
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "canceled")
+TRIAL_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+ACTIVE_TRIAL_STATUSES = ("queued", "running")
+# A job whose trials run as tasks of their own (worker.trials) is 'running' in one of these stages: no task
+# holds it, so the reaper watches its trials' leases instead of its own.
+FANNED_OUT_STAGES = ("trials", "aggregating")

@@ -64,7 +64,9 @@ class DatasetOut(BaseModel):
         description="per array (x or x.<input>, y): shape (first dim n_samples, or -1 when unknown) and dtype "
         "after decoding; null until validated",
     )
-    n_samples: int | None = Field(None, description="null until known (TFRecord shards are not always counted)")
+    n_samples: int | None = Field(
+        None, description="null until known (TFRecord shards are not always counted)"
+    )
     shards: int | None = Field(None, description="files the data is read from; null until validated")
     features: dict[str, Any] | None = Field(None, description="TFRecord features, as given or inferred")
     class_names: list[str] | None = Field(
@@ -127,6 +129,29 @@ class WebhookDeliveryOut(BaseModel):
     duration_ms: int | None
 
 
+class TrialOut(BaseModel):
+    """One trial of a job that runs as trials on any worker (issue 23: a sweep's targets, a K-fold
+    cross-validation's folds and main run, a sensitivity job's measurements and suggestion, a search's probes and
+    the rest of it). ``worker`` is the
+    worker process that ran (or runs) it, ``secateurs-<pid>@<host>``; ``attempts`` counts its starts (a
+    worker that died is replaced); ``seconds`` its run time once it ended."""
+
+    id: str
+    index: int
+    label: str = Field(
+        description="what the trial runs: sparsity-0.80 (its artifact's name), fold-1, main, variables-1-of-4, "
+        "suggestion, probe-0.5, search"
+    )
+    target: float | None
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    worker: str | None
+    attempts: int
+    seconds: float | None
+    started_at: datetime | None = Field(None, description="when its latest attempt started")
+    finished_at: datetime | None = None
+    error: ErrorInfo | None
+
+
 class JobOut(BaseModel):
     id: str
     model_id: str
@@ -143,6 +168,11 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: ErrorInfo | None
     spec: dict[str, Any]
+    trials: list[TrialOut] | None = Field(
+        None,
+        description="the trials of a sweep, a search, a sensitivity job or a K-fold cross-validation, each a "
+        "task any worker may run; null for jobs run as one task",
+    )
     webhook_url: str | None = None
     webhook_id: str | None = Field(
         None, description="the webhook-id header of the job's event, once it ended"

@@ -37,7 +37,7 @@ def store_sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     init_db(engine)
     if request.param == "postgres":
         with engine.begin() as conn:
-            for table in ("webhook_messages", "jobs", "models", "datasets"):
+            for table in ("webhook_messages", "jobs", "models", "datasets", "trials"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
     yield make_session_factory(engine)
     engine.dispose()

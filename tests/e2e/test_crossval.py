@@ -67,6 +67,10 @@ def test_cross_validation_with_an_inputs_only_eval_set(files: dict[str, Path], e
         location = created.headers["location"]
         job = poll(lambda: http.get(location).json(), lambda b: b["status"] not in ("queued", "running"), 300)
         assert job["status"] == "succeeded", job
+        # the folds and the main run ran as trials (worker.kinds.folds); the main run's zip is the artifact
+        assert [t["label"] for t in job["trials"]] == ["fold-1", "fold-2", "main"]
+        items = http.get(f"{location}/artifacts").json()["items"]
+        assert [item["name"] for item in items] == ["saved_model"]
         metrics = http.get(f"{location}/metrics").json()
         jsonschema.validate(metrics, http.get("/v1/schemas/metrics").json())
 

@@ -26,6 +26,7 @@ eval set, which the notes say.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import numpy as np
 
 from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec, Search
 from worker.errors import PipelineError
+from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.stages.evaluate import score
@@ -107,8 +109,11 @@ def run_search(
     out_dir: Path,
     run_prune: RunPrune,
     clock: Clock = time.monotonic,
+    probed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Probes and trials, then the ordinary run at the chosen sparsity; the document gains ``search``."""
+    """Probes and trials, then the ordinary run at the chosen sparsity; the document gains ``search``.
+    ``probed``: the probes' rows, measured already by trials of their own (``run_search_trial``): taken as they
+    are instead of pruning again (the same numbers; their seconds count towards the longest trial)."""
     original: PruneSpec = job.spec
     search = original.search
     assert search is not None
@@ -126,7 +131,16 @@ def run_search(
     budget = Budget(search.budget_s, clock)
     state = {"done": 0.0}
 
+    known = {(round(float(r["sparsity"]), 4), True): r for r in probed or []}
+
     def run_trial(sparsity: float, one_shot: bool) -> Trial:
+        row = known.get((round(sparsity, 4), one_shot))
+        if row is not None:  # a probe its own trial measured (worker.trial_tasks)
+            trial = Trial(
+                row["sparsity"], row["metric"], judge.passes(row["metric"]), row["seconds"], "probe"
+            )
+            trials.append(trial)
+            return trial
         started = clock()
         dense.restore()
         seed_everything(original.seed)
@@ -358,3 +372,77 @@ def _metric(job: Job, data: Data, name: str) -> float:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+# --- as trials (worker.trial_tasks) -----------------------------------------------------------------------
+# Round 1: the one-shot probes, one trial each, side by side; round 2: one trial runs the rest of the search
+# (the fine-tuned trials halve the interval one after another, on one handle) and the final run, with the
+# probes' rows. The probes a one-task search would not run (those above the first failing one) are measured
+# but left out, so the trials, the choice and the document are the one-task search's.
+
+
+def probe_levels(search: Search) -> list[float]:
+    return sorted({round(float(v), 4) for v in np.linspace(search.min_sparsity, search.max_sparsity, PROBES)})
+
+
+def plan_search_trials(spec: PruneSpec) -> list[Planned]:
+    assert spec.search is not None
+    return [Planned(f"probe-{level:g}", level, {"probe": level}) for level in probe_levels(spec.search)]
+
+
+def run_search_trial(
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    index: int,
+    run_fold: Any,
+    params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A probe (round 1: ``{"probe": sparsity}`` -> ``{"probe": row}``) or the rest of the search with the
+    probes' rows (round 2: ``{"probed": rows}`` -> the job's document, its zip as ``artifacts/search.zip``)."""
+    params = params or {}
+    if "probed" in params:
+        document = run_search(job, window, out_dir, run_prune, probed=params["probed"])
+        (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        os.replace(out_dir / "pruned.zip", out_dir / "artifacts" / f"{FINAL}.zip")
+        return document
+    original: PruneSpec = job.spec
+    search = original.search
+    assert search is not None
+    selection = _selection_data(job, search)
+    judge = Judge(search, _metric(job, selection, search.metric))
+    granularity = resolve_granularity(original.model_copy(update={"target_sparsity": search.min_sparsity}))
+    job.spec = _trial_spec(original, search.min_sparsity, one_shot=False)
+    prunable, kinds = select(job)
+    started = time.monotonic()
+    seed_everything(original.seed)
+    sparsity = float(params["probe"])
+    job.spec = _trial_spec(original, sparsity, one_shot=True)
+    window("pruning", 0.0)
+    pruner = make_pruner(job, prunable, kinds, granularity)
+    prune_and_fine_tune(job, pruner, window.sub(0.0, 1.0))
+    value = _metric(job, selection, search.metric)
+    probe = Trial(round(sparsity, 4), value, judge.passes(value), time.monotonic() - started, "probe")
+    job.spec = original
+    return {"probe": probe.row()}
+
+
+FINAL = "search"  # the label of round 2's trial; its zip is the job's saved_model
+
+
+def aggregate_search(spec: PruneSpec, trials: list[dict[str, Any]]) -> Aggregated | NextPhase:
+    """After the probes: the rest of the search as one trial; after it, its document. A failed trial fails
+    the job with that trial's own reason (e.g. ``no_sparsity_within_budget``)."""
+    for trial in trials:
+        if trial["status"] != "succeeded" or trial.get("document") is None:
+            error = trial.get("error") or {}
+            raise PipelineError(
+                error.get("code") or "trials_failed",
+                error.get("message") or f"search trial {trial['label']} failed with no reason recorded",
+            )
+    final = [t for t in trials if t["phase"] == 1]
+    if final:
+        return Aggregated(final[0]["document"], final[0]["index"], False)
+    rows = sorted((t["document"]["probe"] for t in trials), key=lambda r: r["sparsity"])
+    return NextPhase([Planned(FINAL, None, {"probed": rows})])

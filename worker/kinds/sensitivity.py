@@ -26,6 +26,7 @@ import numpy as np
 
 from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec
 from worker.errors import PipelineError
+from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.stages.evaluate import score
@@ -42,9 +43,19 @@ NO_ARTIFACT_NOTE = (
 
 def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune) -> dict[str, Any]:
     original: PruneSpec = job.spec
+    tick = time.perf_counter()
+    measured = measure_variables(job, window.sub(0.0, SWEEP_SPAN))
+    seconds = time.perf_counter() - tick
+    return run_suggestion(job, window.sub(SWEEP_SPAN, 1.0), out_dir, run_prune, original, measured, seconds)
+
+
+def measure_variables(job: Job, sweep: Window, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Every prunable variable's metric at each level, pruned alone one-shot (``rows``, unsorted), with the
+    ``metric`` and its dense ``baseline``. ``share`` ``(i, n)``: only the variables at positions ``i``,
+    ``i + n``, ... (trial ``i`` of ``n``, ``sensitivity_trial``); their rows are what the whole loop gives."""
+    original: PruneSpec = job.spec
     section = original.sensitivity
     assert section is not None
-    tick = time.perf_counter()
     data = job.evaluation
     if data is None or data.y is None:
         raise PipelineError(
@@ -60,10 +71,10 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
     baseline = _metric(job, data, metric)
     notes_before = list(job.notes)  # the per-variable prunes' notes would repeat once per variable and level
     lower = metric in LOWER_IS_BETTER
-    sweep = window.sub(0.0, SWEEP_SPAN)
-    total = len(prunable) * len(levels)
+    mine = [nv for position, nv in enumerate(prunable) if position % share[1] == share[0]]
+    total = max(1, len(mine) * len(levels))
     rows: list[dict[str, Any]] = []
-    for index, nv in enumerate(prunable):
+    for index, nv in enumerate(mine):
         values: list[float | None] = []
         achieved: list[float] = []
         skipped: str | None = None
@@ -100,14 +111,34 @@ def run_sensitivity(job: Job, window: Window, out_dir: Path, run_prune: RunPrune
             rows[-1]["skipped"] = skipped or "left dense by the spec's granularity at every level"
     dense.restore()
     job.notes[:] = notes_before
-    rows.sort(key=lambda r: (-(r["mean_drop"] if r["mean_drop"] is not None else np.inf), r["name"]))
+    job.spec = original
+    return {"rows": rows, "metric": metric, "baseline": baseline}
+
+
+def run_suggestion(
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    original: PruneSpec,
+    measured: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The ranking, the suggested ``layer_sparsity`` and the document: that suggestion run one-shot."""
+    section = original.sensitivity
+    assert section is not None
+    levels = list(section.sparsities)
+    metric, baseline = measured["metric"], measured["baseline"]
+    lower = metric in LOWER_IS_BETTER
+    rows = sorted(
+        measured["rows"],
+        key=lambda r: (-(r["mean_drop"] if r["mean_drop"] is not None else np.inf), r["name"]),
+    )
     suggestion = {
         f"^{re.escape(r['name'])}$": r["max_sparsity_within_drop"] for r in rows if "skipped" not in r
     }
-    seconds = time.perf_counter() - tick
-
     job.spec = _level_spec(original, levels[0], suggestion)
-    document = run_prune(window.sub(SWEEP_SPAN, 1.0), out_dir)
+    document = run_prune(window, out_dir)
     job.timings["sensitivity"] = (
         seconds  # the per-variable sweep; the stages' timings are the suggestion's run
     )
@@ -163,3 +194,56 @@ def _metric(job: Job, data: Data, name: str) -> float | None:
             f"sensitivity.metric {name!r} is not a metric of this task; use one of {available}",
         )
     return None if value is None else float(value)
+
+
+# --- as trials (worker.trial_tasks) -----------------------------------------------------------------------
+
+SHARES = 4  # phase 0: the variables split over this many trials (position i, i + 4, ...); then the suggestion
+
+
+def plan_sensitivity_trials(spec: PruneSpec) -> list[Planned]:
+    return [Planned(f"variables-{i + 1}-of-{SHARES}", None, {"share": [i, SHARES]}) for i in range(SHARES)]
+
+
+def run_sensitivity_trial(
+    job: Job,
+    window: Window,
+    out_dir: Path,
+    run_prune: RunPrune,
+    index: int,
+    run_fold: Any,
+    params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Phase 0: ``measure_variables`` for the trial's share; phase 1 (``params["measured"]``): the
+    suggestion's run and the document, exactly as ``run_sensitivity`` ends."""
+    params = params or {}
+    if "measured" in params:
+        return run_suggestion(
+            job, window, out_dir, run_prune, job.spec, params["measured"], float(params["seconds"])
+        )
+    share = params.get("share") or [0, 1]
+    return measure_variables(job, window, (int(share[0]), int(share[1])))
+
+
+def aggregate_sensitivity(spec: PruneSpec, trials: list[dict[str, Any]]) -> Aggregated | NextPhase:
+    """After the measurements: the suggestion's trial, with every row; after it: its document (the job keeps
+    no model). A failed trial fails the job (the ranking would miss its variables)."""
+    for trial in trials:
+        if trial["status"] != "succeeded" or trial.get("document") is None:
+            error = trial.get("error") or {}
+            raise PipelineError(
+                error.get("code") or "trials_failed",
+                f"sensitivity trial {trial['label']} failed: {error.get('message') or 'no reason recorded'}",
+            )
+    final = [t for t in trials if t["phase"] == 1]
+    if final:
+        return Aggregated(final[0]["document"], None)
+    measured = [t["document"] for t in trials]
+    rows = [row for document in measured for row in document["rows"]]
+    first = measured[0]
+    seconds = max(float(t.get("seconds") or 0.0) for t in trials)  # they ran side by side
+    params = {
+        "measured": {"rows": rows, "metric": first["metric"], "baseline": first["baseline"]},
+        "seconds": seconds,
+    }
+    return NextPhase([Planned("suggestion", None, params)])

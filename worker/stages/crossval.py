@@ -29,7 +29,7 @@ import numpy as np
 
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
-from worker.evaluation.crossval import cross_validation_report, plan_folds
+from worker.evaluation.crossval import FoldPlan, cross_validation_report, plan_folds
 from worker.evaluation.metrics import TaskChoice, infer_task
 from worker.models import load_model
 from worker.pruning.granularity import Granularity
@@ -38,7 +38,13 @@ from worker.stages.job import Job, Window, predict
 from worker.stages.load import prepare, seed_everything
 from worker.stages.prune import make_pruner, prune_and_fine_tune, select
 
-__all__ = ["FOLD_DETAIL_CLASSES", "run_cross_validation"]
+__all__ = [
+    "FOLD_DETAIL_CLASSES",
+    "finish_cross_validation",
+    "plan_cross_validation",
+    "run_cross_validation",
+    "run_fold",
+]
 
 # Per-fold metrics keep their confusion matrix and per-class report up to this many classes; beyond, the
 # per-fold rows would dwarf the document (k matrices of classes^2 entries) and only the scores are kept.
@@ -128,8 +134,28 @@ def run_cross_validation(
     """The metrics document's ``cross_validation`` section for ``job.spec`` over ``train_arrays``.
 
     ``job`` is the main run's (bound train labels decide stratification and the task); ``train_arrays`` the
-    raw train dataset every fold is cut from. Notes go to ``job``.
+    raw train dataset every fold is cut from. Notes go to ``job``. The three steps (``plan_cross_validation``,
+    ``run_fold``, ``finish_cross_validation``) are also run apart, one fold per task (``worker.kinds.folds``).
     """
+    plan, task = plan_cross_validation(job)
+    k = len(plan.folds)
+    per_fold = []
+    compacted = False
+    for i in range(k):
+        row, dropped = run_fold(
+            model_dir, job.spec, train_arrays, plan, i, granularity, window.sub(i / k, (i + 1) / k)
+        )
+        per_fold.append(row)
+        compacted = compacted or dropped
+        gc.collect()  # the fold's model handle and pruner go before the next fold loads another
+    report, notes = finish_cross_validation(job.spec, plan, task, per_fold, compacted)
+    for text in notes:
+        job.note(text)
+    return report
+
+
+def plan_cross_validation(job: Job) -> tuple[FoldPlan, TaskChoice]:
+    """The folds of ``job.spec``'s cross-validation over the job's train set, and the task deciding them."""
     spec = job.spec
     assert spec.evaluation is not None and spec.evaluation.cross_validation is not None
     if job.train is None or job.train.y is None:  # prepare() refuses this already
@@ -140,41 +166,54 @@ def run_cross_validation(
         plan = plan_folds(job.train.y, job.train.n, k, task, spec.seed)
     except ValueError as exc:
         raise PipelineError("dataset_mismatch", f"evaluation.cross_validation: {exc}") from exc
-    per_fold = []
-    compacted = False
-    for i, (train_index, test_index) in enumerate(plan.folds):
-        fold_window = window.sub(i / k, (i + 1) / k)
-        fold_window("pruning", 0.0)  # a cancellation point between folds
-        row, dropped = _one_fold(
-            model_dir,
-            spec,
-            _fold_arrays(train_arrays, train_index),
-            _fold_arrays(train_arrays, test_index),
-            granularity,
-            fold_window,
-        )
-        per_fold.append(row)
-        compacted = compacted or dropped
-        gc.collect()  # the fold's model handle and pruner go before the next fold loads another
+    return plan, task
+
+
+def run_fold(
+    model_dir: Path,
+    spec: PruneSpec,
+    train_arrays: Mapping[str, np.ndarray],
+    plan: FoldPlan,
+    i: int,
+    granularity: Granularity,
+    fold_window: Window,
+) -> tuple[dict[str, Any], bool]:
+    """Fold ``i``'s row and whether per-class detail was dropped from it (``_one_fold``)."""
+    train_index, test_index = plan.folds[i]
+    fold_window("pruning", 0.0)  # a cancellation point between folds
+    return _one_fold(
+        model_dir,
+        spec,
+        _fold_arrays(train_arrays, train_index),
+        _fold_arrays(train_arrays, test_index),
+        granularity,
+        fold_window,
+    )
+
+
+def finish_cross_validation(
+    spec: PruneSpec, plan: FoldPlan, task: TaskChoice, per_fold: list[dict[str, Any]], compacted: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """The section from the folds' rows, and the notes that say how it was measured."""
+    k = len(plan.folds)
+    n = sum(len(test) for _, test in plan.folds)  # every train sample is in one held-out fold
     report = cross_validation_report(plan, per_fold)
     report["task"] = task
-    job.note(
-        f"cross-validation: {k} folds of the {job.train.n} train samples "
+    notes = [
+        f"cross-validation: {k} folds of the {n} train samples "
         f"({'stratified' if plan.stratified else 'not stratified'}, seed {spec.seed}); every fold restarts "
         "from the uploaded model, prunes (and fine-tunes) on the other folds and scores baseline and pruned "
         "on its held-out fold. summary = mean and population std (ddof=0) over folds; the artifact and the "
-        "top-level metrics are of the model pruned on the whole train set"
-    )
-    job.note(
+        "top-level metrics are of the model pruned on the whole train set",
         "cross-validation: held-out folds are unseen by the pruning and fine-tuning of their fold, not "
         "necessarily by the uploaded model: if it was trained on this train dataset, the baseline fold scores "
-        "are training scores (optimistic) and baseline - pruned overstates the loss pruning causes"
-    )
+        "are training scores (optimistic) and baseline - pruned overstates the loss pruning causes",
+    ]
     if plan.note:
-        job.note(plan.note)
+        notes.append(plan.note)
     if compacted:
-        job.note(
+        notes.append(
             "cross-validation: per-fold metrics omit confusion matrices and per-class reports of outputs "
             f"with more than {FOLD_DETAIL_CLASSES} classes"
         )
-    return report
+    return report, notes

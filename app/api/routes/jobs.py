@@ -26,9 +26,16 @@ from app.api.routes.datasets import get_dataset_or_404
 from app.api.routes.models import ERRORS, get_model_or_404
 from app.api.uploads import send_or_503
 from app.config import Settings
-from app.db import jobs, records
+from app.db import jobs, records, trials
 from app.db import webhooks as webhook_store
-from app.db.tables import TERMINAL_JOB_STATUSES, DatasetRecord, JobRecord, ModelRecord, utcnow
+from app.db.tables import (
+    FANNED_OUT_STAGES,
+    TERMINAL_JOB_STATUSES,
+    DatasetRecord,
+    JobRecord,
+    ModelRecord,
+    utcnow,
+)
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.job_files import SAVED_MODEL, find_file, job_files
 from app.presenters import job_out
@@ -312,10 +319,12 @@ def list_jobs(
 
 def _job_body(session: Session, record: JobRecord) -> JobOut:
     """A job has a webhook message only once it ended, and only with a URL (written in the same transaction
-    as its ending: jobs.finish_job), so polls of running jobs or jobs without webhooks skip that query."""
+    as its ending: jobs.finish_job), so polls of running jobs or jobs without webhooks skip that query.
+    Likewise only a job that fans out (a sweep, K-fold cross-validation) can have trials (app.db.trials)."""
+    found = trials.list_trials(session, record.id) if trials.may_have_trials(record.spec) else None
     if not record.webhook_url or record.status not in TERMINAL_JOB_STATUSES:
-        return job_out(record)
-    return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id))
+        return job_out(record, trials=found)
+    return job_out(record, webhook_store.states_for_jobs(session, [record.id]).get(record.id), trials=found)
 
 
 # The status poll, the hottest endpoint (no docstring: it would become the public OpenAPI description).
@@ -339,6 +348,8 @@ def cancel_job(
     if record.status not in ("queued", "running"):
         raise Conflict(f"job {job_id} already ended with status {record.status!r}; nothing to cancel")
     jobs.request_cancel(session, job_id)
+    if record.stage in FANNED_OUT_STAGES:  # queued trials end now; the job too if none is running
+        trials.cancel_trials(session, job_id)
     session.commit()
     session.refresh(record)
     if record.status == "canceled":
