@@ -21,6 +21,7 @@ from worker.models import ModelHandle, SignatureInfo
 
 if TYPE_CHECKING:
     from worker.structure import GroupAnalysis
+    from worker.structure.frozen import FrozenSignature
 
 Report = Callable[[str, float], None]
 
@@ -80,6 +81,8 @@ class Job:
     model_dir: Path | None = None  # where ``handle`` was loaded from: a streamed distillation loads a teacher
     # Channel groups of ``handle`` by signature (``channel_groups``): another handle needs a fresh dict.
     analyses: dict[str, GroupAnalysis] = field(default_factory=dict, repr=False)
+    # Frozen signatures by name (``frozen_signature``) when no channel-group analysis froze them already.
+    frozen: dict[str, FrozenSignature] = field(default_factory=dict, repr=False)
 
     def note(self, text: str) -> None:
         """Append a note once (phases that run twice must not repeat themselves)."""
@@ -114,6 +117,23 @@ class Job:
             self.timings["channel_groups"] = (
                 self.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
             )
+
+
+    def frozen_signature(self) -> FrozenSignature:
+        """The spec's signature frozen (``worker.structure.frozen``): the skeleton calibration methods read the
+        ops' inputs from. Frozen once per handle: taken from the channel-group analysis when one ran (it froze
+        the signature already; an aliased signature reuses the one it duplicates), else frozen here and kept."""
+        name = self.spec.signature
+        analysis = self.analyses.get(name)
+        if analysis is not None:
+            frozen = analysis.frozen.get(analysis.aliases.get(name, name))
+            if frozen is not None:
+                return frozen
+        if name not in self.frozen:
+            from worker.structure.frozen import freeze_signature
+
+            self.frozen[name] = freeze_signature(self.handle, name)
+        return self.frozen[name]
 
 
 @dataclass(frozen=True)
