@@ -155,6 +155,7 @@ class _Norm:
     """One inference-mode BatchNorm whose input depends on a repaired (or pruned) consumer."""
 
     op: str  # where the statistics are used: the FusedBatchNorm op or the lowered ``x * scale``
+    op_type: str
     order: int
     x: str
     mean: str
@@ -181,7 +182,8 @@ class _Norm:
             else 1.0
         )
         ctx.lines.append(
-            f"BatchNorm statistics {self.mean} / {self.variance} re-estimated on {moments.count} rows for "
+            f"BatchNorm statistics {self.mean} / {self.variance} ({self.op_type} at {self.op}) re-estimated "
+            f"on {moments.count} rows for "
             f"{int(live.sum())}/{channels} channels (mean moved by {moved:.3g} on average, variance "
             f"x{ratio:.3g})"
         )
@@ -377,7 +379,7 @@ def _norm_steps(
         channels = x.shape[-1] if x.shape.rank else None
         if channels is None or any(tuple(variables[v].shape) != (channels,) for v in (mean, variance)):
             continue
-        steps.append(_Norm(site.name, order[site.name], x.name, mean, variance))
+        steps.append(_Norm(site.name, site.type, order[site.name], x.name, mean, variance))
     return steps, folded
 
 

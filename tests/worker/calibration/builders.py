@@ -58,3 +58,26 @@ def keras2_conv_bn(out_dir: Path, epochs: int = 15, seed: int = 0) -> Path:
     model.fit(train["x"], train["y"], epochs=epochs, batch_size=32, verbose=0)
     model.save(str(out_dir))
     return out_dir
+
+
+@cached_builder
+def keras3_depthwise_chain(out_dir: Path, seed: int = 0) -> Path:
+    """Untrained: Conv2D 8 -> DepthwiseConv2D 3x3 (tied to those 8 channels) -> 1x1 Conv2D 8 -> GAP -> Dense.
+    A removed channel of the first conv zeroes a depthwise channel (not refit: it has one input per output)
+    and the 1x1 conv's input row (refit)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3), name="x"),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.DepthwiseConv2D(3, padding="same", activation="relu"),
+            layers.Conv2D(8, 1, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(4, activation="softmax"),
+        ]
+    )
+    model.export(str(out_dir), verbose=False)
+    return out_dir
