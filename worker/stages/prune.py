@@ -17,6 +17,9 @@ How the spec reaches the pruning engine (``worker.pruning``):
   gradient statistics (``gradients.accumulate_gradients``) over train batches before every scheduled prune
   step; a regulariser fine-tunes with ``Pruner.penalty`` before pruning (one-shot: the first half of the
   fine-tuning epochs, or one default epoch without ``fine_tune``; polynomial: during the sparsity ramp).
+- ``Criterion.calibration`` (wanda, sparsegpt): statistics from the calibration inputs
+  (``stages.calibration.calibrate``) before the (one-shot) prune; SparseGPT's weight updates are written
+  then, and its masks hold through fine-tuning like any other.
 - ``fine_tune.distill``: the unpruned model's outputs on the train set are computed before anything is pruned
   (``_distillation``) and become the soft targets of every training phase (``finetune.Distillation``).
 
@@ -57,6 +60,7 @@ from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
 from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
+from worker.stages.calibration import calibrate
 from worker.stages.job import Job, Window, fixed_batch
 from worker.stages.repair import dense_snapshot, repair_channels
 
@@ -283,7 +287,11 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
         if should:
             tick = time.perf_counter()
             budget = GRADIENT_SAMPLES if step == 0 else (step - last_prune[0]) * (ft.batch_size if ft else 1)
-            pruner.prune(min(1.0, sparsity / spec.target_sparsity), _gradients(job, pruner, step, budget))
+            pruner.prune(
+                min(1.0, sparsity / spec.target_sparsity),
+                _gradients(job, pruner, step, budget),
+                calibration=calibrate(job, pruner),
+            )
             last_prune[0] = step
             if step == 0:  # later steps run inside fine-tuning and count as fine_tune time
                 job.timings["prune"] += time.perf_counter() - tick
