@@ -460,8 +460,6 @@ class PruneSpec(_Strict):
         "the job's data. null = true with granularity `channel`, false otherwise (the job shows the resolved "
         "value); true with another granularity removes the channels that ended all zero",
     )
-    # PROVISIONAL (helper B, channel repair): helper A owns this field and its validator; the integrator keeps A's.
-    reconstruct: bool = False
     scope: Literal["layer", "global"] = "layer"
     normalization: Normalization = "none"
     schedule: Schedule = Field(default_factory=OneShotSchedule)

@@ -171,13 +171,6 @@ class Job:
                 self.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
             )
 
-    def calibration_inputs(self) -> dict[str, np.ndarray]:
-        """PROVISIONAL (helper B; the integrator keeps helper A's): up to 128 train inputs, seeded."""
-        if self.train is None:
-            return {}
-        n = self.train.n
-        index = np.sort(np.random.default_rng(self.spec.seed).choice(n, min(128, n), replace=False))
-        return {key: value[index] for key, value in self.train.x.items()}
 
     def frozen_signature(self) -> FrozenSignature:
         """The spec's signature frozen (``worker.structure.frozen``): the skeleton calibration methods read the

@@ -31,7 +31,7 @@ conv's im2col patches are built for the sampled output positions only) and the n
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,6 @@ from worker.structure.graph_walk import _topological
 __all__ = ["dense_snapshot", "repair_channels"]
 
 ROWS_PER_BATCH = 2048  # output positions (rows of X) sampled per calibration batch and op
-DEFAULT_BATCH = 32
 CHECK_RTOL = 1e-3  # max |X W - Y| / max |Y| on the first batch: the op is the product this stage models
 FUSED_BN = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 _READS = {"Identity", "ReadVariableOp", "Snapshot", "Cast", "Reshape", "Squeeze", "ExpandDims"}
@@ -76,17 +75,11 @@ class _Context:
     session: CaptureSession
     dense: Mapping[str, np.ndarray]
     variables: Mapping[str, tf.Variable]
-    inputs: Mapping[str, np.ndarray]
-    batch: int
+    batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # the calibration inputs, one pass per call
     lines: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     refit: int = 0
     norms: int = 0
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        n = len(next(iter(self.inputs.values())))
-        for start in range(0, n, self.batch):
-            yield {k: v[start : start + self.batch] for k, v in self.inputs.items()}
 
     def current(self) -> dict[str, np.ndarray]:
         return {name: var.numpy() for name, var in self.variables.items()}
@@ -206,13 +199,12 @@ def _repair(job: Job, pruner: PrunerLike, dense: Mapping[str, np.ndarray]) -> No
             "pruned per variable, no consumer lost input rows)"
         )
         return
-    inputs = job.calibration_inputs()
-    samples = len(next(iter(inputs.values()))) if inputs else 0
+    batches = job.calibration_batches()
+    sizes = [len(next(iter(part.values()))) for part in batches()]
+    samples, batch = sum(sizes), max(sizes, default=0)
     if samples == 0:
         job.note("reconstruct: skipped, no calibration inputs")
         return
-    calibration = getattr(job.spec, "calibration", None)
-    batch = int(getattr(calibration, "batch_size", None) or DEFAULT_BATCH)
     sig = job.frozen_signature()
     variables = {nv.name: nv.var for nv in job.handle.variables()}
     masks = {**pruner.bias_masks, **pruner.masks}
@@ -220,7 +212,7 @@ def _repair(job: Job, pruner: PrunerLike, dense: Mapping[str, np.ndarray]) -> No
     refits, broken = _refit_steps(sig, masks, variables, skipped)
     norms, folded = _norm_steps(sig, variables, _downstream(sig, broken))
     steps: list[_Refit | _Norm] = sorted([*refits, *norms], key=lambda s: s.order)
-    ctx = _Context(job, CaptureSession(sig), dense, variables, inputs, batch, skipped=skipped)
+    ctx = _Context(job, CaptureSession(sig), dense, variables, batches, skipped=skipped)
     try:
         for index, step in enumerate(steps):
             step.apply(ctx, index)
