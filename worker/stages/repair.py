@@ -398,10 +398,10 @@ def _lowered_norm(
         other = [t for t in user.inputs if t is not scale]
         if user.type != "Mul" or len(other) != 1:
             continue
-        name = _weight(sig, other[0])
-        if name is not None and other[0].shape.rank == 1:
+        name = _weight(sig, other[0])  # the moving mean (maybe reshaped to [1, 1, 1, C]), or the activation
+        if name is not None:
             mean = name
-        elif name is None and (other[0].shape.rank or 0) >= 2:
+        elif (other[0].shape.rank or 0) >= 2:
             found = (user, other[0])
     if mean is None or found is None:
         return None

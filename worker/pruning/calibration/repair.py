@@ -172,10 +172,10 @@ class NormalEquations:
         accumulated sums alone."""
         cols = np.ones(self.d_out, bool) if columns is None else np.asarray(columns, bool)
         w = np.asarray(weights, np.float64)[:, cols]
-        total = (
-            np.einsum("ij,ik,kj->", w, self.gram, w)
-            - 2.0 * np.einsum("ij,ij->", w, self.cross[:, cols])
-            + self.y_sq[cols].sum()
+        total = (  # matrix products (BLAS), not a three-operand einsum: d_in^2 * d_out in a plain loop
+            float(np.sum(w * (self.gram @ w)))
+            - 2.0 * float(np.sum(w * self.cross[:, cols]))
+            + float(self.y_sq[cols].sum())
         )
         if shift is not None:
             d = np.asarray(shift, np.float64)[cols]
