@@ -79,6 +79,8 @@ class _Context:
     batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # the calibration inputs, one pass per call
     lines: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    ops: list[dict[str, Any]] = field(default_factory=list)  # the metrics' reconstruction.ops
+    batchnorms: list[dict[str, Any]] = field(default_factory=list)
     refit: int = 0
     norms: int = 0
 
@@ -129,6 +131,19 @@ class _Refit:
             bias = ctx.variables[self.bias]
             bias.assign((now[self.bias] + fit.shift).astype(bias.dtype.as_numpy_dtype))
         ctx.refit += 1
+        ctx.ops.append(
+            {
+                "variable": use.variable,
+                "op": use.op,
+                "type": use.op_type,
+                "inputs": d_in,
+                "inputs_kept": int(self.kept_in.sum()),
+                "bias": self.bias,
+                "rows": eq.count,
+                "error_before": fit.error_before,
+                "error_after": fit.error_after,
+            }
+        )
         ctx.lines.append(
             f"refit {where}, {int(self.kept_in.sum())}/{d_in} input rows kept"
             f"{', with its bias ' + self.bias if self.bias else ''}, on {eq.count} rows: output error "
@@ -172,6 +187,18 @@ class _Norm:
         mean_var.assign(mean.astype(mean_var.dtype.as_numpy_dtype))
         variance_var.assign(variance.astype(variance_var.dtype.as_numpy_dtype))
         ctx.norms += 1
+        ctx.batchnorms.append(
+            {
+                "mean": self.mean,
+                "variance": self.variance,
+                "op": self.op,
+                "type": self.op_type,
+                "rows": pruned.count,
+                "channels": channels,
+                "re_estimated": int(estimated.sum()),
+                "matched": int(matched.sum()),
+            }
+        )
         changed = estimated | matched
         moved = float(np.abs(mean - now[self.mean])[changed].mean()) if changed.any() else 0.0
         ratio = (
@@ -233,6 +260,14 @@ def _repair(job: Job, pruner: PrunerLike, dense: Mapping[str, np.ndarray]) -> No
         f"per batch and op), {ctx.refit} consumer op(s) refit by least squares to the dense model's outputs, "
         f"{ctx.norms} BatchNorm statistics re-estimated"
     )
+    job.reconstruction = {
+        "samples": samples,
+        "batch_size": batch,
+        "rows_per_batch": ROWS_PER_BATCH,
+        "ops": ctx.ops,
+        "batchnorms": ctx.batchnorms,
+        "left_as_pruned": list(ctx.skipped),
+    }
     for line in ctx.lines:
         job.note(f"reconstruct: {line}")
     for line in ctx.skipped:
