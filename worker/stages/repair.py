@@ -13,13 +13,16 @@ repairs made before it):
 - **BatchNorm statistics** -- every inference-mode BatchNorm downstream of such a consumer
   (``FusedBatchNorm*``, or Keras 3's lowered ``x * gamma * rsqrt(var + eps) + (beta - mean * ...)``) gets its
   moving mean and variance recomputed from the pruned model's pre-BN activations (NNCF's batch-norm
-  adaptation). Channels whose activation is constant on the calibration data (removed ones) keep theirs. A
-  BatchNorm folded into constants has no statistics variable to update: a note says it was left alone.
+  adaptation), or, for channels whose old statistics do not describe the dense activations on the calibration
+  data, matched to the dense model (``repair.batchnorm_statistics``). Channels whose activation is constant on
+  the calibration data (removed ones) keep theirs. A BatchNorm folded into constants has no statistics
+  variable to update: a note says it was left alone.
 
 Ops of another kind (depthwise, transposed or 3-D convs, NCHW convs, a kernel read by more than one op, an
 op whose output this stage cannot reproduce from its input within ``CHECK_RTOL``) are left as pruned and
 named in ``notes``. The reconstruction error ``||Y - Y_dense||^2 / ||Y_dense||^2`` on the calibration rows,
-before and after each refit, goes to ``notes`` too.
+before and after each refit, goes to ``notes`` and to the metrics' ``reconstruction`` section
+(``Job.reconstruction``).
 
 Tensors come from the skeleton of the signature (``Job.frozen_signature``) in one ``CaptureSession``; the
 weight placeholders are fed the dense values (``dense_snapshot``, taken before pruning) or the current ones.
