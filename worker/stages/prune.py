@@ -62,6 +62,7 @@ from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
 from worker.stages.calibration import calibrate
 from worker.stages.job import Job, Window, fixed_batch
+from worker.stages.repair import dense_snapshot, repair_channels
 
 PREDICT_SAMPLE = 256  # outputs computed to infer the loss
 # Gradient criteria: per-batch |g| statistics over at most GRADIENT_SAMPLES train samples in batches of
@@ -270,6 +271,14 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
         job.notes.append(f"polynomial schedule over {tune_steps} fine-tuning steps: {schedule.get_config()}")
     strength = spec.regularization_strength()
     distill = _distillation(job, ft)  # the dense model's outputs: before anything is pruned
+    dense = None  # the weights the channel repair reproduces the op outputs of (stages.repair)
+    if spec.reconstruct and polynomial:
+        job.note(
+            "reconstruct: skipped, a polynomial schedule removes channels during fine-tuning (the repair runs "
+            "after a one-shot prune)"
+        )
+    elif spec.reconstruct:
+        dense = dense_snapshot(job)
 
     last_prune = [0]
 
@@ -303,6 +312,8 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
             )
         )
     prune_at(0)
+    if dense is not None:  # least-squares refit of the consumers + BatchNorm statistics (stages.repair)
+        repair_channels(job, pruner, dense)
     if ft is not None and tune_epochs:
         _fine_tune_pruned(job, pruner, ft, tune_epochs, progress, schedule, prune_at, distill)
     if job.gradient_passes:
