@@ -176,12 +176,6 @@ def _run(
     cross_validation = None
     if folds is not None:
         assert train is not None  # prepare() refuses cross-validation without labelled train data
-        if isinstance(train, Streamed):
-            raise PipelineError(
-                "not_supported",
-                "evaluation.cross_validation cuts folds from an in-memory train set; this one is streamed "
-                "(larger than SECATEURS_DATASET_MEMORY_BYTES): raise that setting or drop cross_validation",
-            )
         tick = time.perf_counter()
         prune_from = PRUNING + (EVALUATING - PRUNING) * folds.folds / (folds.folds + 1)
         cv_window = window.sub(PRUNING, prune_from)

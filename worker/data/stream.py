@@ -28,7 +28,7 @@ and counts them (``skipped``) with two counters around the parse.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,39 @@ class StreamedSet:
             )
             return {key: np.zeros((0,)) for key in keys}
         return {key: np.concatenate(chunks)[:n] for key, chunks in parts.items()}
+
+    def count(self, subsets: Sequence[split.Subset]) -> list[int]:
+        """Records each subset selects, exactly. Whole-shard subsets of a manifest that counted every shard
+        add the counts up (no read); otherwise one pass over the record ids (shard bytes are read, nothing is
+        parsed or decoded) buckets every record once for all the subsets. Records a damaged shard loses count
+        as stored: with ``on_bad_record="skip"`` a pass may read fewer."""
+        counts = [s.get("records") for s in self.shards]
+        if all(sub.whole_shards for sub in subsets) and all(isinstance(c, int) for c in counts):
+            return [sum(int(counts[i]) for i in split.kept_shards(sub, len(counts))) for sub in subsets]
+        tf = _tf()
+        self._gen_error = None
+        totals = [0] * len(subsets)
+        ids = self._records(list(range(len(self.shards))), cycle=1).map(lambda i, r, p: (i, r))
+        try:
+            for shard, record in ids.batch(65_536).as_numpy_iterator():
+                buckets: dict[int, np.ndarray] = {}
+                for j, sub in enumerate(subsets):
+                    kept = np.ones(len(shard), bool) if sub.shards is None else np.isin(shard, list(sub.shards))
+                    if not sub.whole_shards:
+                        if sub.seed not in buckets:
+                            buckets[sub.seed] = split.record_bucket_np(shard, record, sub.seed)
+                        kept &= np.asarray(sub(buckets[sub.seed]), bool)
+                    totals[j] += int(np.count_nonzero(kept))
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.UnknownError) as exc:
+            if self._gen_error is not None:
+                raise self._gen_error from exc
+            raise self._locate(exc, None) from exc
+        return totals
+
+    def part(self, keep: split.Subset, n: int | None = None) -> StreamedPart:
+        """The records ``keep`` selects, read like a whole set (a K-fold or validation split of a streamed
+        train set); ``n`` is their count when known (``count``)."""
+        return StreamedPart(self, keep, n)
 
     # --- targets (the model's input specs) -----------------------------------------------------------------
 
@@ -612,6 +645,40 @@ class StreamedSet:
                 images = any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values())
                 return self._bad(index, record, "bad_image" if images else BAD_RECORD, _reason(exc))
         return self._bad(index, record, BAD_RECORD, "it does not parse or decode")
+
+
+class StreamedPart:
+    """Part of a ``StreamedSet`` (a fold, a validation split) with the reader interface the stages use:
+    ``n``, ``batches``, ``dataset``, ``take``, ``notes``, ``skipped``. Every pass filters with ``keep`` (whole
+    shards outside it are never fetched), so a fold streams through exactly the path of a whole set."""
+
+    def __init__(self, base: StreamedSet, keep: split.Subset, n: int | None) -> None:
+        self.base, self.keep, self.n = base, keep, n
+
+    @property
+    def labelled(self) -> bool:
+        return self.base.labelled
+
+    @property
+    def notes(self) -> list[str]:
+        return self.base.notes
+
+    @property
+    def skipped(self) -> int:
+        return self.base.skipped
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.base.shards
+
+    def dataset(self, batch_size: int, **kwargs: Any) -> Any:
+        return self.base.dataset(batch_size, keep=self.keep, **kwargs)
+
+    def batches(self, batch_size: int, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        return self.base.batches(batch_size, keep=self.keep, **kwargs)
+
+    def take(self, n: int, **kwargs: Any) -> dict[str, np.ndarray]:
+        return self.base.take(n, keep=self.keep, **kwargs)
 
 
 def sample_arrays(manifest: dict[str, Any], source: Any, n: int = 8) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 One held-out split says little on small datasets; k folds give every train sample one turn in a test fold
 and a spread (mean +- std) to judge a pruning spec by. For fold i (``crossval.plan_folds``: stratified for
-classification, plain shuffled K-fold otherwise, with the reason in ``note``):
+classification, plain shuffled K-fold otherwise, with the reason in ``note``; a streamed train set is cut by
+shard or by record hash instead, ``_streamed_folds``, and each part streams like a whole set):
 
 1. start again from the uploaded model: ``load_model(model_dir)``, a fresh handle (nothing of the main run
    or an earlier fold leaks in), with the seeds reset to the spec's;
@@ -21,19 +22,21 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app.schemas.spec import PruneSpec
+from worker.data.split import shard_folds
 from worker.errors import PipelineError
-from worker.evaluation.crossval import cross_validation_report, plan_folds
+from worker.evaluation.crossval import FoldPlan, cross_validation_report, plan_folds
 from worker.evaluation.metrics import TaskChoice, infer_task
 from worker.models import load_model
 from worker.pruning.granularity import Granularity
 from worker.stages.evaluate import fidelity_section, score
+from worker.stages.feed import SAMPLE_RECORDS, Streamed
 from worker.stages.job import Job, Window, predict
 from worker.stages.load import prepare, seed_everything
 from worker.stages.prune import make_pruner, prune_and_fine_tune, select
@@ -45,6 +48,8 @@ __all__ = ["FOLD_DETAIL_CLASSES", "run_cross_validation"]
 FOLD_DETAIL_CLASSES = 32
 # Where a fold's evaluation starts inside its slice of progress (pruning and fine-tuning fill the rest).
 _FOLD_EVALUATING = 0.9
+
+Arrays = dict[str, np.ndarray]
 
 
 def _decide_task(job: Job) -> TaskChoice:
@@ -84,8 +89,8 @@ def _fold_arrays(arrays: Mapping[str, np.ndarray], index: np.ndarray) -> dict[st
 def _one_fold(
     model_dir: Path,
     spec: PruneSpec,
-    train: dict[str, np.ndarray],
-    test: dict[str, np.ndarray],
+    train: Arrays | Streamed,
+    test: Arrays | Streamed,
     granularity: Granularity,
     window: Window,
 ) -> tuple[dict[str, Any], bool]:
@@ -93,6 +98,7 @@ def _one_fold(
     tick = time.perf_counter()
     seed_everything(spec.seed)
     job = prepare(load_model(model_dir), spec, train, test)
+    job.model_dir = model_dir  # a streamed fold that distils loads its teacher from here
     assert job.evaluation is not None
     prunable, kinds = select(job)
     baseline_outputs = predict(job, job.evaluation)
@@ -118,17 +124,77 @@ def _one_fold(
     return row, dropped
 
 
+def _in_memory_folds(
+    job: Job, train_arrays: Mapping[str, np.ndarray], k: int, task: TaskChoice
+) -> tuple[FoldPlan, list[tuple[int, int]], Iterator[tuple[Arrays, Arrays]]]:
+    """Index folds of an in-memory train set (``plan_folds``), cut one fold at a time."""
+    assert job.train is not None
+    try:
+        plan = plan_folds(job.train.y, job.train.n, k, task, job.spec.seed)
+    except ValueError as exc:
+        raise PipelineError("dataset_mismatch", f"evaluation.cross_validation: {exc}") from exc
+    sizes = [(len(train), len(test)) for train, test in plan.folds]
+    parts = (
+        (_fold_arrays(train_arrays, train), _fold_arrays(train_arrays, test)) for train, test in plan.folds
+    )
+    return plan, sizes, parts
+
+
+def _streamed_folds(
+    job: Job, streamed: Streamed, k: int
+) -> tuple[FoldPlan, list[tuple[int, int]], Iterator[tuple[Streamed, Streamed]]]:
+    """Folds of a streamed train set without holding it (``worker.data.split.shard_folds``): whole shards
+    when there are at least k (a fold's pass never fetches the shards it does not read), else a record hash
+    seeded by the spec's seed. Each part streams through the reader like a whole set, with its own sample of
+    ``SAMPLE_RECORDS`` records; the sizes are counted exactly first (from the manifest for whole shards it
+    counted, else one pass over the record ids, nothing parsed)."""
+    reader = streamed.reader
+    n_shards = len(reader.shards)
+    folds = shard_folds(n_shards, k, seed=job.spec.seed)
+    counts = reader.count([subset for pair in folds for subset in pair])
+    sizes = list(zip(counts[::2], counts[1::2], strict=True))
+    for i, (n_train, n_test) in enumerate(sizes):
+        if n_train == 0 or n_test == 0:
+            raise PipelineError(
+                "dataset_mismatch",
+                f"evaluation.cross_validation: fold {i} of {k} would {'test' if n_test == 0 else 'train'} on "
+                f"no records ({sum(sizes[0])} records in {n_shards} shards)",
+            )
+    by_shard = n_shards >= k
+    how = (
+        f"by shard: the {n_shards} shards dealt to {k} folds after a seeded permutation, so a fold's records "
+        "never share a shard with its training records"
+        if by_shard
+        else f"by record hash: {n_shards} shards are fewer than {k} folds, so each record goes to the fold of "
+        "a seeded hash of (shard, record index)"
+    )
+    plan = FoldPlan(
+        folds=[], stratified=False, note=f"the train set is streamed: folds are cut {how}; not stratified"
+    )
+
+    def parts() -> Iterator[tuple[Streamed, Streamed]]:
+        for (fit, held), (n_train, n_test) in zip(folds, sizes, strict=True):
+            train_part, test_part = reader.part(fit, n_train), reader.part(held, n_test)
+            yield (
+                Streamed(train_part.take(SAMPLE_RECORDS), train_part),
+                Streamed(test_part.take(SAMPLE_RECORDS), test_part),
+            )
+
+    return plan, sizes, parts()
+
+
 def run_cross_validation(
     model_dir: Path,
     job: Job,
-    train_arrays: Mapping[str, np.ndarray],
+    train_arrays: Mapping[str, np.ndarray] | Streamed,
     granularity: Granularity,
     window: Window,
 ) -> dict[str, Any]:
     """The metrics document's ``cross_validation`` section for ``job.spec`` over ``train_arrays``.
 
     ``job`` is the main run's (bound train labels decide stratification and the task); ``train_arrays`` the
-    raw train dataset every fold is cut from. Notes go to ``job``.
+    raw train dataset every fold is cut from: arrays (index folds, stratified for classification) or a
+    ``Streamed`` set (shard or record-hash folds, ``_streamed_folds``). Notes go to ``job``.
     """
     spec = job.spec
     assert spec.evaluation is not None and spec.evaluation.cross_validation is not None
@@ -136,30 +202,25 @@ def run_cross_validation(
         raise PipelineError("dataset_mismatch", "cross-validation needs a train dataset with labels")
     k = spec.evaluation.cross_validation.folds
     task = _decide_task(job)
-    try:
-        plan = plan_folds(job.train.y, job.train.n, k, task, spec.seed)
-    except ValueError as exc:
-        raise PipelineError("dataset_mismatch", f"evaluation.cross_validation: {exc}") from exc
+    folds: Iterator[tuple[Arrays | Streamed, Arrays | Streamed]]
+    if isinstance(train_arrays, Streamed):
+        plan, sizes, folds = _streamed_folds(job, train_arrays, k)
+    else:
+        plan, sizes, folds = _in_memory_folds(job, train_arrays, k, task)
     per_fold = []
     compacted = False
-    for i, (train_index, test_index) in enumerate(plan.folds):
+    for i, (fold_train, fold_test) in enumerate(folds):
         fold_window = window.sub(i / k, (i + 1) / k)
         fold_window("pruning", 0.0)  # a cancellation point between folds
-        row, dropped = _one_fold(
-            model_dir,
-            spec,
-            _fold_arrays(train_arrays, train_index),
-            _fold_arrays(train_arrays, test_index),
-            granularity,
-            fold_window,
-        )
+        row, dropped = _one_fold(model_dir, spec, fold_train, fold_test, granularity, fold_window)
         per_fold.append(row)
         compacted = compacted or dropped
         gc.collect()  # the fold's model handle and pruner go before the next fold loads another
-    report = cross_validation_report(plan, per_fold)
+    report = cross_validation_report(plan, per_fold, sizes)
     report["task"] = task
+    total = sum(sizes[0])
     job.note(
-        f"cross-validation: {k} folds of the {job.train.n} train samples "
+        f"cross-validation: {k} folds of the {total} train samples "
         f"({'stratified' if plan.stratified else 'not stratified'}, seed {spec.seed}); every fold restarts "
         "from the uploaded model, prunes (and fine-tunes) on the other folds and scores baseline and pruned "
         "on its held-out fold. summary = mean and population std (ddof=0) over folds; the artifact and the "

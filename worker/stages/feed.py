@@ -74,6 +74,15 @@ class Stream:
             bound[name] = value
         return bound, y
 
+    def preprocess(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The job's preprocessing (``affine``) on in-memory inputs keyed by signature name, as ``_split``
+        applies it to each streamed batch: for the sample of a part cut after ``stages.load.prepare``."""
+        out = dict(x)
+        for name, (a, b) in self.affine.items():
+            if name in out:
+                out[name] = (out[name].astype(np.float64) * a + b).astype(out[name].dtype)
+        return out
+
     def evaluation_batches(self, batch: int) -> Iterator[dict[str, Any]]:
         """Every record in order (no shuffle, no augmentation), up to ``max_eval_samples``; the labels seen are
         kept in ``labels`` once the pass ends (what ``stages.evaluate.score`` compares the outputs with)."""
