@@ -18,7 +18,8 @@ Two sections. ``datasets`` (part of the default run: ``python -m bench.run --onl
   job's whole evaluate stage on the pruned model: the streamed prediction pass, scoring, fidelity, a 1-run
   latency probe, sparsity counts) vs a bare ``model.predict`` over the eval shards (same parse, batch 256, the
   job's ``PREDICT_BATCH``), timed on its second pass: the job's evaluate stage comes after its baseline
-  pass, so both sides are traced. One untimed warm-up job and fit first (a worker process is long-lived: the
+  pass, so both sides are traced. For context, the job's prediction pass alone (``streamed_pass``: the
+  reader and the model, as the stage runs them, without scoring), timed the same way right after. One untimed warm-up job and fit first (a worker process is long-lived: the
   first job of a process pays one-off imports and set-up); then job and bare runs alternate for ``repeats``
   rounds (order reversed every other round); medians. Goals >= 0.90x.
 - **(c) from S3.** The same streamed fine-tuning job with the train shards in SeaweedFS (``tests/support/seaweed``,
@@ -264,13 +265,14 @@ def open_streamed(manifest: dict[str, Any], settings: Any, input_specs: dict[str
     from worker.datasets import open_for_job
 
     record = SimpleNamespace(manifest=manifest, source=None, tenant="bench")
-    return open_for_job(
+    given, _notes = open_for_job(  # (data, notes of reading it into memory): none for a streamed set
         record,  # type: ignore[arg-type]
         Storage(settings.data_dir),
         settings,
         on_bad_record="fail",
         input_specs=input_specs,
     )
+    return given
 
 
 def input_specs_of(saved_model: Path) -> dict[str, Any]:
@@ -363,6 +365,28 @@ def bare_predict(weights: Path, shard_dir: Path) -> tuple[float, int]:
     tick = time.perf_counter()
     out = model.predict(ds, verbose=0)
     return time.perf_counter() - tick, len(out)
+
+
+def streamed_pass(saved: Path, manifest: dict[str, Any], settings: Any, specs: dict[str, Any]) -> tuple[float, int]:
+    """Seconds of the job's prediction pass alone over the streamed eval set (``worker.stages.job.predict`` on
+    the ``Stream`` a job binds), timed on its second pass like ``bare_predict``: the evaluate stage without
+    its scoring (scikit-learn metrics), fidelity and latency probe."""
+    from app.schemas.spec import PruneSpec
+    from worker.models import load_model
+    from worker.stages.job import predict
+    from worker.stages.load import prepare
+
+    job = prepare(
+        load_model(saved),
+        PruneSpec.model_validate({"target_sparsity": 0.5}),
+        None,
+        open_streamed(manifest, settings, specs),
+    )
+    assert job.evaluation is not None
+    predict(job, job.evaluation)
+    tick = time.perf_counter()
+    out = predict(job, job.evaluation)
+    return time.perf_counter() - tick, len(next(iter(out.values())))
 
 
 # -- (b) and (c) ---------------------------------------------------------------------------------------------
@@ -462,7 +486,11 @@ def run_speed(
                     predict_s, predicted = bare_predict(weights, work / "test-shards")
                     if predicted != n_test:
                         raise BenchError(f"model.predict returned {predicted} rows for {n_test} eval samples")
+                    pass_s, passed = streamed_pass(saved, test_manifest, settings, specs)
+                    if passed != n_test:
+                        raise BenchError(f"the streamed pass returned {passed} rows for {n_test} eval samples")
                     row["keras"] = {"fit_s": fit_s, "predict_s": predict_s}
+                    row["job_pass"] = {"predict_s": pass_s}
             rounds.append(row)
             _log(f"speed round {index + 1}/{cfg['repeats']}: {json.dumps(row)}")
     trained = steps * BATCH
@@ -474,6 +502,7 @@ def run_speed(
     keras_fit = med([trained / r["keras"]["fit_s"] for r in rounds])
     job_eval = med([n_test / r["job"]["evaluate_s"] for r in rounds])
     keras_eval = med([n_test / r["keras"]["predict_s"] for r in rounds])
+    pass_eval = med([n_test / r["job_pass"]["predict_s"] for r in rounds])
     s3_fit = med([trained / r["s3"]["fine_tune_s"] for r in rounds])
     return {
         "rounds": rounds,
@@ -488,11 +517,13 @@ def run_speed(
             "keras_fit": keras_fit,
             "job_evaluate": job_eval,
             "keras_predict": keras_eval,
+            "job_predict_pass": pass_eval,
             "job_fine_tune_s3": s3_fit,
         },
         "ratios": {
             "fine_tune": job_fit / keras_fit,
             "evaluate": job_eval / keras_eval,
+            "predict_pass": pass_eval / keras_eval,
             "s3_vs_local": s3_fit / job_fit,
         },
     }
@@ -653,6 +684,14 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{goals['evaluate']['ratio']:.2f}",
                     f">= {SPEED_GOAL:.2f}",
                     _met(goals["evaluate"]["met"]),
+                ],
+                [
+                    "(b) of which the prediction pass alone (reader + model; no scoring, fidelity or latency)",
+                    f"{rate['job_predict_pass']:,.0f}",
+                    f"{rate['keras_predict']:,.0f}",
+                    f"{speed['ratios']['predict_pass']:.2f}",
+                    "(context)",
+                    "",
                 ],
                 [
                     "(c) fine-tuning, shards from S3 (SeaweedFS, loopback) vs local shards",

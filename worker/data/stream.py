@@ -11,18 +11,21 @@ Element of ``StreamedSet.dataset(...)`` (always a tuple, so ``x, *rest = element
 
 How each stored form streams (ARCHITECTURE.md "Large data"):
 
-- TFRecord: a generator yields shard *paths* (one Python call per shard, fetched through the source only
-  when the pipeline reaches that shard, so a 30 GB set is never on disk at once), ``interleave`` reads up to
-  four shards at a time when shuffling (one, in manifest order, when not), records carry ``(shard index,
-  record index)`` for hashing, a bounded buffer shuffles serialized records, then records are parsed a
-  whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch.
+- TFRecord: shard *paths* come from a generator for a remote source (one Python call per shard, fetched
+  through the source only when the pipeline reaches that shard, so a 30 GB set is never on disk at once), or
+  as constants for a local root (checked when the pass starts: no Python inside the pass). ``interleave``
+  reads up to four shards at a time when shuffling (one, in manifest order, when not), records carry
+  ``(shard index, record index)`` only when a pass filters or hashes them, a bounded buffer shuffles
+  serialized records, then each record is parsed and decoded in a parallel ``map`` and batched -- the
+  pipeline a user writes by hand (bench ``datasets``: a batch-level ``parse_example`` + ``map_fn`` decode
+  used the same CPU but ran 2-3x longer on shared cores, its 20-odd batch tasks parallelising worse).
 - Parquet / npz: a generator yields whole column batches (pyarrow record batches with column projection; the
   npz arrays sliced), unbatched in ``tf.data`` for the keep filter and shuffle buffer, then batched again.
 
-Bad records: ``on_bad_record="fail"`` keeps the fast batch-level parse; ``batches()`` turns the TensorFlow
-error into a ``RecordError`` naming shard key and record index by re-reading the shards one record at a time
-(slow path only after a failure). ``"skip"`` parses record by record so ``ignore_errors`` drops single records,
-and counts them (``skipped``) with two counters around the parse.
+Bad records: ``on_bad_record="fail"`` parses without catching; ``batches()`` / ``iterate()`` turn the
+TensorFlow error into a ``RecordError`` naming shard key and record index by re-reading the shards one record
+at a time (slow path only after a failure). ``"skip"`` lets ``ignore_errors`` drop single records, and counts
+them (``skipped``) with two counters around the parse.
 """
 
 from __future__ import annotations
@@ -154,7 +157,15 @@ class StreamedSet:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         order = self._order(shuffle, seed, epoch, keep)
-        records = self._records(order, cycle=min(CYCLE_LENGTH, len(order)) if shuffle else 1)
+        # TFRecord ids (shard, record index) only when something reads them: the per-record map that attaches
+        # them costs ~15% of a plain pass's CPU. Column batches carry theirs from the generator at no cost.
+        ids = (
+            with_hash
+            or self.on_bad_record == "skip"
+            or self.description.format != "tfrecord"
+            or not (keep is None or self._whole(keep))
+        )
+        records = self._records(order, cycle=min(CYCLE_LENGTH, len(order)) if shuffle else 1, ids=ids)
         records = self._filter(records, keep)
         if shuffle:
             records = records.shuffle(
@@ -175,13 +186,13 @@ class StreamedSet:
             parsed = parsed.ignore_errors().map(lambda *item: (seen_out.assign_add(1), item)[1])
             batched = parsed.padded_batch(batch_size, drop_remainder=drop_remainder)
             ds = batched.map(lambda ids, x, y=None: element(ids, x, y))
-        else:
-            batched = records.batch(batch_size, drop_remainder=drop_remainder)
-            ds = batched.map(
-                lambda i, r, p: element((i, r), *self._finish(self._parse_batch(p), batched=True)),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
-            )
+        elif ids:
+            parsed = records.map(self._record_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            batched = parsed.batch(batch_size, drop_remainder=drop_remainder)
+            ds = batched.map(lambda ids, x, y=None: element(ids, x, y))
+        else:  # the common evaluation / training pass: what a hand-written tf.data pipeline does
+            ds = records.map(self._payload_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if augment is not None:
             ds = ds.map(
                 lambda x, *rest: (augment(x), *rest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -194,10 +205,20 @@ class StreamedSet:
         """Iterate ``dataset(batch_size, **kwargs)``, turning TensorFlow's parse/decode/read errors into a
         ``RecordError`` that names the shard and record (``on_bad_record="fail"``), and counting records lost to
         damaged shards in ``skipped`` (``"skip"``, when the manifest knows each shard's record count)."""
+        yield from self.iterate(self.dataset(batch_size, **kwargs), keep=kwargs.get("keep"))
+
+    def iterate(self, dataset: Any, *, keep: split.KeepFn | None = None) -> Iterator[tuple[Any, ...]]:
+        """``batches`` for a dataset built earlier by ``dataset`` (and extended by the caller), so a pass that
+        repeats (every evaluation of a job) does not build and trace its pipeline again: ~0.2 s a pass, as
+        much as scoring 5000 small images. Shards of a local root are checked again first (their paths are
+        fixed in the pipeline); remote ones are fetched as the pass reaches them."""
         tf = _tf()
+        if getattr(self.source, "local", False):
+            for index in split.kept_shards(keep, len(self.shards)):
+                self._fetch(index)
         self._gen_error = None
         before = self._counter_values()
-        iterator = iter(self.dataset(batch_size, **kwargs))
+        iterator = iter(dataset)
         while True:
             try:
                 item = next(iterator)
@@ -206,9 +227,9 @@ class StreamedSet:
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.UnknownError) as exc:
                 if self._gen_error is not None:
                     raise self._gen_error from exc
-                raise self._locate(exc, kwargs.get("keep")) from exc
+                raise self._locate(exc, keep) from exc
             yield item
-        if self.on_bad_record == "skip" and kwargs.get("keep") is None:
+        if self.on_bad_record == "skip" and keep is None:
             expected = [s.get("records") for s in self.shards]
             if all(isinstance(e, int) for e in expected):
                 read = self._counter_values()[0] - before[0]
@@ -331,13 +352,18 @@ class StreamedSet:
     def _where(self, index: int) -> str:
         return f"shard {self.shards[index]['key']!r}"
 
-    def _records(self, order: list[int], *, cycle: int) -> Any:
-        """Dataset of ``(shard index, record index, payload)``: payload = serialized Example or column dict."""
+    @staticmethod
+    def _whole(keep: split.KeepFn) -> bool:
+        return isinstance(keep, split.Subset) and keep.whole_shards
+
+    def _records(self, order: list[int], *, cycle: int, ids: bool = True) -> Any:
+        """Dataset of ``(shard index, record index, payload)``: payload = serialized Example or column dict.
+        ``ids=False`` (read by TFRecord only): the payloads alone."""
         if self.description.format == "tfrecord":
-            return self._tfrecord_records(order, cycle)
+            return self._tfrecord_records(order, cycle, ids)
         return self._column_records(order)
 
-    def _tfrecord_records(self, order: list[int], cycle: int) -> Any:
+    def _tfrecord_records(self, order: list[int], cycle: int, ids: bool = True) -> Any:
         tf = _tf()
 
         def paths() -> Iterator[tuple[int, str]]:
@@ -351,11 +377,18 @@ class StreamedSet:
             records = tf.data.TFRecordDataset(path, compression_type=compression)
             if skip:  # a damaged shard is read up to the damage (the loss is counted by batches())
                 records = records.ignore_errors()
+            if not ids:
+                return records
             return records.enumerate().map(lambda r, payload: (index, r, payload))
 
-        shard_paths = tf.data.Dataset.from_generator(
-            paths, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
-        )
+        if getattr(self.source, "local", False):  # files here already: checked now, no Python in the pass
+            shard_paths = tf.data.Dataset.from_tensor_slices(
+                (tf.constant(order, tf.int64), tf.constant([str(self._fetch(i)) for i in order], tf.string))
+            )
+        else:  # fetched (downloaded into the cache) only when the pass reaches the shard
+            shard_paths = tf.data.Dataset.from_generator(
+                paths, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
+            )
         if cycle <= 1:
             return shard_paths.flat_map(read)
         return shard_paths.interleave(
@@ -447,13 +480,6 @@ class StreamedSet:
 
     # --- parsing and decoding ------------------------------------------------------------------------------
 
-    def _parse_batch(self, payload: Any) -> dict[str, Any]:
-        if self.description.format != "tfrecord":
-            return payload
-        tf = _tf()
-        d = self.description
-        return tf.io.parse_example(payload, {name: d.features[name].tf_spec() for name in d.sources})
-
     def _parse_one(self, payload: Any) -> dict[str, Any]:
         if self.description.format != "tfrecord":
             return payload
@@ -461,7 +487,7 @@ class StreamedSet:
         d = self.description
         return tf.io.parse_single_example(payload, {name: d.features[name].tf_spec() for name in d.sources})
 
-    def _dense(self, name: str, value: Any, batched: bool) -> Any:
+    def _dense(self, name: str, value: Any) -> Any:
         """Densify a var_len feature (fill = its default), padded or cut to its declared length."""
         tf = _tf()
         if not isinstance(value, tf.SparseTensor):
@@ -473,7 +499,7 @@ class StreamedSet:
             dense = dense[..., :length]
             pad = [[0, 0]] * (dense.shape.rank - 1) + [[0, length - tf.shape(dense)[-1]]]
             dense = tf.pad(dense, pad, constant_values=feature.fill)
-            dense = tf.ensure_shape(dense, ([None] if batched else []) + [length])
+            dense = tf.ensure_shape(dense, [length])
         return dense
 
     def _record_shape(self, spec: InputSpec) -> list[int | None]:
@@ -516,48 +542,32 @@ class StreamedSet:
             return value
         return tf.cast(value, tf.as_dtype(target.dtype))
 
+    def _payload_map(self, payload: Any) -> tuple[Any, ...]:
+        """One record -> (x[, y]) without its ids (passes that neither filter nor hash records)."""
+        x, y = self._finish(self._parse_one(payload))
+        return (x,) if y is None else (x, y)
+
     def _record_map(self, index: Any, record: Any, payload: Any) -> tuple[Any, ...]:
         """One record -> ((shard index, record index), x[, y]): the record-at-a-time path."""
-        x, y = self._finish(self._parse_one(payload), batched=False)
+        x, y = self._finish(self._parse_one(payload))
         return ((index, record), x) if y is None else ((index, record), x, y)
 
-    def _finish(self, raw: dict[str, Any], *, batched: bool) -> tuple[dict[str, Any], Any]:
-        """Parsed features / columns -> (x keyed by input name, y or None)."""
+    def _finish(self, raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """One record's parsed features / columns -> (x keyed by input name, y or None)."""
         tf = _tf()
         x: dict[str, Any] = {}
         for name, spec in self.description.inputs.items():
-            value = self._dense(spec.source, raw[spec.source], batched)
+            value = self._dense(spec.source, raw[spec.source])
             if spec.decode is not None:
-                if batched:
-                    out_dtype = (
-                        tf.float32 if isinstance(spec.decode, ImageDecode) else tf.as_dtype(spec.decode.dtype)
-                    )
-                    value = tf.map_fn(
-                        lambda v, spec=spec: self._decode(spec, v),
-                        value,
-                        fn_output_signature=tf.TensorSpec(self._record_shape(spec), out_dtype),
-                    )
-                else:
-                    value = self._decode(spec, value)
+                value = self._decode(spec, value)
             x[name] = self._cast(spec, value)
         y = None
         label, decode = self.description.label, self.description.label_decode
         if label is not None:
-            y = self._dense(label, raw[label], batched)
+            y = self._dense(label, raw[label])
             if decode is not None:
-                y = self._decode_tensor(decode, y, batched)
+                y = tf.ensure_shape(tf.io.parse_tensor(y, out_type=tf.as_dtype(decode.dtype)), decode.shape)
         return x, y
-
-    def _decode_tensor(self, decode: TensorDecode, value: Any, batched: bool) -> Any:
-        tf = _tf()
-        dtype = tf.as_dtype(decode.dtype)
-
-        def one(v: Any) -> Any:
-            return tf.ensure_shape(tf.io.parse_tensor(v, out_type=dtype), decode.shape)
-
-        if not batched:
-            return one(value)
-        return tf.map_fn(one, value, fn_output_signature=tf.TensorSpec(decode.shape, dtype))
 
     # --- skip counting and error location ------------------------------------------------------------------
 
@@ -640,7 +650,7 @@ class StreamedSet:
             except errors as exc:
                 return self._bad(index, record, BAD_RECORD, _reason(exc))
             try:
-                self._finish(raw, batched=False)
+                self._finish(raw)
             except errors as exc:
                 images = any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values())
                 return self._bad(index, record, "bad_image" if images else BAD_RECORD, _reason(exc))
@@ -676,6 +686,9 @@ class StreamedPart:
 
     def batches(self, batch_size: int, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
         return self.base.batches(batch_size, keep=self.keep, **kwargs)
+
+    def iterate(self, dataset: Any) -> Iterator[tuple[Any, ...]]:
+        return self.base.iterate(dataset, keep=self.keep)
 
     def take(self, n: int, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.base.take(n, keep=self.keep, **kwargs)
