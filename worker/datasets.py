@@ -128,28 +128,35 @@ def register(record: DatasetRecord, settings: Settings, storage: Storage, report
 def _convert_folder_reference(
     record: DatasetRecord, source: Any, settings: Settings, storage: Storage, report: Any
 ) -> dict[str, Any]:
-    """A ``file://`` image folder into TFRecord shards in the blob store (one GET per image would be slow)."""
-    from worker.data.convert import convert_image_folder
-    from worker.data.errors import SourceError
+    """An image folder by reference (``file://`` or ``s3://``) into TFRecord shards in the blob store: jobs
+    then read a few large shards instead of one file or GET per image. An ``s3://`` folder is listed (its keys
+    name the classes, as folders do) and its images read a few at a time while the shards are written."""
+    from worker.data.convert import convert_image_folder, convert_images, image_listing
     from worker.data.manifest import build_manifest
     from worker.data.sources import open_source
 
-    if not getattr(source, "local", False):
-        raise SourceError(
-            "not_supported",
-            "image folders in object storage are not converted yet: pack the folder into a .tar or .zip and "
-            "upload it, or register it from a file:// root",
-        )
-    source.list(settings.dataset_max_objects)  # limits, containment and emptiness, checked before reading
+    objects = source.list(settings.dataset_max_objects)  # limits, containment, emptiness: before reading
     work = Path(tempfile.mkdtemp(prefix=f"dataset-{record.id}-", dir=storage.tmp_dir))
     try:
         report("converting", 0.0)
-        conversion = convert_image_folder(
-            Path(urlsplit(source.root).path),
-            work,
-            shard_bytes=settings.dataset_shard_bytes,
-            report=lambda f: report("converting", f),
-        )
+
+        def progress(fraction: float) -> None:
+            report("converting", fraction)
+
+        if getattr(source, "local", False):
+            conversion = convert_image_folder(
+                Path(urlsplit(source.root).path), work, shard_bytes=settings.dataset_shard_bytes, report=progress
+            )
+        else:
+            by_key = {obj.key: obj for obj in objects}
+            listing = image_listing(list(by_key))
+            conversion = convert_images(
+                listing,
+                lambda rels: source.read_many(by_key[listing.prefix + rel] for rel in rels),
+                work,
+                shard_bytes=settings.dataset_shard_bytes,
+                report=progress,
+            )
         root = _publish_shards(storage, record.id, conversion.shards, work)
         shards = open_source(root, storage=storage, settings=settings, allowed=None)
         manifest = build_manifest(
