@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +58,56 @@ def _publish_shards(storage: Storage, dataset_id: str, files: list[Path], base: 
     return f"blob:{prefix}"
 
 
+# How often, as a fraction of SECATEURS_REDISPATCH_AFTER_S, a registration says it is alive while it lists or
+# builds a manifest (single calls that report nothing themselves: a listing of a million keys can take longer
+# than the 900 s after which the reaper sends the registration again, and it would be read twice).
+HEARTBEAT_FRACTION = 0.2
+
+
+class _Heartbeat:
+    """``report`` for ``_register``: passes every report on and remembers it; a thread repeats the last one
+    (at first ``("validating", None)``: alive, progress unknown) every ``every`` seconds until the end, so the
+    record's ``dispatched_at`` stays fresh through listing, sampling and manifest building too."""
+
+    def __init__(self, report: Any, every: float) -> None:
+        self._report, self._every = report, every
+        self._last: tuple[str, float | None] = ("validating", None)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="dataset-heartbeat", daemon=True)
+
+    def __call__(self, status: str, fraction: float | None) -> None:
+        with self._lock:
+            self._last = (status, fraction)
+            self._report(status, fraction)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._every):
+            with self._lock:
+                try:
+                    self._report(*self._last)
+                except Exception:  # a database hiccup: the next beat or report tries again
+                    log.warning("dataset heartbeat failed", exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def register(record: DatasetRecord, settings: Settings, storage: Storage, report: Any) -> dict[str, Any]:
-    """The manifest of ``record``'s data, converting or unpacking into shards first where needed."""
+    """The manifest of ``record``'s data, converting or unpacking into shards first where needed.
+
+    ``report(status, fraction)`` (``fraction`` None: alive, progress unknown) is called as the work goes and,
+    by a heartbeat, at least every ``HEARTBEAT_FRACTION`` x ``redispatch_after_s`` seconds."""
+    with _Heartbeat(report, max(0.05, settings.redispatch_after_s * HEARTBEAT_FRACTION)) as beat:
+        return _register(record, settings, storage, beat)
+
+
+def _register(record: DatasetRecord, settings: Settings, storage: Storage, report: Any) -> dict[str, Any]:
     from worker.data.convert import convert_image_folder, convert_npz, detect_layout, unpack_archive
     from worker.data.manifest import build_manifest
     from worker.data.sources import open_source
