@@ -13,19 +13,20 @@ How each stored form streams (ARCHITECTURE.md "Large data"):
 
 - TFRecord: shard *paths* come from a generator for a remote source (one Python call per shard, fetched
   through the source only when the pipeline reaches that shard, so a 30 GB set is never on disk at once), or
-  as constants for a local root (checked when the pass starts: no Python inside the pass). ``interleave``
+  as constants for a local root (checked when a pass starts: no Python inside the pass). ``interleave``
   reads up to four shards at a time when shuffling (one, in manifest order, when not), records carry
-  ``(shard index, record index)`` only when a pass filters or hashes them, a bounded buffer shuffles
-  serialized records, then each record is parsed and decoded in a parallel ``map`` and batched -- the
-  pipeline a user writes by hand (bench ``datasets``: a batch-level ``parse_example`` + ``map_fn`` decode
-  used the same CPU but ran 2-3x longer on shared cores, its 20-odd batch tasks parallelising worse).
+  ``(shard index, record index)`` only when a pass filters or hashes them (the per-record map that attaches
+  them cost ~20% of a pass's CPU), a bounded buffer shuffles serialized records, then records are parsed a
+  whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch (bench
+  ``datasets``: a per-record parse in a parallel ``map`` before batching, as a hand-written pipeline does,
+  took ~60% more CPU for the same records).
 - Parquet / npz: a generator yields whole column batches (pyarrow record batches with column projection; the
   npz arrays sliced), unbatched in ``tf.data`` for the keep filter and shuffle buffer, then batched again.
 
-Bad records: ``on_bad_record="fail"`` parses without catching; ``batches()`` / ``iterate()`` turn the
+Bad records: ``on_bad_record="fail"`` keeps the fast batch-level parse; ``batches()`` / ``iterate()`` turn the
 TensorFlow error into a ``RecordError`` naming shard key and record index by re-reading the shards one record
-at a time (slow path only after a failure). ``"skip"`` lets ``ignore_errors`` drop single records, and counts
-them (``skipped``) with two counters around the parse.
+at a time (slow path only after a failure). ``"skip"`` parses record by record so ``ignore_errors`` drops
+single records, and counts them (``skipped``) with two counters around the parse.
 """
 
 from __future__ import annotations
@@ -187,12 +188,19 @@ class StreamedSet:
             batched = parsed.padded_batch(batch_size, drop_remainder=drop_remainder)
             ds = batched.map(lambda ids, x, y=None: element(ids, x, y))
         elif ids:
-            parsed = records.map(self._record_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            batched = parsed.batch(batch_size, drop_remainder=drop_remainder)
-            ds = batched.map(lambda ids, x, y=None: element(ids, x, y))
-        else:  # the common evaluation / training pass: what a hand-written tf.data pipeline does
-            ds = records.map(self._payload_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+            batched = records.batch(batch_size, drop_remainder=drop_remainder)
+            ds = batched.map(
+                lambda i, r, p: element((i, r), *self._finish(self._parse_batch(p), batched=True)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+        else:  # the common evaluation / training pass: no per-record work before the batch-level parse
+            batched = records.batch(batch_size, drop_remainder=drop_remainder)
+            ds = batched.map(
+                lambda p: element(None, *self._finish(self._parse_batch(p), batched=True)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
         if augment is not None:
             ds = ds.map(
                 lambda x, *rest: (augment(x), *rest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -480,6 +488,13 @@ class StreamedSet:
 
     # --- parsing and decoding ------------------------------------------------------------------------------
 
+    def _parse_batch(self, payload: Any) -> dict[str, Any]:
+        if self.description.format != "tfrecord":
+            return payload
+        tf = _tf()
+        d = self.description
+        return tf.io.parse_example(payload, {name: d.features[name].tf_spec() for name in d.sources})
+
     def _parse_one(self, payload: Any) -> dict[str, Any]:
         if self.description.format != "tfrecord":
             return payload
@@ -487,7 +502,7 @@ class StreamedSet:
         d = self.description
         return tf.io.parse_single_example(payload, {name: d.features[name].tf_spec() for name in d.sources})
 
-    def _dense(self, name: str, value: Any) -> Any:
+    def _dense(self, name: str, value: Any, batched: bool) -> Any:
         """Densify a var_len feature (fill = its default), padded or cut to its declared length."""
         tf = _tf()
         if not isinstance(value, tf.SparseTensor):
@@ -499,7 +514,7 @@ class StreamedSet:
             dense = dense[..., :length]
             pad = [[0, 0]] * (dense.shape.rank - 1) + [[0, length - tf.shape(dense)[-1]]]
             dense = tf.pad(dense, pad, constant_values=feature.fill)
-            dense = tf.ensure_shape(dense, [length])
+            dense = tf.ensure_shape(dense, ([None] if batched else []) + [length])
         return dense
 
     def _record_shape(self, spec: InputSpec) -> list[int | None]:
@@ -542,32 +557,48 @@ class StreamedSet:
             return value
         return tf.cast(value, tf.as_dtype(target.dtype))
 
-    def _payload_map(self, payload: Any) -> tuple[Any, ...]:
-        """One record -> (x[, y]) without its ids (passes that neither filter nor hash records)."""
-        x, y = self._finish(self._parse_one(payload))
-        return (x,) if y is None else (x, y)
-
     def _record_map(self, index: Any, record: Any, payload: Any) -> tuple[Any, ...]:
         """One record -> ((shard index, record index), x[, y]): the record-at-a-time path."""
-        x, y = self._finish(self._parse_one(payload))
+        x, y = self._finish(self._parse_one(payload), batched=False)
         return ((index, record), x) if y is None else ((index, record), x, y)
 
-    def _finish(self, raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """One record's parsed features / columns -> (x keyed by input name, y or None)."""
+    def _finish(self, raw: dict[str, Any], *, batched: bool) -> tuple[dict[str, Any], Any]:
+        """Parsed features / columns -> (x keyed by input name, y or None)."""
         tf = _tf()
         x: dict[str, Any] = {}
         for name, spec in self.description.inputs.items():
-            value = self._dense(spec.source, raw[spec.source])
+            value = self._dense(spec.source, raw[spec.source], batched)
             if spec.decode is not None:
-                value = self._decode(spec, value)
+                if batched:
+                    out_dtype = (
+                        tf.float32 if isinstance(spec.decode, ImageDecode) else tf.as_dtype(spec.decode.dtype)
+                    )
+                    value = tf.map_fn(
+                        lambda v, spec=spec: self._decode(spec, v),
+                        value,
+                        fn_output_signature=tf.TensorSpec(self._record_shape(spec), out_dtype),
+                    )
+                else:
+                    value = self._decode(spec, value)
             x[name] = self._cast(spec, value)
         y = None
         label, decode = self.description.label, self.description.label_decode
         if label is not None:
-            y = self._dense(label, raw[label])
+            y = self._dense(label, raw[label], batched)
             if decode is not None:
-                y = tf.ensure_shape(tf.io.parse_tensor(y, out_type=tf.as_dtype(decode.dtype)), decode.shape)
+                y = self._decode_tensor(decode, y, batched)
         return x, y
+
+    def _decode_tensor(self, decode: TensorDecode, value: Any, batched: bool) -> Any:
+        tf = _tf()
+        dtype = tf.as_dtype(decode.dtype)
+
+        def one(v: Any) -> Any:
+            return tf.ensure_shape(tf.io.parse_tensor(v, out_type=dtype), decode.shape)
+
+        if not batched:
+            return one(value)
+        return tf.map_fn(one, value, fn_output_signature=tf.TensorSpec(decode.shape, dtype))
 
     # --- skip counting and error location ------------------------------------------------------------------
 
@@ -650,7 +681,7 @@ class StreamedSet:
             except errors as exc:
                 return self._bad(index, record, BAD_RECORD, _reason(exc))
             try:
-                self._finish(raw)
+                self._finish(raw, batched=False)
             except errors as exc:
                 images = any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values())
                 return self._bad(index, record, "bad_image" if images else BAD_RECORD, _reason(exc))

@@ -108,24 +108,26 @@ class Stream:
                 deterministic=True,
             )
             dataset = self._evaluation[key] = dataset.prefetch(tf.data.AUTOTUNE)
-        for element in self.reader.iterate(dataset):
-            x, y = element[0], (element[1] if len(element) > 1 else None)
-            size = int(next(iter(x.values())).shape[0])
-            if limit is not None and seen + size > limit:
-                keep = limit - seen
-                x = {k: v[:keep] for k, v in x.items()}
-                y = None if y is None else y[:keep]
-                size = keep
-            if size <= 0:
-                break
-            if y is not None:
-                ys.append(y)
-            seen += size
-            yield x
-            if limit is not None and seen >= limit:
-                break
-        self.evaluated = seen
-        self.labels = {self.output: tf.concat(ys, 0).numpy()} if ys else {}
+        try:
+            for element in self.reader.iterate(dataset):
+                x, y = element[0], (element[1] if len(element) > 1 else None)
+                size = int(next(iter(x.values())).shape[0])
+                if limit is not None and seen + size > limit:
+                    keep = limit - seen
+                    x = {k: v[:keep] for k, v in x.items()}
+                    y = None if y is None else y[:keep]
+                    size = keep
+                if size <= 0:
+                    break
+                if y is not None:
+                    ys.append(y)
+                seen += size
+                yield x
+                if limit is not None and seen >= limit:
+                    break
+        finally:  # also when the caller stops early (a fixed-batch signature leaves the last partial batch)
+            self.evaluated = seen
+            self.labels = {self.output: tf.concat(ys, 0).numpy()} if ys else {}
 
     def train_steps(self, batch_size: int, steps_per_epoch: int | None, max_samples: int | None) -> int:
         """Optimizer steps per epoch: ``steps_per_epoch``, else the records (capped by ``max_samples``) in
