@@ -204,3 +204,24 @@ def test_an_image_folder_by_s3_reference_becomes_the_shards_of_the_same_folder_o
     np.testing.assert_array_equal(read["s3"]["x"], read["file"]["x"])
     np.testing.assert_array_equal(read["s3"]["y"], read["file"]["y"])
     assert sorted(read["s3"]["y"].tolist()) == [0] * 6 + [1] * 5
+
+
+def test_an_image_rewritten_after_listing_fails_the_conversion_naming_it(
+    bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path
+) -> None:
+    import tensorflow as tf
+
+    from worker.data.convert import convert_images, image_listing
+
+    writer, root, settings = bucket
+    image = tf.io.encode_png(tf.zeros((4, 4, 1), tf.uint8)).numpy()
+    for key in ("a/0.png", "a/1.png", "b/0.png"):
+        put(writer, tmp_path, f"imgs/{key}", image)
+    source = S3Source(root + "imgs/", settings=settings, cache=ShardCache(tmp_path / "c", 0), retry_delay_s=0.01)
+    by_key = {obj.key: obj for obj in source.list(10)}
+    listing = image_listing(list(by_key))
+    assert (listing.classes, listing.prefix) == (["a", "b"], "")
+    put(writer, tmp_path, "imgs/b/0.png", image + b"rewritten")  # after the listing, before the read
+    with pytest.raises(SourceError) as err:
+        convert_images(listing, lambda rels: source.read_many(by_key[r] for r in rels), tmp_path / "out")
+    assert err.value.code == "shard_changed" and "b/0.png" in err.value.message
