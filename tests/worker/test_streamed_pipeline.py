@@ -197,3 +197,32 @@ def test_search_validation_fraction_splits_a_streamed_train_set_by_record_hash(
     note = next(line for line in document["notes"] if "held out" in line)
     assert f"{held} of {n} train samples held out (by a seeded hash" in note, note
     assert f"fine-tune on the other {n - held}" in note
+
+
+def test_a_fixed_batch_signature_scores_the_whole_batches_of_a_stream(
+    digits_cnn: Any, shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The pass stops at the partial last batch; the labels it read are still kept for scoring."""
+    from worker.models import load_model
+    from worker.stages.evaluate import score
+    from worker.stages.job import predict
+    from worker.stages.load import prepare
+
+    module = tf.Module()
+    module.w = tf.Variable(tf.random.stateless_normal([64, 10], seed=[1, 2]))
+
+    @tf.function(input_signature=[tf.TensorSpec([32, 8, 8, 1], tf.float32, name="image")])
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probs": tf.nn.softmax(tf.reshape(image, [32, 64]) @ module.w)}
+
+    tf.saved_model.save(module, str(tmp_path / "fixed"), signatures={"serving_default": serve})
+    job = prepare(
+        load_model(tmp_path / "fixed"), PruneSpec.model_validate({"target_sparsity": 0.5}), None,
+        _streamed(shards[1], tmp_path),
+    )  # fmt: skip
+    assert job.evaluation is not None
+    n = len(digits_cnn[1]["y"])
+    outputs = predict(job, job.evaluation)
+    assert len(outputs["probs"]) == n // 32 * 32 < n
+    metrics = score(job, job.evaluation, outputs).flat
+    assert metrics is not None and np.asarray(metrics["confusion_matrix"]).sum() == n // 32 * 32
