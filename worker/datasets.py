@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +58,56 @@ def _publish_shards(storage: Storage, dataset_id: str, files: list[Path], base: 
     return f"blob:{prefix}"
 
 
+# How often, as a fraction of SECATEURS_REDISPATCH_AFTER_S, a registration says it is alive while it lists or
+# builds a manifest (single calls that report nothing themselves: a listing of a million keys can take longer
+# than the 900 s after which the reaper sends the registration again, and it would be read twice).
+HEARTBEAT_FRACTION = 0.2
+
+
+class _Heartbeat:
+    """``report`` for ``_register``: passes every report on and remembers it; a thread repeats the last one
+    (at first ``("validating", None)``: alive, progress unknown) every ``every`` seconds until the end, so the
+    record's ``dispatched_at`` stays fresh through listing, sampling and manifest building too."""
+
+    def __init__(self, report: Any, every: float) -> None:
+        self._report, self._every = report, every
+        self._last: tuple[str, float | None] = ("validating", None)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="dataset-heartbeat", daemon=True)
+
+    def __call__(self, status: str, fraction: float | None) -> None:
+        with self._lock:
+            self._last = (status, fraction)
+            self._report(status, fraction)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._every):
+            with self._lock:
+                try:
+                    self._report(*self._last)
+                except Exception:  # a database hiccup: the next beat or report tries again
+                    log.warning("dataset heartbeat failed", exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def register(record: DatasetRecord, settings: Settings, storage: Storage, report: Any) -> dict[str, Any]:
-    """The manifest of ``record``'s data, converting or unpacking into shards first where needed."""
+    """The manifest of ``record``'s data, converting or unpacking into shards first where needed.
+
+    ``report(status, fraction)`` (``fraction`` None: alive, progress unknown) is called as the work goes and,
+    by a heartbeat, at least every ``HEARTBEAT_FRACTION`` x ``redispatch_after_s`` seconds."""
+    with _Heartbeat(report, max(0.05, settings.redispatch_after_s * HEARTBEAT_FRACTION)) as beat:
+        return _register(record, settings, storage, beat)
+
+
+def _register(record: DatasetRecord, settings: Settings, storage: Storage, report: Any) -> dict[str, Any]:
     from worker.data.convert import convert_image_folder, convert_npz, detect_layout, unpack_archive
     from worker.data.manifest import build_manifest
     from worker.data.sources import open_source
@@ -128,28 +177,35 @@ def register(record: DatasetRecord, settings: Settings, storage: Storage, report
 def _convert_folder_reference(
     record: DatasetRecord, source: Any, settings: Settings, storage: Storage, report: Any
 ) -> dict[str, Any]:
-    """A ``file://`` image folder into TFRecord shards in the blob store (one GET per image would be slow)."""
-    from worker.data.convert import convert_image_folder
-    from worker.data.errors import SourceError
+    """An image folder by reference (``file://`` or ``s3://``) into TFRecord shards in the blob store: jobs
+    then read a few large shards instead of one file or GET per image. An ``s3://`` folder is listed (its keys
+    name the classes, as folders do) and its images read a few at a time while the shards are written."""
+    from worker.data.convert import convert_image_folder, convert_images, image_listing
     from worker.data.manifest import build_manifest
     from worker.data.sources import open_source
 
-    if not getattr(source, "local", False):
-        raise SourceError(
-            "not_supported",
-            "image folders in object storage are not converted yet: pack the folder into a .tar or .zip and "
-            "upload it, or register it from a file:// root",
-        )
-    source.list(settings.dataset_max_objects)  # limits, containment and emptiness, checked before reading
+    objects = source.list(settings.dataset_max_objects)  # limits, containment, emptiness: before reading
     work = Path(tempfile.mkdtemp(prefix=f"dataset-{record.id}-", dir=storage.tmp_dir))
     try:
         report("converting", 0.0)
-        conversion = convert_image_folder(
-            Path(urlsplit(source.root).path),
-            work,
-            shard_bytes=settings.dataset_shard_bytes,
-            report=lambda f: report("converting", f),
-        )
+
+        def progress(fraction: float) -> None:
+            report("converting", fraction)
+
+        if getattr(source, "local", False):
+            conversion = convert_image_folder(
+                Path(urlsplit(source.root).path), work, shard_bytes=settings.dataset_shard_bytes, report=progress
+            )
+        else:
+            by_key = {obj.key: obj for obj in objects}
+            listing = image_listing(list(by_key))
+            conversion = convert_images(
+                listing,
+                lambda rels: source.read_many(by_key[listing.prefix + rel] for rel in rels),
+                work,
+                shard_bytes=settings.dataset_shard_bytes,
+                report=progress,
+            )
         root = _publish_shards(storage, record.id, conversion.shards, work)
         shards = open_source(root, storage=storage, settings=settings, allowed=None)
         manifest = build_manifest(

@@ -133,7 +133,7 @@ def run_pipeline(
                 out_dir,
                 lambda w, out: _run(job, model_dir, train, granularity, w, out, baseline_zip),
                 trial,
-                lambda w, i: fold_document(model_dir, job, _fold_source(train), granularity, w, i),
+                lambda w, i: fold_document(model_dir, job, train, granularity, w, i),
                 trial_params,
             )
     finally:
@@ -195,10 +195,11 @@ def _run(
     prune_from = PRUNING
     cross_validation = None
     if cv is not None:
+        assert train is not None  # prepare() refuses cross-validation without labelled train data
         tick = time.perf_counter()
         prune_from = PRUNING + (EVALUATING - PRUNING) * cv.folds / (cv.folds + 1)
         cv_window = window.sub(PRUNING, prune_from)
-        cross_validation = run_cross_validation(model_dir, job, _fold_source(train), granularity, cv_window)
+        cross_validation = run_cross_validation(model_dir, job, train, granularity, cv_window)
         job.timings["cross_validation"] = time.perf_counter() - tick
 
     window("pruning", prune_from)
@@ -292,18 +293,6 @@ def _run(
     if job.reconstruction is not None:
         document["reconstruction"] = job.reconstruction
     return document
-
-
-def _fold_source(train: Mapping[str, np.ndarray] | Streamed | None) -> Mapping[str, np.ndarray]:
-    """The in-memory train arrays K-fold cross-validation cuts its folds from."""
-    assert train is not None  # prepare() refuses cross-validation without labelled train data
-    if isinstance(train, Streamed):
-        raise PipelineError(
-            "not_supported",
-            "evaluation.cross_validation cuts folds from an in-memory train set; this one is streamed "
-            "(larger than SECATEURS_DATASET_MEMORY_BYTES): raise that setting or drop cross_validation",
-        )
-    return train
 
 
 class _BaselineZip:

@@ -219,9 +219,10 @@ def _validate_dataset(dataset_id: str) -> None:
             return
         session.expunge(record)
 
-    def report(status: str, fraction: float) -> None:
+    def report(status: str, fraction: float | None) -> None:  # None: alive, progress unknown (a heartbeat)
         with session_scope(sessions) as session:
-            dataset_status.set_dataset_progress(session, dataset_id, status, round(float(fraction), 4))
+            progress = None if fraction is None else round(float(fraction), 4)
+            dataset_status.set_dataset_progress(session, dataset_id, status, progress)
 
     try:
         manifest = register(record, settings, storage, report)

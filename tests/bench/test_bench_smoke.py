@@ -230,7 +230,9 @@ class TestSmokeDatasets:
         assert result["smoke"] is True
         speed = result["speed"]
         (row,) = speed["rounds"]
-        assert set(row) == {"job", "keras", "s3"}
+        assert set(row) == {"job", "keras", "s3", "job_pass"}
+        assert _positive_finite(row["job_pass"]["predict_s"])  # the prediction pass alone, for context
+        assert _positive_finite(row["job_pass"]["predict_cpu_s"]) and _positive_finite(row["keras"]["predict_cpu_s"])
         for side in ("job", "s3"):
             assert _positive_finite(row[side]["fine_tune_s"]) and _positive_finite(row[side]["evaluate_s"])
             assert 0.0 <= row[side]["accuracy"] <= 1.0

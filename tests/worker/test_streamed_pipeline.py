@@ -122,3 +122,107 @@ def test_a_record_that_does_not_parse_fails_the_job_naming_shard_and_index(
             lambda stage, progress: None,
         )
     assert "part-00001.tfrecord" in failed.value.message
+
+
+def _fold_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-fold rows without wall times (what a second run with the same seed must repeat)."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in document["cross_validation"]["per_fold"]]
+
+
+@pytest.mark.parametrize(("folds", "cut"), [(3, "by shard"), (4, "by record hash")])
+def test_k_fold_on_a_streamed_train_set_partitions_it_and_repeats_for_a_seed(
+    keras3_export_dir: Path, digits_cnn: Any, shards: tuple[Path, Path], tmp_path: Path, folds: int, cut: str
+) -> None:
+    train, _ = digits_cnn
+    n = len(train["y"])
+    spec: dict[str, Any] = {"target_sparsity": 0.5, "seed": 3, "evaluation": {"cross_validation": {"folds": folds}}}
+    runs = 2 if folds == 4 else 1  # the record-hash folds are the ones whose determinism is not by construction
+    if runs == 1:  # and each fold fine-tunes from its own part of the stream (2 x 64 samples: cheap)
+        spec["fine_tune"] = {"epochs": 1, "batch_size": 64, "max_samples": 128}
+
+    documents = [
+        run_pipeline(
+            keras3_export_dir,
+            PruneSpec.model_validate(spec),
+            _streamed(shards[0], tmp_path),
+            _streamed(shards[1], tmp_path),
+            tmp_path / f"cv{run}",
+            lambda stage, progress: None,
+        )
+        for run in range(runs)
+    ]
+    section = documents[0]["cross_validation"]
+    assert section["folds"] == folds and section["stratified"] is False and cut in section["note"]
+    rows = section["per_fold"]
+    assert sum(row["n_test"] for row in rows) == n  # every record held out exactly once
+    assert all(row["n_train"] + row["n_test"] == n for row in rows)
+    assert all(row["n_test"] > 0 for row in rows)
+    if cut == "by shard":  # 3 shards of records i, i+3, ... (see _write_shards): the held-out sizes are theirs
+        assert sorted(row["n_test"] for row in rows) == sorted(len(range(s, n, 3)) for s in range(3))
+    # each fold scored exactly its held-out records: the baseline's confusion matrix counts them
+    for row in rows:
+        assert np.asarray(row["baseline"]["confusion_matrix"]).sum() == row["n_test"]
+        assert row["sparsity"] == pytest.approx(0.5, abs=0.01)
+    if runs == 2:
+        assert _fold_rows(documents[0]) == _fold_rows(documents[1])
+
+
+def test_search_validation_fraction_splits_a_streamed_train_set_by_record_hash(
+    keras3_export_dir: Path, digits_cnn: Any, shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from worker.data import split
+
+    train, _ = digits_cnn
+    spec = PruneSpec.model_validate(
+        {
+            "search": {"max_drop": 0.05, "min_sparsity": 0.05, "max_sparsity": 0.6, "validation_fraction": 0.2},
+            "preset": "fast",
+            "seed": 5,
+        }
+    )
+    document = run_pipeline(
+        keras3_export_dir,
+        spec,
+        _streamed(shards[0], tmp_path),
+        _streamed(shards[1], tmp_path),
+        tmp_path / "search",
+        lambda stage, progress: None,
+    )
+    assert document["search"]["selection_data"] == "validation split of the train set"
+    # the held-out records are those whose seeded hash of (shard, record index) is below 0.2
+    n = len(train["y"])
+    shard_of = np.arange(n) % 3
+    record_of = np.arange(n) // 3
+    held = int(np.count_nonzero(split.record_bucket_np(shard_of, record_of, 5) < 0.2))
+    note = next(line for line in document["notes"] if "held out" in line)
+    assert f"{held} of {n} train samples held out (by a seeded hash" in note, note
+    assert f"fine-tune on the other {n - held}" in note
+
+
+def test_a_fixed_batch_signature_scores_the_whole_batches_of_a_stream(
+    digits_cnn: Any, shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The pass stops at the partial last batch; the labels it read are still kept for scoring."""
+    from worker.models import load_model
+    from worker.stages.evaluate import score
+    from worker.stages.job import predict
+    from worker.stages.load import prepare
+
+    module = tf.Module()
+    module.w = tf.Variable(tf.random.stateless_normal([64, 10], seed=[1, 2]))
+
+    @tf.function(input_signature=[tf.TensorSpec([32, 8, 8, 1], tf.float32, name="image")])
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probs": tf.nn.softmax(tf.reshape(image, [32, 64]) @ module.w)}
+
+    tf.saved_model.save(module, str(tmp_path / "fixed"), signatures={"serving_default": serve})
+    job = prepare(
+        load_model(tmp_path / "fixed"), PruneSpec.model_validate({"target_sparsity": 0.5}), None,
+        _streamed(shards[1], tmp_path),
+    )  # fmt: skip
+    assert job.evaluation is not None
+    n = len(digits_cnn[1]["y"])
+    outputs = predict(job, job.evaluation)
+    assert len(outputs["probs"]) == n // 32 * 32 < n
+    metrics = score(job, job.evaluation, outputs).flat
+    assert metrics is not None and np.asarray(metrics["confusion_matrix"]).sum() == n // 32 * 32

@@ -304,3 +304,62 @@ def test_a_model_whose_loads_all_died_is_invalid_not_reloaded(
     assert record.status == "invalid" and error is not None
     assert record.error == error and error["code"] == "validation_crashed"
     assert f"{MAX_ATTEMPTS} times" in error["message"] and "memory" in error["message"]
+
+
+# --- dataset registration -----------------------------------------------------------------------------------
+
+
+def test_a_long_listing_keeps_dispatched_at_fresh_so_the_reaper_does_not_send_it_again(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing and manifest building report nothing themselves: a heartbeat refreshes ``dispatched_at`` every
+    ``HEARTBEAT_FRACTION`` x ``redispatch_after_s`` (here 1 s -> 0.2 s) while a slow listing runs."""
+    import time
+    from datetime import timedelta
+
+    from tests.worker.data.stream_support import example, write_tfrecord
+    from worker.data.sources import FileSource
+
+    root = tmp_path / "refs" / "data"
+    write_tfrecord(root / "part-0.tfrecord", [example({"f": np.float32([i, i]), "label": np.int64(i % 2)}) for i in range(6)])
+    world.settings = world.settings.model_copy(
+        update={"redispatch_after_s": 1.0, "dataset_sources": {"*": [f"file://{tmp_path / 'refs'}/"]}}
+    )
+    dataset_id = records.new_id("ds")
+    with session_scope(world.sessions) as s:
+        records.add(
+            s,
+            DatasetRecord(
+                id=dataset_id, name="ref", format="tfrecord", source=f"file://{root}/", status="validating",
+                dispatched_at=utcnow() - timedelta(hours=1),
+            ),
+        )  # fmt: skip
+
+    def dispatched() -> Any:
+        with session_scope(world.sessions) as s:
+            record = s.get(DatasetRecord, dataset_id)
+            assert record is not None
+            return record.dispatched_at, record.status, record.progress
+
+    seen: list[tuple[Any, Any, bool]] = []
+    listing = FileSource.list
+
+    def slow_list(self: FileSource, max_objects: int) -> Any:
+        before = dispatched()
+        time.sleep(1.3)  # a listing of millions of keys, shrunk: longer than redispatch_after_s
+        with session_scope(world.sessions) as s:  # the reaper's pass now would send the registration again
+            reaped = jobs.reap(s, lease_seconds=60, max_attempts=MAX_ATTEMPTS, redispatch_after_s=1.0)
+        seen.append((before, dispatched(), dataset_id in reaped.resend_datasets))
+        return listing(self, max_objects)
+
+    monkeypatch.setattr(FileSource, "list", slow_list)
+    tasks._validate_dataset(dataset_id)
+    with session_scope(world.sessions) as s:
+        record = s.get(DatasetRecord, dataset_id)
+        assert record is not None and record.status == "ready", record.error
+        assert record.n_samples == 6
+    assert seen
+    for (before, _, _), (after, status, progress), resent in seen:
+        assert after > before  # refreshed during the listing, not only when it began
+        assert (status, progress) == ("validating", None)  # alive, progress unknown
+        assert not resent  # so the reaper did not send it again: it would have been validated twice

@@ -5,7 +5,8 @@ rewritten as TFRecord shards the stream reader reads like any other (worker task
   uploads (``app.archive``: no ``..``, absolute paths, links or devices; bounded members, size and ratio;
   bytes really written are counted), then :func:`detect_layout` says what it holds: TFRecord shards, Parquet
   files, one ``.npz``, or an image folder ``<class>/<image>.jpg|jpeg|png``.
-- :func:`convert_image_folder` writes shards of ``{"image": the file's bytes as stored, "label": int64 index
+- :func:`convert_image_folder` (a local folder) and :func:`convert_images` (any listing, e.g. an ``s3://``
+  prefix named by :func:`image_listing`) write shards of ``{"image": the file's bytes as stored, "label": int64 index
   into the sorted class names, "path": its path inside the folder}`` in a seeded shuffled order (so every shard
   mixes classes and a shard-level split is not a class split); the images are not decoded here (the stream
   decodes them), only recognised by their magic bytes; other files are skipped and counted.
@@ -263,9 +264,6 @@ def convert_image_folder(
     """``root/<class>/.../<image>`` -> TFRecord shards ``out_dir/part-NNNNN.tfrecord`` of about
     ``shard_bytes`` (module docstring). Class names are the sorted folder names (label = index). Memory: the
     list of file paths, and one image at a time."""
-    import tensorflow as tf
-
-    report = report or _noop
     folder = _image_root(root) or root
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
     items: list[tuple[str, int]] = []
@@ -276,25 +274,111 @@ def convert_image_folder(
                 items.append((p.relative_to(folder).as_posix(), label))
             else:
                 skipped += 1
+    return convert_images(
+        ImageListing(classes, items, skipped),
+        lambda rels: ((folder / rel).read_bytes() for rel in rels),
+        out_dir,
+        shard_bytes=shard_bytes,
+        seed=seed,
+        report=report,
+        input_name=input_name,
+    )
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """An image folder as names: ``classes`` (sorted), ``items`` ``(path relative to the folder, label)``,
+    the files that are not images (``skipped``), and the key prefix of the folder in a listing (``prefix``)."""
+
+    classes: list[str]
+    items: list[tuple[str, int]]
+    skipped: int = 0
+    prefix: str = ""
+
+
+def _hidden_part(key: str) -> bool:
+    return any(part.startswith((".", "_")) for part in key.split("/"))
+
+
+def image_listing(keys: list[str]) -> ImageListing:
+    """The image folder in a listing of object keys (an ``s3://`` prefix), by the rules of
+    ``convert_image_folder``'s local walk: the folder whose subfolders are the classes is the root or a single
+    folder wrapping it; hidden parts (``.DS_Store``, ``__MACOSX``, ``_SUCCESS``) are ignored; anything not
+    ``.jpg``/``.jpeg``/``.png`` is skipped and counted. SourceError ``source_empty`` when there is no such
+    folder."""
+    visible = sorted(k for k in keys if not _hidden_part(k))
+
+    def is_image(key: str) -> bool:
+        return Path(key).suffix.lower() in IMAGE_SUFFIXES
+
+    prefix = ""
+    while True:
+        below = [k[len(prefix) :] for k in visible if k.startswith(prefix)]
+        dirs = sorted({k.split("/", 1)[0] for k in below if "/" in k})
+        images_here = [k for k in below if "/" not in k and is_image(k)]
+        if (
+            len(dirs) == 1
+            and not images_here
+            and not any(k.count("/") == 1 and is_image(k) for k in below if k.startswith(dirs[0] + "/"))
+        ):
+            prefix += dirs[0] + "/"
+            continue
+        if not dirs or not any(is_image(k) for k in below if "/" in k):
+            raise SourceError(
+                "source_empty",
+                "the source holds no .jpg/.jpeg/.png files inside <class>/ folders (an image folder is "
+                "<class name>/<image>, optionally inside one wrapping folder)",
+            )
+        break
+    items: list[tuple[str, int]] = []
+    skipped = sum(1 for k in below if "/" not in k)
+    for label, name in enumerate(dirs):
+        for rel in (k for k in below if k.startswith(name + "/")):
+            if is_image(rel):
+                items.append((rel, label))
+            else:
+                skipped += 1
+    return ImageListing(dirs, items, skipped, prefix)
+
+
+def convert_images(
+    listing: ImageListing,
+    read: Callable[[list[str]], Iterator[bytes]],
+    out_dir: Path,
+    *,
+    shard_bytes: int = SHARD_BYTES,
+    seed: int = 0,
+    report: Report | None = None,
+    input_name: str = "x",
+) -> Conversion:
+    """The shards of an image folder wherever it lies: ``read(paths)`` yields the bytes of ``listing``'s
+    images in the order given (a local folder reads files; an ``s3://`` prefix GETs a few objects at once).
+    Images go in a seeded shuffled order, so every shard mixes classes and the same folder gives the same
+    shards."""
+    import tensorflow as tf
+
+    report = report or _noop
+    skipped = listing.skipped
+    items = sorted(listing.items)
     if not items:
         raise SourceError(
             "source_empty", "the image folder holds no .jpg/.jpeg/.png files inside <class>/ folders"
         )
-    items.sort()
     random.Random(seed).shuffle(items)  # every shard mixes classes; the same upload gives the same shards
 
-    def read(rel: str) -> bytes | None:
-        data = (folder / rel).read_bytes()
+    def checked(rel: str, data: bytes) -> bytes | None:
         return data if data.startswith(_MAGIC[Path(rel).suffix.lower()]) else None
 
-    sample = [b for b in (read(rel) for rel, _ in items[:16]) if b is not None]
+    head = [rel for rel, _ in items[:16]]
+    sample = [b for b in (checked(rel, data) for rel, data in zip(head, read(head), strict=True)) if b]
     channels = image_channels(sample) if sample else 3
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(tf, out_dir, shard_bytes)
     n = 0
     try:
-        for i, (rel, label) in enumerate(items):
-            data = read(rel)
+        blobs = read([rel for rel, _ in items])
+        for i, ((rel, label), raw) in enumerate(zip(items, blobs, strict=True)):
+            data = checked(rel, raw)
             if data is None:  # named .jpg/.png but something else: not an image we can decode
                 skipped += 1
                 continue
@@ -315,9 +399,9 @@ def convert_image_folder(
         writer.paths,
         writer.counts,
         n,
-        image_folder_description(classes, channels, input_name),
+        image_folder_description(listing.classes, channels, input_name),
         skipped,
-        classes,
+        list(listing.classes),
         channels,
     )
 

@@ -11,24 +11,28 @@ Element of ``StreamedSet.dataset(...)`` (always a tuple, so ``x, *rest = element
 
 How each stored form streams (ARCHITECTURE.md "Large data"):
 
-- TFRecord: a generator yields shard *paths* (one Python call per shard, fetched through the source only
-  when the pipeline reaches that shard, so a 30 GB set is never on disk at once), ``interleave`` reads up to
-  four shards at a time when shuffling (one, in manifest order, when not), records carry ``(shard index,
-  record index)`` for hashing, a bounded buffer shuffles serialized records, then records are parsed a
-  whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch.
+- TFRecord: shard *paths* come from a generator for a remote source (one Python call per shard, fetched
+  through the source only when the pipeline reaches that shard, so a 30 GB set is never on disk at once), or
+  as constants for a local root (checked when a pass starts: no Python inside the pass). ``interleave``
+  reads up to four shards at a time when shuffling (one, in manifest order, when not), records carry
+  ``(shard index, record index)`` only when a pass filters or hashes them (the per-record map that attaches
+  them cost ~20% of a pass's CPU), a bounded buffer shuffles serialized records, then records are parsed a
+  whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch (bench
+  ``datasets``: a per-record parse in a parallel ``map`` before batching, as a hand-written pipeline does,
+  took ~60% more CPU for the same records).
 - Parquet / npz: a generator yields whole column batches (pyarrow record batches with column projection; the
   npz arrays sliced), unbatched in ``tf.data`` for the keep filter and shuffle buffer, then batched again.
 
-Bad records: ``on_bad_record="fail"`` keeps the fast batch-level parse; ``batches()`` turns the TensorFlow
-error into a ``RecordError`` naming shard key and record index by re-reading the shards one record at a time
-(slow path only after a failure). ``"skip"`` parses record by record so ``ignore_errors`` drops single records,
-and counts them (``skipped``) with two counters around the parse.
+Bad records: ``on_bad_record="fail"`` keeps the fast batch-level parse; ``batches()`` / ``iterate()`` turn the
+TensorFlow error into a ``RecordError`` naming shard key and record index by re-reading the shards one record
+at a time (slow path only after a failure). ``"skip"`` parses record by record so ``ignore_errors`` drops
+single records, and counts them (``skipped``) with two counters around the parse.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +158,15 @@ class StreamedSet:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         order = self._order(shuffle, seed, epoch, keep)
-        records = self._records(order, cycle=min(CYCLE_LENGTH, len(order)) if shuffle else 1)
+        # TFRecord ids (shard, record index) only when something reads them: the per-record map that attaches
+        # them costs ~15% of a plain pass's CPU. Column batches carry theirs from the generator at no cost.
+        ids = (
+            with_hash
+            or self.on_bad_record == "skip"
+            or self.description.format != "tfrecord"
+            or not (keep is None or self._whole(keep))
+        )
+        records = self._records(order, cycle=min(CYCLE_LENGTH, len(order)) if shuffle else 1, ids=ids)
         records = self._filter(records, keep)
         if shuffle:
             records = records.shuffle(
@@ -175,10 +187,17 @@ class StreamedSet:
             parsed = parsed.ignore_errors().map(lambda *item: (seen_out.assign_add(1), item)[1])
             batched = parsed.padded_batch(batch_size, drop_remainder=drop_remainder)
             ds = batched.map(lambda ids, x, y=None: element(ids, x, y))
-        else:
+        elif ids:
             batched = records.batch(batch_size, drop_remainder=drop_remainder)
             ds = batched.map(
                 lambda i, r, p: element((i, r), *self._finish(self._parse_batch(p), batched=True)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+        else:  # the common evaluation / training pass: no per-record work before the batch-level parse
+            batched = records.batch(batch_size, drop_remainder=drop_remainder)
+            ds = batched.map(
+                lambda p: element(None, *self._finish(self._parse_batch(p), batched=True)),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
@@ -194,10 +213,20 @@ class StreamedSet:
         """Iterate ``dataset(batch_size, **kwargs)``, turning TensorFlow's parse/decode/read errors into a
         ``RecordError`` that names the shard and record (``on_bad_record="fail"``), and counting records lost to
         damaged shards in ``skipped`` (``"skip"``, when the manifest knows each shard's record count)."""
+        yield from self.iterate(self.dataset(batch_size, **kwargs), keep=kwargs.get("keep"))
+
+    def iterate(self, dataset: Any, *, keep: split.KeepFn | None = None) -> Iterator[tuple[Any, ...]]:
+        """``batches`` for a dataset built earlier by ``dataset`` (and extended by the caller), so a pass that
+        repeats (every evaluation of a job) does not build and trace its pipeline again: ~0.2 s a pass, as
+        much as scoring 5000 small images. Shards of a local root are checked again first (their paths are
+        fixed in the pipeline); remote ones are fetched as the pass reaches them."""
         tf = _tf()
+        if getattr(self.source, "local", False):
+            for index in split.kept_shards(keep, len(self.shards)):
+                self._fetch(index)
         self._gen_error = None
         before = self._counter_values()
-        iterator = iter(self.dataset(batch_size, **kwargs))
+        iterator = iter(dataset)
         while True:
             try:
                 item = next(iterator)
@@ -206,9 +235,9 @@ class StreamedSet:
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.UnknownError) as exc:
                 if self._gen_error is not None:
                     raise self._gen_error from exc
-                raise self._locate(exc, kwargs.get("keep")) from exc
+                raise self._locate(exc, keep) from exc
             yield item
-        if self.on_bad_record == "skip" and kwargs.get("keep") is None:
+        if self.on_bad_record == "skip" and keep is None:
             expected = [s.get("records") for s in self.shards]
             if all(isinstance(e, int) for e in expected):
                 read = self._counter_values()[0] - before[0]
@@ -237,6 +266,39 @@ class StreamedSet:
             )
             return {key: np.zeros((0,)) for key in keys}
         return {key: np.concatenate(chunks)[:n] for key, chunks in parts.items()}
+
+    def count(self, subsets: Sequence[split.Subset]) -> list[int]:
+        """Records each subset selects, exactly. Whole-shard subsets of a manifest that counted every shard
+        add the counts up (no read); otherwise one pass over the record ids (shard bytes are read, nothing is
+        parsed or decoded) buckets every record once for all the subsets. Records a damaged shard loses count
+        as stored: with ``on_bad_record="skip"`` a pass may read fewer."""
+        counts = [s.get("records") for s in self.shards]
+        if all(sub.whole_shards for sub in subsets) and all(isinstance(c, int) for c in counts):
+            return [sum(int(counts[i]) for i in split.kept_shards(sub, len(counts))) for sub in subsets]
+        tf = _tf()
+        self._gen_error = None
+        totals = [0] * len(subsets)
+        ids = self._records(list(range(len(self.shards))), cycle=1).map(lambda i, r, p: (i, r))
+        try:
+            for shard, record in ids.batch(65_536).as_numpy_iterator():
+                buckets: dict[int, np.ndarray] = {}
+                for j, sub in enumerate(subsets):
+                    kept = np.ones(len(shard), bool) if sub.shards is None else np.isin(shard, list(sub.shards))
+                    if not sub.whole_shards:
+                        if sub.seed not in buckets:
+                            buckets[sub.seed] = split.record_bucket_np(shard, record, sub.seed)
+                        kept &= np.asarray(sub(buckets[sub.seed]), bool)
+                    totals[j] += int(np.count_nonzero(kept))
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.UnknownError) as exc:
+            if self._gen_error is not None:
+                raise self._gen_error from exc
+            raise self._locate(exc, None) from exc
+        return totals
+
+    def part(self, keep: split.Subset, n: int | None = None) -> StreamedPart:
+        """The records ``keep`` selects, read like a whole set (a K-fold or validation split of a streamed
+        train set); ``n`` is their count when known (``count``)."""
+        return StreamedPart(self, keep, n)
 
     # --- targets (the model's input specs) -----------------------------------------------------------------
 
@@ -298,13 +360,18 @@ class StreamedSet:
     def _where(self, index: int) -> str:
         return f"shard {self.shards[index]['key']!r}"
 
-    def _records(self, order: list[int], *, cycle: int) -> Any:
-        """Dataset of ``(shard index, record index, payload)``: payload = serialized Example or column dict."""
+    @staticmethod
+    def _whole(keep: split.KeepFn) -> bool:
+        return isinstance(keep, split.Subset) and keep.whole_shards
+
+    def _records(self, order: list[int], *, cycle: int, ids: bool = True) -> Any:
+        """Dataset of ``(shard index, record index, payload)``: payload = serialized Example or column dict.
+        ``ids=False`` (read by TFRecord only): the payloads alone."""
         if self.description.format == "tfrecord":
-            return self._tfrecord_records(order, cycle)
+            return self._tfrecord_records(order, cycle, ids)
         return self._column_records(order)
 
-    def _tfrecord_records(self, order: list[int], cycle: int) -> Any:
+    def _tfrecord_records(self, order: list[int], cycle: int, ids: bool = True) -> Any:
         tf = _tf()
 
         def paths() -> Iterator[tuple[int, str]]:
@@ -318,11 +385,18 @@ class StreamedSet:
             records = tf.data.TFRecordDataset(path, compression_type=compression)
             if skip:  # a damaged shard is read up to the damage (the loss is counted by batches())
                 records = records.ignore_errors()
+            if not ids:
+                return records
             return records.enumerate().map(lambda r, payload: (index, r, payload))
 
-        shard_paths = tf.data.Dataset.from_generator(
-            paths, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
-        )
+        if getattr(self.source, "local", False):  # files here already: checked now, no Python in the pass
+            shard_paths = tf.data.Dataset.from_tensor_slices(
+                (tf.constant(order, tf.int64), tf.constant([str(self._fetch(i)) for i in order], tf.string))
+            )
+        else:  # fetched (downloaded into the cache) only when the pass reaches the shard
+            shard_paths = tf.data.Dataset.from_generator(
+                paths, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
+            )
         if cycle <= 1:
             return shard_paths.flat_map(read)
         return shard_paths.interleave(
@@ -612,6 +686,43 @@ class StreamedSet:
                 images = any(isinstance(s.decode, ImageDecode) for s in self.description.inputs.values())
                 return self._bad(index, record, "bad_image" if images else BAD_RECORD, _reason(exc))
         return self._bad(index, record, BAD_RECORD, "it does not parse or decode")
+
+
+class StreamedPart:
+    """Part of a ``StreamedSet`` (a fold, a validation split) with the reader interface the stages use:
+    ``n``, ``batches``, ``dataset``, ``take``, ``notes``, ``skipped``. Every pass filters with ``keep`` (whole
+    shards outside it are never fetched), so a fold streams through exactly the path of a whole set."""
+
+    def __init__(self, base: StreamedSet, keep: split.Subset, n: int | None) -> None:
+        self.base, self.keep, self.n = base, keep, n
+
+    @property
+    def labelled(self) -> bool:
+        return self.base.labelled
+
+    @property
+    def notes(self) -> list[str]:
+        return self.base.notes
+
+    @property
+    def skipped(self) -> int:
+        return self.base.skipped
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.base.shards
+
+    def dataset(self, batch_size: int, **kwargs: Any) -> Any:
+        return self.base.dataset(batch_size, keep=self.keep, **kwargs)
+
+    def batches(self, batch_size: int, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        return self.base.batches(batch_size, keep=self.keep, **kwargs)
+
+    def iterate(self, dataset: Any) -> Iterator[tuple[Any, ...]]:
+        return self.base.iterate(dataset, keep=self.keep)
+
+    def take(self, n: int, **kwargs: Any) -> dict[str, np.ndarray]:
+        return self.base.take(n, keep=self.keep, **kwargs)
 
 
 def sample_arrays(manifest: dict[str, Any], source: Any, n: int = 8) -> dict[str, dict[str, Any]]:

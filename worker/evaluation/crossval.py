@@ -128,22 +128,30 @@ def summarize_folds(per_fold: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def cross_validation_report(plan: FoldPlan, per_fold: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def cross_validation_report(
+    plan: FoldPlan,
+    per_fold: Sequence[Mapping[str, Any]],
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """The metrics document's ``cross_validation`` section.
 
     ``per_fold``: one dict per fold, in fold order, holding at least ``baseline`` and ``pruned`` metrics (dict or
     None); anything else in it (e.g. ``fidelity``, ``sparsity``) is summarised too when numeric. Returns
     ``{"folds", "stratified", "note"?, "per_fold" (with "fold", "n_train", "n_test" added), "summary"}`` where
     ``summary`` is ``summarize_folds`` over the per-fold entries (``summary["pruned"]["accuracy"]["mean"]``).
+    ``sizes``: ``(n_train, n_test)`` per fold when the folds are not index arrays (a streamed train set's
+    folds are shard or record-hash subsets, counted by the reader); default: the plan's index lengths.
     """
-    if len(per_fold) != len(plan.folds):
-        raise ValueError(f"{len(per_fold)} fold results for {len(plan.folds)} folds")
+    if sizes is None:
+        sizes = [(len(train), len(test)) for train, test in plan.folds]
+    if len(per_fold) != len(sizes):
+        raise ValueError(f"{len(per_fold)} fold results for {len(sizes)} folds")
     rows = [
-        {"fold": i, "n_train": len(train), "n_test": len(test), **dict(result)}
-        for i, ((train, test), result) in enumerate(zip(plan.folds, per_fold, strict=True))
+        {"fold": i, "n_train": n_train, "n_test": n_test, **dict(result)}
+        for i, ((n_train, n_test), result) in enumerate(zip(sizes, per_fold, strict=True))
     ]
     summary = summarize_folds([dict(result) for result in per_fold])
-    report: dict[str, Any] = {"folds": len(plan.folds), "stratified": plan.stratified}
+    report: dict[str, Any] = {"folds": len(sizes), "stratified": plan.stratified}
     if plan.note:
         report["note"] = plan.note
     report["per_fold"] = rows

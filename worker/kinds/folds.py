@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from app.schemas.spec import PruneSpec
 from worker.errors import PipelineError
 from worker.evaluation.crossval import FoldPlan
@@ -63,16 +61,16 @@ def fold_document(
     """One fold of the job's cross-validation, with what the aggregation needs of the plan (fold sizes, the
     task, stratification): the plan is made here again, from the same labels and seed, as every fold's is."""
     seed_everything(job.spec.seed)
-    plan, task = plan_cross_validation(job)
-    row, dropped = run_fold(model_dir, job.spec, train_arrays, plan, index, granularity, window)
+    source = plan_cross_validation(job, train_arrays)
+    row, dropped = run_fold(model_dir, job.spec, source, index, granularity, window)
     return {
         "fold": index,
         "row": row,
         "dropped": dropped,
-        "task": task,
-        "stratified": plan.stratified,
-        "plan_note": plan.note,
-        "sizes": [[len(train), len(test)] for train, test in plan.folds],
+        "task": source.task,
+        "stratified": source.plan.stratified,
+        "plan_note": source.plan.note,
+        "sizes": [list(size) for size in source.sizes],
     }
 
 
@@ -91,13 +89,10 @@ def aggregate_folds(spec: PruneSpec, trials: list[dict[str, Any]]) -> tuple[dict
             )
     folds = [t["document"] for t in sorted(trials, key=lambda t: t["index"]) if t["index"] < k]
     first = folds[0]
-    plan = FoldPlan(
-        folds=[(np.zeros(a, dtype=np.int64), np.zeros(b, dtype=np.int64)) for a, b in first["sizes"]],
-        stratified=bool(first["stratified"]),
-        note=first.get("plan_note"),
-    )
+    plan = FoldPlan(folds=[], stratified=bool(first["stratified"]), note=first.get("plan_note"))
+    sizes = [(int(a), int(b)) for a, b in first["sizes"]]
     report, notes = finish_cross_validation(
-        spec, plan, first["task"], [f["row"] for f in folds], any(f["dropped"] for f in folds)
+        spec, plan, first["task"], [f["row"] for f in folds], any(f["dropped"] for f in folds), sizes
     )
     main = next(t for t in trials if t["index"] == k)
     document = copy.deepcopy(main["document"])

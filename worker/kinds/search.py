@@ -19,7 +19,7 @@ ACLT-like (NNCF's Adaptive Compression Level Training, which left with its Tenso
    the chosen trial's, measured the same way as any job's. Same seed, same data: the same masks and weights.
 
 With ``validation_fraction`` the trials fine-tune on the rest of the train set and are judged on a stratified
-hold-out of it; the eval set then only scores the final model (unbiased). Without it they are judged on the
+hold-out of it (a streamed train set: a seeded record-hash hold-out, ``_split_stream``); the eval set then only scores the final model (unbiased). Without it they are judged on the
 eval set, which the notes say.
 """
 
@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 
 from app.schemas.spec import LOWER_IS_BETTER, OneShotSchedule, PruneSpec, Search
+from worker.data.split import keep_fraction
 from worker.errors import PipelineError
 from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import RunPrune
 from worker.kinds.weights import DenseCopy
 from worker.stages.evaluate import score
 from worker.stages.job import Data, Job, Window, predict
-from worker.stages.load import resolve_granularity, seed_everything
+from worker.stages.load import bind_part, resolve_granularity, seed_everything
 from worker.stages.prune import make_pruner, prune_and_fine_tune, select
 
 PROBES = 5  # one-shot levels over [min_sparsity, max_sparsity]
@@ -324,20 +325,35 @@ def _selection_data(job: Job, search: Search) -> Data:
             "dataset_mismatch", "search.validation_fraction splits the train set, which needs labels 'y'"
         )
     if train.stream is not None:
-        raise PipelineError(
-            "not_supported",
-            "search.validation_fraction splits an in-memory train set; this one is streamed (larger than "
-            "SECATEURS_DATASET_MEMORY_BYTES): register a separate validation dataset and pass it as "
-            "eval_dataset_id without validation_fraction",
-        )
-    fit, held = _split(train, search.validation_fraction, job.spec.seed)
+        fit, held = _split_stream(job, train, search.validation_fraction)
+        how = "by a seeded hash of each record's shard and index, not stratified"
+        n_fit, n_held, n_all = fit.total, held.total, train.total
+    else:
+        fit, held = _split(train, search.validation_fraction, job.spec.seed)
+        how = "stratified"
+        n_fit, n_held, n_all = fit.n, held.n, train.n
     job.train = fit
     job.note(
-        f"search: {held.n} of {train.n} train samples held out (stratified, seed {job.spec.seed}) to judge "
-        "trials; the trials and the final model fine-tune on the other "
-        f"{fit.n}; the eval set only scores the final model"
+        f"search: {n_held} of {n_all} train samples held out ({how}, seed {job.spec.seed}) to judge "
+        f"trials; the trials and the final model fine-tune on the other {n_fit}; the eval set only scores "
+        "the final model"
     )
     return held
+
+
+def _split_stream(job: Job, data: Data, fraction: float) -> tuple[Data, Data]:
+    """A streamed train set split without holding it: a record is held out when the seeded hash of its
+    (shard, record index) falls below ``fraction`` (``worker.data.split``), so every pass (trials, epochs,
+    the final run) agrees on the split; both parts stream like a whole set and are counted exactly first."""
+    assert data.stream is not None
+    held_keep = keep_fraction(0.0, fraction, seed=job.spec.seed)
+    fit_keep = held_keep.complement()
+    n_fit, n_held = data.stream.reader.count([fit_keep, held_keep])
+    if n_fit == 0 or n_held == 0:
+        raise PipelineError(
+            "dataset_mismatch", f"validation_fraction {fraction} leaves an empty split of {n_fit + n_held} records"
+        )
+    return bind_part(job, data, fit_keep, n_fit, "train"), bind_part(job, data, held_keep, n_held, "validation")
 
 
 def _split(data: Data, fraction: float, seed: int) -> tuple[Data, Data]:

@@ -54,16 +54,16 @@ class Stream:
     max_eval_samples: int | None = None
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # of the last evaluation pass
     evaluated: int = 0  # records in the last evaluation pass
+    # Evaluation pipelines by (batch size, preprocessed inputs), built once: a job scores the same set 2-3 times
+    _evaluation: dict[tuple[int, frozenset[str]], Any] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int | None:
         return self.reader.n
 
-    def _split(self, element: Any) -> tuple[dict[str, Any], Any]:
-        if isinstance(element, tuple | list):
-            x, y = element[0], (element[1] if len(element) > 1 else None)
-        else:
-            x, y = element, None
+    def _inputs(self, x: dict[str, Any]) -> dict[str, Any]:
+        """A batch's inputs keyed by signature name, in the signature's dtypes, preprocessed (``affine``);
+        TensorFlow ops only, so it runs eagerly or inside ``tf.data`` alike."""
         bound = {}
         for key, value in x.items():
             name = self.keys.get(key, key)
@@ -72,31 +72,62 @@ class Stream:
                 a, b = self.affine[name]
                 value = tf.cast(tf.cast(value, tf.float64) * a + b, self.dtypes[name])
             bound[name] = value
-        return bound, y
+        return bound
+
+    def _split(self, element: Any) -> tuple[dict[str, Any], Any]:
+        if isinstance(element, tuple | list):
+            x, y = element[0], (element[1] if len(element) > 1 else None)
+        else:
+            x, y = element, None
+        return self._inputs(x), y
+
+    def preprocess(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The job's preprocessing (``affine``) on in-memory inputs keyed by signature name, as ``_split``
+        applies it to each streamed batch: for the sample of a part cut after ``stages.load.prepare``."""
+        out = dict(x)
+        for name, (a, b) in self.affine.items():
+            if name in out:
+                out[name] = (out[name].astype(np.float64) * a + b).astype(out[name].dtype)
+        return out
 
     def evaluation_batches(self, batch: int) -> Iterator[dict[str, Any]]:
         """Every record in order (no shuffle, no augmentation), up to ``max_eval_samples``; the labels seen are
-        kept in ``labels`` once the pass ends (what ``stages.evaluate.score`` compares the outputs with)."""
+        kept in ``labels`` once the pass ends (what ``stages.evaluate.score`` compares the outputs with).
+
+        Speed (issue 20's evaluation goal, bench ``datasets``): the pipeline is built (and its functions traced)
+        once per batch size; binding to the signature runs inside it (tf.data's threads, overlapped with the
+        model call by ``prefetch``); batches and labels stay tensors, the labels copied out once at the end."""
         seen, ys = 0, []
         limit = self.max_eval_samples
-        for element in self.reader.batches(batch, shuffle=False):
-            x, y = self._split(element)
-            size = int(tf.shape(next(iter(x.values())))[0])
-            if limit is not None and seen + size > limit:
-                keep = limit - seen
-                x = {k: v[:keep] for k, v in x.items()}
-                y = None if y is None else y[:keep]
-                size = keep
-            if size <= 0:
-                break
-            if y is not None:
-                ys.append(np.asarray(y))
-            seen += size
-            yield x
-            if limit is not None and seen >= limit:
-                break
-        self.evaluated = seen
-        self.labels = {self.output: np.concatenate(ys)} if ys else {}
+        key = (batch, frozenset(self.affine))  # preprocessing is set once, by stages.load, before any pass
+        dataset = self._evaluation.get(key)
+        if dataset is None:
+            dataset = self.reader.dataset(batch, shuffle=False, prefetch=0).map(
+                lambda x, *rest: (self._inputs(x), *rest),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            dataset = self._evaluation[key] = dataset.prefetch(tf.data.AUTOTUNE)
+        try:
+            for element in self.reader.iterate(dataset):
+                x, y = element[0], (element[1] if len(element) > 1 else None)
+                size = int(next(iter(x.values())).shape[0])
+                if limit is not None and seen + size > limit:
+                    keep = limit - seen
+                    x = {k: v[:keep] for k, v in x.items()}
+                    y = None if y is None else y[:keep]
+                    size = keep
+                if size <= 0:
+                    break
+                if y is not None:
+                    ys.append(y)
+                seen += size
+                yield x
+                if limit is not None and seen >= limit:
+                    break
+        finally:  # also when the caller stops early (a fixed-batch signature leaves the last partial batch)
+            self.evaluated = seen
+            self.labels = {self.output: tf.concat(ys, 0).numpy()} if ys else {}
 
     def train_steps(self, batch_size: int, steps_per_epoch: int | None, max_samples: int | None) -> int:
         """Optimizer steps per epoch: ``steps_per_epoch``, else the records (capped by ``max_samples``) in

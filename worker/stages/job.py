@@ -222,11 +222,13 @@ def predict(job: Job, data: Data) -> dict[str, np.ndarray]:
     """Every output of the signature on ``data``, in inference mode, in batches of ``PREDICT_BATCH``.
 
     A signature with a fixed batch size scores whole batches only (the remainder is left out; metrics cut
-    the labels to the predictions' length).
+    the labels to the predictions' length). Outputs stay tensors until the pass ends and are copied out once
+    per output (a ``.numpy()`` per batch cost a copy and a sync each; a streamed pass reads its next batches
+    meanwhile).
     """
     fixed = fixed_batch(job.sig)
     batch = fixed or PREDICT_BATCH
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: dict[str, list[tf.Tensor]] = {}
     chunks: Iterable[dict[str, Any]]
     if data.stream is not None:  # the whole set, batch by batch; its labels are collected on the way
         chunks = data.stream.evaluation_batches(batch)
@@ -238,9 +240,11 @@ def predict(job: Job, data: Data) -> dict[str, np.ndarray]:
         if fixed and len(next(iter(chunk.values()))) != fixed:
             break
         for name, value in job.handle.call(job.spec.signature, chunk).items():
-            parts.setdefault(name, []).append(value.numpy())
+            parts.setdefault(name, []).append(value)
     if not parts:
         raise PipelineError(
             "dataset_mismatch", f"the signature needs batches of {fixed}; the dataset is smaller"
         )
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    return {
+        name: (values[0] if len(values) == 1 else tf.concat(values, 0)).numpy() for name, values in parts.items()
+    }

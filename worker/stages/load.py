@@ -16,12 +16,13 @@ import tensorflow as tf
 
 from app.schemas.fit import loss_label_problem
 from app.schemas.spec import Preprocessing, PruneSpec
+from worker.data.split import Subset
 from worker.errors import PipelineError
 from worker.evaluation.metrics import labels_for_outputs
 from worker.models import ModelHandle, SignatureInfo, bind_inputs, label_key, select_output
 from worker.pruning.criteria import get_criterion
 from worker.pruning.granularity import Granularity, check_nm_target, get_granularity, parse_nm
-from worker.stages.feed import Streamed, bind_stream
+from worker.stages.feed import SAMPLE_RECORDS, Streamed, bind_stream
 from worker.stages.job import Data, Job
 
 
@@ -86,6 +87,19 @@ def _bind_inputs(sig: SignatureInfo, given: Arrays | Streamed | None) -> Data | 
     if len(next(iter(x.values()))) == 0:
         raise PipelineError("dataset_mismatch", "the calibration dataset has no samples")
     return Data(x=x, y=None)
+
+
+def bind_part(job: Job, data: Data, keep: Subset, n: int | None, role: str) -> Data:
+    """The records ``keep`` selects of a streamed dataset bound by ``prepare`` (a validation split cut once
+    the job exists): bound and checked like the whole set, with a sample of the part's own first records,
+    preprocessed as the job preprocesses every batch of the stream."""
+    assert data.stream is not None
+    part = data.stream.reader.part(keep, n)
+    bound = _bind(job.sig, Streamed(part.take(SAMPLE_RECORDS), part), job.output, role, job.spec)
+    assert bound is not None and bound.stream is not None
+    bound.stream.affine = dict(data.stream.affine)
+    bound.x = bound.stream.preprocess(bound.x)
+    return bound
 
 
 def prepare(

@@ -188,3 +188,22 @@ def test_npz_float64_label_is_a_tensor(tmp_path: Path) -> None:
         for r in tf.data.TFRecordDataset(str(conv.shards[0]))
     ]
     assert np.array_equal(np.array(back), y)
+
+
+def test_image_listing_reads_an_object_listing_like_the_folder_walk() -> None:
+    from worker.data.convert import image_listing
+    from worker.data.errors import SourceError
+
+    keys = [
+        "pets/zebra/1.PNG", "pets/zebra/sub/2.jpg", "pets/cat/0.jpeg", "pets/cat/notes.txt", "pets/README.md",
+        "pets/.DS_Store", "pets/__MACOSX/cat/0.jpeg", "pets/_SUCCESS",
+    ]  # fmt: skip
+    listing = image_listing(keys)
+    assert listing.prefix == "pets/"  # one wrapping folder is stepped into
+    assert listing.classes == ["cat", "zebra"]
+    assert sorted(listing.items) == [("cat/0.jpeg", 0), ("zebra/1.PNG", 1), ("zebra/sub/2.jpg", 1)]
+    assert listing.skipped == 2  # notes.txt and README.md; hidden parts are not data
+    for empty in ([], ["a.png", "b.txt"], ["only/notes.txt"]):
+        with pytest.raises(SourceError) as err:
+            image_listing(empty)
+        assert err.value.code == "source_empty"

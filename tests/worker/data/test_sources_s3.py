@@ -151,3 +151,77 @@ def test_parquet_manifest_reads_footers_over_s3(
         and m["label"] == "label"
     )
     assert cache.total_bytes() == 0
+
+
+def test_an_image_folder_by_s3_reference_becomes_the_shards_of_the_same_folder_on_disk(
+    bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path
+) -> None:
+    """Registration lists the prefix, reads the images a few at a time and writes the shards a file:// root of
+    the same folder gives (same seeded order, same bytes); hidden files and non-images are skipped."""
+    import numpy as np
+    import tensorflow as tf
+
+    from app.db.tables import DatasetRecord
+    from worker.data.stream import StreamedSet
+    from worker.datasets import register
+
+    writer, root, settings = bucket
+    local = tmp_path / "folder"
+    rng = np.random.default_rng(4)
+    files: dict[str, bytes] = {}
+    for label in ("zebra", "cat"):
+        for i in range(5):
+            image = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
+            files[f"pets/{label}/{i}.png"] = tf.io.encode_png(image).numpy()
+    files["pets/cat/odd.jpg"] = tf.io.encode_jpeg(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).numpy()
+    files["pets/README.txt"] = b"not an image"
+    files["pets/zebra/.DS_Store"] = b"hidden"
+    files["pets/zebra/fake.png"] = b"a png by name only"
+    for key, data in files.items():
+        put(writer, tmp_path, f"images/{key}", data)
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        (local / key).write_bytes(data)
+    config = settings.model_copy(
+        update={"dataset_sources": {"default": [root, f"file://{local}/"]}, "dataset_shard_bytes": 300}
+    )
+    storage = Storage.from_settings(config, worker=True)
+    manifests = {}
+    for name, uri in (("s3", root + "images/"), ("file", f"file://{local}/")):
+        seen: list[tuple[str, float]] = []
+        record = DatasetRecord(
+            id=f"ds_{name}img0000000000000", tenant="default", name="pets", format="image_folder", source=uri
+        )
+        manifests[name] = register(record, config, storage, lambda status, f, seen=seen: seen.append((status, f)))
+        assert seen[0] == ("converting", 0.0) and seen[-1] == ("converting", 1.0)
+    s3, file = manifests["s3"], manifests["file"]
+    assert s3["class_names"] == file["class_names"] == ["cat", "zebra"]
+    assert s3["n_samples"] == file["n_samples"] == 11  # 10 PNGs and the JPEG; README and fake.png skipped
+    assert len(s3["shards"]) > 1 and [s["records"] for s in s3["shards"]] == [s["records"] for s in file["shards"]]
+    read = {
+        name: StreamedSet(m, open_source(m["root"], storage=storage, settings=config, allowed=None)).take(20)
+        for name, m in manifests.items()
+    }
+    np.testing.assert_array_equal(read["s3"]["x"], read["file"]["x"])
+    np.testing.assert_array_equal(read["s3"]["y"], read["file"]["y"])
+    assert sorted(read["s3"]["y"].tolist()) == [0] * 6 + [1] * 5
+
+
+def test_an_image_rewritten_after_listing_fails_the_conversion_naming_it(
+    bucket: tuple[S3BlobStore, str, Settings], tmp_path: Path
+) -> None:
+    import tensorflow as tf
+
+    from worker.data.convert import convert_images, image_listing
+
+    writer, root, settings = bucket
+    image = tf.io.encode_png(tf.zeros((4, 4, 1), tf.uint8)).numpy()
+    for key in ("a/0.png", "a/1.png", "b/0.png"):
+        put(writer, tmp_path, f"imgs/{key}", image)
+    source = S3Source(root + "imgs/", settings=settings, cache=ShardCache(tmp_path / "c", 0), retry_delay_s=0.01)
+    by_key = {obj.key: obj for obj in source.list(10)}
+    listing = image_listing(list(by_key))
+    assert (listing.classes, listing.prefix) == (["a", "b"], "")
+    put(writer, tmp_path, "imgs/b/0.png", image + b"rewritten")  # after the listing, before the read
+    with pytest.raises(SourceError) as err:
+        convert_images(listing, lambda rels: source.read_many(by_key[r] for r in rels), tmp_path / "out")
+    assert err.value.code == "shard_changed" and "b/0.png" in err.value.message

@@ -146,6 +146,34 @@ def test_shard_folds_fetch_only_their_shards(tf_dir: Path) -> None:
     assert sorted(len(s) for s in seen) == sorted(SIZES) and set().union(*seen) == set(range(22))
 
 
+def test_count_and_part_agree_with_the_records_a_pass_reads(tf_dir: Path) -> None:
+    source = LocalDirSource(tf_dir)
+    streamed = StreamedSet(_tf_manifest(tf_dir), source)
+    hashed = [sub for pair in split.shard_folds(3, 4, seed=9) for sub in pair]  # 3 shards < 4: by record hash
+    counts = streamed.count(hashed)
+    uncounted = StreamedSet(_tf_manifest(tf_dir) | {"n_samples": None}, source)
+    uncounted.shards = [dict(s, records=None) for s in uncounted.shards]
+    by_shard = split.shard_folds(3, 3, seed=1)
+    source.fetched.clear()
+    held_sizes = [sum(SIZES[i] for i in held.shards or ()) for _, held in by_shard]
+    assert streamed.count([s for pair in by_shard for s in pair]) == [
+        n for size in held_sizes for n in (sum(SIZES) - size, size)
+    ]
+    assert not source.fetched  # whole shards of a counted manifest: no read
+    assert uncounted.count([s for pair in by_shard for s in pair]) == streamed.count(
+        [s for pair in by_shard for s in pair]
+    )
+    for (train, held), (n_train, n_held) in zip(
+        split.shard_folds(3, 4, seed=9), zip(counts[::2], counts[1::2], strict=True), strict=True
+    ):
+        assert n_train + n_held == sum(SIZES)
+        part = streamed.part(held, n_held)
+        assert part.n == n_held == len(_collect(part.dataset(5))[1])
+        assert len(part.take(100)["y"]) == n_held
+        assert set(part.take(100)["y"].tolist()).isdisjoint(streamed.part(train).take(100)["y"].tolist())
+    assert sum(counts[1::2]) == sum(SIZES)  # every record held out exactly once
+
+
 def test_take_returns_npz_style_arrays(tf_dir: Path) -> None:
     arrays = StreamedSet(_tf_manifest(tf_dir), LocalDirSource(tf_dir)).take(13)
     assert sorted(arrays) == ["x", "y"] and arrays["x"].shape == (13, 6, 5, 1)
