@@ -35,6 +35,8 @@ class ConsumerUse:
     in_key: Key
     out_key: Key
     exact: bool  # a constant input channel folds exactly into a bias (no zero padding around it)
+    layout: Layout | None = None  # the input tensor's layout when it is not the kernel axis' (merged heads)
+    merge_last: int = 1  # trailing input axes ``layout`` spans ([.., heads, head_dim]: 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class Source:
 
     key: str
     axes: tuple[int | None, ...]
+    # Per tensor axis, how many consecutive indices one index of the weight axis covers: a kernel
+    # ``[d, heads, head_dim]`` reshaped to ``[d, heads * head_dim]`` maps tensor axis 1 to weight axis 1 with
+    # ``merged[1] == head_dim`` (the inner weight axes are never sliced). None: 1 everywhere.
+    merged: tuple[int, ...] | None = None
+
+    def factor(self, axis: int) -> int:
+        return 1 if self.merged is None else self.merged[axis]
 
 
 Rule = Callable[["Walker", tf.Operation], None]
@@ -75,6 +84,9 @@ class RuleTable:
     ops: Mapping[str, Rule]
     unknown: Fallback
     const_view: ConstView
+    # Op types whose rules also map the channel layouts of axes other than the last (``Walker.inner``:
+    # attention heads); any other op freezes the inner layouts of its inputs before its rule runs.
+    axis_aware: frozenset[str] = frozenset()
 
 
 class Walker:
@@ -91,6 +103,9 @@ class Walker:
         self.untracked: dict[Key, str] = {}
         self.tied: set[Key] = set()
         self.layouts: dict[str, Layout | None] = {}
+        # Layouts of axes other than the last, by tensor: {axis counted from the end (-2, -3, ..): layout}.
+        # Attention heads live there between the split ``[.., h*d] -> [.., h, d]`` and the merge back.
+        self.inner: dict[str, dict[int, Layout]] = {}
         self.consumers: list[ConsumerUse] = []
         self.patches: list[ShapePatch] = []
         self.sig: FrozenSignature | None = None
@@ -112,6 +127,9 @@ class Walker:
                 continue
             if self.is_const(op.outputs[0]) if op.outputs else True:
                 continue
+            if op.type not in self.rules.axis_aware:
+                for inp in op.inputs:
+                    self.freeze_inner(inp, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
             try:
                 self.rules.ops.get(op.type, unknown)(self, op)
             except Exception as exc:  # a graph a rule did not foresee: freeze, never guess
@@ -119,9 +137,10 @@ class Walker:
                     self, op, f"op {op.type} at {op.name} not understood ({type(exc).__name__}: {exc})"[:300]
                 )
         for key, tensor in sig.outputs.items():
-            self.spaces.freeze_layout(
-                self.layouts.get(self._tname(tensor)), f"reaches signature output {key!r} ({sig.name})"
-            )
+            why = f"reaches signature output {key!r} ({sig.name})"
+            self.spaces.freeze_layout(self.layouts.get(self._tname(tensor)), why)
+            for layout in self.inner.get(self._tname(tensor), {}).values():
+                self.spaces.freeze_layout(layout, why)
 
     @staticmethod
     def _tname(name: str) -> str:
@@ -164,6 +183,18 @@ class Walker:
 
     def layout(self, t: tf.Tensor) -> Layout | None:
         return self.layouts.get(t.name)
+
+    def layout_at(self, t: tf.Tensor, axis: int) -> Layout | None:
+        """The layout of ``t``'s axis ``axis`` counted from the end (-1: the channel axis)."""
+        return self.layouts.get(t.name) if axis == -1 else self.inner.get(t.name, {}).get(axis)
+
+    def set_inner(self, t: tf.Tensor, layouts: dict[int, Layout]) -> None:
+        if layouts:
+            self.inner[t.name] = dict(layouts)
+
+    def freeze_inner(self, t: tf.Tensor, reason: str) -> None:
+        for layout in self.inner.get(t.name, {}).values():
+            self.spaces.freeze_layout(layout, reason)
 
     def set_layout(self, t: tf.Tensor, layout: Layout | None, reason: str | None = None) -> None:
         """Record ``t``'s channel layout; a channel tensor with none gets a frozen space (``reason``)."""

@@ -46,6 +46,24 @@ class Layout:
             segs.append(Segment(s.space, np.concatenate(cols, axis=1)))
         return Layout(self.length * mult, tuple(segs))
 
+    def divided(self, inner: int) -> Layout | None:
+        """The inverse of ``multiplied``: the layout of the outer axis when this axis is split into
+        ``(length // inner, inner)`` row-major (attention heads: ``[.., heads * head_dim] -> [.., heads,
+        head_dim]``). None unless every channel covers whole blocks of ``inner`` consecutive indices, one block
+        per channel (then removing a channel removes whole outer indices)."""
+        if inner <= 0 or self.length % inner:
+            return None
+        segs = []
+        for s in self.segments:
+            pos = s.positions
+            if pos.shape[1] != inner:
+                return None
+            base = pos[:, :1]
+            if np.any(base % inner) or not np.array_equal(pos, base + np.arange(inner)[None, :]):
+                return None
+            segs.append(Segment(s.space, base // inner))
+        return Layout(self.length // inner, tuple(segs))
+
 
 class Spaces:
     """Union-find over channel spaces; a frozen space keeps the reasons it cannot be pruned."""

@@ -304,3 +304,42 @@ def keras3_einsum_dense(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(2, name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def keras3_transformer(out_dir: Path, dynamic: bool = False) -> Path:
+    """A transformer block: MultiHeadAttention (4 heads of 4), residual + LayerNorm, a GELU MLP and a gated
+    (SiLU x up) MLP. ``dynamic``: unknown sequence length (Keras 3 then keeps the EinsumDense Einsum ops)."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((None if dynamic else 6, 8), name="tokens")
+    x = keras.layers.Dense(16, name="embed")(inp)
+    a = keras.layers.MultiHeadAttention(num_heads=4, key_dim=4, name="attn")(x, x)
+    x = keras.layers.LayerNormalization(name="ln1")(x + a)
+    h = keras.layers.Dense(32, activation="gelu", name="ffn1")(x)
+    x = keras.layers.LayerNormalization(name="ln2")(x + keras.layers.Dense(16, name="ffn2")(h))
+    g = keras.layers.Dense(24, activation="silu", name="gate")(x)
+    u = keras.layers.Dense(24, name="up")(x)
+    x = keras.layers.LayerNormalization(name="ln3")(x + keras.layers.Dense(16, name="down")(g * u))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def keras2_attention(out_dir: Path) -> Path:
+    """tf_keras MultiHeadAttention (EinsumDense ``abc,cde->abde`` / ``abcd,cde->abe``), saved with model.save."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(12)
+    layers = tf_keras.layers
+    inp = layers.Input((5, 8), name="tokens")
+    x = layers.Dense(12, name="embed")(inp)
+    a = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="attn")(x, x)
+    x = layers.LayerNormalization(name="ln")(layers.Add()([x, a]))
+    x = layers.GlobalAveragePooling1D()(x)
+    out = layers.Dense(2, name="head")(x)
+    model = tf_keras.Model(inp, out)
+    model.save(str(out_dir))
+    return out_dir

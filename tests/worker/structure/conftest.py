@@ -53,4 +53,7 @@ BUILDERS = {
     "autoencoder": builders.keras3_autoencoder,
     "unusual_ops": builders.tf_module_unusual_ops,
     "einsum_dense": builders.keras3_einsum_dense,
+    "transformer": builders.keras3_transformer,
+    "transformer_dynamic": lambda out: builders.keras3_transformer(out, dynamic=True),
+    "keras2_attention": builders.keras2_attention,
 }
