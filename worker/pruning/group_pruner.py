@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import tensorflow as tf
 
+from worker.pruning.budget import BudgetPolicy, channel_costs
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
 from worker.pruning.interface import PrunerLike, VariableReport
@@ -163,9 +164,13 @@ class GroupPruner(PrunerLike):
         normalization: str = "none",
         kinds: Mapping[str, Kind] | None = None,
         model_variables: Mapping[str, tf.Variable] | None = None,
+        budget: BudgetPolicy | None = None,
     ) -> None:
         """``variables``: the selected (prunable) variables by name; ``model_variables``: every variable of the
-        model (carriers and consumers are looked up there); ``targets`` per selected variable."""
+        model (carriers and consumers are looked up there); ``targets`` per selected variable. ``budget``:
+        rank every group's channels by normalised score per unit of cost and remove until the budget is met
+        (``worker.pruning.budget``) instead of a fraction of channels; ``prune(fraction)`` then goes
+        ``fraction`` of the way from the dense cost to the budget."""
         if scope not in ("layer", "global"):
             raise ValueError(f"unknown scope {scope!r}; known scopes: global, layer")
         missing = [name for name in variables if name not in targets]
@@ -191,6 +196,7 @@ class GroupPruner(PrunerLike):
         self.analysis: Any = (
             None  # the GroupAnalysis the groups came from (set by the caller, for compaction)
         )
+        self.budget = budget
 
         self.groups: list[_Group] = []
         self.left_whole: dict[str, tuple[list[str], str]] = {}  # group id -> (member variables, reason)
@@ -298,6 +304,13 @@ class GroupPruner(PrunerLike):
         scores = {g.id: np.where(g.keep, self._channel_scores(g, element), -np.inf) for g in self.groups}
         by_id = {g.id: g for g in self.groups}
         new: dict[str, np.ndarray] = {}
+        if self.budget is not None:
+            new = self.budget.select(self.groups, self._priorities(scores), fraction)
+            for gid, keep in new.items():
+                by_id[gid].keep &= keep
+            self._rebuild_masks()
+            self.apply_masks()
+            return
         pooled = [g for g in self.groups if not (self.scope == "layer" or g.fixed)]
         for g in self.groups:
             if g not in pooled:
@@ -315,6 +328,21 @@ class GroupPruner(PrunerLike):
             by_id[gid].keep &= keep
         self._rebuild_masks()
         self.apply_masks()
+
+    def _priorities(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Budget ranking: the normalised channel score (as the global scope compares groups) per unit of the
+        cost one channel of the group holds; a group whose channels cost nothing is never worth removing."""
+        assert self.budget is not None
+        out: dict[str, np.ndarray] = {}
+        for g in self.groups:
+            sizes = np.full(g.channels, sum(s.index.shape[1] * _rest(self, s) for s in g.scoring), np.int64)
+            normalized = np.asarray(self._normalize(scores[g.id], sizes), dtype=np.float64)
+            cost = channel_costs(g, self.budget.model)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[g.id] = np.where(
+                    np.isneginf(normalized), -np.inf, normalized / cost if cost > 0 else np.inf
+                )
+        return out
 
     def _drop_unconnected(self, grads: Mapping[str, GradInput]) -> None:
         """Groups whose producers the loss does not reach cannot be ranked by gradients: left whole."""
@@ -447,10 +475,17 @@ class GroupPruner(PrunerLike):
 
     def notes(self) -> list[str]:
         """Metrics notes: the target's meaning, variables left dense and groups left whole."""
-        lines = [
-            "channel granularity over coupled channel groups: target_sparsity is the fraction of channels "
-            f"removed ({'per group' if self.scope == 'layer' else 'over all groups'}); weight sparsity is measured"
-        ]
+        if self.budget is not None:
+            lines = [
+                f"budget ({self.budget.unit}): channel groups ranked over the whole model by normalised importance "
+                "per unit of cost, removed until the budget is met; scope does not apply"
+            ]
+        else:
+            lines = [
+                "channel granularity over coupled channel groups: target_sparsity is the fraction of channels "
+                f"removed ({'per group' if self.scope == 'layer' else 'over all groups'}); weight sparsity is "
+                "measured"
+            ]
         lines += [f"{name} left dense under channel granularity: {why}" for name, why in self.skipped.items()]
         lines += [f"channel group {gid} left whole: {why}" for gid, (_, why) in self.left_whole.items()]
         return lines
