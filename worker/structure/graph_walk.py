@@ -11,14 +11,15 @@ no op type itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+import numpy as np
 import tensorflow as tf
 
 from worker.models.handle import ModelHandle
 from worker.structure.frozen import FrozenSignature
-from worker.structure.layout import Layout, Spaces, same_structure
+from worker.structure.layout import Layout, Spaces, same_structure, substituted
 
 Role = Literal["producer", "carrier", "consumer"]
 Key = tuple[str, int]  # (weight key, axis): weight key = NamedVariable.name, or "const:<sig>:<node>"
@@ -219,10 +220,56 @@ class Walker:
             for sa, sb in zip(a.segments, b.segments, strict=True):
                 self.spaces.union(sa.space, sb.space)
             return a
+        coarse = self._coarsen(a, b) or self._coarsen(b, a)
+        if coarse is not None:
+            return coarse
         reason = f"channel layouts do not line up at {where}"
         self.spaces.freeze_layout(a, reason)
         self.spaces.freeze_layout(b, reason)
         return a
+
+    def _coarsen(self, fine: Layout, coarse: Layout) -> Layout | None:
+        """Grouped-query attention: ``fine`` is one prunable space of single channels (the query heads) and
+        ``coarse`` covers the same positions with fewer, wider channels (each key/value head repeated ``r``
+        times). The fine space is re-expressed everywhere as the coarse one (a query head goes with its whole
+        key/value group). None when the layouts are not of that shape."""
+        if len(fine.segments) != 1 or fine.segments[0].positions.shape[1] != 1:
+            return None
+        fseg = fine.segments[0]
+        root = self.spaces.find(fseg.space)
+        if self.spaces.reasons(root) or self.spaces.size[root] != fine.length:
+            return None
+        if any(self.spaces.find(s.space) == root for s in coarse.segments):
+            return None
+        covered = np.concatenate([s.positions.ravel() for s in coarse.segments]) if coarse.segments else None
+        if (
+            covered is None
+            or coarse.length != fine.length
+            or sorted(covered.tolist()) != list(range(fine.length))
+        ):
+            return None
+        if sum(s.positions.shape[0] for s in coarse.segments) >= fine.length:
+            return None  # not coarser
+        inverse = np.empty(fine.length, dtype=np.int64)  # axis position -> fine channel
+        inverse[fseg.positions[:, 0]] = np.arange(fine.length)
+        mapping = Layout(
+            fine.length,
+            tuple(type(s)(s.space, inverse[s.positions]) for s in coarse.segments),
+        )
+
+        def swap(layout: Layout) -> Layout:
+            if not any(self.spaces.find(s.space) == root for s in layout.segments):
+                return layout
+            return substituted(layout, self.spaces.find, root, mapping)
+
+        self.bindings = {k: swap(v) for k, v in self.bindings.items()}
+        self.layouts = {k: None if v is None else swap(v) for k, v in self.layouts.items()}
+        self.inner = {k: {p: swap(v) for p, v in d.items()} for k, d in self.inner.items()}
+        self.patches = [replace(p, layout=swap(p.layout)) for p in self.patches]
+        self.consumers = [
+            c if c.layout is None else replace(c, layout=swap(c.layout)) for c in self.consumers
+        ]
+        return coarse
 
     # --- weights ---------------------------------------------------------------------------------
     def _note_key(self, key: Key, dim: int, role: Role) -> None:
@@ -275,6 +322,11 @@ class Walker:
                 continue
             stack.extend(i.op for i in op.inputs)
         return keys
+
+    def const_ancestors_weights(self, t: tf.Tensor) -> bool:
+        """Whether a const-derived tensor reads any weight (not only graph constants)."""
+        assert self.sig is not None
+        return any(not key.startswith("const:") for key in self.const_ancestors(t))
 
     def untrack_all(self, t: tf.Tensor, where: str) -> None:
         for key in self.const_ancestors(t):

@@ -64,6 +64,12 @@ def _const_int(walker: Walker, t: tf.Tensor) -> np.ndarray | None:
         return np.asarray(value)
     if t.op.type == "Const":
         return const_value(t.op)
+    if t.dtype.is_integer and walker.is_const(t) and not walker.const_ancestors_weights(t):
+        try:  # a small integer subgraph of constants (Tile multiples built with Pack/Reshape/Cast)
+            with tf.compat.v1.Session(graph=t.graph) as session:
+                return np.asarray(session.run(t))
+        except Exception:  # anything it cannot run is simply not a known constant
+            return None
     return None
 
 
@@ -396,7 +402,13 @@ def conv(walker: Walker, op: tf.Operation) -> None:
     if src.axes[r - 2] is None or src.axes[r - 1] is None:
         return unknown(walker, op)
     if last_dim(x) != k.shape[r - 2]:  # grouped convolution
-        return unknown(walker, op, f"grouped convolution at {op.name}")
+        groups = (last_dim(x) or 0) // max(int(k.shape[r - 2] or 1), 1)
+        return unknown(
+            walker,
+            op,
+            f"grouped convolution at {op.name} ({groups} groups): its channels are left whole (removing whole "
+            "groups is not supported yet)",
+        )
     walker.mark_untracked([src], {(src.key, src.axes[r - 2]), (src.key, src.axes[r - 1])}, _where(op))
     return _produce(walker, op, x, src, r - 2, r - 1, _conv_exact(op, k, r - 2))
 
@@ -465,6 +477,7 @@ def einsum(walker: Walker, op: tf.Operation) -> None:
         return _einsum_heads(walker, op, x, src, xs, ws, out)
     if src is None or len(ws) != 2 or not xs or not out:
         return unknown(walker, op)
+    walker.freeze_inner(x, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
     c_in, c_out = xs[-1], out[-1]
     if c_in not in ws or c_out not in ws or c_in == c_out or c_in in out or c_out in xs:
         return unknown(walker, op)
@@ -668,11 +681,20 @@ def squeeze_expand(walker: Walker, op: tf.Operation) -> None:
     x, out = op.inputs[0], op.outputs[0]
     if x.shape.rank is None or out.shape.rank is None or last_dim(x) != last_dim(out):
         return unknown(walker, op)
+    inner = walker.inner.get(x.name)
     if op.type == "ExpandDims":
         axis = _const_int(walker, op.inputs[1])
         if axis is None or int(axis) % out.shape.rank == out.shape.rank - 1:
             return unknown(walker, op)
-    walker.set_layout(out, walker.layout(x))
+        if inner:  # input axes before the new one move one further from the end
+            at = int(axis) % out.shape.rank - out.shape.rank  # the new axis, counted from the end
+            walker.set_inner(out, {(p - 1 if p - 1 < at else p): lay for p, lay in inner.items()})
+    elif inner:
+        walker.freeze_inner(x, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
+    if inner and walker.layout(x) is None:
+        walker.layouts[out.name] = None
+    else:
+        walker.set_layout(out, walker.layout(x))
     return None
 
 
@@ -685,10 +707,16 @@ def transpose(walker: Walker, op: tf.Operation) -> None:
 
 
 def tile(walker: Walker, op: tf.Operation) -> None:
+    """Tiling along axes without channels (grouped-query attention repeats a key/value head along a new axis
+    of size 1): the layouts stay where they are."""
+    x = op.inputs[0]
     multiples = _const_int(walker, op.inputs[1])
+    inner = walker.inner.get(x.name, {})
     if multiples is None or int(multiples[-1]) != 1:
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    if any(-p > multiples.size or int(multiples[p]) != 1 for p in inner):
+        return unknown(walker, op)
+    _pass_inner(walker, x, op.outputs[0])
     return None
 
 
@@ -732,11 +760,64 @@ def _split_heads(walker: Walker, op: tf.Operation, lx: Layout) -> bool:
     return True
 
 
+def _repeat_heads(walker: Walker, op: tf.Operation) -> bool:
+    """``[.., g, r, d] -> [.., g * r, d]`` with the heads at axis -3 and nothing at -2 (grouped-query
+    attention: each key/value head repeated ``r`` times): the heads become blocks of ``r``. The target
+    must be a constant (patched) or computed from the input's run-time shape. False: not such a reshape."""
+    x, out = op.inputs[0], op.outputs[0]
+    inner = walker.inner[x.name]
+    ins, outs = x.shape.as_list(), out.shape.as_list()
+    if set(inner) != {-3} or len(outs) != len(ins) - 1 or None in (ins[-3], ins[-2], ins[-1], outs[-2]):
+        return False
+    if outs[-1] != ins[-1] or outs[-2] != ins[-3] * ins[-2] or walker.layout(x) is not None:
+        return False
+    heads = inner[-3]
+    target = op.inputs[1]
+    if target.op.type == "Const":
+        where = _shape_at(target, len(outs) - 2)
+        if where is None:
+            return False
+        node, index, value = where
+        if value != -1:
+            walker.patches.append(ShapePatch(walker.sig.name, node, index, int(ins[-2]), heads))
+    elif not _from_runtime_shape(target, int(outs[-2])):
+        return False
+    walker.layouts[out.name] = None
+    walker.set_inner(out, {-2: heads.multiplied(int(ins[-2]))})
+    return True
+
+
+def _from_runtime_shape(target: tf.Tensor, count: int) -> bool:
+    """A reshape target computed from ``Shape`` ops whose constants never spell the channel count ``count``:
+    it follows a compaction by itself."""
+    seen: set[str] = set()
+    stack = [target.op]
+    shapes = 0
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type == "Shape":
+            shapes += 1
+            continue
+        if op.type == "Const":
+            if count in np.atleast_1d(const_value(op)).tolist():
+                return False
+            continue
+        if op.type == "Placeholder":
+            return False
+        stack.extend(i.op for i in op.inputs)
+    return shapes > 0
+
+
 def _merge_heads(walker: Walker, op: tf.Operation) -> None:
     """``[.., h, d] -> [.., h * d]``: the heads (axis -2) become blocks of ``d`` on the channel axis; ``d``
     must carry no prunable channels."""
     x, out = op.inputs[0], op.outputs[0]
     inner = walker.inner[x.name]
+    if _repeat_heads(walker, op):
+        return None
     ins, outs = x.shape.as_list(), out.shape.as_list()
     heads, last = inner.get(-2), walker.layout(x)
     last_frozen = last is None or all(walker.spaces.reasons(seg.space) for seg in last.segments)
@@ -892,6 +973,17 @@ def identity_n(walker: Walker, op: tf.Operation) -> None:
         walker.set_layout(out, None if walker.is_const(inp) else walker.layout(inp))
 
 
+def recurrent_loop(walker: Walker, op: tf.Operation) -> None:
+    """A ``While`` loop (Keras LSTM/GRU/SimpleRNN run their time steps in one): its body is another graph,
+    so its units and whatever feeds them are left whole, with a reason saying so."""
+    return unknown(
+        walker,
+        op,
+        f"recurrent loop (While at {op.name}): LSTM/GRU/RNN units are left whole (removing a unit would "
+        "rewrite the loop body: not supported yet)",
+    )
+
+
 def shape_only(walker: Walker, op: tf.Operation) -> None:
     """Reads a tensor's shape, not its values: the channels do not flow on."""
     for out in op.outputs:
@@ -926,6 +1018,8 @@ RULES: dict[str, Rule] = {
     "Tile": tile,
     "ConcatV2": concat,
     "IdentityN": identity_n,
+    "While": recurrent_loop,
+    "StatelessWhile": recurrent_loop,
     "Shape": shape_only,
     "Size": shape_only,
     "Rank": shape_only,
@@ -934,6 +1028,9 @@ RULES: dict[str, Rule] = {
 
 # Rules that map inner layouts (attention heads) as well as the channel axis; the walker freezes the inner
 # layouts of the inputs of any other op.
-AXIS_AWARE = frozenset({*UNARY, *BINARY, *NORMALISED, "Reshape", "Einsum", "Shape", "Size", "Rank", "NoOp"})
+AXIS_AWARE = frozenset(
+    {*UNARY, *BINARY, *NORMALISED, *("Reshape", "Einsum", "ExpandDims", "Squeeze", "Tile"), "Shape", "Size"}
+    | {"Rank", "NoOp"}
+)
 
 DEFAULT_RULES = RuleTable(RULES, unknown, const_view, AXIS_AWARE)

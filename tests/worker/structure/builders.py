@@ -343,3 +343,20 @@ def keras2_attention(out_dir: Path) -> Path:
     model = tf_keras.Model(inp, out)
     model.save(str(out_dir))
     return out_dir
+
+
+@cached_builder
+def keras3_gqa(out_dir: Path) -> Path:
+    """Grouped-query attention: 4 query heads share 2 key/value heads (Keras 3 ``GroupQueryAttention``)."""
+    import keras
+
+    keras.utils.set_random_seed(13)
+    inp = keras.Input((6, 8), name="tokens")
+    x = keras.layers.Dense(16, name="embed")(inp)
+    a = keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa")(
+        x, x
+    )
+    x = keras.layers.LayerNormalization(name="ln")(x + a)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)

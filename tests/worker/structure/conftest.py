@@ -56,4 +56,5 @@ BUILDERS = {
     "transformer": builders.keras3_transformer,
     "transformer_dynamic": lambda out: builders.keras3_transformer(out, dynamic=True),
     "keras2_attention": builders.keras2_attention,
+    "gqa": builders.keras3_gqa,
 }

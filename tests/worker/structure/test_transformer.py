@@ -96,3 +96,21 @@ def test_keras2_multi_head_attention(model_dirs, tmp_path: Path) -> None:
     result = compact(handle, analysis, keep, tmp_path / "compact")
     check_artifact(handle, result)
     assert result.channels[heads.id] == (3, 2)
+
+
+def test_grouped_query_attention_keeps_whole_key_value_groups(model_dirs, tmp_path: Path) -> None:
+    """4 query heads over 2 key/value heads: a channel of the group is one key/value head with the 2 query
+    heads that read it (query kernel positions ``(2, 2)``); removing one removes all three."""
+    handle = load_model(model_dirs["gqa"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    group = _group(analysis, "gqa/key/kernel")
+    assert group.prunable and group.channels == 2, group.reason
+    query = next(m for m in group.members if m.variable == "gqa/query/kernel")
+    assert query.role == "producer" and query.positions.tolist() == [[0, 1], [2, 3]]
+    keep = mask_groups(handle, analysis, only={group.id})
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    check_artifact(handle, result)
+    assert result.shapes["gqa/query/kernel"] == ([16, 4, 4], [16, 2, 4])
+    assert result.shapes["gqa/key/kernel"] == ([16, 2, 4], [16, 1, 4])
+    assert result.shapes["gqa/attention_output/kernel"] == ([4, 4, 16], [2, 4, 16])
