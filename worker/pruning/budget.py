@@ -22,8 +22,8 @@ measurements of the compacted model. Numbers in, numbers out: no TensorFlow here
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = ["UNITS", "BudgetPolicy", "CostModel", "SliceLike"]
 
 # The spec's budget keys (app.schemas.vocabulary.BudgetUnit) -> what the policy counts.
 UNITS: dict[str, Literal["macs", "params"]] = {"macs": "macs", "params": "params", "latency": "macs"}
+FILL_WINDOW = 512  # channels after the bisection's boundary tried to land nearer the budget
 
 
 class SliceLike(Protocol):
@@ -94,6 +95,7 @@ class BudgetPolicy:
     target: float
     unit: str
     describe_unit: str = ""
+    _slots: dict[str, list[tuple[tuple[str, int], int]]] = field(default_factory=dict, repr=False)
 
     @property
     def dense(self) -> float:
@@ -108,27 +110,22 @@ class BudgetPolicy:
         dense = self.dense
         goal = dense - min(1.0, max(0.0, fraction)) * (dense - self.target)
         order: list[tuple[float, int, str, int]] = []  # (priority, tie, group id, channel)
-        best: dict[str, int] = {}
-        by_id = {g.id: g for g in groups}
         for g in groups:
             p = np.asarray(priority[g.id], dtype=np.float64)
             live = np.flatnonzero(g.keep)
             if live.size == 0:
                 continue
             keeper = int(live[np.argmax(p[live])])  # the group's best channel always stays
-            best[g.id] = keeper
             for c in range(g.channels):
                 if c != keeper:
                     order.append((float(p[c]), c, g.id, c))
         order.sort(key=lambda item: (item[0], item[1], item[2]))
+        self._slots = {
+            g.id: [((s.variable, s.axis), int(s.index.shape[1])) for s in g.slices] for g in groups
+        }
 
         def removal(n: int) -> dict[tuple[str, int], int]:
-            counts: dict[tuple[str, int], int] = {}
-            for _, _, gid, _c in order[:n]:
-                for s in by_id[gid].slices:
-                    key = (s.variable, s.axis)
-                    counts[key] = counts.get(key, 0) + int(s.index.shape[1])
-            return counts
+            return removal_of(order[:n], self._slots)
 
         lo, hi = 0, len(order)
         if self.model.total(removal(hi)) > goal:
@@ -148,10 +145,52 @@ class BudgetPolicy:
                 hi = mid
             else:
                 lo = mid + 1
+        chosen = order[:lo]
+        if lo > 0 and order[lo - 1][0] != -np.inf:
+            chosen = self._fill(order, lo, goal, removal)
         keep = {g.id: np.ones(g.channels, dtype=bool) for g in groups}
-        for _, _, gid, c in order[:lo]:
+        for _, _, gid, c in chosen:
             keep[gid][c] = False
         return keep
+
+    def _fill(
+        self,
+        order: list[tuple[float, int, str, int]],
+        n: int,
+        goal: float,
+        removal: Callable[[int], dict[tuple[str, int], int]],
+    ) -> list[tuple[float, int, str, int]]:
+        """The prefix of ``n`` items meets the goal, the one of ``n - 1`` does not; the ``n``-th item may be a
+        costly channel (an attention head) that overshoots. Closer: from the ``n - 1`` prefix, take the next
+        items in priority order while they keep the cost at or above the goal, then the one that lands
+        nearest below it (``FILL_WINDOW`` items looked at)."""
+        taken = list(order[: n - 1])
+        counts = removal(n - 1)
+
+        def cost_with(item: tuple[float, int, str, int]) -> tuple[float, dict[tuple[str, int], int]]:
+            trial = dict(counts)
+            for key, k in self._slots[item[2]]:
+                trial[key] = trial.get(key, 0) + k
+            return self.model.total(trial), trial
+
+        finisher: tuple[float, tuple[float, int, str, int], dict[tuple[str, int], int]] | None = None
+        closed: set[str] = set()  # a group whose next channel overshot: its later (better) ones stay
+        for item in order[n - 1 : n - 1 + FILL_WINDOW]:
+            if item[2] in closed:
+                continue
+            cost, trial = cost_with(item)
+            if cost >= goal:
+                taken.append(item)
+                counts = trial
+                if cost == goal:
+                    return taken
+            else:
+                closed.add(item[2])
+                if finisher is None or cost > finisher[0]:
+                    finisher = (cost, item, trial)
+        if finisher is not None and self.model.total(counts) > goal:
+            taken.append(finisher[1])
+        return taken if self.model.total(removal_of(taken, self._slots)) <= goal else list(order[:n])
 
     def achieved(self, groups: Sequence[GroupSlices]) -> float:
         """The cost with the groups' current keep vectors."""
@@ -168,6 +207,17 @@ class BudgetPolicy:
             return f"{value:,.0f} parameters"
         dense = self.dense
         return f"{value:,.0f} MACs per sample ({value / dense:.1%} of the dense model)" if dense else "0 MACs"
+
+
+def removal_of(
+    items: Sequence[tuple[float, int, str, int]], slots: Mapping[str, list[tuple[tuple[str, int], int]]]
+) -> dict[tuple[str, int], int]:
+    """Indices removed per (variable, axis) when the channels ``items`` (priority, tie, group id, channel) go."""
+    counts: dict[tuple[str, int], int] = {}
+    for _, _, gid, _c in items:
+        for key, k in slots[gid]:
+            counts[key] = counts.get(key, 0) + k
+    return counts
 
 
 def channel_costs(group: GroupSlices, model: CostModel) -> float:

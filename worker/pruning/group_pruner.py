@@ -330,17 +330,24 @@ class GroupPruner(PrunerLike):
         self.apply_masks()
 
     def _priorities(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Budget ranking: the normalised channel score (as the global scope compares groups) per unit of the
-        cost one channel of the group holds; a group whose channels cost nothing is never worth removing."""
+        """Budget ranking: a channel's importance per unit of the cost it holds. The importance is its
+        normalised score (as the global scope compares groups: 1 = its group's average channel) times the
+        weights it takes with it (every member's slice), i.e. importance spread evenly over the weights, as
+        magnitude criteria assume: an attention head of 128 x 256 weights is worth more than one MLP unit of
+        512, but not per weight. What is left to decide is what a weight costs: MACs weigh each weight by how
+        often its kernel runs (a conv at high resolution costs more per weight than a Dense at the end), a
+        parameter budget makes it the plain global ranking. A group whose channels cost nothing is never
+        worth removing."""
         assert self.budget is not None
         out: dict[str, np.ndarray] = {}
         for g in self.groups:
             sizes = np.full(g.channels, sum(s.index.shape[1] * _rest(self, s) for s in g.scoring), np.int64)
+            held = sum(s.index.shape[1] * _rest(self, s) for s in g.slices)
             normalized = np.asarray(self._normalize(scores[g.id], sizes), dtype=np.float64)
             cost = channel_costs(g, self.budget.model)
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[g.id] = np.where(
-                    np.isneginf(normalized), -np.inf, normalized / cost if cost > 0 else np.inf
+                    np.isneginf(normalized), -np.inf, normalized * held / cost if cost > 0 else np.inf
                 )
         return out
 
