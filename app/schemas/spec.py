@@ -405,9 +405,9 @@ class LatencyBudget(_Strict):
 
 
 class Budget(_Strict):
-    """Channel groups are ranked over the whole model by importance per unit of cost (the MACs or parameters
-    one channel of the group holds) and removed until the budget is met (docs/spec.md, "Budgets"). Exactly one
-    key; needs ``granularity: "channel"``."""
+    """Channels of the graph's channel groups are removed along the spec's ranking (criterion, scope,
+    normalization) until the compacted model's exact cost (MACs or parameters) meets the budget (docs/spec.md,
+    "Budgets"). Exactly one key; needs ``granularity: "channel"``."""
 
     macs: float | None = Field(
         None, gt=0.0, lt=1.0, description="fraction of the baseline's multiply-accumulates to keep, e.g. 0.5"
@@ -455,7 +455,7 @@ class PruneSpec(_Strict):
         None,
         description='instead of target_sparsity, with granularity "channel": {"macs": 0.5} (fraction of the '
         'baseline MACs), {"params": 3e7} (parameters) or {"latency": {"speedup": 2.0, "batch_size": 1}}; '
-        "channel groups are removed, cheapest importance per cost first, until it is met",
+        "channels are removed along the spec's ranking until the compacted model meets it",
     )
     sensitivity_max_drop: float = Field(
         0.01,

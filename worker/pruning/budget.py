@@ -1,29 +1,30 @@
-"""Budgets: remove channel groups, least important per unit of cost first, until MACs or parameters are met.
+"""Budgets: remove channel groups along the pruner's ranking until MACs or parameters are met.
 
 Why: users do not want "50% of channels"; they want half the MACs, fewer than N parameters, or twice the speed
-(Torch-Pruning #479, #448; ModelOpt's ``constraints={"flops": "60%"}``). A budget is a *ranking policy* over
-the channel groups ``GroupPruner`` already holds, not another pruner:
+(Torch-Pruning #479, #448; ModelOpt's ``constraints={"flops": "60%"}``). A budget is a *policy* over the channel
+groups ``GroupPruner`` already ranks, not another pruner:
 
-- **cost of a channel**: the weights its group's members lose with it (a producer's output column, a
-  carrier's entry, a consumer's input row), each weighted by how often the kernel is applied per sample
-  (``positions``: a conv's output pixels, a Dense over tokens' sequence length) for MACs, or 1 for
-  parameters;
-- **priority** = the channel's (normalised) importance score / its cost; channels are removed in increasing
-  priority, every group keeping at least its best channel (a layer is never emptied);
-- **how many**: the smallest prefix of that order whose *exact* cost (kernels' new shapes: a kernel losing
-  output channels in one group and input rows in another shrinks on both axes) is within the target; found by
-  bisection, so the achieved cost is as close to the budget as whole channels allow;
-- a target no removal can reach (every group at one channel is still over it) is ``budget_unreachable``,
-  saying what was reachable.
+- **the order** is the spec's own ranking (criterion, ``scope``, ``normalization``), as for
+  ``target_sparsity``; each group keeps its best channel (a layer is never emptied);
+- **the cost** of a state is exact: every variable's shape shrunk by the indices its groups' removed channels
+  hold (a kernel losing output channels in one group and input rows in another shrinks on both axes), each
+  weight weighted by how often its kernel runs per sample (``positions``: a conv's output pixels, a Dense over
+  tokens' sequence length; the metrics' ``macs``) or by 1 (parameters);
+- **how far** along the ranking: bisection on the fraction of it, the smallest whose cost is within the
+  budget;
+- a target the end of the ranking cannot reach is ``budget_unreachable``, saying what was reachable.
 
-Latency budgets run on top of the MACs policy (``worker.stages.budget``): the MACs fraction is adjusted from
-measurements of the compacted model. Numbers in, numbers out: no TensorFlow here.
+Ranking channels by importance *per unit of cost* instead was measured first and is not used: on ResNet-50
+at 64x64 it took every early-stage group down to one channel (their weights run at 64x the positions of the
+last stage's), and on a transformer it removed either all heads or none depending on how a channel's
+importance was scaled. Latency budgets run on top of the MACs policy (``worker.stages.budget``). Numbers in,
+numbers out: no TensorFlow here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
@@ -34,7 +35,8 @@ __all__ = ["UNITS", "BudgetPolicy", "CostModel", "SliceLike"]
 
 # The spec's budget keys (app.schemas.vocabulary.BudgetUnit) -> what the policy counts.
 UNITS: dict[str, Literal["macs", "params"]] = {"macs": "macs", "params": "params", "latency": "macs"}
-FILL_WINDOW = 512  # channels after the bisection's boundary tried to land nearer the budget
+T_MAX = 1.0 - 1e-9  # the end of a ranking: below 1, every group keeps its best channel
+BISECTION_STEPS = 40  # on the fraction of the ranking: far below one channel of any model
 
 
 class SliceLike(Protocol):
@@ -94,42 +96,42 @@ class BudgetPolicy:
     model: CostModel
     target: float
     unit: str
-    describe_unit: str = ""
-    _slots: dict[str, list[tuple[tuple[str, int], int]]] = field(default_factory=dict, repr=False)
 
     @property
     def dense(self) -> float:
         return self.model.total()
 
-    def select(
-        self, groups: Sequence[GroupSlices], priority: Mapping[str, np.ndarray], fraction: float = 1.0
+    def cost(self, groups: Sequence[GroupSlices], keep: Mapping[str, np.ndarray] | None = None) -> float:
+        """The exact cost with each group's channels kept where ``g.keep`` (and ``keep[g.id]``, if given)
+        hold: every kernel shrinks on each axis by the removed channels' indices."""
+        counts: dict[tuple[str, int], int] = {}
+        for g in groups:
+            kept = np.asarray(g.keep, dtype=bool)
+            if keep is not None and g.id in keep:
+                kept = kept & np.asarray(keep[g.id], dtype=bool)
+            removed = int((~kept).sum())
+            if not removed:
+                continue
+            for s in g.slices:
+                key = (s.variable, s.axis)
+                counts[key] = counts.get(key, 0) + removed * int(s.index.shape[1])
+        return self.model.total(counts)
+
+    def along(
+        self,
+        groups: Sequence[GroupSlices],
+        at: Callable[[float], dict[str, np.ndarray]],
+        fraction: float = 1.0,
     ) -> dict[str, np.ndarray]:
-        """Keep vectors per group id reaching ``dense - fraction * (dense - target)``; channels with priority
-        ``-inf`` (removed earlier) go first. Raises ``budget_unreachable`` at ``fraction`` 1 when removing
-        every channel but each group's best still costs more than the target."""
+        """Keep vectors reaching ``dense - fraction * (dense - target)``: ``at(t)`` is the pruner's own
+        selection at ``t`` of the way along its ranking (monotone: a larger ``t`` removes a superset), and the
+        smallest ``t`` whose exact cost is within the goal wins (bisection). Raises ``budget_unreachable`` at
+        ``fraction`` 1 when even the end of the ranking (each group down to its best channel) costs more."""
         dense = self.dense
         goal = dense - min(1.0, max(0.0, fraction)) * (dense - self.target)
-        order: list[tuple[float, int, str, int]] = []  # (priority, tie, group id, channel)
-        for g in groups:
-            p = np.asarray(priority[g.id], dtype=np.float64)
-            live = np.flatnonzero(g.keep)
-            if live.size == 0:
-                continue
-            keeper = int(live[np.argmax(p[live])])  # the group's best channel always stays
-            for c in range(g.channels):
-                if c != keeper:
-                    order.append((float(p[c]), c, g.id, c))
-        order.sort(key=lambda item: (item[0], item[1], item[2]))
-        self._slots = {
-            g.id: [((s.variable, s.axis), int(s.index.shape[1])) for s in g.slices] for g in groups
-        }
-
-        def removal(n: int) -> dict[tuple[str, int], int]:
-            return removal_of(order[:n], self._slots)
-
-        lo, hi = 0, len(order)
-        if self.model.total(removal(hi)) > goal:
-            reachable = self.model.total(removal(hi))
+        end = at(T_MAX)
+        reachable = self.cost(groups, end)
+        if reachable > goal:
             if fraction >= 1.0:
                 raise PipelineError(
                     "budget_unreachable",
@@ -138,96 +140,19 @@ class BudgetPolicy:
                     f"(dense: {self._show(dense)}). Loosen the budget, or let more layers be pruned "
                     "(include/exclude; groups left whole are listed in metrics.structure.groups)",
                 )
-            lo = hi
-        while lo < hi:  # smallest n whose exact cost is within the goal
-            mid = (lo + hi) // 2
-            if self.model.total(removal(mid)) <= goal:
-                hi = mid
+            return end
+        lo, hi, best = 0.0, T_MAX, end
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            keep = at(mid)
+            if self.cost(groups, keep) <= goal:
+                hi, best = mid, keep
             else:
-                lo = mid + 1
-        chosen = order[:lo]
-        if lo > 0 and order[lo - 1][0] != -np.inf:
-            chosen = self._fill(order, lo, goal, removal)
-        keep = {g.id: np.ones(g.channels, dtype=bool) for g in groups}
-        for _, _, gid, c in chosen:
-            keep[gid][c] = False
-        return keep
-
-    def _fill(
-        self,
-        order: list[tuple[float, int, str, int]],
-        n: int,
-        goal: float,
-        removal: Callable[[int], dict[tuple[str, int], int]],
-    ) -> list[tuple[float, int, str, int]]:
-        """The prefix of ``n`` items meets the goal, the one of ``n - 1`` does not; the ``n``-th item may be a
-        costly channel (an attention head) that overshoots. Closer: from the ``n - 1`` prefix, take the next
-        items in priority order while they keep the cost at or above the goal, then the one that lands
-        nearest below it (``FILL_WINDOW`` items looked at)."""
-        taken = list(order[: n - 1])
-        counts = removal(n - 1)
-
-        def cost_with(item: tuple[float, int, str, int]) -> tuple[float, dict[tuple[str, int], int]]:
-            trial = dict(counts)
-            for key, k in self._slots[item[2]]:
-                trial[key] = trial.get(key, 0) + k
-            return self.model.total(trial), trial
-
-        finisher: tuple[float, tuple[float, int, str, int], dict[tuple[str, int], int]] | None = None
-        closed: set[str] = set()  # a group whose next channel overshot: its later (better) ones stay
-        for item in order[n - 1 : n - 1 + FILL_WINDOW]:
-            if item[2] in closed:
-                continue
-            cost, trial = cost_with(item)
-            if cost >= goal:
-                taken.append(item)
-                counts = trial
-                if cost == goal:
-                    return taken
-            else:
-                closed.add(item[2])
-                if finisher is None or cost > finisher[0]:
-                    finisher = (cost, item, trial)
-        if finisher is not None and self.model.total(counts) > goal:
-            taken.append(finisher[1])
-        return taken if self.model.total(removal_of(taken, self._slots)) <= goal else list(order[:n])
-
-    def achieved(self, groups: Sequence[GroupSlices]) -> float:
-        """The cost with the groups' current keep vectors."""
-        counts: dict[tuple[str, int], int] = {}
-        for g in groups:
-            removed = int((~np.asarray(g.keep, dtype=bool)).sum())
-            for s in g.slices:
-                key = (s.variable, s.axis)
-                counts[key] = counts.get(key, 0) + removed * int(s.index.shape[1])
-        return self.model.total(counts)
+                lo = mid
+        return best
 
     def _show(self, value: float) -> str:
         if self.unit == "params":
             return f"{value:,.0f} parameters"
         dense = self.dense
         return f"{value:,.0f} MACs per sample ({value / dense:.1%} of the dense model)" if dense else "0 MACs"
-
-
-def removal_of(
-    items: Sequence[tuple[float, int, str, int]], slots: Mapping[str, list[tuple[tuple[str, int], int]]]
-) -> dict[tuple[str, int], int]:
-    """Indices removed per (variable, axis) when the channels ``items`` (priority, tie, group id, channel) go."""
-    counts: dict[tuple[str, int], int] = {}
-    for _, _, gid, _c in items:
-        for key, k in slots[gid]:
-            counts[key] = counts.get(key, 0) + k
-    return counts
-
-
-def channel_costs(group: GroupSlices, model: CostModel) -> float:
-    """The cost one channel of ``group`` holds in the dense model (its members' slices, weighted)."""
-    cost = 0.0
-    for s in group.slices:
-        shape = model.shapes.get(s.variable)
-        w = model.weight.get(s.variable, 0.0)
-        if shape is None or not w:
-            continue
-        rest = float(np.prod(shape, dtype=np.float64)) / max(shape[s.axis], 1)
-        cost += w * rest * int(s.index.shape[1])
-    return cost

@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import tensorflow as tf
 
-from worker.pruning.budget import BudgetPolicy, channel_costs
+from worker.pruning.budget import BudgetPolicy
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
 from worker.pruning.interface import PrunerLike, VariableReport
@@ -168,7 +168,7 @@ class GroupPruner(PrunerLike):
     ) -> None:
         """``variables``: the selected (prunable) variables by name; ``model_variables``: every variable of the
         model (carriers and consumers are looked up there); ``targets`` per selected variable. ``budget``:
-        rank every group's channels by normalised score per unit of cost and remove until the budget is met
+        the same ranking (scope, normalisation), gone along as far as the budget needs
         (``worker.pruning.budget``) instead of a fraction of channels; ``prune(fraction)`` then goes
         ``fraction`` of the way from the dense cost to the budget."""
         if scope not in ("layer", "global"):
@@ -303,14 +303,19 @@ class GroupPruner(PrunerLike):
         element = self._element_scores(grads)
         scores = {g.id: np.where(g.keep, self._channel_scores(g, element), -np.inf) for g in self.groups}
         by_id = {g.id: g for g in self.groups}
+        if self.budget is not None:  # the same ranking; how far along it to go is the budget's
+            new = self.budget.along(self.groups, lambda t: self._select(scores, t), fraction)
+        else:
+            new = self._select(scores, fraction)
+        for gid, keep in new.items():
+            by_id[gid].keep &= keep
+        self._rebuild_masks()
+        self.apply_masks()
+
+    def _select(self, scores: Mapping[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+        """Keep flags per group at ``fraction`` of the targets: per group (layer scope, fixed groups) or one
+        ranking of the normalised channel scores over the pooled groups (global scope)."""
         new: dict[str, np.ndarray] = {}
-        if self.budget is not None:
-            new = self.budget.select(self.groups, self._priorities(scores), fraction)
-            for gid, keep in new.items():
-                by_id[gid].keep &= keep
-            self._rebuild_masks()
-            self.apply_masks()
-            return
         pooled = [g for g in self.groups if not (self.scope == "layer" or g.fixed)]
         for g in self.groups:
             if g not in pooled:
@@ -324,32 +329,7 @@ class GroupPruner(PrunerLike):
                 )
                 normalized[g.id] = self._normalize(scores[g.id], sizes)
             new.update(select_groups(normalized, fraction * self.global_target))
-        for gid, keep in new.items():
-            by_id[gid].keep &= keep
-        self._rebuild_masks()
-        self.apply_masks()
-
-    def _priorities(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Budget ranking: a channel's importance per unit of the cost it holds. The importance is its
-        normalised score (as the global scope compares groups: 1 = its group's average channel) times the
-        weights it takes with it (every member's slice), i.e. importance spread evenly over the weights, as
-        magnitude criteria assume: an attention head of 128 x 256 weights is worth more than one MLP unit of
-        512, but not per weight. What is left to decide is what a weight costs: MACs weigh each weight by how
-        often its kernel runs (a conv at high resolution costs more per weight than a Dense at the end), a
-        parameter budget makes it the plain global ranking. A group whose channels cost nothing is never
-        worth removing."""
-        assert self.budget is not None
-        out: dict[str, np.ndarray] = {}
-        for g in self.groups:
-            sizes = np.full(g.channels, sum(s.index.shape[1] * _rest(self, s) for s in g.scoring), np.int64)
-            held = sum(s.index.shape[1] * _rest(self, s) for s in g.slices)
-            normalized = np.asarray(self._normalize(scores[g.id], sizes), dtype=np.float64)
-            cost = channel_costs(g, self.budget.model)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out[g.id] = np.where(
-                    np.isneginf(normalized), -np.inf, normalized * held / cost if cost > 0 else np.inf
-                )
-        return out
+        return new
 
     def _drop_unconnected(self, grads: Mapping[str, GradInput]) -> None:
         """Groups whose producers the loss does not reach cannot be ranked by gradients: left whole."""
@@ -484,8 +464,8 @@ class GroupPruner(PrunerLike):
         """Metrics notes: the target's meaning, variables left dense and groups left whole."""
         if self.budget is not None:
             lines = [
-                f"budget ({self.budget.unit}): channel groups ranked over the whole model by normalised importance "
-                "per unit of cost, removed until the budget is met; scope does not apply"
+                f"budget ({self.budget.unit}): channels removed along the spec's ranking (scope {self.scope!r}, "
+                f"normalization {self.normalization!r}) until the compacted model's exact cost meets the budget"
             ]
         else:
             lines = [

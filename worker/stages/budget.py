@@ -1,6 +1,6 @@
 """Budget jobs: the cost model of the job's model, the latency calibration, and ``metrics.budget``.
 
-``worker.pruning.budget`` ranks channel groups by importance per unit of cost; this stage gives it the job's
+``worker.pruning.budget`` goes along the pruner's ranking until a cost is met; this stage gives it the job's
 numbers: every variable's shape, and per kernel how many times each weight is applied per sample (the same
 positions the metrics' ``macs`` use, ``stages.evaluate.Weights``), so ``{"macs": 0.5}`` means half of
 ``baseline.macs.dense_macs``.

@@ -202,7 +202,7 @@ def _budget_pruner(
     targets: dict[str, float],
     criterion: Criterion,
 ) -> GroupPruner:
-    """``spec.budget``: the graph's channel groups ranked by importance per unit of cost
+    """``spec.budget``: the graph's channel groups, ranked as the spec says, removed until the budget is met
     (``worker.stages.budget``); a latency budget first calibrates its MACs fraction on compacted models."""
     from worker.stages.budget import budget_policy, calibrate_latency
 
@@ -242,12 +242,12 @@ def _group_pruner(
         "kinds": kinds,
         "model_variables": {nv.name: nv.var for nv in job.handle.variables()},
     }
-    if budget is not None:
+    if budget is not None:  # the spec's ranking; the budget says how far along it (every target is 1.0)
         pruner = GroupPruner(
             analysis.groups,
             variables,
             targets,
-            "global",
+            spec.scope,
             criterion,
             global_target=1.0,
             budget=budget,
