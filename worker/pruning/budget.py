@@ -91,7 +91,7 @@ class CostModel:
 @dataclass
 class BudgetPolicy:
     """Which channels to remove for a budget: ``target`` in the cost model's unit, absolute (MACs per sample or
-    parameters). ``describe`` renders a cost for messages."""
+    parameters); messages render costs in that unit."""
 
     model: CostModel
     target: float
