@@ -256,6 +256,29 @@ class Walker:
             fine.length,
             tuple(type(s)(s.space, inverse[s.positions]) for s in coarse.segments),
         )
+        self._substitute(root, mapping)
+        return coarse
+
+    def coarsen_blocks(self, layout: Layout, block: int) -> Layout | None:
+        """Attention heads from a plain 2-D projection: its output channels (one prunable space of single
+        positions) are re-expressed everywhere as ``length // block`` channels of ``block`` consecutive
+        positions each (a head and its ``head_dim`` units go together). None when ``layout`` is not that."""
+        if len(layout.segments) != 1 or layout.segments[0].positions.shape[1] != 1 or layout.length % block:
+            return None
+        seg = layout.segments[0]
+        root = self.spaces.find(seg.space)
+        if self.spaces.reasons(root) or self.spaces.size[root] != layout.length:
+            return None
+        inverse = np.empty(layout.length, dtype=np.int64)
+        inverse[seg.positions[:, 0]] = np.arange(layout.length)
+        heads = self.spaces.new(layout.length // block)
+        blocks = inverse[np.arange(layout.length).reshape(-1, block)]
+        self._substitute(root, Layout(layout.length, (type(seg)(heads, blocks),)))
+        return substituted(layout, self.spaces.find, root, Layout(layout.length, (type(seg)(heads, blocks),)))
+
+    def _substitute(self, root: int, mapping: Layout) -> None:
+        """Every layout's segments of space class ``root`` re-expressed through ``mapping`` (see ``layout.
+        substituted``): bindings, tensor layouts, inner layouts, shape patches and consumer layouts."""
 
         def swap(layout: Layout) -> Layout:
             if not any(self.spaces.find(s.space) == root for s in layout.segments):
@@ -269,7 +292,6 @@ class Walker:
         self.consumers = [
             c if c.layout is None else replace(c, layout=swap(c.layout)) for c in self.consumers
         ]
-        return coarse
 
     # --- weights ---------------------------------------------------------------------------------
     def _note_key(self, key: Key, dim: int, role: Role) -> None:

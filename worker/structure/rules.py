@@ -448,14 +448,30 @@ def matmul(walker: Walker, op: tf.Operation) -> None:
     a, b = op.inputs[0], op.inputs[1]
     ta = bool(_attr(op, "transpose_a", False) or _attr(op, "adj_x", False))
     tb = bool(_attr(op, "transpose_b", False) or _attr(op, "adj_y", False))
+    if not walker.is_const(a) and not walker.is_const(b):
+        return _matmul_activations(walker, op, ta, tb)
     src = _single_source(walker, b, merged=True)
     if src is None or walker.is_const(a) or ta or b.shape.rank != 2:
         return unknown(walker, op)
+    walker.freeze_inner(a, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
     in_ax, out_ax = (1, 0) if tb else (0, 1)
     if None in src.axes:
         return unknown(walker, op)
     walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
     return _produce(walker, op, a, src, in_ax, out_ax, True)
+
+
+def _matmul_activations(walker: Walker, op: tf.Operation, ta: bool, tb: bool) -> None:
+    """A batched matmul of two activations (attention written with ``tf.matmul``: ``q @ k^T`` and
+    ``p @ v`` on ``[B, H, T, D]``): the einsum ``...mk,...kn->...mn`` with equal ranks."""
+    a, b = op.inputs
+    rank = a.shape.rank
+    if op.type == "MatMul" or rank is None or rank != b.shape.rank or rank < 2 or rank > 12:
+        return unknown(walker, op)
+    batch = "abcdefghij"[: rank - 2]
+    lhs = batch + ("km" if ta else "mk")
+    rhs = batch + ("nk" if tb else "kn")
+    return _einsum_activations(walker, op, [lhs, rhs], batch + "mn")
 
 
 def einsum(walker: Walker, op: tf.Operation) -> None:
@@ -699,10 +715,26 @@ def squeeze_expand(walker: Walker, op: tf.Operation) -> None:
 
 
 def transpose(walker: Walker, op: tf.Operation) -> None:
+    """Axes permuted: the channel axis must stay last unless the tensor has inner layouts (attention heads:
+    ``[B, T, H, D] -> [B, H, T, D]``), whose axes are moved with it."""
+    x, out = op.inputs[0], op.outputs[0]
     perm = _const_int(walker, op.inputs[1])
-    if perm is None or int(perm[-1]) != len(perm) - 1:
+    inner = walker.inner.get(x.name)
+    if perm is None:
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    rank = len(perm)
+    if not inner:
+        if int(perm[-1]) != rank - 1:
+            return unknown(walker, op)
+        walker.set_layout(out, walker.layout(x))
+        return None
+    moved = {i - rank: walker.layout_at(x, int(src) - rank) for i, src in enumerate(perm)}
+    last = moved.pop(-1)
+    if last is None:
+        walker.layouts[out.name] = None
+    else:
+        walker.set_layout(out, last)
+    walker.set_inner(out, {pos: lay for pos, lay in moved.items() if lay is not None})
     return None
 
 
@@ -748,9 +780,14 @@ def _split_heads(walker: Walker, op: tf.Operation, lx: Layout) -> bool:
         return False
     if any(a is not None and b is not None and a != b for a, b in zip(ins[:-1], outs[:-2], strict=True)):
         return False
-    heads = lx.divided(outs[-1])
     where = _shape_at(op.inputs[1], len(outs) - 2)
-    if heads is None or where is None:
+    if where is None:
+        return False
+    heads = lx.divided(outs[-1])
+    if heads is None:  # a plain [d, h*d'] projection: its units become heads of d' units
+        coarse = walker.coarsen_blocks(lx, outs[-1])
+        heads = None if coarse is None else coarse.divided(outs[-1])
+    if heads is None:
         return False
     node, index, value = where
     if value != -1:
@@ -1030,7 +1067,7 @@ RULES: dict[str, Rule] = {
 # layouts of the inputs of any other op.
 AXIS_AWARE = frozenset(
     {*UNARY, *BINARY, *NORMALISED, *("Reshape", "Einsum", "ExpandDims", "Squeeze", "Tile"), "Shape", "Size"}
-    | {"Rank", "NoOp"}
+    | {"Rank", "NoOp", "Transpose", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"}
 )
 
 DEFAULT_RULES = RuleTable(RULES, unknown, const_view, AXIS_AWARE)

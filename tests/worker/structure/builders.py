@@ -360,3 +360,43 @@ def keras3_gqa(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(3, name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def tf_module_attention(out_dir: Path) -> Path:
+    """Attention written with tf.matmul in a plain tf.Module: 2-D projections reshaped to 4 heads of 4,
+    transposed to [B, H, T, D], ``q @ k^T`` and ``p @ v``, transposed back, merged, projected, residual."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(14)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
+
+    class Attention(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.w_out = var([8, 16], "w_in"), var([16, 3], "w_out")
+            self.wq, self.wk, self.wv, self.wo = (var([16, 16], n) for n in ("wq", "wk", "wv", "wo"))
+            self.bq, self.bv = var([16], "bq"), var([16], "bv")
+
+    module = Attention()
+
+    def heads(t: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(tf.reshape(t, [-1, 6, 4, 4]), [0, 2, 1, 3])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 8], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        h = tf.matmul(x, module.w_in)
+        q = heads(tf.matmul(h, module.wq) + module.bq)
+        k = heads(tf.matmul(h, module.wk))
+        v = heads(tf.matmul(h, module.wv) + module.bv)
+        p = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * 0.5)
+        o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
+        y = tf.matmul(o, module.wo) + h
+        return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    return out_dir

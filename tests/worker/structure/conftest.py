@@ -57,4 +57,5 @@ BUILDERS = {
     "transformer_dynamic": lambda out: builders.keras3_transformer(out, dynamic=True),
     "keras2_attention": builders.keras2_attention,
     "gqa": builders.keras3_gqa,
+    "tf_module_attention": builders.tf_module_attention,
 }

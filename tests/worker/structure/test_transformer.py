@@ -114,3 +114,24 @@ def test_grouped_query_attention_keeps_whole_key_value_groups(model_dirs, tmp_pa
     assert result.shapes["gqa/query/kernel"] == ([16, 4, 4], [16, 2, 4])
     assert result.shapes["gqa/key/kernel"] == ([16, 2, 4], [16, 1, 4])
     assert result.shapes["gqa/attention_output/kernel"] == ([4, 4, 16], [2, 4, 16])
+
+
+@pytest.mark.parametrize("carriers", [True, False], ids=["zeroed", "value-bias-folded"])
+def test_matmul_attention_in_a_plain_module(model_dirs, tmp_path: Path, carriers: bool) -> None:
+    """Attention written with tf.matmul and transposes: the 2-D projections' units become heads of head_dim
+    units (positions ``(4, 4)``); with the biases kept, a removed head leaves its value bias, a constant the
+    2-D output projection folds into a new bias."""
+    handle = load_model(model_dirs["tf_module_attention"])
+    analysis = find_groups(handle, "serving_default")
+    heads = _group(analysis, "wq")
+    assert heads.prunable and heads.channels == 4, heads.reason
+    assert {(m.variable, m.role) for m in heads.members} == {
+        ("wq", "producer"), ("wk", "producer"), ("wv", "producer"), ("bq", "carrier"), ("bv", "carrier"),
+        ("wo", "consumer"),
+    }  # fmt: skip
+    assert all(m.positions.shape == (4, 4) for m in heads.members)
+    keep = mask_groups(handle, analysis, carriers=carriers, only={heads.id})
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    check_artifact(handle, result)
+    assert result.shapes["wq"] == ([16, 16], [16, 8]) and result.shapes["wo"] == ([16, 16], [8, 16])
+    assert (result.folded > 0) == (not carriers)
