@@ -175,6 +175,8 @@ def compact(
             if fold.signature == name and fold.variable is not None:
                 fold_feeds[_insert_add(gdef, nodes, fold.op, fold.dtype)] = fold.variable
         for n in gdef.node:
+            if n.op == "Squeeze" and not n.attr["squeeze_dims"].list.i:
+                _pin_squeeze(n, sig)
             if "_output_shapes" in n.attr:
                 del n.attr["_output_shapes"]
             # A custom gradient (Keras' silu/swish wraps its forward ops in IdentityN) names a Python
@@ -326,7 +328,7 @@ def _consumer_constants(
     """What each kernel reading a removed channel sees there in the masked model (None = not constant)."""
     wanted: dict[str, list[ConsumerUse]] = {}
     for use in analysis.consumers:
-        if _removed_in(analysis, analysis.bindings[use.in_key], removed).size:
+        if _removed_in(analysis, _use_layout(analysis, use), removed).size:
             wanted.setdefault(use.signature, []).append(use)
     found: list[_Constants] = []
     for name, uses in wanted.items():
@@ -335,9 +337,9 @@ def _consumer_constants(
         arrays = dict(zip(tensors, run_skeleton(sig, values, probes[name], tensors), strict=True))
         for use in uses:
             arr = arrays[use.input_tensor]
-            flat = arr.reshape(-1, arr.shape[-1])
+            flat = arr.reshape(-1, int(np.prod(arr.shape[arr.ndim - use.merge_last :])))
             per: dict[tuple[str, int], np.ndarray] = {}
-            for seg in analysis.bindings[use.in_key].segments:
+            for seg in _use_layout(analysis, use).segments:
                 gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
                 if gid not in removed:
                     continue
@@ -348,6 +350,11 @@ def _consumer_constants(
                     per[(gid, int(c))] = cols[0] if ok else None  # type: ignore[assignment]
             found.append(_Constants(use, per))
     return found
+
+
+def _use_layout(analysis: GroupAnalysis, use: ConsumerUse) -> Layout:
+    """The layout of the consumer's input tensor (its kernel axis' unless the kernel merges axes: heads)."""
+    return use.layout if use.layout is not None else analysis.bindings[use.in_key]
 
 
 @dataclass
@@ -388,6 +395,8 @@ def _fold_plan(
     variables: dict[tuple[str, str], str] = {}
     for found in consts:
         use = found.use
+        if not use.exact:  # its non-zero constants were kept above; zeros need no fold
+            continue
         kernel = values[use.in_key[0]]
         in_ax, out_ax = use.in_key[1], use.out_key[1]
         delta = np.zeros(kernel.shape[out_ax], dtype=np.float64)
@@ -477,6 +486,19 @@ def _insert_add(gdef: graph_pb2.GraphDef, nodes: dict[str, Any], op: str, dtype:
     add.attr["T"].type = dtype.as_datatype_enum
     nodes[ph_name], nodes[add_name] = ph, add
     return ph_name
+
+
+def _pin_squeeze(node: Any, sig: FrozenSignature) -> None:
+    """A ``Squeeze`` without axes drops every size-1 axis: Keras 3's bias path ``Reshape [1, 1, 1, C] ->
+    Squeeze`` would also drop the channel axis of a group cut to one channel. Name the axes it squeezed in the
+    input (when its shape was known there), so a compacted size of 1 stays an axis."""
+    try:
+        shape = sig.op(node.name).inputs[0].shape
+    except (KeyError, ValueError, IndexError):
+        return
+    if shape.rank is None or not shape.is_fully_defined():
+        return
+    node.attr["squeeze_dims"].list.i.extend(i for i, d in enumerate(shape.as_list()) if d == 1)
 
 
 def _node(gdef: graph_pb2.GraphDef, name: str) -> Any:
