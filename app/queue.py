@@ -6,9 +6,15 @@ process pair (API + worker child) needs no server. Same task code either way.
 
 from __future__ import annotations
 
+import os
+import uuid
+from time import monotonic
 from typing import Any
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
 
 from app.config import Settings
 
@@ -25,6 +31,35 @@ TRIALS_QUEUE = "secateurs.trials"
 QUEUES = (QUEUE, TRIALS_QUEUE)
 
 
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel with messages written whole before they are visible.
+
+    kombu 5.x creates ``<ms>_<uuid>.<queue>.msg`` and then writes it; a consumer polling in between moves the
+    empty file, fails to decode it and the worker exits (``JSONDecodeError``) with that message lost, so its
+    job waits forever. Here the bytes go to a dot-file the consumer's name filter skips, renamed into place
+    (atomic on one filesystem)."""
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        part = os.path.join(self.data_folder_out, f".{name}.part")
+        try:
+            with open(part, "wb") as fh:
+                fh.write(str_to_bytes(dumps(payload)))
+            os.replace(part, final)
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    Channel = _AtomicFilesystemChannel
+
+
+# The embedded broker's URL scheme: kombu resolves transports by alias, in the API and the worker alike.
+EMBEDDED_SCHEME = "secateurs-fs"
+TRANSPORT_ALIASES.setdefault(EMBEDDED_SCHEME, f"{__name__}:AtomicFilesystemTransport")
+
+
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     if not settings.embedded:
         assert settings.broker_url is not None
@@ -37,7 +72,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    return f"{EMBEDDED_SCHEME}://", {
         "data_folder_in": str(folders["queue"]),
         "data_folder_out": str(folders["queue"]),
         "processed_folder": str(folders["processed"]),
