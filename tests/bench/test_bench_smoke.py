@@ -326,10 +326,11 @@ class TestSmokeCalibration:
             cnn,
             {
                 "magnitude@2:4": ("magnitude", None),
+                "wanda@2:4": ("wanda", None),
                 "sparsegpt@2:4": ("sparsegpt", None),
                 "fast@95%": ("magnitude", None),
+                "wanda+fast@95%": ("wanda", None),
                 "sparsegpt+fast@95%": ("sparsegpt", None),
-                "sparsegpt+layer@95%": ("sparsegpt", None),
             },
         )
         assert cnn["fast@95%"]["sparsity"] == pytest.approx(0.95, abs=0.01)
