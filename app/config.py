@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         description="a job holds a dataset's decoded inputs in memory up to this size; a larger one is streamed "
         "(fine-tuning and evaluation read it batch by batch, worker memory stays flat); 0 = always stream",
     )
+    calibration_max_dim: int = Field(
+        8192,
+        ge=1,
+        description="criterion sparsegpt: a variable whose op has more input features than this keeps magnitude "
+        "scoring (named in the notes): its d x d float64 Hessian and inverse factor take 16 d^2 bytes (1 GiB at "
+        "the default)",
+    )
     dataset_cache_max_bytes: int = Field(
         20 * GiB,
         ge=0,

@@ -60,6 +60,7 @@ def job_out(record: JobRecord, webhook: WebhookState | None = None) -> JobOut:
             "model_id": record.model_id,
             "train_dataset_id": record.train_dataset_id,
             "eval_dataset_id": record.eval_dataset_id,
+            "calibration_dataset_id": record.calibration_dataset_id,
             "status": record.status,
             "stage": record.stage,
             "progress": record.progress,

@@ -85,6 +85,17 @@ def test_app_criterion_needs_match_the_worker_criteria() -> None:
     }
 
 
+def test_app_calibration_criteria_match_the_worker() -> None:
+    """The API asks for calibration data (and refuses granularities and scopes) exactly where the worker's
+    criterion reads calibration statistics."""
+    for name, cls in WORKER_CRITERIA.items():
+        assert vocabulary.CRITERIA[name].calibration == cls.calibration, name
+    assert set(vocabulary.CALIBRATION_CRITERIA) == {
+        name for name, cls in WORKER_CRITERIA.items() if cls().needs_calibration
+    }
+    assert set(vocabulary.CALIBRATION_CRITERIA) == {"wanda", "sparsegpt"}
+
+
 def test_augmentation_models_match_the_table() -> None:
     """One pydantic model per kind of ``vocabulary.AUGMENTATIONS``, taking exactly its arguments (and requiring
     ``AUGMENTATION_REQUIRED``), so an unknown kind or argument is a 422 and the worker's table can pin both."""

@@ -85,9 +85,11 @@ def run_pipeline(
     evaluation: dict[str, np.ndarray] | Streamed | None,
     out_dir: Path,
     report: Report,
+    calibration: dict[str, np.ndarray] | Streamed | None = None,
 ) -> dict[str, Any]:
     """Prune the SavedModel (or ``.keras`` file) at ``model_dir`` per ``spec``; write ``out_dir/saved_model``
-    and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``."""
+    and ``out_dir/pruned.zip``; return the metrics document without ``job_id``/``model_id``. ``calibration``:
+    the ``calibration_dataset_id``'s arrays (inputs only are read)."""
     started = time.perf_counter()
     seed_everything(spec.seed)
     granularity = resolve_granularity(spec)
@@ -107,7 +109,7 @@ def run_pipeline(
         )
     baseline_zip = _BaselineZip(model_dir, cache=converted is None, early=spec.fine_tune is None)
     try:
-        job = prepare(load_model_once(model_dir), spec, train, evaluation)
+        job = prepare(load_model_once(model_dir), spec, train, evaluation, calibration)
         job.model_dir = model_dir
         if converted:
             job.notes.append(converted)

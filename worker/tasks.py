@@ -394,9 +394,12 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
         model = session.get(ModelRecord, job.model_id)
         train = session.get(DatasetRecord, job.train_dataset_id) if job.train_dataset_id else None
         evaluation = session.get(DatasetRecord, job.eval_dataset_id) if job.eval_dataset_id else None
+        calibration = (
+            session.get(DatasetRecord, job.calibration_dataset_id) if job.calibration_dataset_id else None
+        )
         # One train/eval dataset is one object in the session: expunge each object once (twice raised
         # InvalidRequestError, which rolled the claim back and left the job queued forever).
-        for obj in {id(o): o for o in (job, model, train, evaluation) if o is not None}.values():
+        for obj in {id(o): o for o in (job, model, train, evaluation, calibration) if o is not None}.values():
             session.expunge(obj)
 
     leases: list[JobLease] = []  # the lease, once it exists: its stage timings go on the record
@@ -427,7 +430,7 @@ def _run_once(job_id: str, claimed: list[int]) -> None:
 
     with JobLease(sessions, job_id, claim.attempts, settings, hard_limit) as lease:
         leases.append(lease)
-        _run_claimed(job_id, job, model, train, evaluation, lease, fail)
+        _run_claimed(job_id, job, model, train, evaluation, lease, fail, calibration)
 
 
 def _run_claimed(
@@ -438,6 +441,7 @@ def _run_claimed(
     evaluation: DatasetRecord | None,
     lease: JobLease,
     fail: Callable[..., None],
+    calibration: DatasetRecord | None = None,
 ) -> None:
     from worker.errors import PipelineError
     from worker.pipeline import run_pipeline
@@ -453,7 +457,11 @@ def _run_claimed(
             return fail(_error("missing_model", f"model {job.model_id} was deleted before the job ran"))
         missing = [
             d
-            for d, rec in ((job.train_dataset_id, train), (job.eval_dataset_id, evaluation))
+            for d, rec in (
+                (job.train_dataset_id, train),
+                (job.eval_dataset_id, evaluation),
+                (job.calibration_dataset_id, calibration),
+            )
             if d and not rec
         ]
         if missing:
@@ -484,10 +492,15 @@ def _run_claimed(
                 _job_dataset(evaluation, spec, model, storage, settings) if evaluation else (None, [])
             )
             data_notes += eval_notes
+        # Calibration inputs: read through the same path as the train set (a large set streams: its sample).
+        calibration_arrays = None
+        if calibration is not None:
+            calibration_arrays, calibration_notes = _job_dataset(calibration, spec, model, storage, settings)
+            data_notes += calibration_notes
         for stale in storage.job_dir(job_id).glob("work*"):  # earlier attempts' leftovers: a re-run overwrites
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
-        metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report)
+        metrics = run_pipeline(saved_model, spec, train_arrays, eval_arrays, work, report, calibration_arrays)
         metrics.setdefault("notes", []).extend(note for note in data_notes if note not in metrics["notes"])
         if same_data:
             metrics["notes"].append(SAME_DATASET_NOTE)

@@ -35,7 +35,11 @@ def active_jobs_using(session: Session, *, model_id: str | None = None, dataset_
         query = query.where(JobRecord.model_id == model_id)
     if dataset_id:
         query = query.where(
-            or_(JobRecord.train_dataset_id == dataset_id, JobRecord.eval_dataset_id == dataset_id)
+            or_(
+                JobRecord.train_dataset_id == dataset_id,
+                JobRecord.eval_dataset_id == dataset_id,
+                JobRecord.calibration_dataset_id == dataset_id,
+            )
         )
     return len(list(session.scalars(query.limit(1000))))
 

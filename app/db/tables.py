@@ -111,6 +111,8 @@ class JobRecord(Base):
     model_id: Mapped[str] = mapped_column(String(64), index=True)
     train_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     eval_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Inputs for calibration-based pruning (issue 21). Nullable: init_db adds it to old databases.
+    calibration_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)

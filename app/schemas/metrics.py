@@ -184,6 +184,10 @@ class Timings(_Open):
     channel_groups: float | None = Field(
         None, description="reading the channel groups from the graph (inside prune or compact)"
     )
+    calibration: float | None = Field(
+        None,
+        description="calibration criteria: capturing op inputs and computing scores or updates (inside prune)",
+    )
 
 
 class Versions(_Open):

@@ -18,6 +18,11 @@ Rules:
 - Per granularity, ``BY_GRANULARITY`` adjusts a preset where the measurements differ (one-shot channel
   pruning: layer scope).
 - ``recommended`` fine-tunes, so asking for it without a train dataset is a 422 naming what to do.
+- Calibration data (``calibration_dataset_id``) and no explicit ``criterion``: ``fast`` prunes with
+  ``FAST_CALIBRATION_CRITERION`` (unstructured and N:M granularities; not for sensitivity sweeps). Per
+  criterion, ``BY_CRITERION`` adjusts a preset to what the criterion supports (SparseGPT prunes each op at its
+  own target, so layer scope; calibration criteria prune one-shot, so ``recommended`` fine-tunes after a
+  one-shot prune instead of during a polynomial ramp).
 
 The numbers behind ``recommended`` are in bench/RESULTS.md ("Digits: Secateurs vs tfmot"); those behind both
 presets in docs/presets.md ("Measured").
@@ -31,7 +36,7 @@ from pydantic import ValidationError
 
 from app.errors import Unprocessable
 from app.schemas.spec import PruneSpec
-from app.schemas.vocabulary import JOB_KINDS
+from app.schemas.vocabulary import CRITERIA, JOB_KINDS
 
 # preset -> values, in the spec's JSON spelling. Every value is one the measurements chose (docs/presets.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,6 +68,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 BY_GRANULARITY: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "channel"): {"scope": "layer", "normalization": "none"},
 }
+# (preset, criterion) -> values over the preset's, where the criterion cannot take the preset's own.
+BY_CRITERION: dict[tuple[str, str], dict[str, Any]] = {
+    ("fast", "sparsegpt"): {"scope": "layer", "normalization": "none"},
+    ("recommended", "sparsegpt"): {
+        "scope": "layer",
+        "normalization": "none",
+        "schedule": {"kind": "one_shot"},
+    },
+    ("recommended", "wanda"): {"schedule": {"kind": "one_shot"}},
+}
+# What ``fast`` prunes with when calibration data is given and no criterion is (issue 21: SparseGPT kept the
+# most in one-shot pruning at 2:4 and high unstructured sparsity; bench/RESULTS.md "Calibration").
+FAST_CALIBRATION_CRITERION = "sparsegpt"
 NEEDS_TRAIN_DATA = frozenset({"recommended"})
 # Spec fields that make a recipe explicit: naming one turns the default preset off (with a train dataset).
 RECIPE_FIELDS = frozenset({"schedule", "fine_tune"})
@@ -98,8 +116,23 @@ def _overlay(base: Any, given: Any) -> Any:
     return merged
 
 
-def resolve(spec: PruneSpec, has_train: bool) -> PruneSpec:
+def _criterion(name: str, spec: PruneSpec, has_calibration: bool) -> str:
+    """The criterion the resolved spec prunes with: the explicit one, else ``fast``'s calibration method when
+    calibration data is given and the granularity and job kind allow it, else the spec's default."""
+    if "criterion" in spec.model_fields_set or name != "fast" or not has_calibration:
+        return spec.criterion
+    needs = CRITERIA[FAST_CALIBRATION_CRITERION]  # type: ignore[index]
+    nm = ":" in spec.granularity
+    if (spec.granularity in needs.granularities or nm) and spec.sensitivity is None:
+        return FAST_CALIBRATION_CRITERION
+    return spec.criterion
+
+
+def resolve(spec: PruneSpec, has_train: bool, has_calibration: bool = False) -> PruneSpec:
     """The spec that will run: the chosen preset's values under every explicit field, ``preset`` recorded.
+
+    ``has_calibration``: the job names a ``calibration_dataset_id`` (``fast`` then prunes with
+    ``FAST_CALIBRATION_CRITERION`` unless the spec names a criterion).
 
     Raises Unprocessable (422) for ``recommended`` without a train dataset, and when the preset's values and
     the explicit fields do not form a valid spec together (e.g. ``recommended`` with ``"fine_tune": null``
@@ -118,7 +151,13 @@ def resolve(spec: PruneSpec, has_train: bool) -> PruneSpec:
             extra={"errors": [{"loc": "train_dataset_id", "msg": msg}, {"loc": "spec.preset", "msg": msg}]},
         )
     given = explicit_fields(spec)
-    base = {**PRESETS[name], **BY_GRANULARITY.get((name, spec.granularity), {})}
+    criterion = _criterion(name, spec, has_calibration)
+    base = {
+        **PRESETS[name],
+        **BY_GRANULARITY.get((name, spec.granularity), {}),
+        **BY_CRITERION.get((name, criterion), {}),
+        "criterion": criterion,
+    }
     values = _overlay(base, given)
     if values.get("scope") == "layer" and "normalization" not in given:
         values["normalization"] = "none"  # the preset's LAMP goes with its global scope

@@ -98,6 +98,14 @@ class JobCreate(BaseModel):
     spec: PruneSpec
     train_dataset_id: str | None = Field(None, min_length=1, max_length=64)
     eval_dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    calibration_dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="inputs for calibration-based criteria (wanda, sparsegpt) and spec.reconstruct; labels, if "
+        "any, are ignored. Absent: the train dataset's inputs serve. With it and no spec.criterion, preset "
+        "`fast` prunes with sparsegpt",
+    )
     webhook_url: str | None = Field(
         None,
         min_length=1,
@@ -124,6 +132,7 @@ class JobOut(BaseModel):
     model_id: str
     train_dataset_id: str | None
     eval_dataset_id: str | None
+    calibration_dataset_id: str | None = None
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     stage: str | None
     progress: float

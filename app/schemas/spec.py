@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from app.schemas.vocabulary import (
     AUGMENTATIONS,
+    CALIBRATION_CRITERIA,
+    CRITERIA,
     KIND_FIELDS,
     NAMED_GRANULARITIES,
     REGULARIZING_CRITERIA,
@@ -215,6 +217,19 @@ class Preprocessing(_Strict):
         return self
 
 
+class Calibration(_Strict):
+    """How many calibration inputs the calibration-based criteria (and ``reconstruct``) read, and in what batches.
+
+    128 samples is the papers' choice (Wanda, SparseGPT: 128 sequences) and was enough here too (docs/engine.md
+    "Calibration methods"); the batch size bounds the worker's memory (a convolution's im2col patches of one
+    batch are held at once), not the result."""
+
+    samples: int = Field(
+        128, ge=1, le=65536, description="calibration input records (seeded choice from the calibration set)"
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="records per capture batch (bounds worker memory)")
+
+
 class Regularization(_Strict):
     """The penalty of the regularisation-driven criteria ``l1`` and ``l2`` during fine-tuning."""
 
@@ -403,12 +418,27 @@ class PruneSpec(_Strict):
     criterion: Criterion = Field(
         "magnitude",
         description="magnitude |w|; gradient mean |dL/dw| and taylor mean |w dL/dw| over train batches; l1 / l2: "
-        "fine-tune with a penalty (see `regularization`), then prune by magnitude; random: seeded baseline. "
-        "All but magnitude and random need train_dataset_id",
+        "fine-tune with a penalty (see `regularization`), then prune by magnitude; random: seeded baseline; "
+        "wanda |w| x the norm of the input it multiplies, per output unit; sparsegpt: optimal-brain-surgeon "
+        "pruning with weight updates, op by op (both read calibration inputs: calibration_dataset_id or "
+        "train_dataset_id; unstructured or N:M; one-shot schedule; sparsegpt in layer scope). gradient, taylor, "
+        "l1 and l2 need train_dataset_id",
     )
     regularization: Regularization | None = Field(
         None,
         description='only with criterion l1 or l2; null = {"strength": 0.001}',
+    )
+    calibration: Calibration | None = Field(
+        None,
+        description="calibration inputs for criteria wanda / sparsegpt and for reconstruct: records taken from "
+        "calibration_dataset_id, else from the train dataset (inputs only, labels ignored); null = "
+        '{"samples": 128, "batch_size": 32}',
+    )
+    reconstruct: bool = Field(
+        False,
+        description="with granularity `channel`: after channels are removed, refit each consumer's weights by "
+        "least squares on the calibration inputs to reproduce the dense model's outputs, and re-estimate "
+        "BatchNorm statistics",
     )
     granularity: str = Field(
         "unstructured",
@@ -528,6 +558,47 @@ class PruneSpec(_Strict):
                 f"criterion {criterion!r} has no regularization: remove it or use criterion 'l1' / 'l2'"
             )
         return value
+
+    @model_validator(mode="after")
+    def _calibration_fits(self) -> PruneSpec:
+        """What the calibration methods support, refused here rather than minutes into the job."""
+        needs = CRITERIA[self.criterion]
+        if self.reconstruct and self.granularity != "channel":
+            raise ValueError(
+                f"reconstruct refits the consumers of removed channels: it needs granularity 'channel' (got "
+                f"{self.granularity!r}); remove reconstruct or set granularity to 'channel'"
+            )
+        if needs.calibration is None:
+            return self
+        name = self.criterion
+        if not (self.granularity in needs.granularities or _NM.match(self.granularity)):
+            allowed = " or ".join([*map(repr, needs.granularities), "N:M such as '2:4'"])
+            raise ValueError(f"criterion {name!r} prunes granularity {allowed}, not {self.granularity!r}")
+        if isinstance(self.schedule, PolynomialSchedule):
+            raise ValueError(
+                f"criterion {name!r} prunes one-shot from calibration inputs: use schedule "
+                '{"kind": "one_shot"} (fine_tune still recovers afterwards)'
+            )
+        if self.scope == "global" and not needs.global_scope:
+            raise ValueError(
+                f"criterion {name!r} prunes each op at its own target (its weight updates are per layer): use "
+                "scope 'layer', with layer_sparsity for per-variable targets"
+            )
+        if self.sensitivity is not None:
+            raise ValueError(
+                f"criterion {name!r} is not offered for sensitivity sweeps (one calibration pass per variable and "
+                "sparsity): use criterion 'magnitude' there"
+            )
+        return self
+
+    def needs_calibration_data(self) -> bool:
+        """Calibration inputs are read (``calibration_dataset_id`` or the train dataset's inputs): a criterion
+        in ``CALIBRATION_CRITERIA``, or ``reconstruct``."""
+        return self.criterion in CALIBRATION_CRITERIA or self.reconstruct
+
+    def calibration_settings(self) -> Calibration:
+        """``calibration`` or its defaults."""
+        return self.calibration or Calibration()
 
     @field_validator("block_shape")
     @classmethod

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random"]
+Criterion = Literal["magnitude", "gradient", "taylor", "l1", "l2", "random", "wanda", "sparsegpt"]
 Loss = Literal[
     "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae"
 ]
@@ -34,6 +34,13 @@ class CriterionNeeds:
 
     gradients: bool = False  # scored from dL/dw over train batches
     regularizer: Literal["l1", "l2"] | None = None  # fine-tunes with this penalty, then prunes by magnitude
+    # Reads the inputs each weight's op receives on calibration samples (inputs only, no labels): the
+    # worker's ``Criterion.calibration`` ("input_norms": Wanda; "hessian": SparseGPT's sequential OBS updates).
+    calibration: Literal["input_norms", "hessian"] | None = None
+    # What the calibration method supports (the spec refuses the rest with 422): granularities besides N:M,
+    # whether scope "global" can rank it, whether a schedule other than one-shot can re-run it.
+    granularities: tuple[str, ...] = NAMED_GRANULARITIES
+    global_scope: bool = True
 
     @property
     def train_data(self) -> bool:
@@ -48,9 +55,13 @@ CRITERIA: dict[Criterion, CriterionNeeds] = {
     "l1": CriterionNeeds(regularizer="l1"),
     "l2": CriterionNeeds(regularizer="l2"),
     "random": CriterionNeeds(),
+    "wanda": CriterionNeeds(calibration="input_norms", granularities=("unstructured",)),
+    "sparsegpt": CriterionNeeds(calibration="hessian", granularities=("unstructured",), global_scope=False),
 }
 REGULARIZING_CRITERIA = tuple(name for name, needs in CRITERIA.items() if needs.regularizer is not None)
 TRAIN_DATA_CRITERIA = frozenset(name for name, needs in CRITERIA.items() if needs.train_data)
+# Criteria scored from calibration inputs (``calibration_dataset_id``, else the train dataset's inputs).
+CALIBRATION_CRITERIA = tuple(name for name, needs in CRITERIA.items() if needs.calibration is not None)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ on the base class as class variables, so the caller prepares it generically:
   pruning (regularisation-driven pruning); the scores themselves are magnitudes.
 - ``uses_name``: ``score`` is called with ``name=<variable name>`` (random streams per variable). Off by
   default, so criteria written against ``score(weight, grad)`` keep working unchanged.
+- ``calibration``: ``"input_norms"`` or ``"hessian"``: scored from the inputs each weight's op receives on
+  calibration samples (``worker.pruning.calibration``; the stage ``worker.stages.calibration`` collects them
+  and passes them as ``Pruner.prune(calibration=...)``, one statistics object per variable). A variable
+  without statistics (its op has no calibration rule) is scored by magnitude and reported so.
+- ``layer_scores``: how scores are compared inside one variable when it is ranked alone (layer scope, fixed
+  targets, N:M): identity by default; Wanda compares within each output unit.
 - ``group_reduce``: how element scores of one coupled channel (all its members' slices, ``groups.py``)
   combine into the channel's score: ``"l2"`` (root of the summed squares: the L2 norm of the channel's
   weights, for magnitude-like criteria), ``"sum"`` (additive estimates: Taylor's loss change of removing
@@ -25,10 +31,14 @@ Registered criteria (the spec's ``criterion``):
 - ``random``: uniform scores from ``(seed, variable name)``: the baseline a real criterion must beat.
 - ``l1`` / ``l2``: magnitude after an L1 (``sum |w|``) or L2 fine-tuning phase; for structured granularities
   L2 becomes group lasso (``regularization.py``).
+- ``wanda``: ``|w| * ||x||`` with ``x`` the input feature the weight multiplies, compared within each output
+  unit (Sun et al. 2024; ``calibration/wanda.py``).
+- ``sparsegpt``: the mask SparseGPT chose while updating the remaining weights (Frantar & Alistarh 2023;
+  ``calibration/sparsegpt.py``): kept weights score above every removed one, so the pruner's mask is its.
 
 Adding a criterion = one class decorated with ``@register`` (its ``name`` is the spec's ``criterion`` value)
 and its row in ``app.schemas.vocabulary.CRITERIA`` (``tests/test_vocabularies.py`` checks both agree).
-No TensorFlow here: scores are computed from NumPy arrays.
+No TensorFlow here: scores are computed from NumPy arrays (the calibration statistics arrive computed).
 """
 
 from __future__ import annotations
@@ -40,10 +50,14 @@ from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 
+from worker.pruning.calibration.sparsegpt import ObsResult
+from worker.pruning.calibration.wanda import InputNorms, per_output_ranks, wanda_scores
+
 __all__ = [
     "CRITERIA",
     "L1",
     "L2",
+    "Calibration",
     "Criterion",
     "Gradient",
     "GradientStats",
@@ -51,12 +65,15 @@ __all__ = [
     "Magnitude",
     "Random",
     "Regularizer",
+    "SparseGPT",
     "Taylor",
+    "Wanda",
     "get_criterion",
     "register",
 ]
 
 Regularizer = Literal["l1", "l2"]
+Calibration = Literal["input_norms", "hessian"]
 GroupReduce = Literal["l2", "sum", "mean"]
 
 
@@ -87,6 +104,7 @@ class Criterion(ABC):
     regularizer: ClassVar[Regularizer | None] = None
     uses_name: ClassVar[bool] = False
     group_reduce: ClassVar[GroupReduce] = "sum"
+    calibration: ClassVar[Calibration | None] = None
 
     def __init__(self, seed: int = 0) -> None:
         # Kept on every criterion so stochastic ones (e.g. random) are reproducible from the spec's seed.
@@ -96,6 +114,15 @@ class Criterion(ABC):
     def needs_train_data(self) -> bool:
         """Whether the criterion cannot run without a labelled train dataset."""
         return self.needs_gradients or self.regularizer is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether ``score`` reads calibration statistics (``calibration``) instead of gradients."""
+        return self.calibration is not None
+
+    def layer_scores(self, score: np.ndarray, stats: object | None) -> np.ndarray:
+        """``score`` as compared within one variable ranked alone; ``stats`` = what ``score`` was given."""
+        return score
 
     @abstractmethod
     def score(self, weight: np.ndarray, grad: GradInput | None = None, *, name: str = "") -> np.ndarray:
@@ -194,6 +221,39 @@ class L2(Magnitude):
 
     name = "l2"
     regularizer = "l2"
+
+
+@register
+class Wanda(Criterion):
+    """|w| * ||x||: weights on inputs that are large on real data matter more (``calibration/wanda.py``)."""
+
+    name = "wanda"
+    calibration = "input_norms"
+    group_reduce = "l2"
+
+    def score(self, weight: np.ndarray, grad: object | None = None, *, name: str = "") -> np.ndarray:
+        if isinstance(grad, InputNorms):
+            return wanda_scores(weight, grad)
+        return np.abs(np.asarray(weight))  # no statistics for this variable: magnitude (reported)
+
+    def layer_scores(self, score: np.ndarray, stats: object | None) -> np.ndarray:
+        return per_output_ranks(score, stats.row_axes) if isinstance(stats, InputNorms) else score
+
+
+@register
+class SparseGPT(Criterion):
+    """The keep-mask SparseGPT chose (``calibration/sparsegpt.py``; the stage already wrote its updated
+    weights): kept entries score ``1 + |w|``, removed ones 0, so every granularity mask reproduces it."""
+
+    name = "sparsegpt"
+    calibration = "hessian"
+    group_reduce = "l2"
+
+    def score(self, weight: np.ndarray, grad: object | None = None, *, name: str = "") -> np.ndarray:
+        magnitude = np.abs(np.asarray(weight))
+        if not isinstance(grad, ObsResult):
+            return magnitude  # SparseGPT could not handle this variable: magnitude (reported)
+        return np.where(grad.keep, 1.0 + magnitude.astype(np.float64), 0.0)
 
 
 def get_criterion(name: str, seed: int = 0) -> Criterion:

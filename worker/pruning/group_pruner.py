@@ -289,8 +289,16 @@ class GroupPruner(PrunerLike):
         keep = {g.id: g.keep.copy() for g in self.groups}
         return keep
 
-    def prune(self, fraction: float, grads: Mapping[str, GradInput] | None = None) -> None:
-        """Recompute group masks at ``fraction`` of every target; channels removed earlier stay removed."""
+    def prune(
+        self,
+        fraction: float,
+        grads: Mapping[str, GradInput] | None = None,
+        calibration: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Recompute group masks at ``fraction`` of every target; channels removed earlier stay removed.
+        ``calibration``: unused (the spec refuses calibration criteria with channel granularity)."""
+        if self.criterion.needs_calibration:
+            raise ValueError(f"criterion {self.criterion.name!r} does not rank channel groups")
         check_prune_args(self.criterion, fraction, grads)
         if self.criterion.needs_gradients and grads is not None:
             self._drop_unconnected(grads)

@@ -39,6 +39,7 @@ class VariableReport:
     bias: str | None = None  # the paired bias zeroed with removed channels
     skipped: str | None = None  # why the variable was left dense
     notes: list[str] = field(default_factory=list)
+    method: str | None = None  # calibration criteria: which method pruned it ("sparsegpt", or "magnitude")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; ``channels_removed``/``channels_total`` (or ``blocks_*``) only where meaningful."""
@@ -56,6 +57,8 @@ class VariableReport:
             out["bias"] = self.bias
         if self.skipped is not None:
             out["skipped"] = self.skipped
+        if self.method is not None:
+            out["method"] = self.method
         return out
 
 
@@ -86,8 +89,14 @@ class PrunerLike(Protocol):
         """The selected variables whose scores decide what is removed, in the given order."""
         ...
 
-    def prune(self, fraction: float, grads: Mapping[str, GradInput] | None = None) -> None:
-        """Recompute the masks at ``fraction`` (0..1) of every target and write the zeros."""
+    def prune(
+        self,
+        fraction: float,
+        grads: Mapping[str, GradInput] | None = None,
+        calibration: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Recompute the masks at ``fraction`` (0..1) of every target and write the zeros (``calibration``:
+        per-variable statistics for criteria with ``needs_calibration``)."""
         ...
 
     def apply_masks(self) -> None:

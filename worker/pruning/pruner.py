@@ -135,6 +135,10 @@ class Pruner(PrunerLike):
         self._bias_masks = {bias: np.ones(var.shape, dtype=bool) for bias, var in self._bias_vars.items()}
         self._mask_tensors: dict[str, tf.Tensor] = {}
         self._apply: tuple[list[str], Any] | None = None  # (names, compiled assign), see apply_masks
+        # Calibration criteria: the statistics of the current prune, and which method scored each variable
+        # (the criterion, or "magnitude" where it had no statistics): the metrics' per-layer ``method``.
+        self._calibration: Mapping[str, Any] = {}
+        self.methods: dict[str, str] = {}
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
@@ -151,8 +155,17 @@ class Pruner(PrunerLike):
         """Variables that are pruned (not skipped), in the given order."""
         return [name for name in self.variables if name not in self.skipped]
 
-    def prune(self, fraction: float, grads: Mapping[str, GradInput] | None = None) -> None:
+    def prune(
+        self,
+        fraction: float,
+        grads: Mapping[str, GradInput] | None = None,
+        calibration: Mapping[str, Any] | None = None,
+    ) -> None:
         """Recompute masks at ``fraction`` (0..1) of every target from current values; zero the variables.
+
+        ``calibration`` (by variable name) is read by criteria with ``needs_calibration``: the statistics
+        ``worker.stages.calibration`` collected (a variable without any is scored by magnitude, and its
+        ``method`` says so).
 
         ``grads`` (by variable name) is required by criteria with ``needs_gradients``: a ``GradientStats``
         from ``gradients.accumulate_gradients`` (or a gradient array shaped like the variable). A variable
@@ -160,6 +173,10 @@ class Pruner(PrunerLike):
         cannot be ranked by gradients: it is left dense and reported as skipped rather than pruned by ties.
         """
         check_prune_args(self.criterion, fraction, grads)
+        self._calibration = calibration or {}
+        if self.criterion.needs_calibration:
+            for name in self.active:
+                self.methods[name] = self.criterion.name if name in self._calibration else "magnitude"
         if self.criterion.needs_gradients and grads is not None:
             for name in self.active:
                 stats = grads.get(name)
@@ -169,9 +186,8 @@ class Pruner(PrunerLike):
                     )
         if self.scope == "layer":  # one variable at a time: its score, mask and zeros, then the next one
             for name in self.active:
-                self._set_mask(
-                    name, self._own_mask(name, self._score(name, grads), fraction * self.targets[name])
-                )
+                score = self._alone(name, self._score(name, grads))
+                self._set_mask(name, self._own_mask(name, score, fraction * self.targets[name]))
         else:
             for name, mask in self._global(lambda name: self._score(name, grads), fraction).items():
                 self._set_mask(name, mask)
@@ -183,7 +199,10 @@ class Pruner(PrunerLike):
         Read from a view of the variable, copied only where entries must change: every full-model copy here
         is one more model's worth of worker memory (a 1 B-parameter model is 4 GB)."""
         var = self.variables[name]
-        grad = None if grads is None else grads[name]
+        if self.criterion.needs_calibration:
+            grad: Any = self._calibration.get(name)
+        else:
+            grad = None if grads is None else grads[name]
         weight = variable_view(var)
         if self.criterion.uses_name:
             score = np.asarray(self.criterion.score(weight, grad, name=name))
@@ -199,6 +218,10 @@ class Pruner(PrunerLike):
         lowest = np.isnan(score)  # a NaN weight is the first thing to remove
         np.logical_or(lowest, ~self._masks[name], out=lowest)  # pruned stay pruned
         return np.where(lowest, -np.inf, score) if lowest.any() else score
+
+    def _alone(self, name: str, score: np.ndarray) -> np.ndarray:
+        """Scores of a variable ranked on its own (the criterion's ``layer_scores``: Wanda per output unit)."""
+        return self.criterion.layer_scores(score, self._calibration.get(name))
 
     def _set_mask(self, name: str, mask: np.ndarray) -> None:
         """AND the new mask in (masks only grow), derive the paired bias's, and write the zeros now."""
@@ -297,6 +320,7 @@ class Pruner(PrunerLike):
                     group_noun=gran.group_noun,
                     bias=self.biases.get(name),
                     notes=notes,
+                    method=self.methods.get(name),
                 )
             )
         return reports
@@ -351,7 +375,7 @@ class Pruner(PrunerLike):
             gran = self.granularities[name]
             if name in self.fixed or not gran.rankable:
                 target = self.fixed.get(name, self.targets[name])
-                masks[name] = self._own_mask(name, score, fraction * target)
+                masks[name] = self._own_mask(name, self._alone(name, score), fraction * target)
                 continue
             layout = gran.layout(self.kinds[name], self.shapes[name])
             values, sizes = layout.group_scores(score, gran.reduce)

@@ -21,6 +21,7 @@ from worker.models import ModelHandle, SignatureInfo
 
 if TYPE_CHECKING:
     from worker.structure import GroupAnalysis
+    from worker.structure.frozen import FrozenSignature
 
 Report = Callable[[str, float], None]
 
@@ -72,6 +73,9 @@ class Job:
     output: str
     train: Data | None
     evaluation: Data | None
+    # ``calibration_dataset_id``'s inputs (labels dropped), bound and preprocessed like the others; None: the
+    # train dataset's inputs serve (``calibration_inputs``).
+    calibration: Data | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     preprocessing: dict[str, Any] | None = None
@@ -80,6 +84,8 @@ class Job:
     model_dir: Path | None = None  # where ``handle`` was loaded from: a streamed distillation loads a teacher
     # Channel groups of ``handle`` by signature (``channel_groups``): another handle needs a fresh dict.
     analyses: dict[str, GroupAnalysis] = field(default_factory=dict, repr=False)
+    # Frozen signatures by name (``frozen_signature``) when no channel-group analysis froze them already.
+    frozen: dict[str, FrozenSignature] = field(default_factory=dict, repr=False)
 
     def note(self, text: str) -> None:
         """Append a note once (phases that run twice must not repeat themselves)."""
@@ -89,6 +95,56 @@ class Job:
     def forward(self, x: Mapping[str, tf.Tensor], training: bool) -> tf.Tensor:
         """The selected output: what labels, losses and gradients refer to."""
         return self.handle.call(self.spec.signature, x, training=training)[self.output]
+
+    def calibration_inputs(self) -> dict[str, np.ndarray]:
+        """``spec.calibration.samples`` input records (a seeded choice by ``spec.seed``, in their order) from the
+        calibration dataset, else from the train dataset (a streamed set: from its in-memory sample): what
+        calibration-based criteria and ``reconstruct`` read. Labels are never looked at.
+
+        PipelineError ``dataset_mismatch`` when the job has neither (the API refuses such a job already)."""
+        source, role = (
+            (self.calibration, "calibration") if self.calibration is not None else (self.train, "train")
+        )
+        if source is None:
+            raise PipelineError(
+                "dataset_mismatch",
+                "calibration inputs are needed (criterion wanda/sparsegpt or reconstruct): give "
+                "calibration_dataset_id or train_dataset_id",
+            )
+        wanted = self.spec.calibration_settings().samples
+        n = source.n
+        if n <= wanted:
+            index = np.arange(n)
+            if n < wanted:
+                self.note(
+                    f"calibration: all {n} records of the {role} dataset (fewer than calibration.samples)"
+                )
+        else:
+            index = np.sort(np.random.default_rng(self.spec.seed).choice(n, wanted, replace=False))
+        if source.stream is not None:
+            self.note(
+                f"calibration: {len(index)} records chosen from the first {n} records of the streamed {role} set"
+            )
+        return {k: v[index] for k, v in source.x.items()}
+
+    def calibration_batches(self) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
+        """``calibration_inputs`` in batches of ``spec.calibration.batch_size`` (a signature with a fixed batch
+        size gets that size, the remainder left out): a factory, since sequential methods make several passes."""
+        inputs = self.calibration_inputs()
+        n = len(next(iter(inputs.values())))
+        fixed = fixed_batch(self.sig)
+        size = fixed or self.spec.calibration_settings().batch_size
+        if fixed and n < fixed:
+            raise PipelineError(
+                "dataset_mismatch", f"calibration: the signature takes batches of {fixed}; only {n} records"
+            )
+        stop = n - n % fixed if fixed else n
+
+        def batches() -> Iterable[dict[str, np.ndarray]]:
+            for start in range(0, stop, size):
+                yield {k: v[start : start + size] for k, v in inputs.items()}
+
+        return batches
 
     def channel_groups(self) -> tuple[GroupAnalysis | None, str | None]:
         """``(GroupAnalysis, None)`` from the signature's graph (``worker.structure.find_groups``), or
@@ -114,6 +170,23 @@ class Job:
             self.timings["channel_groups"] = (
                 self.timings.get("channel_groups", 0.0) + time.perf_counter() - tick
             )
+
+
+    def frozen_signature(self) -> FrozenSignature:
+        """The spec's signature frozen (``worker.structure.frozen``): the skeleton calibration methods read the
+        ops' inputs from. Frozen once per handle: taken from the channel-group analysis when one ran (it froze
+        the signature already; an aliased signature reuses the one it duplicates), else frozen here and kept."""
+        name = self.spec.signature
+        analysis = self.analyses.get(name)
+        if analysis is not None:
+            frozen = analysis.frozen.get(analysis.aliases.get(name, name))
+            if frozen is not None:
+                return frozen
+        if name not in self.frozen:
+            from worker.structure.frozen import freeze_signature
+
+            self.frozen[name] = freeze_signature(self.handle, name)
+        return self.frozen[name]
 
 
 @dataclass(frozen=True)

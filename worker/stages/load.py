@@ -77,11 +77,23 @@ def _bind(
     return data
 
 
+def _bind_inputs(sig: SignatureInfo, given: Arrays | Streamed | None) -> Data | None:
+    """A calibration dataset: its inputs only (labels, if any, are ignored; a streamed set: its sample)."""
+    arrays = _arrays(given)
+    if arrays is None:
+        return None
+    x = bind_inputs(sig, {k: v for k, v in arrays.items() if k == "x" or k.startswith("x.")})
+    if len(next(iter(x.values()))) == 0:
+        raise PipelineError("dataset_mismatch", "the calibration dataset has no samples")
+    return Data(x=x, y=None)
+
+
 def prepare(
     handle: ModelHandle,
     spec: PruneSpec,
     given_train: Arrays | Streamed | None,
     given_evaluation: Arrays | Streamed | None,
+    given_calibration: Arrays | Streamed | None = None,
 ) -> Job:
     """A ``Job`` for ``handle``: datasets bound and checked, labels located, notes started, preprocessing applied.
 
@@ -101,6 +113,7 @@ def prepare(
         output=output,
         train=_bind(sig, given_train, output, "train", spec),
         evaluation=_bind(sig, given_evaluation, output, "evaluation", spec),
+        calibration=_bind_inputs(sig, given_calibration),
     )
     if len(sig.outputs) > 1:
         job.notes.append(
@@ -189,8 +202,9 @@ def _preprocess(job: Job, pre: Preprocessing) -> dict[str, Any]:
             f"preprocessing scales floating-point inputs, but signature {job.sig.name!r} has non-float inputs "
             f"{integer}: remove 'preprocessing' from the spec (token ids and other integers cannot be scaled)",
         )
-    datasets = [d for d in (job.train, job.evaluation) if d is not None]
-    applied_to = [role for role, d in (("train", job.train), ("eval", job.evaluation)) if d is not None]
+    roles = (("train", job.train), ("eval", job.evaluation), ("calibration", job.calibration))
+    datasets = [d for _, d in roles if d is not None]
+    applied_to = [role for role, d in roles if d is not None]
     if pre.min_max is None:
         scale = 1.0 if pre.scale is None else pre.scale
         offset = 0.0 if pre.offset is None else pre.offset

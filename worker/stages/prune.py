@@ -17,6 +17,9 @@ How the spec reaches the pruning engine (``worker.pruning``):
   gradient statistics (``gradients.accumulate_gradients``) over train batches before every scheduled prune
   step; a regulariser fine-tunes with ``Pruner.penalty`` before pruning (one-shot: the first half of the
   fine-tuning epochs, or one default epoch without ``fine_tune``; polynomial: during the sparsity ramp).
+- ``Criterion.calibration`` (wanda, sparsegpt): statistics from the calibration inputs
+  (``stages.calibration.calibrate``) before the (one-shot) prune; SparseGPT's weight updates are written
+  then, and its masks hold through fine-tuning like any other.
 - ``fine_tune.distill``: the unpruned model's outputs on the train set are computed before anything is pruned
   (``_distillation``) and become the soft targets of every training phase (``finetune.Distillation``).
 
@@ -57,7 +60,9 @@ from worker.pruning.losses import infer_loss
 from worker.pruning.pruner import Pruner
 from worker.pruning.schedules import Schedule, build_schedule
 from worker.pruning.scope import resolve_targets
+from worker.stages.calibration import calibrate
 from worker.stages.job import Job, Window, fixed_batch
+from worker.stages.repair import dense_snapshot, repair_channels
 
 PREDICT_SAMPLE = 256  # outputs computed to infer the loss
 # Gradient criteria: per-batch |g| statistics over at most GRADIENT_SAMPLES train samples in batches of
@@ -266,6 +271,14 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
         job.notes.append(f"polynomial schedule over {tune_steps} fine-tuning steps: {schedule.get_config()}")
     strength = spec.regularization_strength()
     distill = _distillation(job, ft)  # the dense model's outputs: before anything is pruned
+    dense = None  # the weights the channel repair reproduces the op outputs of (stages.repair)
+    if spec.reconstruct and polynomial:
+        job.note(
+            "reconstruct: skipped, a polynomial schedule removes channels during fine-tuning (the repair runs "
+            "after a one-shot prune)"
+        )
+    elif spec.reconstruct:
+        dense = dense_snapshot(job)
 
     last_prune = [0]
 
@@ -274,7 +287,11 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
         if should:
             tick = time.perf_counter()
             budget = GRADIENT_SAMPLES if step == 0 else (step - last_prune[0]) * (ft.batch_size if ft else 1)
-            pruner.prune(min(1.0, sparsity / spec.target_sparsity), _gradients(job, pruner, step, budget))
+            pruner.prune(
+                min(1.0, sparsity / spec.target_sparsity),
+                _gradients(job, pruner, step, budget),
+                calibration=calibrate(job, pruner),
+            )
             last_prune[0] = step
             if step == 0:  # later steps run inside fine-tuning and count as fine_tune time
                 job.timings["prune"] += time.perf_counter() - tick
@@ -295,6 +312,8 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
             )
         )
     prune_at(0)
+    if dense is not None:  # least-squares refit of the consumers + BatchNorm statistics (stages.repair)
+        repair_channels(job, pruner, dense)
     if ft is not None and tune_epochs:
         _fine_tune_pruned(job, pruner, ft, tune_epochs, progress, schedule, prune_at, distill)
     if job.gradient_passes:

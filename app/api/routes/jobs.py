@@ -66,9 +66,33 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
         raise Unprocessable(f"model {model.id} is invalid and cannot be pruned: {reason}")
     train = get_dataset_or_404(session, body.train_dataset_id, tenant) if body.train_dataset_id else None
     evaluation = get_dataset_or_404(session, body.eval_dataset_id, tenant) if body.eval_dataset_id else None
-    for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
+    calibration = (
+        get_dataset_or_404(session, body.calibration_dataset_id, tenant)
+        if body.calibration_dataset_id
+        else None
+    )
+    datasets = (
+        ("train_dataset_id", train),
+        ("eval_dataset_id", evaluation),
+        ("calibration_dataset_id", calibration),
+    )
+    for loc, dataset in datasets:
         if dataset is not None:
             _check_dataset_usable(loc, dataset)
+    if body.spec.needs_calibration_data() and train is None and calibration is None:
+        what = f"criterion {body.spec.criterion!r}" if not body.spec.reconstruct else "reconstruct"
+        msg = (
+            f"{what} reads calibration inputs: give calibration_dataset_id (inputs only) or train_dataset_id"
+        )
+        raise Unprocessable(
+            msg,
+            extra={
+                "errors": [
+                    {"loc": "calibration_dataset_id", "msg": msg},
+                    {"loc": "train_dataset_id", "msg": msg},
+                ]
+            },
+        )
     if body.spec.augmentation and train is None:
         msg = "augmentation applies to training batches: give train_dataset_id, or remove spec.augmentation"
         raise Unprocessable(msg, extra={"errors": [{"loc": "spec.augmentation", "msg": msg}]})
@@ -94,7 +118,7 @@ def _validate(body: JobCreate, session: Session, tenant: str) -> None:
         if body.spec.signature not in model.signatures:  # the worker needs it even without datasets
             msg = f"model {model.id} has no signature {body.spec.signature!r}; it has {sorted(model.signatures)}"
             raise Unprocessable(msg, extra={"errors": [{"loc": "spec.signature", "msg": msg}]})
-        for loc, dataset in (("train_dataset_id", train), ("eval_dataset_id", evaluation)):
+        for loc, dataset in datasets:
             if dataset is None or dataset.arrays is None:  # not known for this dataset: the worker checks
                 continue
             problems = dataset_fit_errors(model.signatures, body.spec.signature, dataset.arrays)
@@ -216,7 +240,11 @@ def create_job(
         return attempt.replay(fingerprint)
     try:
         # The preset is resolved here, once: the record, the job body and the metrics show what runs.
-        spec = resolve_preset(body.spec, has_train=body.train_dataset_id is not None)
+        spec = resolve_preset(
+            body.spec,
+            has_train=body.train_dataset_id is not None,
+            has_calibration=body.calibration_dataset_id is not None,
+        )
         body = body.model_copy(update={"spec": spec})
         _validate(body, session, tenant)
         _check_quota(session, tenant, settings)
@@ -229,6 +257,7 @@ def create_job(
                 model_id=body.model_id,
                 train_dataset_id=body.train_dataset_id,
                 eval_dataset_id=body.eval_dataset_id,
+                calibration_dataset_id=body.calibration_dataset_id,
                 spec=body.spec.model_dump(mode="json"),
                 status="queued",
                 progress=0.0,

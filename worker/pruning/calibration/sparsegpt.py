@@ -1,0 +1,294 @@
+"""SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot"): per weight-consuming op, choose the mask and update the remaining weights so that the op's output
+on the calibration inputs changes as little as possible.
+
+For one op computing ``X @ M`` (``M`` the variable as the op's ``(d_in, d_out)`` matrix, ``capture.WeightUse
+.matrix``), SparseGPT works on ``W = M.T`` (rows = output units, columns = input features) and the Hessian of
+the layer-wise squared error, ``H = X^T X`` summed over the calibration rows (float64), dampened by 1% of its
+mean diagonal. With ``U`` the upper Cholesky factor of ``H^-1``, columns are processed left to right in blocks
+of 128: at the start of a block (unstructured) or of each group of M columns (N:M) the weights to remove are
+those with the smallest ``w^2 / U_jj^2`` (the optimal-brain-surgeon saliency, chosen adaptively on the
+already-updated weights); column ``j`` is then zeroed where masked and its error ``(w - q) / U_jj`` is spread
+over the columns to its right through row ``j`` of ``U`` (lazy block updates keep it cache-friendly). This
+is the reference implementation's algorithm; only the count of each block is set so that the variable's total
+equals the pruner's ``round(t * size)`` exactly, because the pruner then takes SparseGPT's zeros as its mask.
+
+N:M: the groups are M consecutive input columns inside each ``segment`` (the granularity's N:M axis: ``cin``
+of a ``(kh, kw, cin, cout)`` kernel, i.e. within one ``(kh, kw)`` of the im2col order), with the same tail rule
+as ``granularity.NM`` (a tail of ``r < M`` columns keeps at most ``M - k`` of them).
+
+Sequential (``sparsegpt_sequential``): ops are taken in dependency waves (``capture.dependency_waves``); the
+inputs of each wave are recomputed with the already-pruned and updated weights of the earlier waves, so the
+errors of one layer are compensated by the next instead of compounding (the paper's procedure).
+
+Memory: ``H`` is ``d_in x d_in`` float64 plus its inverse factor (2 x 8 x d_in^2 bytes: a 3x3x512 conv of
+ResNet-50 has ``d_in = 4608``, 340 MB); variables above ``max_dim`` input features keep magnitude scoring and
+are named in the notes. NumPy only: the capture session (TensorFlow) is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_BLOCKSIZE",
+    "DEFAULT_DAMPING",
+    "ObsResult",
+    "SequentialResult",
+    "sparsegpt_prune",
+    "sparsegpt_sequential",
+    "unstructured_count",
+]
+
+DEFAULT_BLOCKSIZE = 128
+DEFAULT_DAMPING = 0.01
+
+
+@dataclass(frozen=True)
+class ObsResult:
+    """What SparseGPT did to one variable: its new value and the keep-mask it chose (the variable's shape)."""
+
+    weight: np.ndarray
+    keep: np.ndarray
+    error: float  # the OBS estimate of the summed squared output error (in units of H)
+    damping: float  # the damping finally used (raised when H was not positive definite)
+
+
+@dataclass
+class SequentialResult:
+    results: dict[str, ObsResult] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)  # variable -> why it keeps magnitude scoring
+    rows: int = 0  # calibration rows of the first op (samples x positions)
+
+
+def unstructured_count(size: int, target: float) -> int:
+    """Weights removed at ``target`` by ``granularity.Unstructured`` (``scope.select_groups``): ``round(t *
+    size)``, at most ``size - 1`` below a target of 1 (the best weight is kept)."""
+    k = round(target * size)
+    return min(k, size - 1) if target < 1.0 else k
+
+
+def _nm_groups(cols: int, m: int, segment: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the N:M groups over ``cols`` columns: runs of ``m`` inside each ``segment``."""
+    if cols % segment:
+        raise ValueError(f"{cols} columns are not whole segments of {segment}")
+    return [
+        (base + start, base + min(start + m, segment))
+        for base in range(0, cols, segment)
+        for start in range(0, segment, m)
+    ]
+
+
+def _inverse_factor(h: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """Upper Cholesky factor of ``(H + damping * mean(diag) * I)^-1``; the damping is raised x10 (up to 4
+    times) while the dampened H is not positive definite. ``H`` is modified (dead columns get 1)."""
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    mean = float(np.mean(np.diag(h))) or 1.0
+    eye = np.eye(len(h))
+    for attempt in range(5):
+        damp = damping * (10**attempt)
+        try:
+            lower = np.linalg.cholesky(h + damp * mean * eye)
+            inv = np.linalg.inv(lower)
+            hinv = inv.T @ inv
+            return np.linalg.cholesky(hinv).T, damp
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the calibration Hessian is not positive definite even with 10,000% damping")
+
+
+def sparsegpt_prune(
+    w: np.ndarray,
+    h: np.ndarray,
+    *,
+    target: float | None = None,
+    nm: tuple[int, int] | None = None,
+    segment: int | None = None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Prune ``w`` (rows = outputs, cols = inputs) against ``h`` (cols x cols, ``X^T X``).
+
+    Unstructured: ``target`` (fraction removed, exactly ``unstructured_count(w.size, target)`` weights).
+    N:M: ``nm = (k, m)`` removes ``k`` of every ``m`` consecutive columns of each ``segment`` (default all
+    columns), tails as ``granularity.NM``. Returns ``(new w, pruned mask, OBS error, damping used)``; ``h``
+    is not modified.
+    """
+    if (target is None) == (nm is None):
+        raise ValueError("give either target (unstructured) or nm=(k, m)")
+    W = np.array(w, dtype=np.float64)
+    rows, cols = W.shape
+    if h.shape != (cols, cols):
+        raise ValueError(f"H is {h.shape}, expected ({cols}, {cols})")
+    U, damp = _inverse_factor(np.array(h, dtype=np.float64), damping)
+    pruned = np.zeros((rows, cols), dtype=bool)
+
+    if nm is None:
+        assert target is not None
+        total = unstructured_count(W.size, target)
+        bounds = [(s, min(s + blocksize, cols)) for s in range(0, cols, blocksize)]
+        groups_of: dict[int, list[tuple[int, int]]] = {}
+    else:
+        k, m = nm
+        groups = _nm_groups(cols, m, segment or cols)
+        bounds, groups_of = [], {}
+        start = 0
+        for g0, g1 in groups:  # blocks end on group boundaries (a tail may make groups uneven)
+            groups_of.setdefault(start, []).append((g0, g1))
+            if g1 - start >= blocksize:
+                bounds.append((start, g1))
+                start = g1
+        if start < cols:
+            bounds.append((start, cols))
+    error = 0.0
+    for b0, b1 in bounds:
+        W1 = W[:, b0:b1].copy()
+        Err1 = np.zeros_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        d = np.diag(U1)
+        mask1 = np.zeros_like(W1, dtype=bool)
+        if nm is None:
+            assert target is not None
+            want = round(total * b1 * rows / W.size) - round(total * b0 * rows / W.size)
+            if want > 0:
+                saliency = (W1**2) / (d[None, :] ** 2)
+                flat = np.argpartition(saliency.ravel(), want - 1)[:want]
+                mask1.ravel()[flat] = True
+            starts: dict[int, tuple[int, int]] = {}
+        else:
+            starts = {g0 - b0: (g0 - b0, g1 - b0) for g0, g1 in groups_of.get(b0, [])}
+        for i in range(b1 - b0):
+            if i in starts:  # choose this group's mask on the weights updated so far
+                g0, g1 = starts[i]
+                width = g1 - g0
+                k, m = nm  # type: ignore[misc]
+                drop = width - (m - k) if width < m else k
+                if drop > 0:
+                    saliency = (W1[:, g0:g1] ** 2) / (d[None, g0:g1] ** 2)
+                    lowest = np.argpartition(saliency, drop - 1, axis=1)[:, :drop]
+                    np.put_along_axis(mask1[:, g0:g1], lowest, True, axis=1)
+            col = W1[:, i]
+            q = np.where(mask1[:, i], 0.0, col)
+            err = (col - q) / d[i]
+            error += float(np.sum(err**2)) / 2
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, b0:b1] = W1
+        pruned[:, b0:b1] = mask1
+        if b1 < cols:
+            W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+    W[pruned] = 0.0
+    return W, pruned, error, damp
+
+
+def sparsegpt_sequential(
+    session: Any,
+    waves: Sequence[Sequence[Any]],
+    values: dict[str, np.ndarray],
+    plans: Mapping[str, Mapping[str, Any]],
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    *,
+    max_dim: int,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    damping: float = DEFAULT_DAMPING,
+    on_wave: Callable[[int, int], None] | None = None,
+) -> SequentialResult:
+    """SparseGPT over ``waves`` (``capture.dependency_waves`` of the pruned variables' uses) in order.
+
+    ``values``: every weight of the signature by variable name (fed to ``session``); pruned variables are
+    replaced in it as their wave completes, so later waves see the pruned model. ``plans``: per variable to
+    prune, ``{"target": t}`` or ``{"nm": (k, m), "axis": a}`` (``a``: the variable axis N:M groups run
+    along). Variables read by several ops, by a depthwise op, with more than ``max_dim`` input features, or
+    whose N:M axis is not the fastest input feature keep magnitude scoring (``fallback``, with the reason).
+    """
+    out = SequentialResult()
+    by_var: dict[str, list[Any]] = {}
+    for wave in waves:
+        for use in wave:
+            by_var.setdefault(use.variable, []).append(use)
+    for index, wave in enumerate(waves):
+        todo: list[Any] = []
+        for use in wave:
+            name = use.variable
+            if name not in plans or name in out.fallback or name in out.results:
+                continue
+            reason = _why_not(use, by_var[name], values[name].shape, plans[name], max_dim)
+            if reason is not None:
+                out.fallback[name] = reason
+            else:
+                todo.append(use)
+        if todo:
+            grams = _accumulate(session, todo, values, batches)
+            if not out.rows:
+                out.rows = grams[todo[0].op][1]
+            for use in todo:
+                name = use.variable
+                weight = values[name]
+                plan = plans[name]
+                gram = grams[use.op][0]
+                segment = weight.shape[plan["axis"] % weight.ndim] if "nm" in plan else None
+                try:
+                    new, pruned, error, damp = sparsegpt_prune(
+                        use.matrix(weight).T, gram, target=plan.get("target"), nm=plan.get("nm"),
+                        segment=segment, blocksize=blocksize, damping=damping,
+                    )  # fmt: skip
+                except np.linalg.LinAlgError as exc:
+                    out.fallback[name] = str(exc)
+                    continue
+                updated = use.unmatrix(new.T, weight.shape).astype(weight.dtype)
+                keep = ~use.unmatrix(pruned.T, weight.shape)
+                updated[~keep] = 0
+                values[name] = updated
+                out.results[name] = ObsResult(updated, keep, error, damp)
+        if on_wave is not None:
+            on_wave(index, len(waves))
+    return out
+
+
+def _why_not(
+    use: Any, uses: list[Any], shape: tuple[int, ...], plan: Mapping[str, Any], max_dim: int
+) -> str | None:
+    """Why SparseGPT cannot prune this variable (it then keeps magnitude scoring), or None."""
+    if len(uses) > 1:
+        return f"read by {len(uses)} ops (SparseGPT updates a weight for one op's inputs)"
+    if use.kind == "depthwise":
+        return "a depthwise kernel: each output reads one channel's window (no input Hessian to share)"
+    d_in, _ = use.dims(shape)
+    if d_in > max_dim:
+        return (
+            f"{d_in} input features: its {d_in}x{d_in} Hessian is above the SECATEURS_CALIBRATION_MAX_DIM "
+            f"cap of {max_dim}"
+        )
+    if "nm" in plan:
+        axis = plan["axis"] % len(shape)
+        if not use.in_axes or use.in_axes[-1] != axis:
+            return "its N:M axis is not the input features its op reads fastest"
+    return None
+
+
+def _accumulate(
+    session: Any, uses: list[Any], values: Mapping[str, np.ndarray], batches: Callable[[], Iterable[Any]]
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Per op of ``uses``: ``H = sum over batches of X^T X`` (float64) and the number of rows of ``X``."""
+    fetch: list[Any] = []
+    for use in uses:
+        fetch += [session.gram(use), session.rows(use)]
+    sums: dict[str, tuple[np.ndarray, int]] = {}
+    for batch in batches():
+        out = session.run(values, batch, fetch)
+        for i, use in enumerate(uses):
+            gram, rows = out[2 * i].astype(np.float64), int(out[2 * i + 1])
+            if use.op in sums:
+                old, n = sums[use.op]
+                old += gram
+                sums[use.op] = (old, n + rows)
+            else:
+                sums[use.op] = (gram, rows)
+    return sums
