@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_prune.add_argument("--train", type=Path, default=None, help=".npz for fine-tuning / gradient criteria")
     p_prune.add_argument("--eval", type=Path, default=None, help=".npz to measure baseline vs pruned")
     p_prune.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help=".npz of inputs (labels ignored) for criteria wanda / sparsegpt and reconstruct; without it "
+        "--train serves. With it and no criterion in --spec, preset fast prunes with sparsegpt",
+    )
+    p_prune.add_argument(
         "--spec",
         default=None,
         help='JSON pruning spec: a file, or the object itself (\'{"granularity": "channel"}\'); '

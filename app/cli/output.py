@@ -80,6 +80,7 @@ def job_text(job: Job) -> str:
         f"model:       {job.model_id}",
         f"train:       {job.train_dataset_id or '-'}",
         f"eval:        {job.eval_dataset_id or '-'}",
+        f"calibration: {job.calibration_dataset_id or '-'}",
         f"created:     {job.created_at or '-'}",
         f"started:     {job.started_at or '-'}",
         f"finished:    {job.finished_at or '-'}",

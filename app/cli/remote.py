@@ -235,6 +235,7 @@ def prune(args: argparse.Namespace) -> int:
         spec = _with_exports(spec, args.export)
         train = _existing(args.train, "--train")
         evaluation = _existing(args.eval, "--eval")
+        calibration = _existing(getattr(args, "calibration", None), "--calibration")
         report: dict[str, Any] = {}
         model_id = args.model
         if Path(args.model).exists():
@@ -245,8 +246,8 @@ def prune(args: argparse.Namespace) -> int:
             model_id = model.id
         elif not args.model.startswith("mdl_"):
             raise UsageError(f"MODEL {args.model}: no such file or directory, and not a model id (mdl_...)")
-        dataset_ids: dict[str, str | None] = {"train": None, "eval": None}
-        for role, path in (("train", train), ("eval", evaluation)):
+        dataset_ids: dict[str, str | None] = {"train": None, "eval": None, "calibration": None}
+        for role, path in (("train", train), ("eval", evaluation), ("calibration", calibration)):
             if path is not None:
                 dataset = client.upload_dataset(path)
                 if dataset.pending:  # not a small .npz: a worker reads it before a job may use it
@@ -255,7 +256,13 @@ def prune(args: argparse.Namespace) -> int:
                 output.note(f"uploaded {role} dataset {dataset.id} ({dataset.n_samples} samples)")
                 report[f"{role}_dataset"] = dataset.raw
                 dataset_ids[role] = dataset.id
-        job = client.create_job(model_id, spec, dataset_ids["train"], dataset_ids["eval"])
+        job = client.create_job(
+            model_id,
+            spec,
+            dataset_ids["train"],
+            dataset_ids["eval"],
+            calibration_dataset_id=dataset_ids["calibration"],
+        )
         output.note(spec_line(job.raw.get("spec")))  # what will run, presets resolved by the API
         report["job"] = job.raw
         if not (args.wait or args.output is not None or args.metrics is not None):

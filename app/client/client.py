@@ -272,15 +272,19 @@ class Client:
         eval_dataset_id: str | None = None,
         idempotency_key: str | None = None,
         webhook_url: str | None = None,
+        calibration_dataset_id: str | None = None,
     ) -> Job:
         """Queue a pruning job (202). With the same ``idempotency_key`` a retry returns the original job.
         ``webhook_url`` receives the signed job.succeeded / job.failed / job.canceled event (verify it with
-        :meth:`webhook_secret`); without it the tenant's default URL, if any, does."""
+        :meth:`webhook_secret`); without it the tenant's default URL, if any, does. ``calibration_dataset_id``:
+        inputs for criteria wanda / sparsegpt and ``reconstruct`` (else the train dataset's inputs serve)."""
         body: dict[str, Any] = {"model_id": model_id, "spec": spec}
         if train_dataset_id:
             body["train_dataset_id"] = train_dataset_id
         if eval_dataset_id:
             body["eval_dataset_id"] = eval_dataset_id
+        if calibration_dataset_id:
+            body["calibration_dataset_id"] = calibration_dataset_id
         if webhook_url:
             body["webhook_url"] = webhook_url
         response = self._send("POST", "/v1/jobs", json=body, headers=self._idempotency(idempotency_key))

@@ -158,6 +158,7 @@ class Job:
     spec: dict[str, Any]
     train_dataset_id: str | None = None
     eval_dataset_id: str | None = None
+    calibration_dataset_id: str | None = None
     # The job's webhook: its URL, then once the job ended the message's status (pending, sending, delivered,
     # failed, gone) and every delivery attempt ({attempt, at, status_code, error, next_retry_at, ...}).
     webhook_url: str | None = None
@@ -185,6 +186,7 @@ class Job:
             spec=dict(data.get("spec") or {}),
             train_dataset_id=data.get("train_dataset_id"),
             eval_dataset_id=data.get("eval_dataset_id"),
+            calibration_dataset_id=data.get("calibration_dataset_id"),
             webhook_url=data.get("webhook_url"),
             webhook_status=data.get("webhook_status"),
             webhook_deliveries=list(data.get("webhook_deliveries") or []),

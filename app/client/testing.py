@@ -342,7 +342,7 @@ class FakeService:
         if not isinstance(body.get("spec"), dict):
             raise _Problem(422, "the body needs a 'spec' object (the pruning spec)")
         _found(self.models, str(body.get("model_id")), "model")
-        for role in ("train_dataset_id", "eval_dataset_id"):
+        for role in ("train_dataset_id", "eval_dataset_id", "calibration_dataset_id"):
             if body.get(role) is not None:
                 dataset = _found(self.datasets, str(body[role]), "dataset")
                 if dataset["status"] in ("validating", "converting"):
@@ -359,6 +359,7 @@ class FakeService:
             "model_id": body["model_id"],
             "train_dataset_id": body.get("train_dataset_id"),
             "eval_dataset_id": body.get("eval_dataset_id"),
+            "calibration_dataset_id": body.get("calibration_dataset_id"),
             "status": status,
             "stage": stage,
             "progress": progress,

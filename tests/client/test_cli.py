@@ -221,6 +221,26 @@ def test_prune_without_wait_uploads_and_queues(
     assert code == 0 and "queued; follow it with `secateurs jobs wait job_" in out
 
 
+def test_prune_with_calibration_inputs(capsys: pytest.CaptureFixture[str], api_url: str, tmp_path: Path) -> None:
+    """--calibration uploads an inputs-only .npz and names it calibration_dataset_id; fast then prunes with
+    sparsegpt (the job shows the resolved spec)."""
+    import numpy as np
+
+    model = tmp_path / "model.zip"
+    with zipfile.ZipFile(model, "w") as zf:
+        for name, data in SAVED_MODEL.items():
+            zf.writestr(name, data)
+    inputs = tmp_path / "calibration.npz"
+    np.savez(inputs, x=np.zeros((4, 64), np.float32))
+    code, out, err = run(
+        capsys, "prune", str(model), "--sparsity", "0.5", "--calibration", str(inputs), "--url", api_url, "--json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["job"]["calibration_dataset_id"] == report["calibration_dataset"]["id"]
+    assert report["job"]["spec"]["criterion"] == "sparsegpt"
+
+
 def test_progress_redraws_one_line_on_a_terminal() -> None:
     stream = io.StringIO()
     printer = ProgressPrinter(stream, tty=True)
