@@ -331,10 +331,16 @@ class TestSmokeCalibration:
                 "fast@95%": ("magnitude", None),
                 "wanda+fast@95%": ("wanda", None),
                 "sparsegpt+fast@95%": ("sparsegpt", None),
+                "sparsegpt+lamp_allocation@95%": ("sparsegpt", None),
             },
         )
         assert cnn["fast@95%"]["sparsity"] == pytest.approx(0.95, abs=0.01)
         assert cnn["fast@95%"]["spec"]["normalization"] == "lamp"  # the preset as a user gets it
+        allocated = cnn["sparsegpt+lamp_allocation@95%"]
+        if "skipped" not in allocated:  # pruned to the per-layer sparsities fast's global ranking chose
+            assert allocated["sparsity"] == pytest.approx(0.95, abs=0.01)
+            fast = cnn["fast@95%"]["layer_sparsity"]
+            assert fast and allocated["layer_sparsity"] == pytest.approx(fast, abs=0.01)
         repair = result["repair"]
         accuracy_rows(
             repair["one_shot"],
