@@ -640,7 +640,8 @@ def render(result: dict[str, Any]) -> str:
         f"parameters, {cnn_meta['epochs']} epochs on {cnn_meta['n_train']:,} images in {cnn_meta['train_s']:.0f} s, "
         f"test accuracy {cnn_meta['test_accuracy']:.4f}; its BatchNorm variant {bn_meta['params']:,} parameters, "
         f"{bn_meta['train_s']:.0f} s, {bn_meta['test_accuracy']:.4f}.\n",
-        f"**(a) Language model**, 50% of the attention + MLP kernels (layer scope), held-out perplexity (dense "
+        f"**(a) Language model**, half of every attention (q/k/v/o) and MLP kernel's weights (50% unstructured "
+        f"or 2:4, layer scope; embeddings and head dense), held-out perplexity (dense "
         f"{lm['dense_perplexity']:.3f}); ratio = increase / magnitude's increase:\n",
     ]
     rows = []
@@ -726,11 +727,14 @@ def _accuracy_table(rows_in: dict[str, dict[str, Any]]) -> str:
     rows = []
     for key, row in rows_in.items():
         if "skipped" in row:
-            rows.append([key, _why(row), "", "", "", ""])
+            rows.append([key, _why(row), "", "", "", "", ""])
             continue
+        spec = row["spec"]
         rows.append(
             [
                 key,
+                f"{spec.get('criterion', 'magnitude')}, {spec.get('scope')}"
+                + (f", preset {spec['preset']}" if spec.get("preset") else ""),
                 f"{row['baseline_accuracy']:.4f}",
                 f"{row['accuracy']:.4f}",
                 f"{row['drop_points']:+.2f}",
@@ -738,7 +742,9 @@ def _accuracy_table(rows_in: dict[str, dict[str, Any]]) -> str:
                 f"{row['wall_s']:.1f}",
             ]
         )
-    return md_table(["job", "baseline", "accuracy", "drop (points)", "drop ratio", "job s"], rows)
+    return md_table(
+        ["job", "resolved spec", "baseline", "accuracy", "drop (points)", "drop ratio", "job s"], rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,9 @@ OPT_IN: dict[str, str] = {
 }
 ALL_SECTIONS: dict[str, str] = {**SECTIONS, **OPT_IN}
 HOW = (
-    "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
-    "build the cached models; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
+    "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores plus ~30 min for "
+    "`calibration`, whose SparseGPT job on ResNet-50 takes most of it; the first time also builds the cached "
+    "models: ~30 s, plus ~15 min for calibration's language model and CNNs; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
     f"({', '.join(SECTIONS)}, and opt-in {', '.join(OPT_IN)}, which the full run leaves out; rewrites only those "
     "sections of this file), `--repeats N` (ResNet), `--smoke` "
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
