@@ -97,7 +97,11 @@ def _model_in_use() -> Any:
 
 def _dataset_in_use() -> Any:
     return exists().where(
-        or_(JobRecord.train_dataset_id == DatasetRecord.id, JobRecord.eval_dataset_id == DatasetRecord.id),
+        or_(
+            JobRecord.train_dataset_id == DatasetRecord.id,
+            JobRecord.eval_dataset_id == DatasetRecord.id,
+            JobRecord.calibration_dataset_id == DatasetRecord.id,
+        ),
         JobRecord.status.in_(ACTIVE_JOB_STATUSES),
     )
 

@@ -278,6 +278,8 @@ def _run(
         document["exports"] = exports
     if job.preprocessing is not None:
         document["preprocessing"] = job.preprocessing
+    if job.reconstruction is not None:
+        document["reconstruction"] = job.reconstruction
     return document
 
 

@@ -304,6 +304,9 @@ def _layers(document: Mapping[str, Any]) -> str:
         return ""
     from app.report import plots
 
+    # Calibration criteria say which method pruned each variable (the criterion, or magnitude where it could
+    # not read the variable's op inputs): a column only when some row has one.
+    methods = any(r.get("method") for r in layers)
     rows = [
         [
             _e(r.get("name")),
@@ -311,14 +314,14 @@ def _layers(document: Mapping[str, Any]) -> str:
             _num(r.get("params")),
             _num(r.get("target"), 3),
             _num(r.get("sparsity"), 3),
+            *([_e(r.get("method") or "")] if methods else []),
             _e(r.get("skipped") or ""),
         ]
         for r in layers
     ]
     body = _figure(lambda: plots.layer_sparsity(layers), "per-variable sparsity (first 60 variables)")
-    body += _table(
-        ["variable", "shape", "params", "target", "sparsity", "left dense because"], rows, numeric_from=2
-    )
+    head = ["variable", "shape", "params", "target", "sparsity", *(["method"] if methods else [])]
+    body += _table([*head, "left dense because"], rows, numeric_from=2)
     return _section("Per-layer sparsity", body, "layers")
 
 

@@ -517,6 +517,7 @@ class PruneSpec(_Strict):
                 {"target_sparsity": 0.9, "scope": "global", "normalization": "lamp"},
                 {"target_sparsity": 0.5, "granularity": "2:4", "fine_tune": {"epochs": 2}},
                 {"target_sparsity": 0.5, "granularity": "channel", "criterion": "taylor"},
+                {"target_sparsity": 0.5, "granularity": "2:4", "criterion": "sparsegpt"},
                 {"target_sparsity": 0.75, "granularity": "block", "block_shape": [2, 8]},
                 {
                     "target_sparsity": 0.8,

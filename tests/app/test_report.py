@@ -120,3 +120,12 @@ def test_a_compacted_job_headlines_its_parameters_not_zero_sparsity() -> None:
     page = render_report(document)
     assert "6,398" in page and "2.63x fewer: channels removed" in page
     assert "of the prunable weights are zero" not in page
+
+
+def test_calibration_jobs_show_the_method_of_each_variable() -> None:
+    """Wanda / SparseGPT jobs name the method per variable (magnitude where it fell back); others get no column."""
+    document = prune_document()
+    assert "<th>method</th>" not in render_report(document)
+    document["layers"][0]["method"] = "sparsegpt"
+    page = render_report(document)
+    assert "<th>method</th>" in page and ">sparsegpt</td>" in page

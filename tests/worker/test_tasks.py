@@ -76,7 +76,13 @@ class World:
             )
         return dataset_id
 
-    def job(self, spec: dict[str, Any], train: str | None = None, evaluation: str | None = None) -> str:
+    def job(
+        self,
+        spec: dict[str, Any],
+        train: str | None = None,
+        evaluation: str | None = None,
+        calibration: str | None = None,
+    ) -> str:
         with session_scope(self.sessions) as s:
             job = records.add(
                 s,
@@ -85,6 +91,7 @@ class World:
                     model_id=self.model_id,
                     train_dataset_id=train,
                     eval_dataset_id=evaluation,
+                    calibration_dataset_id=calibration,
                     spec={"evaluation": FAST, **spec},
                     status="queued",
                     progress=0.0,
@@ -141,6 +148,24 @@ def test_distinct_datasets_get_no_training_data_note(world: World) -> None:
     assert world.record(job_id).status == "succeeded"
     metrics = json.loads((world.storage.job_dir(job_id) / "metrics.json").read_text())
     assert tasks.SAME_DATASET_NOTE not in metrics["notes"]
+
+
+def test_a_calibration_dataset_reaches_the_pipeline_inputs_only(world: World) -> None:
+    """calibration_dataset_id is read through the same path as a train set; its labels are never looked at
+    (here they could not fit the model's output at all)."""
+    inputs = digits_like(n=40, seed=2)
+    calibration = world.dataset({"x": inputs["x"], "y": np.zeros((40, 7, 3))})
+    spec = {"target_sparsity": 0.5, "criterion": "sparsegpt", "calibration": {"samples": 32, "batch_size": 8}}
+    job_id = world.job(spec, evaluation=world.dataset(digits_like(seed=1)), calibration=calibration)
+    tasks._run(job_id)
+    job = world.record(job_id)
+    assert (job.status, job.error) == ("succeeded", None)
+    metrics = json.loads((world.storage.job_dir(job_id) / "metrics.json").read_text())
+    assert "calibrated on 32 input records (the calibration dataset" in "\n".join(metrics["notes"])
+    assert {row["method"] for row in metrics["layers"] if "skipped" not in row} == {"sparsegpt"}
+    missing = world.job(spec, calibration="ds_gone")
+    tasks._run(missing)
+    assert world.record(missing).error["code"] == "missing_dataset"  # type: ignore[index]
 
 
 # --- unexpected exceptions end the job --------------------------------------------------------------------

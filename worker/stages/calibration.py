@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from app.config import get_settings
-from worker.pruning.calibration.capture import CaptureSession, WeightUse, dependency_waves, find_uses
+from worker.pruning.calibration.capture import (
+    CaptureSession,
+    WeightUse,
+    dependency_waves,
+    find_uses,
+    reuse_plan,
+)
 from worker.pruning.calibration.sparsegpt import sparsegpt_sequential
 from worker.pruning.calibration.wanda import collect_input_norms
 from worker.pruning.granularity import NM
@@ -122,7 +128,8 @@ def _hessian(
         else:
             plans[name] = {"target": target}
     flat = [u for var_uses in uses.values() for u in var_uses]
-    waves = dependency_waves(job.frozen_signature(), flat)
+    sig = job.frozen_signature()
+    waves = dependency_waves(sig, flat)
     result = sparsegpt_sequential(
         session,
         waves,
@@ -130,6 +137,7 @@ def _hessian(
         plans,
         job.calibration_batches(),
         max_dim=get_settings().calibration_max_dim,
+        reuse=reuse_plan(sig, waves),
     )
     for name, obs in result.results.items():
         pruner.variables[name].assign(obs.weight)

@@ -81,6 +81,7 @@ class Job:
     preprocessing: dict[str, Any] | None = None
     loss: tuple[str, bool] | None = None  # inferred once, see stages.prune.loss_of
     gradient_passes: list[int] = field(default_factory=list)  # samples per gradient-statistics pass
+    reconstruction: dict[str, Any] | None = None  # what ``reconstruct`` refit (stages.repair): metrics section
     model_dir: Path | None = None  # where ``handle`` was loaded from: a streamed distillation loads a teacher
     # Channel groups of ``handle`` by signature (``channel_groups``): another handle needs a fresh dict.
     analyses: dict[str, GroupAnalysis] = field(default_factory=dict, repr=False)

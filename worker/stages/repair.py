@@ -13,13 +13,16 @@ repairs made before it):
 - **BatchNorm statistics** -- every inference-mode BatchNorm downstream of such a consumer
   (``FusedBatchNorm*``, or Keras 3's lowered ``x * gamma * rsqrt(var + eps) + (beta - mean * ...)``) gets its
   moving mean and variance recomputed from the pruned model's pre-BN activations (NNCF's batch-norm
-  adaptation). Channels whose activation is constant on the calibration data (removed ones) keep theirs. A
-  BatchNorm folded into constants has no statistics variable to update: a note says it was left alone.
+  adaptation), or, for channels whose old statistics do not describe the dense activations on the calibration
+  data, matched to the dense model (``repair.batchnorm_statistics``). Channels whose activation is constant on
+  the calibration data (removed ones) keep theirs. A BatchNorm folded into constants has no statistics
+  variable to update: a note says it was left alone.
 
 Ops of another kind (depthwise, transposed or 3-D convs, NCHW convs, a kernel read by more than one op, an
 op whose output this stage cannot reproduce from its input within ``CHECK_RTOL``) are left as pruned and
 named in ``notes``. The reconstruction error ``||Y - Y_dense||^2 / ||Y_dense||^2`` on the calibration rows,
-before and after each refit, goes to ``notes`` too.
+before and after each refit, goes to ``notes`` and to the metrics' ``reconstruction`` section
+(``Job.reconstruction``).
 
 Tensors come from the skeleton of the signature (``Job.frozen_signature``) in one ``CaptureSession``; the
 weight placeholders are fed the dense values (``dense_snapshot``, taken before pruning) or the current ones.
@@ -43,6 +46,7 @@ from worker.pruning.calibration.repair import (
     ConvGeometry,
     MomentAccumulator,
     NormalEquations,
+    batchnorm_statistics,
     im2col,
     output_rows,
     sample_positions,
@@ -78,6 +82,8 @@ class _Context:
     batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # the calibration inputs, one pass per call
     lines: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    ops: list[dict[str, Any]] = field(default_factory=list)  # the metrics' reconstruction.ops
+    batchnorms: list[dict[str, Any]] = field(default_factory=list)
     refit: int = 0
     norms: int = 0
 
@@ -128,6 +134,19 @@ class _Refit:
             bias = ctx.variables[self.bias]
             bias.assign((now[self.bias] + fit.shift).astype(bias.dtype.as_numpy_dtype))
         ctx.refit += 1
+        ctx.ops.append(
+            {
+                "variable": use.variable,
+                "op": use.op,
+                "type": use.op_type,
+                "inputs": d_in,
+                "inputs_kept": int(self.kept_in.sum()),
+                "bias": self.bias,
+                "rows": eq.count,
+                "error_before": fit.error_before,
+                "error_after": fit.error_after,
+            }
+        )
         ctx.lines.append(
             f"refit {where}, {int(self.kept_in.sum())}/{d_in} input rows kept"
             f"{', with its bias ' + self.bias if self.bias else ''}, on {eq.count} rows: output error "
@@ -153,32 +172,52 @@ class _Norm:
     x: str
     mean: str
     variance: str
+    epsilon: float
 
     def apply(self, ctx: _Context, index: int) -> None:
         now = ctx.current()
         mean_var, variance_var = ctx.variables[self.mean], ctx.variables[self.variance]
         channels = int(mean_var.shape[0])
-        moments = MomentAccumulator(channels)
+        dense, pruned = MomentAccumulator(channels), MomentAccumulator(channels)
         for part in ctx.batches():
+            (x,) = ctx.session.run(ctx.dense, part, [self.x])
+            dense.add(x)
             (x,) = ctx.session.run(now, part, [self.x])
-            moments.add(x)
-        live = moments.variance > 0  # a removed channel is constant: its (unused) statistics stay
-        mean_var.assign(np.where(live, moments.mean, now[self.mean]).astype(mean_var.dtype.as_numpy_dtype))
-        variance_var.assign(
-            np.where(live, moments.variance, now[self.variance]).astype(variance_var.dtype.as_numpy_dtype)
+            pruned.add(x)
+        mean, variance, estimated, matched = batchnorm_statistics(
+            now[self.mean], now[self.variance], self.epsilon, dense, pruned
         )
+        mean_var.assign(mean.astype(mean_var.dtype.as_numpy_dtype))
+        variance_var.assign(variance.astype(variance_var.dtype.as_numpy_dtype))
         ctx.norms += 1
-        moved = float(np.abs(moments.mean[live] - now[self.mean][live]).mean()) if live.any() else 0.0
+        ctx.batchnorms.append(
+            {
+                "mean": self.mean,
+                "variance": self.variance,
+                "op": self.op,
+                "type": self.op_type,
+                "rows": pruned.count,
+                "channels": channels,
+                "re_estimated": int(estimated.sum()),
+                "matched": int(matched.sum()),
+            }
+        )
+        changed = estimated | matched
+        moved = float(np.abs(mean - now[self.mean])[changed].mean()) if changed.any() else 0.0
         ratio = (
-            float(np.mean(moments.variance[live] / np.maximum(now[self.variance][live], 1e-12)))
-            if live.any()
+            float(np.mean(variance[changed] / np.maximum(now[self.variance][changed], 1e-12)))
+            if changed.any()
             else 1.0
         )
+        how = f"{int(estimated.sum())}/{channels} channels re-estimated from the pruned activations"
+        if matched.any():
+            how += (
+                f", {int(matched.sum())} matched to the dense model's normalised activations (their statistics "
+                "did not describe the calibration data)"
+            )
         ctx.lines.append(
-            f"BatchNorm statistics {self.mean} / {self.variance} ({self.op_type} at {self.op}) re-estimated "
-            f"on {moments.count} rows for "
-            f"{int(live.sum())}/{channels} channels (mean moved by {moved:.3g} on average, variance "
-            f"x{ratio:.3g})"
+            f"BatchNorm statistics {self.mean} / {self.variance} ({self.op_type} at {self.op}) on "
+            f"{pruned.count} rows: {how}; mean moved by {moved:.3g} on average, variance x{ratio:.3g}"
         )
 
 
@@ -224,6 +263,14 @@ def _repair(job: Job, pruner: PrunerLike, dense: Mapping[str, np.ndarray]) -> No
         f"per batch and op), {ctx.refit} consumer op(s) refit by least squares to the dense model's outputs, "
         f"{ctx.norms} BatchNorm statistics re-estimated"
     )
+    job.reconstruction = {
+        "samples": samples,
+        "batch_size": batch,
+        "rows_per_batch": ROWS_PER_BATCH,
+        "ops": ctx.ops,
+        "batchnorms": ctx.batchnorms,
+        "left_as_pruned": list(ctx.skipped),
+    }
     for line in ctx.lines:
         job.note(f"reconstruct: {line}")
     for line in ctx.skipped:
@@ -352,7 +399,7 @@ def _norm_steps(
     steps: list[_Norm] = []
     folded: list[str] = []
     for op in sig.graph.get_operations():
-        found: tuple[tf.Operation, tf.Tensor, str, str] | None = None
+        found: tuple[tf.Operation, tf.Tensor, str, str, float] | None = None
         if op.type in FUSED_BN:
             if op.get_attr("is_training") or op.inputs[0].op.name not in downstream:
                 continue
@@ -360,31 +407,35 @@ def _norm_steps(
             if mean is None or variance is None:
                 folded.append(op.name)
                 continue
-            found = (op, op.inputs[0], mean, variance)
+            found = (op, op.inputs[0], mean, variance, float(op.get_attr("epsilon")))
         elif op.type == "Rsqrt":
             found = _lowered_norm(sig, op)
             if found is None or found[1].op.name not in downstream:
                 continue
         if found is None:
             continue
-        site, x, mean, variance = found
+        site, x, mean, variance, epsilon = found
         channels = x.shape[-1] if x.shape.rank else None
         if channels is None or any(tuple(variables[v].shape) != (channels,) for v in (mean, variance)):
             continue
-        steps.append(_Norm(site.name, site.type, order[site.name], x.name, mean, variance))
+        steps.append(_Norm(site.name, site.type, order[site.name], x.name, mean, variance, epsilon))
     return steps, folded
 
 
 def _lowered_norm(
     sig: FrozenSignature, rsqrt: tf.Operation
-) -> tuple[tf.Operation, tf.Tensor, str, str] | None:
+) -> tuple[tf.Operation, tf.Tensor, str, str, float] | None:
     """Keras 3's BatchNorm: ``s = rsqrt(variance + eps) [* gamma]``, ``y = x * s + (beta - mean * s)``:
-    ``(the op x * s, x, mean variable, variance variable)``."""
+    ``(the op x * s, x, mean variable, variance variable, eps)``."""
     add = rsqrt.inputs[0].op
-    if add.type not in ("Add", "AddV2"):
+    if add.type not in ("Add", "AddV2") or len(add.inputs) != 2:
         return None
-    variance = next((w for w in (_weight(sig, t) for t in add.inputs) if w is not None), None)
-    if variance is None:
+    names = [_weight(sig, t) for t in add.inputs]
+    if names.count(None) != 1:
+        return None
+    variance = next(name for name in names if name is not None)
+    epsilon = tf.get_static_value(add.inputs[names.index(None)])
+    if epsilon is None or np.size(epsilon) != 1:
         return None
     scale = rsqrt.outputs[0]
     users = scale.consumers()
@@ -398,11 +449,11 @@ def _lowered_norm(
         other = [t for t in user.inputs if t is not scale]
         if user.type != "Mul" or len(other) != 1:
             continue
-        name = _weight(sig, other[0])
-        if name is not None and other[0].shape.rank == 1:
+        name = _weight(sig, other[0])  # the moving mean (maybe reshaped to [1, 1, 1, C]), or the activation
+        if name is not None:
             mean = name
-        elif name is None and (other[0].shape.rank or 0) >= 2:
+        elif (other[0].shape.rank or 0) >= 2:
             found = (user, other[0])
     if mean is None or found is None:
         return None
-    return found[0], found[1], mean, variance
+    return found[0], found[1], mean, variance, float(np.asarray(epsilon).reshape(()))

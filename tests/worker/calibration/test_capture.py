@@ -134,3 +134,40 @@ def test_keras_layers_conv1d_depthwise_mha(tmp_path: Path) -> None:
             np.testing.assert_allclose(
                 got.reshape(len(X), -1), Y.reshape(len(X), -1), atol=1e-4, err_msg=name
             )
+
+
+def test_sequential_sparsegpt_feeds_cached_outputs_with_the_same_result(tmp_path: Path) -> None:
+    """With the reuse plan each wave feeds the outputs of waves before the previous one instead of recomputing
+    them from the inputs: same weights and masks as recomputing everything (residual block included)."""
+    from tests.worker.structure import builders
+    from worker.pruning.calibration.capture import reuse_plan
+    from worker.pruning.calibration.sparsegpt import sparsegpt_sequential
+
+    handle = load_model(builders.keras3_resnet(tmp_path / "resnet"))
+    sig = freeze_signature(handle, "serving_default")
+    dense = {nv.name: np.asarray(nv.var.value()) for nv in handle.variables()}
+    uses = [u for u in find_uses(sig) if u.supported]
+    waves = dependency_waves(sig, uses)
+    plan = reuse_plan(sig, waves)
+    assert len(waves) == 5  # stem, block_a, block_b, proj, head
+    assert plan.feeds[3] and all(not f for f in plan.feeds[:2])  # proj reads the stem's (cached) output
+    plans = {u.variable: {"target": 0.5} for u in uses}
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(20, 12, 12, 3)).astype("float32")
+
+    def batches():  # type: ignore[no-untyped-def]
+        return ({"image": data[i : i + 8]} for i in range(0, 20, 8))
+
+    results = []
+    with CaptureSession(sig) as session:
+        for reuse in (None, plan):
+            values = dict(dense)
+            results.append(
+                sparsegpt_sequential(session, waves, values, plans, batches, max_dim=4096, reuse=reuse)
+            )
+    plain, cached = results
+    assert sorted(plain.results) == sorted(cached.results) == sorted(plans)
+    for name, obs in plain.results.items():
+        np.testing.assert_array_equal(obs.keep, cached.results[name].keep)
+        np.testing.assert_allclose(obs.weight, cached.results[name].weight, rtol=1e-4, atol=1e-5)
+        assert (~obs.keep).sum() == round(0.5 * obs.keep.size)

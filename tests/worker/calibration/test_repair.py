@@ -9,6 +9,7 @@ from worker.pruning.calibration.repair import (
     ConvGeometry,
     MomentAccumulator,
     NormalEquations,
+    batchnorm_statistics,
     im2col,
     output_rows,
     sample_positions,
@@ -141,3 +142,43 @@ def test_batchnorm_statistics_equal_the_recomputed_moments() -> None:
     np.testing.assert_allclose(acc.mean, everything.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(acc.variance, everything.var(axis=0), rtol=1e-10)
     assert acc.count == len(everything)
+
+
+def _moments(x: np.ndarray) -> MomentAccumulator:
+    acc = MomentAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc
+
+
+def test_batchnorm_statistics_are_re_estimated_where_they_fit_the_dense_activations() -> None:
+    rng = np.random.default_rng(5)
+    x_dense = rng.normal(2.0, 3.0, (2000, 3))
+    x_pruned = rng.normal(-1.0, 0.5, (2000, 3))
+    x_pruned[:, 2] = 0.0  # a removed channel: constant
+    old_mean, old_variance = np.array([2.1, 1.9, 2.0]), np.array([8.0, 10.0, 9.0])  # a trained model's
+    mean, variance, estimated, matched = batchnorm_statistics(
+        old_mean, old_variance, 1e-3, _moments(x_dense), _moments(x_pruned)
+    )
+    assert estimated.tolist() == [True, True, False] and not matched.any()
+    np.testing.assert_allclose(mean[:2], x_pruned.mean(0)[:2], rtol=1e-12)  # the recomputed statistics
+    np.testing.assert_allclose(variance[:2], x_pruned.var(0)[:2], rtol=1e-12)
+    assert mean[2] == old_mean[2] and variance[2] == old_variance[2]
+
+
+def test_batchnorm_statistics_that_do_not_fit_are_matched_to_the_dense_model() -> None:
+    rng = np.random.default_rng(4)
+    x_dense = rng.normal([1.0, -2.0, 0.5], [0.01, 0.5, 2.0], (500, 3))
+    x_pruned = 0.6 * x_dense + rng.normal(0.3, 0.2, (500, 3))
+    old_mean, old_variance, eps = (
+        np.array([0.0, -1.5, 0.0]),
+        np.array([1.0, 0.3, 0.05]),
+        1e-3,
+    )  # untrained, off
+    mean, variance, estimated, matched = batchnorm_statistics(
+        old_mean, old_variance, eps, _moments(x_dense), _moments(x_pruned)
+    )
+    assert matched.tolist() == [True, False, True] and estimated.tolist() == [False, True, False]
+    y_dense = (x_dense - old_mean) / np.sqrt(old_variance + eps)
+    y_pruned = (x_pruned - mean) / np.sqrt(variance + eps)
+    np.testing.assert_allclose(y_pruned.mean(0)[matched], y_dense.mean(0)[matched], atol=1e-9)
+    np.testing.assert_allclose(y_pruned.var(0)[matched], y_dense.var(0)[matched], rtol=1e-9)

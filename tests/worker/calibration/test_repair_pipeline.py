@@ -59,10 +59,15 @@ def test_reconstruct_recovers_most_of_the_one_shot_channel_loss(
     notes = [n for n in repaired["notes"] if n.startswith("reconstruct:")]
     refits = [n for n in notes if n.startswith("reconstruct: refit ")]
     assert len(refits) == 3, notes  # conv 2, conv 3 and the head lost input rows
-    for line in refits:  # every refit lowered its op's output error against the dense model
-        before, after = (float(v) for v in line.rsplit(" ", 3)[-3::2])
-        assert after < before
-    norms = [n for n in notes if "BatchNorm statistics" in n and " re-estimated on " in n]
+    section = repaired["reconstruction"]
+    assert [op["type"] for op in section["ops"]] == ["Conv2D", "Conv2D", "MatMul"]
+    for op in section["ops"]:  # every refit lowered its op's output error against the dense model
+        assert op["error_after"] < op["error_before"] and op["inputs_kept"] < op["inputs"]
+        assert op["bias"] is not None and op["rows"] > 0
+    assert section["samples"] == 128 and section["left_as_pruned"] == []
+    assert [bn["re_estimated"] for bn in section["batchnorms"]] == [22, 22]  # 32 channels, 30% removed
+    assert "reconstruction" not in plain
+    norms = [n for n in notes if n.startswith("reconstruct: BatchNorm statistics ")]
     assert len(norms) == 2, notes  # the BatchNorms after conv 2 and conv 3 (conv 1's input is the image)
     assert all(f"({norm_op} at " in n for n in norms)  # Keras 3 lowers BatchNorm; tf_keras keeps the fused op
     assert "reconstruct" in repaired["timings_s"] and "reconstruct" not in plain["timings_s"]
@@ -102,3 +107,6 @@ def test_ops_that_cannot_be_refit_are_left_as_pruned_and_named(tmp_path: Path) -
     assert len(skipped) == 1 and "DepthwiseConv2dNative ops are not refit" in skipped[0], notes
     refits = [n for n in notes if n.startswith("reconstruct: refit ")]
     assert any("(Conv2D at " in n for n in refits), notes  # the 1x1 conv after the depthwise one
+    section = metrics["reconstruction"]
+    assert len(section["left_as_pruned"]) == 1 and "DepthwiseConv2dNative" in section["left_as_pruned"][0]
+    assert "Conv2D" in [op["type"] for op in section["ops"]]

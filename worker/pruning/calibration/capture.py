@@ -26,6 +26,16 @@ Evaluation: ``CaptureSession`` imports the skeleton ONCE into its own ``tf.Graph
 needs (``x_matrix``, ``gram`` = X^T X, ``sq_norms`` = column sums of X^2, ``rows``) on top, and fetches
 several of them per run with the current weight values fed. The session only computes what the fetches need,
 so reading the first op's input does not run the rest of the model.
+
+Use (what ``worker/stages/calibration.py`` does)::
+
+    sig = job.frozen_signature()                       # frozen once per job (reuses the channel analysis)
+    uses = [u for u in find_uses(sig, names) if u.supported]
+    values = {nv.name: variable_view(nv.var) for nv in job.handle.variables()}   # every weight of sig
+    with CaptureSession(sig) as session:
+        for batch in job.calibration_batches()():
+            x, y, h = session.run(values, batch, [session.x_matrix(use), use.output, session.gram(use)])
+    # x @ use.matrix(values[use.variable]) == y.reshape(len(x), -1) (Conv2D, MatMul, Einsum)
 """
 
 from __future__ import annotations
@@ -44,10 +54,12 @@ from worker.structure.graph_walk import _topological
 __all__ = [
     "PASS_THROUGH",
     "CaptureSession",
+    "Reuse",
     "UseKind",
     "WeightUse",
     "dependency_waves",
     "find_uses",
+    "reuse_plan",
     "uses_by_variable",
 ]
 
@@ -163,6 +175,62 @@ def dependency_waves(sig: FrozenSignature, uses: Sequence[WeightUse]) -> list[li
     return [w for w in waves if w]
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """What a sequential pass over ``waves`` may feed instead of recomputing (``reuse_plan``).
+
+    ``feeds[j]``: outputs of ops of waves before ``j - 1`` that wave ``j``'s inputs read (directly or through
+    ops that hold no weight, or through wave ``j - 1``'s ops) -- fed from the cache, so the pass runs only the
+    ops between them and wave ``j``.
+    ``keep[j]``: outputs of wave ``j - 1``'s ops to fetch during wave ``j``'s pass (they are computed there with
+    their final weights) and cache for later waves. ``last_use``: the last wave that feeds each cached output,
+    after which it is dropped. Feeding is an optimisation only: an output missing from the cache is recomputed
+    from whatever is fed above it, which is equally correct."""
+
+    feeds: list[list[str]]
+    keep: list[list[str]]
+    last_use: dict[str, int]
+
+
+def reuse_plan(sig: FrozenSignature, waves: Sequence[Sequence[WeightUse]]) -> Reuse:
+    """The cache plan of a sequential pass: without it every wave recomputes the model from its inputs (a
+    ResNet-50 has ~50 waves: ~25 forward passes of the calibration set); with it the passes together cost about
+    one forward pass, holding the outputs that later waves still read (the residual stream and the current
+    branch) for every calibration batch."""
+    wave_of: dict[str, int] = {}
+    output_of: dict[str, str] = {}
+    for j, wave in enumerate(waves):
+        for use in wave:
+            if use.output is not None:
+                wave_of[use.op] = j
+                output_of[use.op] = use.output
+    feeds: list[list[str]] = []
+    last_use: dict[str, int] = {}
+    for j, wave in enumerate(waves):
+        needed: set[str] = set()
+        seen: set[str] = set()
+        stack = [sig.graph.get_tensor_by_name(u.data_input).op for u in wave if u.data_input is not None]
+        while stack:
+            op = stack.pop()
+            if op.name in seen:
+                continue
+            seen.add(op.name)
+            # Outputs of waves before j - 1 are cached by then; wave j - 1's are computed in this pass (its
+            # outputs are fetched here for later waves), so the walk goes on through them.
+            if wave_of.get(op.name, j) < j - 1:
+                needed.add(output_of[op.name])
+                continue
+            stack.extend(t.op for t in op.inputs)
+        feeds.append(sorted(needed))
+        for name in needed:
+            last_use[name] = max(last_use.get(name, -1), j)
+    keep: list[list[str]] = [[]]
+    for j in range(1, len(waves)):
+        previous = sorted({output_of[u.op] for u in waves[j - 1] if u.op in output_of})
+        keep.append([t for t in previous if last_use.get(t, -1) > j])
+    return Reuse(feeds, keep, last_use)
+
+
 class CaptureSession:
     """One import of the skeleton and one Session for a whole capture pass (see the module docstring).
 
@@ -205,6 +273,12 @@ class CaptureSession:
 
     def _derive(self, use: WeightUse, what: str) -> tf.Tensor:
         key = (use.op, use.data_input or "", what)
+        if key not in self._derived and what != "gram" and use.kind in ("conv2d", "depthwise"):
+            # Norms and row counts of a convolution without its im2col patches (kh*kw times the input).
+            with self.graph.as_default(), tf.name_scope("calibration"):
+                sq, rows = _window_sq_norms(self.tensor(use.data_input or ""), use)
+                self._derived[(use.op, use.data_input or "", "sq_norms")] = sq
+                self._derived[(use.op, use.data_input or "", "rows")] = rows
         if key not in self._derived:
             x = self.x_matrix(use)
             with self.graph.as_default(), tf.name_scope("calibration"):
@@ -233,11 +307,13 @@ class CaptureSession:
         values: Mapping[str, np.ndarray],
         inputs: Mapping[str, Any],
         fetches: Sequence[str | tf.Tensor],
+        feeds: Mapping[str, np.ndarray] | None = None,
     ) -> list[np.ndarray]:
-        """Evaluate ``fetches`` for one batch of signature ``inputs`` with the weights fed from ``values``."""
+        """Evaluate ``fetches`` for one batch of signature ``inputs`` with the weights fed from ``values``;
+        ``feeds``: internal tensors (by name) given instead of computed (``reuse_plan``)."""
         if not fetches:
             return []
-        feed: dict[Any, Any] = {}
+        feed: dict[Any, Any] = dict(feeds or {})
         for node, var in self.sig.weights.items():
             feed[f"{node}:0"] = values[var]
         for key, tensor in self.sig.inputs.items():
@@ -421,9 +497,11 @@ def _static_tail(x: tf.Tensor, n: int) -> list[int]:
     return [int(d) for d in dims]
 
 
-def _patches(x: tf.Tensor, use: WeightUse) -> tf.Tensor:
-    """im2col of a Conv2D / depthwise input: ``(N * out_h * out_w, kh * kw * cin)``, features in ``(kh, kw,
-    cin)`` order, with the op's strides, dilations and padding."""
+def _conv_geometry(
+    x: tf.Tensor, use: WeightUse
+) -> tuple[tf.Tensor, list[int], list[int], tf.Tensor, tf.Tensor]:
+    """The input of a Conv2D / depthwise op as NHWC float32 with the op's padding applied (TF's ``SAME`` rule,
+    or its explicit paddings), the ``(h, w)`` strides and dilations, and the output's height and width."""
     a = use.attrs
     strides, dilations = list(a["strides"]), list(a["dilations"])
     pads = list(a["explicit_paddings"])
@@ -433,19 +511,51 @@ def _patches(x: tf.Tensor, use: WeightUse) -> tf.Tensor:
         dilations = [dilations[0], dilations[2], dilations[3], dilations[1]]
         if pads:
             pads = pads[0:2] + pads[4:8] + pads[2:4]
-    padding = a["padding"]
-    if padding == "EXPLICIT":
-        x = tf.pad(x, np.reshape(pads, (4, 2)).tolist())
-        padding = "VALID"
     kh, kw = a["ksize"]
+    s, d = strides[1:3], dilations[1:3]
+    size = [tf.shape(x)[1], tf.shape(x)[2]]
+    if a["padding"] == "EXPLICIT":
+        x = tf.pad(x, np.reshape(pads, (4, 2)).tolist())
+    elif a["padding"] == "SAME":
+        amounts = []
+        for i, k in enumerate((kh, kw)):
+            out = (size[i] + s[i] - 1) // s[i]
+            total = tf.maximum((out - 1) * s[i] + (k - 1) * d[i] + 1 - size[i], 0)
+            amounts.append([total // 2, total - total // 2])
+        x = tf.pad(x, [[0, 0], amounts[0], amounts[1], [0, 0]])
+    padded = [tf.shape(x)[1], tf.shape(x)[2]]
+    out_hw = [(padded[i] - (k - 1) * d[i] - 1) // s[i] + 1 for i, k in enumerate((kh, kw))]
+    return x, s, d, out_hw[0], out_hw[1]
+
+
+def _patches(x: tf.Tensor, use: WeightUse) -> tf.Tensor:
+    """im2col of a Conv2D / depthwise input: ``(N * out_h * out_w, kh * kw * cin)``, features in ``(kh, kw,
+    cin)`` order, with the op's strides, dilations and padding."""
+    x, s, d, _, _ = _conv_geometry(x, use)
+    kh, kw = use.attrs["ksize"]
     patches = tf.image.extract_patches(
-        x,
-        sizes=[1, kh, kw, 1],
-        strides=[1, strides[1], strides[2], 1],
-        rates=[1, dilations[1], dilations[2], 1],
-        padding=padding,
+        x, sizes=[1, kh, kw, 1], strides=[1, s[0], s[1], 1], rates=[1, d[0], d[1], 1], padding="VALID"
     )
     return tf.reshape(patches, [-1, tf.shape(patches)[-1]])
+
+
+def _window_sq_norms(data: tf.Tensor, use: WeightUse) -> tuple[tf.Tensor, tf.Tensor]:
+    """Column sums of the squared patch matrix, ``(kh * kw * cin,)`` in patch order, and its row count,
+    without building the patches: the sum for offset ``(i, j)`` is the sum of the squared padded input over the
+    strided window of the output grid shifted by ``(i * dh, j * dw)``."""
+    x, s, d, oh, ow = _conv_geometry(tf.cast(data, tf.float32), use)
+    kh, kw = use.attrs["ksize"]
+    square = tf.square(x)
+    sums = []
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * d[0], j * d[1]
+            window = square[
+                :, top : top + (oh - 1) * s[0] + 1 : s[0], left : left + (ow - 1) * s[1] + 1 : s[1], :
+            ]
+            sums.append(tf.reduce_sum(window, axis=[0, 1, 2]))
+    rows = tf.shape(x)[0] * oh * ow
+    return tf.reshape(tf.stack(sums), [-1]), rows
 
 
 # -- graph order ------------------------------------------------------------------------------------------------

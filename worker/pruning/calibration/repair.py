@@ -45,12 +45,16 @@ __all__ = [
     "MomentAccumulator",
     "NormalEquations",
     "Refit",
+    "batchnorm_statistics",
     "im2col",
     "sample_positions",
     "solve",
 ]
 
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of X^T X over the kept inputs
+# A BatchNorm channel's statistics describe the calibration data when the dense model's activations there have
+# a mean within one (old) standard deviation of the moving mean and a variance within this factor of it.
+CALIBRATED_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -172,10 +176,10 @@ class NormalEquations:
         accumulated sums alone."""
         cols = np.ones(self.d_out, bool) if columns is None else np.asarray(columns, bool)
         w = np.asarray(weights, np.float64)[:, cols]
-        total = (
-            np.einsum("ij,ik,kj->", w, self.gram, w)
-            - 2.0 * np.einsum("ij,ij->", w, self.cross[:, cols])
-            + self.y_sq[cols].sum()
+        total = (  # matrix products (BLAS), not a three-operand einsum: d_in^2 * d_out in a plain loop
+            float(np.sum(w * (self.gram @ w)))
+            - 2.0 * float(np.sum(w * self.cross[:, cols]))
+            + float(self.y_sq[cols].sum())
         )
         if shift is not None:
             d = np.asarray(shift, np.float64)[cols]
@@ -288,3 +292,44 @@ class MomentAccumulator:
     def variance(self) -> np.ndarray:
         """Population variance (divided by the count), as a BatchNorm normalises a batch."""
         return self.m2 / self.count if self.count else np.zeros(self.channels)
+
+
+def batchnorm_statistics(
+    mean: np.ndarray,
+    variance: np.ndarray,
+    epsilon: float,
+    dense: MomentAccumulator,
+    pruned: MomentAccumulator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """New moving ``(mean, variance)`` of an inference-mode BatchNorm, ``(x - mean) / sqrt(variance + eps)``,
+    after pruning changed its input; and two channel masks: ``estimated`` and ``matched``.
+
+    ``dense`` / ``pruned``: moments of the BatchNorm's input on the calibration data in the dense and the
+    pruned model. Where the old statistics describe the dense activations (``_calibrated``: a trained model,
+    calibration data like its training data), they are re-estimated from the pruned activations: ``mean =
+    E[x_pruned]``, ``variance = Var[x_pruned]`` (NNCF's batch-norm adaptation; measured better than matching
+    on trained models). Where they do not (an untrained model, calibration data unlike the training data),
+    re-estimating would change what the dense model computes on that data, so they are *matched* instead: the
+    pruned normalised activations get the dense ones' mean and variance, ``s' = s r``, ``mean' = E[x_pruned]
+    - (E[x_dense] - mean) r`` with ``s = sqrt(variance + eps)``, ``r = sqrt(Var[x_pruned] / Var[x_dense])``.
+    Channels constant in either model (removed ones) keep their statistics."""
+    mean = np.asarray(mean, np.float64)
+    variance = np.asarray(variance, np.float64)
+    square = np.maximum(variance + epsilon, 1e-30)
+    live = (dense.variance > 0) & (pruned.variance > 0)
+    estimated = live & _calibrated(mean, square, dense)
+    matched = live & ~estimated
+    ratio = np.sqrt(np.where(live, pruned.variance, 1.0) / np.where(live, dense.variance, 1.0))
+    match_variance = np.maximum(square * ratio**2 - epsilon, 0.0)
+    ratio = np.sqrt((match_variance + epsilon) / square)  # what the clamp at 0 leaves of it
+    match_mean = pruned.mean - (dense.mean - mean) * ratio
+    new_mean = np.where(estimated, pruned.mean, np.where(matched, match_mean, mean))
+    new_variance = np.where(estimated, pruned.variance, np.where(matched, match_variance, variance))
+    return new_mean, new_variance, estimated, matched
+
+
+def _calibrated(mean: np.ndarray, square: np.ndarray, dense: MomentAccumulator) -> np.ndarray:
+    """Channels whose statistics (``mean``, ``square = variance + eps``) fit the dense activations."""
+    close = np.abs(dense.mean - mean) <= np.sqrt(square)
+    ratio = dense.variance / square
+    return close & (ratio <= CALIBRATED_RATIO) & (ratio >= 1.0 / CALIBRATED_RATIO)
