@@ -33,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "compaction": "Channel compaction: ResNet-50 / MobileNetV2 speed-ups, digits quality",
     "search": "Search: highest sparsity within an accuracy drop vs a manual grid",
     "datasets": "Datasets: streamed input speed, S3 vs local shards, one dataset in three forms",
+    "calibration": "Calibration: Wanda, SparseGPT and channel repair, one-shot, vs magnitude",
 }
 OPT_IN: dict[str, str] = {
     "bigmodel": "Largest model: ~1 B parameters through the API on S3 vs bare TensorFlow",
@@ -40,14 +41,15 @@ OPT_IN: dict[str, str] = {
 }
 ALL_SECTIONS: dict[str, str] = {**SECTIONS, **OPT_IN}
 HOW = (
-    "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores, plus ~30 s the first time to "
-    "build the cached models; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
+    "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores plus ~30 min for "
+    "`calibration`, whose SparseGPT job on ResNet-50 takes most of it; the first time also builds the cached "
+    "models: ~30 s, plus ~15 min for calibration's language model and CNNs; needs the `bench` extra: tfmot, tf_keras, matplotlib), `--only NAME [NAME ...]` "
     f"({', '.join(SECTIONS)}, and opt-in {', '.join(OPT_IN)}, which the full run leaves out; rewrites only those "
     "sections of this file), `--repeats N` (ResNet), `--smoke` "
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
     "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
     "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py, bench/search.py, "
-    "bench/big_model.py, bench/datasets.py.\n"
+    "bench/big_model.py, bench/datasets.py, bench/calibration.py.\n"
 )
 
 

@@ -18,6 +18,10 @@ Sections (``SECTIONS`` of bench/results.py, which holds their titles):
   TFRecord / PNG folder through one recommended job (bench/datasets.py).
 - ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
   CNN at 80% (and 50% channels, compacted) (bench/exports.py).
+- ``calibration``: issue 21, one-shot pruning from calibration data alone: ``wanda`` / ``sparsegpt`` vs
+  magnitude on a char-level transformer LM (perplexity) and the Fashion-MNIST CNN (accuracy), channel repair
+  (``reconstruct``) one-shot and before fine-tuning, and the cost of ``sparsegpt`` on ResNet-50
+  (bench/calibration.py, the LM in bench/charlm.py).
 
 Opt-in (``OPT_IN``, run only when named in ``--only``; many minutes, tens of GB of disk and RAM):
 
@@ -109,6 +113,14 @@ def _compaction(
     return run_compaction(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _calibration(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.calibration import run_calibration
+
+    return run_calibration(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 def _bigmodel(
     smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
 ) -> dict[str, Any]:
@@ -144,6 +156,7 @@ RUNNERS: dict[str, Runner] = {
     "compaction": _compaction,
     "search": _search,
     "datasets": _datasets,
+    "calibration": _calibration,
     "bigmodel": _bigmodel,
     "datasets_memory": _datasets_memory,
 }

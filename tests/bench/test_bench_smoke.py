@@ -5,7 +5,8 @@ thresholds, the machine is shared.
 One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
 spreads the sections over the workers. The ``service`` section is run and asserted by
 tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput, the
-search and the datasets sections (about 180 s together) are marked ``slow``: ``make test-slow`` and
+search, the datasets and the calibration sections (about 180 s together, plus ~3 min for calibration's three
+stand-in models on a cold cache) are marked ``slow``: ``make test-slow`` and
 ``make bench-smoke`` run them, ``make test`` keeps the sections whose code paths nothing else covers (the
 API-vs-floor timing, quality, exports, compaction). The opt-in ``datasets_memory`` section has a smoke variant
 of a few MB (two TensorFlow subprocesses), so it is smoked here too; ``bigmodel`` has none small enough."""
@@ -270,3 +271,120 @@ class TestSmokeDatasetsMemory:
             large["child"]["peak_rss_kib"] / small["child"]["peak_rss_kib"]
         )
         assert "Peak RSS large / small" in result["markdown"]
+
+
+@pytest.mark.slow
+class TestSmokeCalibration:
+    section = "calibration"
+
+    def test_calibration_smoke_measures_every_row_it_can(self, smoke: dict[str, Any]) -> None:
+        from app.schemas.spec import PruneSpec
+        from app.schemas.vocabulary import CRITERIA
+
+        result = smoke["calibration"]
+        assert result["smoke"] is True
+
+        def runs(row: dict[str, Any], criterion: str | None, field: str | None = None) -> bool:
+            """A row is skipped only when this build lacks what it asks for; a skipped row says why."""
+            available = (criterion is None or criterion in CRITERIA) and (
+                field is None or field in PruneSpec.model_fields
+            )
+            assert ("skipped" not in row) is available, row
+            if not available:
+                assert row["skipped"], row
+            return available
+
+        lm = result["lm"]
+        assert 1.0 < lm["dense_perplexity"] < 128.0  # learned something: below a uniform guess over 128 codes
+        assert set(lm["rows"]) == {
+            f"{c}@{g}" for c in ("magnitude", "wanda", "sparsegpt") for g in ("unstructured", "2:4")
+        }
+        for granularity in ("unstructured", "2:4"):
+            magnitude = lm["rows"][f"magnitude@{granularity}"]
+            assert runs(magnitude, "magnitude")
+            assert magnitude["sparsity"] == pytest.approx(0.5, abs=0.01)
+            assert magnitude["increase"] == pytest.approx(magnitude["perplexity"] - lm["dense_perplexity"])
+            assert magnitude["increase"] > 0  # half the kernels gone: the stand-in LM does get worse
+            for criterion in ("wanda", "sparsegpt"):
+                row = lm["rows"][f"{criterion}@{granularity}"]
+                if runs(row, criterion):
+                    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0
+                    assert math.isfinite(row["ratio"])
+                    assert row["ratio"] == pytest.approx(row["increase"] / magnitude["increase"])
+
+        def accuracy_rows(rows: dict[str, Any], expected: dict[str, tuple[str | None, str | None]]) -> None:
+            assert set(rows) == set(expected)
+            for key, (criterion, field) in expected.items():
+                row = rows[key]
+                if runs(row, criterion, field):
+                    assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["baseline_accuracy"] <= 1.0
+                    assert row["drop_points"] == pytest.approx(
+                        100 * (row["baseline_accuracy"] - row["accuracy"])
+                    )
+                    assert _positive_finite(row["wall_s"])
+
+        cnn = result["cnn"]["rows"]
+        accuracy_rows(
+            cnn,
+            {
+                "magnitude@2:4": ("magnitude", None),
+                "wanda@2:4": ("wanda", None),
+                "sparsegpt@2:4": ("sparsegpt", None),
+                "fast@95%": ("magnitude", None),
+                "wanda+fast@95%": ("wanda", None),
+                "sparsegpt+fast@95%": ("sparsegpt", None),
+                "sparsegpt+lamp_allocation@95%": ("sparsegpt", None),
+            },
+        )
+        assert cnn["fast@95%"]["sparsity"] == pytest.approx(0.95, abs=0.01)
+        assert cnn["fast@95%"]["spec"]["normalization"] == "lamp"  # the preset as a user gets it
+        allocated = cnn["sparsegpt+lamp_allocation@95%"]
+        if "skipped" not in allocated:  # pruned to the per-layer sparsities fast's global ranking chose
+            assert allocated["sparsity"] == pytest.approx(0.95, abs=0.01)
+            fast = cnn["fast@95%"]["layer_sparsity"]
+            assert fast and allocated["layer_sparsity"] == pytest.approx(fast, abs=0.01)
+        repair = result["repair"]
+        accuracy_rows(
+            repair["one_shot"],
+            {"channel30": (None, None), "channel30+reconstruct": (None, "reconstruct")},
+        )
+        accuracy_rows(
+            repair["fine_tuned"],
+            {
+                "recommended": (None, None),
+                "recommended+one_shot": (None, None),
+                "recommended+one_shot+reconstruct": (None, "reconstruct"),
+            },
+        )
+        assert repair["fine_tuned"]["recommended"]["spec"]["fine_tune"]["epochs"] == 3
+        cost = result["cost"]["rows"]
+        assert set(cost) == {"magnitude", "sparsegpt"}
+        for criterion, row in cost.items():
+            if runs(row, criterion):
+                assert (
+                    _positive_finite(row["wall_s"]) and row["peak_rss_kib"] > 50_000
+                )  # a TensorFlow process
+                assert row["sparsity"] == pytest.approx(0.5, abs=0.01)
+        if "ratio" in cost["sparsegpt"]:
+            assert cost["sparsegpt"]["ratio"] == pytest.approx(
+                cost["sparsegpt"]["wall_s"] / cost["magnitude"]["wall_s"]
+            )
+        goals = result["goals"]
+        assert set(goals) == {
+            "lm_unstructured",
+            "lm_nm",
+            "lm_wanda_unstructured",
+            "lm_wanda_nm",
+            "cnn_nm",
+            "cnn_95",
+            "channel_repair",
+            "repair_fine_tune_points",
+            "resnet_time",
+        }
+        for goal in goals.values():
+            measured = goal.get("ratio", goal.get("points"))
+            assert (goal["met"] is None) is (measured is None), goal
+            if measured is not None:
+                assert math.isfinite(measured)
+        for heading in ("(a) Language model", "(b) Fashion-MNIST CNN", "(c) 30% of channels", "(e) Cost"):
+            assert heading in result["markdown"]
