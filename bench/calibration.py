@@ -48,7 +48,6 @@ import json
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from bench.charlm import SMOKE_LM, LMConfig, cached_char_lm, calibration_inputs, perplexity
-from bench.common import OUT_DIR, ROOT, BenchError, md_table, subprocess_env
+from bench.common import OUT_DIR, ROOT, md_table, run_json_child
 
 SAMPLES, BATCH = 128, 32
 # bench.common.export_keras_application's models -> their input shape (one image)
@@ -503,18 +502,7 @@ def child_main(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.calibration", CHILD_FLAG, json.dumps(args)],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"the ResNet job child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_json_child("bench.calibration", CHILD_FLAG, args, timeout, "ResNet job")
 
 
 def run_cost(root: Path, cfg: dict[str, Any], work: Path) -> dict[str, Any]:

@@ -612,3 +612,21 @@ def streamed_multipart(
         "Content-Length": str(len(head) + path.stat().st_size + len(tail)),
     }
     return body(), headers
+
+
+def run_json_child(module: str, flag: str, args: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
+    """Run ``python -m module flag <args as JSON>`` in a fresh process (its own peak RSS and CPU clock) and
+    return the JSON object it prints last; BenchError with its stderr tail when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, flag, json.dumps(args)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the {what} child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+

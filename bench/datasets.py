@@ -55,7 +55,6 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import OUT_DIR, ROOT, BenchError, md_table, subprocess_env
+from bench.common import OUT_DIR, ROOT, BenchError, md_table, run_json_child
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 N_CLASSES = 10
@@ -811,18 +810,7 @@ def child_main(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.datasets", CHILD_FLAG, json.dumps(args)],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"the memory child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_json_child("bench.datasets", CHILD_FLAG, args, timeout, "memory")
 
 
 def run_memory(

@@ -294,11 +294,12 @@ def _job_dataset(
     return open_for_job(record, storage, settings, on_bad_record=spec.on_bad_record, input_specs=inputs)
 
 
-class _Progress:
-    """The pipeline's report(stage, progress) callback: throttled writes that renew the lease and carry cancel."""
+class Progress:
+    """The pipeline's report(stage, progress) callback: throttled writes that renew the lease and carry cancel.
+    ``_write`` says where the progress goes (the job's record here; a trial's in ``worker.trial_tasks``)."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, lease: JobLease) -> None:
-        self.sessions, self.job_id, self.lease = sessions, job_id, lease
+    def __init__(self, sessions: sessionmaker[Session], record_id: str, lease: JobLease) -> None:
+        self.sessions, self.record_id, self.lease = sessions, record_id, lease
         self.stage: str | None = None
         self.last: float | None = None  # monotonic time of the last write; None: nothing written yet
 
@@ -313,9 +314,14 @@ class _Progress:
             return
         self.stage, self.last = stage, now
         with session_scope(self.sessions) as session:
-            running, cancel = jobs.report_progress(session, self.job_id, stage, progress, self.lease.attempt)
-        if cancel or not running:
+            ours, stop = self._write(session, stage, progress)
+        if stop or not ours:
             raise JobCanceled
+
+    def _write(self, session: Session, stage: str, progress: float) -> tuple[bool, bool]:
+        """(the record is still this attempt's, it must stop)."""
+        running, cancel = jobs.report_progress(session, self.record_id, stage, progress, self.lease.attempt)
+        return running, cancel
 
 
 def _sha256(path: Path) -> str:
@@ -505,7 +511,7 @@ def _run_claimed(
     from worker.pipeline import run_pipeline
 
     settings, sessions, storage = _context()
-    report = _Progress(sessions, job_id, lease)
+    report = Progress(sessions, job_id, lease)
     # One work directory per attempt: a worker the reaper gave up on (frozen, not dead) may still be writing
     # or cleaning up its own; it must not delete the directory of the attempt that replaced it.
     work = storage.job_dir(job_id) / f"work-{lease.attempt}"

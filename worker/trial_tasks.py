@@ -53,8 +53,8 @@ from worker import tasks
 from worker.blobs import with_retries
 from worker.lease import JobLease
 from worker.tasks import (
-    PROGRESS_INTERVAL_S,
     JobCanceled,
+    Progress,
     _context,
     _error,
     _sha256,
@@ -155,29 +155,12 @@ class TrialLease(JobLease):
             _close(current_app, self.sessions, job_id)
 
 
-class _TrialProgress:
-    """The pipeline's report(stage, progress) for a trial: throttled writes that renew its lease, move the
-    job's progress and carry cancel (a canceled job stops its running trials at their next report)."""
+class _TrialProgress(Progress):
+    """A trial's report: its lease renewed, the job's progress moved, and cancel carried (a canceled job stops
+    its running trials at their next report)."""
 
-    def __init__(self, sessions: sessionmaker[Session], trial_id: str, lease: TrialLease) -> None:
-        self.sessions, self.trial_id, self.lease = sessions, trial_id, lease
-        self.stage: str | None = None
-        self.last: float | None = None
-
-    def __call__(self, stage: str, progress: float) -> None:
-        bind(stage=stage)
-        self.lease.entered(stage)
-        self.lease.check_time()
-        if self.lease.lost:
-            raise JobCanceled
-        now = time.monotonic()
-        if stage == self.stage and self.last is not None and now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.stage, self.last = stage, now
-        with session_scope(self.sessions) as session:
-            ours, stop = trials.report_trial(session, self.trial_id, self.lease.attempt, progress)
-        if stop or not ours:
-            raise JobCanceled
+    def _write(self, session: Session, stage: str, progress: float) -> tuple[bool, bool]:
+        return trials.report_trial(session, self.record_id, self.lease.attempt, progress)
 
 
 @shared_task(name=RUN_TRIAL, bind=True, acks_late=True)
