@@ -45,6 +45,7 @@ PAIRS: dict[str, tuple[Iterable[str], str, str, bool]] = {
         False,
     ),
     "schedule": (_schedule_kinds(), "worker.pruning.schedules", "SCHEDULES", False),
+    "budget_unit": (get_args(vocabulary.BudgetUnit), "worker.pruning.budget", "UNITS", False),
     "granularity": (
         {*vocabulary.NAMED_GRANULARITIES, "nm"},
         "worker.pruning.granularity",

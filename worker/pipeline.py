@@ -52,6 +52,7 @@ from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, 
 from worker.pruning.granularity import Granularity
 from worker.pruning.interface import PrunerLike
 from worker.pruning.pruner import variable_view
+from worker.stages.budget import budget_section
 from worker.stages.compact import Compacted, check_shapes, compact_model, measure_compact
 from worker.stages.crossval import run_cross_validation
 from worker.stages.evaluate import Scores, Weights, delta, fidelity_section, reference_data, score
@@ -285,6 +286,8 @@ def _run(
         }
     if cross_validation is not None:
         document["cross_validation"] = cross_validation
+    if spec.budget is not None:
+        document["budget"] = budget_section(spec.budget, baseline, pruned, compacted is not None)
     if exports is not None:
         document["exports"] = exports
     if job.preprocessing is not None:
@@ -376,6 +379,9 @@ def _latency(
     model load (~2 s and ~200 MB on a ResNet-50, the longest part of a one-shot job after saving), and
     the two sides run the same kernels on the same shapes anyway (zeros are not skipped; the notes say so)."""
     settings = (job.spec.evaluation.latency if job.spec.evaluation else None) or Latency()
+    budget = job.spec.budget.latency if job.spec.budget is not None else None
+    if budget is not None and budget.batch_size not in settings.batch_sizes:  # metrics.budget reads it
+        settings = settings.model_copy(update={"batch_sizes": [*settings.batch_sizes, budget.batch_size]})
     half = settings.model_copy(update={"budget_s": settings.budget_s / 2})
     background.pause()
     try:

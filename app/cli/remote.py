@@ -28,7 +28,7 @@ from app.cli.output import (
     table,
 )
 from app.drop_warning import DEFAULT_WARN_DROP, drop_warning, spec_line
-from app.schemas.vocabulary import KIND_FIELDS, ONNX_ARTIFACT, TFLiteFormat
+from app.schemas.vocabulary import ONNX_ARTIFACT, TARGET_FIELDS, TFLiteFormat
 
 if TYPE_CHECKING:
     from app.client import Client, Job
@@ -128,8 +128,8 @@ def _read_spec(given: str | None, sparsity: float | None) -> dict[str, Any]:
         spec = loaded
     if sparsity is not None:
         spec["target_sparsity"] = sparsity
-    if not any(spec.get(field) is not None for field in KIND_FIELDS):
-        raise UsageError(f"give --sparsity (or {', '.join(KIND_FIELDS[:-1])} or {KIND_FIELDS[-1]} in --spec)")
+    if not any(spec.get(field) is not None for field in TARGET_FIELDS):
+        raise UsageError(f"give --sparsity (or {', '.join(TARGET_FIELDS[:-1])} or {TARGET_FIELDS[-1]} in --spec)")
     return spec
 
 

@@ -12,7 +12,7 @@ multi-output model evaluated per output.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -312,6 +312,17 @@ class SensitivitySection(_Open):
     layer_sparsity: dict[str, Probability] = Field(description="a suggested spec.layer_sparsity for max_drop")
 
 
+class BudgetSection(_Open):
+    """``spec.budget`` asked vs what the pruned (compacted) model achieved."""
+
+    asked: float = Field(description="the budget: MACs fraction, parameter count or speed-up")
+    achieved: float | None = Field(
+        description="pruned/baseline dense MACs, pruned parameters, or baseline/pruned p50 latency; null when "
+        "it could not be measured"
+    )
+    unit: Literal["macs", "params", "latency_speedup"]
+
+
 class MetricsDocument(_Open):
     """``GET /v1/jobs/{id}/metrics``."""
 
@@ -340,6 +351,7 @@ class MetricsDocument(_Open):
     search: SearchSection | None = None
     sweep: SweepSection | None = None
     sensitivity: SensitivitySection | None = None
+    budget: BudgetSection | None = Field(None, description="spec.budget asked vs achieved")
 
 
 def metrics_json_schema() -> dict[str, Any]:

@@ -22,9 +22,9 @@ from app.schemas.vocabulary import (
     AUGMENTATIONS,
     CALIBRATION_CRITERIA,
     CRITERIA,
-    KIND_FIELDS,
     NAMED_GRANULARITIES,
     REGULARIZING_CRITERIA,
+    TARGET_FIELDS,
     TRAIN_DATA_CRITERIA,
     Criterion,
     JobKind,
@@ -180,7 +180,9 @@ class FineTune(_Strict):
         "unknown length: until the data ends)",
     )
     max_samples: int | None = Field(
-        None, ge=1, description="train on at most this many samples (the first ones of a seeded shuffle); null = all"
+        None,
+        ge=1,
+        description="train on at most this many samples (the first ones of a seeded shuffle); null = all",
     )
 
 
@@ -338,8 +340,18 @@ class Export(_Strict):
 
 
 SearchMetric = Literal[
-    "accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
-    "recall_weighted", "f1_weighted", "loss", "mse", "mae", "r2",
+    "accuracy",
+    "top5_accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "loss",
+    "mse",
+    "mae",
+    "r2",
 ]
 LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
 Sparsity = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -350,7 +362,8 @@ class Search(_Strict):
     probes bracket it, then trials with the rest of the spec (schedule, fine-tuning) halve the step."""
 
     metric: SearchMetric = Field(
-        "accuracy", description="a metric of the task; loss, mse and mae are lower-is-better (a drop = a rise)"
+        "accuracy",
+        description="a metric of the task; loss, mse and mae are lower-is-better (a drop = a rise)",
     )
     max_drop: float = Field(0.01, ge=0.0, le=1e9, description="allowed loss of the metric vs the baseline")
     relative: bool = Field(False, description="max_drop is a fraction of the baseline's value, not absolute")
@@ -398,7 +411,9 @@ class Sensitivity(_Strict):
     sparsities: list[Sparsity] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, max_length=20
     )
-    metric: SearchMetric | None = Field(None, description="null = accuracy (classification) or mse (regression)")
+    metric: SearchMetric | None = Field(
+        None, description="null = accuracy (classification) or mse (regression)"
+    )
 
     @field_validator("sparsities")
     @classmethod
@@ -406,6 +421,45 @@ class Sensitivity(_Strict):
         if len(set(values)) != len(values):
             raise ValueError(f"each sparsity once: {values}")
         return sorted(values)
+
+
+class LatencyBudget(_Strict):
+    """A speed-up of the compacted model over the uploaded one, timed on the worker's CPU at ``batch_size``."""
+
+    speedup: float = Field(
+        gt=1.0, le=100.0, description="baseline latency / pruned latency to reach, e.g. 2.0"
+    )
+    batch_size: int = Field(1, ge=1, le=4096, description="the batch size both models are timed at")
+
+
+class Budget(_Strict):
+    """Channels of the graph's channel groups are removed along the spec's ranking (criterion, scope,
+    normalization) until the compacted model's exact cost (MACs or parameters) meets the budget (docs/spec.md,
+    "Budgets"). Exactly one key; needs ``granularity: "channel"``."""
+
+    macs: float | None = Field(
+        None, gt=0.0, lt=1.0, description="fraction of the baseline's multiply-accumulates to keep, e.g. 0.5"
+    )
+    params: float | None = Field(
+        None, ge=1.0, description="at most this many parameters in the pruned model (all variables), e.g. 3e7"
+    )
+    latency: LatencyBudget | None = Field(
+        None, description='e.g. {"speedup": 2.0, "batch_size": 1}: measured on the compacted model'
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        given = [k for k in ("macs", "params", "latency") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f'give exactly one of macs, params, latency (got {given or "none"}): e.g. {{"macs": 0.5}}, '
+                '{"params": 3e7} or {"latency": {"speedup": 2.0}}'
+            )
+        return self
+
+    def unit(self) -> str:
+        """``macs``, ``params`` or ``latency`` (``vocabulary.BudgetUnit``)."""
+        return next(k for k in ("macs", "params", "latency") if getattr(self, k) is not None)
 
 
 class PruneSpec(_Strict):
@@ -416,7 +470,7 @@ class PruneSpec(_Strict):
         gt=0.0,
         lt=1.0,
         description="fraction of prunable weights that end exactly zero; exactly one of target_sparsity, "
-        "search, sweep, sensitivity",
+        "search, sweep, sensitivity, budget",
     )
     search: Search | None = Field(
         None, description='instead of target_sparsity: e.g. {"metric": "accuracy", "max_drop": 0.01}'
@@ -425,8 +479,17 @@ class PruneSpec(_Strict):
     sensitivity: Sensitivity | None = Field(
         None, description='instead of target_sparsity: {"sparsities": [0.1, 0.5, 0.9]}; no artifact'
     )
+    budget: Budget | None = Field(
+        None,
+        description='instead of target_sparsity, with granularity "channel": {"macs": 0.5} (fraction of the '
+        'baseline MACs), {"params": 3e7} (parameters) or {"latency": {"speedup": 2.0, "batch_size": 1}}; '
+        "channels are removed along the spec's ranking until the compacted model meets it",
+    )
     sensitivity_max_drop: float = Field(
-        0.01, ge=0.0, le=1e9, description="the drop the suggested layer_sparsity map of a sensitivity job allows"
+        0.01,
+        ge=0.0,
+        le=1e9,
+        description="the drop the suggested layer_sparsity map of a sensitivity job allows",
     )
     criterion: Criterion = Field(
         "magnitude",
@@ -643,13 +706,28 @@ class PruneSpec(_Strict):
     @model_validator(mode="after")
     def _one_kind(self) -> PruneSpec:
         """Exactly one of target_sparsity / search / sweep / sensitivity, and what each kind cannot combine with."""
-        given = [k for k in KIND_FIELDS if getattr(self, k) is not None]
+        given = [k for k in TARGET_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of {', '.join(KIND_FIELDS)} (got {given or 'none'}): e.g. "
+                f"give exactly one of {', '.join(TARGET_FIELDS)} (got {given or 'none'}): e.g. "
                 '{"target_sparsity": 0.8} or {"search": {"metric": "accuracy", "max_drop": 0.01}}'
             )
         kind = given[0]
+        if kind == "budget":
+            if self.granularity != "channel":
+                raise ValueError(
+                    f"a budget removes whole channel groups (the only way MACs, parameters and latency go "
+                    f'down): set granularity to "channel" (got {self.granularity!r})'
+                )
+            if self.layer_sparsity:
+                raise ValueError(
+                    "a budget ranks every channel group of the model by importance per cost: remove "
+                    "layer_sparsity (use include/exclude to keep layers out)"
+                )
+            if self.compact is False:
+                raise ValueError(
+                    "a budget is met by the compacted model (smaller kernels): remove compact: false"
+                )
         if kind != "target_sparsity" and _NM.match(self.granularity):
             raise ValueError(
                 f"granularity {self.granularity} fixes the sparsity at 1 - N/M: {kind} has nothing to vary; "
@@ -684,6 +762,8 @@ class PruneSpec(_Strict):
             return self.search.min_sparsity
         if self.sweep is not None:
             return self.sweep.targets[0]
+        if self.budget is not None:  # a schedule ramps towards the budget: its fractions are of the way there
+            return 1.0
         return self.sensitivity.sparsities[0] if self.sensitivity is not None else 0.0
 
     def kind(self) -> JobKind:

@@ -89,6 +89,12 @@ JOB_KINDS: dict[JobKind, KindRules] = {
     "sensitivity": KindRules(field="sensitivity", section="sensitivity", one_shot=True, keeps_model=False),
 }
 KIND_FIELDS = tuple(rules.field for rules in JOB_KINDS.values())
+# ``budget`` is the other way to ask for a plain prune (channel groups removed until a MACs, parameter or
+# latency budget is met, instead of a fraction): a spec gives exactly one of these fields.
+TARGET_FIELDS = (*KIND_FIELDS, "budget")
+# What a budget can be set in (the spec's ``budget`` keys; the worker's ``worker.pruning.budget.UNITS``); the
+# metrics' ``budget.unit`` names ``latency`` as ``latency_speedup``.
+BudgetUnit = Literal["macs", "params", "latency"]
 
 
 def kind_of(is_set: Callable[[str, str], bool]) -> JobKind:

@@ -59,3 +59,31 @@ def test_sensitivity_needs_eval_data_and_has_no_artifact(client: TestClient, mod
 def test_sweep_is_accepted_without_datasets(client: TestClient, model_id: str) -> None:
     job = create_job(client, model_id, {"sweep": {"targets": [0.9, 0.5]}})
     assert job["spec"]["sweep"]["targets"] == [0.5, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"budget": {"macs": 0.5}}, 'granularity to "channel"'),
+        ({"budget": {"macs": 0.5}, "granularity": "2:4", "target_sparsity": 0.5}, "exactly one of"),
+        ({"budget": {"macs": 0.5, "params": 1e6}, "granularity": "channel"}, "exactly one of macs, params"),
+        ({"budget": {}, "granularity": "channel"}, "exactly one of macs, params"),
+        ({"budget": {"macs": 1.5}, "granularity": "channel"}, "less than 1"),
+        ({"budget": {"latency": {"speedup": 0.5}}, "granularity": "channel"}, "greater than 1"),
+        ({"budget": {"macs": 0.5}, "granularity": "channel", "layer_sparsity": {"d": 0.5}}, "layer_sparsity"),
+        ({"budget": {"params": 1e5}, "granularity": "channel", "compact": False}, "compact: false"),
+    ],
+    ids=["unstructured", "with-target", "two-units", "no-unit", "macs-over-1", "slowdown", "layer", "no-compact"],
+)
+def test_budget_spec_is_refused_with_the_reason(client: TestClient, model_id: str, spec: dict, words: str) -> None:
+    body = assert_problem(_post(client, model_id, spec), 422)
+    assert words in str(body), body
+
+
+def test_budget_spec_is_accepted_and_stored(client: TestClient, model_id: str) -> None:
+    spec = {"budget": {"latency": {"speedup": 2.0}}, "granularity": "channel"}
+    job = create_job(client, model_id, spec)
+    assert job["spec"]["budget"] == {"macs": None, "params": None, "latency": {"speedup": 2.0, "batch_size": 1}}
+    assert job["spec"]["target_sparsity"] is None and job["spec"]["compact"] is True
+    job = create_job(client, model_id, {"budget": {"params": 3e7}, "granularity": "channel"})
+    assert job["spec"]["budget"]["params"] == 3e7

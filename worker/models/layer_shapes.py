@@ -88,7 +88,11 @@ def _matmul_positions(op: Any, operand: int) -> tuple[int, ...] | None:
     source = data.op.inputs[0].shape
     if source.rank is None or source.rank < 3 or data.shape.rank != 2:
         return ()
-    if source.as_list()[-1] != data.shape.as_list()[-1]:
+    features = data.shape.as_list()[-1]
+    if features is None:  # Tensordot's reshape target is computed at run time: the kernel says the features
+        kernel = op.inputs[operand].shape
+        features = kernel.as_list()[1 if operand == 0 else 0] if kernel.rank == 2 else None
+    if source.as_list()[-1] != features:
         return ()  # e.g. Flatten: features merged, batch kept -> one position
     return _static(source, slice(1, -1))
 
@@ -117,6 +121,24 @@ def _use(op: Any, resources: Mapping[str, str]) -> tuple[str, KernelUse] | None:
             name = _source(op.inputs[operand], resources)
             if name is not None:
                 return name, KernelUse(op.type, "dense", _matmul_positions(op, operand))
+        return None
+    if (
+        op.type == "Einsum" and len(op.inputs) == 2
+    ):  # EinsumDense: positions = output entries per weight entry
+        for operand in (1, 0):
+            name = _source(op.inputs[operand], resources)
+            if name is None:
+                continue
+            try:
+                lhs, out = op.get_attr("equation").decode().replace(" ", "").split("->")
+                letters = lhs.split(",")[operand]
+            except (ValueError, IndexError):
+                return None
+            dims = _static(op.outputs[0].shape, slice(1, None))
+            if dims is None or "." in lhs:
+                return name, KernelUse(op.type, "dense", None)
+            shared = math.prod(d for ch, d in zip(out[1:], dims, strict=False) if ch in letters)
+            return name, KernelUse(op.type, "dense", (math.prod(dims) // max(shared, 1),))
         return None
     if op.type in ("BatchMatMulV2", "BatchMatMulV3"):
         name = _source(op.inputs[1], resources)

@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import tensorflow as tf
 
+from worker.pruning.budget import BudgetPolicy
 from worker.pruning.criteria import Criterion, GradientStats, GradInput
 from worker.pruning.granularity import Channel, Granularity, Kind, TileLayout
 from worker.pruning.interface import PrunerLike, VariableReport
@@ -163,9 +164,13 @@ class GroupPruner(PrunerLike):
         normalization: str = "none",
         kinds: Mapping[str, Kind] | None = None,
         model_variables: Mapping[str, tf.Variable] | None = None,
+        budget: BudgetPolicy | None = None,
     ) -> None:
         """``variables``: the selected (prunable) variables by name; ``model_variables``: every variable of the
-        model (carriers and consumers are looked up there); ``targets`` per selected variable."""
+        model (carriers and consumers are looked up there); ``targets`` per selected variable. ``budget``:
+        the same ranking (scope, normalisation), gone along as far as the budget needs
+        (``worker.pruning.budget``) instead of a fraction of channels; ``prune(fraction)`` then goes
+        ``fraction`` of the way from the dense cost to the budget."""
         if scope not in ("layer", "global"):
             raise ValueError(f"unknown scope {scope!r}; known scopes: global, layer")
         missing = [name for name in variables if name not in targets]
@@ -191,6 +196,7 @@ class GroupPruner(PrunerLike):
         self.analysis: Any = (
             None  # the GroupAnalysis the groups came from (set by the caller, for compaction)
         )
+        self.budget = budget
 
         self.groups: list[_Group] = []
         self.left_whole: dict[str, tuple[list[str], str]] = {}  # group id -> (member variables, reason)
@@ -305,6 +311,18 @@ class GroupPruner(PrunerLike):
         element = self._element_scores(grads)
         scores = {g.id: np.where(g.keep, self._channel_scores(g, element), -np.inf) for g in self.groups}
         by_id = {g.id: g for g in self.groups}
+        if self.budget is not None:  # the same ranking; how far along it to go is the budget's
+            new = self.budget.along(self.groups, lambda t: self._select(scores, t), fraction)
+        else:
+            new = self._select(scores, fraction)
+        for gid, keep in new.items():
+            by_id[gid].keep &= keep
+        self._rebuild_masks()
+        self.apply_masks()
+
+    def _select(self, scores: Mapping[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+        """Keep flags per group at ``fraction`` of the targets: per group (layer scope, fixed groups) or one
+        ranking of the normalised channel scores over the pooled groups (global scope)."""
         new: dict[str, np.ndarray] = {}
         pooled = [g for g in self.groups if not (self.scope == "layer" or g.fixed)]
         for g in self.groups:
@@ -319,10 +337,7 @@ class GroupPruner(PrunerLike):
                 )
                 normalized[g.id] = self._normalize(scores[g.id], sizes)
             new.update(select_groups(normalized, fraction * self.global_target))
-        for gid, keep in new.items():
-            by_id[gid].keep &= keep
-        self._rebuild_masks()
-        self.apply_masks()
+        return new
 
     def _drop_unconnected(self, grads: Mapping[str, GradInput]) -> None:
         """Groups whose producers the loss does not reach cannot be ranked by gradients: left whole."""
@@ -455,10 +470,17 @@ class GroupPruner(PrunerLike):
 
     def notes(self) -> list[str]:
         """Metrics notes: the target's meaning, variables left dense and groups left whole."""
-        lines = [
-            "channel granularity over coupled channel groups: target_sparsity is the fraction of channels "
-            f"removed ({'per group' if self.scope == 'layer' else 'over all groups'}); weight sparsity is measured"
-        ]
+        if self.budget is not None:
+            lines = [
+                f"budget ({self.budget.unit}): channels removed along the spec's ranking (scope {self.scope!r}, "
+                f"normalization {self.normalization!r}) until the compacted model's exact cost meets the budget"
+            ]
+        else:
+            lines = [
+                "channel granularity over coupled channel groups: target_sparsity is the fraction of channels "
+                f"removed ({'per group' if self.scope == 'layer' else 'over all groups'}); weight sparsity is "
+                "measured"
+            ]
         lines += [f"{name} left dense under channel granularity: {why}" for name, why in self.skipped.items()]
         lines += [f"channel group {gid} left whole: {why}" for gid, (_, why) in self.left_whole.items()]
         return lines

@@ -164,8 +164,10 @@ def make_pruner(
     output heads left dense), and a note says the result cannot be compacted."""
     spec = job.spec
     names = [nv.name for nv in prunable]
-    targets = resolve_targets(names, spec.target_sparsity, spec.layer_sparsity)
+    targets = resolve_targets(names, _final_target(spec), spec.layer_sparsity)
     criterion = get_criterion(spec.criterion, spec.seed)
+    if spec.budget is not None:
+        return _budget_pruner(job, prunable, kinds, granularity, targets, criterion)
     if isinstance(granularity, Channel):
         analysis, problem = job.channel_groups()
         if analysis is not None:
@@ -192,6 +194,43 @@ def make_pruner(
     return Pruner(variables, targets, "layer", criterion, **common)
 
 
+def _final_target(spec: Any) -> float:
+    """``target_sparsity``; a budget job has none: its schedule ramps towards the budget (1.0 = all of it)."""
+    return float(spec.target_sparsity) if spec.target_sparsity is not None else 1.0
+
+
+def _budget_pruner(
+    job: Job,
+    prunable: list[NamedVariable],
+    kinds: dict[str, Kind],
+    granularity: Granularity,
+    targets: dict[str, float],
+    criterion: Criterion,
+) -> GroupPruner:
+    """``spec.budget``: the graph's channel groups, ranked as the spec says, removed until the budget is met
+    (``worker.stages.budget``); a latency budget first calibrates its MACs fraction on compacted models."""
+    from worker.stages.budget import budget_policy, calibrate_latency
+
+    if not isinstance(granularity, Channel):  # the spec refuses it (422); a stored spec may predate that
+        raise PipelineError("invalid_spec", 'a budget needs granularity "channel"')
+    analysis, problem = job.channel_groups()
+    if analysis is None:
+        raise PipelineError(
+            "budget_unreachable",
+            f"{problem}: a budget removes channel groups read from the graph, and none could be read",
+        )
+    pruner = _group_pruner(
+        job, prunable, kinds, targets, criterion, analysis, budget=budget_policy(job, prunable, 1.0)
+    )
+    assert job.spec.budget is not None
+    if job.spec.budget.latency is not None:
+        fraction = calibrate_latency(
+            job, pruner, prunable, lambda: _gradients(job, pruner, 0, GRADIENT_SAMPLES)
+        )
+        pruner.budget = budget_policy(job, prunable, fraction)
+    return pruner
+
+
 def _group_pruner(
     job: Job,
     prunable: list[NamedVariable],
@@ -199,6 +238,7 @@ def _group_pruner(
     targets: dict[str, float],
     criterion: Criterion,
     analysis: Any,
+    budget: Any = None,
 ) -> GroupPruner:
     spec = job.spec
     variables = {nv.name: nv.var for nv in prunable}
@@ -207,7 +247,18 @@ def _group_pruner(
         "kinds": kinds,
         "model_variables": {nv.name: nv.var for nv in job.handle.variables()},
     }
-    if spec.scope == "global":
+    if budget is not None:  # the spec's ranking; the budget says how far along it (every target is 1.0)
+        pruner = GroupPruner(
+            analysis.groups,
+            variables,
+            targets,
+            spec.scope,
+            criterion,
+            global_target=1.0,
+            budget=budget,
+            **common,
+        )
+    elif spec.scope == "global":
         fixed = {n: targets[n] for n in variables if any(re.search(p, n) for p in spec.layer_sparsity)}
         pruner = GroupPruner(
             analysis.groups,
@@ -266,7 +317,8 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
     reg_steps = reg_epochs * steps_per_epoch(job, regularize) if regularize else 0
     tune_steps = tune_epochs * steps_per_epoch(job, ft) if ft is not None and tune_epochs else 0
     progress = _Progress(window, reg_steps + tune_steps)
-    schedule = build_schedule(spec.schedule.model_dump(), spec.target_sparsity, tune_steps)
+    final = _final_target(spec)
+    schedule = build_schedule(spec.schedule.model_dump(), final, tune_steps)
     if polynomial:
         job.notes.append(f"polynomial schedule over {tune_steps} fine-tuning steps: {schedule.get_config()}")
     strength = spec.regularization_strength()
@@ -288,7 +340,7 @@ def prune_and_fine_tune(job: Job, pruner: PrunerLike, window: Window) -> None:
             tick = time.perf_counter()
             budget = GRADIENT_SAMPLES if step == 0 else (step - last_prune[0]) * (ft.batch_size if ft else 1)
             pruner.prune(
-                min(1.0, sparsity / spec.target_sparsity),
+                min(1.0, sparsity / final),
                 _gradients(job, pruner, step, budget),
                 calibration=calibrate(job, pruner),
             )

@@ -161,7 +161,8 @@ def _collect(walker: Walker, signature: str, frozen: dict[str, FrozenSignature])
         if not members:  # constants only (shape vectors, folded-in tensors): nothing a user can prune
             continue
         producers = [m for m in members if m.role == "producer"]
-        reasons = spaces.reasons(root)
+        # The reasons a person can act on least come first (only three are shown): a recurrent loop.
+        reasons = sorted(spaces.reasons(root), key=lambda r: 0 if "While at" in r else 1)
         if not reasons and not producers:
             reasons = ["no layer's weights produce these channels"]
         if not reasons and spaces.size[root] <= 1:

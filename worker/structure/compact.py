@@ -326,7 +326,7 @@ def _consumer_constants(
     """What each kernel reading a removed channel sees there in the masked model (None = not constant)."""
     wanted: dict[str, list[ConsumerUse]] = {}
     for use in analysis.consumers:
-        if _removed_in(analysis, analysis.bindings[use.in_key], removed).size:
+        if _removed_in(analysis, _use_layout(analysis, use), removed).size:
             wanted.setdefault(use.signature, []).append(use)
     found: list[_Constants] = []
     for name, uses in wanted.items():
@@ -335,9 +335,9 @@ def _consumer_constants(
         arrays = dict(zip(tensors, run_skeleton(sig, values, probes[name], tensors), strict=True))
         for use in uses:
             arr = arrays[use.input_tensor]
-            flat = arr.reshape(-1, arr.shape[-1])
+            flat = arr.reshape(-1, int(np.prod(arr.shape[arr.ndim - use.merge_last :])))
             per: dict[tuple[str, int], np.ndarray] = {}
-            for seg in analysis.bindings[use.in_key].segments:
+            for seg in _use_layout(analysis, use).segments:
                 gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
                 if gid not in removed:
                     continue
@@ -348,6 +348,11 @@ def _consumer_constants(
                     per[(gid, int(c))] = cols[0] if ok else None  # type: ignore[assignment]
             found.append(_Constants(use, per))
     return found
+
+
+def _use_layout(analysis: GroupAnalysis, use: ConsumerUse) -> Layout:
+    """The layout of the consumer's input tensor (its kernel axis' unless the kernel merges axes: heads)."""
+    return use.layout if use.layout is not None else analysis.bindings[use.in_key]
 
 
 @dataclass
@@ -388,6 +393,8 @@ def _fold_plan(
     variables: dict[tuple[str, str], str] = {}
     for found in consts:
         use = found.use
+        if not use.exact:  # its non-zero constants were kept above; zeros need no fold
+            continue
         kernel = values[use.in_key[0]]
         in_ax, out_ax = use.in_key[1], use.out_key[1]
         delta = np.zeros(kernel.shape[out_ax], dtype=np.float64)

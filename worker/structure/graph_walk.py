@@ -11,14 +11,15 @@ no op type itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+import numpy as np
 import tensorflow as tf
 
 from worker.models.handle import ModelHandle
 from worker.structure.frozen import FrozenSignature
-from worker.structure.layout import Layout, Spaces, same_structure
+from worker.structure.layout import Layout, Spaces, same_structure, substituted
 
 Role = Literal["producer", "carrier", "consumer"]
 Key = tuple[str, int]  # (weight key, axis): weight key = NamedVariable.name, or "const:<sig>:<node>"
@@ -35,6 +36,8 @@ class ConsumerUse:
     in_key: Key
     out_key: Key
     exact: bool  # a constant input channel folds exactly into a bias (no zero padding around it)
+    layout: Layout | None = None  # the input tensor's layout when it is not the kernel axis' (merged heads)
+    merge_last: int = 1  # trailing input axes ``layout`` spans ([.., heads, head_dim]: 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,13 @@ class Source:
 
     key: str
     axes: tuple[int | None, ...]
+    # Per tensor axis, how many consecutive indices one index of the weight axis covers: a kernel
+    # ``[d, heads, head_dim]`` reshaped to ``[d, heads * head_dim]`` maps tensor axis 1 to weight axis 1 with
+    # ``merged[1] == head_dim`` (the inner weight axes are never sliced). None: 1 everywhere.
+    merged: tuple[int, ...] | None = None
+
+    def factor(self, axis: int) -> int:
+        return 1 if self.merged is None else self.merged[axis]
 
 
 Rule = Callable[["Walker", tf.Operation], None]
@@ -75,6 +85,9 @@ class RuleTable:
     ops: Mapping[str, Rule]
     unknown: Fallback
     const_view: ConstView
+    # Op types whose rules also map the channel layouts of axes other than the last (``Walker.inner``:
+    # attention heads); any other op freezes the inner layouts of its inputs before its rule runs.
+    axis_aware: frozenset[str] = frozenset()
 
 
 class Walker:
@@ -91,6 +104,9 @@ class Walker:
         self.untracked: dict[Key, str] = {}
         self.tied: set[Key] = set()
         self.layouts: dict[str, Layout | None] = {}
+        # Layouts of axes other than the last, by tensor: {axis counted from the end (-2, -3, ..): layout}.
+        # Attention heads live there between the split ``[.., h*d] -> [.., h, d]`` and the merge back.
+        self.inner: dict[str, dict[int, Layout]] = {}
         self.consumers: list[ConsumerUse] = []
         self.patches: list[ShapePatch] = []
         self.sig: FrozenSignature | None = None
@@ -112,6 +128,9 @@ class Walker:
                 continue
             if self.is_const(op.outputs[0]) if op.outputs else True:
                 continue
+            if op.type not in self.rules.axis_aware:
+                for inp in op.inputs:
+                    self.freeze_inner(inp, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
             try:
                 self.rules.ops.get(op.type, unknown)(self, op)
             except Exception as exc:  # a graph a rule did not foresee: freeze, never guess
@@ -119,9 +138,10 @@ class Walker:
                     self, op, f"op {op.type} at {op.name} not understood ({type(exc).__name__}: {exc})"[:300]
                 )
         for key, tensor in sig.outputs.items():
-            self.spaces.freeze_layout(
-                self.layouts.get(self._tname(tensor)), f"reaches signature output {key!r} ({sig.name})"
-            )
+            why = f"reaches signature output {key!r} ({sig.name})"
+            self.spaces.freeze_layout(self.layouts.get(self._tname(tensor)), why)
+            for layout in self.inner.get(self._tname(tensor), {}).values():
+                self.spaces.freeze_layout(layout, why)
 
     @staticmethod
     def _tname(name: str) -> str:
@@ -165,6 +185,18 @@ class Walker:
     def layout(self, t: tf.Tensor) -> Layout | None:
         return self.layouts.get(t.name)
 
+    def layout_at(self, t: tf.Tensor, axis: int) -> Layout | None:
+        """The layout of ``t``'s axis ``axis`` counted from the end (-1: the channel axis)."""
+        return self.layouts.get(t.name) if axis == -1 else self.inner.get(t.name, {}).get(axis)
+
+    def set_inner(self, t: tf.Tensor, layouts: dict[int, Layout]) -> None:
+        if layouts:
+            self.inner[t.name] = dict(layouts)
+
+    def freeze_inner(self, t: tf.Tensor, reason: str) -> None:
+        for layout in self.inner.get(t.name, {}).values():
+            self.spaces.freeze_layout(layout, reason)
+
     def set_layout(self, t: tf.Tensor, layout: Layout | None, reason: str | None = None) -> None:
         """Record ``t``'s channel layout; a channel tensor with none gets a frozen space (``reason``)."""
         last = last_dim(t)
@@ -188,10 +220,78 @@ class Walker:
             for sa, sb in zip(a.segments, b.segments, strict=True):
                 self.spaces.union(sa.space, sb.space)
             return a
+        coarse = self._coarsen(a, b) or self._coarsen(b, a)
+        if coarse is not None:
+            return coarse
         reason = f"channel layouts do not line up at {where}"
         self.spaces.freeze_layout(a, reason)
         self.spaces.freeze_layout(b, reason)
         return a
+
+    def _coarsen(self, fine: Layout, coarse: Layout) -> Layout | None:
+        """Grouped-query attention: ``fine`` is one prunable space of single channels (the query heads) and
+        ``coarse`` covers the same positions with fewer, wider channels (each key/value head repeated ``r``
+        times). The fine space is re-expressed everywhere as the coarse one (a query head goes with its whole
+        key/value group). None when the layouts are not of that shape."""
+        if len(fine.segments) != 1 or fine.segments[0].positions.shape[1] != 1:
+            return None
+        fseg = fine.segments[0]
+        root = self.spaces.find(fseg.space)
+        if self.spaces.reasons(root) or self.spaces.size[root] != fine.length:
+            return None
+        if any(self.spaces.find(s.space) == root for s in coarse.segments):
+            return None
+        covered = np.concatenate([s.positions.ravel() for s in coarse.segments]) if coarse.segments else None
+        if (
+            covered is None
+            or coarse.length != fine.length
+            or sorted(covered.tolist()) != list(range(fine.length))
+        ):
+            return None
+        if sum(s.positions.shape[0] for s in coarse.segments) >= fine.length:
+            return None  # not coarser
+        inverse = np.empty(fine.length, dtype=np.int64)  # axis position -> fine channel
+        inverse[fseg.positions[:, 0]] = np.arange(fine.length)
+        mapping = Layout(
+            fine.length,
+            tuple(type(s)(s.space, inverse[s.positions]) for s in coarse.segments),
+        )
+        self._substitute(root, mapping)
+        return coarse
+
+    def coarsen_blocks(self, layout: Layout, block: int) -> Layout | None:
+        """Attention heads from a plain 2-D projection: its output channels (one prunable space of single
+        positions) are re-expressed everywhere as ``length // block`` channels of ``block`` consecutive
+        positions each (a head and its ``head_dim`` units go together). None when ``layout`` is not that."""
+        if len(layout.segments) != 1 or layout.segments[0].positions.shape[1] != 1 or layout.length % block:
+            return None
+        seg = layout.segments[0]
+        root = self.spaces.find(seg.space)
+        if self.spaces.reasons(root) or self.spaces.size[root] != layout.length:
+            return None
+        inverse = np.empty(layout.length, dtype=np.int64)
+        inverse[seg.positions[:, 0]] = np.arange(layout.length)
+        heads = self.spaces.new(layout.length // block)
+        blocks = inverse[np.arange(layout.length).reshape(-1, block)]
+        self._substitute(root, Layout(layout.length, (type(seg)(heads, blocks),)))
+        return substituted(layout, self.spaces.find, root, Layout(layout.length, (type(seg)(heads, blocks),)))
+
+    def _substitute(self, root: int, mapping: Layout) -> None:
+        """Every layout's segments of space class ``root`` re-expressed through ``mapping`` (see ``layout.
+        substituted``): bindings, tensor layouts, inner layouts, shape patches and consumer layouts."""
+
+        def swap(layout: Layout) -> Layout:
+            if not any(self.spaces.find(s.space) == root for s in layout.segments):
+                return layout
+            return substituted(layout, self.spaces.find, root, mapping)
+
+        self.bindings = {k: swap(v) for k, v in self.bindings.items()}
+        self.layouts = {k: None if v is None else swap(v) for k, v in self.layouts.items()}
+        self.inner = {k: {p: swap(v) for p, v in d.items()} for k, d in self.inner.items()}
+        self.patches = [replace(p, layout=swap(p.layout)) for p in self.patches]
+        self.consumers = [
+            c if c.layout is None else replace(c, layout=swap(c.layout)) for c in self.consumers
+        ]
 
     # --- weights ---------------------------------------------------------------------------------
     def _note_key(self, key: Key, dim: int, role: Role) -> None:
@@ -244,6 +344,11 @@ class Walker:
                 continue
             stack.extend(i.op for i in op.inputs)
         return keys
+
+    def const_ancestors_weights(self, t: tf.Tensor) -> bool:
+        """Whether a const-derived tensor reads any weight (not only graph constants)."""
+        assert self.sig is not None
+        return any(not key.startswith("const:") for key in self.const_ancestors(t))
 
     def untrack_all(self, t: tf.Tensor, where: str) -> None:
         for key in self.const_ancestors(t):

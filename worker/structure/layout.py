@@ -11,6 +11,7 @@ same role (for NCHW); here the channel axis is always the last one (NHWC).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +42,29 @@ class Layout:
     def multiplied(self, mult: int) -> Layout:
         """The layout of a depthwise conv's output with channel multiplier ``mult`` (index ``c*mult + m``)."""
         segs = []
-        for s in self.segments:
-            cols = [s.positions * mult + m for m in range(mult)]
-            segs.append(Segment(s.space, np.concatenate(cols, axis=1)))
+        for s in self.segments:  # each position p becomes p*mult .. p*mult + mult-1, in that order
+            pos = s.positions[:, :, None] * mult + np.arange(mult)[None, None, :]
+            segs.append(Segment(s.space, pos.reshape(s.positions.shape[0], -1)))
         return Layout(self.length * mult, tuple(segs))
+
+    def divided(self, inner: int) -> Layout | None:
+        """The inverse of ``multiplied``: the layout of the outer axis when this axis is split into
+        ``(length // inner, inner)`` row-major (attention heads: ``[.., heads * head_dim] -> [.., heads,
+        head_dim]``). None unless every channel covers whole blocks of ``inner`` consecutive indices (then
+        removing a channel removes whole outer indices)."""
+        if inner <= 0 or self.length % inner:
+            return None
+        segs = []
+        for s in self.segments:
+            pos = np.sort(s.positions, axis=1)
+            if pos.shape[1] % inner:
+                return None
+            blocks = pos.reshape(pos.shape[0], -1, inner)
+            base = blocks[:, :, :1]
+            if np.any(base % inner) or not np.array_equal(blocks, base + np.arange(inner)[None, None, :]):
+                return None
+            segs.append(Segment(s.space, base[:, :, 0] // inner))
+        return Layout(self.length // inner, tuple(segs))
 
 
 class Spaces:
@@ -102,6 +122,22 @@ class Spaces:
         if layout is not None:
             for seg in layout.segments:
                 self.freeze(seg.space, reason)
+
+
+def substituted(layout: Layout, find: Callable[[int], int], root: int, coarse: Layout) -> Layout:
+    """``layout`` with every segment of space class ``root`` re-expressed through ``coarse``: a layout over
+    that space's channels whose segments say which of them each coarser channel covers (grouped-query
+    attention: query head ``g*r + j`` belongs to key/value group ``g``)."""
+    segs: list[Segment] = []
+    for seg in layout.segments:
+        if find(seg.space) != root:
+            segs.append(seg)
+            continue
+        for part in coarse.segments:  # part.positions[s] = fine channels of coarse channel s
+            segs.append(
+                Segment(part.space, seg.positions[part.positions].reshape(part.positions.shape[0], -1))
+            )
+    return Layout(layout.length, tuple(segs))
 
 
 def same_structure(a: Layout, b: Layout) -> bool:

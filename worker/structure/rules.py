@@ -64,6 +64,12 @@ def _const_int(walker: Walker, t: tf.Tensor) -> np.ndarray | None:
         return np.asarray(value)
     if t.op.type == "Const":
         return const_value(t.op)
+    if t.dtype.is_integer and walker.is_const(t) and not walker.const_ancestors_weights(t):
+        try:  # a small integer subgraph of constants (Tile multiples built with Pack/Reshape/Cast)
+            with tf.compat.v1.Session(graph=t.graph) as session:
+                return np.asarray(session.run(t))
+        except Exception:  # anything it cannot run is simply not a known constant
+            return None
     return None
 
 
@@ -90,6 +96,8 @@ def const_view(walker: Walker, t: tf.Tensor) -> list[Source] | None:
             srcs = walker.view(inp)
             if srcs is None:
                 return None
+            if any(src.merged is not None for src in srcs):
+                return None
             sources.extend(_broadcast(srcs, inp.shape, shape))
         return sources
     if op.type in ("Reshape", "Squeeze", "ExpandDims"):
@@ -97,15 +105,26 @@ def const_view(walker: Walker, t: tf.Tensor) -> list[Source] | None:
         in_shape = op.inputs[0].shape
         if srcs is None or in_shape.rank is None or not in_shape.is_fully_defined():
             return None
+        if not shape.is_fully_defined():
+            return None
         ins, outs = _non_one(in_shape.as_list()), _non_one(shape.as_list())
-        if [in_shape[i] for i in ins] != [shape[i] for i in outs]:
+        groups = _merge_groups([int(in_shape[i]) for i in ins], [int(shape[i]) for i in outs])
+        if groups is None or any(s.merged is not None for s in srcs):
+            return None
+        merged_any = any(len(g) > 1 for g in groups)
+        if merged_any and (op.type != "Reshape" or len(srcs) != 1):
             return None
         mapped = []
         for src in srcs:
             axes: list[int | None] = [None] * shape.rank
-            for i_in, i_out in zip(ins, outs, strict=True):
-                axes[i_out] = src.axes[i_in]
-            mapped.append(Source(src.key, tuple(axes)))
+            factors = [1] * shape.rank
+            for group, i_out in zip(groups, outs, strict=True):
+                axes[i_out] = src.axes[ins[group[0]]]
+                factors[i_out] = int(np.prod([in_shape[ins[g]] for g in group[1:]], dtype=np.int64))
+                for g in group[1:]:  # inner axes of a merge: never sliced
+                    if src.axes[ins[g]] is not None:
+                        walker.untracked.setdefault((src.key, src.axes[ins[g]]), _where(op))
+            mapped.append(Source(src.key, tuple(axes), tuple(factors) if merged_any else None))
         if op.type == "Reshape" and mapped:
             target = op.inputs[1]
             if target.op.type != "Const":
@@ -114,16 +133,35 @@ def const_view(walker: Walker, t: tf.Tensor) -> list[Source] | None:
                 src = next((s for s in mapped if s.axes[j] is not None), None)
                 if src is None:
                     return None
-                layout = walker.key_layout((src.key, src.axes[j]), int(shape[j]), "carrier")
-                walker.patches.append(ShapePatch(walker.sig.name, target.op.name, j, 1, layout))
+                k = src.factor(j)
+                layout = walker.key_layout((src.key, src.axes[j]), int(shape[j]) // k, "carrier")
+                walker.patches.append(ShapePatch(walker.sig.name, target.op.name, j, k, layout))
         return mapped
     if op.type == "Transpose":
         srcs = walker.view(op.inputs[0])
         perm = _const_int(walker, op.inputs[1])
-        if srcs is None or perm is None:
+        if srcs is None or perm is None or any(src.merged is not None for src in srcs):
             return None
         return [Source(s.key, tuple(s.axes[int(p)] for p in perm)) for s in srcs]
     return None
+
+
+def _merge_groups(in_dims: list[int], out_dims: list[int]) -> list[list[int]] | None:
+    """For each output dim, the consecutive input dims whose product it is (a reshape that only merges
+    neighbouring axes); None for any other reshape."""
+    groups: list[list[int]] = []
+    i = 0
+    for od in out_dims:
+        group: list[int] = []
+        prod = 1
+        while i < len(in_dims) and prod < od:
+            group.append(i)
+            prod *= in_dims[i]
+            i += 1
+        if prod != od or not group:
+            return None
+        groups.append(group)
+    return groups if i == len(in_dims) else None
 
 
 def _broadcast(srcs: list[Source], in_shape: tf.TensorShape, out_shape: tf.TensorShape) -> list[Source]:
@@ -141,10 +179,11 @@ def _broadcast(srcs: list[Source], in_shape: tf.TensorShape, out_shape: tf.Tenso
     return out
 
 
-def _single_source(walker: Walker, t: tf.Tensor) -> Source | None:
-    """The one weight a kernel-like operand reads; axes it inserts (Conv1D's ExpandDims) map to None."""
+def _single_source(walker: Walker, t: tf.Tensor, merged: bool = False) -> Source | None:
+    """The one weight a kernel-like operand reads; axes it inserts (Conv1D's ExpandDims) map to None.
+    ``merged``: the caller maps merged axes (``Source.merged``, a reshaped EinsumDense kernel)."""
     srcs = walker.view(t) if walker.is_const(t) else None
-    if not srcs or len(srcs) != 1:
+    if not srcs or len(srcs) != 1 or (srcs[0].merged is not None and not merged):
         return None
     return srcs[0]
 
@@ -160,6 +199,7 @@ def unknown(walker: Walker, op: tf.Operation, reason: str | None = None) -> None
             walker.untrack_all(inp, _where(op))
         else:
             walker.spaces.freeze_layout(walker.layout(inp), why)
+            walker.freeze_inner(inp, why)
     for out in op.outputs:
         walker.set_layout(out, None, why)
 
@@ -172,15 +212,31 @@ def carrier(walker: Walker, op: tf.Operation) -> None:
             return unknown(walker, op)
     if last_dim(op.outputs[0]) != last_dim(x):
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.layout(x))
+    _pass_inner(walker, x, op.outputs[0])
     for out in op.outputs[1:]:
         walker.set_layout(out, None, f"unknown op output {op.name}")
+    return None
+
+
+def _pass_inner(walker: Walker, x: tf.Tensor, out: tf.Tensor) -> None:
+    """``out`` has ``x``'s layouts on every axis (same shape): the last one and the inner ones (heads)."""
+    inner = walker.inner.get(x.name)
+    if inner and out.shape.rank != x.shape.rank:
+        walker.freeze_inner(x, f"rank changes at {out.op.name}")
+        inner = None
+    if inner and walker.layout(x) is None:
+        walker.layouts[out.name] = None
+    else:
+        walker.set_layout(out, walker.layout(x))
+    walker.set_inner(out, inner or {})
 
 
 def elementwise(walker: Walker, op: tf.Operation) -> None:
     """Broadcasting element-wise ops: operands with the output's channels are coupled one to one."""
     if op.type == "BiasAdd" and _attr(op, "data_format", b"NHWC") not in (b"NHWC", "NHWC"):
         return unknown(walker, op)
+    if any(inp.name in walker.inner for inp in op.inputs):
+        return _elementwise_nd(walker, op)
     out = op.outputs[0]
     width = last_dim(out)
     if width is None:
@@ -225,6 +281,75 @@ def elementwise(walker: Walker, op: tf.Operation) -> None:
     return None
 
 
+def _elementwise_nd(walker: Walker, op: tf.Operation) -> None:
+    """Element-wise ops on tensors with inner layouts (attention heads ``[.., heads, head_dim]`` plus a bias
+    ``[heads, head_dim]``, a score scale): every axis is coupled on its own, right-aligned as broadcasting
+    does. An axis where an operand's channels are of unknown origin freezes the others."""
+    out = op.outputs[0]
+    rank = out.shape.rank
+    if rank is None or any(inp.shape.rank is None for inp in op.inputs):
+        return unknown(walker, op)
+    where = _where(op)
+    positions = {-1} | {p for inp in op.inputs for p in walker.inner.get(inp.name, {})}
+    tracked: set[tuple[str, int]] = set()
+    inner: dict[int, Layout] = {}
+    last: Layout | None = None
+    for p in sorted(positions):
+        if -p > rank:
+            continue
+        width = out.shape[p]
+        layouts: list[Layout] = []
+        pending: list[tuple[str, int]] = []
+        unknown_seen = False
+        for inp in op.inputs:
+            if -p > inp.shape.rank:
+                continue
+            w = inp.shape[p]
+            if w is None and width is not None:
+                unknown_seen = True
+                continue
+            if w != width or width in (None, 1):
+                continue  # broadcast along this axis
+            if walker.is_const(inp):
+                srcs = walker.view(inp)
+                if srcs is None:
+                    return unknown(walker, op, f"unknown op {op.type} at {op.name} (untraceable constant)")
+                for src in _broadcast(srcs, inp.shape, out.shape):
+                    if src.axes[p] is not None:
+                        pending.append((src.key, src.axes[p]))
+            else:
+                layout = walker.layout_at(inp, p)
+                if layout is None:
+                    unknown_seen = True
+                else:
+                    layouts.append(layout)
+        if unknown_seen or not layouts:
+            for layout in layouts:
+                walker.spaces.freeze_layout(layout, f"mixed with channels of unknown origin at {op.name}")
+            continue
+        result = layouts[0]
+        for other in layouts[1:]:
+            result = walker.unify(result, other, where)
+        for key in pending:
+            result = walker.bind(key, result, "carrier", where)
+            tracked.add(key)
+        if p == -1:
+            last = result
+        else:
+            inner[p] = result
+    for inp in op.inputs:
+        if walker.is_const(inp):
+            srcs = walker.view(inp)
+            if srcs is not None:
+                walker.mark_untracked(srcs, tracked, where)
+    if last is None and inner:
+        walker.layouts[out.name] = None  # e.g. head_dim: never pruned on its own
+    else:
+        walker.set_layout(out, last)
+    walker.set_inner(out, inner)
+    return None
+
+
 def _conv_exact(op: tf.Operation, kernel: tf.Tensor, spatial: int) -> bool:
     """A constant input channel adds a constant to every output only if no zero padding meets the window."""
     padding = _attr(op, "padding", b"VALID")
@@ -237,17 +362,32 @@ def _produce(
     walker: Walker, op: tf.Operation, x: tf.Tensor, src: Source, in_ax: int, out_ax: int, exact: bool
 ) -> None:
     in_key, out_key = (src.key, src.axes[in_ax]), (src.key, src.axes[out_ax])
+    k_in, k_out = src.factor(in_ax), src.factor(out_ax)
     kernel_shape = op.inputs[1].shape if len(op.inputs) > 1 else None
     lx = walker.layout(x)
     if lx is not None:
-        walker.bind(in_key, lx, "consumer", _where(op))
-        walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, out_key, exact))
+        if k_in > 1:  # the kernel's input axis is [heads, head_dim] merged: its rows are whole heads
+            lin = lx.divided(k_in)
+            if lin is None:
+                return unknown(
+                    walker, op, f"input channels of {op.name} do not line up with its kernel's merged axes"
+                )
+            walker.bind(in_key, lin, "consumer", _where(op))
+            walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, out_key, False, lx))
+        else:
+            walker.bind(in_key, lx, "consumer", _where(op))
+            use_exact = exact and k_out == 1  # a constant folds into a bias of the tensor's width only
+            walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, out_key, use_exact))
     elif kernel_shape is not None and last_dim(x) not in (1, None):
         return unknown(walker, op)
     width = last_dim(op.outputs[0])
-    if width is None:
+    if width is None or width % k_out:
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.key_layout(out_key, width, "producer"))
+    if k_out > 1:  # output [.., heads * head_dim]: head h is the k_out indices from h * k_out
+        layout = walker.key_layout(out_key, width // k_out, "producer").multiplied(k_out)
+    else:
+        layout = walker.key_layout(out_key, width, "producer")
+    walker.set_layout(op.outputs[0], layout)
     return None
 
 
@@ -262,7 +402,13 @@ def conv(walker: Walker, op: tf.Operation) -> None:
     if src.axes[r - 2] is None or src.axes[r - 1] is None:
         return unknown(walker, op)
     if last_dim(x) != k.shape[r - 2]:  # grouped convolution
-        return unknown(walker, op, f"grouped convolution at {op.name}")
+        groups = (last_dim(x) or 0) // max(int(k.shape[r - 2] or 1), 1)
+        return unknown(
+            walker,
+            op,
+            f"grouped convolution at {op.name} ({groups} groups): its channels are left whole (removing whole "
+            "groups is not supported yet)",
+        )
     walker.mark_untracked([src], {(src.key, src.axes[r - 2]), (src.key, src.axes[r - 1])}, _where(op))
     return _produce(walker, op, x, src, r - 2, r - 1, _conv_exact(op, k, r - 2))
 
@@ -302,14 +448,30 @@ def matmul(walker: Walker, op: tf.Operation) -> None:
     a, b = op.inputs[0], op.inputs[1]
     ta = bool(_attr(op, "transpose_a", False) or _attr(op, "adj_x", False))
     tb = bool(_attr(op, "transpose_b", False) or _attr(op, "adj_y", False))
-    src = _single_source(walker, b)
+    if not walker.is_const(a) and not walker.is_const(b):
+        return _matmul_activations(walker, op, ta, tb)
+    src = _single_source(walker, b, merged=True)
     if src is None or walker.is_const(a) or ta or b.shape.rank != 2:
         return unknown(walker, op)
+    walker.freeze_inner(a, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
     in_ax, out_ax = (1, 0) if tb else (0, 1)
     if None in src.axes:
         return unknown(walker, op)
     walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
     return _produce(walker, op, a, src, in_ax, out_ax, True)
+
+
+def _matmul_activations(walker: Walker, op: tf.Operation, ta: bool, tb: bool) -> None:
+    """A batched matmul of two activations (attention written with ``tf.matmul``: ``q @ k^T`` and
+    ``p @ v`` on ``[B, H, T, D]``): the einsum ``...mk,...kn->...mn`` with equal ranks."""
+    a, b = op.inputs
+    rank = a.shape.rank
+    if op.type == "MatMul" or rank is None or rank != b.shape.rank or rank < 2 or rank > 12:
+        return unknown(walker, op)
+    batch = "abcdefghij"[: rank - 2]
+    lhs = batch + ("km" if ta else "mk")
+    rhs = batch + ("nk" if tb else "kn")
+    return _einsum_activations(walker, op, [lhs, rhs], batch + "mn")
 
 
 def einsum(walker: Walker, op: tf.Operation) -> None:
@@ -321,12 +483,17 @@ def einsum(walker: Walker, op: tf.Operation) -> None:
     lhs, out = eq.replace(" ", "").split("->")
     parts = lhs.split(",")
     x, w = op.inputs
+    if not walker.is_const(x) and not walker.is_const(w):
+        return _einsum_activations(walker, op, parts, out)
     if walker.is_const(x) and not walker.is_const(w):
         x, w, parts = w, x, parts[::-1]
-    src = _single_source(walker, w)
+    src = _single_source(walker, w, merged=True)
     xs, ws = parts
+    if src is not None and len(ws) == 3 and src.merged is None and None not in src.axes and xs and out:
+        return _einsum_heads(walker, op, x, src, xs, ws, out)
     if src is None or len(ws) != 2 or not xs or not out:
         return unknown(walker, op)
+    walker.freeze_inner(x, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
     c_in, c_out = xs[-1], out[-1]
     if c_in not in ws or c_out not in ws or c_in == c_out or c_in in out or c_out in xs:
         return unknown(walker, op)
@@ -337,6 +504,107 @@ def einsum(walker: Walker, op: tf.Operation) -> None:
         return unknown(walker, op)
     walker.mark_untracked([src], {(src.key, src.axes[0]), (src.key, src.axes[1])}, _where(op))
     return _produce(walker, op, x, src, in_ax, out_ax, True)
+
+
+def _einsum_heads(
+    walker: Walker, op: tf.Operation, x: tf.Tensor, src: Source, xs: str, ws: str, out: str
+) -> None:
+    """EinsumDense with a 3-D kernel, the two halves of multi-head attention (Keras 3 with a dynamic sequence
+    length, tf_keras): ``abc,cde->abde`` projects the channels into ``[heads d, head_dim e]`` (the kernel's
+    ``d`` axis produces heads, an inner layout at axis -2); ``abcd,cde->abe`` reads ``[heads c, head_dim d]``
+    back into channels (``c`` consumes the heads, ``e`` produces). ``head_dim`` is never pruned on its own."""
+    where = _where(op)
+    if len(set(ws)) != 3 or len(set(xs)) != len(xs) or x.shape.rank != len(xs):
+        return unknown(walker, op)
+    contracted = [ch for ch in ws if ch in xs and ch not in out]
+    produced = [ch for ch in ws if ch in out and ch not in xs]
+    key, axes = src.key, src.axes
+    result = op.outputs[0]
+    if len(contracted) == 1 and len(produced) == 2:
+        c = contracted[0]
+        if xs[-1] != c or out[-2:] != "".join(produced) or xs[:-1] != out[:-2]:
+            return unknown(walker, op)
+        in_key, heads_key = (key, axes[ws.index(c)]), (key, axes[ws.index(produced[0])])
+        walker.mark_untracked([src], {in_key, heads_key}, where)
+        walker.freeze_inner(x, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
+        lx = walker.layout(x)
+        if lx is not None:
+            walker.bind(in_key, lx, "consumer", where)
+            walker.consumers.append(ConsumerUse(walker.sig.name, op.name, x.name, in_key, heads_key, False))
+        elif last_dim(x) not in (1, None):
+            return unknown(walker, op)
+        heads = walker.key_layout(heads_key, int(op.inputs[1].shape[ws.index(produced[0])]), "producer")
+        walker.layouts[result.name] = None
+        walker.set_inner(result, {-2: heads})
+        return None
+    if len(contracted) == 2 and len(produced) == 1:
+        if (
+            xs[-2:] != "".join(c for c in xs if c in contracted)
+            or out[-1] != produced[0]
+            or xs[:-2] != out[:-1]
+        ):
+            return unknown(walker, op)
+        in_key, out_key = (key, axes[ws.index(xs[-2])]), (key, axes[ws.index(produced[0])])
+        heads, last = walker.layout_at(x, -2), walker.layout(x)
+        if last is not None and not all(walker.spaces.reasons(seg.space) for seg in last.segments):
+            return unknown(walker, op, f"unknown op {op.type} at {op.name} (head_dim channels)")
+        tracked = {out_key}
+        if heads is not None:
+            tracked.add(in_key)
+            walker.bind(in_key, heads, "consumer", where)
+            head_dim = int(x.shape[-1])
+            walker.consumers.append(
+                ConsumerUse(
+                    walker.sig.name, op.name, x.name, in_key, out_key, False, heads.multiplied(head_dim), 2
+                )
+            )
+        walker.mark_untracked([src], tracked, where)
+        width = last_dim(result)
+        if width is None:
+            return unknown(walker, op)
+        walker.set_layout(result, walker.key_layout(out_key, width, "producer"))
+        return None
+    return unknown(walker, op)
+
+
+def _einsum_activations(walker: Walker, op: tf.Operation, parts: list[str], out: str) -> None:
+    """An Einsum between two activations (attention: ``BTNH,BSNH->BNTS`` scores, ``BNTS,BSNH->BTNH``
+    mixing): an axis letter shared by both operands and kept in the output couples their channels (the heads
+    ``N``); a letter with channels that is summed over, or whose channels only one operand knows, freezes them.
+    Output axes get the coupled layouts (an inner one when not last)."""
+    where = _where(op)
+    if any(not p or not p.isalpha() for p in [*parts, out]) or len(set(out)) != len(out):
+        return unknown(walker, op)
+    seen: dict[str, list[Layout | None]] = {}
+    for t, letters in zip(op.inputs, parts, strict=True):
+        if t.shape.rank != len(letters) or len(set(letters)) != len(letters):
+            return unknown(walker, op)
+        for i, ch in enumerate(letters):
+            seen.setdefault(ch, []).append(walker.layout_at(t, i - len(letters)))
+    coupled: dict[str, Layout] = {}
+    for ch, layouts in seen.items():
+        known = [lay for lay in layouts if lay is not None]
+        if not known:
+            continue
+        if ch not in out or len(known) != len(layouts):
+            why = f"summed over or mixed with channels of unknown origin by Einsum at {op.name}"
+            for lay in known:
+                walker.spaces.freeze_layout(lay, why)
+            continue
+        result = known[0]
+        for other in known[1:]:
+            result = walker.unify(result, other, where)
+        coupled[ch] = result
+    result_t = op.outputs[0]
+    inner = {i - len(out): coupled[ch] for i, ch in enumerate(out[:-1]) if ch in coupled}
+    if out[-1] in coupled:
+        walker.set_layout(result_t, coupled[out[-1]])
+    elif inner:
+        walker.layouts[result_t.name] = None
+    else:
+        walker.set_layout(result_t, None, f"unknown op Einsum at {op.name} (between activations)")
+    walker.set_inner(result_t, inner)
+    return None
 
 
 def depthwise(walker: Walker, op: tf.Operation) -> None:
@@ -407,10 +675,12 @@ def reduction(walker: Walker, op: tf.Operation) -> None:
 
 
 def normalised(walker: Walker, op: tf.Operation) -> None:
+    """Softmax over the last axis: its channels are frozen; the other axes (heads) pass unchanged."""
     x = op.inputs[0]
     why = f"normalised across channels ({op.type} at {op.name})"
     walker.spaces.freeze_layout(walker.layout(x), why)
     walker.set_layout(op.outputs[0], walker.layout(x), why)
+    walker.set_inner(op.outputs[0], walker.inner.get(x.name, {}))
 
 
 def pad(walker: Walker, op: tf.Operation) -> None:
@@ -427,27 +697,182 @@ def squeeze_expand(walker: Walker, op: tf.Operation) -> None:
     x, out = op.inputs[0], op.outputs[0]
     if x.shape.rank is None or out.shape.rank is None or last_dim(x) != last_dim(out):
         return unknown(walker, op)
+    inner = walker.inner.get(x.name)
     if op.type == "ExpandDims":
         axis = _const_int(walker, op.inputs[1])
         if axis is None or int(axis) % out.shape.rank == out.shape.rank - 1:
             return unknown(walker, op)
-    walker.set_layout(out, walker.layout(x))
+        if inner:  # input axes before the new one move one further from the end
+            at = int(axis) % out.shape.rank - out.shape.rank  # the new axis, counted from the end
+            walker.set_inner(out, {(p - 1 if p - 1 < at else p): lay for p, lay in inner.items()})
+    elif inner:
+        walker.freeze_inner(x, f"unknown op {op.type} at {op.name} (on an inner axis: heads)")
+    if inner and walker.layout(x) is None:
+        walker.layouts[out.name] = None
+    else:
+        walker.set_layout(out, walker.layout(x))
     return None
 
 
 def transpose(walker: Walker, op: tf.Operation) -> None:
+    """Axes permuted: the channel axis must stay last unless the tensor has inner layouts (attention heads:
+    ``[B, T, H, D] -> [B, H, T, D]``), whose axes are moved with it."""
+    x, out = op.inputs[0], op.outputs[0]
     perm = _const_int(walker, op.inputs[1])
-    if perm is None or int(perm[-1]) != len(perm) - 1:
+    inner = walker.inner.get(x.name)
+    if perm is None:
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    rank = len(perm)
+    if not inner:
+        if int(perm[-1]) != rank - 1:
+            return unknown(walker, op)
+        walker.set_layout(out, walker.layout(x))
+        return None
+    moved = {i - rank: walker.layout_at(x, int(src) - rank) for i, src in enumerate(perm)}
+    last = moved.pop(-1)
+    if last is None:
+        walker.layouts[out.name] = None
+    else:
+        walker.set_layout(out, last)
+    walker.set_inner(out, {pos: lay for pos, lay in moved.items() if lay is not None})
     return None
 
 
 def tile(walker: Walker, op: tf.Operation) -> None:
+    """Tiling along axes without channels (grouped-query attention repeats a key/value head along a new axis
+    of size 1): the layouts stay where they are."""
+    x = op.inputs[0]
     multiples = _const_int(walker, op.inputs[1])
+    inner = walker.inner.get(x.name, {})
     if multiples is None or int(multiples[-1]) != 1:
         return unknown(walker, op)
-    walker.set_layout(op.outputs[0], walker.layout(op.inputs[0]))
+    if any(-p > multiples.size or int(multiples[p]) != 1 for p in inner):
+        return unknown(walker, op)
+    _pass_inner(walker, x, op.outputs[0])
+    return None
+
+
+def _shape_at(target: tf.Tensor, index: int) -> tuple[str, int | None, int] | None:
+    """Where element ``index`` of a reshape target lives: (Const node, index or None, value)."""
+    op = target.op
+    if op.type == "Const":
+        value = const_value(op)
+        if value.ndim != 1 or not 0 <= index < value.size:
+            return None
+        return op.name, index, int(value[index])
+    if op.type == "Pack" and 0 <= index < len(op.inputs):
+        item = op.inputs[index]
+        if item.op.type == "Const":
+            value = const_value(item.op)
+            if value.ndim == 0:
+                return item.op.name, None, int(value)
+    return None
+
+
+def _split_heads(walker: Walker, op: tf.Operation, lx: Layout) -> bool:
+    """``[.., h * d] -> [.., h, d]`` (attention heads): the last axis' channels must be whole blocks of ``d``;
+    the heads become an inner layout (axis -2), ``d`` is never pruned on its own. False: not such a reshape."""
+    x, out = op.inputs[0], op.outputs[0]
+    ins, outs = x.shape.as_list(), out.shape.as_list()
+    if len(outs) != len(ins) + 1 or None in (ins[-1], outs[-1], outs[-2]):
+        return False
+    if outs[-2] * outs[-1] != ins[-1]:
+        return False
+    if any(a is not None and b is not None and a != b for a, b in zip(ins[:-1], outs[:-2], strict=True)):
+        return False
+    where = _shape_at(op.inputs[1], len(outs) - 2)
+    if where is None:
+        return False
+    heads = lx.divided(outs[-1])
+    if heads is None:  # a plain [d, h*d'] projection: its units become heads of d' units
+        coarse = walker.coarsen_blocks(lx, outs[-1])
+        heads = None if coarse is None else coarse.divided(outs[-1])
+    if heads is None:
+        return False
+    node, index, value = where
+    if value != -1:
+        walker.patches.append(ShapePatch(walker.sig.name, node, index, 1, heads))
+    walker.layouts[out.name] = None
+    walker.set_inner(out, {-2: heads})
+    return True
+
+
+def _repeat_heads(walker: Walker, op: tf.Operation) -> bool:
+    """``[.., g, r, d] -> [.., g * r, d]`` with the heads at axis -3 and nothing at -2 (grouped-query
+    attention: each key/value head repeated ``r`` times): the heads become blocks of ``r``. The target
+    must be a constant (patched) or computed from the input's run-time shape. False: not such a reshape."""
+    x, out = op.inputs[0], op.outputs[0]
+    inner = walker.inner[x.name]
+    ins, outs = x.shape.as_list(), out.shape.as_list()
+    if set(inner) != {-3} or len(outs) != len(ins) - 1 or None in (ins[-3], ins[-2], ins[-1], outs[-2]):
+        return False
+    if outs[-1] != ins[-1] or outs[-2] != ins[-3] * ins[-2] or walker.layout(x) is not None:
+        return False
+    heads = inner[-3]
+    target = op.inputs[1]
+    if target.op.type == "Const":
+        where = _shape_at(target, len(outs) - 2)
+        if where is None:
+            return False
+        node, index, value = where
+        if value != -1:
+            walker.patches.append(ShapePatch(walker.sig.name, node, index, int(ins[-2]), heads))
+    elif not _from_runtime_shape(target, int(outs[-2])):
+        return False
+    walker.layouts[out.name] = None
+    walker.set_inner(out, {-2: heads.multiplied(int(ins[-2]))})
+    return True
+
+
+def _from_runtime_shape(target: tf.Tensor, count: int) -> bool:
+    """A reshape target computed from ``Shape`` ops whose constants never spell the channel count ``count``:
+    it follows a compaction by itself."""
+    seen: set[str] = set()
+    stack = [target.op]
+    shapes = 0
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type == "Shape":
+            shapes += 1
+            continue
+        if op.type == "Const":
+            if count in np.atleast_1d(const_value(op)).tolist():
+                return False
+            continue
+        if op.type == "Placeholder":
+            return False
+        stack.extend(i.op for i in op.inputs)
+    return shapes > 0
+
+
+def _merge_heads(walker: Walker, op: tf.Operation) -> None:
+    """``[.., h, d] -> [.., h * d]``: the heads (axis -2) become blocks of ``d`` on the channel axis; ``d``
+    must carry no prunable channels."""
+    x, out = op.inputs[0], op.outputs[0]
+    inner = walker.inner[x.name]
+    if _repeat_heads(walker, op):
+        return None
+    ins, outs = x.shape.as_list(), out.shape.as_list()
+    heads, last = inner.get(-2), walker.layout(x)
+    last_frozen = last is None or all(walker.spaces.reasons(seg.space) for seg in last.segments)
+    ok = (
+        heads is not None
+        and last_frozen
+        and len(outs) == len(ins) - 1
+        and None not in (ins[-1], ins[-2], outs[-1])
+        and outs[-1] == ins[-2] * ins[-1]
+        and set(inner) == {-2}
+    )
+    where = _shape_at(op.inputs[1], len(outs) - 1) if ok else None
+    if where is None or heads is None:
+        return unknown(walker, op, f"unknown op {op.type} at {op.name} (reshape of head-split channels)")
+    node, index, value = where
+    if value != -1:
+        walker.patches.append(ShapePatch(walker.sig.name, node, index, int(ins[-1]), heads))
+    walker.set_layout(out, heads.multiplied(int(ins[-1])))
     return None
 
 
@@ -494,6 +919,8 @@ def _runtime_channel_count(walker: Walker, target: tf.Tensor, layout: Layout) ->
 
 def reshape(walker: Walker, op: tf.Operation) -> None:
     x, out = op.inputs[0], op.outputs[0]
+    if x.name in walker.inner:
+        return _merge_heads(walker, op)
     lx = walker.layout(x)
     if lx is None:
         if last_dim(out) in (None, 1) or (last_dim(x) == 1 and x.shape.rank is not None):
@@ -530,6 +957,8 @@ def reshape(walker: Walker, op: tf.Operation) -> None:
                 walker.patches.append(ShapePatch(walker.sig.name, node, index, repeats, lx))
             walker.set_layout(out, lx.tiled(repeats))
             return None
+    if _split_heads(walker, op, lx):
+        return None
     return unknown(walker, op, f"unknown op {op.type} at {op.name} (reshape across the channel axis)")
 
 
@@ -581,6 +1010,17 @@ def identity_n(walker: Walker, op: tf.Operation) -> None:
         walker.set_layout(out, None if walker.is_const(inp) else walker.layout(inp))
 
 
+def recurrent_loop(walker: Walker, op: tf.Operation) -> None:
+    """A ``While`` loop (Keras LSTM/GRU/SimpleRNN run their time steps in one): its body is another graph,
+    so its units and whatever feeds them are left whole, with a reason saying so."""
+    return unknown(
+        walker,
+        op,
+        f"recurrent loop (While at {op.name}): LSTM/GRU/RNN units are left whole (removing a unit would "
+        "rewrite the loop body: not supported yet)",
+    )
+
+
 def shape_only(walker: Walker, op: tf.Operation) -> None:
     """Reads a tensor's shape, not its values: the channels do not flow on."""
     for out in op.outputs:
@@ -615,10 +1055,19 @@ RULES: dict[str, Rule] = {
     "Tile": tile,
     "ConcatV2": concat,
     "IdentityN": identity_n,
+    "While": recurrent_loop,
+    "StatelessWhile": recurrent_loop,
     "Shape": shape_only,
     "Size": shape_only,
     "Rank": shape_only,
     "NoOp": shape_only,
 }
 
-DEFAULT_RULES = RuleTable(RULES, unknown, const_view)
+# Rules that map inner layouts (attention heads) as well as the channel axis; the walker freezes the inner
+# layouts of the inputs of any other op.
+AXIS_AWARE = frozenset(
+    {*UNARY, *BINARY, *NORMALISED, *("Reshape", "Einsum", "ExpandDims", "Squeeze", "Tile"), "Shape", "Size"}
+    | {"Rank", "NoOp", "Transpose", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"}
+)
+
+DEFAULT_RULES = RuleTable(RULES, unknown, const_view, AXIS_AWARE)

@@ -304,3 +304,99 @@ def keras3_einsum_dense(out_dir: Path) -> Path:
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(2, name="head")(x)
     return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def keras3_transformer(out_dir: Path, dynamic: bool = False) -> Path:
+    """A transformer block: MultiHeadAttention (4 heads of 4), residual + LayerNorm, a GELU MLP and a gated
+    (SiLU x up) MLP. ``dynamic``: unknown sequence length (Keras 3 then keeps the EinsumDense Einsum ops)."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((None if dynamic else 6, 8), name="tokens")
+    x = keras.layers.Dense(16, name="embed")(inp)
+    a = keras.layers.MultiHeadAttention(num_heads=4, key_dim=4, name="attn")(x, x)
+    x = keras.layers.LayerNormalization(name="ln1")(x + a)
+    h = keras.layers.Dense(32, activation="gelu", name="ffn1")(x)
+    x = keras.layers.LayerNormalization(name="ln2")(x + keras.layers.Dense(16, name="ffn2")(h))
+    g = keras.layers.Dense(24, activation="silu", name="gate")(x)
+    u = keras.layers.Dense(24, name="up")(x)
+    x = keras.layers.LayerNormalization(name="ln3")(x + keras.layers.Dense(16, name="down")(g * u))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def keras2_attention(out_dir: Path) -> Path:
+    """tf_keras MultiHeadAttention (EinsumDense ``abc,cde->abde`` / ``abcd,cde->abe``), saved with model.save."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(12)
+    layers = tf_keras.layers
+    inp = layers.Input((5, 8), name="tokens")
+    x = layers.Dense(12, name="embed")(inp)
+    a = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="attn")(x, x)
+    x = layers.LayerNormalization(name="ln")(layers.Add()([x, a]))
+    x = layers.GlobalAveragePooling1D()(x)
+    out = layers.Dense(2, name="head")(x)
+    model = tf_keras.Model(inp, out)
+    model.save(str(out_dir))
+    return out_dir
+
+
+@cached_builder
+def keras3_gqa(out_dir: Path) -> Path:
+    """Grouped-query attention: 4 query heads share 2 key/value heads (Keras 3 ``GroupQueryAttention``)."""
+    import keras
+
+    keras.utils.set_random_seed(13)
+    inp = keras.Input((6, 8), name="tokens")
+    x = keras.layers.Dense(16, name="embed")(inp)
+    a = keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa")(
+        x, x
+    )
+    x = keras.layers.LayerNormalization(name="ln")(x + a)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inp, out), out_dir)
+
+
+@cached_builder
+def tf_module_attention(out_dir: Path) -> Path:
+    """Attention written with tf.matmul in a plain tf.Module: 2-D projections reshaped to 4 heads of 4,
+    transposed to [B, H, T, D], ``q @ k^T`` and ``p @ v``, transposed back, merged, projected, residual."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(14)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
+
+    class Attention(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.w_out = var([8, 16], "w_in"), var([16, 3], "w_out")
+            self.wq, self.wk, self.wv, self.wo = (var([16, 16], n) for n in ("wq", "wk", "wv", "wo"))
+            self.bq, self.bv = var([16], "bq"), var([16], "bv")
+
+    module = Attention()
+
+    def heads(t: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(tf.reshape(t, [-1, 6, 4, 4]), [0, 2, 1, 3])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 8], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        h = tf.matmul(x, module.w_in)
+        q = heads(tf.matmul(h, module.wq) + module.bq)
+        k = heads(tf.matmul(h, module.wk))
+        v = heads(tf.matmul(h, module.wv) + module.bv)
+        p = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * 0.5)
+        o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
+        y = tf.matmul(o, module.wo) + h
+        return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    return out_dir

@@ -53,4 +53,9 @@ BUILDERS = {
     "autoencoder": builders.keras3_autoencoder,
     "unusual_ops": builders.tf_module_unusual_ops,
     "einsum_dense": builders.keras3_einsum_dense,
+    "transformer": builders.keras3_transformer,
+    "transformer_dynamic": lambda out: builders.keras3_transformer(out, dynamic=True),
+    "keras2_attention": builders.keras2_attention,
+    "gqa": builders.keras3_gqa,
+    "tf_module_attention": builders.tf_module_attention,
 }
