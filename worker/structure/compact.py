@@ -175,6 +175,8 @@ def compact(
             if fold.signature == name and fold.variable is not None:
                 fold_feeds[_insert_add(gdef, nodes, fold.op, fold.dtype)] = fold.variable
         for n in gdef.node:
+            if n.op == "Squeeze" and not n.attr["squeeze_dims"].list.i:
+                _pin_squeeze(n, sig)
             if "_output_shapes" in n.attr:
                 del n.attr["_output_shapes"]
             # A custom gradient (Keras' silu/swish wraps its forward ops in IdentityN) names a Python
@@ -484,6 +486,19 @@ def _insert_add(gdef: graph_pb2.GraphDef, nodes: dict[str, Any], op: str, dtype:
     add.attr["T"].type = dtype.as_datatype_enum
     nodes[ph_name], nodes[add_name] = ph, add
     return ph_name
+
+
+def _pin_squeeze(node: Any, sig: FrozenSignature) -> None:
+    """A ``Squeeze`` without axes drops every size-1 axis: Keras 3's bias path ``Reshape [1, 1, 1, C] ->
+    Squeeze`` would also drop the channel axis of a group cut to one channel. Name the axes it squeezed in the
+    input (when its shape was known there), so a compacted size of 1 stays an axis."""
+    try:
+        shape = sig.op(node.name).inputs[0].shape
+    except (KeyError, ValueError, IndexError):
+        return
+    if shape.rank is None or not shape.is_fully_defined():
+        return
+    node.attr["squeeze_dims"].list.i.extend(i for i, d in enumerate(shape.as_list()) if d == 1)
 
 
 def _node(gdef: graph_pb2.GraphDef, name: str) -> Any:

@@ -85,6 +85,20 @@ def test_resnet_compact_exact(resnet_dir: Path, tmp_path: Path) -> None:
     assert set(reloaded["signatures"]) == {"serve", "serving_default"}  # Keras 3 export: both kept
 
 
+def test_a_group_cut_to_one_channel_keeps_its_axis(resnet_dir: Path, tmp_path: Path) -> None:
+    """Keras 3 reads a conv bias through ``Reshape [1, 1, 1, C] -> Squeeze`` (no axes): with C cut to 1 that
+    Squeeze would drop the channel axis too; the rewrite names the axes it squeezed."""
+    handle = load_model(resnet_dir)
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    inner = _by_producer(analysis, "block_a/kernel")  # has a bias
+    keep = mask_groups(handle, analysis, fraction=0.9, only={inner.id})  # 5 of 6 go
+    result = compact(handle, analysis, keep, tmp_path / "c")
+    assert result.channels[inner.id] == (6, 1)
+    assert result.shapes["block_a/bias"] == ([6], [1])
+    check_artifact(handle, result)
+
+
 def test_resnet_constant_through_same_padding_is_kept(resnet_dir: Path, tmp_path: Path) -> None:
     """BatchNorm shift left non-zero in front of a 3x3 SAME conv: not foldable, so those channels stay."""
     handle = load_model(resnet_dir)
