@@ -307,13 +307,15 @@ def latency(
 
 
 def _kind(group: dict[str, Any]) -> str:
-    """A label for a group's table row, from its variables' names (the metrics name no kind)."""
-    names = " ".join(group.get("members", [])).lower()
-    if any(k in names for k in ("lstm", "gru", "recurrent")):
+    """A label for a group's table row from the variable that names it (``id`` is ``g<n>:<producer>``; the
+    metrics name no kind): attention heads (query/key/value), MLP widths (the up projection), recurrent units,
+    else ``other`` (the residual stream, conv channels, poolers)."""
+    name = str(group.get("id", "")).split(":", 1)[-1].lower()
+    if any(k in name for k in ("lstm", "gru", "recurrent")):
         return "recurrent"
-    if any(k in names for k in ("attn", "attention", "query", "/key/", "/value/")):
-        return "attention"
-    if any(k in names for k in ("mlp", "feedforward", "intermediate")):
+    if any(k in name for k in ("/query/", "/key/", "/value/")):
+        return "heads"
+    if any(k in name for k in ("mlp_up", "intermediate")):
         return "mlp"
     return "other"
 
@@ -602,6 +604,11 @@ def _why(part: dict[str, Any]) -> str:
     return ""
 
 
+def _onnx_why(part: dict[str, Any]) -> str:
+    error = (part.get("export") or {}).get("error") or part.get("dense_onnx_error")
+    return f"not available: ONNX export refused: {error}" if error else ""
+
+
 def _kinds(part: dict[str, Any]) -> str:
     kinds = (part.get("structure") or {}).get("kinds") or {}
     return ", ".join(f"{k} {v['pruned']}/{v['groups']} pruned" for k, v in sorted(kinds.items())) or "n/a"
@@ -674,7 +681,7 @@ def render(result: dict[str, Any]) -> str:
             f"dense ONNX {_ms(p, 'dense_onnx')} ms -> compact ONNX {_ms(p, 'compact_onnx')} ms "
             f"(**{g['value']:.2f}x**); compact under TF {_ms(p, 'compact')} ms"
             if g["value"] is not None
-            else ""
+            else _onnx_why(p)
         )
         row(f"e_{key}_onnx", label, value, p)
     table = md_table(["measurement (issue 22)", "measured", "goal", "status"], rows)

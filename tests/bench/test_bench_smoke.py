@@ -284,7 +284,7 @@ class TestSmokeStructure:
             assert _positive_finite(part["latency"]["speedup"]), key
         for key in ("vit", "encoder", "vit_macs"):
             kinds = parts[key]["structure"]["kinds"]
-            assert kinds["attention"]["pruned"] >= 1 and kinds["mlp"]["pruned"] >= 1, kinds
+            assert kinds["heads"]["pruned"] >= 1 and kinds["mlp"]["pruned"] >= 1, kinds
         assert 0.0 <= parts["vit"]["accuracy"][1] <= 1.0 and math.isfinite(parts["vit"]["drop_points"])
         assert parts["encoder"]["structure"]["max_abs_diff"] <= GOALS["bert_diff"]
         for key in ("resnet_macs", "vit_macs"):
