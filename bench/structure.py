@@ -292,7 +292,11 @@ def latency(
     for name, content in (onnx or {}).items():
         import onnxruntime as ort
 
-        session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # ORT's pool spins after each run by default, taking the cores from the TensorFlow call that follows
+        # in the same round (measured: the TF side slowed 2-3x); off, each side runs on a quiet machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(content, sess_options=options, providers=["CPUExecutionProvider"])
         feed = {
             i.name: x[i.name].numpy() if i.name in x else next(iter(x.values())).numpy()
             for i in session.get_inputs()
