@@ -5,7 +5,8 @@ thresholds, the machine is shared.
 One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
 spreads the sections over the workers. The ``service`` section is run and asserted by
 tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput, the
-search and the datasets sections (about 180 s together) are marked ``slow``: ``make test-slow`` and
+search and the datasets sections (about 180 s together) and the structure section (about 160 s) are marked
+``slow``: ``make test-slow`` and
 ``make bench-smoke`` run them, ``make test`` keeps the sections whose code paths nothing else covers (the
 API-vs-floor timing, quality, exports, compaction). The opt-in ``datasets_memory`` section has a smoke variant
 of a few MB (two TensorFlow subprocesses), so it is smoked here too; ``bigmodel`` has none small enough."""
