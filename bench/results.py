@@ -34,6 +34,7 @@ SECTIONS: dict[str, str] = {
     "search": "Search: highest sparsity within an accuracy drop vs a manual grid",
     "datasets": "Datasets: streamed input speed, S3 vs local shards, one dataset in three forms",
     "calibration": "Calibration: Wanda, SparseGPT and channel repair, one-shot, vs magnitude",
+    "structure": "Structure: attention heads, MLP widths, recurrent units, budgets, ONNX Runtime",
 }
 OPT_IN: dict[str, str] = {
     "bigmodel": "Largest model: ~1 B parameters through the API on S3 vs bare TensorFlow",
@@ -49,7 +50,7 @@ HOW = (
     "(tiny stand-ins, about two minutes, writes bench/out/RESULTS.smoke.md). Method and fairness choices: the "
     "docstrings of bench/resnet_job.py, bench/digits_quality.py, bench/tfmot_quality.py and "
     "bench/finetune_throughput.py, bench/service_load.py, bench/exports.py, bench/search.py, "
-    "bench/big_model.py, bench/datasets.py, bench/calibration.py.\n"
+    "bench/big_model.py, bench/datasets.py, bench/calibration.py, bench/structure.py.\n"
 )
 
 

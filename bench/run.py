@@ -16,6 +16,9 @@ Sections (``SECTIONS`` of bench/results.py, which holds their titles):
 - ``datasets``: issue 20, a streamed TFRecord dataset through the job pipeline vs bare Keras ``fit`` /
   ``predict`` on the same shards, the same job with its shards on S3 vs local, and Fashion-MNIST as ``.npz`` /
   TFRecord / PNG folder through one recommended job (bench/datasets.py).
+- ``structure``: issue 22 (a)-(e), a small ViT trained on Fashion-MNIST with 50% of heads and MLP width removed,
+  a KerasHub BERT encoder, an LSTM classifier, MACs and latency budgets on ResNet-50 and the ViT, and ONNX
+  Runtime latency of the compacted models (bench/structure.py).
 - ``exports``: zipped bytes and accuracy of the dense / pruned SavedModel and every TFLite file of the digits
   CNN at 80% (and 50% channels, compacted) (bench/exports.py).
 - ``calibration``: issue 21, one-shot pruning from calibration data alone: ``wanda`` / ``sparsegpt`` vs
@@ -121,6 +124,14 @@ def _calibration(
     return run_calibration(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
 
 
+def _structure(
+    smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
+) -> dict[str, Any]:
+    from bench.structure import run_structure
+
+    return run_structure(smoke=smoke, cache_dir=cache_dir, work_dir=work_dir)
+
+
 def _bigmodel(
     smoke: bool, repeats: int | None, cache_dir: Path | None, work_dir: Path | None
 ) -> dict[str, Any]:
@@ -157,6 +168,7 @@ RUNNERS: dict[str, Runner] = {
     "search": _search,
     "datasets": _datasets,
     "calibration": _calibration,
+    "structure": _structure,
     "bigmodel": _bigmodel,
     "datasets_memory": _datasets_memory,
 }

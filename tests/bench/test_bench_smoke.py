@@ -5,8 +5,8 @@ thresholds, the machine is shared.
 One class per section, each running only its own section (a class fixture), so xdist (``--dist loadscope``)
 spreads the sections over the workers. The ``service`` section is run and asserted by
 tests/bench/test_service_load_smoke.py, not twice. The tfmot comparison, the fine-tuning throughput, the
-search, the datasets and the calibration sections (about 180 s together, plus ~3 min for calibration's three
-stand-in models on a cold cache) are marked ``slow``: ``make test-slow`` and
+search, the datasets, the calibration (plus ~3 min for its three stand-in models on a cold cache) and the
+structure (about 160 s) sections are marked ``slow``: ``make test-slow`` and
 ``make bench-smoke`` run them, ``make test`` keeps the sections whose code paths nothing else covers (the
 API-vs-floor timing, quality, exports, compaction). The opt-in ``datasets_memory`` section has a smoke variant
 of a few MB (two TensorFlow subprocesses), so it is smoked here too; ``bigmodel`` has none small enough."""
@@ -251,6 +251,67 @@ class TestSmokeDatasets:
             assert 0.0 <= run["accuracy"] <= 1.0
             assert run["sparsity"] == pytest.approx(0.9, abs=0.01)
         assert "| (b) fine-tuning" in result["markdown"] and "| image_folder |" in result["markdown"]
+
+
+@pytest.mark.slow
+class TestSmokeStructure:
+    """About three minutes: a ViT trained for one epoch, three encoders and three budget jobs, ONNX files."""
+
+    section = "structure"
+
+    def test_structure_smoke_produces_every_row(self, smoke: dict[str, Any]) -> None:
+        from bench.structure import GOALS
+
+        result = smoke["structure"]
+        parts, goals = result["parts"], result["goals"]
+        assert set(parts) == {"vit", "bert", "encoder", "lstm", "resnet_macs", "vit_macs", "resnet_latency"}
+        assert set(goals) == {
+            "a_vit_speedup",
+            "a_vit_accuracy",
+            "b_bert_equal",
+            "b_bert_speedup",
+            "b_encoder_equal",
+            "b_encoder_speedup",
+            "c_lstm_speedup",
+            "d_resnet_macs",
+            "d_vit_macs",
+            "d_resnet_latency",
+            "e_resnet_macs_onnx",
+            "e_vit_macs_onnx",
+        }
+        # what the installed analysis does: heads and MLP widths of Keras MultiHeadAttention blocks compacted
+        for key in ("vit", "encoder", "resnet_macs", "vit_macs"):
+            part = parts[key]
+            assert "error" not in part, part.get("error")
+            assert part["structure"]["compact"], part["structure"]
+            assert _positive_finite(part["latency"]["speedup"]), key
+        for key in ("vit", "encoder", "vit_macs"):
+            kinds = parts[key]["structure"]["kinds"]
+            assert kinds["heads"]["pruned"] >= 1 and kinds["mlp"]["pruned"] >= 1, kinds
+        assert 0.0 <= parts["vit"]["accuracy"][1] <= 1.0 and math.isfinite(parts["vit"]["drop_points"])
+        assert parts["encoder"]["structure"]["max_abs_diff"] <= GOALS["bert_diff"]
+        for key in ("resnet_macs", "vit_macs"):
+            budget = parts[key]["budget"]
+            assert budget["unit"] == "macs" and budget["asked"] == 0.5
+            assert abs(goals[f"d_{key}"]["value"]) <= GOALS["macs_tolerance"], budget
+            p50 = parts[key]["latency"]["p50_ms"]
+            assert {"dense", "compact", "dense_onnx", "compact_onnx"} <= set(p50)
+            assert all(_positive_finite(v) for v in p50.values()), p50
+            assert goals[f"e_{key}_onnx"]["value"] == pytest.approx(p50["dense_onnx"] / p50["compact_onnx"])
+        # a part the analysis cannot do is reported with its reason, never a number
+        for key in ("bert", "lstm", "resnet_latency"):
+            part = parts[key]
+            if "error" in part:
+                assert part["error"]
+            elif not part["structure"]["compact"]:
+                assert "latency" not in part and part["structure"]["reasons"]
+            else:
+                assert _positive_finite(part["latency"]["speedup"])
+        for goal in goals.values():
+            assert goal["met"] is None or isinstance(goal["met"], bool)
+            assert goal["value"] is None or math.isfinite(goal["value"])
+        for label in ("(a) ViT", "(b) KerasHub BERT", "(c) LSTM", "(d) ResNet-50", "(d) ViT", "(e) ViT"):
+            assert f"| {label}" in result["markdown"], label
 
 
 @pytest.mark.slow
