@@ -164,8 +164,14 @@ def build_vit(root: Path, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 def export_bert(out_dir: Path, cfg: dict[str, Any]) -> None:
     """A KerasHub ``BertBackbone`` from a config (seeded random weights) behind a token-ids input."""
     import keras
-    import keras_hub
 
+    try:
+        import keras_hub
+    except ImportError as exc:
+        raise RuntimeError(
+            "keras-hub is not installed (pip install 'keras-hub>=0.32,<0.33'; not in the extras: it pulls "
+            "httpx2, which breaks the test client)"
+        ) from exc
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=cfg["vocab"],

@@ -241,7 +241,9 @@ def _search(
         longest = max(longest, trial.seconds)
         return trial
 
-    probes = sorted({round(v, 4) for v in np.linspace(lo_s, hi_s, PROBES)})
+    # Python floats, as probe trials carry them through JSON: round() on a numpy float rounds a half otherwise
+    # (0.37345 -> 0.3734 vs 0.3735), and the bracketing would differ between one task and trials.
+    probes = sorted({round(float(v), 4) for v in np.linspace(lo_s, hi_s, PROBES)})
     highest_probe: float | None = None
     for sparsity in probes:
         probe = attempt(sparsity, True)
