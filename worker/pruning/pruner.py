@@ -12,6 +12,8 @@ Scopes (one per spec ``scope``):
   ``fraction * their target``; all the others are ranked together at ``fraction * global_target``: their
   groups' scores (elements, channels, blocks) are normalised per variable (``normalization.py``) and pooled.
   ``global_target`` defaults to the value ``targets`` gives the pooled variables (they must agree).
+  A criterion whose statistics fix each variable's mask (``per_layer_masks``: SparseGPT) is not pooled: each
+  variable is pruned at the sparsity the magnitude global ranking allocates it (``layer_targets``).
 
 Masks are monotone, as in tfmot: entries pruned earlier get a score of ``-inf`` (so they are the first chosen
 again) and the new mask is AND-ed with the old one, so a schedule whose fraction rises never revives a weight;
