@@ -20,9 +20,10 @@ Rules:
 - ``recommended`` fine-tunes, so asking for it without a train dataset is a 422 naming what to do.
 - Calibration data (``calibration_dataset_id``) and no explicit ``criterion``: ``fast`` prunes with
   ``FAST_CALIBRATION_CRITERION`` (unstructured and N:M granularities; not for sensitivity sweeps). Per
-  criterion, ``BY_CRITERION`` adjusts a preset to what the criterion supports (SparseGPT prunes each op at its
-  own target, so layer scope; calibration criteria prune one-shot, so ``recommended`` fine-tunes after a
-  one-shot prune instead of during a polynomial ramp).
+  criterion, ``BY_CRITERION`` adjusts a preset to what the criterion supports (calibration criteria prune
+  one-shot, so ``recommended`` fine-tunes after a one-shot prune instead of during a polynomial ramp). SparseGPT
+  keeps the preset's global LAMP scope: the global magnitude ranking allocates each op's target and SparseGPT
+  prunes each op at it (Fashion-MNIST CNN at 95%: -12.6 points vs -61 with every op at 95% in layer scope).
 
 The numbers behind ``recommended`` are in bench/RESULTS.md ("Digits: Secateurs vs tfmot"); those behind both
 presets in docs/presets.md ("Measured").
@@ -70,12 +71,7 @@ BY_GRANULARITY: dict[tuple[str, str], dict[str, Any]] = {
 }
 # (preset, criterion) -> values over the preset's, where the criterion cannot take the preset's own.
 BY_CRITERION: dict[tuple[str, str], dict[str, Any]] = {
-    ("fast", "sparsegpt"): {"scope": "layer", "normalization": "none"},
-    ("recommended", "sparsegpt"): {
-        "scope": "layer",
-        "normalization": "none",
-        "schedule": {"kind": "one_shot"},
-    },
+    ("recommended", "sparsegpt"): {"schedule": {"kind": "one_shot"}},
     ("recommended", "wanda"): {"schedule": {"kind": "one_shot"}},
 }
 # What ``fast`` prunes with when calibration data is given and no criterion is (issue 21: SparseGPT kept the

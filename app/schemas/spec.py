@@ -497,8 +497,8 @@ class PruneSpec(_Strict):
         "fine-tune with a penalty (see `regularization`), then prune by magnitude; random: seeded baseline; "
         "wanda |w| x the norm of the input it multiplies, per output unit; sparsegpt: optimal-brain-surgeon "
         "pruning with weight updates, op by op (both read calibration inputs: calibration_dataset_id or "
-        "train_dataset_id; unstructured or N:M; one-shot schedule; sparsegpt in layer scope). gradient, taylor, "
-        "l1 and l2 need train_dataset_id",
+        "train_dataset_id; unstructured or N:M; one-shot schedule; sparsegpt in scope global prunes each op at the "
+        "sparsity the global magnitude ranking gives it). gradient, taylor, l1 and l2 need train_dataset_id",
     )
     regularization: Regularization | None = Field(
         None,

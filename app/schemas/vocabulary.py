@@ -64,7 +64,7 @@ CRITERIA: dict[Criterion, CriterionNeeds] = {
     "l2": CriterionNeeds(regularizer="l2"),
     "random": CriterionNeeds(),
     "wanda": CriterionNeeds(calibration="input_norms", granularities=("unstructured",)),
-    "sparsegpt": CriterionNeeds(calibration="hessian", granularities=("unstructured",), global_scope=False),
+    "sparsegpt": CriterionNeeds(calibration="hessian", granularities=("unstructured",)),
 }
 REGULARIZING_CRITERIA = tuple(name for name, needs in CRITERIA.items() if needs.regularizer is not None)
 TRAIN_DATA_CRITERIA = frozenset(name for name, needs in CRITERIA.items() if needs.train_data)

@@ -62,7 +62,6 @@ def test_calibration_without_data_is_422_naming_both_fields(
         ({"target_sparsity": 0.5, "reconstruct": True}, "needs granularity 'channel'"),
         ({"target_sparsity": 0.5, "criterion": "wanda", "granularity": "channel"}, "unstructured"),
         ({"target_sparsity": 0.5, "criterion": "sparsegpt", "granularity": "block"}, "not 'block'"),
-        ({"target_sparsity": 0.5, "criterion": "sparsegpt", "scope": "global"}, "scope 'layer'"),
         (
             {
                 "target_sparsity": 0.5,
@@ -93,7 +92,7 @@ def test_job_body_shows_the_calibration_dataset_and_fast_resolves_to_sparsegpt(
     assert body["train_dataset_id"] is None
     resolved = body["spec"]
     assert resolved["preset"] == "fast" and resolved["criterion"] == "sparsegpt"
-    assert (resolved["scope"], resolved["normalization"]) == ("layer", "none")
+    assert (resolved["scope"], resolved["normalization"]) == ("global", "lamp")  # fast's own (issue 21 bench)
     assert resolved["calibration"] == {"samples": 64, "batch_size": 32}
     assert resolved["reconstruct"] is False
     assert client.get(f"/v1/jobs/{body['id']}").json()["calibration_dataset_id"] == calibration_id
@@ -148,7 +147,10 @@ def test_presets_by_criterion() -> None:
         PruneSpec.model_validate({"target_sparsity": 0.5, "criterion": "sparsegpt"}), has_train=True
     )
     assert (recommended.scope, recommended.schedule.kind, recommended.fine_tune is not None) == (
-        "layer",
+        "global",
         "one_shot",
         True,
     )
+    # sparsegpt in global scope is accepted (each op at the global magnitude ranking's allocation)
+    unstructured = resolve(spec, has_train=False, has_calibration=True)
+    assert (unstructured.scope, unstructured.normalization) == ("global", "lamp")

@@ -105,6 +105,11 @@ class Criterion(ABC):
     uses_name: ClassVar[bool] = False
     group_reduce: ClassVar[GroupReduce] = "sum"
     calibration: ClassVar[Calibration | None] = None
+    # True when the criterion's statistics already fix each variable's mask at a per-variable target (SparseGPT:
+    # the mask comes with the weight updates). Global scope then allocates the per-variable targets from the
+    # magnitude ranking (``Pruner.layer_targets``) and prunes each variable at its own, instead of pooling
+    # these scores (which only say kept / removed).
+    per_layer_masks: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         # Kept on every criterion so stochastic ones (e.g. random) are reproducible from the spec's seed.
@@ -247,6 +252,7 @@ class SparseGPT(Criterion):
 
     name = "sparsegpt"
     calibration = "hessian"
+    per_layer_masks = True
     group_reduce = "l2"
 
     def score(self, weight: np.ndarray, grad: object | None = None, *, name: str = "") -> np.ndarray:

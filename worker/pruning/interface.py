@@ -99,6 +99,11 @@ class PrunerLike(Protocol):
         per-variable statistics for criteria with ``needs_calibration``)."""
         ...
 
+    def layer_targets(self, fraction: float = 1.0) -> dict[str, float]:
+        """Each active variable's target at ``fraction`` (what a per-layer criterion such as SparseGPT prunes it
+        at): ``fraction * targets[name]`` unless the pruner allocates them (``Pruner`` in global scope)."""
+        return {name: fraction * self.targets[name] for name in self.active}
+
     def apply_masks(self) -> None:
         """Write the zeros again (after an optimizer step)."""
         ...

@@ -12,6 +12,8 @@ Scopes (one per spec ``scope``):
   ``fraction * their target``; all the others are ranked together at ``fraction * global_target``: their
   groups' scores (elements, channels, blocks) are normalised per variable (``normalization.py``) and pooled.
   ``global_target`` defaults to the value ``targets`` gives the pooled variables (they must agree).
+  A criterion whose statistics fix each variable's mask (``per_layer_masks``: SparseGPT) is not pooled: each
+  variable is pruned at the sparsity the magnitude global ranking allocates it (``layer_targets``).
 
 Masks are monotone, as in tfmot: entries pruned earlier get a score of ``-inf`` (so they are the first chosen
 again) and the new mask is AND-ed with the old one, so a schedule whose fraction rises never revives a weight;
@@ -139,6 +141,8 @@ class Pruner(PrunerLike):
         # (the criterion, or "magnitude" where it had no statistics): the metrics' per-layer ``method``.
         self._calibration: Mapping[str, Any] = {}
         self.methods: dict[str, str] = {}
+        # Global scope with a per-layer-mask criterion: (fraction, per-variable targets) from ``layer_targets``.
+        self._allocated: tuple[float, dict[str, float]] | None = None
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
@@ -184,10 +188,11 @@ class Pruner(PrunerLike):
                     self.skipped[name] = (
                         f"the loss does not depend on it: criterion {self.criterion.name!r} cannot score it"
                     )
-        if self.scope == "layer":  # one variable at a time: its score, mask and zeros, then the next one
+        if self.scope == "layer" or self.criterion.per_layer_masks:  # one variable at a time
+            targets = self.layer_targets(fraction)
             for name in self.active:
                 score = self._alone(name, self._score(name, grads))
-                self._set_mask(name, self._own_mask(name, score, fraction * self.targets[name]))
+                self._set_mask(name, self._own_mask(name, score, targets[name]))
         else:
             for name, mask in self._global(lambda name: self._score(name, grads), fraction).items():
                 self._set_mask(name, mask)
@@ -348,6 +353,36 @@ class Pruner(PrunerLike):
                 )
         return notes
 
+    def layer_targets(self, fraction: float = 1.0) -> dict[str, float]:
+        """Each active variable's target at ``fraction`` of the schedule: its own in layer scope; in global
+        scope, the sparsity the global ranking of magnitude scores (under the spec's normalization) gives it,
+        i.e. the allocation a magnitude global prune makes (fixed and non-rankable variables: their own).
+
+        Why: SparseGPT (``per_layer_masks``) prunes each op at a target with weight updates, so it cannot be
+        pooled; at 95% on the Fashion-MNIST CNN every kernel at 95% lost 61 points, SparseGPT at the per-layer
+        sparsities global LAMP magnitude chose lost 12.6 (bench/RESULTS.md "Calibration"). Computed once per
+        fraction, before the calibration stage updates any weight (it calls this first), and reused by
+        ``prune``."""
+        if self.scope == "layer":
+            return {name: fraction * self.targets[name] for name in self.active}
+        if self._allocated is not None and self._allocated[0] == fraction:
+            return dict(self._allocated[1])
+
+        def magnitude(name: str) -> np.ndarray:
+            score = np.abs(variable_view(self.variables[name])).astype(np.float32)
+            return np.where(self._masks[name], score, -np.inf)
+
+        masks = self._global(magnitude, fraction, alone=lambda name, score: score)
+        targets = {}
+        for name in self.active:
+            if name in self.fixed or not self.granularities[name].rankable:
+                targets[name] = fraction * self.fixed.get(name, self.targets[name])
+            else:
+                mask = masks[name]
+                targets[name] = float(np.count_nonzero(~mask)) / mask.size
+        self._allocated = (fraction, targets)
+        return dict(targets)
+
     def _pooled_target(self, global_target: float | None) -> float:
         if global_target is not None:
             return float(global_target)
@@ -362,9 +397,16 @@ class Pruner(PrunerLike):
     def _own_mask(self, name: str, score: np.ndarray, target: float) -> np.ndarray:
         return self.granularities[name].mask(score, self.kinds[name], target)
 
-    def _global(self, score_of: Callable[[str], np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    def _global(
+        self,
+        score_of: Callable[[str], np.ndarray],
+        fraction: float,
+        alone: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Scores are asked for one variable at a time and only their group scores are kept (one number per
-        channel or block; for unstructured, the scores themselves)."""
+        channel or block; for unstructured, the scores themselves). ``alone``: how a variable ranked on its
+        own compares its scores (default the criterion's ``layer_scores``)."""
+        alone = alone or self._alone
         assert self.global_target is not None
         masks: dict[str, np.ndarray] = {}
         group_scores: dict[str, np.ndarray] = {}
@@ -375,7 +417,7 @@ class Pruner(PrunerLike):
             gran = self.granularities[name]
             if name in self.fixed or not gran.rankable:
                 target = self.fixed.get(name, self.targets[name])
-                masks[name] = self._own_mask(name, self._alone(name, score), fraction * target)
+                masks[name] = self._own_mask(name, alone(name, score), fraction * target)
                 continue
             layout = gran.layout(self.kinds[name], self.shapes[name])
             values, sizes = layout.group_scores(score, gran.reduce)

@@ -120,8 +120,11 @@ def _hessian(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """SparseGPT, sequential over dependency waves; the updated weights are written into the variables."""
     plans: dict[str, dict[str, Any]] = {}
+    # Before any weight is updated: in global scope, the per-variable targets a magnitude global prune
+    # allocates (under the spec's normalization); the pruner then prunes each variable at the same target.
+    targets = pruner.layer_targets(1.0)
     for name in uses:
-        gran, target = pruner.granularities[name], pruner.targets[name]
+        gran, target = pruner.granularities[name], targets[name]
         if isinstance(gran, NM):
             axis = gran.axis(pruner.kinds[name])
             plans[name] = {"nm": (gran.per_group(target), gran.m), "axis": axis}

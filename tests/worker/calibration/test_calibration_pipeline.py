@@ -98,3 +98,24 @@ def test_sparsegpt_unstructured_masks_hold_through_fine_tuning(
         assert row["method"] == "sparsegpt"
         assert row["sparsity"] == pytest.approx(0.7, abs=1.0 / np.prod(row["shape"]) + 1e-9), row
     assert "the train dataset, inputs only" in "\n".join(metrics["notes"])
+
+
+def test_global_sparsegpt_prunes_each_op_at_the_magnitude_global_allocation(
+    keras3_export_dir: Path, digits_cnn: Data, tmp_path: Path
+) -> None:
+    """Scope global with sparsegpt: each op is pruned at the sparsity a magnitude global LAMP prune gives it
+    (the same per-layer sparsities, weights updated by SparseGPT), and the overall target is met."""
+    spec = {"target_sparsity": 0.8, "scope": "global", "normalization": "lamp"}
+    gpt = _run(keras3_export_dir, {**spec, "criterion": "sparsegpt"}, digits_cnn, tmp_path / "gpt", True)
+    mag = _run(keras3_export_dir, spec, digits_cnn, tmp_path / "mag", False)
+    rows = {r["name"]: r for r in gpt["layers"] if "skipped" not in r}
+    mag_rows = {r["name"]: r for r in mag["layers"] if "skipped" not in r}
+    assert rows.keys() == mag_rows.keys() and all(r["method"] == "sparsegpt" for r in rows.values()), rows
+    sizes = {name: int(np.prod(r["shape"])) for name, r in rows.items()}
+    for name, row in rows.items():
+        assert row["sparsity"] == pytest.approx(mag_rows[name]["sparsity"], abs=1.0 / sizes[name] + 1e-9), (
+            name
+        )
+    assert len({round(r["sparsity"], 2) for r in rows.values()}) > 1  # an allocation, not 80% everywhere
+    overall = sum(r["sparsity"] * sizes[n] for n, r in rows.items()) / sum(sizes.values())
+    assert overall == pytest.approx(0.8, abs=1e-3)

@@ -93,6 +93,15 @@ def test_every_supported_op_is_reproduced_by_x_times_matrix(module_sig) -> None:
             np.testing.assert_allclose(gram, X.T @ X, rtol=1e-4, atol=1e-3)
             np.testing.assert_allclose(sq, (X**2).sum(0), rtol=1e-4, atol=1e-3)
             np.testing.assert_array_equal(use.unmatrix(W, values[use.variable].shape), values[use.variable])
+            if use.kind == "conv2d":  # SparseGPT's sampled Hessian: exact when every position fits ...
+                whole, half = session.run(
+                    values, x, [session.gram(use, 10**6), session.gram(use, len(X) // 2)]
+                )
+                np.testing.assert_allclose(whole, X.T @ X, rtol=1e-4, atol=1e-3)
+                # ... else (positions / drawn) x the X^T X of a subset of the rows: below the full one
+                part = half * (len(X) // 2) / len(X)
+                assert np.linalg.eigvalsh(X.T @ X - part).min() > -1e-3 * np.trace(X.T @ X)
+                assert 0.2 < np.trace(part) / np.trace(X.T @ X) < 0.8
         waves = dependency_waves(sig, [u[0] for u in uses.values() if u[0].supported])
     assert len(waves) == 5  # c1, c2, c3, {e1, e2}, t
 

@@ -290,9 +290,20 @@ class CaptureSession:
                     self._derived[key] = tf.shape(x)[0]
         return self._derived[key]
 
-    def gram(self, use: WeightUse) -> tf.Tensor:
-        """``X^T X`` (``d_in x d_in``, float32) of one batch: accumulate it in float64 across batches."""
-        return self._derive(use, "gram")
+    def gram(self, use: WeightUse, max_rows: int | None = None) -> tf.Tensor:
+        """``X^T X`` (``d_in x d_in``, float32) of one batch: accumulate it in float64 across batches.
+
+        ``max_rows`` (Conv2D only): from at most that many output positions of the batch, drawn without
+        replacement (seeded, the same draw for every batch of one size) and gathered from the padded input
+        instead of building the im2col matrix of every position; the sum is scaled by positions / drawn, an
+        unbiased estimate of the full ``X^T X`` (exact when the batch has no more positions than that)."""
+        if max_rows is None or use.kind != "conv2d":
+            return self._derive(use, "gram")
+        key = (use.op, use.data_input or "", f"gram<={max_rows}")
+        if key not in self._derived:
+            with self.graph.as_default(), tf.name_scope("calibration"):
+                self._derived[key] = _sampled_gram(self.tensor(use.data_input or ""), use, max_rows)
+        return self._derived[key]
 
     def sq_norms(self, use: WeightUse) -> tf.Tensor:
         """Per input feature, the sum of squares over the batch's rows (``d_in``): Wanda's ``||X_j||^2``."""
@@ -537,6 +548,27 @@ def _patches(x: tf.Tensor, use: WeightUse) -> tf.Tensor:
         x, sizes=[1, kh, kw, 1], strides=[1, s[0], s[1], 1], rates=[1, d[0], d[1], 1], padding="VALID"
     )
     return tf.reshape(patches, [-1, tf.shape(patches)[-1]])
+
+
+def _sampled_gram(data: tf.Tensor, use: WeightUse, max_rows: int) -> tf.Tensor:
+    """``X^T X`` of a Conv2D's patches from at most ``max_rows`` output positions (see ``CaptureSession.gram``):
+    ``kh * kw`` gathers of ``max_rows x cin`` from the padded input, then one float32 matmul."""
+    x, s, d, oh, ow = _conv_geometry(tf.cast(data, tf.float32), use)
+    kh, kw = use.attrs["ksize"]
+    total = tf.shape(x)[0] * oh * ow
+    take = tf.minimum(total, max_rows)
+    draw = tf.random.stateless_uniform(tf.reshape(total, [1]), seed=[20231, max_rows])
+    picks = tf.sort(tf.argsort(draw)[:take])
+    b, rest = picks // (oh * ow), picks % (oh * ow)
+    i, j = rest // ow, rest % ow
+    cols = [
+        tf.gather_nd(x, tf.stack([b, i * s[0] + a * d[0], j * s[1] + c * d[1]], axis=-1))
+        for a in range(kh)
+        for c in range(kw)
+    ]
+    patches = tf.concat(cols, axis=-1)  # (take, kh * kw * cin): the (kh, kw, cin) order of the kernel
+    scale = tf.cast(total, tf.float32) / tf.cast(take, tf.float32)
+    return tf.matmul(patches, patches, transpose_a=True) * scale
 
 
 def _window_sq_norms(data: tf.Tensor, use: WeightUse) -> tuple[tf.Tensor, tf.Tensor]:
