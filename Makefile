@@ -31,7 +31,7 @@ docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a brok
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 # The docs site is built (--strict) by tests/packaging/test_docs_site.py, so `test` does not build it again.
-test: $(STAMP) lint  ## the whole suite but `slow` (~9 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
+test: $(STAMP) lint  ## the whole suite but `slow` (~9.5 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the inner loop (~7 min with a cold model cache): no real servers (e2e), no `slow`
