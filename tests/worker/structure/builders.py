@@ -420,7 +420,8 @@ def keras3_masked_attention(out_dir: Path, mask: str = "padding", dynamic: bool 
     else:
         attention_mask = keras.ops.not_equal(ids, 0)[:, None, :]
     x = keras.layers.Embedding(20, 16, name="embed")(ids)
-    a = keras.layers.MultiHeadAttention(num_heads=4, key_dim=4, name="attn")(x, x, attention_mask=attention_mask)
+    attention = keras.layers.MultiHeadAttention(num_heads=4, key_dim=4, name="attn")
+    a = attention(x, x, attention_mask=attention_mask)
     x = keras.layers.LayerNormalization(name="ln")(x + a)
     x = keras.layers.GlobalAveragePooling1D()(x)
     out = keras.layers.Dense(3, name="head")(x)
@@ -442,7 +443,8 @@ def keras2_masked_attention(out_dir: Path) -> Path:
 
     ids = layers.Input((6,), dtype="int32", name="token_ids")
     x = layers.Embedding(20, 12, name="embed")(ids)
-    a = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="attn")(x, x, attention_mask=PaddingMask()(ids))
+    attention = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="attn")
+    a = attention(x, x, attention_mask=PaddingMask()(ids))
     x = layers.LayerNormalization(name="ln")(layers.Add()([x, a]))
     x = layers.GlobalAveragePooling1D()(x)
     out = layers.Dense(2, name="head")(x)
@@ -492,6 +494,40 @@ def tf_module_masked_attention(out_dir: Path) -> Path:
         o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
         y = tf.matmul(o, module.wo) + h
         return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    return out_dir
+
+
+@cached_builder
+def tf_module_select(out_dir: Path) -> Path:
+    """``Select`` (v1) with a vector condition picking rows of ``x @ w1``, and ``SelectV2`` whose condition is
+    computed from the channels it selects (``where(g > 0, g, 0.1 * g)`` on ``x @ w3``)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(18)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
+
+    class Selects(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3 = var([8, 16], "w1"), var([8, 16], "w3")
+            self.w2, self.w4 = var([16, 4], "w2"), var([16, 4], "w4")
+
+    module = Selects()
+    x_spec = tf.TensorSpec([None, 8], tf.float32, name="x")
+
+    @tf.function(input_signature=[x_spec, tf.TensorSpec([None], tf.bool, name="rows")])
+    def serve(x: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        h = tf.matmul(x, module.w1)
+        g = tf.matmul(x, module.w3)
+        a = tf.compat.v1.where(rows, h, -h)
+        b = tf.where(g > 0, g, 0.1 * g)
+        return {"out": tf.matmul(a, module.w2) + tf.matmul(b, module.w4)}
 
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})

@@ -63,4 +63,5 @@ BUILDERS = {
     "per_head_mask": lambda out: builders.keras3_masked_attention(out, mask="per_head"),
     "keras2_masked_attention": builders.keras2_masked_attention,
     "tf_module_masked_attention": builders.tf_module_masked_attention,
+    "select": builders.tf_module_select,
 }

@@ -168,7 +168,8 @@ def test_heads_under_a_padding_mask(model_dirs, tmp_path: Path, kind: str) -> No
 
 
 def test_heads_under_a_keras2_padding_mask(model_dirs, tmp_path: Path) -> None:
-    """tf_keras adds ``(1 - mask) * -1e9`` to the scores (``AddV2``, the mask of length 1 on the heads axis)."""
+    """tf_keras adds ``(1 - mask) * -1e9`` to the scores (``AddV2``; the mask has length 1 on the heads
+    axis)."""
     handle = load_model(model_dirs["keras2_masked_attention"])
     randomize(handle)
     analysis = find_groups(handle, "serving_default")
