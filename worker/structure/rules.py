@@ -10,6 +10,8 @@ weight axes the op indexes by channel; ``DEFAULT_RULES`` is the table the walker
   ``c*m .. c*m+m-1``);
 - carriers keep the layout (activations, bias, BatchNorm fused or lowered, pooling, padding, casts, reductions
   over spatial axes, resizes); element-wise binary ops couple their operands (residual Add, squeeze-excite Mul);
+- ``Select``/``SelectV2`` couple their data operands like an element-wise op when the condition is the same
+  along every channel/head axis (a padding mask broadcast over the heads); otherwise those axes stay whole;
 - ConcatV2 on the channel axis concatenates layouts; Reshape either keeps the channel axis or flattens it;
 - anything else is ``unknown``: its inputs' channels are frozen with the op's type and name.
 
