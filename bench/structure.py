@@ -197,8 +197,9 @@ def export_bert(out_dir: Path, cfg: dict[str, Any]) -> None:
 
 def export_encoder(out_dir: Path, cfg: dict[str, Any]) -> None:
     """The same BERT-style encoder from plain Keras layers (token + position embeddings, post-norm blocks of
-    ``MultiHeadAttention`` and a GELU MLP, ``[CLS]`` pooler) without an attention mask: KerasHub's backbone
-    always masks its scores with the padding mask (a ``SelectV2`` the head analysis does not follow)."""
+    ``MultiHeadAttention`` and a GELU MLP, ``[CLS]`` pooler) without an attention mask, the reference without
+    one: KerasHub's backbone always masks its scores with the padding mask (a ``SelectV2``, which the head
+    analysis follows since ``worker.structure.rules.select``; before, it left the heads whole)."""
     import keras
 
     keras.utils.set_random_seed(0)

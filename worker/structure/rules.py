@@ -10,6 +10,8 @@ weight axes the op indexes by channel; ``DEFAULT_RULES`` is the table the walker
   ``c*m .. c*m+m-1``);
 - carriers keep the layout (activations, bias, BatchNorm fused or lowered, pooling, padding, casts, reductions
   over spatial axes, resizes); element-wise binary ops couple their operands (residual Add, squeeze-excite Mul);
+- ``Select``/``SelectV2`` couple their data operands like an element-wise op when the condition is the same
+  along every channel/head axis (a padding mask broadcast over the heads); otherwise those axes stay whole;
 - ConcatV2 on the channel axis concatenates layouts; Reshape either keeps the channel axis or flattens it;
 - anything else is ``unknown``: its inputs' channels are frozen with the op's type and name.
 
@@ -19,6 +21,8 @@ each tensor axis comes from, and records the shape constants a compaction must r
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +48,12 @@ SPATIAL = {
 }  # fmt: skip
 REDUCTIONS = {"Mean", "Max", "Min", "Sum", "Prod"}
 NORMALISED = {"Softmax", "LogSoftmax"}
+# Element-wise ops a padding mask is built with (besides UNARY/BINARY): they broadcast right-aligned too.
+LOGICAL = {
+    "LogicalAnd", "LogicalOr", "LogicalNot", "Equal", "NotEqual", "Less", "LessEqual", "Greater",
+    "GreaterEqual",
+}  # fmt: skip
+SELECT = {"Select", "SelectV2"}
 
 
 def _where(op: tf.Operation) -> str:
@@ -231,19 +241,98 @@ def _pass_inner(walker: Walker, x: tf.Tensor, out: tf.Tensor) -> None:
     walker.set_inner(out, inner or {})
 
 
-def elementwise(walker: Walker, op: tf.Operation) -> None:
-    """Broadcasting element-wise ops: operands with the output's channels are coupled one to one."""
+def _uniform_along(t: tf.Tensor, axis: int, width: int | None) -> bool:
+    """Whether ``t`` holds the same values at every index of ``axis`` (counted from the end) and its length
+    there follows the other operands' at run time, so removing heads (or channels) there leaves it right: a
+    padding mask built from the model's inputs and broadcast over the heads. Length 1 (or an axis the tensor
+    lacks) broadcasts; ``Fill``/``OnesLike``/``BroadcastTo`` to a shape read at run time repeat one value;
+    element-wise ops are uniform where all their operands are (right-aligned, as they broadcast). Anything
+    else (a signature input with that axis, a float tensor carrying heads) is not. ``width``: the axis'
+    length in the op being walked (a shape constant that spells it would not follow a compaction)."""
+    memo: dict[str, bool] = {}
+
+    def follows(target: tf.Tensor) -> bool:
+        """A shape computed from run-time shapes of computed tensors (a signature input keeps its length)."""
+        if width is None or not _from_runtime_shape(target, int(width)):
+            return False
+        seen: set[str] = set()
+        stack = [target.op]
+        while stack:
+            op = stack.pop()
+            if op.name in seen:
+                continue
+            seen.add(op.name)
+            if op.type == "Shape":
+                if op.inputs[0].op.type == "Placeholder":
+                    return False
+                continue
+            stack.extend(i.op for i in op.inputs)
+        return True
+
+    def uniform(t: tf.Tensor) -> bool:
+        if t.name in memo:
+            return memo[t.name]
+        memo[t.name] = False  # a cycle (none in a frozen graph) is not uniform
+        shape, op = t.shape, t.op
+        if shape.rank is None:
+            result = False
+        elif -axis > shape.rank or shape[axis] == 1 or op.type in ("ZerosLike", "OnesLike"):
+            result = True  # broadcast there, or one value repeated to its input's run-time shape
+        elif op.type == "Fill":
+            result = op.inputs[1].shape.rank == 0 and follows(op.inputs[0])
+        elif op.type == "BroadcastTo":
+            result = uniform(op.inputs[0]) and follows(op.inputs[1])
+        elif op.type in UNARY or op.type in BINARY or op.type in LOGICAL or op.type == "SelectV2":
+            result = op.type != "BiasAdd" and all(uniform(i) for i in op.inputs)
+        else:
+            result = False
+        memo[t.name] = result
+        return result
+
+    return uniform(t)
+
+
+def select(walker: Walker, op: tf.Operation) -> None:
+    """``where(condition, a, b)``: the values of ``a`` and ``b`` reach the output, the condition only picks
+    between them. A condition with no channels of its own on the axes where the data carry channels or heads
+    (a padding mask from the inputs, the same for every head: ``_uniform_along``) lets them pass as through
+    any element-wise op; one that varies there (computed from the heads' scores, or a per-head input) would
+    have to lose the removed heads too, so those channels are left whole with that reason. ``Select`` with a
+    vector condition picks whole rows (axis 0), never a channel axis."""
+    cond, data = op.inputs[0], list(op.inputs[1:])
+    out = op.outputs[0]
+    if op.type == "Select" and cond.shape.rank == 1 and (out.shape.rank or 0) > 1:
+        return elementwise(walker, op, data)
+    if out.shape.rank is None or cond.shape.rank is None:
+        return unknown(walker, op)
+    if walker.is_const(cond):
+        return elementwise(walker, op)  # a constant condition is sliced with the channels, as a carrier
+    axes = {-1} | {p for t in data for p in walker.inner.get(t.name, {})}
+    why = f"the condition of {op.type} at {op.name} differs along a channel axis (it carries channels)"
+    for p in sorted(axes):
+        if -p > out.shape.rank or _uniform_along(cond, p, out.shape[p]):
+            continue
+        for t in data:
+            if not walker.is_const(t) and -p <= (t.shape.rank or 0):
+                walker.spaces.freeze_layout(walker.layout_at(t, p), why)
+    return elementwise(walker, op, data)
+
+
+def elementwise(walker: Walker, op: tf.Operation, operands: Sequence[tf.Tensor] | None = None) -> None:
+    """Broadcasting element-wise ops: operands with the output's channels are coupled one to one.
+    ``operands``: the inputs that carry values into the output (``select`` leaves its condition out)."""
+    inputs = list(op.inputs) if operands is None else list(operands)
     if op.type == "BiasAdd" and _attr(op, "data_format", b"NHWC") not in (b"NHWC", "NHWC"):
         return unknown(walker, op)
-    if any(inp.name in walker.inner for inp in op.inputs):
-        return _elementwise_nd(walker, op)
+    if any(inp.name in walker.inner for inp in inputs):
+        return _elementwise_nd(walker, op, inputs)
     out = op.outputs[0]
     width = last_dim(out)
     if width is None:
         return unknown(walker, op)
     layouts: list[Layout] = []
     pending: list[tuple[str, int]] = []
-    for inp in op.inputs:
+    for inp in inputs:
         w = last_dim(inp)
         if walker.is_const(inp):
             srcs = walker.view(inp)
@@ -281,16 +370,17 @@ def elementwise(walker: Walker, op: tf.Operation) -> None:
     return None
 
 
-def _elementwise_nd(walker: Walker, op: tf.Operation) -> None:
+def _elementwise_nd(walker: Walker, op: tf.Operation, inputs: Sequence[tf.Tensor]) -> None:
     """Element-wise ops on tensors with inner layouts (attention heads ``[.., heads, head_dim]`` plus a bias
     ``[heads, head_dim]``, a score scale): every axis is coupled on its own, right-aligned as broadcasting
-    does. An axis where an operand's channels are of unknown origin freezes the others."""
+    does. An axis where an operand's channels are of unknown origin freezes the others, unless that operand
+    is the same at every index of the axis (a padding mask as ``(1 - mask) * -1e9``: ``_uniform_along``)."""
     out = op.outputs[0]
     rank = out.shape.rank
-    if rank is None or any(inp.shape.rank is None for inp in op.inputs):
+    if rank is None or any(inp.shape.rank is None for inp in inputs):
         return unknown(walker, op)
     where = _where(op)
-    positions = {-1} | {p for inp in op.inputs for p in walker.inner.get(inp.name, {})}
+    positions = {-1} | {p for inp in inputs for p in walker.inner.get(inp.name, {})}
     tracked: set[tuple[str, int]] = set()
     inner: dict[int, Layout] = {}
     last: Layout | None = None
@@ -301,10 +391,16 @@ def _elementwise_nd(walker: Walker, op: tf.Operation) -> None:
         layouts: list[Layout] = []
         pending: list[tuple[str, int]] = []
         unknown_seen = False
-        for inp in op.inputs:
+        for inp in inputs:
             if -p > inp.shape.rank:
                 continue
             w = inp.shape[p]
+            if (
+                not walker.is_const(inp)
+                and walker.layout_at(inp, p) is None
+                and _uniform_along(inp, p, width)
+            ):
+                continue  # the same for every head (a mask built from the inputs): broadcast along this axis
             if w is None and width is not None:
                 unknown_seen = True
                 continue
@@ -337,7 +433,7 @@ def _elementwise_nd(walker: Walker, op: tf.Operation) -> None:
             last = result
         else:
             inner[p] = result
-    for inp in op.inputs:
+    for inp in inputs:
         if walker.is_const(inp):
             srcs = walker.view(inp)
             if srcs is not None:
@@ -1033,6 +1129,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(SPATIAL, spatial),
     **dict.fromkeys(REDUCTIONS, reduction),
     **dict.fromkeys(NORMALISED, normalised),
+    **dict.fromkeys(SELECT, select),
     "Conv2D": conv,
     "Conv3D": conv,
     "Conv2DBackpropInput": conv_transpose,
@@ -1068,6 +1165,7 @@ RULES: dict[str, Rule] = {
 AXIS_AWARE = frozenset(
     {*UNARY, *BINARY, *NORMALISED, *("Reshape", "Einsum", "ExpandDims", "Squeeze", "Tile"), "Shape", "Size"}
     | {"Rank", "NoOp", "Transpose", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"}
+    | SELECT
 )
 
 DEFAULT_RULES = RuleTable(RULES, unknown, const_view, AXIS_AWARE)

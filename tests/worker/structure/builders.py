@@ -400,3 +400,135 @@ def tf_module_attention(out_dir: Path) -> Path:
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
     return out_dir
+
+
+@cached_builder
+def keras3_masked_attention(out_dir: Path, mask: str = "padding", dynamic: bool = False) -> Path:
+    """Token ids -> Embedding -> MultiHeadAttention (4 heads of 4) called with an attention mask -> residual +
+    LayerNorm -> pooled head. ``mask``: ``"padding"``, ``token_ids != 0`` as ``[B, 1, T]`` (Keras applies it
+    with ``SelectV2`` whose condition is the same for every head); ``"per_head"``, a second input
+    ``[B, 4, T, T]`` (the condition carries the heads axis). ``dynamic``: unknown sequence length."""
+    import keras
+
+    keras.utils.set_random_seed(15)
+    seq = None if dynamic else 6
+    ids = keras.Input((seq,), dtype="int32", name="token_ids")
+    inputs = [ids]
+    if mask == "per_head":
+        attention_mask = keras.Input((4, seq, seq), dtype="bool", name="head_mask")
+        inputs.append(attention_mask)
+    else:
+        attention_mask = keras.ops.not_equal(ids, 0)[:, None, :]
+    x = keras.layers.Embedding(20, 16, name="embed")(ids)
+    attention = keras.layers.MultiHeadAttention(num_heads=4, key_dim=4, name="attn")
+    a = attention(x, x, attention_mask=attention_mask)
+    x = keras.layers.LayerNormalization(name="ln")(x + a)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    return _export(keras.Model(inputs, out), out_dir)
+
+
+@cached_builder
+def keras2_masked_attention(out_dir: Path) -> Path:
+    """tf_keras MultiHeadAttention with a padding mask: its Softmax adds ``(1 - mask) * -1e9`` (``AddV2``)."""
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(16)
+    layers = tf_keras.layers
+
+    class PaddingMask(layers.Layer):
+        def call(self, ids: tf.Tensor) -> tf.Tensor:
+            return tf.not_equal(ids, 0)[:, None, :]
+
+    ids = layers.Input((6,), dtype="int32", name="token_ids")
+    x = layers.Embedding(20, 12, name="embed")(ids)
+    attention = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="attn")
+    a = attention(x, x, attention_mask=PaddingMask()(ids))
+    x = layers.LayerNormalization(name="ln")(layers.Add()([x, a]))
+    x = layers.GlobalAveragePooling1D()(x)
+    out = layers.Dense(2, name="head")(x)
+    tf_keras.Model(ids, out).save(str(out_dir))
+    return out_dir
+
+
+@cached_builder
+def tf_module_masked_attention(out_dir: Path) -> Path:
+    """Attention with tf.matmul in a plain tf.Module (as ``tf_module_attention``) under a padding mask input
+    broadcast to the scores' run-time shape (``BroadcastTo``, so the heads axis is full length): the scores
+    get ``(1 - mask) * -1e9`` added and the probabilities are multiplied by the mask."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(17)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
+
+    class Attention(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.w_out = var([8, 16], "w_in"), var([16, 3], "w_out")
+            self.wq, self.wk, self.wv, self.wo = (var([16, 16], n) for n in ("wq", "wk", "wv", "wo"))
+            self.bq, self.bv = var([16], "bq"), var([16], "bv")
+
+    module = Attention()
+
+    def heads(t: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(tf.reshape(t, [-1, 6, 4, 4]), [0, 2, 1, 3])
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 6, 8], tf.float32, name="x"),
+            tf.TensorSpec([None, 6], tf.int32, name="mask"),
+        ]
+    )
+    def serve(x: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+        h = tf.matmul(x, module.w_in)
+        q = heads(tf.matmul(h, module.wq) + module.bq)
+        k = heads(tf.matmul(h, module.wk))
+        v = heads(tf.matmul(h, module.wv) + module.bv)
+        s = tf.matmul(q, k, transpose_b=True) * 0.5
+        m = tf.broadcast_to(tf.cast(mask, tf.float32)[:, None, None, :], tf.shape(s))
+        p = tf.nn.softmax(s + (1.0 - m) * -1e9) * m
+        o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
+        y = tf.matmul(o, module.wo) + h
+        return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    return out_dir
+
+
+@cached_builder
+def tf_module_select(out_dir: Path) -> Path:
+    """``Select`` (v1) with a vector condition picking rows of ``x @ w1``, and ``SelectV2`` whose condition is
+    computed from the channels it selects (``where(g > 0, g, 0.1 * g)`` on ``x @ w3``)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(18)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
+
+    class Selects(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3 = var([8, 16], "w1"), var([8, 16], "w3")
+            self.w2, self.w4 = var([16, 4], "w2"), var([16, 4], "w4")
+
+    module = Selects()
+    x_spec = tf.TensorSpec([None, 8], tf.float32, name="x")
+
+    @tf.function(input_signature=[x_spec, tf.TensorSpec([None], tf.bool, name="rows")])
+    def serve(x: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        h = tf.matmul(x, module.w1)
+        g = tf.matmul(x, module.w3)
+        a = tf.compat.v1.where(rows, h, -h)
+        b = tf.where(g > 0, g, 0.1 * g)
+        return {"out": tf.matmul(a, module.w2) + tf.matmul(b, module.w4)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    return out_dir

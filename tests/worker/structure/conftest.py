@@ -58,4 +58,10 @@ BUILDERS = {
     "keras2_attention": builders.keras2_attention,
     "gqa": builders.keras3_gqa,
     "tf_module_attention": builders.tf_module_attention,
+    "masked_attention": builders.keras3_masked_attention,
+    "masked_attention_dynamic": lambda out: builders.keras3_masked_attention(out, dynamic=True),
+    "per_head_mask": lambda out: builders.keras3_masked_attention(out, mask="per_head"),
+    "keras2_masked_attention": builders.keras2_masked_attention,
+    "tf_module_masked_attention": builders.tf_module_masked_attention,
+    "select": builders.tf_module_select,
 }

@@ -258,3 +258,15 @@ def test_unknown_or_mixing_ops_freeze_their_groups(model_dirs, tmp_path: Path) -
     assert set(result.shapes) == {"clean_w", "clean_b", "clean_out"}
     assert sum("left whole" in n for n in result.notes) == 4
     check_artifact(handle, result)
+
+
+def test_select_rows_pass_and_a_channel_condition_stays_whole(model_dirs, tmp_path: Path) -> None:
+    """``Select`` with a row vector passes the channels of its data through; ``SelectV2`` whose condition is
+    computed from the channels it picks between stays whole, its reason naming the condition."""
+    handle = load_model(model_dirs["select"])
+    analysis = find_groups(handle, "serving_default")
+    rows, gated = _group(analysis, "w1"), _group(analysis, "w3")
+    assert rows.prunable and rows.channels == 16 and ("w2", 0, "consumer") in _roles(rows), rows.reason
+    assert not gated.prunable and "condition of SelectV2" in gated.reason
+    result = _compact(handle, analysis, tmp_path, carriers=True, only={rows.id})
+    assert result.shapes["w1"] == ([8, 16], [8, 8]) and result.shapes["w2"] == ([16, 4], [8, 4])

@@ -135,3 +135,72 @@ def test_matmul_attention_in_a_plain_module(model_dirs, tmp_path: Path, carriers
     check_artifact(handle, result)
     assert result.shapes["wq"] == ([16, 16], [16, 8]) and result.shapes["wo"] == ([16, 16], [8, 16])
     assert (result.folded > 0) == (not carriers)
+
+
+# Token ids with padding (0) at the end of two rows; the last row is one token and five pads.
+PADDED_IDS = np.array([[5, 3, 7, 0, 0, 0], [1, 2, 3, 4, 5, 6], [9, 0, 0, 0, 0, 0]], np.int32)
+
+
+@pytest.mark.parametrize("kind", ["masked_attention", "masked_attention_dynamic"])
+def test_heads_under_a_padding_mask(model_dirs, tmp_path: Path, kind: str) -> None:
+    """Keras 3 masks the scores with ``SelectV2(mask AND ones_like(scores), scores, -inf)``: the condition has
+    the heads axis at full length but is the same for every head (``token_ids != 0`` broadcast), so the heads
+    pass through it as through any element-wise op, are one group and go; the compact model computes what
+    the masked one does on padded inputs."""
+    original = load_model(model_dirs[kind])
+    handle = load_model(model_dirs[kind])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    heads = _group(analysis, "attn/query/kernel")
+    assert heads.prunable and heads.channels == 4, heads.reason
+    assert _roles(heads) == HEAD_MEMBERS
+    keep = mask_groups(handle, analysis, only={heads.id})
+    x = {"token_ids": PADDED_IDS}
+    result = compact(handle, analysis, keep, tmp_path / "compact", inputs=x)
+    check_artifact(handle, result)
+    assert result.channels[heads.id] == (4, 2)
+    assert result.shapes["attn/query/kernel"] == ([16, 4, 4], [16, 2, 4])
+    assert result.shapes["attn/attention_output/kernel"] == ([4, 4, 16], [2, 4, 16])
+    assert max(max_abs_diff(original, result.out_dir, x).values()) > 1e-3
+    if kind == "masked_attention_dynamic":
+        longer = {"token_ids": np.array([[4, 8, 15, 16, 0, 0, 0, 0, 0], [7] * 9], np.int32)}
+        assert max(max_abs_diff(handle, result.out_dir, longer).values()) < 1e-5
+
+
+def test_heads_under_a_keras2_padding_mask(model_dirs, tmp_path: Path) -> None:
+    """tf_keras adds ``(1 - mask) * -1e9`` to the scores (``AddV2``; the mask has length 1 on the heads
+    axis)."""
+    handle = load_model(model_dirs["keras2_masked_attention"])
+    randomize(handle)
+    analysis = find_groups(handle, "serving_default")
+    heads = _group(analysis, "attn/query/kernel")
+    assert heads.prunable and heads.channels == 3, heads.reason
+    keep = mask_groups(handle, analysis, fraction=0.34, only={heads.id})
+    result = compact(handle, analysis, keep, tmp_path / "compact", inputs={"token_ids": PADDED_IDS})
+    check_artifact(handle, result)
+    assert result.channels[heads.id] == (3, 2)
+
+
+def test_heads_under_a_mask_broadcast_to_the_scores(model_dirs, tmp_path: Path) -> None:
+    """A mask input broadcast to the scores' run-time shape (full length on the heads axis) added as
+    ``(1 - m) * -1e9`` and multiplied into the probabilities: the same for every head, so the heads go."""
+    handle = load_model(model_dirs["tf_module_masked_attention"])
+    analysis = find_groups(handle, "serving_default")
+    heads = _group(analysis, "wq")
+    assert heads.prunable and heads.channels == 4, heads.reason
+    keep = mask_groups(handle, analysis, only={heads.id})
+    rng = np.random.default_rng(5)
+    x = {"x": rng.standard_normal((3, 6, 8)).astype(np.float32), "mask": (PADDED_IDS != 0).astype(np.int32)}
+    result = compact(handle, analysis, keep, tmp_path / "compact", inputs=x)
+    check_artifact(handle, result)
+    assert result.shapes["wq"] == ([16, 16], [16, 8]) and result.shapes["wo"] == ([16, 16], [8, 16])
+
+
+def test_a_condition_that_carries_the_heads_keeps_them(model_dirs) -> None:
+    """A per-head mask input ``[B, 4, T, T]``: removing a head would have to remove its slice of a signature
+    input, so the heads stay whole and the group says why."""
+    handle = load_model(model_dirs["per_head_mask"])
+    analysis = find_groups(handle, "serving_default")
+    heads = _group(analysis, "attn/query/kernel")
+    assert not heads.prunable and heads.channels == 4
+    assert "condition of SelectV2" in heads.reason and "carries channels" in heads.reason
