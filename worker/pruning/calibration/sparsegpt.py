@@ -117,8 +117,9 @@ def _inverse_factor(h: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
         if info != 0:
             continue
         inverse, info = lapack.dtrtri(lower, lower=True, overwrite_c=True)
+        # ``clean=True`` zeroed the upper triangle and dtrtri writes only the lower one: no tril needed.
         if info == 0 and np.isfinite(inverse).all():
-            return np.ascontiguousarray(np.tril(inverse)[::-1, ::-1]), damp
+            return np.ascontiguousarray(inverse[::-1, ::-1]), damp
     raise np.linalg.LinAlgError("the calibration Hessian is not positive definite even with 10,000% damping")
 
 
@@ -183,7 +184,7 @@ def sparsegpt_prune(
         else:
             starts = {g0 - b0: (g0 - b0, g1 - b0) for g0, g1 in groups_of.get(b0, [])}
         for i in range(b1 - b0):
-            if i in starts:  # choose this group's mask on the weights updated so far
+            if starts and i in starts:  # choose this group's mask on the weights updated so far
                 g0, g1 = starts[i]
                 width = g1 - g0
                 k, m = nm  # type: ignore[misc]
@@ -192,13 +193,13 @@ def sparsegpt_prune(
                     saliency = (W1[:, g0:g1] ** 2) / (d[None, g0:g1] ** 2)
                     lowest = np.argpartition(saliency, drop - 1, axis=1)[:, :drop]
                     np.put_along_axis(mask1[:, g0:g1], lowest, True, axis=1)
-            col = W1[:, i]
-            q = np.where(mask1[:, i], 0.0, col)
-            err = (col - q) / d[i]
-            error += float(np.sum(err**2)) / 2
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            W1[:, i] = q
+            # The masked entries' error (w - q = w where masked, 0 elsewhere) spread over the columns to the
+            # right; the column itself ends at q (its masked entries become exactly zero).
+            err = W1[:, i] * mask1[:, i] / d[i]
+            W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :]
+            W1[:, i] = np.where(mask1[:, i], 0.0, W1[:, i])
             Err1[:, i] = err
+        error += float(np.sum(Err1**2)) / 2
         W[:, b0:b1] = W1
         pruned[:, b0:b1] = mask1
         if b1 < cols:
@@ -236,6 +237,13 @@ def sparsegpt_sequential(
     for wave in waves:
         for use in wave:
             by_var.setdefault(use.variable, []).append(use)
+    # Every capture tensor built before the first run: each new op would otherwise extend the session's graph
+    # once per wave (~5 s of ExtendSession on ResNet-50's ~50 waves).
+    for use in (u for wave in waves for u in wave):
+        name = use.variable
+        if name in plans and _why_not(use, by_var[name], values[name].shape, plans[name], max_dim) is None:
+            session.gram(use, max_rows=gram_rows(use.dims(values[name].shape)[0]))
+            session.rows(use)
     for index, wave in enumerate(waves):
         todo: list[Any] = []
         for use in wave:
