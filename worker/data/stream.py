@@ -19,7 +19,8 @@ How each stored form streams (ARCHITECTURE.md "Large data"):
   them cost ~20% of a pass's CPU), a bounded buffer shuffles serialized records, then records are parsed a
   whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch (bench
   ``datasets``: a per-record parse in a parallel ``map`` before batching, as a hand-written pipeline does,
-  took ~60% more CPU for the same records).
+  took ~60% more CPU for the same records); serialized tensors of a batch are read by one ``decode_raw``
+  when every record holds the plain ``serialize_tensor`` encoding (``_decode_tensor``).
 - Parquet / npz: a generator yields whole column batches (pyarrow record batches with column projection; the
   npz arrays sliced), unbatched in ``tf.data`` for the keep filter and shuffle buffer, then batched again.
 
@@ -238,18 +239,23 @@ class StreamedSet:
         damaged shards in ``skipped`` (``"skip"``, when the manifest knows each shard's record count)."""
         yield from self.iterate(self.dataset(batch_size, **kwargs), keep=kwargs.get("keep"))
 
-    def iterate(self, dataset: Any, *, keep: split.KeepFn | None = None) -> Iterator[tuple[Any, ...]]:
+    def iterate(
+        self, dataset: Any, *, keep: split.KeepFn | None = None, iterator: Any = None
+    ) -> Iterator[tuple[Any, ...]]:
         """``batches`` for a dataset built earlier by ``dataset`` (and extended by the caller), so a pass that
         repeats (every evaluation of a job) does not build and trace its pipeline again: ~0.2 s a pass, as
         much as scoring 5000 small images. Shards of a local root are checked again first (their paths are
-        fixed in the pipeline); remote ones are fetched as the pass reaches them."""
+        fixed in the pipeline); remote ones are fetched as the pass reaches them. ``iterator``: go on with
+        an iterator of ``dataset`` made earlier (a pipeline that repeats its passes keeps one: making an
+        iterator instantiates every function of the pipeline again, ~20 ms a pass)."""
         tf = _tf()
         if getattr(self.source, "local", False):
             for index in split.kept_shards(keep, len(self.shards)):
                 self._fetch(index)
         self._gen_error = None
         before = self._counter_values()
-        iterator = iter(dataset)
+        if iterator is None:
+            iterator = iter(dataset)
         while True:
             try:
                 item = next(iterator)
@@ -764,8 +770,12 @@ class StreamedPart:
     def batches(self, batch_size: int, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
         return self.base.batches(batch_size, keep=self.keep, **kwargs)
 
-    def iterate(self, dataset: Any) -> Iterator[tuple[Any, ...]]:
-        return self.base.iterate(dataset, keep=self.keep)
+    def iterate(self, dataset: Any, *, iterator: Any = None) -> Iterator[tuple[Any, ...]]:
+        return self.base.iterate(dataset, keep=self.keep, iterator=iterator)
+
+    @property
+    def on_bad_record(self) -> str:
+        return self.base.on_bad_record
 
     def take(self, n: int, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.base.take(n, keep=self.keep, **kwargs)
