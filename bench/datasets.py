@@ -18,7 +18,8 @@ Two sections. ``datasets`` (part of the default run: ``python -m bench.run --onl
   job's whole evaluate stage on the pruned model: the streamed prediction pass, scoring, fidelity, a 1-run
   latency probe, sparsity counts) vs a bare ``model.predict`` over the eval shards (same parse, batch 256, the
   job's ``PREDICT_BATCH``), timed on its second pass: the job's evaluate stage comes after its baseline
-  pass, so both sides are traced. For context, the job's prediction pass alone (``streamed_pass``: the
+  pass, so both sides are traced (and the job's second pass goes on with the iterator of its first, as every
+  evaluation pass of a job does: ``worker.stages.feed._Passes``; ``predict`` makes one per call). For context, the job's prediction pass alone (``streamed_pass``: the
   reader and the model, as the stage runs them, without scoring), timed the same way right after, and both
   passes in CPU seconds of the process (``time.process_time``, every thread): on shared cores wall time
   mostly says how many runnable threads each side had. One untimed warm-up job and fit first (a worker process is long-lived: the
@@ -375,7 +376,7 @@ def streamed_pass(
 ) -> tuple[float, int, float]:
     """Seconds of the job's prediction pass alone over the streamed eval set (``worker.stages.job.predict`` on
     the ``Stream`` a job binds), timed on its second pass like ``bare_predict``: the evaluate stage without
-    its scoring (scikit-learn metrics), fidelity and latency probe."""
+    its scoring (classification metrics), fidelity and latency probe."""
     from app.schemas.spec import PruneSpec
     from worker.models import load_model
     from worker.stages.job import predict

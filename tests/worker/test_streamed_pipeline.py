@@ -226,3 +226,38 @@ def test_a_fixed_batch_signature_scores_the_whole_batches_of_a_stream(
     assert len(outputs["probs"]) == n // 32 * 32 < n
     metrics = score(job, job.evaluation, outputs).flat
     assert metrics is not None and np.asarray(metrics["confusion_matrix"]).sum() == n // 32 * 32
+
+
+def test_repeated_streamed_passes_read_every_record_once_each_time(
+    keras3_export_dir: Path, digits_cnn: Any, shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Passes after the first go on with one looped iterator (``feed._Passes``): each reads every record once, in
+    shard order, also after a pass cut short by ``max_eval_samples`` or left by its caller."""
+    from worker.models import load_model
+    from worker.stages.job import predict
+    from worker.stages.load import prepare
+
+    _, test = digits_cnn
+    n = len(test["y"])
+    order = np.concatenate([np.arange(s, n, 3) for s in range(3)])  # _write_shards: record i in shard i % 3
+    spec = PruneSpec.model_validate({"target_sparsity": 0.5})
+    handle = load_model(keras3_export_dir)
+    memory = prepare(handle, spec, None, {"x": test["x"][order], "y": test["y"][order]})
+    assert memory.evaluation is not None
+    expected = predict(memory, memory.evaluation)
+    job = prepare(handle, spec, None, _streamed(shards[1], tmp_path))
+    assert job.evaluation is not None and job.evaluation.stream is not None
+    stream = job.evaluation.stream
+    for cut in (None, None, 100, None, "caller", None):
+        if cut == "caller":  # a caller that stops after one batch
+            batches = stream.evaluation_batches(256)
+            next(batches)
+            batches.close()
+            continue
+        stream.max_eval_samples = cut
+        outputs = predict(job, job.evaluation)
+        kept = n if cut is None else cut
+        for name, value in expected.items():
+            np.testing.assert_allclose(outputs[name], value[:kept], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(stream.labels[stream.output], test["y"][order][:kept])
+    assert all(passes.looped for passes in stream._evaluation.values())

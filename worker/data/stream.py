@@ -19,7 +19,8 @@ How each stored form streams (ARCHITECTURE.md "Large data"):
   them cost ~20% of a pass's CPU), a bounded buffer shuffles serialized records, then records are parsed a
   whole batch at a time (``tf.io.parse_example``) and images decoded per record inside the batch (bench
   ``datasets``: a per-record parse in a parallel ``map`` before batching, as a hand-written pipeline does,
-  took ~60% more CPU for the same records).
+  took ~60% more CPU for the same records); serialized tensors of a batch are read by one ``decode_raw``
+  when every record holds the plain ``serialize_tensor`` encoding (``_decode_tensor``).
 - Parquet / npz: a generator yields whole column batches (pyarrow record batches with column projection; the
   npz arrays sliced), unbatched in ``tf.data`` for the keep filter and shuffle buffer, then batched again.
 
@@ -32,6 +33,7 @@ single records, and counts them (``skipped``) with two counters around the parse
 from __future__ import annotations
 
 import collections
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,28 @@ def _seed32(*parts: int) -> int:
 def _reason(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc)
     return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+
+
+# dtypes whose serialized tensors carry their values as raw little-endian bytes (``tensor_content``) that
+# ``tf.io.decode_raw`` reads back: the fast path of a batch of serialized tensors (``_decode_tensor``).
+_RAW_DTYPES = frozenset(
+    {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
+)
+
+
+def _tensor_header(dtype: str, shape: Sequence[int]) -> bytes | None:
+    """The bytes ``tf.io.serialize_tensor`` writes before the raw values of a ``dtype`` tensor of ``shape``
+    (a fixed shape with at least one value, on a little-endian host), or None when it stores them otherwise."""
+    if dtype not in _RAW_DTYPES or sys.byteorder != "little" or not all(isinstance(d, int) for d in shape):
+        return None
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size == 0:
+        return None
+    tf = _tf()
+    with tf.init_scope():  # eagerly, also while a tf.data function is being traced
+        serialized = tf.io.serialize_tensor(tf.zeros(shape, tf.as_dtype(dtype))).numpy()
+    header, content = serialized[:-size], serialized[-size:]
+    return header if content == bytes(size) else None
 
 
 @dataclass(frozen=True)
@@ -215,18 +239,23 @@ class StreamedSet:
         damaged shards in ``skipped`` (``"skip"``, when the manifest knows each shard's record count)."""
         yield from self.iterate(self.dataset(batch_size, **kwargs), keep=kwargs.get("keep"))
 
-    def iterate(self, dataset: Any, *, keep: split.KeepFn | None = None) -> Iterator[tuple[Any, ...]]:
+    def iterate(
+        self, dataset: Any, *, keep: split.KeepFn | None = None, iterator: Any = None
+    ) -> Iterator[tuple[Any, ...]]:
         """``batches`` for a dataset built earlier by ``dataset`` (and extended by the caller), so a pass that
         repeats (every evaluation of a job) does not build and trace its pipeline again: ~0.2 s a pass, as
         much as scoring 5000 small images. Shards of a local root are checked again first (their paths are
-        fixed in the pipeline); remote ones are fetched as the pass reaches them."""
+        fixed in the pipeline); remote ones are fetched as the pass reaches them. ``iterator``: go on with
+        an iterator of ``dataset`` made earlier (a pipeline that repeats its passes keeps one: making an
+        iterator instantiates every function of the pipeline again, ~20 ms a pass)."""
         tf = _tf()
         if getattr(self.source, "local", False):
             for index in split.kept_shards(keep, len(self.shards)):
                 self._fetch(index)
         self._gen_error = None
         before = self._counter_values()
-        iterator = iter(dataset)
+        if iterator is None:
+            iterator = iter(dataset)
         while True:
             try:
                 item = next(iterator)
@@ -569,14 +598,13 @@ class StreamedSet:
         for name, spec in self.description.inputs.items():
             value = self._dense(spec.source, raw[spec.source], batched)
             if spec.decode is not None:
-                if batched:
-                    out_dtype = (
-                        tf.float32 if isinstance(spec.decode, ImageDecode) else tf.as_dtype(spec.decode.dtype)
-                    )
+                if batched and isinstance(spec.decode, TensorDecode):
+                    value = self._decode_tensor(spec.decode, value, batched=True)
+                elif batched:
                     value = tf.map_fn(
                         lambda v, spec=spec: self._decode(spec, v),
                         value,
-                        fn_output_signature=tf.TensorSpec(self._record_shape(spec), out_dtype),
+                        fn_output_signature=tf.TensorSpec(self._record_shape(spec), tf.float32),
                     )
                 else:
                     value = self._decode(spec, value)
@@ -590,6 +618,7 @@ class StreamedSet:
         return x, y
 
     def _decode_tensor(self, decode: TensorDecode, value: Any, batched: bool) -> Any:
+        """Serialized tensors (``tf.io.serialize_tensor``) -> values; a batch of them at once when it can."""
         tf = _tf()
         dtype = tf.as_dtype(decode.dtype)
 
@@ -598,7 +627,30 @@ class StreamedSet:
 
         if not batched:
             return one(value)
-        return tf.map_fn(one, value, fn_output_signature=tf.TensorSpec(decode.shape, dtype))
+
+        def each() -> Any:
+            return tf.map_fn(one, value, fn_output_signature=tf.TensorSpec(decode.shape, dtype))
+
+        header = _tensor_header(decode.dtype, decode.shape)
+        if header is None:
+            return each()
+        # Fast path (bench ``datasets``: ``map_fn`` of ``parse_tensor`` per record was most of an evaluation
+        # pass's reader CPU): a fixed-shape numeric tensor serializes as one constant header (dtype, shape,
+        # content length) followed by its raw bytes. When every record of the batch is exactly that header plus
+        # that many bytes, ``decode_raw`` of the whole batch gives what ``parse_tensor`` would; any other
+        # encoding (values in typed fields, other fields, another shape) takes the per-record parse, which also
+        # raises the same errors as before.
+        size = int(np.prod(decode.shape, dtype=np.int64)) * dtype.size
+        total = len(header) + size
+        uniform = tf.reduce_all(
+            (tf.strings.length(value) == total) & (tf.strings.substr(value, 0, len(header)) == header)
+        )
+
+        def raw() -> Any:
+            flat = tf.io.decode_raw(tf.strings.substr(value, len(header), size), dtype)
+            return tf.reshape(flat, [-1, *decode.shape])
+
+        return tf.ensure_shape(tf.cond(uniform, raw, each), [None, *decode.shape])
 
     # --- skip counting and error location ------------------------------------------------------------------
 
@@ -718,8 +770,12 @@ class StreamedPart:
     def batches(self, batch_size: int, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
         return self.base.batches(batch_size, keep=self.keep, **kwargs)
 
-    def iterate(self, dataset: Any) -> Iterator[tuple[Any, ...]]:
-        return self.base.iterate(dataset, keep=self.keep)
+    def iterate(self, dataset: Any, *, iterator: Any = None) -> Iterator[tuple[Any, ...]]:
+        return self.base.iterate(dataset, keep=self.keep, iterator=iterator)
+
+    @property
+    def on_bad_record(self) -> str:
+        return self.base.on_bad_record
 
     def take(self, n: int, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.base.take(n, keep=self.keep, **kwargs)

@@ -1,4 +1,4 @@
-"""Quality metrics from model outputs and labels, computed by scikit-learn (no TensorFlow).
+"""Quality metrics from model outputs and labels (NumPy; scikit-learn for regression; no TensorFlow).
 
 Everything returned is a plain ``float``/``int``/``list`` (or ``None`` when a metric is undefined) so the
 metrics JSON can be written as is. ``target_kind`` is the one place that decides what kind of labels these
@@ -19,19 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.special import expit, softmax
-from sklearn.metrics import (
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    mean_absolute_error,
-    mean_squared_error,
-    precision_score,
-    r2_score,
-    recall_score,
-    top_k_accuracy_score,
-)
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 __all__ = [
     "TOP_K",
@@ -171,8 +159,25 @@ def _labels(y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
     return np.rint(y).astype(np.int64).reshape(-1)
 
 
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator`` per class, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+
+
+def _top_k_hits(labels: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Whether the true class is among the ``k`` highest scores, ties ranked as scikit-learn's
+    ``top_k_accuracy_score`` ranks them (stable ascending sort, reversed: of equal scores the higher class id
+    ranks first), without sorting: the true class's rank is the number of classes ranked before it."""
+    true_score = probs[np.arange(labels.size), labels][:, None]
+    later = np.arange(probs.shape[1])[None, :] > labels[:, None]
+    ahead = (probs > true_score) | ((probs == true_score) & later)
+    return np.count_nonzero(ahead, axis=1) < k
+
+
 def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: bool) -> dict[str, Any]:
-    """Every classification metric of API.md, computed by scikit-learn on one output.
+    """Every classification metric of API.md on one output, from one confusion matrix.
 
     Keys: ``accuracy``; ``top5_accuracy`` (only when the model outputs more than ``TOP_K`` classes, where it
     says something accuracy does not); ``precision_macro``/``recall_macro``/``f1_macro`` and their
@@ -185,6 +190,10 @@ def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: 
     (scikit-learn's default, which clients already rely on); the report, the confusion matrix and the log loss
     cover every class the model can output, so a class absent from the evaluation data shows support 0 there
     (and pulls the report's ``macro avg`` down, unlike ``f1_macro``).
+
+    Why not scikit-learn's functions: they return exactly these numbers (tests/worker/test_metrics_sklearn.py
+    compares them) but each one validates its inputs and recounts the confusion matrix; ten of them took
+    longer than the prediction pass on a small model (bench ``datasets``).
     """
     probs = class_probabilities(output, from_logits)
     n_classes = probs.shape[1]
@@ -195,21 +204,59 @@ def classification_metrics(y_true: np.ndarray, output: np.ndarray, from_logits: 
         raise ValueError(
             f"labels range from {labels.min()} to {labels.max()} but there are {n_classes} classes"
         )
-    pred = predicted_classes(output, from_logits)
-    classes = list(range(n_classes))
-    result: dict[str, Any] = {"accuracy": float(accuracy_score(labels, pred))}
+    if _units(np.asarray(output)) == 1:  # predicted_classes' rule, on the probabilities already computed
+        pred = (probs[:, 1] > 0.5).astype(np.int64)
+    else:
+        pred = np.argmax(probs, axis=1)
+    n = labels.size
+    matrix = np.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
+    tp = np.diag(matrix)
+    true_sum, pred_sum = matrix.sum(axis=1), matrix.sum(axis=0)
+    precision, recall = _divide(tp, pred_sum), _divide(tp, true_sum)
+    f1 = _divide(2.0 * tp, true_sum + pred_sum)  # scikit-learn's form: 2 tp / (2 tp + fp + fn)
+    correct = int(tp.sum())
+    result: dict[str, Any] = {"accuracy": correct / n if n else math.nan}
     if n_classes > TOP_K:
-        result[f"top{TOP_K}_accuracy"] = float(top_k_accuracy_score(labels, probs, k=TOP_K, labels=classes))
-    for average in ("macro", "weighted"):
-        result[f"precision_{average}"] = float(
-            precision_score(labels, pred, average=average, zero_division=0)
-        )
-        result[f"recall_{average}"] = float(recall_score(labels, pred, average=average, zero_division=0))
-        result[f"f1_{average}"] = float(f1_score(labels, pred, average=average, zero_division=0))
-    report = classification_report(labels, pred, labels=classes, output_dict=True, zero_division=0)
-    result["classification_report"] = json_safe(report)
-    result["confusion_matrix"] = confusion_matrix(labels, pred, labels=classes).tolist()
-    result["loss"] = float(log_loss(labels, probs, labels=classes))
+        result[f"top{TOP_K}_accuracy"] = float(np.mean(_top_k_hits(labels, probs, TOP_K)))
+    present = (true_sum + pred_sum) > 0  # scikit-learn's default labels: those in y_true or y_pred
+    weights = true_sum[present].astype(np.float64)
+    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        result[f"{name}_macro"] = float(np.mean(values[present]))
+    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        result[f"{name}_weighted"] = float(np.average(values[present], weights=weights))
+    # classification_report(labels=every class, output_dict=True, zero_division=0): its layout and key order
+    report: dict[str, Any] = {
+        str(c): {
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "f1-score": float(f1[c]),
+            "support": float(true_sum[c]),
+        }
+        for c in range(n_classes)
+    }
+    support = float(n)
+    report["accuracy"] = float(_divide(np.array(correct), np.array(pred_sum.sum())))
+    report["macro avg"] = {
+        "precision": float(np.mean(precision)),
+        "recall": float(np.mean(recall)),
+        "f1-score": float(np.mean(f1)),
+        "support": support,
+    }
+    all_weights = true_sum.astype(np.float64)
+    report["weighted avg"] = {
+        "precision": float(np.average(precision, weights=all_weights)),
+        "recall": float(np.average(recall, weights=all_weights)),
+        "f1-score": float(np.average(f1, weights=all_weights)),
+        "support": support,
+    }
+    result["classification_report"] = report
+    result["confusion_matrix"] = matrix.tolist()
+    # log_loss(labels, probs, labels=every class): probabilities clipped to [eps, 1 - eps] of float64
+    eps = np.finfo(np.float64).eps
+    picked = np.clip(probs[np.arange(n), labels], eps, 1 - eps)
+    result["loss"] = float(np.mean(-np.log(picked)))
     return json_safe(result)
 
 

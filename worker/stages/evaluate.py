@@ -1,7 +1,7 @@
 """Evaluation stage: what one model (baseline or pruned) scores, how far pruning moved it, what it weighs.
 
 Everything here reads predictions and variables and returns plain JSON values; the numbers themselves come
-from ``worker.evaluation`` (scikit-learn metrics, fidelity, parameter counts, MACs).
+from ``worker.evaluation`` (quality metrics as scikit-learn defines them, fidelity, parameter counts, MACs).
 
 - Quality (``Scores``): every output that has labels is scored by ``evaluate_output``. The output the plain
   ``y`` refers to (``job.output``) gets the spec's ``evaluation.task`` and ``from_logits``; other outputs of a

@@ -280,3 +280,41 @@ def test_inconsistent_description_is_refused(tf_dir: Path) -> None:
             _tf_manifest(tf_dir, {"x": {"feature": "vec", "decode": {"image": "png"}}}),
             LocalDirSource(tf_dir),
         )
+
+
+def test_serialized_tensors_in_any_encoding_read_as_parse_tensor_reads_them(tmp_path: Path) -> None:
+    """A batch of ``serialize_tensor`` bytes is decoded at once; a batch holding another encoding of the same
+    values (typed ``float_val`` fields) falls back to the per-record parse, and a tensor of another shape
+    still fails naming its record."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    def typed(values: np.ndarray) -> bytes:
+        shape = tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in values.shape]
+        )
+        proto = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=values.ravel().tolist()
+        )
+        return proto.SerializeToString()
+
+    values = np.arange(12 * 4, dtype=np.float32).reshape(12, 2, 2)
+    blobs = [tf.io.serialize_tensor(v).numpy() for v in values]
+    blobs[9] = typed(values[9])  # the third batch of 4 mixes both encodings
+    write_tfrecord(
+        tmp_path / "a.tfrecord", [example({"blob": b, "label": np.int64(i)}) for i, b in enumerate(blobs)]
+    )
+    features = {"blob": FEATURES["blob"], "label": FEATURES["label"]}
+    inputs = {"x": {"feature": "blob", "decode": {"tensor": "float32", "shape": [2, 2]}}}
+    m = manifest(tmp_path, "tfrecord", ["a.tfrecord"], [12], features=features, inputs=inputs, label="label")
+    x, y = _collect(StreamedSet(m, LocalDirSource(tmp_path)).dataset(4))
+    np.testing.assert_array_equal(x["x"], values)
+    np.testing.assert_array_equal(y, np.arange(12))
+
+    blobs[6] = tf.io.serialize_tensor(tf.zeros([3], tf.float32)).numpy()
+    write_tfrecord(
+        tmp_path / "a.tfrecord", [example({"blob": b, "label": np.int64(i)}) for i, b in enumerate(blobs)]
+    )
+    m["shards"][0]["size"] = (tmp_path / "a.tfrecord").stat().st_size
+    with pytest.raises(RecordError) as caught:
+        list(StreamedSet(m, LocalDirSource(tmp_path)).batches(4))
+    assert caught.value.index == 6
