@@ -169,7 +169,7 @@ def test_latency_budget_short_after_the_last_round_is_reported(
     assert len(timing.of("correct")) == 3  # the check, then 2 further rounds
     budget = metrics["budget"]
     assert budget["achieved"] == pytest.approx(1.4) and budget["asked"] == 1.5
-    assert any("not met after 2 further rounds" in n for n in metrics["notes"])
+    assert any("still short after 2 further rounds" in n for n in metrics["notes"])
     assert any("1.5x at batch 1 not met by the artifact" in n for n in metrics["notes"])
 
 
@@ -177,12 +177,18 @@ def test_latency_budget_past_the_end_of_the_ranking_fails(
     transformer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A compacted model far slower than the calibration said needs more than the ranking has: the job fails
-    ``budget_unreachable`` with the measured rounds, never an artifact claiming the speed-up."""
+    ``budget_unreachable`` with the measured rounds, never an artifact claiming the speed-up. (Rounds enough
+    for steps of at most ``MAX_STEP`` to get there.)"""
+    from worker.stages import budget as stage
+
+    monkeypatch.setattr(stage, "CORRECTION_ROUNDS", 40)
     FakeTiming(monkeypatch, after_calibration=0.01)
     with pytest.raises(PipelineError) as info:
         _run(transformer, {"latency": {"speedup": 1.5, "batch_size": 1}}, tmp_path / "latency")
     assert info.value.code == "budget_unreachable"
-    assert "past the end of the ranking" in info.value.message and "MACs ->" in info.value.message
+    assert (
+        "at the end of the ranking" in info.value.message and "(end of the ranking) ->" in info.value.message
+    )
 
 
 def test_latency_budget_no_calibration_round_reaches_it(
@@ -195,3 +201,25 @@ def test_latency_budget_no_calibration_round_reaches_it(
     assert info.value.code == "budget_unreachable" and "was not reached" in info.value.message
     assert "MACs ->" in info.value.message  # what the measured rounds reached
     assert timing.of("calibrate") and not timing.of("correct")
+
+
+def test_next_fraction_takes_latency_as_affine_in_macs() -> None:
+    """Latency 0.3 + 0.7 x MACs (a fixed part no channel removal touches): one measured point and the upload
+    (1.0, 1x) give the exact fraction; outside the bracket, its midpoint."""
+    from worker.stages.budget import _next_fraction
+
+    def speedup(fraction: float) -> float:
+        return 1.0 / (0.3 + 0.7 * fraction)
+
+    assert _next_fraction([(0.6, speedup(0.6))], 2.0, 0.0, 0.6) == pytest.approx(0.2 / 0.7)
+    two = [(0.6, speedup(0.6)), (0.4, speedup(0.4))]
+    assert _next_fraction(two, 2.0, 0.0, 0.4) == pytest.approx(0.2 / 0.7)
+    assert _next_fraction([(0.6, speedup(0.6))], 5.0, 0.1, 0.6) == pytest.approx(0.35)  # needs < 0: midpoint
+
+
+def test_a_step_removes_something_but_never_almost_everything() -> None:
+    from worker.stages.budget import MAX_STEP, MIN_STEP, _step
+
+    assert _step(0.01, 0.5) == pytest.approx(0.5 * (1 - MAX_STEP))  # a wild extrapolation is held back
+    assert _step(0.499, 0.5) == pytest.approx(0.5 * (1 - MIN_STEP))  # a 1.98x still moves
+    assert _step(0.4, 0.5) == 0.4
