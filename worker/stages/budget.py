@@ -11,19 +11,22 @@ called through the same signature on the same inputs at the asked batch size, 3 
 alternate timed rounds (order swapped each round), medians (``worker.stages.latency.paired_latency``).
 
 1. Before fine-tuning, ``calibrate_latency`` prunes one-shot at a MACs fraction, compacts into a scratch
-   directory, measures, and corrects the fraction (latency taken as proportional to MACs near the last point,
-   kept inside the bracket of fractions measured too slow and fast enough), a few rounds at most; the largest
+   directory, measures, and corrects the fraction (``_next_fraction``: latency taken as affine in MACs, kept
+   inside the bracket of fractions measured too slow and fast enough), a few rounds at most; the largest
    fraction that met the speed-up wins; the dense weights are restored after each round.
 2. After pruning (and fine-tuning), ``meet_latency`` compacts the pruned state and measures it; while it is
-   short it removes more along the same ranking and measures again.
+   short it removes more along the same ranking and measures again (the end of the ranking measured short:
+   ``budget_unreachable``; still short after the last round: reported, not failed).
 3. ``verify_latency`` measures the written artifact: that is ``metrics.budget.achieved``.
 
 Why not the evaluation's ``latency_ms`` (baseline p50 / pruned p50), as before: the two sides are timed
 minutes apart, the upload at the baseline stage on the in-memory handle (half of ``budget_s``, 1 s by
-default: on ResNet-50 at ~0.1 s a call, as few as one warm-up and 3 timed calls, its first calls also paying
-graph optimisation), the artifact after the compaction check had already called it. That claimed 2.73x
-where the artifact measured beside the upload ran 1.86x, and the calibration, which stopped on one noisy
-measurement at or above the goal with the baseline zip thread sharing the 2 cores, had accepted it.
+default: on ResNet-50 at ~0.1 s a call, as few as one warm-up and 3 timed calls once the first calls have
+spent the window), the artifact after the compaction check had already called it. That claimed 2.73x
+where the artifact measured beside the upload ran 1.86x (on the same machine two such windows of one model
+differ by up to 2x; alternate rounds put it at 1.00x-1.02x against itself). The calibration had accepted that
+state on one measurement at or above the goal (15 rounds, the baseline zip thread not held meanwhile), and
+nothing timed the pruned model again.
 """
 
 from __future__ import annotations
