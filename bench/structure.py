@@ -431,7 +431,7 @@ def _budget_part(
     from worker.export.onnx import convert_to_onnx
 
     spec: dict[str, Any] = {"budget": budget, "granularity": "channel", "criterion": "magnitude"}
-    if "latency" in budget:  # the job's own before/after latency (metrics.budget.achieved) at its defaults
+    if "latency" in budget:  # the budget's batch size in the job's latency_ms rows (at its defaults)
         spec["evaluation"] = {"latency": {"batch_sizes": [budget["latency"]["batch_size"]]}}
     if onnx:
         spec["export"] = {"tflite": [], "onnx": True}
@@ -685,7 +685,7 @@ def render(result: dict[str, Any]) -> str:
     rl = parts["resnet_latency"]
     own = (rl.get("budget") or {}).get("achieved")
     own_text = (
-        f" (`metrics.budget.achieved`, the job's own p50s: {own:.2f}x)"
+        f" (`metrics.budget.achieved`, the job's own alternate timing of the artifact: {own:.2f}x)"
         if isinstance(own, int | float)
         else ""
     )

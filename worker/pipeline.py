@@ -34,7 +34,8 @@ import hashlib
 import importlib.metadata
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,14 @@ from worker.models import ModelHandle, audit_saved_model, keras_to_saved_model, 
 from worker.pruning.granularity import Granularity
 from worker.pruning.interface import PrunerLike
 from worker.pruning.pruner import variable_view
-from worker.stages.budget import budget_section
+from worker.stages.budget import budget_section, latency_budget, verify_latency
 from worker.stages.compact import Compacted, check_shapes, compact_model, measure_compact
 from worker.stages.crossval import run_cross_validation
 from worker.stages.evaluate import Scores, Weights, delta, fidelity_section, reference_data, score
 from worker.stages.export import run_exports
 from worker.stages.feed import Streamed
 from worker.stages.job import Job, Report, Window, predict
-from worker.stages.latency import measure_latency
+from worker.stages.latency import PairedLatency, measure_latency
 from worker.stages.load import prepare, resolve_granularity, seed_everything
 from worker.stages.memory import check_prune_memory
 from worker.stages.prune import (
@@ -68,6 +69,7 @@ from worker.stages.prune import (
     TRAINING_MODE_NOTE,
     layer_rows,
     make_pruner,
+    meet_latency_budget,
     prune_and_fine_tune,
     select,
 )
@@ -206,10 +208,17 @@ def _run(
     window("pruning", prune_from)
     tick = time.perf_counter()
     seed_everything(spec.seed)  # the artifact does not depend on whether cross-validation ran first
-    pruner = make_pruner(job, prunable, kinds, granularity)
+    timed_budget = latency_budget(job) is not None  # its calibration and checks time models: zip held
+    with baseline_zip.held(timed_budget):
+        pruner = make_pruner(job, prunable, kinds, granularity)
     job.timings["prune"] = time.perf_counter() - tick
     job.timings["fine_tune"] = 0.0
     prune_and_fine_tune(job, pruner, window.sub(prune_from, EVALUATING))
+    if timed_budget:  # the pruned model compacted and timed beside the upload; more removed while short
+        tick = time.perf_counter()
+        with baseline_zip.held():
+            meet_latency_budget(job, pruner, prunable)
+        job.timings["prune"] += time.perf_counter() - tick
 
     window("evaluating", EVALUATING)
     tick = time.perf_counter()
@@ -240,6 +249,7 @@ def _run(
         for row in layers:
             row.update(updates.get(row["name"], {}))
     pruned["latency_ms"] = _latency(job, "pruned", baseline_zip, compacted.handle if compacted else None)
+    verified = _verify_latency_budget(job, compacted, baseline_zip) if timed_budget else None
     job.timings["evaluate"] = time.perf_counter() - tick - job.timings.get("compact", 0.0)
 
     window("saving", SAVING)
@@ -288,7 +298,7 @@ def _run(
     if cross_validation is not None:
         document["cross_validation"] = cross_validation
     if spec.budget is not None:
-        document["budget"] = budget_section(spec.budget, baseline, pruned, compacted is not None)
+        document["budget"] = budget_section(spec.budget, baseline, pruned, compacted is not None, verified)
     if exports is not None:
         document["exports"] = exports
     if job.preprocessing is not None:
@@ -328,6 +338,17 @@ class _BaselineZip:
     def pause(self) -> None:
         if self.thread is not None:
             self.thread.pause()
+
+    @contextmanager
+    def held(self, hold: bool = True) -> Iterator[None]:
+        """Paused for the block (when ``hold``): timing models beside a zip thread on 2 cores times the zip."""
+        if hold:
+            self.pause()
+        try:
+            yield
+        finally:
+            if hold:
+                self.resume()
 
     def resume(self) -> None:
         """After a latency measurement: back to what the job kind allows."""
@@ -369,18 +390,39 @@ def _latency(
     the two sides run the same kernels on the same shapes anyway (zeros are not skipped; the notes say so)."""
     settings = (job.spec.evaluation.latency if job.spec.evaluation else None) or Latency()
     budget = job.spec.budget.latency if job.spec.budget is not None else None
-    if budget is not None and budget.batch_size not in settings.batch_sizes:  # metrics.budget reads it
+    if budget is not None and budget.batch_size not in settings.batch_sizes:  # shown beside metrics.budget
         settings = settings.model_copy(update={"batch_sizes": [*settings.batch_sizes, budget.batch_size]})
     half = settings.model_copy(update={"budget_s": settings.budget_s / 2})
-    background.pause()
-    try:
+    with background.held():
         result, notes = measure_latency(
             {side: handle or job.handle}, job.sig, half, job.evaluation or job.train
         )
-    finally:
-        background.resume()
     job.notes.extend(f"{side} model: {note}" for note in notes)
     return result[side]
+
+
+def _verify_latency_budget(
+    job: Job, compacted: Compacted | None, background: _BaselineZip
+) -> PairedLatency | None:
+    """``metrics.budget.achieved`` of a latency budget: the artifact as written, timed alternately with the
+    upload (``worker.stages.budget.verify_latency``); None, with a note, when nothing was compacted."""
+    budget = latency_budget(job)
+    assert budget is not None
+    if compacted is None:
+        job.note(
+            "latency budget: the artifact is not compacted (see metrics.structure), so it runs no faster than "
+            "the upload; metrics.budget.achieved is not measured"
+        )
+        return None
+    with background.held():
+        measured = verify_latency(job, compacted.path)
+    if measured.speedup < budget.speedup:
+        job.note(
+            f"latency budget {budget.speedup:g}x at batch {budget.batch_size} not met by the artifact: "
+            f"{measured.dense_ms:.2f} ms (upload) / {measured.compact_ms:.2f} ms (artifact) = "
+            f"{measured.speedup:.2f}x, medians of {measured.runs} alternate rounds"
+        )
+    return measured
 
 
 def _verify_compact(saved: Path, compacted: Compacted, model_dir: Path) -> None:

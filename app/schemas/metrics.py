@@ -317,10 +317,14 @@ class BudgetSection(_Open):
 
     asked: float = Field(description="the budget: MACs fraction, parameter count or speed-up")
     achieved: float | None = Field(
-        description="pruned/baseline dense MACs, pruned parameters, or baseline/pruned p50 latency; null when "
-        "it could not be measured"
+        description="pruned/baseline dense MACs, pruned parameters, or the speed-up of the compacted artifact "
+        "timed alternately with the upload (medians; ``measured``); null when it could not be measured"
     )
     unit: Literal["macs", "params", "latency_speedup"]
+    measured: dict[str, float] | None = Field(
+        None,
+        description='latency budgets: {"dense_ms", "compact_ms", "speedup", "runs", "warmup"} of that timing',
+    )
 
 
 class MetricsDocument(_Open):

@@ -11,12 +11,17 @@ Every row records the ``runs`` and ``warmup`` rounds actually done; ``notes`` sa
 Both models run in this process and thread, so they share TensorFlow's thread pools: neither is favoured.
 The statistics are those of ``worker.evaluation.latency.interleaved_latency`` (p50, p95, mean in ms;
 ``samples_per_s`` = batch / mean); that function has no budget, hence this loop.
+
+``paired_latency`` is the side-by-side measurement a latency budget is judged by (``worker.stages.budget``):
+two calls only, both warm, alternated in rounds whose order swaps every round (the second call of a round
+runs on caches and a scheduler state the first left, so neither side always goes second), medians.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +31,69 @@ from app.schemas.spec import Latency
 from worker.models import ModelHandle, SignatureInfo
 from worker.stages.job import Data, fixed_batch
 
-__all__ = ["MIN_RUNS", "budgeted_latency", "measure_latency"]
+__all__ = ["MIN_RUNS", "PairedLatency", "budgeted_latency", "measure_latency", "paired_latency", "timed_call"]
 
 MIN_RUNS = 3
+PAIRED_WARMUP = 3  # untimed rounds: the first call of a loaded function runs graph optimisation, the next few
+# still allocate; one warm-up round was not enough on ResNet-50 (its dense side was measured cold)
+PAIRED_RUNS = 301  # timed rounds at most: a small model's calls are ~ms, its medians need many of them
+PAIRED_MIN_RUNS = 7  # timed rounds whatever the time budget: a median of 3 moves with one noisy call
+PAIRED_BUDGET_S = 3.0  # wall time of the timed rounds before stopping after PAIRED_MIN_RUNS (ResNet-50 b1:
+# ~18 rounds); measured on a 2.5 ms MobileNet, 21 rounds put the same model at 1.02x-1.28x on a loaded machine
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """Median milliseconds of two models timed alternately, and the rounds that produced them."""
+
+    dense_ms: float
+    compact_ms: float
+    runs: int
+    warmup: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.compact_ms if self.compact_ms > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "dense_ms": self.dense_ms,
+            "compact_ms": self.compact_ms,
+            "speedup": self.speedup,
+            "runs": self.runs,
+            "warmup": self.warmup,
+        }
+
+
+def paired_latency(
+    dense: Callable[[], object],
+    compact: Callable[[], object],
+    runs: int = PAIRED_RUNS,
+    warmup: int = PAIRED_WARMUP,
+    budget_s: float = PAIRED_BUDGET_S,
+    min_runs: int = PAIRED_MIN_RUNS,
+) -> PairedLatency:
+    """``warmup`` untimed rounds of both, then up to ``runs`` timed rounds (at least ``min(runs, min_runs)``,
+    more while ``budget_s`` lasts), dense first in even rounds and compact first in odd ones; medians."""
+    if runs < 1 or warmup < 0 or min_runs < 1 or budget_s <= 0:
+        raise ValueError(
+            f"need runs, min_runs >= 1, warmup >= 0, budget_s > 0; got {runs}, {min_runs}, {warmup}"
+        )
+    for _ in range(warmup):
+        dense()
+        compact()
+    dense_t: list[float] = []
+    compact_t: list[float] = []
+    start = time.perf_counter()
+    for i in range(runs):
+        if i >= min_runs and time.perf_counter() - start > budget_s:
+            break
+        pairs = ((dense, dense_t), (compact, compact_t))
+        for fn, times in pairs if i % 2 == 0 else pairs[::-1]:
+            tick = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - tick) * 1000.0)
+    return PairedLatency(float(np.median(dense_t)), float(np.median(compact_t)), len(dense_t), warmup)
 
 
 def budgeted_latency(
@@ -73,7 +138,7 @@ def budgeted_latency(
     return stats, done, done_warmup
 
 
-def _timed_call(handle: ModelHandle, signature: str, inputs: dict[str, tf.Tensor]) -> Callable[[], object]:
+def timed_call(handle: ModelHandle, signature: str, inputs: dict[str, tf.Tensor]) -> Callable[[], object]:
     """A call that blocks until every output is computed (``.numpy()``), as latency must."""
     return lambda: [t.numpy() for t in handle.call(signature, inputs).values()]
 
@@ -108,7 +173,7 @@ def measure_latency(
         if inputs is None:
             skipped.append(batch)
             continue
-        fns = {name: _timed_call(handle, sig.name, inputs) for name, handle in candidates.items()}
+        fns = {name: timed_call(handle, sig.name, inputs) for name, handle in candidates.items()}
         stats, runs, warmup = budgeted_latency(fns, settings.runs, settings.warmup, settings.budget_s, batch)
         for name, row in stats.items():
             result[name][str(batch)] = row

@@ -231,6 +231,16 @@ def _budget_pruner(
     return pruner
 
 
+def meet_latency_budget(job: Job, pruner: PrunerLike, prunable: list[NamedVariable]) -> None:
+    """A latency budget's check after pruning: the compacted pruned model measured against the upload, more
+    removed while short (``worker.stages.budget.meet_latency``); no-op for other jobs."""
+    from worker.stages.budget import latency_budget, meet_latency
+
+    if latency_budget(job) is None or not isinstance(pruner, GroupPruner):
+        return
+    meet_latency(job, pruner, prunable, lambda: _gradients(job, pruner, 0, GRADIENT_SAMPLES))
+
+
 def _group_pruner(
     job: Job,
     prunable: list[NamedVariable],
