@@ -28,7 +28,8 @@ Two sections. ``datasets`` (part of the default run: ``python -m bench.run --onl
 - **(c) from S3.** The same streamed fine-tuning job with the train shards in SeaweedFS (``tests/support/seaweed``,
   loopback, ``s3://`` source through ``Settings.s3_endpoint_url`` and ``AWS_*``), a fresh shard cache per job so
   every shard is downloaded while training, vs the local job of (b) in the same rounds. Goal >= 0.80x.
-- **(d) same data, three forms.** The same Fashion-MNIST subset as a ``.npz`` (in memory, as the worker holds a
+- **(d) same data, three forms.** All of Fashion-MNIST (60,000 train, 10,000 eval: a 70,000-file PNG folder; the
+  model is still the one trained on the first 12,000) as a ``.npz`` (in memory, as the worker holds a
   small ``.npz``), as TFRecord shards (``convert_npz``) and as a PNG image folder (``<class>/<n>.png``, converted
   by ``convert_image_folder`` + ``build_manifest`` of its shards, as registration does); the TFRecord and image
   forms are streamed (``dataset_memory_bytes=0``). The eval set takes the same form as the train set. The job:
@@ -78,8 +79,10 @@ GB = 1_000_000_000
 
 # (b), (c), (d) at full size and in smoke mode.
 DEFAULTS: dict[str, Any] = {
-    "n_train": 12_000,  # Fashion-MNIST train subset (the first ones) for the model, (b), (c) and (d)
+    "n_train": 12_000,  # Fashion-MNIST train subset (the first ones) for the model, (b) and (c)
     "n_test": 5_000,
+    "forms_n_train": None,  # (d): every image, 60,000 train + 10,000 test (a 70,000-file PNG folder)
+    "forms_n_test": None,
     "model_epochs": 3,
     "steps": 150,  # fine-tuning steps of batch 128 in (b) and (c)
     "repeats": 3,
@@ -89,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
 SMOKE: dict[str, Any] = {
     "n_train": 384,
     "n_test": 256,
+    "forms_n_train": 384,
+    "forms_n_test": 256,
     "model_epochs": 1,
     "steps": 3,
     "repeats": 1,
@@ -596,6 +601,8 @@ def run_forms(
     return {
         "spec": spec,
         "runs": runs,
+        "n_train": len(train["y"]),
+        "n_test": len(test["y"]),
         "spread_points": spread,
         "baselines_identical": len(baselines) == 1,
         "prepare_s": prepare_s,
@@ -620,7 +627,10 @@ def run_datasets(
         _log(f"model: {model} ({time.perf_counter() - tick:.0f} s)")
         train, test = fashion(cfg["n_train"], cfg["n_test"])
         speed = run_speed(model_root, train, test, cfg, work / "speed")
-        forms = run_forms(model_root, train, test, cfg, work / "forms") if cfg["forms"] else None
+        forms = None
+        if cfg["forms"]:
+            forms_train, forms_test = fashion(cfg["forms_n_train"], cfg["forms_n_test"])
+            forms = run_forms(model_root, forms_train, forms_test, cfg, work / "forms")
     finally:
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -736,8 +746,9 @@ def markdown(result: dict[str, Any]) -> str:
             for form, run in forms["runs"].items()
         ]
         lines += [
-            f"(d) the same {speed['n_train']:,} train / {speed['n_test']:,} eval samples as `.npz`, TFRecord "
-            "shards and a PNG image folder (converted by `convert_image_folder`); the job "
+            f"(d) {forms['n_train']:,} train / {forms['n_test']:,} eval samples (a PNG folder of "
+            f"{forms['n_train'] + forms['n_test']:,} files) as `.npz`, TFRecord shards and a PNG image folder "
+            "(converted by `convert_image_folder`); the same pixels in every form; the job "
             '`{"target_sparsity": 0.9, "preset": "recommended"}` (3 epochs, batch 32, distillation):\n',
             md_table(["form", "read", "baseline accuracy", "pruned accuracy", "fine-tuning s"], rows),
             f"Spread of the pruned accuracies: {forms['spread_points']:.2f} points (goal <= "
@@ -951,8 +962,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small-gb", type=float, default=None, help="(a) small set (default 1)")
     parser.add_argument("--large-gb", type=float, default=None, help="(a) large set (default 30)")
-    parser.add_argument("--n-train", type=int, default=None, help="(b)-(d) train subset")
-    parser.add_argument("--n-test", type=int, default=None, help="(b)-(d) eval subset")
+    parser.add_argument("--n-train", type=int, default=None, help="(b)/(c) train subset")
+    parser.add_argument("--n-test", type=int, default=None, help="(b)/(c) eval subset")
     parser.add_argument("--steps", type=int, default=None, help="(b)/(c) fine-tuning steps")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
