@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -362,14 +363,13 @@ def keras3_gqa(out_dir: Path) -> Path:
     return _export(keras.Model(inp, out), out_dir)
 
 
-@cached_builder
-def tf_module_attention(out_dir: Path) -> Path:
-    """Attention written with tf.matmul in a plain tf.Module: 2-D projections reshaped to 4 heads of 4,
-    transposed to [B, H, T, D], ``q @ k^T`` and ``p @ v``, transposed back, merged, projected, residual."""
+def _attention_module(seed: int) -> tuple[Any, Callable[..., Any]]:
+    """A tf.Module holding the weights of ``tf_module_attention`` (seeded) and its block
+    (projections, ``q @ k^T``, the scores through ``probabilities``, ``p @ v``, merge, output, residual)."""
     import numpy as np
     import tensorflow as tf
 
-    rng = np.random.default_rng(14)
+    rng = np.random.default_rng(seed)
 
     def var(shape: list[int], name: str) -> tf.Variable:
         return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
@@ -386,16 +386,30 @@ def tf_module_attention(out_dir: Path) -> Path:
     def heads(t: tf.Tensor) -> tf.Tensor:
         return tf.transpose(tf.reshape(t, [-1, 6, 4, 4]), [0, 2, 1, 3])
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 6, 8], tf.float32, name="x")])
-    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def block(x: tf.Tensor, probabilities: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, tf.Tensor]:
         h = tf.matmul(x, module.w_in)
         q = heads(tf.matmul(h, module.wq) + module.bq)
         k = heads(tf.matmul(h, module.wk))
         v = heads(tf.matmul(h, module.wv) + module.bv)
-        p = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * 0.5)
+        p = probabilities(tf.matmul(q, k, transpose_b=True) * 0.5)
         o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
         y = tf.matmul(o, module.wo) + h
         return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+
+    return module, block
+
+
+@cached_builder
+def tf_module_attention(out_dir: Path) -> Path:
+    """Attention written with tf.matmul in a plain tf.Module: 2-D projections reshaped to 4 heads of 4,
+    transposed to [B, H, T, D], ``q @ k^T`` and ``p @ v``, transposed back, merged, projected, residual."""
+    import tensorflow as tf
+
+    module, block = _attention_module(14)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 8], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return block(x, tf.nn.softmax)
 
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
@@ -457,25 +471,9 @@ def tf_module_masked_attention(out_dir: Path) -> Path:
     """Attention with tf.matmul in a plain tf.Module (as ``tf_module_attention``) under a padding mask input
     broadcast to the scores' run-time shape (``BroadcastTo``, so the heads axis is full length): the scores
     get ``(1 - mask) * -1e9`` added and the probabilities are multiplied by the mask."""
-    import numpy as np
     import tensorflow as tf
 
-    rng = np.random.default_rng(17)
-
-    def var(shape: list[int], name: str) -> tf.Variable:
-        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3, name=name)
-
-    class Attention(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w_in, self.w_out = var([8, 16], "w_in"), var([16, 3], "w_out")
-            self.wq, self.wk, self.wv, self.wo = (var([16, 16], n) for n in ("wq", "wk", "wv", "wo"))
-            self.bq, self.bv = var([16], "bq"), var([16], "bv")
-
-    module = Attention()
-
-    def heads(t: tf.Tensor) -> tf.Tensor:
-        return tf.transpose(tf.reshape(t, [-1, 6, 4, 4]), [0, 2, 1, 3])
+    module, block = _attention_module(17)
 
     @tf.function(
         input_signature=[
@@ -484,16 +482,11 @@ def tf_module_masked_attention(out_dir: Path) -> Path:
         ]
     )
     def serve(x: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
-        h = tf.matmul(x, module.w_in)
-        q = heads(tf.matmul(h, module.wq) + module.bq)
-        k = heads(tf.matmul(h, module.wk))
-        v = heads(tf.matmul(h, module.wv) + module.bv)
-        s = tf.matmul(q, k, transpose_b=True) * 0.5
-        m = tf.broadcast_to(tf.cast(mask, tf.float32)[:, None, None, :], tf.shape(s))
-        p = tf.nn.softmax(s + (1.0 - m) * -1e9) * m
-        o = tf.reshape(tf.transpose(tf.matmul(p, v), [0, 2, 1, 3]), [-1, 6, 16])
-        y = tf.matmul(o, module.wo) + h
-        return {"out": tf.matmul(tf.reduce_mean(y, axis=1), module.w_out)}
+        def masked(s: tf.Tensor) -> tf.Tensor:
+            m = tf.broadcast_to(tf.cast(mask, tf.float32)[:, None, None, :], tf.shape(s))
+            return tf.nn.softmax(s + (1.0 - m) * -1e9) * m
+
+        return block(x, masked)
 
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
