@@ -91,12 +91,14 @@ def fan_out(job: JobRecord, spec: PruneSpec, attempt: int) -> bool:
     rules = trial_rules(spec)
     if rules is None or not settings.fan_out_trials:
         return False
-    specs = [trials.TrialSpec(i, p.label, p.target, 0, p.params) for i, p in enumerate(rules.plan(spec))]
+    planned = rules.plan(spec)
+    specs = [trials.TrialSpec(i, p.label, p.target, 0, p.params) for i, p in enumerate(planned)]
+    heaviest_first = sorted(range(len(planned)), key=lambda i: -planned[i].cost)  # stable: else by index
     with session_scope(sessions) as session:
         trials.create_trials(session, job, rules.name, specs)
         if not trials.enter_trials_stage(session, job.id, attempt):
             raise JobCanceled  # canceled or taken over meanwhile
-        queued = trials.queued_trials(session, job.id)
+        queued = trials.queued_trials(session, job.id, first=heaviest_first)
     _send_trials(current_app, sessions, queued)
     log.info("job %s: %d trial(s) sent", job.id, len(queued))
     _close(current_app, sessions, job.id)  # a parent run again may find every trial ended already

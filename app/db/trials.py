@@ -103,14 +103,16 @@ def start_next_phase(session: Session, job: JobRecord, kind: str, specs: Sequenc
     return queued_trials(session, job.id)
 
 
-def queued_trials(session: Session, job_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(TrialRecord.id)
-            .where(TrialRecord.job_id == job_id, TrialRecord.status == "queued")
-            .order_by(TrialRecord.index)
-        )
-    )
+def queued_trials(session: Session, job_id: str, first: Sequence[int] = ()) -> list[str]:
+    """The job's queued trials in the order to send them: the indices in ``first`` (in that order), then the
+    rest by index."""
+    rows = session.execute(
+        select(TrialRecord.id, TrialRecord.index)
+        .where(TrialRecord.job_id == job_id, TrialRecord.status == "queued")
+        .order_by(TrialRecord.index)
+    ).all()
+    rank = {index: i for i, index in enumerate(first)}
+    return [tid for tid, _ in sorted(rows, key=lambda row: rank.get(row[1], len(rank)))]
 
 
 def mark_dispatched(session: Session, ids: Sequence[str]) -> None:

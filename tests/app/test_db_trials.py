@@ -251,3 +251,14 @@ def test_the_reaper_sends_a_dead_trial_to_the_trials_queue_and_the_aggregation(
     sent.clear()
     assert loop.run_once().sent_aggregations == [job_id]
     assert sent == [("secateurs.aggregate_trials", job_id, "secateurs")]
+
+
+def test_queued_trials_come_in_the_send_order_asked(sessions: sessionmaker[Session]) -> None:
+    job_id, ids = _fanned_job(sessions, n=4)
+    with session_scope(sessions) as s:
+        assert trials.queued_trials(s, job_id, first=[3, 1]) == [ids[3], ids[1], ids[0], ids[2]]
+        assert trials.queued_trials(s, job_id, first=[3, 0, 1, 2]) == [ids[3], ids[0], ids[1], ids[2]]
+        assert trials.queued_trials(s, job_id) == ids
+    _claim(sessions, ids[3])  # running now: no longer queued, whatever the order
+    with session_scope(sessions) as s:
+        assert trials.queued_trials(s, job_id, first=[3, 2]) == [ids[2], ids[0], ids[1]]

@@ -69,3 +69,14 @@ def test_fold_trials_aggregate_to_the_one_task_cross_validation(
     ]
     with pytest.raises(PipelineError, match="fold 2 of the cross-validation failed"):
         FOLD_TRIALS.aggregate(spec, failed)
+
+
+def test_the_main_run_is_planned_heaviest_so_it_is_sent_first() -> None:
+    """K-fold's main run trains on the whole train set, each fold on (k-1)/k of it: sent first, the last trial
+    to start on a free worker is a fold (the makespan of k + 1 unequal trials on few workers)."""
+    spec = PruneSpec.model_validate({"target_sparsity": 0.5, "evaluation": {"cross_validation": {"folds": 5}}})
+    planned = FOLD_TRIALS.plan(spec)
+    assert [p.label for p in planned] == ["fold-1", "fold-2", "fold-3", "fold-4", "fold-5", "main"]
+    assert [p.cost for p in planned] == [0.8] * 5 + [1.0]
+    sweep = PruneSpec.model_validate({"sweep": {"targets": [0.5, 0.9]}})
+    assert {p.cost for p in trial_rules(sweep).plan(sweep)} == {1.0}  # type: ignore[union-attr]

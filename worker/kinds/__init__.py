@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.schemas.spec import PruneSpec
-from worker.kinds.folds import RunFold, aggregate_folds, plan_fold_trials, run_fold_trial
+from worker.kinds.folds import MAIN, RunFold, aggregate_folds, folds_of, plan_fold_trials, run_fold_trial
 from worker.kinds.plans import Aggregated, NextPhase, Planned
 from worker.kinds.prune import Kind, RunPrune, run_prune_kind
 from worker.kinds.search import aggregate_search, plan_search_trials, run_search, run_search_trial
@@ -102,7 +102,11 @@ def _sweep_aggregate(spec: PruneSpec, trials: list[dict[str, Any]]) -> Aggregate
 
 
 def _folds_plan(spec: PruneSpec) -> list[Planned]:
-    return [Planned(label, target) for label, target in plan_fold_trials(spec)]
+    k = folds_of(spec)
+    return [
+        Planned(label, target, cost=1.0 if label == MAIN else (k - 1) / k)
+        for label, target in plan_fold_trials(spec)
+    ]
 
 
 def _folds_trial(

@@ -16,6 +16,9 @@ class Planned:
     label: str
     target: float | None = None
     params: dict[str, Any] | None = None
+    # Relative work: trials are sent heaviest first, so that the last one to start on a free worker is a short
+    # one (K-fold's main run trains on the whole set, each fold on (k-1)/k of it).
+    cost: float = 1.0
 
 
 @dataclass(frozen=True)
