@@ -31,10 +31,10 @@ docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a brok
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 # The docs site is built (--strict) by tests/packaging/test_docs_site.py, so `test` does not build it again.
-test: $(STAMP) lint  ## the whole suite but `slow` (~9.5 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
+test: $(STAMP) lint  ## the whole suite but `slow` (~8 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## the inner loop (~7 min with a cold model cache): no real servers (e2e), no `slow`
+test-fast: $(STAMP)  ## the inner loop (~4.5 min with a warm model cache): no real servers (e2e), no `slow`
 	$(BIN)/python -m pytest $(XDIST) -m "not slow and not e2e"
 
 test-slow: $(STAMP)  ## only the tests marked slow (ResNet50/MobileNetV2 compaction, bench smoke tfmot/throughput/search)
