@@ -51,7 +51,6 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    OUT_DIR,
     ROOT,
     BenchError,
     dir_bytes,
@@ -61,7 +60,7 @@ from bench.common import (
     streamed_multipart,
     subprocess_env,
 )
-from bench.results import RESULTS, replace_block, section_markdown
+from bench.results import write_section
 from bench.service_load import RssSampler, status_kib
 from bench.storage import Deployment
 from tests.support.model_cache import cached_model
@@ -721,11 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         spec=args.spec,
     )
     result["bench_wall_s"] = time.perf_counter() - tick
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "section-bigmodel.json").write_text(json.dumps(result, indent=2, default=str))
-    path = OUT_DIR / "RESULTS.bigmodel-smoke.md" if args.smoke else RESULTS
-    text = path.read_text() if path.is_file() else ""
-    path.write_text(replace_block(text, "bigmodel", section_markdown("bigmodel", result)))
+    path = write_section("bigmodel", result, args.smoke)
     print(result["markdown"])
     print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
     return 0

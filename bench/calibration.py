@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from bench.charlm import SMOKE_LM, LMConfig, cached_char_lm, calibration_inputs, perplexity
-from bench.common import OUT_DIR, ROOT, md_table, run_json_child
+from bench.common import ROOT, md_table, run_json_child
 
 SAMPLES, BATCH = 128, 32
 # bench.common.export_keras_application's models -> their input shape (one image)
@@ -743,7 +743,7 @@ def _accuracy_table(rows_in: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.results import RESULTS, SMOKE_RESULTS, replace_block, section_markdown
+    from bench.results import SMOKE_RESULTS, write_section
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_FLAG]:
@@ -765,14 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_wall_s"] = time.perf_counter() - tick
     print(result["markdown"])
     if not args.no_write:
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        name = "calibration"
-        (OUT_DIR / f"section-{name}{'-smoke' if args.smoke else ''}.json").write_text(
-            json.dumps(result, indent=2, default=str)
-        )
-        path = SMOKE_RESULTS if args.smoke else RESULTS
-        text = path.read_text() if path.is_file() else ""
-        path.write_text(replace_block(text, name, section_markdown(name, result)))
+        path = write_section("calibration", result, args.smoke, SMOKE_RESULTS)
         print(f"wrote {path.relative_to(ROOT)} ({platform.node()})", file=sys.stderr)
     return 0
 

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import OUT_DIR, ROOT, BenchError, md_table, run_json_child
+from bench.common import ROOT, BenchError, md_table, run_json_child
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 N_CLASSES = 10
@@ -973,7 +973,7 @@ def memory_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.results import RESULTS, replace_block, section_markdown
+    from bench.results import write_section
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_FLAG]:
@@ -1012,13 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_wall_s"] = time.perf_counter() - tick
     print(result["markdown"])
     if not args.no_write:
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        (OUT_DIR / f"section-{name}{'-smoke' if args.smoke else ''}.json").write_text(
-            json.dumps(result, indent=2, default=str)
-        )
-        path = OUT_DIR / f"RESULTS.{name}-smoke.md" if args.smoke else RESULTS
-        text = path.read_text() if path.is_file() else ""
-        path.write_text(replace_block(text, name, section_markdown(name, result)))
+        path = write_section(name, result, args.smoke)
         print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

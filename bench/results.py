@@ -41,6 +41,11 @@ OPT_IN: dict[str, str] = {
     "datasets_memory": "Datasets: worker memory flat in dataset size (~1 GB vs >= 30 GB streamed)",
 }
 ALL_SECTIONS: dict[str, str] = {**SECTIONS, **OPT_IN}
+# Written only by their own module (``python -m bench.storage`` / ``bench.trials``: they start a deployment).
+STANDALONE: dict[str, str] = {
+    "storage": "Storage: workers on S3, transfer throughput",
+    "trials": "Trials: sweeps, K-fold and search across worker processes",
+}
 HOW = (
     "Reproduce: `.venv/bin/python -m bench.run` (every section, ~15 min on 2 cores plus ~30 min for "
     "`calibration`, whose SparseGPT job on ResNet-50 takes most of it; the first time also builds the cached "
@@ -80,7 +85,7 @@ def header(smoke: bool) -> str:
 def section_markdown(name: str, result: dict[str, Any]) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"## {ALL_SECTIONS[name]}\n\n_Run {stamp} on {_facts()}; benchmark wall time "
+        f"## {ALL_SECTIONS.get(name) or STANDALONE[name]}\n\n_Run {stamp} on {_facts()}; benchmark wall time "
         f"{result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
     )
 
@@ -95,6 +100,19 @@ def replace_block(text: str, name: str, body: str, at_start: bool = False) -> st
     if at_start:
         return block + ("\n" + text if text else "")
     return (text.rstrip() + "\n\n" if text.strip() else "") + block
+
+
+def write_section(name: str, result: dict[str, Any], smoke: bool, smoke_path: Path | None = None) -> Path:
+    """One section run by its own module (``python -m bench.NAME``): its JSON under bench/out/ and its block in
+    RESULTS.md; a smoke run writes ``smoke_path`` (default bench/out/RESULTS.NAME-smoke.md) and its own JSON,
+    never the full run's."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    suffix = "-smoke" if smoke else ""
+    (OUT_DIR / f"section-{name}{suffix}.json").write_text(json.dumps(result, indent=2, default=str))
+    path = (smoke_path or OUT_DIR / f"RESULTS.{name}-smoke.md") if smoke else RESULTS
+    text = path.read_text() if path.is_file() else ""
+    path.write_text(replace_block(text, name, section_markdown(name, result)))
+    return path
 
 
 def write_results(results: dict[str, Any], smoke: bool, path: Path | None = None) -> Path:

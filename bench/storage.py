@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from bench.common import (
     subprocess_env,
 )
 from bench.digits_quality import prepare
-from bench.results import RESULTS, replace_block
+from bench.results import write_section
 from bench.service_load import RssSampler, status_kib, write_big_npz
 from tests.support.procs import Service
 from tests.support.seaweed import Seaweed
@@ -398,13 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.smoke, mib, jobs)
     result["bench_wall_s"] = time.perf_counter() - tick
     result["markdown"] = markdown(result)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "section-storage.json").write_text(json.dumps(result, indent=2))
-    path = OUT_DIR / "RESULTS.storage-smoke.md" if args.smoke else RESULTS
-    text = path.read_text() if path.is_file() else ""
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    body = f"## Storage: workers on S3, transfer throughput\n\n_Run {stamp}; benchmark wall time {result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
-    path.write_text(replace_block(text, "storage", body))
+    write_section("storage", result, args.smoke)
     print(result["markdown"])
     return 0
 

@@ -33,7 +33,6 @@ bench/out/section-trials.json. The machine is shared: compare the numbers within
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -47,7 +46,7 @@ from typing import Any
 import httpx
 
 from bench.common import OUT_DIR, ROOT, BenchError, md_table
-from bench.results import RESULTS, replace_block
+from bench.results import write_section
 from bench.storage import Deployment
 
 ENDED = ("succeeded", "failed", "canceled")
@@ -498,16 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, args.smoke)
     result["bench_wall_s"] = time.perf_counter() - tick
     result["markdown"] = markdown(result)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "section-trials.json").write_text(json.dumps(result, indent=2))
-    path = OUT_DIR / "RESULTS.trials-smoke.md" if args.smoke else RESULTS
-    text = path.read_text() if path.is_file() else ""
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    body = (
-        f"## Trials: sweeps, K-fold and search across worker processes\n\n_Run {stamp}; benchmark wall time "
-        f"{result['bench_wall_s']:.0f} s._\n\n{result['markdown']}"
-    )
-    path.write_text(replace_block(text, "trials", body))
+    write_section("trials", result, args.smoke)
     print(result["markdown"])
     return 0
 
