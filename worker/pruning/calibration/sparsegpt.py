@@ -237,11 +237,16 @@ def sparsegpt_sequential(
     for wave in waves:
         for use in wave:
             by_var.setdefault(use.variable, []).append(use)
+    reasons = {
+        name: _why_not(uses[0], uses, values[name].shape, plans[name], max_dim)
+        for name, uses in by_var.items()
+        if name in plans
+    }
     # Every capture tensor built before the first run: each new op would otherwise extend the session's graph
     # once per wave (~5 s of ExtendSession on ResNet-50's ~50 waves).
-    for use in (u for wave in waves for u in wave):
-        name = use.variable
-        if name in plans and _why_not(use, by_var[name], values[name].shape, plans[name], max_dim) is None:
+    for name, reason in reasons.items():
+        if reason is None:
+            use = by_var[name][0]
             session.gram(use, max_rows=gram_rows(use.dims(values[name].shape)[0]))
             session.rows(use)
     for index, wave in enumerate(waves):
@@ -250,7 +255,7 @@ def sparsegpt_sequential(
             name = use.variable
             if name not in plans or name in out.fallback or name in out.results:
                 continue
-            reason = _why_not(use, by_var[name], values[name].shape, plans[name], max_dim)
+            reason = reasons[name]
             if reason is not None:
                 out.fallback[name] = reason
             else:
