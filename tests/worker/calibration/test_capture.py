@@ -146,8 +146,9 @@ def test_keras_layers_conv1d_depthwise_mha(tmp_path: Path) -> None:
 
 
 def test_sequential_sparsegpt_feeds_cached_outputs_with_the_same_result(tmp_path: Path) -> None:
-    """With the reuse plan each wave feeds the outputs of waves before the previous one instead of recomputing
-    them from the inputs: same weights and masks as recomputing everything (residual block included)."""
+    """With the reuse plan each wave feeds the tensors earlier waves made final (conv outputs, and the residual
+    stream after its add and ReLU, not recomputed from the last conv) instead of recomputing them from the
+    inputs: same weights and masks as recomputing everything (residual block included)."""
     from tests.worker.structure import builders
     from worker.pruning.calibration.capture import reuse_plan
     from worker.pruning.calibration.sparsegpt import sparsegpt_sequential
@@ -159,7 +160,12 @@ def test_sequential_sparsegpt_feeds_cached_outputs_with_the_same_result(tmp_path
     waves = dependency_waves(sig, uses)
     plan = reuse_plan(sig, waves)
     assert len(waves) == 5  # stem, block_a, block_b, proj, head
-    assert plan.feeds[3] and all(not f for f in plan.feeds[:2])  # proj reads the stem's (cached) output
+    assert not plan.feeds[0] and not plan.keep[-1]
+    # proj reads the residual stream after block_b: the ReLU outputs are fed, not their inputs' chain
+    assert any(f.endswith("/Relu:0") for f in plan.feeds[3]), plan.feeds[3]
+    assert all("batchnorm" not in f for f in plan.feeds[3] + plan.keep[0])  # weight-only subgraphs
+    for j, kept in enumerate(plan.keep):  # kept where it is first final, fed only later
+        assert all(max(k for k, fed in enumerate(plan.feeds) if name in fed) > j for name in kept)
     plans = {u.variable: {"target": 0.5} for u in uses}
     rng = np.random.default_rng(0)
     data = rng.normal(size=(20, 12, 12, 3)).astype("float32")
