@@ -19,9 +19,10 @@ from worker.pruning.calibration.capture import (  # noqa: E402
 from worker.structure.frozen import freeze_signature  # noqa: E402
 
 
-def _module_dir(root: Path) -> Path:
+def _module_dir(root: Path, size: int | None = 9) -> Path:
     """A plain tf.Module: einsum (weight first and second), transpose_b matmul, strided/dilated/explicit-pad
-    convs, and a weight that reaches its op through arithmetic (unsupported)."""
+    convs, and a weight that reaches its op through arithmetic (unsupported). ``size=None``: images of any
+    height and width (the padding and output sizes are then computed in the graph)."""
     rng = np.random.default_rng(0)
 
     def var(*shape: int) -> tf.Variable:
@@ -37,7 +38,7 @@ def _module_dir(root: Path) -> Path:
             self.t = var(7, 4)
             self.s = var(7, 3)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 9, 9, 3], tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
         def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
             h = tf.nn.conv2d(x, self.c1, strides=2, padding="SAME")
             h = tf.nn.conv2d(h, self.c2, strides=1, padding=[[0, 0], [1, 0], [0, 1], [0, 0]])
@@ -54,9 +55,9 @@ def _module_dir(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def module_sig(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    handle = load_model(_module_dir(tmp_path_factory.mktemp("capture") / "m"))
+@pytest.fixture(scope="module", params=[9, None], ids=["static", "dynamic-size"])
+def module_sig(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    handle = load_model(_module_dir(tmp_path_factory.mktemp("capture") / "m", request.param))
     return handle, freeze_signature(handle, "serving_default")
 
 
