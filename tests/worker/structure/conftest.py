@@ -36,6 +36,10 @@ class _Lazy(dict):
         self.root = root
 
     def __missing__(self, kind: str) -> Path:
+        if kind.startswith("recurrent:"):  # any kind builders.keras3_recurrent knows
+            path = builders.keras3_recurrent(self.root / kind.replace(":", "_"), kind.split(":", 1)[1])
+            self[kind] = path
+            return path
         path = BUILDERS[kind](self.root / kind)
         self[kind] = path
         return path

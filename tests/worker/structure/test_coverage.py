@@ -214,16 +214,19 @@ def test_einsum_dense(model_dirs, tmp_path: Path) -> None:
 
 
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
-    """LSTM (While loop, gates split from one kernel) and LayerNorm: every group touching them is left whole
-    with the reason (the attention heads between them are a group of their own); a keep vector on unmasked
-    weights changes nothing: the artifact is still the same model."""
+    """Dense -> LSTM -> attention -> residual LayerNorm: the LSTM's units reach the LayerNorm (a mean over the
+    channels) through the residual, so they are left whole with that reason; the Dense before the LSTM is a
+    group with the LSTM kernel's rows as its consumer; the attention heads are a group of their own. A keep
+    vector on unmasked weights changes nothing: the artifact is still the same model."""
     handle = load_model(model_dirs["sequence"])
     analysis = find_groups(handle, "serving_default")
-    heads = _group(analysis, "attn/query/kernel")
-    assert heads.prunable
-    assert not any(g.prunable for g in analysis.groups if g is not heads)
-    reasons = " ".join(g.reason or "" for g in analysis.groups)
-    assert "While" in reasons and "LSTM/GRU/RNN units are left whole" in reasons
+    heads, embed = _group(analysis, "attn/query/kernel"), _group(analysis, "embed/kernel")
+    assert heads.prunable and embed.prunable
+    assert ("lstm/lstm_cell/kernel", 0, "consumer") in _roles(embed)
+    assert not any(g.prunable for g in analysis.groups if g not in (heads, embed))
+    units = _group(analysis, "lstm/lstm_cell/recurrent_kernel")
+    assert {("lstm/lstm_cell/kernel", 1, "producer"), ("ln/gamma", 0, "carrier")} <= _roles(units)
+    assert "Mean at" in (units.reason or "")
     ln = next(g for g in analysis.groups if any(m.variable == "ln/gamma" for m in g.members))
     assert not ln.prunable
     keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups}
