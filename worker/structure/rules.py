@@ -1340,8 +1340,9 @@ def _walk_loop(walker: Walker, op: tf.Operation) -> str | None:
     """The walk of one recurrent loop; the reason it cannot be done, or None. The loop variables must be
     counters, TensorLists (the input sequence, the outputs), weights passed through unchanged and states
     starting at zero (``Fill(.., 0)``): a unit whose weights and bias are zero then stays exactly zero in
-    every step, so dropping its recurrent kernel rows changes nothing. Its bias is therefore a producer
-    (compaction requires it zero too), and the final states are checked to be zero on the probes."""
+    every step, so dropping its recurrent kernel rows changes nothing. Compaction checks that on the probes:
+    the final states are consumer uses that must be zero there (``sigmoid(bias)`` gates would keep a unit
+    whose kernels alone are zero moving, and its recurrent kernel rows feed the other units)."""
     from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
 
     sig = walker.sig
@@ -1436,8 +1437,6 @@ def _walk_loop(walker: Walker, op: tf.Operation) -> str | None:
     for key, layout in walker.bindings.items():
         if key[0].startswith(f"const:{body.name}:"):
             walker.spaces.freeze_layout(layout, f"a constant inside the loop body ({where}) carries them")
-        elif key[0] in weights.values() and walker.roles.get(key) == "carrier":
-            walker.roles[key] = "producer"  # the bias: a removed unit must be zero, not a constant
     for i, out in enumerate(op.outputs):
         if i in states:
             layout = walker.layout(args[i])
