@@ -351,7 +351,12 @@ def _consumer_constants(
                     cols = flat[:, seg.positions[c]]
                     spread = cols.max(axis=0) - cols.min(axis=0) if cols.size else np.zeros(0)
                     ok = np.all(spread <= 1e-6 * (1.0 + np.abs(cols[0]))) if cols.size else True
-                    per[(gid, int(c))] = cols[0] if ok else None  # type: ignore[assignment]
+                    value = cols[0] if ok else None
+                    key = (gid, int(c))
+                    if key in per:  # the channel at several places of one tensor (concat([x, x[:, :k]]))
+                        before = per[key]
+                        value = None if before is None or value is None else np.concatenate([before, value])
+                    per[key] = value  # type: ignore[assignment]
             found.append(_Constants(use, per))
     return found
 
@@ -401,24 +406,27 @@ def _fold_plan(
         use = found.use
         if not use.exact:  # its non-zero constants were kept above; zeros need no fold
             continue
-        kernel = values[use.in_key[0]]
+        kernel = _kernel_value(analysis, use.in_key[0], values)
         in_ax, out_ax = use.in_key[1], use.out_key[1]
         delta = np.zeros(kernel.shape[out_ax], dtype=np.float64)
         count = 0
+        places: dict[tuple[str, int], list[np.ndarray]] = {}  # a channel's positions, segment by segment
         for seg in analysis.bindings[use.in_key].segments:
             gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
             if gid not in removed:
                 continue
             for c in np.flatnonzero(removed[gid]):
-                v = found.channels.get((gid, int(c)))
-                if v is None or not np.any(v != 0):
-                    continue
-                count += 1
-                for p, val in zip(seg.positions[c], v, strict=True):
-                    w = np.take(kernel, int(p), axis=in_ax)  # drops in_ax
-                    o = out_ax - (1 if out_ax > in_ax else 0)
-                    w = np.moveaxis(w, o, -1).reshape(-1, w.shape[o])
-                    delta += float(val) * w.sum(axis=0, dtype=np.float64)
+                places.setdefault((gid, int(c)), []).append(seg.positions[c])
+        for ch, parts in places.items():
+            v = found.channels.get(ch)
+            if v is None or not np.any(v != 0):
+                continue
+            count += 1
+            for p, val in zip(np.concatenate(parts), v, strict=True):
+                w = np.take(kernel, int(p), axis=in_ax)  # drops in_ax
+                o = out_ax - (1 if out_ax > in_ax else 0)
+                w = np.moveaxis(w, o, -1).reshape(-1, w.shape[o])
+                delta += float(val) * w.sum(axis=0, dtype=np.float64)
         if count == 0:
             continue
         sig = analysis.frozen[use.signature]
@@ -432,10 +440,18 @@ def _fold_plan(
             # One variable per distinct delta of a kernel: identical signatures share it, others get their own.
             digest = hashlib.sha1(delta.tobytes()).hexdigest()[:8]
             fold.variable = variables.setdefault(
-                (use.in_key[0], digest), f"secateurs_fold/{use.in_key[0]}/{len(variables)}"
+                (use.in_key[0], digest), f"secateurs_fold/{use.in_key[0].replace(':', '_')}/{len(variables)}"
             )
         folds.append(fold)
     return folds
+
+
+def _kernel_value(analysis: GroupAnalysis, key: str, values: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A consumer kernel's (unsliced) value: a variable, or a constant of a frozen graph (``tf.ones`` kernel)."""
+    if not key.startswith("const:"):
+        return values[key]
+    _, sig_name, node = key.split(":", 2)
+    return tf.make_ndarray(_node(analysis.frozen[sig_name].graph_def, node).attr["value"].tensor)
 
 
 def _existing_bias(

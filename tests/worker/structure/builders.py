@@ -528,6 +528,39 @@ def tf_module_select(out_dir: Path) -> Path:
 
 
 @cached_builder
+def tf_module_fused_split(out_dir: Path) -> Path:
+    """A fused projection cut into three parts (``tf.split``, as a fused q/k/v or gate kernel), the parts
+    mixed element-wise, and a slice of a layer's channels concatenated to it before a ``tf.ones`` kernel."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.4, name=name)
+
+    class Fused(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.fused, self.mid, self.mid_b = (
+                var([5, 8], "w_in"),
+                var([8, 24], "fused"),
+                var([8, 6], "mid"),
+                var([6], "mid_b"),
+            )
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            a, b, c = tf.split(tf.nn.relu(x @ self.w_in) @ self.fused, 3, axis=-1)
+            m = tf.nn.relu((tf.nn.relu(a) * tf.sigmoid(b) + c) @ self.mid + self.mid_b)
+            return {"y": tf.concat([m, m[:, :2]], -1) @ tf.ones([8, 3])}
+
+    module = Fused()
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.serve})
+    return out_dir
+
+
+@cached_builder
 def keras3_recurrent(out_dir: Path, kind: str) -> Path:
     """Small recurrent models on ``[batch, 5, 3]`` (tokens ``[batch, 5]`` for the embeddings): ``kind`` names
     the layers (see ``RECURRENT_KINDS`` in ``test_recurrent.py``); every one ends in ``Dense(2, name="head")``."""

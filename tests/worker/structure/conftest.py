@@ -68,4 +68,5 @@ BUILDERS = {
     "keras2_masked_attention": builders.keras2_masked_attention,
     "tf_module_masked_attention": builders.tf_module_masked_attention,
     "select": builders.tf_module_select,
+    "fused_split": builders.tf_module_fused_split,
 }

@@ -213,6 +213,25 @@ def test_einsum_dense(model_dirs, tmp_path: Path) -> None:
     assert result.shapes["mix/kernel"] == ([8, 6], [4, 3])
 
 
+@pytest.mark.parametrize("carriers", [True, False], ids=["zeroed", "constants-folded"])
+def test_fused_projection_split(model_dirs, tmp_path: Path, carriers: bool) -> None:
+    """``tf.split`` of a fused projection into three parts mixed element-wise: a channel is one index of each
+    part (its three columns go together); a slice ``m[:, :2]`` concatenated beside ``m`` makes ``m``'s channels
+    pairs-of-three too, and the ``tf.ones`` kernel after the concat is sliced (and folded into) as a constant."""
+    handle = load_model(model_dirs["fused_split"])
+    analysis = find_groups(handle, "serving_default")
+    fused = _group(analysis, "fused")
+    assert fused.prunable and fused.channels == 8
+    cols = next(m for m in fused.members if m.variable == "fused").positions
+    np.testing.assert_array_equal(cols, np.arange(8)[:, None] + 8 * np.arange(3)[None, :])
+    mid = _group(analysis, "mid")
+    assert mid.prunable and mid.channels == 2
+    result = _compact(handle, analysis, tmp_path, carriers)
+    assert result.shapes["fused"] == ([8, 24], [4, 12])  # w_in's group halves its rows
+    if not carriers:
+        assert result.folded > 0
+
+
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
     """Dense -> LSTM -> attention -> residual LayerNorm: the LSTM's units reach the LayerNorm (a mean over the
     channels) through the residual, so they are left whole with that reason; the Dense before the LSTM is a
