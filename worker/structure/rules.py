@@ -1325,9 +1325,14 @@ def recurrent_loop(walker: Walker, op: tf.Operation) -> None:
         refusal = f"not understood ({type(exc).__name__}: {exc})"
     if refusal is None:
         return None
-    return unknown(
-        walker, op, f"recurrent loop (While at {op.name}): {refusal}; its units are left whole"[:300]
-    )
+    why = f"recurrent loop (While at {op.name}): {refusal}; its units are left whole"[:300]
+    unknown(walker, op, why)
+    for i, out in enumerate(op.outputs):  # the sequences it wrote: whole, with this reason (not "unknown op")
+        reserve = op.inputs[i].op
+        spot = _shape_last(walker, reserve.inputs[0]) if reserve.type == "TensorListReserve" else None
+        if spot is not None and spot[2] > 1:
+            walker.lists[out.name] = walker.spaces.identity(spot[2], why)
+    return None
 
 
 def _through_identity(t: tf.Tensor) -> tf.Tensor:

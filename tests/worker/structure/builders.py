@@ -590,6 +590,10 @@ def keras3_recurrent(out_dir: Path, kind: str) -> Path:
         x = layers.Bidirectional(layers.LSTM(6, name="rnn"), name="bi")(x)
     elif kind == "conv1d_lstm":
         x = layers.LSTM(6, name="rnn")(layers.Conv1D(6, 2, activation="relu", name="conv")(x))
+    elif kind == "initial_state":
+        states = [keras.Input((6,), name="h0"), keras.Input((6,), name="c0")]
+        x = layers.LSTM(6, name="rnn")(x, initial_state=states)
+        inp = [inp, *states]
     elif kind == "return_state":
         x, h, _ = layers.LSTM(6, return_state=True, name="rnn")(x)
         outputs.append(h)

@@ -37,6 +37,10 @@ def _units(analysis, cell: str):
     )
 
 
+def _roles(group) -> set[tuple[str, int, str]]:
+    return {(m.variable, m.axis, m.role) for m in group.members}
+
+
 def _outputs(handle, inputs) -> np.ndarray:
     import tensorflow as tf
 
@@ -133,6 +137,20 @@ def test_left_whole(model_dirs, tmp_path: Path, kind: str, cell: str, reason: st
     assert groups and not any(g.prunable for g in groups)
     assert any(reason in (g.reason or "") for g in groups), [g.reason for g in groups]
     keep = {g.id: np.arange(g.channels) % 2 == 0 for g in groups}
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    assert all(before == after for before, after in result.channels.values())
+    check_artifact(handle, result, tol=1e-6)
+
+
+def test_initial_state_input_leaves_the_layer_whole(model_dirs, tmp_path: Path) -> None:
+    """States that start from signature inputs are not zero: the loop is left whole, and the sequence it
+    writes carries that reason to the next layer's rows."""
+    handle = load_model(model_dirs["recurrent:initial_state"])
+    analysis = find_groups(handle, "serving_default")
+    assert not any(g.prunable for g in analysis.groups)
+    head_rows = next(g for g in analysis.groups if ("head/kernel", 0, "consumer") in _roles(g))
+    assert "initial state 4 comes from Placeholder, not zeros" in (head_rows.reason or "")
+    keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups}
     result = compact(handle, analysis, keep, tmp_path / "compact")
     assert all(before == after for before, after in result.channels.values())
     check_artifact(handle, result, tol=1e-6)
