@@ -244,6 +244,8 @@ def carrier(walker: Walker, op: tf.Operation) -> None:
     if last_dim(op.outputs[0]) != last_dim(x):
         return unknown(walker, op)
     _pass_inner(walker, x, op.outputs[0])
+    if x.name in walker.lists:  # an Identity of a TensorList handle: the same elements
+        walker.lists[op.outputs[0].name] = walker.lists[x.name]
     for out in op.outputs[1:]:
         walker.set_layout(out, None, f"unknown op output {op.name}")
     return None
@@ -1125,6 +1127,8 @@ def concat(walker: Walker, op: tf.Operation) -> None:
 def identity_n(walker: Walker, op: tf.Operation) -> None:
     for inp, out in zip(op.inputs, op.outputs, strict=True):
         walker.set_layout(out, None if walker.is_const(inp) else walker.layout(inp))
+        if inp.name in walker.lists:
+            walker.lists[out.name] = walker.lists[inp.name]
 
 
 # --- recurrent layers -------------------------------------------------------------------------------------
