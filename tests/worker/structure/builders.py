@@ -574,6 +574,8 @@ def keras3_recurrent(out_dir: Path, kind: str) -> Path:
     outputs = []
     if kind in ("lstm", "embedding_lstm", "embedding_mask"):
         x = layers.LSTM(6, name="rnn")(x)
+    elif kind == "lstm_unroll":
+        x = layers.LSTM(6, unroll=True, name="rnn")(x)
     elif kind == "lstm_sequences":
         x = layers.Flatten()(layers.LSTM(6, return_sequences=True, name="rnn")(x))
     elif kind == "gru":

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.tf
 PRUNED = {
     "lstm": ({"rnn/lstm_cell": 6}, 4, "head/kernel"),
     "lstm_sequences": ({"rnn/lstm_cell": 6}, 4, "head/kernel"),
+    "lstm_unroll": ({"rnn/lstm_cell": 6}, 4, "head/kernel"),  # no loop: each step's ops walked as they are
     "gru": ({"rnn/gru_cell": 6}, 3, "head/kernel"),
     "gru_sequences": ({"rnn/gru_cell": 6}, 3, "head/kernel"),
     "simple_rnn": ({"rnn/simple_rnn_cell": 6}, 1, "head/kernel"),
