@@ -104,6 +104,30 @@ def build_mlp_with_dead_unit(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_lstm_classifier(out_dir: Path, seed: int = 0) -> Path:
+    """Embedding(20, 8) -> LSTM(12) -> Dense(4, softmax) over 6 tokens."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(6,), dtype="int32", name="x"),
+            layers.Embedding(20, 8),
+            layers.LSTM(12),
+            layers.Dense(4, activation="softmax"),
+        ]
+    )
+    return model_zoo._export_keras3(model, out_dir, seed)
+
+
+def token_data(seed: int = 0) -> Data:
+    rng = np.random.default_rng(seed)
+    train = {"x": rng.integers(0, 20, (64, 6)).astype("int32"), "y": np.arange(64) % 4}
+    evaluation = {"x": rng.integers(0, 20, (32, 6)).astype("int32"), "y": np.arange(32) % 4}
+    return train, evaluation
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compact_models")
@@ -112,6 +136,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "mlp": model_zoo.build("dense", root / "mlp"),
         "wide_mlp": build_wide_mlp(root / "wide_mlp"),
         "dead_unit": build_mlp_with_dead_unit(root / "dead_unit"),
+        "lstm": build_lstm_classifier(root / "lstm"),
     }
 
 
@@ -228,6 +253,19 @@ def test_channel_pruning_compacts_an_mlp_in_global_lamp(models: dict[str, Path],
         models["wide_mlp"], spec, mlp_data(), tmp_path, weights_dominate=True
     )
     assert metrics["pruned"]["params"]["total"] < 0.6 * metrics["baseline"]["params"]["total"]
+
+
+def test_channel_pruning_compacts_an_lstm_classifier(models: dict[str, Path], tmp_path: Path) -> None:
+    """Embedding -> LSTM -> Dense: the LSTM's units (each unit's four gate columns of the kernel, recurrent
+    kernel and bias, its recurrent kernel row, the head's row) are removed physically, half of them."""
+    metrics = compare_compact_and_masked(
+        models["lstm"], {"target_sparsity": 0.5, "granularity": "channel"}, token_data(), tmp_path
+    )
+    units = next(g for g in metrics["structure"]["groups"] if "recurrent_kernel" in g["id"])
+    assert (units["channels_before"], units["channels_after"]) == (12, 6), units
+    rows = {row["name"].split("/", 1)[1]: row["shape"] for row in metrics["layers"]}  # no model prefix
+    assert rows["lstm/lstm_cell/kernel"] == [8, 24] and rows["lstm/lstm_cell/recurrent_kernel"] == [6, 24]
+    assert sorted(rows.values()) == [[6, 4], [6, 24], [8, 24]], rows  # the head's rows too
 
 
 def test_compact_defaults_follow_the_granularity() -> None:

@@ -224,8 +224,8 @@ def check_granularity(
     assert layers, "nothing selected"
     notes = "\n".join(metrics["notes"])
     if granularity == "channel":
-        # LSTM/GRU: every group meets the recurrent loop (no rule for its channels) or the head: all left whole
-        check_channel_groups(metrics, before, after, 0.5, expect_pruned=kind not in ("lstm", "gru"))
+        # LSTM/GRU too: a layer's units are one group (gate columns, recurrent rows, bias, the next kernel's rows)
+        check_channel_groups(metrics, before, after, 0.5)
         return
 
     for row in layers:

@@ -145,9 +145,9 @@ def compact(
 
     graph_defs = {}
     for name, sig in analysis.frozen.items():
-        gdef = graph_pb2.GraphDef()
-        gdef.CopyFrom(sig.graph_def)
+        gdef = _live_graph(sig)
         nodes = {n.name: n for n in gdef.node}
+        bodies = {f.signature.name: {n.name: n for n in f.node_def} for f in gdef.library.function}
         for (sname, node), arr in graph_consts.items():
             if sname == name:
                 nodes[node].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(arr))
@@ -156,18 +156,19 @@ def compact(
             if patch.signature != name:
                 continue
             value = patch.multiplier * length(patch.layout)
-            slot = (patch.node, patch.index)
+            slot = (f"{patch.function or ''}/{patch.node}", patch.index)
             if patched.get(slot, value) != value:
                 raise PipelineError(
                     "structure_failed", f"shape constant {patch.node} is shared by two groups"
                 )
             patched[slot] = value
-            arr = tf.make_ndarray(nodes[patch.node].attr["value"].tensor).copy()
+            target = nodes[patch.node] if patch.function is None else bodies[patch.function][patch.node]
+            arr = tf.make_ndarray(target.attr["value"].tensor).copy()
             if patch.index is None:
                 arr = np.asarray(value, dtype=arr.dtype)
             else:
                 arr[patch.index] = value
-            nodes[patch.node].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(arr))
+            target.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(arr))
         for node_name, var_name in sig.weights.items():
             nodes[node_name].attr["shape"].shape.CopyFrom(tf.TensorShape(values[var_name].shape).as_proto())
         fold_feeds: dict[str, str] = {}
@@ -183,6 +184,9 @@ def compact(
             # function that the rebuilt graph cannot reach; the forward ops are differentiable as they are.
             if "_gradient_op_type" in n.attr:
                 del n.attr["_gradient_op_type"]
+            if n.op in ("While", "StatelessWhile"):  # the loop's shapes follow its (new) inputs
+                n.attr["output_shapes"].list.ClearField("shape")
+        _drop_body_shapes(gdef)
         graph_defs[name] = (gdef, fold_feeds)
 
     extra: dict[str, np.ndarray] = {}
@@ -347,7 +351,12 @@ def _consumer_constants(
                     cols = flat[:, seg.positions[c]]
                     spread = cols.max(axis=0) - cols.min(axis=0) if cols.size else np.zeros(0)
                     ok = np.all(spread <= 1e-6 * (1.0 + np.abs(cols[0]))) if cols.size else True
-                    per[(gid, int(c))] = cols[0] if ok else None  # type: ignore[assignment]
+                    value = cols[0] if ok else None
+                    key = (gid, int(c))
+                    if key in per:  # the channel at several places of one tensor (concat([x, x[:, :k]]))
+                        before = per[key]
+                        value = None if before is None or value is None else np.concatenate([before, value])
+                    per[key] = value  # type: ignore[assignment]
             found.append(_Constants(use, per))
     return found
 
@@ -397,24 +406,27 @@ def _fold_plan(
         use = found.use
         if not use.exact:  # its non-zero constants were kept above; zeros need no fold
             continue
-        kernel = values[use.in_key[0]]
+        kernel = _kernel_value(analysis, use.in_key[0], values)
         in_ax, out_ax = use.in_key[1], use.out_key[1]
         delta = np.zeros(kernel.shape[out_ax], dtype=np.float64)
         count = 0
+        places: dict[tuple[str, int], list[np.ndarray]] = {}  # a channel's positions, segment by segment
         for seg in analysis.bindings[use.in_key].segments:
             gid = analysis.group_of_space.get(analysis.spaces.find(seg.space))
             if gid not in removed:
                 continue
             for c in np.flatnonzero(removed[gid]):
-                v = found.channels.get((gid, int(c)))
-                if v is None or not np.any(v != 0):
-                    continue
-                count += 1
-                for p, val in zip(seg.positions[c], v, strict=True):
-                    w = np.take(kernel, int(p), axis=in_ax)  # drops in_ax
-                    o = out_ax - (1 if out_ax > in_ax else 0)
-                    w = np.moveaxis(w, o, -1).reshape(-1, w.shape[o])
-                    delta += float(val) * w.sum(axis=0, dtype=np.float64)
+                places.setdefault((gid, int(c)), []).append(seg.positions[c])
+        for ch, parts in places.items():
+            v = found.channels.get(ch)
+            if v is None or not np.any(v != 0):
+                continue
+            count += 1
+            for p, val in zip(np.concatenate(parts), v, strict=True):
+                w = np.take(kernel, int(p), axis=in_ax)  # drops in_ax
+                o = out_ax - (1 if out_ax > in_ax else 0)
+                w = np.moveaxis(w, o, -1).reshape(-1, w.shape[o])
+                delta += float(val) * w.sum(axis=0, dtype=np.float64)
         if count == 0:
             continue
         sig = analysis.frozen[use.signature]
@@ -428,10 +440,18 @@ def _fold_plan(
             # One variable per distinct delta of a kernel: identical signatures share it, others get their own.
             digest = hashlib.sha1(delta.tobytes()).hexdigest()[:8]
             fold.variable = variables.setdefault(
-                (use.in_key[0], digest), f"secateurs_fold/{use.in_key[0]}/{len(variables)}"
+                (use.in_key[0], digest), f"secateurs_fold/{use.in_key[0].replace(':', '_')}/{len(variables)}"
             )
         folds.append(fold)
     return folds
+
+
+def _kernel_value(analysis: GroupAnalysis, key: str, values: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A consumer kernel's (unsliced) value: a variable, or a constant of a frozen graph (``tf.ones`` kernel)."""
+    if not key.startswith("const:"):
+        return values[key]
+    _, sig_name, node = key.split(":", 2)
+    return tf.make_ndarray(_node(analysis.frozen[sig_name].graph_def, node).attr["value"].tensor)
 
 
 def _existing_bias(
@@ -499,6 +519,66 @@ def _pin_squeeze(node: Any, sig: FrozenSignature) -> None:
     if shape.rank is None or not shape.is_fully_defined():
         return
     node.attr["squeeze_dims"].list.i.extend(i for i, d in enumerate(shape.as_list()) if d == 1)
+
+
+def _live_graph(sig: FrozenSignature) -> graph_pb2.GraphDef:
+    """A copy of the skeleton without the ops no output depends on (Keras runs an RNN's first step outside its
+    loop only to learn its output shape: with the old unit count there, it would no longer import). Every
+    placeholder stays, as the rebuilt function feeds them all."""
+    by_name = {n.name: n for n in sig.graph_def.node}
+    stack = [t.split(":")[0] for t in sig.outputs.values()]
+    live: set[str] = {n.name for n in sig.graph_def.node if n.op == "Placeholder"}
+    while stack:
+        name = stack.pop()
+        if name in live and by_name[name].op != "Placeholder":
+            continue
+        live.add(name)
+        stack.extend(
+            i.lstrip("^").split(":")[0]
+            for i in by_name[name].input
+            if i.lstrip("^").split(":")[0] not in live
+        )
+    gdef = graph_pb2.GraphDef()
+    gdef.versions.CopyFrom(sig.graph_def.versions)
+    gdef.library.CopyFrom(sig.graph_def.library)
+    gdef.node.extend(n for n in sig.graph_def.node if n.name in live)
+    return gdef
+
+
+def _drop_body_shapes(gdef: graph_pb2.GraphDef) -> None:
+    """Inferred shapes recorded inside library functions (loop bodies) name the old channel counts; and as a
+    function's definition changed, it gets a new name (TensorFlow keeps one definition per name per process,
+    and the input's loaded model already registered the old one)."""
+    if not gdef.library.function:
+        return
+    for fn in gdef.library.function:
+        for n in fn.node_def:
+            if "_output_shapes" in n.attr:
+                del n.attr["_output_shapes"]
+        for attrs in fn.arg_attr.values():
+            if "_output_shapes" in attrs.attr:
+                del attrs.attr["_output_shapes"]
+    digest = hashlib.sha1(gdef.library.SerializeToString(deterministic=True)).hexdigest()[:10]
+    names = {fn.signature.name: f"{fn.signature.name}_secateurs_{digest}" for fn in gdef.library.function}
+    for fn in gdef.library.function:
+        fn.signature.name = names[fn.signature.name]
+        _rename_calls(fn.node_def, names)
+    for grad in gdef.library.gradient:
+        grad.function_name = names.get(grad.function_name, grad.function_name)
+        grad.gradient_func = names.get(grad.gradient_func, grad.gradient_func)
+    _rename_calls(gdef.node, names)
+
+
+def _rename_calls(nodes: Any, names: Mapping[str, str]) -> None:
+    for n in nodes:
+        if n.op in names:
+            n.op = names[n.op]
+        for value in n.attr.values():
+            if value.HasField("func") and value.func.name in names:
+                value.func.name = names[value.func.name]
+            for fn in value.list.func:
+                if fn.name in names:
+                    fn.name = names[fn.name]
 
 
 def _node(gdef: graph_pb2.GraphDef, name: str) -> Any:

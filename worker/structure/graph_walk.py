@@ -49,6 +49,7 @@ class ShapePatch:
     index: int | None  # element of the Const, None for a scalar Const
     multiplier: int
     layout: Layout
+    function: str | None = None  # the node lives in this library function (a loop body), not the graph
 
 
 @dataclass(frozen=True)
@@ -109,23 +110,39 @@ class Walker:
         self.inner: dict[str, dict[int, Layout]] = {}
         self.consumers: list[ConsumerUse] = []
         self.patches: list[ShapePatch] = []
+        # Element layouts of TensorList handles (a recurrent loop's input and output sequences).
+        self.lists: dict[str, Layout | None] = {}
         self.sig: FrozenSignature | None = None
         self._const: dict[str, bool] = {}
         self._views: dict[str, list[Source] | None] = {}
 
     # --- signature-level -------------------------------------------------------------------------
     def walk(self, sig: FrozenSignature) -> None:
-        unknown = self.rules.unknown
         self.sig = sig
         self._const = {}
         self._views = {}
         input_names = {t.split(":")[0]: k for k, t in sig.inputs.items()}
+        live = _live(
+            sig.graph, [sig.graph.get_tensor_by_name(self._tname(t)).op for t in sig.outputs.values()]
+        )
+        ops = []
         for op in _topological(sig.graph):
             if op.type == "Placeholder" and op.name in input_names:
                 self.set_layout(
                     op.outputs[0], None, f"carries the channels of signature input {input_names[op.name]!r}"
                 )
-                continue
+            elif op.name in live:  # dead ops (Keras' first RNN step, run for its shape only) never run
+                ops.append(op)
+        self._walk_ops(ops)
+        for key, tensor in sig.outputs.items():
+            why = f"reaches signature output {key!r} ({sig.name})"
+            self.spaces.freeze_layout(self.layouts.get(self._tname(tensor)), why)
+            for layout in self.inner.get(self._tname(tensor), {}).values():
+                self.spaces.freeze_layout(layout, why)
+
+    def _walk_ops(self, ops: list[tf.Operation]) -> None:
+        unknown = self.rules.unknown
+        for op in ops:
             if self.is_const(op.outputs[0]) if op.outputs else True:
                 continue
             if op.type not in self.rules.axis_aware:
@@ -137,11 +154,22 @@ class Walker:
                 unknown(
                     self, op, f"op {op.type} at {op.name} not understood ({type(exc).__name__}: {exc})"[:300]
                 )
-        for key, tensor in sig.outputs.items():
-            why = f"reaches signature output {key!r} ({sig.name})"
-            self.spaces.freeze_layout(self.layouts.get(self._tname(tensor)), why)
-            for layout in self.inner.get(self._tname(tensor), {}).values():
-                self.spaces.freeze_layout(layout, why)
+
+    def walk_body(self, body: FrozenSignature, args: list[tf.Tensor], outputs: list[tf.Tensor]) -> None:
+        """Walk a loop body (a library function imported as ``body.graph``) inside the current walk: ``args``
+        already carry their layouts (``layouts``/``lists``), weights are ``body.weights``. Rules see ``body``
+        as the signature; the caller re-homes the patches and consumer uses it records."""
+        outer, saved = self.sig, (self._const, self._views)
+        self.sig, self._const, self._views = body, {}, {}
+        try:
+            live = _live(body.graph, [t.op for t in outputs])
+            arg_ops = {t.op.name for t in args}
+            self._walk_ops(
+                [op for op in _topological(body.graph) if op.name in live and op.name not in arg_ops]
+            )
+        finally:
+            self.sig = outer
+            self._const, self._views = saved
 
     @staticmethod
     def _tname(name: str) -> str:
@@ -292,6 +320,40 @@ class Walker:
         self.consumers = [
             c if c.layout is None else replace(c, layout=swap(c.layout)) for c in self.consumers
         ]
+        self.lists = {k: None if v is None else swap(v) for k, v in self.lists.items()}
+
+    def gate_part(self, layout: Layout, start: int, stop: int) -> Layout | None:
+        """Recurrent gates: a tensor ``[.., k * u]`` (one kernel's gate pre-activations) cut into parts of ``u``;
+        ``[start, stop)`` is one part. The first cut re-expresses the whole space everywhere as ``u`` channels of
+        ``k`` positions each (unit ``j`` is columns ``g * u + j``: its gates go together); the part is then a
+        plain layout over those units. None when the layout is not one whole prunable space cut that way."""
+        width = stop - start
+        if width <= 0 or layout.length % width or start % width or len(layout.segments) != 1:
+            return None
+        parts, column = layout.length // width, start // width
+        seg = layout.segments[0]
+        root = self.spaces.find(seg.space)
+        if self.spaces.size[root] * seg.positions.shape[1] != layout.length:
+            return None
+        if seg.positions.shape[1] == 1:
+            if parts == 1:
+                return layout
+            if self.spaces.reasons(root):  # substituting would drop the reasons
+                return None
+            inverse = np.empty(layout.length, dtype=np.int64)
+            inverse[seg.positions[:, 0]] = np.arange(layout.length)
+            units = self.spaces.new(width)
+            mapping = Layout(
+                layout.length, (type(seg)(units, inverse[np.arange(layout.length).reshape(parts, width).T]),)
+            )
+            self._substitute(root, mapping)
+            layout = substituted(layout, self.spaces.find, root, mapping)
+            seg = layout.segments[0]
+        if seg.positions.shape != (width, parts) or not np.array_equal(
+            seg.positions[:, column], np.arange(start, stop)
+        ):
+            return None
+        return Layout(width, (type(seg)(seg.space, np.arange(width, dtype=np.int64)[:, None]),))
 
     # --- weights ---------------------------------------------------------------------------------
     def _note_key(self, key: Key, dim: int, role: Role) -> None:
@@ -367,6 +429,20 @@ def last_dim(t: tf.Tensor) -> int | None:
     if shape.rank is None or shape.rank == 0:
         return None if shape.rank is None else 1
     return shape[-1]
+
+
+def _live(graph: tf.Graph, roots: list[tf.Operation]) -> set[str]:
+    """Names of the ops ``roots`` depend on (data and control inputs): what running them runs."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        stack.extend(i.op for i in op.inputs)
+        stack.extend(op.control_inputs)
+    return seen
 
 
 def _topological(graph: tf.Graph) -> list[tf.Operation]:

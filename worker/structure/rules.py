@@ -13,6 +13,9 @@ weight axes the op indexes by channel; ``DEFAULT_RULES`` is the table the walker
 - ``Select``/``SelectV2`` couple their data operands like an element-wise op when the condition is the same
   along every channel/head axis (a padding mask broadcast over the heads); otherwise those axes stay whole;
 - ConcatV2 on the channel axis concatenates layouts; Reshape either keeps the channel axis or flattens it;
+- a ``While`` loop (Keras LSTM/GRU/SimpleRNN) has its body walked with these rules (``recurrent_loop``): the
+  loop's states are coupled with what the body returns for them, and a gate pre-activation cut into gates
+  (``Split``, ``StridedSlice``) makes each unit's gate columns one channel;
 - anything else is ``unknown``: its inputs' channels are frozen with the op's type and name.
 
 Weights reach ops through const-only subgraphs (Keras 3: ``ReadVariableOp -> Reshape -> Squeeze -> BiasAdd``,
@@ -23,11 +26,12 @@ each tensor axis comes from, and records the shape constants a compaction must r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import tensorflow as tf
 
-from worker.structure.frozen import const_value
+from worker.structure.frozen import FrozenSignature, const_value
 from worker.structure.graph_walk import ConsumerUse, Rule, RuleTable, ShapePatch, Source, Walker, last_dim
 from worker.structure.layout import Layout
 
@@ -147,6 +151,22 @@ def const_view(walker: Walker, t: tf.Tensor) -> list[Source] | None:
                 layout = walker.key_layout((src.key, src.axes[j]), int(shape[j]) // k, "carrier")
                 walker.patches.append(ShapePatch(walker.sig.name, target.op.name, j, k, layout))
         return mapped
+    if op.type in ("Split", "Unpack"):
+        value, axis_t = (op.inputs[1], op.inputs[0]) if op.type == "Split" else (op.inputs[0], None)
+        srcs = walker.view(value)
+        rank = value.shape.rank
+        axis = int(_attr(op, "axis", 0)) if axis_t is None else _const_int(walker, axis_t)
+        if srcs is None or rank is None or axis is None or any(s.merged is not None for s in srcs):
+            return None
+        axis = int(axis) % rank
+        for src in srcs:  # the cut axis is never sliced by channel (GRU's bias: input and recurrent rows)
+            if src.axes[axis] is not None:
+                walker.untracked.setdefault((src.key, src.axes[axis]), _where(op))
+        if op.type == "Split":
+            return [
+                Source(s.key, tuple(None if i == axis else a for i, a in enumerate(s.axes))) for s in srcs
+            ]
+        return [Source(s.key, tuple(a for i, a in enumerate(s.axes) if i != axis)) for s in srcs]
     if op.type == "Transpose":
         srcs = walker.view(op.inputs[0])
         perm = _const_int(walker, op.inputs[1])
@@ -209,6 +229,7 @@ def unknown(walker: Walker, op: tf.Operation, reason: str | None = None) -> None
             walker.untrack_all(inp, _where(op))
         else:
             walker.spaces.freeze_layout(walker.layout(inp), why)
+            walker.spaces.freeze_layout(walker.lists.get(inp.name), why)
             walker.freeze_inner(inp, why)
     for out in op.outputs:
         walker.set_layout(out, None, why)
@@ -223,6 +244,8 @@ def carrier(walker: Walker, op: tf.Operation) -> None:
     if last_dim(op.outputs[0]) != last_dim(x):
         return unknown(walker, op)
     _pass_inner(walker, x, op.outputs[0])
+    if x.name in walker.lists:  # an Identity of a TensorList handle: the same elements
+        walker.lists[op.outputs[0].name] = walker.lists[x.name]
     for out in op.outputs[1:]:
         walker.set_layout(out, None, f"unknown op output {op.name}")
     return None
@@ -1104,17 +1127,351 @@ def concat(walker: Walker, op: tf.Operation) -> None:
 def identity_n(walker: Walker, op: tf.Operation) -> None:
     for inp, out in zip(op.inputs, op.outputs, strict=True):
         walker.set_layout(out, None if walker.is_const(inp) else walker.layout(inp))
+        if inp.name in walker.lists:
+            walker.lists[out.name] = walker.lists[inp.name]
+
+
+# --- recurrent layers -------------------------------------------------------------------------------------
+
+
+def fill(walker: Walker, op: tf.Operation) -> None:
+    """``Fill(shape, value)`` (Keras' zero initial states ``zeros([batch, units])``): one value everywhere, so
+    its channels are whatever it is coupled with; a channel count spelled in the shape is rewritten."""
+    dims, value = op.inputs
+    out = op.outputs[0]
+    width = last_dim(out)
+    if value.shape.rank != 0:
+        return unknown(walker, op)
+    if not out.dtype.is_floating or width is None or width <= 1:
+        walker.set_layout(out, None)
+        return None
+    where = _shape_last(walker, dims)
+    layout = walker.spaces.identity(int(width))
+    if where is not None and where[2] == width:
+        walker.patches.append(ShapePatch(walker.sig.name, where[0], where[1], 1, layout))
+    elif not _from_runtime_shape(dims, int(width)):
+        return unknown(walker, op, f"unknown op {op.type} at {op.name} (channel count not rewritable)")
+    walker.set_layout(out, layout)
+    return None
+
+
+def _channel_split(walker: Walker, op: tf.Operation, x: tf.Tensor, sizes: list[int]) -> list[Layout] | None:
+    """Layouts of consecutive parts of ``x``'s channel axis of ``sizes`` (gate pre-activations cut per gate:
+    ``Walker.gate_part``); None when they are not whole gates of one prunable space."""
+    parts: list[Layout] = []
+    start = 0
+    for size in sizes:
+        layout = walker.layout(x)  # re-read: the first cut re-expresses the space
+        part = None if layout is None else walker.gate_part(layout, start, start + size)
+        if part is None:
+            return None
+        parts.append(part)
+        start += size
+    return parts
+
+
+def split(walker: Walker, op: tf.Operation) -> None:
+    """``Split``/``SplitV``: along another axis each part keeps the channels; along the channel axis into equal
+    parts (Keras 3's LSTM cell: ``split(z, 4, axis=-1)``) each part is one gate of every unit."""
+    if op.type == "Split":
+        axis_t, x = op.inputs
+        sizes_t = None
+    else:
+        x, sizes_t, axis_t = op.inputs
+    axis, rank = _const_int(walker, axis_t), x.shape.rank
+    if axis is None or rank is None:
+        return unknown(walker, op)
+    if int(axis) % rank != rank - 1:
+        for out in op.outputs:
+            if last_dim(out) != last_dim(x):
+                return unknown(walker, op)
+            walker.set_layout(out, walker.layout(x))
+        return None
+    sizes = [last_dim(out) for out in op.outputs]
+    if None in sizes or len(set(sizes)) != 1 or walker.layout(x) is None:
+        return unknown(walker, op, f"unknown op {op.type} at {op.name} (uneven or unknown split of channels)")
+    if sizes_t is not None and sizes_t.op.type != "Const":
+        return unknown(walker, op)
+    parts = _channel_split(walker, op, x, [int(s) for s in sizes])  # type: ignore[arg-type]
+    if parts is None:
+        return unknown(
+            walker, op, f"unknown op {op.type} at {op.name} (a split of channels that are not gates)"
+        )
+    for i, (out, part) in enumerate(zip(op.outputs, parts, strict=True)):
+        if sizes_t is not None:
+            walker.patches.append(ShapePatch(walker.sig.name, sizes_t.op.name, i, 1, part))
+        walker.set_layout(out, part)
+    return None
+
+
+def strided_slice(walker: Walker, op: tf.Operation) -> None:
+    """``x[..]`` with constant bounds: slicing other axes keeps the channels (the last time step of an RNN's
+    outputs); a slice of the channel axis must be one whole gate (Keras 3's GRU cell: ``z[:, u:2u]``), whose
+    bounds are rewritten with the unit count."""
+    x, begin_t, end_t, strides_t = op.inputs
+    out = op.outputs[0]
+    mask = {
+        k: int(_attr(op, k, 0) or 0) for k in ("begin_mask", "end_mask", "ellipsis_mask", "new_axis_mask")
+    }
+    shrink = int(_attr(op, "shrink_axis_mask", 0) or 0)
+    begin, end, strides = (_const_int(walker, t) for t in (begin_t, end_t, strides_t))
+    rank, width = x.shape.rank, last_dim(x)
+    if rank is None or begin is None or end is None or strides is None or mask["ellipsis_mask"]:
+        return unknown(walker, op)
+    if mask["new_axis_mask"] or begin.ndim != 1:
+        return unknown(walker, op)
+    n = begin.size
+    if n < rank:  # the channel axis is not named: taken whole
+        walker.set_layout(out, walker.layout(x))
+        return None
+    last = n - 1
+    b_all, e_all = bool(mask["begin_mask"] >> last & 1), bool(mask["end_mask"] >> last & 1)
+    b = 0 if b_all else int(begin[last])
+    e = (width or 0) if e_all else int(end[last])
+    if shrink >> last & 1 or int(strides[last]) != 1 or width is None or b < 0 or e < 0:
+        return unknown(walker, op)
+    e = min(e, width)
+    if b == 0 and e == width:
+        walker.set_layout(out, walker.layout(x))
+        return None
+    layout = walker.layout(x)
+    part = None if layout is None else walker.gate_part(layout, b, e)
+    where_b = None if b_all else _shape_at(begin_t, last)
+    where_e = None if e_all else _shape_at(end_t, last)
+    if part is None or (not b_all and where_b is None) or (not e_all and where_e is None):
+        return unknown(
+            walker, op, f"unknown op {op.type} at {op.name} (a slice of channels that is not a gate)"
+        )
+    size = e - b
+    for where in (where_b, where_e):
+        if where is not None and where[2] != 0:
+            walker.patches.append(ShapePatch(walker.sig.name, where[0], where[1], where[2] // size, part))
+    walker.set_layout(out, part)
+    return None
+
+
+def reverse(walker: Walker, op: tf.Operation) -> None:
+    """``ReverseV2`` along the time axis (``go_backwards``, the backward half of ``Bidirectional``)."""
+    x, out = op.inputs[0], op.outputs[0]
+    axes, rank = _const_int(walker, op.inputs[1]), x.shape.rank
+    if axes is None or rank is None or (rank - 1) in {int(a) % rank for a in np.atleast_1d(axes)}:
+        return unknown(walker, op)
+    walker.set_layout(out, walker.layout(x))
+    return None
+
+
+def _element_shape(walker: Walker, t: tf.Tensor, layout: Layout | None, where: str) -> None:
+    """A TensorList's ``element_shape`` operand: a last entry spelling the channel count is rewritten; one
+    that cannot be (computed, or another count) leaves the channels whole."""
+    if layout is None:
+        return
+    value = _const_int(walker, t)
+    if value is not None and value.ndim == 0:
+        return  # -1: any shape
+    spot = _shape_last(walker, t)
+    if spot is None:
+        walker.spaces.freeze_layout(layout, f"element shape of {where} not understood")
+    elif spot[2] == layout.length:
+        walker.patches.append(ShapePatch(walker.sig.name, spot[0], spot[1], 1, layout))
+    elif spot[2] != -1:
+        walker.spaces.freeze_layout(layout, f"element shape of {where} does not match its channels")
+
+
+def tensor_list_from_tensor(walker: Walker, op: tf.Operation) -> None:
+    """A sequence unstacked into a TensorList (an RNN's inputs, time-major): its elements keep the channels."""
+    tensor, shape = op.inputs
+    layout = None if walker.is_const(tensor) else walker.layout(tensor)
+    if walker.is_const(tensor):
+        walker.untrack_all(tensor, _where(op))
+    _element_shape(walker, shape, layout, _where(op))
+    walker.lists[op.outputs[0].name] = layout
+    return None
+
+
+def tensor_list_reserve(walker: Walker, op: tf.Operation) -> None:
+    """An empty TensorList (an RNN's outputs): its elements get their channels where they are written."""
+    walker.lists[op.outputs[0].name] = None
+
+
+def tensor_list_get_item(walker: Walker, op: tf.Operation) -> None:
+    handle, _, shape = op.inputs
+    layout = walker.lists.get(handle.name)
+    _element_shape(walker, shape, layout, _where(op))
+    walker.set_layout(op.outputs[0], layout, None if layout is not None else f"unknown op {_where(op)}")
+
+
+def tensor_list_set_item(walker: Walker, op: tf.Operation) -> None:
+    handle, _, item = op.inputs
+    if walker.is_const(item):
+        return unknown(walker, op)
+    layout, before = walker.layout(item), walker.lists.get(handle.name)
+    if layout is not None and before is not None:
+        layout = walker.unify(before, layout, _where(op))
+    walker.lists[op.outputs[0].name] = layout if layout is not None else before
+    return None
+
+
+def tensor_list_stack(walker: Walker, op: tf.Operation) -> None:
+    handle, shape = op.inputs
+    layout = walker.lists.get(handle.name)
+    _element_shape(walker, shape, layout, _where(op))
+    walker.set_layout(op.outputs[0], layout, None if layout is not None else f"unknown op {_where(op)}")
 
 
 def recurrent_loop(walker: Walker, op: tf.Operation) -> None:
-    """A ``While`` loop (Keras LSTM/GRU/SimpleRNN run their time steps in one): its body is another graph,
-    so its units and whatever feeds them are left whole, with a reason saying so."""
-    return unknown(
-        walker,
-        op,
-        f"recurrent loop (While at {op.name}): LSTM/GRU/RNN units are left whole (removing a unit would "
-        "rewrite the loop body: not supported yet)",
-    )
+    """A ``While`` loop (Keras LSTM/GRU/SimpleRNN run their time steps in one): the body is walked with the
+    same rules, the loop's states coupled with what the body returns for them, so the units (each unit's gate
+    columns, its recurrent kernel rows) are one group. Whatever ``_walk_loop`` cannot prove leaves them whole
+    with the reason."""
+    try:
+        refusal = _walk_loop(walker, op)
+    except Exception as exc:  # a loop this rule did not foresee: whole, never guessed
+        refusal = f"not understood ({type(exc).__name__}: {exc})"
+    if refusal is None:
+        return None
+    why = f"recurrent loop (While at {op.name}): {refusal}; its units are left whole"[:300]
+    unknown(walker, op, why)
+    for i, out in enumerate(op.outputs):  # the sequences it wrote: whole, with this reason (not "unknown op")
+        reserve = op.inputs[i].op
+        spot = _shape_last(walker, reserve.inputs[0]) if reserve.type == "TensorListReserve" else None
+        if spot is not None and spot[2] > 1:
+            walker.lists[out.name] = walker.spaces.identity(spot[2], why)
+    return None
+
+
+def _through_identity(t: tf.Tensor) -> tf.Tensor:
+    while t.op.type == "Identity" and t.op.inputs:
+        t = t.op.inputs[0]
+    return t
+
+
+def _walk_loop(walker: Walker, op: tf.Operation) -> str | None:
+    """The walk of one recurrent loop; the reason it cannot be done, or None. The loop variables must be
+    counters, TensorLists (the input sequence, the outputs), weights passed through unchanged and states
+    starting at zero (``Fill(.., 0)``): a unit whose weights and bias are zero then stays exactly zero in
+    every step, so dropping its recurrent kernel rows changes nothing. Compaction checks that on the probes:
+    the final states are consumer uses that must be zero there (``sigmoid(bias)`` gates would keep a unit
+    whose kernels alone are zero moving, and its recurrent kernel rows feed the other units)."""
+    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
+
+    sig = walker.sig
+    assert sig is not None
+    if "::" in sig.name:
+        return "a loop inside a loop body"
+    library = {f.signature.name: f for f in sig.graph_def.library.function}
+    body_name, cond_name = op.get_attr("body").name, op.get_attr("cond").name
+    if body_name not in library or cond_name not in library:
+        return "its body is not in the graph's function library"
+    shapes = [t.shape for t in op.inputs]
+    body_graph = function_def_to_graph(library[body_name], input_shapes=shapes)
+    cond_graph = function_def_to_graph(library[cond_name], input_shapes=shapes)
+    args, rets = list(body_graph.inputs), list(body_graph.outputs)
+    if len(args) != len(op.inputs) or len(rets) != len(op.inputs):
+        return "its body's arguments do not match the loop variables"
+    if any(t.op.type == "TensorListFromTensor" and t.op.inputs[0].dtype == tf.bool for t in op.inputs):
+        return "a mask (mask_zero, a Masking layer) is applied inside the loop"
+    weights: dict[str, str] = {}
+    states: list[int] = []
+    lists: dict[int, str] = {}  # loop variable -> "input" (an unstacked sequence) or "output"
+    for i, t in enumerate(op.inputs):
+        if t.dtype == tf.variant:
+            kind = t.op.type
+            if kind == "TensorListFromTensor":
+                lists[i] = "input"
+                walker.lists[args[i].name] = walker.lists.get(t.name)
+            elif kind == "TensorListReserve":
+                lists[i] = "output"
+                walker.lists[args[i].name] = None
+            else:
+                return f"loop variable {i} is a {kind}"
+        elif t.dtype.is_floating and walker.is_const(t):
+            srcs = walker.view(t)
+            if not srcs or len(srcs) != 1 or srcs[0].merged is not None:
+                return f"loop variable {i} is a constant that is not one weight"
+            if srcs[0].axes != tuple(range(t.shape.rank or 0)) or srcs[0].key.startswith("const:"):
+                return f"loop variable {i} is a constant that is not one weight"
+            weights[args[i].op.name] = srcs[0].key
+        elif t.dtype.is_floating:
+            init = _through_identity(t)
+            zero = init.op.type == "Fill" and walker.is_const(init.op.inputs[1])
+            if not zero or np.any(_const_float(init.op.inputs[1]) != 0):
+                return f"initial state {i} comes from {init.op.type}, not zeros (initial_state given?)"
+            if walker.layout(t) is None:
+                return f"state {i} has no channels of its own"
+            states.append(i)
+            walker.set_layout(args[i], walker.layout(t))
+        elif t.shape.rank != 0:
+            return f"loop variable {i} ({t.dtype.name}) is not a counter"
+        else:
+            walker.set_layout(args[i], None)
+        if not (t.dtype.is_integer and t.shape.rank == 0) and cond_graph.inputs[i].consumers():
+            return "its condition reads more than the counters"
+    for i, t in enumerate(op.inputs):
+        passthrough = (t.dtype.is_floating and walker.is_const(t)) or lists.get(i) == "input"
+        if passthrough and _through_identity(rets[i]) is not args[i]:
+            return f"loop variable {i} ({t.op.name}) changes inside the loop (a stateful layer?)"
+    body = FrozenSignature(f"{sig.name}::{body_name}", sig.graph_def, {}, {}, {}, weights, body_graph)
+    n_patches, n_uses = len(walker.patches), len(walker.consumers)
+    walker.walk_body(body, args, rets)
+    where = _where(op)
+    for i in states:
+        after = walker.layout(rets[i])
+        if after is None:
+            return f"state {i} loses its channels in the body"
+        walker.unify(walker.layout(args[i]), after, where)
+    # Re-home what the body walk recorded: patches into the body function, uses onto outer tensors.
+    walker.patches[n_patches:] = [
+        replace(p, signature=sig.name, function=body_name) if p.signature == body.name else p
+        for p in walker.patches[n_patches:]
+    ]
+    state_args = {args[i].op.name for i in states}
+    uses = []
+    for use in walker.consumers[n_uses:]:
+        if use.signature != body.name:
+            uses.append(use)
+            continue
+        t = _through_identity(body_graph.get_tensor_by_name(use.input_tensor))
+        if t.op.name in state_args:
+            continue  # the recurrent kernel's rows: removed units are zero there (checked on the final states)
+        if t.op.type == "TensorListGetItem":
+            handle = next((j for j, a in enumerate(args) if a is t.op.inputs[0]), None)
+            if handle is not None and lists.get(handle) == "input":
+                outer = op.inputs[handle].op.inputs[0]
+                uses.append(
+                    replace(use, signature=sig.name, op=op.name, input_tensor=outer.name, exact=False)
+                )
+                continue
+        walker.spaces.freeze_layout(walker.bindings.get(use.in_key), f"read inside the loop body at {use.op}")
+    walker.consumers[n_uses:] = uses
+    for key, layout in walker.bindings.items():
+        if key[0].startswith(f"const:{body.name}:"):
+            walker.spaces.freeze_layout(layout, f"a constant inside the loop body ({where}) carries them")
+    for i, out in enumerate(op.outputs):
+        if i in states:
+            layout = walker.layout(args[i])
+            walker.set_layout(out, layout)
+            walker.consumers.append(
+                ConsumerUse(sig.name, op.name, out.name, (op.name, i), (op.name, i), False, layout)
+            )
+        elif i in lists:
+            element = (
+                walker.lists.get(args[i].name)
+                if lists[i] == "input"
+                else walker.lists.get(_through_identity(rets[i]).name)
+            )
+            if lists[i] == "output":
+                _element_shape(walker, op.inputs[i].op.inputs[0], element, where)
+            walker.lists[out.name] = element
+        else:
+            if out.consumers() and walker.is_const(op.inputs[i]):
+                walker.untrack_all(op.inputs[i], f"{where} (output {i})")
+            walker.set_layout(out, None)
+    return None
+
+
+def _const_float(t: tf.Tensor) -> np.ndarray:
+    t = _through_identity(t)
+    return const_value(t.op) if t.op.type == "Const" else np.asarray(np.nan)
 
 
 def shape_only(walker: Walker, op: tf.Operation) -> None:
@@ -1154,6 +1511,16 @@ RULES: dict[str, Rule] = {
     "IdentityN": identity_n,
     "While": recurrent_loop,
     "StatelessWhile": recurrent_loop,
+    "Fill": fill,
+    "Split": split,
+    "SplitV": split,
+    "StridedSlice": strided_slice,
+    "ReverseV2": reverse,
+    "TensorListFromTensor": tensor_list_from_tensor,
+    "TensorListReserve": tensor_list_reserve,
+    "TensorListGetItem": tensor_list_get_item,
+    "TensorListSetItem": tensor_list_set_item,
+    "TensorListStack": tensor_list_stack,
     "Shape": shape_only,
     "Size": shape_only,
     "Rank": shape_only,

@@ -525,3 +525,81 @@ def tf_module_select(out_dir: Path) -> Path:
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
     return out_dir
+
+
+@cached_builder
+def tf_module_fused_split(out_dir: Path) -> Path:
+    """A fused projection cut into three parts (``tf.split``, as a fused q/k/v or gate kernel), the parts
+    mixed element-wise, and a slice of a layer's channels concatenated to it before a ``tf.ones`` kernel."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+
+    def var(shape: list[int], name: str) -> tf.Variable:
+        return tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.4, name=name)
+
+    class Fused(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.fused, self.mid, self.mid_b = (
+                var([5, 8], "w_in"),
+                var([8, 24], "fused"),
+                var([8, 6], "mid"),
+                var([6], "mid_b"),
+            )
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            a, b, c = tf.split(tf.nn.relu(x @ self.w_in) @ self.fused, 3, axis=-1)
+            m = tf.nn.relu((tf.nn.relu(a) * tf.sigmoid(b) + c) @ self.mid + self.mid_b)
+            return {"y": tf.concat([m, m[:, :2]], -1) @ tf.ones([8, 3])}
+
+    module = Fused()
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.serve})
+    return out_dir
+
+
+@cached_builder
+def keras3_recurrent(out_dir: Path, kind: str) -> Path:
+    """Small recurrent models on ``[batch, 5, 3]`` (tokens ``[batch, 5]`` for the embeddings): ``kind`` names
+    the layers (see ``RECURRENT_KINDS`` in ``test_recurrent.py``); every one ends in ``Dense(2, name="head")``."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    layers = keras.layers
+    tokens = kind.startswith("embedding")
+    inp = keras.Input((5,), dtype="int32", name="tokens") if tokens else keras.Input((5, 3), name="x")
+    x = layers.Embedding(10, 3, mask_zero=kind == "embedding_mask", name="embed")(inp) if tokens else inp
+    outputs = []
+    if kind in ("lstm", "embedding_lstm", "embedding_mask"):
+        x = layers.LSTM(6, name="rnn")(x)
+    elif kind == "lstm_unroll":
+        x = layers.LSTM(6, unroll=True, name="rnn")(x)
+    elif kind == "lstm_sequences":
+        x = layers.Flatten()(layers.LSTM(6, return_sequences=True, name="rnn")(x))
+    elif kind == "gru":
+        x = layers.GRU(6, name="rnn")(x)
+    elif kind == "gru_sequences":
+        x = layers.GlobalAveragePooling1D()(layers.GRU(6, return_sequences=True, name="rnn")(x))
+    elif kind == "gru_reset_before":
+        x = layers.GRU(6, reset_after=False, name="rnn")(x)
+    elif kind == "simple_rnn":
+        x = layers.SimpleRNN(6, name="rnn")(x)
+    elif kind == "stacked":
+        x = layers.LSTM(4, name="rnn2")(layers.LSTM(6, return_sequences=True, name="rnn")(x))
+    elif kind == "bidirectional":
+        x = layers.Bidirectional(layers.LSTM(6, name="rnn"), name="bi")(x)
+    elif kind == "conv1d_lstm":
+        x = layers.LSTM(6, name="rnn")(layers.Conv1D(6, 2, activation="relu", name="conv")(x))
+    elif kind == "initial_state":
+        states = [keras.Input((6,), name="h0"), keras.Input((6,), name="c0")]
+        x = layers.LSTM(6, name="rnn")(x, initial_state=states)
+        inp = [inp, *states]
+    elif kind == "return_state":
+        x, h, _ = layers.LSTM(6, return_state=True, name="rnn")(x)
+        outputs.append(h)
+    else:
+        raise ValueError(kind)
+    out = layers.Dense(2, name="head")(x)
+    return _export(keras.Model(inp, [out, *outputs] if outputs else out), out_dir)

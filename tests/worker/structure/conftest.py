@@ -36,6 +36,10 @@ class _Lazy(dict):
         self.root = root
 
     def __missing__(self, kind: str) -> Path:
+        if kind.startswith("recurrent:"):  # any kind builders.keras3_recurrent knows
+            path = builders.keras3_recurrent(self.root / kind.replace(":", "_"), kind.split(":", 1)[1])
+            self[kind] = path
+            return path
         path = BUILDERS[kind](self.root / kind)
         self[kind] = path
         return path
@@ -64,4 +68,5 @@ BUILDERS = {
     "keras2_masked_attention": builders.keras2_masked_attention,
     "tf_module_masked_attention": builders.tf_module_masked_attention,
     "select": builders.tf_module_select,
+    "fused_split": builders.tf_module_fused_split,
 }

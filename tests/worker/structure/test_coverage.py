@@ -213,17 +213,39 @@ def test_einsum_dense(model_dirs, tmp_path: Path) -> None:
     assert result.shapes["mix/kernel"] == ([8, 6], [4, 3])
 
 
+@pytest.mark.parametrize("carriers", [True, False], ids=["zeroed", "constants-folded"])
+def test_fused_projection_split(model_dirs, tmp_path: Path, carriers: bool) -> None:
+    """``tf.split`` of a fused projection into three parts mixed element-wise: a channel is one index of each
+    part (its three columns go together); a slice ``m[:, :2]`` concatenated beside ``m`` makes ``m``'s channels
+    pairs-of-three too, and the ``tf.ones`` kernel after the concat is sliced (and folded into) as a constant."""
+    handle = load_model(model_dirs["fused_split"])
+    analysis = find_groups(handle, "serving_default")
+    fused = _group(analysis, "fused")
+    assert fused.prunable and fused.channels == 8
+    cols = next(m for m in fused.members if m.variable == "fused").positions
+    np.testing.assert_array_equal(cols, np.arange(8)[:, None] + 8 * np.arange(3)[None, :])
+    mid = _group(analysis, "mid")
+    assert mid.prunable and mid.channels == 2
+    result = _compact(handle, analysis, tmp_path, carriers)
+    assert result.shapes["fused"] == ([8, 24], [4, 12])  # w_in's group halves its rows
+    if not carriers:
+        assert result.folded > 0
+
+
 def test_sequence_model_left_whole(model_dirs, tmp_path: Path) -> None:
-    """LSTM (While loop, gates split from one kernel) and LayerNorm: every group touching them is left whole
-    with the reason (the attention heads between them are a group of their own); a keep vector on unmasked
-    weights changes nothing: the artifact is still the same model."""
+    """Dense -> LSTM -> attention -> residual LayerNorm: the LSTM's units reach the LayerNorm (a mean over the
+    channels) through the residual, so they are left whole with that reason; the Dense before the LSTM is a
+    group with the LSTM kernel's rows as its consumer; the attention heads are a group of their own. A keep
+    vector on unmasked weights changes nothing: the artifact is still the same model."""
     handle = load_model(model_dirs["sequence"])
     analysis = find_groups(handle, "serving_default")
-    heads = _group(analysis, "attn/query/kernel")
-    assert heads.prunable
-    assert not any(g.prunable for g in analysis.groups if g is not heads)
-    reasons = " ".join(g.reason or "" for g in analysis.groups)
-    assert "While" in reasons and "LSTM/GRU/RNN units are left whole" in reasons
+    heads, embed = _group(analysis, "attn/query/kernel"), _group(analysis, "embed/kernel")
+    assert heads.prunable and embed.prunable
+    assert ("lstm/lstm_cell/kernel", 0, "consumer") in _roles(embed)
+    assert not any(g.prunable for g in analysis.groups if g not in (heads, embed))
+    units = _group(analysis, "lstm/lstm_cell/recurrent_kernel")
+    assert {("lstm/lstm_cell/kernel", 1, "producer"), ("ln/gamma", 0, "carrier")} <= _roles(units)
+    assert "Mean at" in (units.reason or "")
     ln = next(g for g in analysis.groups if any(m.variable == "ln/gamma" for m in g.members))
     assert not ln.prunable
     keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups}
