@@ -113,9 +113,9 @@ def build_lstm_classifier(out_dir: Path, seed: int = 0) -> Path:
     model = keras.Sequential(
         [
             keras.Input(shape=(6,), dtype="int32", name="x"),
-            layers.Embedding(20, 8),
-            layers.LSTM(12),
-            layers.Dense(4, activation="softmax"),
+            layers.Embedding(20, 8, name="embed"),
+            layers.LSTM(12, name="lstm"),  # named: Keras numbers unnamed layers per process
+            layers.Dense(4, activation="softmax", name="head"),
         ]
     )
     return model_zoo._export_keras3(model, out_dir, seed)
