@@ -626,8 +626,9 @@ def keras3_grouped_conv(out_dir: Path) -> Path:
 @cached_builder
 def tf_module_grouped_conv(out_dir: Path) -> Path:
     """Grouped convs written as plain ``tf.nn.conv2d`` ops (TF 2.21's CPU kernel runs them): one with
-    ``groups == cin`` (prunable, like a depthwise conv); one inside a ``jit_compile`` function that also applies
-    a ReLU, and one reading a concat whose parts do not line up with its groups (both left whole)."""
+    ``groups == cin`` (prunable, like a depthwise conv) and one in a ``jit_compile`` function with its bias
+    (prunable); left whole: one in a ``jit_compile`` function that also applies a ReLU, one reading a concat
+    whose parts do not line up with its groups, and 4 groups followed by 2."""
     import numpy as np
     import tensorflow as tf
 
@@ -647,10 +648,16 @@ def tf_module_grouped_conv(out_dir: Path) -> Path:
             self.k4 = var(1, 1, 8, 4)
             self.kc = var(1, 1, 3, 5)
             self.kcg = var(1, 1, 2, 8)  # 4 groups of 2 over a concat of 5 + 3 channels
+            self.k5, self.kb, self.bb, self.k6 = var(1, 1, 3, 8), var(3, 3, 4, 6), var(6), var(1, 1, 6, 4)
+            self.k7, self.kg4, self.kg2 = var(1, 1, 3, 8), var(1, 1, 2, 8), var(1, 1, 4, 8)
 
         @tf.function(jit_compile=True)
         def _xla(self, h: Any) -> Any:
             return tf.nn.relu(tf.nn.conv2d(h, self.kx, 1, "SAME"))
+
+        @tf.function(jit_compile=True)
+        def _xla_bias(self, h: Any) -> Any:  # 2 groups: 4 -> 3 channels each, bias inside the call
+            return tf.nn.bias_add(tf.nn.conv2d(h, self.kb, 1, "SAME"), self.bb)
 
         @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")])
         def __call__(self, x: Any) -> dict[str, Any]:
@@ -660,7 +667,15 @@ def tf_module_grouped_conv(out_dir: Path) -> Path:
             z = tf.nn.conv2d(self._xla(tf.nn.conv2d(x, self.k2, 1, "SAME")), self.k4, 1, "VALID")
             c = tf.concat([tf.nn.conv2d(x, self.kc, 1, "SAME"), x], -1)
             w = tf.nn.conv2d(c, self.kcg, 1, "SAME")
-            return {"y": y + tf.reduce_mean(z, [1, 2]), "w": tf.reduce_mean(w, [1, 2])}
+            b = tf.nn.relu(self._xla_bias(tf.nn.relu(tf.nn.conv2d(x, self.k5, 1, "SAME"))))
+            y += tf.reduce_mean(tf.nn.conv2d(b, self.k6, 1, "VALID"), [1, 2])
+            m = tf.nn.conv2d(
+                tf.nn.conv2d(tf.nn.conv2d(x, self.k7, 1, "SAME"), self.kg4, 1, "SAME"), self.kg2, 1, "SAME"
+            )
+            return {
+                "y": y + tf.reduce_mean(z, [1, 2]),
+                "w": tf.reduce_mean(w, [1, 2]) + tf.reduce_mean(m, [1, 2]),
+            }
 
     module = Grouped()
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.__call__})

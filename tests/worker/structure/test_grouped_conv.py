@@ -77,9 +77,10 @@ def test_keras_grouped_conv_is_a_group_of_whole_groups(model_dirs, tmp_path: Pat
 
 
 def test_plain_grouped_conv_ops(model_dirs, tmp_path: Path) -> None:
-    """A plain ``Conv2D`` op with ``groups == cin`` is pruned like a depthwise conv; a jit_compile call whose
-    body holds more than the convolution, and groups that a concat's parts do not line up with, stay whole
-    with the reason, even when a keep vector asks."""
+    """A plain ``Conv2D`` op with ``groups == cin`` is pruned like a depthwise conv, a jit_compile call of a
+    grouped conv and its bias by whole groups; a call whose body holds more than the convolution, groups that a
+    concat's parts do not line up with, and 4 groups followed by 2 stay whole with the reason, even when a
+    keep vector asks."""
     handle = load_model(model_dirs["tf_module_grouped_conv"])
     analysis = find_groups(handle, "serving_default")
     depthwise_like = _group_of(analysis, "kd", 3)
@@ -93,24 +94,49 @@ def test_plain_grouped_conv_ops(model_dirs, tmp_path: Path) -> None:
     } <= roles
     assert ("kd", 2, "producer") not in roles
 
+    with_bias = _group_of(analysis, "kb", 3)
+    assert with_bias.prunable and with_bias.channels == 2, with_bias.reason
+    members = {(m.variable, m.axis): m for m in with_bias.members}
+    assert members[("bb", 0)].role == "carrier" and members[("k6", 2)].role == "consumer"
+    np.testing.assert_array_equal(members[("k5", 3)].positions, _blocks(2, 4))
+    np.testing.assert_array_equal(members[("bb", 0)].positions, _blocks(2, 3))
+
     call = _group_of(analysis, "k2", 3)
     assert not call.prunable
     assert "grouped convolution call" in call.reason and "['Relu'] besides one Conv2D" in call.reason
     concat = _group_of(analysis, "kc", 3)
     assert not concat.prunable
     assert "do not line up with 4 whole groups of 2" in concat.reason
+    chain = _group_of(analysis, "kg4", 3)
+    assert not chain.prunable and "do not line up with 2 whole groups of 4" in chain.reason
 
     keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups if g.channels > 1}
     variables = {nv.name: nv.var for nv in handle.variables()}
     from worker.structure import group_masks
 
-    for name, mask in group_masks(handle, analysis, {depthwise_like.id: keep[depthwise_like.id]}).items():
+    pruned = {g.id: keep[g.id] for g in (depthwise_like, with_bias)}
+    for name, mask in group_masks(handle, analysis, pruned).items():
         variables[name].assign(variables[name].numpy() * mask)
     result = compact(handle, analysis, keep, tmp_path / "compact")
     check_artifact(handle, result)
     assert result.channels[depthwise_like.id] == (8, 4)
     assert result.shapes["kd"] == ([3, 3, 1, 8], [3, 3, 1, 4])
-    assert "k2" not in result.shapes and "kc" not in result.shapes and "kcg" not in result.shapes
+    assert result.shapes["kb"] == ([3, 3, 4, 6], [3, 3, 4, 3]) and result.shapes["k5"][1] == [1, 1, 3, 4]
+    assert not {"k2", "kc", "kcg", "k7", "kg4", "kg2"} & set(result.shapes)
+
+
+def test_grouped_conv_constants_fold(model_dirs, tmp_path: Path) -> None:
+    """Only the kernels zeroed (biases and BatchNorm shifts left): a removed group's input channels are read by
+    its own removed filters only, and its outputs' constants fold into the next 1x1 kernel's bias."""
+    handle = load_model(model_dirs["grouped_conv"])
+    randomize(handle, seed=4)
+    analysis = find_groups(handle, "serving_default")
+    group = _group_of(analysis, "gc/kernel", 3)
+    keep = mask_groups(handle, analysis, fraction=0.5, carriers=False, only={group.id})
+    result = compact(handle, analysis, keep, tmp_path / "compact")
+    check_artifact(handle, result)
+    assert result.channels[group.id] == (4, 2)
+    assert result.folded > 0
 
 
 def test_channel_job_compacts_a_grouped_conv_net(model_dirs, tmp_path: Path) -> None:
