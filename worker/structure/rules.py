@@ -617,7 +617,7 @@ def _grouped_call(walker: Walker, op: tf.Operation) -> str | None:
     if src is None or walker.is_const(x) or k.shape.rank != 4 or None in (src.axes[2], src.axes[3]):
         return "its kernel is not one weight"
     if last_dim(x) == k.shape[2]:
-        return "not a grouped convolution"
+        return ""  # an ordinary convolution in a call: nothing says why it is one, so unknown
     bsrc = None
     if bias is not None:
         bsrc = _single_source(walker, op.inputs[args[bias.op.name]])
