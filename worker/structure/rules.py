@@ -8,6 +8,8 @@ weight axes the op indexes by channel; ``DEFAULT_RULES`` is the table the walker
   slice of the input's layout;
 - depthwise convs tie their input channels to their output channels (multiplier ``m``: channel ``c`` is outputs
   ``c*m .. c*m+m-1``);
+- grouped convs (a plain ``Conv2D``, or Keras 3's XLA-compiled call of one: ``function_call``) make each
+  whole group one channel: the input's ``cin/g`` channels of group ``j`` with the kernel's ``cout/g`` outputs;
 - carriers keep the layout (activations, bias, BatchNorm fused or lowered, pooling, padding, casts, reductions
   over spatial axes, resizes); element-wise binary ops couple their operands (residual Add, squeeze-excite Mul);
 - ``Select``/``SelectV2`` couple their data operands like an element-wise op when the condition is the same
@@ -520,16 +522,115 @@ def conv(walker: Walker, op: tf.Operation) -> None:
     r = k.shape.rank
     if src.axes[r - 2] is None or src.axes[r - 1] is None:
         return unknown(walker, op)
-    if last_dim(x) != k.shape[r - 2]:  # grouped convolution
-        groups = (last_dim(x) or 0) // max(int(k.shape[r - 2] or 1), 1)
-        return unknown(
-            walker,
-            op,
-            f"grouped convolution at {op.name} ({groups} groups): its channels are left whole (removing whole "
-            "groups is not supported yet)",
-        )
+    if last_dim(x) != k.shape[r - 2]:  # grouped convolution (TF's CPU kernel runs a plain Conv2D so too)
+        refusal = _grouped(walker, op, x, src, k, op.outputs[0]) if r == 4 else "not a 2-D convolution"
+        if refusal is not None:
+            unknown(walker, op, f"grouped convolution at {op.name}: {refusal}; its channels are left whole")
+        return None
     walker.mark_untracked([src], {(src.key, src.axes[r - 2]), (src.key, src.axes[r - 1])}, _where(op))
     return _produce(walker, op, x, src, r - 2, r - 1, _conv_exact(op, k, r - 2))
+
+
+def _grouped(
+    walker: Walker, op: tf.Operation, x: tf.Tensor, src: Source, k: tf.Tensor, out: tf.Tensor
+) -> str | None:
+    """A grouped convolution (kernel ``[kh, kw, cin/g, cout]``): its channels are whole groups. Group ``j`` is
+    input channels ``j*cin_g ..`` (coarsened into one channel of ``cin_g`` positions, as ``Walker.coarsen_blocks``
+    does for attention heads) with output channels ``j*cout_g ..``; the kernel's output axis is a producer of
+    the same group space and its input axis (``cin_g``) is never sliced, so removing a group keeps the
+    convolution grouped (TensorFlow infers ``g`` from the shapes). The reason it cannot, or None."""
+    cin, cin_g, cout = last_dim(x), k.shape[2], k.shape[3]
+    if cin is None or cin_g is None or cout is None or cin % cin_g:
+        return "its channel counts are not known statically"
+    groups = cin // cin_g
+    if cout % groups:
+        return f"{cout} output channels do not split into {groups} groups"
+    walker.mark_untracked([src], {(src.key, src.axes[3])}, _where(op))  # the input axis: never sliced
+    cout_g = cout // groups
+    lx = walker.layout(x)
+    if lx is None:
+        return f"{groups} groups of input channels of unknown origin"
+    lin = lx.divided(cin_g)
+    if lin is None:
+        coarse = walker.coarsen_blocks(lx, cin_g)
+        lin = None if coarse is None else coarse.divided(cin_g)
+    if lin is None:
+        return f"its input channels do not line up with {groups} whole groups of {cin_g}"
+    layout = lin if cout_g == 1 else lin.multiplied(cout_g)
+    layout = walker.bind((src.key, src.axes[3]), layout, "producer", _where(op))
+    walker.set_layout(out, layout)
+    return None
+
+
+_CALL_BODY = {"Identity", "NoOp", "Conv2D", "BiasAdd"}
+
+
+def function_call(walker: Walker, op: tf.Operation) -> None:
+    """``(Stateful)PartitionedCall`` that freezing did not inline: Keras 3 runs a grouped ``Conv2D`` as an
+    XLA-compiled function of its own (TF's CPU kernel once did not run grouped convolutions). A body of
+    exactly one grouped ``Conv2D`` (maybe a ``BiasAdd``) reading a weight argument is walked as that
+    convolution; any other call freezes what it touches."""
+    try:
+        refusal = _grouped_call(walker, op)
+    except Exception as exc:  # a body this rule did not foresee: whole, never guessed
+        refusal = f"not understood ({type(exc).__name__}: {exc})"
+    if refusal == "":
+        return unknown(walker, op)
+    if refusal is not None:
+        unknown(walker, op, f"grouped convolution call ({op.type} at {op.name}): {refusal}; left whole"[:300])
+    return None
+
+
+def _grouped_call(walker: Walker, op: tf.Operation) -> str | None:
+    """Walk a grouped-convolution call; its refusal, "" when the body is not a convolution at all, or None."""
+    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
+
+    sig = walker.sig
+    assert sig is not None
+    library = {f.signature.name: f for f in sig.graph_def.library.function}
+    name = op.get_attr("f").name
+    if name not in library or len(op.outputs) != 1:
+        return ""
+    body = function_def_to_graph(library[name], input_shapes=[t.shape for t in op.inputs])
+    ops = [o for o in body.get_operations() if o.type != "Placeholder"]
+    convs = [o for o in ops if o.type == "Conv2D"]
+    if len(convs) != 1:
+        return ""
+    if any(o.type not in _CALL_BODY for o in ops) or len(body.outputs) != 1:
+        return f"its body holds {sorted({o.type for o in ops} - _CALL_BODY)} besides one Conv2D"
+    (cv,) = convs
+    fmt = _attr(cv, "data_format", b"NHWC")
+    if fmt not in (b"NHWC", "NHWC"):
+        return f"data format {fmt.decode() if isinstance(fmt, bytes) else fmt}"
+    args = {t.op.name: i for i, t in enumerate(body.inputs)}
+    ret = _through_identity(body.outputs[0])
+    bias: tf.Tensor | None = None
+    if ret.op.type == "BiasAdd" and _attr(ret.op, "data_format", b"NHWC") in (b"NHWC", "NHWC"):
+        bias, ret = _through_identity(ret.op.inputs[1]), _through_identity(ret.op.inputs[0])
+    x_arg, k_arg = _through_identity(cv.inputs[0]), _through_identity(cv.inputs[1])
+    if ret is not cv.outputs[0] or x_arg.op.name not in args or k_arg.op.name not in args:
+        return "its body is not one Conv2D of its arguments"
+    if bias is not None and bias.op.name not in args:
+        return "its bias is not an argument"
+    x, k = op.inputs[args[x_arg.op.name]], op.inputs[args[k_arg.op.name]]
+    src = _single_source(walker, k)
+    if src is None or walker.is_const(x) or k.shape.rank != 4 or None in (src.axes[2], src.axes[3]):
+        return "its kernel is not one weight"
+    if last_dim(x) == k.shape[2]:
+        return ""  # an ordinary convolution in a call: nothing says why it is one, so unknown
+    bsrc = None
+    if bias is not None:
+        bsrc = _single_source(walker, op.inputs[args[bias.op.name]])
+        if bsrc is None or len(bsrc.axes) != 1 or bsrc.axes[0] is None:
+            return "its bias is not one weight vector"
+    refusal = _grouped(walker, op, x, src, k, op.outputs[0])
+    if refusal is not None:
+        return refusal
+    if bsrc is not None:
+        layout = walker.layout(op.outputs[0])
+        if layout is not None:
+            walker.bind((bsrc.key, bsrc.axes[0]), layout, "carrier", _where(op))
+    return None
 
 
 def conv_transpose(walker: Walker, op: tf.Operation) -> None:
@@ -1490,6 +1591,8 @@ RULES: dict[str, Rule] = {
     "Conv2D": conv,
     "Conv3D": conv,
     "Conv2DBackpropInput": conv_transpose,
+    "StatefulPartitionedCall": function_call,
+    "PartitionedCall": function_call,
     "MatMul": matmul,
     "BatchMatMul": matmul,
     "BatchMatMulV2": matmul,

@@ -603,3 +603,80 @@ def keras3_recurrent(out_dir: Path, kind: str) -> Path:
         raise ValueError(kind)
     out = layers.Dense(2, name="head")(x)
     return _export(keras.Model(inp, [out, *outputs] if outputs else out), out_dir)
+
+
+@cached_builder
+def keras3_grouped_conv(out_dir: Path) -> Path:
+    """Conv2D(8) -> Conv2D(12, groups=4) + BatchNorm -> Conv2D(12, groups=4) -> 1x1 Conv2D(6) -> GAP -> Dense:
+    Keras 3 runs each grouped conv as an XLA-compiled call; the two share their 4 groups."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    layers = keras.layers
+    x = keras.Input(shape=(8, 8, 3), name="x")
+    h = layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(x)
+    h = layers.Conv2D(12, 3, padding="same", groups=4, name="gc")(h)
+    h = layers.ReLU()(layers.BatchNormalization(name="bn")(h))
+    h = layers.Conv2D(12, 1, groups=4, activation="relu", name="gc2")(h)
+    h = layers.Conv2D(6, 1, name="c3")(h)
+    y = layers.Dense(3, name="head")(layers.GlobalAveragePooling2D()(h))
+    return _export(keras.Model(x, y), out_dir)
+
+
+@cached_builder
+def tf_module_grouped_conv(out_dir: Path) -> Path:
+    """Grouped convs written as plain ``tf.nn.conv2d`` ops (TF 2.21's CPU kernel runs them): one with
+    ``groups == cin`` (prunable, like a depthwise conv) and one in a ``jit_compile`` function with its bias
+    (prunable); left whole: one in a ``jit_compile`` function that also applies a ReLU, one reading a concat
+    whose parts do not line up with its groups, and 4 groups followed by 2."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+
+    def var(*shape: int) -> Any:
+        return tf.Variable(rng.standard_normal(shape).astype("float32") * 0.3)
+
+    class Grouped(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k1, self.b1 = var(1, 1, 3, 8), var(8)
+            self.kd, self.bd = var(3, 3, 1, 8), var(8)  # groups == cin == 8
+            self.k3 = var(1, 1, 8, 4)
+            self.k2 = var(1, 1, 3, 8)
+            self.kx = var(1, 1, 2, 8)  # 4 groups, in a jit_compile call with a ReLU in its body
+            self.k4 = var(1, 1, 8, 4)
+            self.kc = var(1, 1, 3, 5)
+            self.kcg = var(1, 1, 2, 8)  # 4 groups of 2 over a concat of 5 + 3 channels
+            self.k5, self.kb, self.bb, self.k6 = var(1, 1, 3, 8), var(3, 3, 4, 6), var(6), var(1, 1, 6, 4)
+            self.k7, self.kg4, self.kg2 = var(1, 1, 3, 8), var(1, 1, 2, 8), var(1, 1, 4, 8)
+
+        @tf.function(jit_compile=True)
+        def _xla(self, h: Any) -> Any:
+            return tf.nn.relu(tf.nn.conv2d(h, self.kx, 1, "SAME"))
+
+        @tf.function(jit_compile=True)
+        def _xla_bias(self, h: Any) -> Any:  # 2 groups: 4 -> 3 channels each, bias inside the call
+            return tf.nn.bias_add(tf.nn.conv2d(h, self.kb, 1, "SAME"), self.bb)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")])
+        def __call__(self, x: Any) -> dict[str, Any]:
+            h = tf.nn.relu(tf.nn.conv2d(x, self.k1, 1, "SAME") + self.b1)
+            d = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(h, self.kd, 1, "VALID"), self.bd))
+            y = tf.reduce_mean(tf.nn.conv2d(d, self.k3, 1, "VALID"), [1, 2])
+            z = tf.nn.conv2d(self._xla(tf.nn.conv2d(x, self.k2, 1, "SAME")), self.k4, 1, "VALID")
+            c = tf.concat([tf.nn.conv2d(x, self.kc, 1, "SAME"), x], -1)
+            w = tf.nn.conv2d(c, self.kcg, 1, "SAME")
+            b = tf.nn.relu(self._xla_bias(tf.nn.relu(tf.nn.conv2d(x, self.k5, 1, "SAME"))))
+            y += tf.reduce_mean(tf.nn.conv2d(b, self.k6, 1, "VALID"), [1, 2])
+            m = tf.nn.conv2d(
+                tf.nn.conv2d(tf.nn.conv2d(x, self.k7, 1, "SAME"), self.kg4, 1, "SAME"), self.kg2, 1, "SAME"
+            )
+            return {
+                "y": y + tf.reduce_mean(z, [1, 2]),
+                "w": tf.reduce_mean(w, [1, 2]) + tf.reduce_mean(m, [1, 2]),
+            }
+
+    module = Grouped()
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.__call__})
+    return out_dir

@@ -69,4 +69,6 @@ BUILDERS = {
     "tf_module_masked_attention": builders.tf_module_masked_attention,
     "select": builders.tf_module_select,
     "fused_split": builders.tf_module_fused_split,
+    "grouped_conv": builders.keras3_grouped_conv,
+    "tf_module_grouped_conv": builders.tf_module_grouped_conv,
 }
