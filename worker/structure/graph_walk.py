@@ -10,7 +10,7 @@ no op type itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -433,15 +433,30 @@ def last_dim(t: tf.Tensor) -> int | None:
 
 def _live(graph: tf.Graph, roots: list[tf.Operation]) -> set[str]:
     """Names of the ops ``roots`` depend on (data and control inputs): what running them runs."""
+    return walk_up(roots)
+
+
+def walk_up(
+    start: Iterable[tf.Tensor | tf.Operation], stop: Callable[[tf.Tensor], bool] | None = None
+) -> set[str]:
+    """Names of the ops (and tensors) ``start`` depends on through data and control inputs, not walking above
+    a tensor for which ``stop`` is true (asked once per tensor)."""
     seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        op = stack.pop()
-        if op.name in seen:
+    items = list(start)
+    while items:
+        item = items.pop()
+        if item.name in seen:
             continue
-        seen.add(op.name)
-        stack.extend(i.op for i in op.inputs)
-        stack.extend(op.control_inputs)
+        seen.add(item.name)
+        if isinstance(item, tf.Tensor):
+            if stop is not None and stop(item):
+                continue
+            item = item.op
+            if item.name in seen:
+                continue
+            seen.add(item.name)
+        items.extend(item.inputs)
+        items.extend(item.control_inputs)
     return seen
 
 

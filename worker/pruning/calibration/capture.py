@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from worker.structure.frozen import FrozenSignature
-from worker.structure.graph_walk import _topological
+from worker.structure.graph_walk import _live, _topological, walk_up
 
 __all__ = [
     "PASS_THROUGH",
@@ -234,25 +234,17 @@ def reuse_plan(sig: FrozenSignature, waves: Sequence[Sequence[WeightUse]]) -> Re
             sig.graph.get_tensor_by_name(name)
             for name in sorted({u.data_input for u in waves[j] if u.data_input is not None} | keep[j])
         ]
-        seen: set[str] = set()
-        while items:
-            item = items.pop()
-            if item.name in seen:
-                continue
-            seen.add(item.name)
-            if isinstance(item, tf.Tensor):
-                final_from = ready_of(item.op)
-                if final_from < j and item.op.name in data and _cacheable(item):
-                    feeds[j].add(item.name)
-                    keep[final_from].add(item.name)
-                    last_use[item.name] = max(last_use.get(item.name, -1), j)
-                    continue
-                item = item.op
-                if item.name in seen:
-                    continue
-                seen.add(item.name)
-            items.extend(item.inputs)
-            items.extend(item.control_inputs)
+
+        def cached(tensor: tf.Tensor, j: int = j) -> bool:
+            final_from = ready_of(tensor.op)
+            if final_from < j and tensor.op.name in data and _cacheable(tensor):
+                feeds[j].add(tensor.name)
+                keep[final_from].add(tensor.name)
+                last_use[tensor.name] = max(last_use.get(tensor.name, -1), j)
+                return True
+            return False
+
+        walk_up(items, cached)
     return Reuse([sorted(f) for f in feeds], [sorted(k) for k in keep], last_use)
 
 
@@ -382,19 +374,7 @@ class CaptureSession:
         at cached activations."""
         key = (tuple(t.name for t in wanted), fed)
         if key not in self._needs:
-            seen: set[str] = set()
-            stack: list[tf.Tensor | tf.Operation] = list(wanted)
-            while stack:
-                item = stack.pop()
-                if isinstance(item, tf.Tensor):
-                    if item.name in fed:
-                        continue
-                    item = item.op
-                if item.name in seen:
-                    continue
-                seen.add(item.name)
-                stack.extend(item.inputs)
-                stack.extend(item.control_inputs)
+            seen = walk_up(wanted, lambda tensor: tensor.name in fed)
             weights = [(node, var) for node, var in self.sig.weights.items() if node in seen]
             keys = [k for k, name in self.sig.inputs.items() if self.tensor(name).op.name in seen]
             self._needs[key] = (weights, keys)
@@ -674,13 +654,4 @@ def _window_sq_norms(data: tf.Tensor, use: WeightUse) -> tuple[tf.Tensor, tf.Ten
 
 def _ancestors(graph: tf.Graph, tensor_name: str) -> set[str]:
     """Names of every op ``tensor_name`` depends on (data and control inputs)."""
-    seen: set[str] = set()
-    stack = [graph.get_tensor_by_name(tensor_name).op]
-    while stack:
-        op = stack.pop()
-        if op.name in seen:
-            continue
-        seen.add(op.name)
-        stack.extend(t.op for t in op.inputs)
-        stack.extend(op.control_inputs)
-    return seen
+    return _live(graph, [graph.get_tensor_by_name(tensor_name).op])
