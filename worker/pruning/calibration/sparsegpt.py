@@ -23,8 +23,8 @@ errors of one layer are compensated by the next instead of compounding (the pape
 
 Memory: ``H`` is ``d_in x d_in`` float64, accumulated, then dampened in a copy and factored in float32 (the
 reference's precision): 12 x d_in^2 bytes while the columns are processed, up to twice that while factoring (a
-3x3x512 conv of ResNet-50 has ``d_in = 4608``: 255 MB); variables above ``max_dim`` input features keep magnitude scoring and
-are named in the notes. NumPy only: the capture session (TensorFlow) is passed in.
+3x3x512 conv of ResNet-50 has ``d_in = 4608``: 255 MB); variables above ``max_dim`` input features keep
+magnitude scoring and are named in the notes. NumPy only: the capture session (TensorFlow) is passed in.
 """
 
 from __future__ import annotations
