@@ -122,9 +122,7 @@ class Walker:
         self._const = {}
         self._views = {}
         input_names = {t.split(":")[0]: k for k, t in sig.inputs.items()}
-        live = _live(
-            sig.graph, [sig.graph.get_tensor_by_name(self._tname(t)).op for t in sig.outputs.values()]
-        )
+        live = walk_up(sig.graph.get_tensor_by_name(self._tname(t)) for t in sig.outputs.values())
         ops = []
         for op in _topological(sig.graph):
             if op.type == "Placeholder" and op.name in input_names:
@@ -162,7 +160,7 @@ class Walker:
         outer, saved = self.sig, (self._const, self._views)
         self.sig, self._const, self._views = body, {}, {}
         try:
-            live = _live(body.graph, [t.op for t in outputs])
+            live = walk_up(outputs)
             arg_ops = {t.op.name for t in args}
             self._walk_ops(
                 [op for op in _topological(body.graph) if op.name in live and op.name not in arg_ops]
@@ -429,11 +427,6 @@ def last_dim(t: tf.Tensor) -> int | None:
     if shape.rank is None or shape.rank == 0:
         return None if shape.rank is None else 1
     return shape[-1]
-
-
-def _live(graph: tf.Graph, roots: list[tf.Operation]) -> set[str]:
-    """Names of the ops ``roots`` depend on (data and control inputs): what running them runs."""
-    return walk_up(roots)
 
 
 def walk_up(

@@ -581,17 +581,21 @@ def function_call(walker: Walker, op: tf.Operation) -> None:
     return None
 
 
-def _grouped_call(walker: Walker, op: tf.Operation) -> str | None:
-    """Walk a grouped-convolution call; its refusal, "" when the body is not a convolution at all, or None."""
+def _library_graph(walker: Walker, name: str, call: tf.Operation) -> tf.Graph | None:
+    """The library function ``name`` (a loop body or condition, a call's body) as a graph whose arguments
+    have the shapes of ``call``'s inputs; None when the signature's library does not hold it."""
     from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
 
-    sig = walker.sig
-    assert sig is not None
-    library = {f.signature.name: f for f in sig.graph_def.library.function}
-    name = op.get_attr("f").name
-    if name not in library or len(op.outputs) != 1:
+    assert walker.sig is not None
+    fn = next((f for f in walker.sig.graph_def.library.function if f.signature.name == name), None)
+    return None if fn is None else function_def_to_graph(fn, input_shapes=[t.shape for t in call.inputs])
+
+
+def _grouped_call(walker: Walker, op: tf.Operation) -> str | None:
+    """Walk a grouped-convolution call; its refusal, "" when the body is not a convolution at all, or None."""
+    body = _library_graph(walker, op.get_attr("f").name, op)
+    if body is None or len(op.outputs) != 1:
         return ""
-    body = function_def_to_graph(library[name], input_shapes=[t.shape for t in op.inputs])
     ops = [o for o in body.get_operations() if o.type != "Placeholder"]
     convs = [o for o in ops if o.type == "Conv2D"]
     if len(convs) != 1:
@@ -1453,19 +1457,15 @@ def _walk_loop(walker: Walker, op: tf.Operation) -> str | None:
     every step, so dropping its recurrent kernel rows changes nothing. Compaction checks that on the probes:
     the final states are consumer uses that must be zero there (``sigmoid(bias)`` gates would keep a unit
     whose kernels alone are zero moving, and its recurrent kernel rows feed the other units)."""
-    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
-
     sig = walker.sig
     assert sig is not None
     if "::" in sig.name:
         return "a loop inside a loop body"
-    library = {f.signature.name: f for f in sig.graph_def.library.function}
-    body_name, cond_name = op.get_attr("body").name, op.get_attr("cond").name
-    if body_name not in library or cond_name not in library:
+    body_name = op.get_attr("body").name
+    body_graph = _library_graph(walker, body_name, op)
+    cond_graph = _library_graph(walker, op.get_attr("cond").name, op)
+    if body_graph is None or cond_graph is None:
         return "its body is not in the graph's function library"
-    shapes = [t.shape for t in op.inputs]
-    body_graph = function_def_to_graph(library[body_name], input_shapes=shapes)
-    cond_graph = function_def_to_graph(library[cond_name], input_shapes=shapes)
     args, rets = list(body_graph.inputs), list(body_graph.outputs)
     if len(args) != len(op.inputs) or len(rets) != len(op.inputs):
         return "its body's arguments do not match the loop variables"

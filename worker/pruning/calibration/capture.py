@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from worker.structure.frozen import FrozenSignature
-from worker.structure.graph_walk import _live, _topological, walk_up
+from worker.structure.graph_walk import _topological, walk_up
 
 __all__ = [
     "PASS_THROUGH",
@@ -654,4 +654,4 @@ def _window_sq_norms(data: tf.Tensor, use: WeightUse) -> tuple[tf.Tensor, tf.Ten
 
 def _ancestors(graph: tf.Graph, tensor_name: str) -> set[str]:
     """Names of every op ``tensor_name`` depends on (data and control inputs)."""
-    return _live(graph, [graph.get_tensor_by_name(tensor_name).op])
+    return walk_up([graph.get_tensor_by_name(tensor_name)])
