@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# One xdist worker per core (a third worker on 2 cores measured no faster: docs/architecture.md). A module's
-# tests stay on one worker (--dist loadscope), so its module-scoped servers start once.
-XDIST       ?= -n auto --dist loadscope
+# One xdist worker per core plus one: tests that wait on the servers they start leave a core idle, and a third
+# worker on 2 cores measured 690 s against 783 s for two (docs/architecture.md). A module's tests stay on one
+# worker (--dist loadscope), so its module-scoped servers start once; modules go out longest first
+# (tests/conftest.py SLOW_FIRST; xdist's own reordering, most tests first, is off).
+WORKERS     ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
+XDIST       ?= -n $(WORKERS) --dist loadscope --no-loadscope-reorder
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install serve worker test test-fast test-slow lint docs bench bench-smoke fashion-mnist clean
@@ -31,7 +34,7 @@ docs: $(STAMP)  ## the documentation site into ./site (offline; --strict: a brok
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 # The docs site is built (--strict) by tests/packaging/test_docs_site.py, so `test` does not build it again.
-test: $(STAMP) lint  ## the whole suite but `slow` (~8 min on 2 cores); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
+test: $(STAMP) lint  ## the whole suite but `slow` (7-12 min on 2 cores, by the host's load); CI=true: Redis/PostgreSQL/S3 tests fail instead of skip
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the inner loop (~4.5 min with a warm model cache): no real servers (e2e), no `slow`

@@ -96,3 +96,16 @@ def test_production_refuses_unsafe_defaults() -> None:
         Settings(environment="production", broker_url="redis://r:6379/0")
     with pytest.raises(ValidationError, match="HARD_TIME_LIMIT"):
         Settings(task_soft_time_limit=100, task_hard_time_limit=50)
+
+
+def test_the_longest_modules_first_list_names_real_modules_and_make_keeps_its_order() -> None:
+    """tests/conftest.py SLOW_FIRST orders xdist's queue; a renamed module would silently drop out of it, and
+    without --no-loadscope-reorder xdist re-sorts the queue by test count."""
+    from tests.conftest import SLOW_FIRST
+
+    missing = [path for path in SLOW_FIRST if not (ROOT / path).is_file()]
+    assert not missing, f"SLOW_FIRST names modules that do not exist: {missing}"
+    assert len(set(SLOW_FIRST)) == len(SLOW_FIRST)
+    xdist = re.search(r"^XDIST\s*\?=\s*(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert xdist is not None and "--dist loadscope" in xdist.group(1)
+    assert "--no-loadscope-reorder" in xdist.group(1)
