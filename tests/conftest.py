@@ -48,21 +48,25 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 
-# The longest test modules, longest first (``--durations`` of a cold-cache `make test`, 2026-12-08: 130 s down to
-# 30 s of one worker each). xdist's loadscope hands a module to whichever worker is free in queue order, and its
+# The longest test modules, longest first (``--durations`` of a cold-cache `make test`, 2026-12-08: 150 s down to
+# 33 s of one worker each). xdist's loadscope hands a module to whichever worker is free in queue order, and its
 # default order (most tests first) left these few-test, minute-long modules for the end: one worker busy for
 # minutes while the other sat idle. Started first (`--no-loadscope-reorder` in the Makefile keeps this order),
 # the many short modules fill in around them. A module not listed keeps its collection order, after these.
 SLOW_FIRST = (
     "tests/faults/test_crashes.py",
     "tests/bench/test_bench_smoke.py",
-    "tests/worker/test_streamed_pipeline.py",
-    "tests/e2e/test_trials.py",
-    "tests/worker/export/test_convert.py",
     "tests/worker/test_budget_pipeline.py",
+    "tests/e2e/test_trials.py",
+    "tests/faults/test_fuzz_openapi.py",
+    "tests/worker/test_engine_pipeline.py",
+    "tests/worker/test_streamed_pipeline.py",
     "tests/storage/test_e2e_s3.py",
+    "tests/worker/test_pipeline_evaluation.py",
+    "tests/worker/structure/test_coverage.py",
     "tests/examples/test_examples.py",
     "tests/bench/test_service_load_smoke.py",
+    "tests/worker/export/test_convert.py",
 )
 
 
