@@ -581,28 +581,33 @@ def function_call(walker: Walker, op: tf.Operation) -> None:
     return None
 
 
-def _library_graph(walker: Walker, name: str, call: tf.Operation) -> tf.Graph | None:
+def _library_graph(
+    walker: Walker, name: str, call: tf.Operation, convs: int | None = None
+) -> tf.Graph | None:
     """The library function ``name`` (a loop body or condition, a call's body) as a graph whose arguments
-    have the shapes of ``call``'s inputs; None when the signature's library does not hold it."""
+    have the shapes of ``call``'s inputs; None when the signature's library does not hold it, or (with
+    ``convs``) when its body does not hold exactly that many ``Conv2D`` ops: checked on the FunctionDef, so a
+    large call that is no grouped convolution is never imported as a graph."""
     from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
 
     assert walker.sig is not None
     fn = next((f for f in walker.sig.graph_def.library.function if f.signature.name == name), None)
-    return None if fn is None else function_def_to_graph(fn, input_shapes=[t.shape for t in call.inputs])
+    if fn is None or (convs is not None and sum(n.op == "Conv2D" for n in fn.node_def) != convs):
+        return None
+    return function_def_to_graph(fn, input_shapes=[t.shape for t in call.inputs])
 
 
 def _grouped_call(walker: Walker, op: tf.Operation) -> str | None:
     """Walk a grouped-convolution call; its refusal, "" when the body is not a convolution at all, or None."""
-    body = _library_graph(walker, op.get_attr("f").name, op)
-    if body is None or len(op.outputs) != 1:
+    if len(op.outputs) != 1:
+        return ""
+    body = _library_graph(walker, op.get_attr("f").name, op, convs=1)
+    if body is None:
         return ""
     ops = [o for o in body.get_operations() if o.type != "Placeholder"]
-    convs = [o for o in ops if o.type == "Conv2D"]
-    if len(convs) != 1:
-        return ""
     if any(o.type not in _CALL_BODY for o in ops) or len(body.outputs) != 1:
         return f"its body holds {sorted({o.type for o in ops} - _CALL_BODY)} besides one Conv2D"
-    (cv,) = convs
+    (cv,) = [o for o in ops if o.type == "Conv2D"]  # exactly one: _library_graph counted them
     fmt = _attr(cv, "data_format", b"NHWC")
     if fmt not in (b"NHWC", "NHWC"):
         return f"data format {fmt.decode() if isinstance(fmt, bytes) else fmt}"

@@ -13,7 +13,7 @@ import pytest
 from tests.worker.structure.helpers import check_artifact, mask_groups, randomize
 from tests.worker.test_compact_pipeline import compare_compact_and_masked
 from worker.models import load_model
-from worker.structure import compact, find_groups, probe_inputs
+from worker.structure import compact, find_groups, group_masks, probe_inputs
 
 pytestmark = pytest.mark.tf
 
@@ -112,8 +112,6 @@ def test_plain_grouped_conv_ops(model_dirs, tmp_path: Path) -> None:
 
     keep = {g.id: np.arange(g.channels) % 2 == 0 for g in analysis.groups if g.channels > 1}
     variables = {nv.name: nv.var for nv in handle.variables()}
-    from worker.structure import group_masks
-
     pruned = {g.id: keep[g.id] for g in (depthwise_like, with_bias)}
     for name, mask in group_masks(handle, analysis, pruned).items():
         variables[name].assign(variables[name].numpy() * mask)
